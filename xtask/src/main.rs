@@ -1,0 +1,115 @@
+//! `cargo xtask codegen [--check]`: the one command that regenerates every generated file in the repository.
+//!
+//! - `crds/*.yaml` and `charts/kiln/crds/*.yaml`: the CustomResourceDefinitions, from `kiln-k8s-api`'s Rust types.
+//! - `proto/src/gen/*.rs`: Rust code for the agent protocol, from `proto/proto/**/*.proto`, compiled with `protox`
+//!   (a pure-Rust protobuf compiler, so no system `protoc`) and `tonic-prost-build`.
+//!
+//! With `--check`, nothing is written; the command fails and lists the stale files when any differs from what it
+//! would generate. CI runs the check.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The protobuf sources, relative to `proto/proto`.
+const PROTOS: &[&str] = &["kiln/agent/v1/agent.proto"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        ["codegen"] => codegen(Mode::Write),
+        ["codegen", "--check"] => codegen(Mode::Check),
+        _ => bail!("usage: cargo xtask codegen [--check]"),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Write,
+    Check,
+}
+
+/// Every generated file: path relative to the workspace root, and contents.
+fn generated(root: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let mut files = Vec::new();
+    for manifest in kiln_k8s_api::crdgen::render()? {
+        files.push((Path::new("crds").join(&manifest.file_name), manifest.contents.clone()));
+        files.push((Path::new("charts/kiln/crds").join(&manifest.file_name), manifest.contents));
+    }
+    files.extend(protobuf(root)?);
+    Ok(files)
+}
+
+fn protobuf(root: &Path) -> Result<Vec<(PathBuf, String)>> {
+    let include = root.join("proto/proto");
+    let descriptors = protox::compile(PROTOS, [&include]).context("compiling the .proto files")?;
+    let out = std::env::temp_dir().join(format!("kiln-protogen-{}", std::process::id()));
+    fs::create_dir_all(&out)?;
+    tonic_prost_build::configure()
+        .out_dir(&out)
+        .build_client(true)
+        .build_server(true)
+        .emit_rerun_if_changed(false)
+        .compile_fds(descriptors)
+        .context("generating Rust code for the protobuf files")?;
+    let mut files = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(&out)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let body = fs::read_to_string(entry.path())?;
+        files.push((
+            Path::new("proto/src/gen").join(&name),
+            format!("// Generated from proto/proto by `cargo xtask codegen`. Do not edit.\n{body}"),
+        ));
+    }
+    fs::remove_dir_all(&out)?;
+    Ok(files)
+}
+
+fn codegen(mode: Mode) -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask lives in the workspace")?.to_owned();
+    let files = generated(&root)?;
+    let mut stale = Vec::new();
+    for (rel, contents) in &files {
+        let path = root.join(rel);
+        let current = fs::read_to_string(&path).ok();
+        if current.as_deref() == Some(contents.as_str()) {
+            continue;
+        }
+        match mode {
+            Mode::Check => stale.push(rel.display().to_string()),
+            Mode::Write => {
+                fs::create_dir_all(path.parent().context("generated files live in a directory")?)?;
+                fs::write(&path, contents).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", rel.display());
+            }
+        }
+    }
+    // Generated directories hold nothing else: a leftover file (e.g. a renamed CRD) is drift too.
+    for dir in ["crds", "charts/kiln/crds", "proto/src/gen"] {
+        for entry in fs::read_dir(root.join(dir)).into_iter().flatten().flatten() {
+            let rel = Path::new(dir).join(entry.file_name());
+            if !files.iter().any(|(p, _)| *p == rel) {
+                match mode {
+                    Mode::Check => stale.push(format!("{} (not generated any more)", rel.display())),
+                    Mode::Write => {
+                        fs::remove_file(entry.path())?;
+                        println!("removed {}", rel.display());
+                    }
+                }
+            }
+        }
+    }
+    if !stale.is_empty() {
+        bail!("generated files are stale; run `cargo xtask codegen`:\n  {}", stale.join("\n  "));
+    }
+    if mode == Mode::Check {
+        println!("generated files are up to date ({} files)", files.len());
+    }
+    Ok(())
+}
