@@ -21,7 +21,12 @@ use crate::model_deployment::CacheTier;
     derive = "PartialEq",
     doc = "A GPU node as its Kiln agent registered it: GPU inventory, health and cached model weights.",
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".status.gpuCount"),
-    printcolumn(name = "Free", type_ = "integer", json_path = ".status.freeGpus", description = "GPUs with no replica or rental"),
+    printcolumn(
+        name = "Free",
+        type_ = "integer",
+        json_path = ".status.freeGpus",
+        description = "GPUs with no replica or rental"
+    ),
     printcolumn(name = "Healthy", type_ = "integer", json_path = ".status.healthyGpus"),
     printcolumn(name = "Model", type_ = "string", json_path = ".status.gpus[0].model"),
     printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.lastHeartbeat"),

@@ -10,6 +10,8 @@
 //! live in the controller's runtime crates.
 
 #![warn(missing_docs)]
+// `#[kube(printcolumn(type_ = "integer", ...), printcolumn(type_ = "integer", ...))]` repeats keys by design.
+#![allow(clippy::duplicated_attributes)]
 
 pub mod crdgen;
 pub mod gpu_node;

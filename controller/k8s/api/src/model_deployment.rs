@@ -22,12 +22,32 @@ use serde::{Deserialize, Serialize};
     status = "ModelDeploymentStatus",
     derive = "PartialEq",
     doc = "A model served on GPUs through the predictions API, scaled by Kiln between minReplicas (possibly zero) and maxReplicas.",
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.replicas.ready", description = "Replicas ready to serve"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.replicas.desired", description = "Replicas the autoscaler wants"),
+    printcolumn(
+        name = "Ready",
+        type_ = "integer",
+        json_path = ".status.replicas.ready",
+        description = "Replicas ready to serve"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.replicas.desired",
+        description = "Replicas the autoscaler wants"
+    ),
     printcolumn(name = "GPUs", type_ = "integer", json_path = ".spec.gpu.count", description = "GPUs per replica"),
-    printcolumn(name = "GPU-Mem", type_ = "string", json_path = ".spec.gpu.memoryPerGpu", description = "GPU memory per GPU"),
+    printcolumn(
+        name = "GPU-Mem",
+        type_ = "string",
+        json_path = ".spec.gpu.memoryPerGpu",
+        description = "GPU memory per GPU"
+    ),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Cold-Start", type_ = "string", json_path = ".status.lastColdStart.duration", description = "Duration of the last cold start"),
+    printcolumn(
+        name = "Cold-Start",
+        type_ = "string",
+        json_path = ".status.lastColdStart.duration",
+        description = "Duration of the last cold start"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.uri", priority = "1")
 )]

@@ -59,12 +59,12 @@ fn walk(node: &Value, path: &str, is_root: bool, problems: &mut Vec<String>) {
         }
     }
     for junctor in ["anyOf", "oneOf", "allOf", "not"] {
-        if let Some(branches) = obj.get(junctor) {
-            if !(int_or_string && junctor == "anyOf" && is_int_or_string_any_of(branches)) {
-                problems.push(format!(
-                    "{at}: untyped `{junctor}`; a structural schema states the type outside logical junctors"
-                ));
-            }
+        if let Some(branches) = obj.get(junctor)
+            && !(int_or_string && junctor == "anyOf" && is_int_or_string_any_of(branches))
+        {
+            problems.push(format!(
+                "{at}: untyped `{junctor}`; a structural schema states the type outside logical junctors"
+            ));
         }
     }
 
@@ -84,10 +84,10 @@ fn walk(node: &Value, path: &str, is_root: bool, problems: &mut Vec<String>) {
             walk(child, &format!("{path}.{name}"), false, problems);
         }
     }
-    if let Some(additional) = obj.get("additionalProperties") {
-        if additional.is_object() {
-            walk(additional, &format!("{path}[*]"), false, problems);
-        }
+    if let Some(additional) = obj.get("additionalProperties")
+        && additional.is_object()
+    {
+        walk(additional, &format!("{path}[*]"), false, problems);
     }
     if let Some(items) = obj.get("items") {
         walk(items, &format!("{path}[]"), false, problems);

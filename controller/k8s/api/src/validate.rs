@@ -111,7 +111,8 @@ impl Validator {
         let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("");
         let kind_name = object.get("kind").and_then(Value::as_str).unwrap_or("");
         let name = object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_owned();
-        let Some(kind) = self.kinds.iter().find(|k| format!("{}/{}", k.group, k.version) == api_version && k.kind == kind_name)
+        let Some(kind) =
+            self.kinds.iter().find(|k| format!("{}/{}", k.group, k.version) == api_version && k.kind == kind_name)
         else {
             let supported: Vec<String> =
                 self.kinds.iter().map(|k| format!("{}/{} {}", k.group, k.version, k.kind)).collect();
@@ -202,10 +203,10 @@ impl SchemaWalker<'_> {
 
     fn check_required(&mut self, schema: &Value, fields: &serde_json::Map<String, Value>, path: &str) {
         for required in schema.get("required").and_then(Value::as_array).into_iter().flatten() {
-            if let Some(key) = required.as_str() {
-                if !fields.contains_key(key) {
-                    self.fail(&join(path, key), "Required value".to_owned());
-                }
+            if let Some(key) = required.as_str()
+                && !fields.contains_key(key)
+            {
+                self.fail(&join(path, key), "Required value".to_owned());
             }
         }
     }
@@ -239,11 +240,11 @@ impl SchemaWalker<'_> {
             return;
         }
 
-        if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
-            if !allowed.contains(value) {
-                let list: Vec<String> = allowed.iter().map(show).collect();
-                self.fail(path, format!("Unsupported value: {}: supported values: {}", show(value), list.join(", ")));
-            }
+        if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
+            && !allowed.contains(value)
+        {
+            let list: Vec<String> = allowed.iter().map(show).collect();
+            self.fail(path, format!("Unsupported value: {}: supported values: {}", show(value), list.join(", ")));
         }
         match value {
             Value::Number(n) => self.check_number(schema, n, path),
@@ -258,31 +259,31 @@ impl SchemaWalker<'_> {
         let Some(x) = n.as_f64() else { return };
         let bound = |key: &str| schema.get(key).and_then(Value::as_f64);
         let exclusive = |key: &str| schema.get(key).and_then(Value::as_bool).unwrap_or(false);
-        if let Some(min) = bound("minimum") {
-            if x < min || (exclusive("exclusiveMinimum") && x == min) {
-                let rel = if exclusive("exclusiveMinimum") { "greater than" } else { "greater than or equal to" };
-                self.fail(path, format!("Invalid value: {n}: {path} in body should be {rel} {}", show_num(min)));
-            }
+        if let Some(min) = bound("minimum")
+            && (x < min || (exclusive("exclusiveMinimum") && x == min))
+        {
+            let rel = if exclusive("exclusiveMinimum") { "greater than" } else { "greater than or equal to" };
+            self.fail(path, format!("Invalid value: {n}: {path} in body should be {rel} {}", show_num(min)));
         }
-        if let Some(max) = bound("maximum") {
-            if x > max || (exclusive("exclusiveMaximum") && x == max) {
-                let rel = if exclusive("exclusiveMaximum") { "less than" } else { "less than or equal to" };
-                self.fail(path, format!("Invalid value: {n}: {path} in body should be {rel} {}", show_num(max)));
-            }
+        if let Some(max) = bound("maximum")
+            && (x > max || (exclusive("exclusiveMaximum") && x == max))
+        {
+            let rel = if exclusive("exclusiveMaximum") { "less than" } else { "less than or equal to" };
+            self.fail(path, format!("Invalid value: {n}: {path} in body should be {rel} {}", show_num(max)));
         }
     }
 
     fn check_string(&mut self, schema: &Value, s: &str, path: &str) {
         let len = s.chars().count() as u64;
-        if let Some(max) = schema.get("maxLength").and_then(Value::as_u64) {
-            if len > max {
-                self.fail(path, format!("Too long: may not be more than {max} bytes"));
-            }
+        if let Some(max) = schema.get("maxLength").and_then(Value::as_u64)
+            && len > max
+        {
+            self.fail(path, format!("Too long: may not be more than {max} bytes"));
         }
-        if let Some(min) = schema.get("minLength").and_then(Value::as_u64) {
-            if len < min {
-                self.fail(path, format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long"));
-            }
+        if let Some(min) = schema.get("minLength").and_then(Value::as_u64)
+            && len < min
+        {
+            self.fail(path, format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long"));
         }
         if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
             match Regex::new(pattern) {
@@ -290,7 +291,9 @@ impl SchemaWalker<'_> {
                     self.fail(path, format!("Invalid value: {s:?}: {path} in body should match '{pattern}'"))
                 }
                 Ok(_) => {}
-                Err(err) => self.fail(path, format!("Internal error: schema pattern {pattern:?} does not compile: {err}")),
+                Err(err) => {
+                    self.fail(path, format!("Internal error: schema pattern {pattern:?} does not compile: {err}"))
+                }
             }
         }
         if schema.get("format").and_then(Value::as_str) == Some("date-time") {
@@ -299,7 +302,9 @@ impl SchemaWalker<'_> {
             if !rfc3339.is_match(s) {
                 self.fail(
                     path,
-                    format!("Invalid value: {s:?}: {path} in body must be of type date-time (e.g. 2026-01-02T15:04:05Z)"),
+                    format!(
+                        "Invalid value: {s:?}: {path} in body must be of type date-time (e.g. 2026-01-02T15:04:05Z)"
+                    ),
                 );
             }
         }
@@ -307,15 +312,15 @@ impl SchemaWalker<'_> {
 
     fn check_array(&mut self, schema: &Value, items: &[Value], path: &str) {
         let count = items.len() as u64;
-        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64) {
-            if count > max {
-                self.fail(path, format!("Too many: {count}: must have at most {max} items"));
-            }
+        if let Some(max) = schema.get("maxItems").and_then(Value::as_u64)
+            && count > max
+        {
+            self.fail(path, format!("Too many: {count}: must have at most {max} items"));
         }
-        if let Some(min) = schema.get("minItems").and_then(Value::as_u64) {
-            if count < min {
-                self.fail(path, format!("Invalid value: {count}: {path} in body should have at least {min} items"));
-            }
+        if let Some(min) = schema.get("minItems").and_then(Value::as_u64)
+            && count < min
+        {
+            self.fail(path, format!("Invalid value: {count}: {path} in body should have at least {min} items"));
         }
         if let Some(item_schema) = schema.get("items") {
             for (i, item) in items.iter().enumerate() {

@@ -12,11 +12,7 @@ fn checked_in_crds_match_the_rust_types() {
         for manifest in &manifests {
             let path = root.join(dir).join(&manifest.file_name);
             let on_disk = fs::read_to_string(&path).unwrap_or_default();
-            assert!(
-                on_disk == manifest.contents,
-                "{} is stale or missing; run `cargo xtask codegen`",
-                path.display()
-            );
+            assert!(on_disk == manifest.contents, "{} is stale or missing; run `cargo xtask codegen`", path.display());
         }
         let count = fs::read_dir(root.join(dir)).unwrap().count();
         assert_eq!(count, manifests.len(), "{dir} holds files that are not generated; run `cargo xtask codegen`");

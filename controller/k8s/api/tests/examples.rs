@@ -1,6 +1,8 @@
 //! The manifests under `examples/` against the generated schemas: every example is accepted, every example under
 //! `examples/invalid/` is rejected, and each rejection carries the messages its `# expect-error:` lines name.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::{fs, path::PathBuf};
 
 use kiln_k8s_api::validate::Validator;
@@ -53,9 +55,7 @@ fn every_invalid_example_is_rejected_with_its_expected_messages() {
         let expected: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect-error: ")).collect();
         assert!(!expected.is_empty(), "{} names no `# expect-error:` line", path.display());
         for doc in documents(&path) {
-            let invalid = validator
-                .validate(&doc)
-                .expect_err(&format!("{} should be rejected", path.display()));
+            let invalid = validator.validate(&doc).expect_err(&format!("{} should be rejected", path.display()));
             let message = invalid.to_string();
             for want in &expected {
                 assert!(message.contains(want), "{}:\n  want: {want}\n  got:  {message}", path.display());

@@ -1,0 +1,155 @@
+//! `kiln`: the composition root. It wires the pure core, the Kubernetes API types, the controller and the agent
+//! into commands; it holds no logic of its own beyond argument parsing, file I/O and exit codes.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kiln_k8s_api::{crdgen, validate::Validator};
+use serde::Deserialize;
+
+/// Kiln: a self-hosted serverless GPU inference platform on Kubernetes.
+#[derive(Debug, Parser)]
+#[command(name = "kiln", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole system on this machine: controller, gateway and a local agent (simulated GPUs when NVML finds
+    /// none), serving the manifests in a directory.
+    Up {
+        /// Directory of ModelDeployment / GpuRental manifests to serve.
+        #[arg(long, default_value = "kiln-manifests")]
+        manifests: PathBuf,
+    },
+    /// Replay real traces through the real placement engine and autoscaler.
+    Simulate {
+        #[command(subcommand)]
+        what: Simulation,
+    },
+    /// Print the CustomResourceDefinitions (for `kubectl apply -f -`), or write one file per CRD with --out.
+    Crdgen {
+        /// Directory to write `<group>_<plural>.yaml` files into, instead of printing one YAML stream.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check Kiln manifests offline against the CRD schemas and CEL rules, as the apiserver would on apply.
+    Validate {
+        /// YAML files (several documents per file allowed); `-` reads standard input.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Simulation {
+    /// GPU allocation under the placement policies, on the Alibaba GPU cluster trace.
+    Placement,
+    /// Cold starts, latency and GPU cost under keep-alive policies, on serving traces.
+    Serving,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Up { manifests } => not_yet(
+            "up",
+            &format!(
+                "it will run the controller, gateway and a local agent serving {}; see issue 6 (control plane)",
+                manifests.display()
+            ),
+        ),
+        Command::Simulate { what: Simulation::Placement } => {
+            not_yet("simulate placement", "see issue 3 (placement engine)")
+        }
+        Command::Simulate { what: Simulation::Serving } => not_yet("simulate serving", "see issue 4 (autoscaler)"),
+        Command::Crdgen { out } => crdgen_cmd(out.as_deref()),
+        Command::Validate { files } => validate_cmd(&files),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("kiln: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A command whose implementation has not landed yet: says so and exits with status 2, so scripts cannot
+/// mistake it for success.
+fn not_yet(command: &str, detail: &str) -> Result<ExitCode> {
+    eprintln!("kiln {command}: not yet implemented ({detail})");
+    Ok(ExitCode::from(2))
+}
+
+fn crdgen_cmd(out: Option<&Path>) -> Result<ExitCode> {
+    let manifests = crdgen::render()?;
+    match out {
+        Some(dir) => {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            for manifest in &manifests {
+                let path = dir.join(&manifest.file_name);
+                fs::write(&path, &manifest.contents).with_context(|| format!("writing {}", path.display()))?;
+                println!("wrote {}", path.display());
+            }
+        }
+        None => {
+            let mut stdout = io::stdout().lock();
+            for manifest in &manifests {
+                writeln!(stdout, "---")?;
+                stdout.write_all(manifest.contents.as_bytes())?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate_cmd(files: &[PathBuf]) -> Result<ExitCode> {
+    let validator = Validator::default();
+    let mut invalid = 0usize;
+    let mut valid = 0usize;
+    for file in files {
+        let (name, text) = if file.as_os_str() == "-" {
+            let mut text = String::new();
+            io::stdin().read_to_string(&mut text).context("reading standard input")?;
+            ("<stdin>".to_owned(), text)
+        } else {
+            let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+            (file.display().to_string(), text)
+        };
+        for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = match serde_json::Value::deserialize(document) {
+                Ok(serde_json::Value::Null) => continue,
+                Ok(value) => value,
+                Err(err) => {
+                    // The parser cannot resynchronise after a syntax error: the rest of the file is unread.
+                    println!("{name} (document {}): not valid YAML, rest of the file skipped: {err}", index + 1);
+                    invalid += 1;
+                    break;
+                }
+            };
+            match validator.validate(&value) {
+                Ok(()) => {
+                    valid += 1;
+                    let kind = value["kind"].as_str().unwrap_or_default();
+                    let object = value.pointer("/metadata/name").and_then(|n| n.as_str()).unwrap_or_default();
+                    println!("{name}: {kind}/{object} is valid");
+                }
+                Err(err) => {
+                    invalid += 1;
+                    println!("{name}: {err}");
+                }
+            }
+        }
+    }
+    println!("{valid} valid, {invalid} invalid");
+    Ok(if invalid == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}

@@ -1,0 +1,151 @@
+//! The generated protocol code works end to end: a controller-side `AgentService` on loopback, an agent-side
+//! client opening the `Connect` stream, registering, and receiving a command; plus the wire encoding of commands.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::pin::Pin;
+
+use kiln_proto::v1::{
+    self, AgentMessage, Command, ControllerMessage, Register, Registered, StartWorker, agent_message,
+    agent_service_client::AgentServiceClient,
+    agent_service_server::{AgentService, AgentServiceServer},
+    command, controller_message,
+};
+use prost::Message;
+use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Answers `Register` with `Registered`, then sends one `StartWorker` per GPU the agent reported.
+struct Controller;
+
+#[tonic::async_trait]
+impl AgentService for Controller {
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
+        let Some(agent_message::Body::Register(register)) = first.body else {
+            return Err(Status::failed_precondition("the first message must be Register"));
+        };
+        let mut out = vec![ControllerMessage {
+            body: Some(controller_message::Body::Registered(Registered {
+                telemetry_interval_ms: 1000,
+                heartbeat_interval_ms: 5000,
+                orphaned_replica_ids: vec![],
+            })),
+        }];
+        for gpu in &register.gpus {
+            out.push(ControllerMessage {
+                body: Some(controller_message::Body::Command(Command {
+                    command_id: format!("cmd-{}", gpu.index),
+                    deadline: None,
+                    action: Some(command::Action::StartWorker(StartWorker {
+                        replica_id: format!("{}-r{}", register.node_name, gpu.index),
+                        gpu_indexes: vec![gpu.index],
+                        gpu_uuids: vec![gpu.uuid.clone()],
+                        ..Default::default()
+                    })),
+                })),
+            });
+        }
+        Ok(Response::new(Box::pin(tokio_stream::iter(out.into_iter().map(Ok)))))
+    }
+}
+
+fn register(node: &str, gpus: u32) -> AgentMessage {
+    AgentMessage {
+        seq: 1,
+        body: Some(agent_message::Body::Register(Register {
+            node_name: node.to_owned(),
+            agent_version: "0.1.0".to_owned(),
+            simulated: true,
+            gpus: (0..gpus)
+                .map(|i| v1::Gpu {
+                    index: i,
+                    uuid: format!("GPU-{i}"),
+                    model: "NVIDIA H100 80GB HBM3".to_owned(),
+                    memory_total_bytes: 80 << 30,
+                    health: v1::GpuHealth::Healthy.into(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test]
+async fn agent_registers_and_receives_commands_over_connect() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(Controller))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = AgentServiceClient::new(channel);
+    let outbound = tokio_stream::iter(vec![register("node-a", 2)]);
+    let mut inbound = client.connect(outbound).await.unwrap().into_inner();
+
+    let mut received = Vec::new();
+    while let Some(message) = inbound.next().await {
+        received.push(message.unwrap().body.unwrap());
+    }
+    assert_eq!(received.len(), 3, "Registered then one StartWorker per GPU: {received:?}");
+    assert!(matches!(&received[0], controller_message::Body::Registered(r) if r.telemetry_interval_ms == 1000));
+    let ids: Vec<(String, String)> = received[1..]
+        .iter()
+        .map(|body| match body {
+            controller_message::Body::Command(Command {
+                command_id,
+                action: Some(command::Action::StartWorker(start)),
+                ..
+            }) => (command_id.clone(), start.replica_id.clone()),
+            other => panic!("expected StartWorker, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(ids, [("cmd-0".into(), "node-a-r0".into()), ("cmd-1".into(), "node-a-r1".into())]);
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_stream_that_does_not_start_with_register_is_refused() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(Controller))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let heartbeat = AgentMessage { seq: 1, body: Some(agent_message::Body::Heartbeat(v1::Heartbeat::default())) };
+    let status = AgentServiceClient::new(channel).connect(tokio_stream::iter(vec![heartbeat])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    server.abort();
+}
+
+#[test]
+fn commands_survive_the_wire_with_their_idempotency_key() {
+    let command = Command {
+        command_id: "7b0c1c9e-2f4d-4e0b-9a55-0d8e8f6f2a10".to_owned(),
+        deadline: Some(prost_types::Timestamp { seconds: 1_790_000_000, nanos: 0 }),
+        action: Some(command::Action::EvictModel(v1::EvictModel {
+            model_uri: "s3://models/llama".to_owned(),
+            tier: v1::CacheTier::Gpu.into(),
+            gpu_index: Some(3),
+        })),
+    };
+    let bytes = command.encode_to_vec();
+    let decoded = Command::decode(bytes.as_slice()).unwrap();
+    assert_eq!(decoded, command);
+    // An explicit GPU index of 0 is distinguishable from "every GPU" (field presence).
+    let all_gpus = v1::EvictModel { gpu_index: None, ..Default::default() };
+    let gpu_zero = v1::EvictModel { gpu_index: Some(0), ..Default::default() };
+    assert_ne!(all_gpus.encode_to_vec(), gpu_zero.encode_to_vec());
+}
