@@ -12,7 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kiln_e2e::{expected_errors, repo_root};
 use kube::{
     Api, Client, Config,
-    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams},
+    api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
 
@@ -72,13 +72,20 @@ async fn install_crds(client: &Client) -> Result<()> {
     Ok(())
 }
 
+/// `kubectl create --dry-run=server --validate=strict`: a POST with `dryRun=All&fieldValidation=Strict`, so unknown
+/// fields are errors as they are for kubectl users, and nothing is stored.
 async fn dry_run_create(client: &Client, object: serde_json::Value) -> Result<()> {
     let (group, version) = object["apiVersion"].as_str().unwrap_or_default().split_once('/').unwrap_or_default();
     let kind = object["kind"].as_str().unwrap_or_default();
     let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), "default", &resource);
-    let object: DynamicObject = serde_json::from_value(object)?;
-    api.create(&PostParams { dry_run: true, field_manager: Some("kiln-e2e".into()) }, &object).await?;
+    let url = format!(
+        "/apis/{group}/{version}/namespaces/default/{}?dryRun=All&fieldValidation=Strict&fieldManager=kiln-e2e",
+        resource.plural
+    );
+    let request = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&object)?)?;
+    client.request::<DynamicObject>(request).await?;
     Ok(())
 }
 

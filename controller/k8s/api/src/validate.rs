@@ -185,6 +185,11 @@ impl SchemaWalker<'_> {
         self.errors.push(FieldError { path: path.to_owned(), message: format!("{path}: {message}") });
     }
 
+    /// As the apiserver's strict field validation (kubectl's default) words it.
+    fn unknown_field(&mut self, path: &str) {
+        self.errors.push(FieldError { path: path.to_owned(), message: format!("unknown field {path:?}") });
+    }
+
     fn check_root(&mut self, schema: &Value, object: &Value) {
         let Some(props) = schema.get("properties").and_then(Value::as_object) else { return };
         let Some(fields) = object.as_object() else {
@@ -195,7 +200,7 @@ impl SchemaWalker<'_> {
             match (key.as_str(), props.get(key)) {
                 ("apiVersion" | "kind" | "metadata", _) => {}
                 (_, Some(sub)) => self.check(sub, value, key),
-                (_, None) => self.fail(key, "unknown field".to_owned()),
+                (_, None) => self.unknown_field(key),
             }
         }
         self.check_required(schema, fields, "");
@@ -361,7 +366,7 @@ impl SchemaWalker<'_> {
                 match props.get(key) {
                     Some(sub) => self.check(sub, value, &join(path, key)),
                     None if preserve => {}
-                    None => self.fail(&join(path, key), "unknown field".to_owned()),
+                    None => self.unknown_field(&join(path, key)),
                 }
             }
         } else if let Some(additional) = schema.get("additionalProperties").filter(|a| a.is_object()) {
