@@ -11,8 +11,13 @@
 //! - `properties` and `additionalProperties` are not both set;
 //! - `metadata` at the root constrains at most `name` and `generateName`;
 //! - `x-kubernetes-list-type: map` has `x-kubernetes-list-map-keys`, each a required scalar property of the items.
+//!
+//! And, for the CEL rules (`x-kubernetes-validations`), what the apiserver checks when the CRD is created: each rule
+//! compiles, uses only the variables of CRD validation (`self`, `oldSelf`), and its estimated cost stays within the
+//! per-rule budget (kube's client-side estimator; coarser than the apiserver's).
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::cel::{self, ScopeContext, WarningKind};
 use serde_json::Value;
 
 /// Problems with every version's schema of `crd`, one line each; empty when all are structural.
@@ -92,12 +97,32 @@ fn walk(node: &Value, path: &str, is_root: bool, problems: &mut Vec<String>) {
     if let Some(items) = obj.get("items") {
         walk(items, &format!("{path}[]"), false, problems);
     }
+    if let Some(rules) = obj.get("x-kubernetes-validations").and_then(Value::as_array) {
+        check_rules(node, rules, at, problems);
+    }
     if ty == "array" && !obj.contains_key("items") {
         problems.push(format!("{at}: arrays must declare `items`"));
     }
 
     if obj.get("x-kubernetes-list-type").and_then(Value::as_str) == Some("map") {
         check_list_map(obj, at, problems);
+    }
+}
+
+fn check_rules(node: &Value, rules: &[Value], at: &str, problems: &mut Vec<String>) {
+    let compiled = cel::compile_schema(node);
+    for error in compiled.compilation_errors() {
+        problems.push(format!("{at}: CEL rule does not compile: {error}"));
+    }
+    for rule in rules.iter().filter_map(|r| r.get("rule").and_then(Value::as_str)) {
+        for warning in cel::check_rule_scope(rule, ScopeContext::CrdValidation) {
+            problems.push(format!("{at}: CEL rule {rule:?}: {}", warning.message));
+        }
+        for warning in cel::estimate_rule_cost(rule, &compiled) {
+            if warning.kind == WarningKind::CostExceeded {
+                problems.push(format!("{at}: CEL rule {rule:?}: {}", warning.message));
+            }
+        }
     }
 }
 
@@ -183,6 +208,28 @@ mod tests {
         let problems = check_schema(&schema);
         assert!(problems.iter().any(|p| p.starts_with(".spec.size: untyped `anyOf`")), "{problems:?}");
         assert!(problems.iter().any(|p| p.starts_with(".spec.size: missing `type`")), "{problems:?}");
+    }
+
+    #[test]
+    fn cel_rules_that_do_not_compile_or_reach_outside_self_are_reported() {
+        let schema = json!({
+            "type": "object",
+            "properties": {
+                "spec": {
+                    "type": "object",
+                    "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                    "x-kubernetes-validations": [
+                        {"rule": "self.a <= self.b", "message": "fine"},
+                        {"rule": "self.a <=", "message": "syntax error"},
+                        {"rule": "object.spec.a > 0", "message": "admission-policy variable"},
+                    ],
+                },
+            },
+        });
+        let problems = check_schema(&schema);
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        assert!(problems[0].starts_with(".spec: CEL rule does not compile"), "{problems:#?}");
+        assert!(problems[1].contains("variable 'object' is not available"), "{problems:#?}");
     }
 
     #[test]
