@@ -78,8 +78,9 @@ fn register(node: &str, gpus: u32) -> AgentMessage {
     }
 }
 
-#[tokio::test]
-async fn agent_registers_and_receives_commands_over_connect() {
+/// Serves `Controller` on an ephemeral loopback port; returns a connected client and the server task.
+async fn serve_on_loopback()
+-> (AgentServiceClient<tonic::transport::Channel>, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = tokio::spawn(
@@ -87,9 +88,13 @@ async fn agent_registers_and_receives_commands_over_connect() {
             .add_service(AgentServiceServer::new(Controller))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
-
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
-    let mut client = AgentServiceClient::new(channel);
+    (AgentServiceClient::new(channel), server)
+}
+
+#[tokio::test]
+async fn agent_registers_and_receives_commands_over_connect() {
+    let (mut client, server) = serve_on_loopback().await;
     let outbound = tokio_stream::iter(vec![register("node-a", 2)]);
     let mut inbound = client.connect(outbound).await.unwrap().into_inner();
 
@@ -116,16 +121,9 @@ async fn agent_registers_and_receives_commands_over_connect() {
 
 #[tokio::test]
 async fn a_stream_that_does_not_start_with_register_is_refused() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(Controller))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let (mut client, server) = serve_on_loopback().await;
     let heartbeat = AgentMessage { seq: 1, body: Some(agent_message::Body::Heartbeat(v1::Heartbeat::default())) };
-    let status = AgentServiceClient::new(channel).connect(tokio_stream::iter(vec![heartbeat])).await.unwrap_err();
+    let status = client.connect(tokio_stream::iter(vec![heartbeat])).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
     server.abort();
 }

@@ -4,7 +4,7 @@
 //! (`x-kubernetes-validations`, through kube's client-side CEL engine).
 //!
 //! Messages follow the apiserver's `field: Invalid value: ...` form so that a person sees the same message offline
-//! as from a cluster. Used by `kiln validate`, by the example tests, and by the manifest-directory spec source.
+//! as from a cluster. Used by `kiln validate` and the example tests; meant for `kiln up`'s manifest-directory mode.
 //!
 //! What this does not do: admission webhooks (Kiln has none), `metadata` validation beyond the object name, and
 //! CEL cost-budget estimation.
