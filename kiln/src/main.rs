@@ -8,6 +8,8 @@ use std::{
     process::ExitCode,
 };
 
+mod simulate;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use kiln_k8s_api::{crdgen, validate::Validator};
@@ -51,8 +53,8 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum Simulation {
-    /// GPU allocation under the placement policies, on the Alibaba GPU cluster trace.
-    Placement,
+    /// GPU allocation under the placement policies, on the Alibaba GPU cluster trace (the FGD paper's experiment).
+    Placement(simulate::PlacementArgs),
     /// Cold starts, latency and GPU cost under keep-alive policies, on serving traces.
     Serving,
 }
@@ -67,8 +69,8 @@ fn main() -> ExitCode {
                 manifests.display()
             ),
         ),
-        Command::Simulate { what: Simulation::Placement } => {
-            not_yet("simulate placement", "see issue 3 (placement engine)")
+        Command::Simulate { what: Simulation::Placement(args) } => {
+            simulate::placement(&args).map(|()| ExitCode::SUCCESS)
         }
         Command::Simulate { what: Simulation::Serving } => not_yet("simulate serving", "see issue 4 (autoscaler)"),
         Command::Crdgen { out } => crdgen_cmd(out.as_deref()),

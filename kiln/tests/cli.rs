@@ -87,7 +87,7 @@ fn crdgen_prints_the_checked_in_crds() {
 
 #[test]
 fn commands_not_yet_built_say_so_and_fail() {
-    for args in [&["up"][..], &["simulate", "placement"], &["simulate", "serving"]] {
+    for args in [&["up"][..], &["simulate", "serving"]] {
         let out = kiln(args);
         assert_eq!(out.status.code(), Some(2), "kiln {args:?}");
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -11,3 +11,5 @@
 //! controller runs, on a virtual clock, millions of times faster than real time.
 
 pub mod clock;
+pub mod placement;
+pub mod rng;
