@@ -9,7 +9,7 @@
 //!
 //! Timing is the caller's business (the core reads no clock): `decisions` lets it compute decisions per second.
 
-use super::{Cluster, GpuDemand, PlacementEngine, Policy, Request, Workload};
+use super::{Cluster, GpuDemand, Measure, PlacementEngine, Policy, Request, Workload};
 use crate::rng::Rng;
 
 /// Arrived-demand marks reported in summaries, in percent of GPU capacity.
@@ -22,7 +22,7 @@ pub struct SeedRun {
     pub seed: u64,
     /// GPU allocation ratio (%) when cumulative arrived GPU demand reached k% of capacity, for k = 0..=max mark.
     pub alloc_pct: Vec<f64>,
-    /// Expected fragmented GPU (% of capacity) at the same marks.
+    /// Expected fragmented GPU (% of capacity) under FGD's measure at the same marks.
     pub frag_pct: Vec<f64>,
     /// Pods offered (placement decisions).
     pub decisions: u64,
@@ -75,15 +75,28 @@ pub fn run_seed(
         }
         while alloc_pct.len() <= max_mark && pct(arrived as f64) >= alloc_pct.len() as f64 {
             alloc_pct.push(pct(engine.cluster().gpu_allocated_milli() as f64));
-            frag_pct.push(pct(engine.fragmented_milli()));
+            frag_pct.push(pct(fgd_fragmentation(engine.cluster(), workload)));
         }
     }
     // The last marks are the final state (inflation stops just short of the last mark).
     while alloc_pct.len() <= max_mark {
         alloc_pct.push(pct(engine.cluster().gpu_allocated_milli() as f64));
-        frag_pct.push(pct(engine.fragmented_milli()));
+        frag_pct.push(pct(fgd_fragmentation(engine.cluster(), workload)));
     }
     SeedRun { seed, alloc_pct, frag_pct, decisions: engine.decisions(), placed }
+}
+
+/// The cluster's fragmented GPU (milli) under FGD's measure, whatever measure the policy itself uses, so that
+/// policies compare on the paper's metric.
+fn fgd_fragmentation(cluster: &Cluster, workload: &Workload) -> f64 {
+    let workload = workload.clone().with_measure(Measure::Fgd);
+    (0..cluster.len() as u32)
+        .map(|n| {
+            let node = cluster.node(n);
+            let model = cluster.node_type(node.type_id).model;
+            workload.node_frag(model, node.cpu_free, node.mem_free, &node.gpu_free)
+        })
+        .sum()
 }
 
 /// The median of `values` (mean of the middle two for an even count); NaN for none.

@@ -16,6 +16,21 @@ use super::{GpuDemand, MILLI_PER_GPU, ModelSet, Request};
 #[derive(Debug, Clone, Default)]
 pub struct Workload {
     shapes: Vec<Shape>,
+    measure: Measure,
+}
+
+/// How a node's fragment for one request kind is counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Measure {
+    /// FGD's: free GPU the kind cannot use if one more request of that kind arrived.
+    #[default]
+    Fgd,
+    /// The mean of FGD's measure and the *packing* measure: free GPU that copies of the kind could not take, counting
+    /// how many copies fit by GPU, CPU and memory together. FGD's measure calls a GPU with 900 free usable by a
+    /// 470 share although 430 of it is then stranded, and a node with four free GPUs and CPU for one more request
+    /// fully usable; the packing measure sees both. Alone it protects whole nodes less well than FGD's (it cares
+    /// less about which GPUs a request breaks), so Kiln averages the two.
+    Kiln,
 }
 
 /// Request kinds with one GPU demand and one set of allowed models; they differ only in CPU and memory.
@@ -65,6 +80,17 @@ impl Workload {
         shape.kinds.push((request.cpu_milli, request.memory_mib, weight));
     }
 
+    /// The same kinds under another measure.
+    pub fn with_measure(mut self, measure: Measure) -> Self {
+        self.measure = measure;
+        self
+    }
+
+    /// The measure in use.
+    pub fn measure(&self) -> Measure {
+        self.measure
+    }
+
     /// Number of distinct request kinds.
     pub fn kinds(&self) -> usize {
         self.shapes.iter().map(|s| s.kinds.len()).sum()
@@ -95,9 +121,51 @@ impl Workload {
             };
             let fits: f64 =
                 shape.kinds.iter().filter(|(c, m, _)| *c <= cpu_free && *m <= mem_free).map(|(_, _, w)| w).sum();
-            frag += fits * usable_frag + (shape.weight - fits) * total;
+            let fgd = fits * usable_frag + (shape.weight - fits) * total;
+            frag += match self.measure {
+                Measure::Fgd => fgd,
+                Measure::Kiln => {
+                    let packing: f64 = shape
+                        .kinds
+                        .iter()
+                        .map(|&(c, m, w)| {
+                            w * (total - packable(shape.gpu, c, m, cpu_free, mem_free, gpu_free, whole_free))
+                        })
+                        .sum();
+                    0.5 * (fgd + packing)
+                }
+            };
         }
         frag
+    }
+}
+
+/// GPU (milli) that copies of one request kind could take on the node, counting how many copies fit by GPU, CPU
+/// and memory together.
+fn packable(
+    gpu: GpuDemand,
+    cpu: u32,
+    mem: u32,
+    cpu_free: u32,
+    mem_free: u32,
+    gpu_free: &[u16],
+    whole_free: usize,
+) -> f64 {
+    let by_host = |n: u64| {
+        let by_cpu = if cpu == 0 { u64::MAX } else { u64::from(cpu_free / cpu) };
+        let by_mem = if mem == 0 { u64::MAX } else { u64::from(mem_free / mem) };
+        n.min(by_cpu).min(by_mem)
+    };
+    match gpu {
+        GpuDemand::None => 0.0,
+        GpuDemand::Share(r) => {
+            let by_gpu: u64 = gpu_free.iter().map(|&f| u64::from(f / r)).sum();
+            (by_host(by_gpu) * u64::from(r)) as f64
+        }
+        GpuDemand::Whole(k) => {
+            let by_gpu = (whole_free / usize::from(k)) as u64;
+            (by_host(by_gpu) * u64::from(k) * u64::from(MILLI_PER_GPU)) as f64
+        }
     }
 }
 

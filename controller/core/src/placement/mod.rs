@@ -24,7 +24,7 @@ mod policy;
 
 use std::collections::HashMap;
 
-pub use frag::Workload;
+pub use frag::{Measure, Workload};
 pub use policy::Policy;
 
 use crate::rng::Rng;
@@ -385,9 +385,14 @@ const CACHE_LIMIT: usize = 4_000_000;
 
 impl PlacementEngine {
     /// An engine over `cluster`. `workload` is the request mix the fragmentation measure (and so `fgd` and `kiln`)
-    /// assumes; `seed` drives tie-breaking.
+    /// assumes (its measure is set by the policy: FGD's for all but `kiln`); `seed` drives tie-breaking.
     pub fn new(cluster: Cluster, policy: Policy, workload: Workload, seed: u64) -> Self {
         let n = cluster.len();
+        let workload = if policy == Policy::Kiln {
+            workload.with_measure(frag::Measure::Kiln)
+        } else {
+            workload.with_measure(frag::Measure::Fgd)
+        };
         let mut engine = Self {
             cluster,
             policy,
