@@ -152,8 +152,8 @@ fn packable(
     whole_free: usize,
 ) -> f64 {
     let by_host = |n: u64| {
-        let by_cpu = if cpu == 0 { u64::MAX } else { u64::from(cpu_free / cpu) };
-        let by_mem = if mem == 0 { u64::MAX } else { u64::from(mem_free / mem) };
+        let by_cpu = cpu_free.checked_div(cpu).map_or(u64::MAX, u64::from);
+        let by_mem = mem_free.checked_div(mem).map_or(u64::MAX, u64::from);
         n.min(by_cpu).min(by_mem)
     };
     match gpu {
