@@ -94,3 +94,70 @@ fn commands_not_yet_built_say_so_and_fail() {
         assert!(stderr.contains("not yet implemented"), "kiln {args:?}: {stderr}");
     }
 }
+
+#[test]
+fn simulate_placement_writes_the_json_the_experiment_promises_and_names_bad_rows() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-placement-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let nodes = dir.join("nodes.csv");
+    let pods = dir.join("pods.csv");
+    let json = dir.join("out.json");
+    let mut node_rows = String::from("sn,cpu_milli,memory_mib,gpu,model\n");
+    for i in 0..20 {
+        node_rows += &format!("n{i},64000,262144,{},G{}\n", if i % 2 == 0 { 8 } else { 2 }, i % 3);
+    }
+    fs::write(&nodes, node_rows).unwrap();
+    fs::write(
+        &pods,
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n\
+         a,8000,16384,1,1000,\nb,4000,8192,1,500,\nc,2000,4096,0,0,\nd,16000,65536,8,1000,G0\ne,6000,8192,2,1000,G1|G2\n",
+    )
+    .unwrap();
+    let out = kiln(&[
+        "simulate",
+        "placement",
+        "--nodes",
+        nodes.to_str().unwrap(),
+        "--pods",
+        pods.to_str().unwrap(),
+        "--policy",
+        "fgd,kiln",
+        "--policy",
+        "bestfit",
+        "--seeds",
+        "1-3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("GPU allocation ratio"), "{table}");
+    let value: serde_json::Value = serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    let policies = value["policies"].as_array().unwrap();
+    let names: Vec<&str> = policies.iter().map(|p| p["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["fgd", "kiln", "bestfit"]);
+    for p in policies {
+        assert_eq!(p["seeds"], serde_json::json!([1, 2, 3]));
+        for key in ["alloc_pct_median", "unallocated_pct_median", "frag_pct_median"] {
+            for mark in ["90", "95", "100", "110", "130"] {
+                let v = p[key][mark].as_f64().unwrap_or_else(|| panic!("{key}[{mark}] in {p}"));
+                assert!((0.0..=100.0).contains(&v), "{key}[{mark}] = {v}");
+            }
+        }
+        let alloc = p["alloc_pct_median"]["130"].as_f64().unwrap();
+        let unalloc = p["unallocated_pct_median"]["130"].as_f64().unwrap();
+        assert!((alloc + unalloc - 100.0).abs() < 0.02);
+        assert!(p["decisions_per_sec"].as_f64().unwrap() > 0.0);
+    }
+
+    fs::write(
+        &pods,
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\na,8000,16384,1,1000,\nb,4000,lots,1,500,\n",
+    )
+    .unwrap();
+    let out = kiln(&["simulate", "placement", "--nodes", nodes.to_str().unwrap(), "--pods", pods.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pods.csv:3: memory_mib: \"lots\" is not a non-negative integer"), "{stderr}");
+    fs::remove_dir_all(dir).unwrap();
+}
