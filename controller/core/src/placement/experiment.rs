@@ -89,7 +89,13 @@ pub fn run_seed(
 /// The cluster's fragmented GPU (milli) under FGD's measure, whatever measure the policy itself uses, so that
 /// policies compare on the paper's metric.
 fn fgd_fragmentation(cluster: &Cluster, workload: &Workload) -> f64 {
-    let workload = workload.clone().with_measure(Measure::Fgd);
+    let converted;
+    let workload = if workload.measure() == Measure::Fgd {
+        workload
+    } else {
+        converted = workload.clone().with_measure(Measure::Fgd);
+        &converted
+    };
     (0..cluster.len() as u32)
         .map(|n| {
             let node = cluster.node(n);
