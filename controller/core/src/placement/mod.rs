@@ -358,7 +358,8 @@ struct Eval {
 struct Group {
     sig: Signature,
     members: Vec<NodeId>,
-    /// Expected fragmentation of a node with this signature, milli-GPU (see [`frag`]).
+    /// Expected fragmentation of a node with this signature, milli-GPU (see [`frag`]); computed only for the
+    /// policies that descend its gradient, 0 for the others.
     frag: f64,
 }
 
@@ -376,7 +377,6 @@ pub struct PlacementEngine {
     active: Vec<u32>,
     active_pos: Vec<Option<u32>>,
     cache: HashMap<(u32, Request), Option<Eval>>,
-    frag_total: f64,
     decisions: u64,
 }
 
@@ -405,7 +405,6 @@ impl PlacementEngine {
             active: Vec::new(),
             active_pos: Vec::new(),
             cache: HashMap::new(),
-            frag_total: 0.0,
             decisions: 0,
         };
         for node in 0..n as NodeId {
@@ -427,12 +426,6 @@ impl PlacementEngine {
     /// Placement decisions made so far (successful or not).
     pub fn decisions(&self) -> u64 {
         self.decisions
-    }
-
-    /// Expected fragmented GPU over the whole cluster, milli-GPU: the sum of every node's fragmentation under the
-    /// engine's workload.
-    pub fn fragmented_milli(&self) -> f64 {
-        self.frag_total.max(0.0)
     }
 
     /// Chooses a node and GPUs for `request` and reserves them.
@@ -545,8 +538,12 @@ impl PlacementEngine {
             Some(&g) => g,
             None => {
                 let g = self.groups.len() as u32;
-                let model = self.cluster.node_type(sig.type_id).model;
-                let frag = self.workload.node_frag(model, sig.cpu_free, sig.mem_free, &sig.gpu_free);
+                let frag = if matches!(self.policy, Policy::Fgd | Policy::Kiln) {
+                    let model = self.cluster.node_type(sig.type_id).model;
+                    self.workload.node_frag(model, sig.cpu_free, sig.mem_free, &sig.gpu_free)
+                } else {
+                    0.0
+                };
                 self.group_of.insert(sig.clone(), g);
                 self.groups.push(Group { sig, members: Vec::new(), frag });
                 self.active_pos.push(None);
@@ -561,7 +558,6 @@ impl PlacementEngine {
             self.active_pos[group as usize] = Some(self.active.len() as u32);
             self.active.push(group);
         }
-        self.frag_total += self.groups[group as usize].frag;
     }
 
     fn leave_group(&mut self, node: NodeId) {
@@ -572,7 +568,6 @@ impl PlacementEngine {
         if let Some(&moved) = g.members.get(pos) {
             self.node_pos[moved as usize] = pos as u32;
         }
-        self.frag_total -= g.frag;
         if g.members.is_empty() {
             let at = self.active_pos[group as usize].take().expect("an active group") as usize;
             self.active.swap_remove(at);

@@ -9,7 +9,11 @@
 //! What this does not do: admission webhooks (Kiln has none), `metadata` validation beyond the object name, and
 //! CEL cost-budget estimation.
 
-use std::{collections::HashSet, fmt};
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    sync::LazyLock,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::core::cel;
@@ -52,6 +56,14 @@ impl fmt::Display for Invalid {
 
 impl std::error::Error for Invalid {}
 
+static DNS_SUBDOMAIN: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").expect("valid regex")
+});
+
+static RFC3339: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$").expect("valid regex")
+});
+
 struct Kind {
     group: String,
     version: String,
@@ -62,6 +74,8 @@ struct Kind {
 /// Validates objects against a set of CRDs.
 pub struct Validator {
     kinds: Vec<Kind>,
+    /// Every `pattern` in the schemas, compiled once (`Err` keeps a pattern that does not compile).
+    patterns: HashMap<String, Result<Regex, String>>,
     cel: cel::Validator,
 }
 
@@ -98,7 +112,11 @@ impl Validator {
                 });
             }
         }
-        Self { kinds, cel: cel::Validator::new() }
+        let mut patterns = HashMap::new();
+        for kind in &kinds {
+            collect_patterns(&kind.schema, &mut patterns);
+        }
+        Self { kinds, patterns, cel: cel::Validator::new() }
     }
 
     /// Validates a new object (create).
@@ -133,7 +151,7 @@ impl Validator {
         let mut errors = Vec::new();
         check_name(object, &mut errors);
         let defaulted = cel::apply_defaults(&kind.schema, object);
-        let mut walker = SchemaWalker { errors: &mut errors };
+        let mut walker = SchemaWalker { errors: &mut errors, patterns: &self.patterns };
         walker.check_root(&kind.schema, &defaulted);
         if errors.is_empty() {
             let old = old.map(|o| cel::apply_defaults(&kind.schema, o));
@@ -161,9 +179,7 @@ fn check_name(object: &Value, errors: &mut Vec<FieldError>) {
             errors.push(FieldError { message: format!("{path}: Required value: name is required"), path });
         }
         Some(name) => {
-            let dns_subdomain =
-                Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").expect("valid regex");
-            if name.len() > 253 || !dns_subdomain.is_match(name) {
+            if name.len() > 253 || !DNS_SUBDOMAIN.is_match(name) {
                 errors.push(FieldError {
                     message: format!(
                         "{path}: Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case \
@@ -176,8 +192,22 @@ fn check_name(object: &Value, errors: &mut Vec<FieldError>) {
     }
 }
 
+fn collect_patterns(schema: &Value, out: &mut HashMap<String, Result<Regex, String>>) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(pattern) = map.get("pattern").and_then(Value::as_str) {
+                out.entry(pattern.to_owned()).or_insert_with(|| Regex::new(pattern).map_err(|e| e.to_string()));
+            }
+            map.values().for_each(|v| collect_patterns(v, out));
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_patterns(v, out)),
+        _ => {}
+    }
+}
+
 struct SchemaWalker<'a> {
     errors: &'a mut Vec<FieldError>,
+    patterns: &'a HashMap<String, Result<Regex, String>>,
 }
 
 impl SchemaWalker<'_> {
@@ -291,7 +321,7 @@ impl SchemaWalker<'_> {
             self.fail(path, format!("Invalid value: {s:?}: {path} in body should be at least {min} chars long"));
         }
         if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
-            match Regex::new(pattern) {
+            match self.patterns.get(pattern).expect("collected at construction") {
                 Ok(re) if !re.is_match(s) => {
                     self.fail(path, format!("Invalid value: {s:?}: {path} in body should match '{pattern}'"))
                 }
@@ -301,17 +331,11 @@ impl SchemaWalker<'_> {
                 }
             }
         }
-        if schema.get("format").and_then(Value::as_str) == Some("date-time") {
-            let rfc3339 = Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
-                .expect("valid regex");
-            if !rfc3339.is_match(s) {
-                self.fail(
-                    path,
-                    format!(
-                        "Invalid value: {s:?}: {path} in body must be of type date-time (e.g. 2026-01-02T15:04:05Z)"
-                    ),
-                );
-            }
+        if schema.get("format").and_then(Value::as_str) == Some("date-time") && !RFC3339.is_match(s) {
+            self.fail(
+                path,
+                format!("Invalid value: {s:?}: {path} in body must be of type date-time (e.g. 2026-01-02T15:04:05Z)"),
+            );
         }
     }
 
