@@ -10,6 +10,8 @@
 //! `.ci/run` fails if one appears in its dependency tree. That is what lets `kiln simulate` run the very code the
 //! controller runs, on a virtual clock, millions of times faster than real time.
 
+pub mod autoscale;
 pub mod clock;
 pub mod placement;
 pub mod rng;
+pub mod sim;

@@ -100,7 +100,13 @@ fn fgd_fragmentation(cluster: &Cluster, workload: &Workload) -> f64 {
         .map(|n| {
             let node = cluster.node(n);
             let model = cluster.node_type(node.type_id).model;
-            workload.node_frag(model, node.cpu_free, node.mem_free, &node.gpu_free)
+            workload.node_frag(
+                model,
+                cluster.node_type(node.type_id).gpu_memory_mib,
+                node.cpu_free,
+                node.mem_free,
+                &node.gpu_free,
+            )
         })
         .sum()
 }
@@ -125,10 +131,10 @@ pub fn median_at(runs: &[SeedRun], mark: u32, series: impl Fn(&SeedRun) -> &[f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::{ModelSet, NodeSpec};
+    use crate::placement::NodeSpec;
 
     fn pod(gpu: GpuDemand) -> Request {
-        Request { cpu_milli: 1000, memory_mib: 1024, gpu, models: ModelSet::ANY }
+        Request::new(1000, 1024, gpu)
     }
 
     #[test]
@@ -143,15 +149,7 @@ mod tests {
 
     #[test]
     fn allocation_is_recorded_at_every_mark_and_never_exceeds_demand() {
-        let nodes: Vec<NodeSpec> = (0..4)
-            .map(|i| NodeSpec {
-                name: format!("n{i}"),
-                cpu_milli: 64_000,
-                memory_mib: 262_144,
-                gpu_count: 2,
-                gpu_model: "G".into(),
-            })
-            .collect();
+        let nodes: Vec<NodeSpec> = (0..4).map(|i| NodeSpec::new(format!("n{i}"), 64_000, 262_144, 2, "G")).collect();
         let cluster = Cluster::new(&nodes).unwrap();
         let pods = vec![pod(GpuDemand::Whole(1)), pod(GpuDemand::Share(300)), pod(GpuDemand::Whole(2))];
         let workload = Workload::from_requests(&pods);

@@ -87,13 +87,13 @@ pub fn parse_nodes(file: &str, text: &str) -> Result<Vec<NodeSpec>, TraceError> 
         if name.is_empty() {
             return Err(csv.error(*line, "sn", "empty node name".to_owned()));
         }
-        nodes.push(NodeSpec {
-            name: name.to_owned(),
-            cpu_milli: csv.number(*line, row, "cpu_milli")?,
-            memory_mib: csv.number(*line, row, "memory_mib")?,
+        nodes.push(NodeSpec::new(
+            name,
+            csv.number(*line, row, "cpu_milli")?,
+            csv.number(*line, row, "memory_mib")?,
             gpu_count,
-            gpu_model: csv.cell(row, "model").unwrap_or_default().to_owned(),
-        });
+            csv.cell(row, "model").unwrap_or_default(),
+        ));
     }
     Ok(nodes)
 }
@@ -135,10 +135,8 @@ pub fn parse_pods(file: &str, text: &str, cluster: &Cluster) -> Result<Vec<Reque
             }
         };
         let request = Request {
-            cpu_milli: csv.number(line, row, "cpu_milli")?,
-            memory_mib: csv.number(line, row, "memory_mib")?,
-            gpu,
             models,
+            ..Request::new(csv.number(line, row, "cpu_milli")?, csv.number(line, row, "memory_mib")?, gpu)
         };
         if !cluster.could_ever_hold(&request) {
             return Err(csv.error(line, "row", format!("no node could ever hold this pod: {request:?}")));

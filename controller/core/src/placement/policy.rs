@@ -17,7 +17,7 @@
 
 use std::{fmt, str::FromStr};
 
-use super::{Eval, GpuChoice, GpuDemand, MILLI_PER_GPU, NodeType, Request, Signature, Workload};
+use super::{EVICTION_WEIGHT, Eval, GpuChoice, GpuDemand, MILLI_PER_GPU, NodeType, Request, Signature, Workload};
 
 /// A placement policy, selectable by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,10 +34,10 @@ pub enum Policy {
     BestFit,
     /// Fragmentation gradient descent (Weng et al., ATC'23).
     Fgd,
-    /// Kiln's default: the gradient of a CPU-aware fragmentation measure (the mean of FGD's and a packing measure
-    /// that counts how many copies of each request kind still fit by GPU, CPU and memory together; see
-    /// [`super::frag::Measure::Kiln`]), with ties broken towards the node left fullest, so that equally
-    /// fragment-neutral choices consolidate work and keep whole GPUs and whole nodes free for gangs and rentals.
+    /// Kiln's default: the gradient of a CPU-aware fragmentation measure (FGD's, sharpened for unconstrained
+    /// GPU shares by a packing count that sees CPU and memory strand GPUs; see [`super::frag::Measure::Kiln`]),
+    /// with ties broken towards the node left fullest, so that equally fragment-neutral choices consolidate work
+    /// and keep whole GPUs and whole nodes free for gangs and rentals.
     Kiln,
 }
 
@@ -98,7 +98,7 @@ impl FromStr for Policy {
 }
 
 /// Scores a node with signature `sig` (whose fragmentation is `frag_before`) for `request`; `None` if it does not
-/// fit.
+/// fit. `request.gpu` must be resolved for the node type (no `Memory`).
 pub(super) fn evaluate(
     policy: Policy,
     sig: &Signature,
@@ -112,6 +112,7 @@ pub(super) fn evaluate(
     }
     let fits_gpu = match request.gpu {
         GpuDemand::None => true,
+        GpuDemand::Memory(_) => false,
         GpuDemand::Share(m) => request.models.contains(node_type.model) && sig.gpu_free.iter().any(|&f| f >= m),
         GpuDemand::Whole(k) => {
             request.models.contains(node_type.model)
@@ -128,21 +129,43 @@ pub(super) fn evaluate(
         Policy::Packing => packing(sig, request),
         Policy::Clustering => clustering(sig, request),
         Policy::Fgd => {
-            let (delta, choice) = fragmentation_gradient(sig, frag_before, node_type, request, workload);
+            let (delta, choice) = fragmentation_gradient(sig, frag_before, node_type, request, workload, 0.0);
             Eval { score: -delta, choice }
         }
         Policy::Kiln => {
-            let (delta, choice) = fragmentation_gradient(sig, frag_before, node_type, request, workload);
+            // Shares weigh evictions GPU by GPU inside the gradient; gangs (and a share on a whole free GPU) after.
+            let (delta, choice) =
+                fragmentation_gradient(sig, frag_before, node_type, request, workload, EVICTION_WEIGHT);
+            let evicted = match (request.gpu, choice) {
+                (GpuDemand::Share(_), GpuChoice::ShareOn(_)) => 0.0,
+                _ => EVICTION_WEIGHT * evicted_milli(sig, request, choice),
+            };
             // The tie-breaker is at most 2e-3 milli-GPU: it only orders choices whose gradients are equal.
-            Eval { score: -delta - 1e-3 * residual(sig, node_type, request), choice }
+            Eval { score: -delta - evicted - 1e-3 * residual(sig, node_type, request), choice }
         }
     };
     Some(eval)
 }
 
+/// Milli-GPU of idle copies that `choice` overwrites (the GPUs the engine would pick: among equally free ones, the
+/// least cached, which the signature lists first).
+fn evicted_milli(sig: &Signature, request: &Request, choice: GpuChoice) -> f64 {
+    let n = sig.gpu_free.len();
+    let evicted = |i: usize, need: u16| f64::from(need.saturating_sub(sig.gpu_free[i] - sig.gpu_cached[i]));
+    let first_whole = sig.gpu_free.iter().position(|&g| g == MILLI_PER_GPU).unwrap_or(n);
+    match (request.gpu, choice) {
+        (GpuDemand::Share(m), GpuChoice::ShareOn(f)) => {
+            sig.gpu_free.iter().position(|&g| g == f).map_or(0.0, |i| evicted(i, m))
+        }
+        (GpuDemand::Share(m), GpuChoice::Whole) if first_whole < n => evicted(first_whole, m),
+        (GpuDemand::Whole(k), _) => (first_whole..n).take(usize::from(k)).map(|i| f64::from(sig.gpu_cached[i])).sum(),
+        _ => 0.0,
+    }
+}
+
 fn random_choice(request: &Request) -> GpuChoice {
     match request.gpu {
-        GpuDemand::None => GpuChoice::None,
+        GpuDemand::None | GpuDemand::Memory(_) => GpuChoice::None,
         GpuDemand::Share(_) => GpuChoice::ShareRandom,
         GpuDemand::Whole(_) => GpuChoice::Whole,
     }
@@ -151,7 +174,7 @@ fn random_choice(request: &Request) -> GpuChoice {
 /// The GPU with the least free milli that still fits a share.
 fn best_fit_gpu(sig: &Signature, request: &Request) -> GpuChoice {
     match request.gpu {
-        GpuDemand::None => GpuChoice::None,
+        GpuDemand::None | GpuDemand::Memory(_) => GpuChoice::None,
         GpuDemand::Share(m) => {
             // `gpu_free` is ascending: the first that fits is the tightest.
             GpuChoice::ShareOn(*sig.gpu_free.iter().find(|&&f| f >= m).expect("checked that a GPU fits"))
@@ -197,7 +220,9 @@ fn packing(sig: &Signature, request: &Request) -> Eval {
             }
         }
         GpuDemand::Whole(_) => Eval { score: if node_in_use { 2.0 } else { 1.0 }, choice: GpuChoice::Whole },
-        GpuDemand::None => Eval { score: if node_in_use { 2.0 } else { 1.0 }, choice: GpuChoice::None },
+        GpuDemand::None | GpuDemand::Memory(_) => {
+            Eval { score: if node_in_use { 2.0 } else { 1.0 }, choice: GpuChoice::None }
+        }
     }
 }
 
@@ -219,7 +244,7 @@ fn clustering(sig: &Signature, request: &Request) -> Eval {
             let shared = sig.gpu_free.iter().any(|&f| f > 0 && f < MILLI_PER_GPU);
             Eval { score: if shared { 1.0 } else { 2.0 }, choice: GpuChoice::Whole }
         }
-        GpuDemand::None => Eval { score: 0.0, choice: GpuChoice::None },
+        GpuDemand::None | GpuDemand::Memory(_) => Eval { score: 0.0, choice: GpuChoice::None },
     }
 }
 
@@ -230,12 +255,15 @@ fn fragmentation_gradient(
     node_type: &NodeType,
     request: &Request,
     workload: &Workload,
+    evict_weight: f64,
 ) -> (f64, GpuChoice) {
     let cpu = sig.cpu_free - request.cpu_milli;
     let mem = sig.mem_free - request.memory_mib;
-    let model = node_type.model;
+    let (model, gpu_mem) = (node_type.model, node_type.gpu_memory_mib);
     match request.gpu {
-        GpuDemand::None => (workload.node_frag(model, cpu, mem, &sig.gpu_free) - frag_before, GpuChoice::None),
+        GpuDemand::None | GpuDemand::Memory(_) => {
+            (workload.node_frag(model, gpu_mem, cpu, mem, &sig.gpu_free) - frag_before, GpuChoice::None)
+        }
         GpuDemand::Whole(k) => {
             let mut after = sig.gpu_free.clone();
             let mut left = k;
@@ -245,7 +273,7 @@ fn fragmentation_gradient(
                     left -= 1;
                 }
             }
-            (workload.node_frag(model, cpu, mem, &after) - frag_before, GpuChoice::Whole)
+            (workload.node_frag(model, gpu_mem, cpu, mem, &after) - frag_before, GpuChoice::Whole)
         }
         GpuDemand::Share(m) => {
             let mut best = (f64::INFINITY, GpuChoice::None);
@@ -258,7 +286,8 @@ fn fragmentation_gradient(
                 }
                 previous = Some(f);
                 after[i] = f - m;
-                let delta = workload.node_frag(model, cpu, mem, &after) - frag_before;
+                let delta = workload.node_frag(model, gpu_mem, cpu, mem, &after) - frag_before
+                    + evict_weight * f64::from(m.saturating_sub(f - sig.gpu_cached[i]));
                 after[i] = f;
                 if delta < best.0 - 1e-9 {
                     best = (delta, GpuChoice::ShareOn(f));
@@ -267,4 +296,33 @@ fn fragmentation_gradient(
             best
         }
     }
+}
+
+/// The score of placing share `request` on one GPU whose free milli-GPU is `free` (a GPU holding an idle copy of
+/// the model's weights); `None` if it does not fit there. Only `kiln` scores the GPU itself; other policies keep
+/// their node score.
+pub(super) fn evaluate_on_gpu(
+    policy: Policy,
+    sig: &Signature,
+    frag_before: f64,
+    node_type: &NodeType,
+    request: &Request,
+    workload: &Workload,
+    free: u16,
+) -> Option<f64> {
+    let GpuDemand::Share(m) = request.gpu else { return None };
+    if free < m {
+        return None;
+    }
+    let node = evaluate(policy, sig, frag_before, node_type, request, workload)?;
+    if policy != Policy::Kiln {
+        return Some(node.score);
+    }
+    let mut after = sig.gpu_free.clone();
+    let i = after.iter().position(|&f| f == free)?;
+    after[i] = free - m;
+    let cpu = sig.cpu_free - request.cpu_milli;
+    let mem = sig.mem_free - request.memory_mib;
+    let delta = workload.node_frag(node_type.model, node_type.gpu_memory_mib, cpu, mem, &after) - frag_before;
+    Some(-delta - 1e-3 * residual(sig, node_type, request))
 }

@@ -3,11 +3,11 @@
 use super::*;
 
 fn node(name: &str, gpus: u8, model: &str) -> NodeSpec {
-    NodeSpec { name: name.into(), cpu_milli: 32_000, memory_mib: 128_000, gpu_count: gpus, gpu_model: model.into() }
+    NodeSpec::new(name, 32_000, 128_000, gpus, model)
 }
 
 fn req(gpu: GpuDemand) -> Request {
-    Request { cpu_milli: 1000, memory_mib: 1000, gpu, models: ModelSet::ANY }
+    Request::new(1000, 1000, gpu)
 }
 
 fn engine(policy: Policy, nodes: &[NodeSpec], workload: &[Request]) -> PlacementEngine {
@@ -78,4 +78,145 @@ fn policies_parse_by_name() {
         assert_eq!(p.name().parse::<Policy>(), Ok(p));
     }
     assert!("tetris".parse::<Policy>().unwrap_err().contains("expected one of random, dotprod"));
+}
+
+fn labelled(name: &str, pool: &str) -> NodeSpec {
+    NodeSpec { labels: vec![("pool".into(), pool.into())], gpu_memory_mib: 80 * 1024, ..node(name, 8, "H100") }
+}
+
+#[test]
+fn selectors_restrict_requests_to_labelled_nodes() {
+    let nodes = [labelled("a", "spot"), labelled("b", "reserved")];
+    let mut e = engine(Policy::Kiln, &nodes, &[req(GpuDemand::Whole(1))]);
+    let reserved = e.selector(&[("pool", "reserved")]);
+    let missing = e.selector(&[("pool", "gold")]);
+    assert_eq!(e.selector(&[("pool", "reserved")]), reserved, "selectors are interned");
+    for _ in 0..8 {
+        assert_eq!(e.place(&Request { selector: reserved, ..req(GpuDemand::Whole(1)) }).unwrap().node, 1);
+    }
+    assert_eq!(e.place(&Request { selector: reserved, ..req(GpuDemand::Whole(1)) }), Err(Unplaceable::NoFit));
+    assert!(matches!(
+        e.place(&Request { selector: missing, ..req(GpuDemand::Whole(1)) }),
+        Err(Unplaceable::Impossible(_))
+    ));
+    // A node added later with the label is selected by the existing selector.
+    let c = e.add_node(&labelled("c", "reserved")).unwrap();
+    assert_eq!(e.place(&Request { selector: reserved, ..req(GpuDemand::Whole(1)) }).unwrap().node, c);
+}
+
+#[test]
+fn memory_demands_become_shares_or_whole_gpus_by_the_node_gpu_memory() {
+    let h100 = 80 * 1024;
+    assert_eq!(GpuDemand::Memory(20 * 1024).resolve(h100), Some(GpuDemand::Share(250)));
+    assert_eq!(GpuDemand::Memory(1).resolve(h100), Some(GpuDemand::Share(1)));
+    assert_eq!(GpuDemand::Memory(h100).resolve(h100), Some(GpuDemand::Whole(1)));
+    assert_eq!(GpuDemand::Memory(140 * 1024).resolve(h100), Some(GpuDemand::Whole(2)));
+    assert_eq!(GpuDemand::Memory(20 * 1024).resolve(0), None, "unknown GPU memory");
+    assert_eq!(GpuDemand::Memory(h100 * 17).resolve(h100), None);
+
+    let small = NodeSpec { gpu_memory_mib: 16 * 1024, ..node("v100", 2, "V100") };
+    let big = NodeSpec { gpu_memory_mib: h100, ..node("h100", 1, "H100") };
+    let mut e = engine(Policy::Kiln, &[small, big], &[req(GpuDemand::Memory(20 * 1024))]);
+    // 20 GiB: two whole 16 GiB GPUs, or a quarter of an 80 GiB one.
+    let p = e.place(&req(GpuDemand::Memory(20 * 1024))).unwrap();
+    let expected = if p.node == 0 { (2, 1000) } else { (1, 250) };
+    assert_eq!((p.gpus.count_ones(), p.milli_per_gpu), expected);
+    e.release(&req(GpuDemand::Memory(20 * 1024)), &p);
+    assert_eq!(e.cluster().gpu_allocated_milli(), 0);
+}
+
+#[test]
+fn unhealthy_gpus_and_cordoned_nodes_take_no_new_work_and_keep_what_runs() {
+    let mut e = engine(Policy::BestFit, &[node("a", 2, "G"), node("b", 2, "G")], &[]);
+    let running = e.place(&req(GpuDemand::Share(500))).unwrap();
+    let gpu = running.gpu_indexes().next().unwrap();
+    e.set_gpu_healthy(running.node, gpu, false);
+    // Best fit would put the next share beside the first; the GPU is unhealthy now.
+    let next = e.place(&req(GpuDemand::Share(500))).unwrap();
+    assert!(next.node != running.node || next.gpus != running.gpus, "{next:?}");
+    assert_eq!(e.cluster().node(running.node).gpu_free[gpu], 500, "the running share keeps its GPU");
+    e.set_gpu_healthy(running.node, gpu, true);
+
+    let other = 1 - running.node;
+    e.set_schedulable(other, false);
+    assert!(!e.is_schedulable(other));
+    for _ in 0..2 {
+        assert_eq!(e.place(&req(GpuDemand::Share(400))).unwrap().node, running.node);
+    }
+    // Releasing work on a cordoned node frees it, and uncordoning makes it usable again.
+    e.release(&req(GpuDemand::Share(500)), &next);
+    e.set_schedulable(other, true);
+    assert_eq!(e.place(&req(GpuDemand::Whole(2))).unwrap().node, other);
+}
+
+#[test]
+fn replicas_of_one_deployment_spread_across_nodes() {
+    for policy in Policy::ALL {
+        let nodes: Vec<NodeSpec> = (0..3).map(|i| node(&format!("n{i}"), 8, "H100")).collect();
+        let mut e = engine(policy, &nodes, &[req(GpuDemand::Share(250))]);
+        let mut replicas: Vec<NodeId> = Vec::new();
+        for _ in 0..6 {
+            let p = e.place_with(&req(GpuDemand::Share(250)), &Hints { colocated: &replicas, ..Hints::default() });
+            replicas.push(p.unwrap().node);
+        }
+        let mut per_node = [0; 3];
+        for n in &replicas {
+            per_node[*n as usize] += 1;
+        }
+        assert_eq!(per_node, [2, 2, 2], "{policy}: {replicas:?}");
+    }
+}
+
+#[test]
+fn kiln_prefers_a_warm_cache_when_it_costs_little_fragmentation() {
+    let nodes: Vec<NodeSpec> = (0..4).map(|i| node(&format!("n{i}"), 8, "H100")).collect();
+    let mix = [req(GpuDemand::Share(500)), req(GpuDemand::Whole(1)), req(GpuDemand::Whole(8))];
+    let share = req(GpuDemand::Share(500));
+    for cached_on in 0..4 {
+        let mut e = engine(Policy::Kiln, &nodes, &mix);
+        for tier in [CacheTier::HostRam, CacheTier::Disk] {
+            let hint = [CacheHint { node: cached_on, tier }];
+            let p = e.place_with(&share, &Hints { cached: &hint, ..Hints::default() }).unwrap();
+            assert_eq!(p.node, cached_on, "{tier:?}");
+            e.release(&share, &p);
+        }
+        // An idle copy on GPU 5: the replica goes on that very GPU.
+        let hint = [CacheHint { node: cached_on, tier: CacheTier::Gpu(1 << 5) }];
+        let p = e.place_with(&share, &Hints { cached: &hint, ..Hints::default() }).unwrap();
+        assert_eq!((p.node, p.gpus), (cached_on, 1 << 5));
+    }
+    // But not when it would break a whole free node while a half-used GPU is waiting elsewhere.
+    let mut e = engine(Policy::Kiln, &nodes[..2], &mix);
+    let first = e.place(&share).unwrap();
+    let empty = 1 - first.node;
+    let hint = [CacheHint { node: empty, tier: CacheTier::Disk }];
+    let p = e.place_with(&share, &Hints { cached: &hint, ..Hints::default() }).unwrap();
+    assert_eq!((p.node, p.gpus), (first.node, first.gpus));
+}
+
+#[test]
+fn churn_does_not_grow_the_engine_without_bound() {
+    let nodes: Vec<NodeSpec> = (0..64).map(|i| node(&format!("n{i}"), 8, "H100")).collect();
+    let mut e = engine(Policy::Kiln, &nodes, &[req(GpuDemand::Share(100))]);
+    let mut rng = crate::rng::Rng::new(3);
+    let mut live = Vec::new();
+    for step in 0..60_000u32 {
+        // Odd CPU sizes make nearly every node state new.
+        let r = Request::new(1 + step % 977, 1 + step % 331, GpuDemand::Share(1 + (step % 500) as u16));
+        if let Ok(p) = e.place(&r) {
+            live.push((r, p));
+        }
+        if live.len() > 200 {
+            let (r, p) = live.swap_remove(rng.below(live.len() as u64) as usize);
+            e.release(&r, &p);
+        }
+    }
+    assert!(e.groups.len() <= 2 * e.active.len() + GROUP_SLACK + 1, "{} groups", e.groups.len());
+    assert!(e.cache.len() <= CACHE_LIMIT + 1);
+    // Every schedulable node is in exactly one live group, at its recorded position.
+    for n in 0..64u32 {
+        let g = e.node_group[n as usize].unwrap();
+        assert_eq!(e.groups[g as usize].members[e.node_pos[n as usize] as usize], n);
+        assert_eq!(e.groups[g as usize].sig, Signature::of(e.cluster().node(n)));
+    }
 }

@@ -1,0 +1,1072 @@
+//! The serving simulator: a discrete-event simulation on a virtual clock that replays request traces through the
+//! real placement engine ([`PlacementEngine`]), the real scaler ([`Scaler`]) and the real keep-alive policies
+//! ([`KeepAlive`]) — the code the controller runs — with per-node weight caches.
+//!
+//! # Model
+//! - A fleet of identical GPU nodes; one deployment per trace client, with a model of a given size. A replica
+//!   holds the GPU share its weights need (`GpuDemand::Memory`: a fraction of one GPU, whole GPUs past one GPU's
+//!   memory), placed by the engine with spreading and cache hints.
+//! - A request is served by the least-loaded ready replica with a free slot (`max_concurrency` per replica),
+//!   otherwise it waits in the deployment's queue. Service time follows from the model's size: a decode step
+//!   reads the weights once (`max(10 ms, bytes / (2 TB/s x GPUs))` per generated token, prefill 100x faster per
+//!   token, 50 ms overhead); ServeGen clients carry no token counts, so they use 1,024 prompt and 256 generated
+//!   tokens.
+//! - Every arrival and completion updates the scaler; when it wants more replicas than exist they start at once
+//!   (scale-from-zero is event-driven). A replica left idle while others of its deployment exist is removed once
+//!   the stable window no longer needs it (checked every 30 s); the last one follows the keep-alive plan.
+//! - Loads take [`ColdStartModel`] time from the best tier the chosen node has: an idle copy in that GPU's memory
+//!   (left behind when the deployment scaled to zero, evicted as soon as the GPU's memory is needed), host RAM
+//!   (LRU, `host_cache_bytes` per node), local disk (LRU, `disk_cache_bytes`), else the remote store.
+//! - A request is a *cold start* when it arrives while its deployment has no ready replica and waits for a load
+//!   from host RAM, disk or the remote store; when the replica it waits for comes back from an idle copy still in
+//!   GPU memory (a fraction of a second) it is a *warm hit* instead. GPU-seconds are weighted by the share of a GPU a replica holds: *busy* while it has requests in flight,
+//!   *idle-warm* while loaded with none, *loading* while it loads. Idle copies left in GPU memory cost nothing:
+//!   scaling to zero releases the GPU for billing.
+
+use std::{
+    cmp::Ordering,
+    collections::{BinaryHeap, VecDeque},
+};
+
+use super::{
+    arrivals::Arrivals,
+    traces::{TraceRequest, Window},
+};
+use crate::{
+    autoscale::{
+        Scaler, ScalingConfig,
+        coldstart::{ColdStartModel, Tier},
+        keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
+    },
+    placement::{
+        CacheHint, CacheTier, Cluster, GpuDemand, Hints, MILLI_PER_GPU, NodeId, NodeSpec, Placement, PlacementEngine,
+        Policy, Request, Workload,
+    },
+    rng::Rng,
+};
+
+const GB: f64 = 1e9;
+const MIB: u64 = 1024 * 1024;
+
+/// A fleet of identical nodes, e.g. `h100-80gb:8x16` (16 nodes of 8 GPUs with 80 GB each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetSpec {
+    /// GPU model name.
+    pub gpu_model: String,
+    /// Memory per GPU, bytes.
+    pub gpu_memory_bytes: u64,
+    /// GPUs per node.
+    pub gpus_per_node: u8,
+    /// Nodes.
+    pub nodes: u32,
+}
+
+impl FleetSpec {
+    /// Parses `<model>-<N>gb:<gpus per node>x<nodes>`.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let bad = || format!("fleet {spec:?}: expected <gpu>-<memory>gb:<gpus per node>x<nodes>, e.g. h100-80gb:8x16");
+        let (model, shape) = spec.split_once(':').ok_or_else(bad)?;
+        let (gpus, nodes) = shape.split_once('x').ok_or_else(bad)?;
+        let memory = model.rsplit_once('-').and_then(|(_, m)| m.strip_suffix("gb")).ok_or_else(bad)?;
+        let memory: u64 = memory.parse().map_err(|_| bad())?;
+        let gpus: u8 = gpus.parse().map_err(|_| bad())?;
+        let nodes: u32 = nodes.parse().map_err(|_| bad())?;
+        if memory == 0 || gpus == 0 || usize::from(gpus) > crate::placement::MAX_GPUS_PER_NODE || nodes == 0 {
+            return Err(format!("fleet {spec:?}: memory, GPUs per node (1..=16) and nodes must be positive"));
+        }
+        Ok(Self { gpu_model: model.to_owned(), gpu_memory_bytes: memory * 1_000_000_000, gpus_per_node: gpus, nodes })
+    }
+
+    /// The nodes (192 cores and 2 TiB of host memory each).
+    pub fn nodes(&self) -> Vec<NodeSpec> {
+        (0..self.nodes)
+            .map(|i| NodeSpec {
+                gpu_memory_mib: (self.gpu_memory_bytes / MIB) as u32,
+                ..NodeSpec::new(format!("node-{i:03}"), 192_000, 2 * 1024 * 1024, self.gpus_per_node, &self.gpu_model)
+            })
+            .collect()
+    }
+
+    /// Total GPUs.
+    pub fn gpus(&self) -> u64 {
+        u64::from(self.nodes) * u64::from(self.gpus_per_node)
+    }
+}
+
+/// Where a deployment's requests come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A ServeGen client: rate windows.
+    Windows(Vec<Window>),
+    /// An explicit request list (the Azure LLM trace).
+    Requests(Vec<TraceRequest>),
+}
+
+/// One deployment.
+#[derive(Debug, Clone)]
+pub struct DeploymentSpec {
+    /// Name (the trace file).
+    pub name: String,
+    /// Size of the model's weights, bytes.
+    pub weights_bytes: u64,
+    /// Its requests.
+    pub source: Source,
+}
+
+/// Simulation settings.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Simulated time, days.
+    pub days: f64,
+    /// Multiplies ServeGen rates; thins explicit request lists (keeps each with this probability, at most 1).
+    pub rate_scale: f64,
+    /// Seed of arrivals and load times.
+    pub seed: u64,
+    /// Price of a GPU-hour, dollars.
+    pub gpu_usd_per_hour: f64,
+    /// What one second of a request waiting on a cold start costs, dollars (the keep-alive trade-off).
+    pub wait_usd_per_s: f64,
+    /// Load times.
+    pub cold: ColdStartModel,
+    /// Scaling of every deployment.
+    pub scaling: ScalingConfig,
+    /// Requests one replica serves at once.
+    pub max_concurrency: u32,
+    /// Host-RAM weight cache per node, bytes.
+    pub host_cache_bytes: u64,
+    /// Local-disk weight cache per node, bytes.
+    pub disk_cache_bytes: u64,
+    /// Placement policy.
+    pub placement: Policy,
+    /// Interval of the time series, seconds.
+    pub sample_every_s: f64,
+    /// Leave the weights in GPU memory as an evictable copy when a replica stops (false: every restart loads).
+    pub idle_gpu_copies: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            days: 2.0,
+            rate_scale: 1.0,
+            seed: 42,
+            gpu_usd_per_hour: 2.5,
+            wait_usd_per_s: 0.5,
+            cold: ColdStartModel::default(),
+            scaling: ScalingConfig { target_concurrency: 11.0, max_replicas: 8, ..ScalingConfig::default() },
+            max_concurrency: 16,
+            host_cache_bytes: 1024 * 1024 * MIB,
+            disk_cache_bytes: 4_000 * 1_000_000_000,
+            placement: Policy::Kiln,
+            sample_every_s: 600.0,
+            idle_gpu_copies: true,
+        }
+    }
+}
+
+/// Keep-alive for a run: one policy for all, or a fixed timer per deployment (the oracle).
+#[derive(Debug, Clone)]
+pub enum KeepAliveChoice {
+    /// The same policy for every deployment.
+    Uniform(KeepAlivePolicy),
+    /// A fixed timer per deployment, seconds, in deployment order.
+    PerDeployment(Vec<f64>),
+}
+
+/// GPU-seconds by what the GPU share was doing.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct GpuSeconds {
+    /// Requests in flight.
+    pub busy: f64,
+    /// Loaded, nothing in flight.
+    pub idle_warm: f64,
+    /// Loading weights.
+    pub loading: f64,
+}
+
+/// Time series sampled every `sample_every_s`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Series {
+    /// Sample times, seconds.
+    pub t_s: Vec<f64>,
+    /// Replicas alive (loading or ready).
+    pub replicas: Vec<u32>,
+    /// Cold starts since the previous sample.
+    pub cold_starts: Vec<u64>,
+    /// GPU memory holding weights (live replicas and idle copies), GB.
+    pub gpu_memory_gb: Vec<f64>,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Requests that arrived.
+    pub requests: u64,
+    /// Requests that arrived while their deployment had no ready replica and waited for a load from host RAM,
+    /// disk or the remote store.
+    pub cold_starts: u64,
+    /// Requests that arrived while their deployment had no ready replica and waited only for a replica coming
+    /// back from an idle copy of its weights in GPU memory (a fraction of a second).
+    pub warm_hits: u64,
+    /// Loads started because requests were waiting, by the tier they came from (gpu, host_ram, disk, remote).
+    pub demand_loads: [u64; 4],
+    /// Loads started by a pre-warm.
+    pub prewarms: u64,
+    /// Replica starts the fleet had no room for at the time (retried when room was freed).
+    pub unschedulable: u64,
+    /// Latency percentiles (queueing + load + service), ms: p50, p95, p99.
+    pub latency_ms: [f64; 3],
+    /// GPU-seconds, share-weighted.
+    pub gpu_seconds: GpuSeconds,
+    /// Cost of the GPU-seconds, dollars.
+    pub cost_usd: f64,
+    /// Time series.
+    pub series: Series,
+    /// Idle times each deployment saw (for the oracle), seconds.
+    pub idle_gaps: Vec<Vec<f64>>,
+    /// Per deployment, in deployment order.
+    pub per_deployment: Vec<DeploymentOutcome>,
+    /// Events processed.
+    pub events: u64,
+    /// Mean lifetime of an idle copy in GPU memory before eviction, as measured in the run, seconds.
+    pub copy_lifetime_s: f64,
+}
+
+/// One deployment's share of an [`Outcome`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DeploymentOutcome {
+    /// Requests.
+    pub requests: u64,
+    /// Cold starts.
+    pub cold_starts: u64,
+    /// Idle-warm GPU-seconds.
+    pub idle_warm: f64,
+}
+
+impl Outcome {
+    /// Cold starts per request.
+    pub fn cold_start_rate(&self) -> f64 {
+        if self.requests == 0 { 0.0 } else { self.cold_starts as f64 / self.requests as f64 }
+    }
+}
+
+/// The GPU share (fraction of GPUs) a model of `bytes` holds on GPUs of `gpu_memory_bytes`.
+pub fn gpu_share(bytes: u64, gpu_memory_bytes: u64) -> f64 {
+    let mib = (bytes / MIB) as u32;
+    match GpuDemand::Memory(mib.max(1)).resolve((gpu_memory_bytes / MIB) as u32) {
+        Some(GpuDemand::Share(m)) => f64::from(m) / f64::from(MILLI_PER_GPU),
+        Some(GpuDemand::Whole(k)) => f64::from(k),
+        _ => 0.0,
+    }
+}
+
+/// The keep-alive costs of a deployment with `bytes` of weights, as if no idle copy survived in GPU memory.
+pub fn keepalive_costs(config: &SimConfig, fleet: &FleetSpec, bytes: u64) -> Costs {
+    let gpu_per_s = config.gpu_usd_per_hour / 3600.0;
+    let share = gpu_share(bytes, fleet.gpu_memory_bytes);
+    let load_s = config.cold.expected(bytes, Tier::HostRam);
+    let warm_s = config.cold.expected(bytes, Tier::Gpu);
+    Costs {
+        idle_per_s: share * gpu_per_s,
+        cold_penalty: load_s * (config.wait_usd_per_s + share * gpu_per_s),
+        load_cost: load_s * share * gpu_per_s,
+        load_s,
+        warm_penalty: warm_s * (config.wait_usd_per_s + share * gpu_per_s),
+        // Every restart a cold start, unless the caller knows better (the simulator measures it as it runs).
+        copy_lifetime_s: 0.0,
+    }
+}
+
+/// The best fixed timer per deployment in hindsight: for each, over its actual idle gaps, the timer `T` (from 0 and
+/// the log-spaced grid of the keep-alive histogram, 0.5 s to 48 h) that minimises
+/// `idle_cost x Σ min(gap, T) + Σ_{gap > T} restart(gap - T)`, where a restart after `u` seconds unloaded costs a
+/// warm hit if the idle copy survived (probability `exp(-u / copy_lifetime_s)`) and a cold start otherwise.
+pub fn oracle_timers(gaps: &[Vec<f64>], costs: &[Costs]) -> Vec<f64> {
+    let mut grid = vec![0.0];
+    let mut t = 0.5;
+    while t <= 48.0 * 3600.0 {
+        grid.push(t);
+        t *= 2f64.powf(1.0 / 6.0);
+    }
+    gaps.iter()
+        .zip(costs)
+        .map(|(gaps, c)| {
+            let lifetime = c.copy_lifetime_s.max(1e-9);
+            let extra = (c.cold_penalty - c.warm_penalty).max(0.0);
+            let mut best = (f64::INFINITY, 0.0);
+            for &t in &grid {
+                let cost: f64 = gaps
+                    .iter()
+                    .map(|&g| {
+                        if g <= t {
+                            c.idle_per_s * g
+                        } else {
+                            c.idle_per_s * t + c.warm_penalty + extra * (1.0 - (-(g - t) / lifetime).exp())
+                        }
+                    })
+                    .sum();
+                if cost < best.0 - 1e-12 {
+                    best = (cost, t);
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    Arrival { dep: u32 },
+    Ready { replica: u32, epoch: u32 },
+    Done { replica: u32, epoch: u32, arrived: f64 },
+    Unload { dep: u32, round: u32 },
+    PrewarmStart { dep: u32, round: u32 },
+    PrewarmEnd { dep: u32, round: u32 },
+    ScaleDown { replica: u32, epoch: u32 },
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    t: f64,
+    seq: u64,
+    kind: Kind,
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+impl Eq for Event {}
+impl PartialOrd for Event {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Event {
+    /// Reversed: the heap pops the earliest event (ties in insertion order).
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.t.total_cmp(&self.t).then(other.seq.cmp(&self.seq))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Loading,
+    Ready,
+    Stopped,
+}
+
+#[derive(Debug, Clone)]
+struct Replica {
+    dep: u32,
+    /// Started by a pre-warm and not used yet: it stays until the pre-warm window ends.
+    prewarmed: bool,
+    /// Where its weights came from.
+    tier: Tier,
+    placement: Placement,
+    request: Request,
+    state: State,
+    epoch: u32,
+    in_flight: u32,
+    share: f64,
+    gpus: f64,
+    since: f64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    arrived: f64,
+    context: u32,
+    generated: u32,
+}
+
+#[derive(Debug)]
+struct Dep {
+    bytes: u64,
+    request: Request,
+    scaler: Scaler,
+    keep: KeepAlive,
+    costs: Costs,
+    replicas: Vec<u32>,
+    queue: VecDeque<Waiting>,
+    in_flight: u32,
+    idle_since: Option<f64>,
+    round: u32,
+    arrivals: Option<Arrivals>,
+    requests: Vec<TraceRequest>,
+    cursor: usize,
+    next_tokens: (u32, u32),
+    wants_room: bool,
+    gaps: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct IdleCopy {
+    dep: u32,
+    gpus: u16,
+    milli: u16,
+    bytes: u64,
+    since: f64,
+}
+
+/// An LRU set of models with sizes.
+#[derive(Debug, Clone, Default)]
+struct Lru {
+    capacity: u64,
+    used: u64,
+    /// (deployment, bytes, last use)
+    entries: Vec<(u32, u64, f64)>,
+}
+
+impl Lru {
+    fn contains(&self, dep: u32) -> bool {
+        self.entries.iter().any(|e| e.0 == dep)
+    }
+
+    fn touch(&mut self, dep: u32, bytes: u64, now: f64) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.0 == dep) {
+            e.2 = now;
+            return;
+        }
+        if bytes > self.capacity {
+            return;
+        }
+        while self.used + bytes > self.capacity {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by(|a, b| a.1.2.total_cmp(&b.1.2))
+                .map(|(i, _)| i)
+                .expect("used > 0 means entries");
+            self.used -= self.entries.swap_remove(oldest).1;
+        }
+        self.used += bytes;
+        self.entries.push((dep, bytes, now));
+    }
+}
+
+/// Latencies on a log scale, 1% apart, from 0.1 ms.
+#[derive(Debug, Clone)]
+struct Latencies {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Latencies {
+    const STEP: f64 = 1.01;
+
+    fn new() -> Self {
+        Self { counts: vec![0; 2400], total: 0 }
+    }
+
+    fn record(&mut self, ms: f64) {
+        let b = ((ms / 0.1).max(1.0).ln() / Self::STEP.ln()) as usize;
+        let last = self.counts.len() - 1;
+        self.counts[b.min(last)] += 1;
+        self.total += 1;
+    }
+
+    fn quantile(&self, q: f64) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        let rank = ((q * self.total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        for (b, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                // The bucket's geometric middle.
+                return 0.1 * Self::STEP.powf(b as f64 + 0.5);
+            }
+        }
+        0.1 * Self::STEP.powf(self.counts.len() as f64)
+    }
+}
+
+/// Service time of one request, seconds.
+fn service_s(bytes: u64, gpus: f64, context: u32, generated: u32) -> f64 {
+    let per_token = (bytes as f64 / (2e12 * gpus.max(1.0))).max(0.010);
+    0.05 + f64::from(context) * per_token / 100.0 + f64::from(generated) * per_token
+}
+
+const SERVEGEN_CONTEXT: u32 = 1024;
+const SERVEGEN_GENERATED: u32 = 256;
+/// How often an idle surplus replica checks whether it is still needed, seconds.
+const SCALE_DOWN_CHECK_S: f64 = 30.0;
+
+/// The simulator state for one run.
+struct Sim<'a> {
+    config: &'a SimConfig,
+    fleet: &'a FleetSpec,
+    end_s: f64,
+    engine: PlacementEngine,
+    deps: Vec<Dep>,
+    replicas: Vec<Replica>,
+    free_slots: Vec<u32>,
+    heap: BinaryHeap<Event>,
+    seq: u64,
+    rng: Rng,
+    gpu_copies: Vec<Vec<IdleCopy>>,
+    host: Vec<Lru>,
+    disk: Vec<Lru>,
+    latencies: Latencies,
+    out: Outcome,
+    cold_in_sample: u64,
+    /// Idle copies' observed lifetimes: seconds observed, and how many were evicted (the rest were reused).
+    copy_seconds: f64,
+    copy_evictions: u64,
+}
+
+/// Prior for the idle-copy lifetime estimate: one eviction per this many copy-seconds before any is seen.
+const COPY_LIFETIME_PRIOR_S: f64 = 3600.0;
+
+/// Runs one simulation. `progress` is called with the fraction of simulated time done, about every 1%.
+pub fn simulate(
+    config: &SimConfig,
+    fleet: &FleetSpec,
+    deployments: &[DeploymentSpec],
+    keep_alive: &KeepAliveChoice,
+    progress: &mut dyn FnMut(f64),
+) -> Outcome {
+    let end_s = config.days * 86_400.0;
+    let cluster = Cluster::new(&fleet.nodes()).expect("a fleet within the engine's limits");
+    let replica_requests: Vec<Request> = deployments
+        .iter()
+        .map(|d| Request::new(4_000, 32 * 1024, GpuDemand::Memory(((d.weights_bytes / MIB) as u32).max(1))))
+        .collect();
+    let workload = Workload::from_requests(&replica_requests);
+    let engine = PlacementEngine::new(cluster, config.placement, workload, config.seed);
+    let n = fleet.nodes as usize;
+    let deps = deployments
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let policy = match keep_alive {
+                KeepAliveChoice::Uniform(p) => *p,
+                KeepAliveChoice::PerDeployment(timers) => KeepAlivePolicy::Fixed(timers.get(i).copied().unwrap_or(0.0)),
+            };
+            let rng = Rng::new(config.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
+            let (arrivals, requests) = match &d.source {
+                Source::Windows(w) => (Some(Arrivals::new(w.clone(), config.rate_scale, end_s, rng)), Vec::new()),
+                Source::Requests(r) => {
+                    let mut rng = rng;
+                    let keep = config.rate_scale.min(1.0);
+                    (None, r.iter().filter(|_| rng.unit() < keep).copied().filter(|r| r.at_s < end_s).collect())
+                }
+            };
+            Dep {
+                bytes: d.weights_bytes,
+                request: replica_requests[i],
+                scaler: Scaler::new(config.scaling, 0.0),
+                keep: KeepAlive::new(policy),
+                costs: keepalive_costs(config, fleet, d.weights_bytes),
+                replicas: Vec::new(),
+                queue: VecDeque::new(),
+                in_flight: 0,
+                idle_since: None,
+                round: 0,
+                arrivals,
+                requests,
+                cursor: 0,
+                next_tokens: (SERVEGEN_CONTEXT, SERVEGEN_GENERATED),
+                wants_room: false,
+                gaps: Vec::new(),
+            }
+        })
+        .collect();
+    let mut sim = Sim {
+        config,
+        fleet,
+        end_s,
+        engine,
+        deps,
+        replicas: Vec::new(),
+        free_slots: Vec::new(),
+        heap: BinaryHeap::new(),
+        seq: 0,
+        rng: Rng::new(config.seed.wrapping_add(1)),
+        gpu_copies: vec![Vec::new(); n],
+        host: vec![Lru { capacity: config.host_cache_bytes, ..Lru::default() }; n],
+        disk: vec![Lru { capacity: config.disk_cache_bytes, ..Lru::default() }; n],
+        latencies: Latencies::new(),
+        out: Outcome {
+            requests: 0,
+            cold_starts: 0,
+            warm_hits: 0,
+            demand_loads: [0; 4],
+            prewarms: 0,
+            unschedulable: 0,
+            latency_ms: [0.0; 3],
+            gpu_seconds: GpuSeconds::default(),
+            cost_usd: 0.0,
+            series: Series::default(),
+            idle_gaps: Vec::new(),
+            per_deployment: vec![DeploymentOutcome::default(); deployments.len()],
+            events: 0,
+            copy_lifetime_s: 0.0,
+        },
+        cold_in_sample: 0,
+        copy_seconds: 0.0,
+        copy_evictions: 0,
+    };
+    for dep in 0..sim.deps.len() as u32 {
+        sim.schedule_next_arrival(dep);
+    }
+    sim.push(0.0, Kind::Sample);
+    let mut next_report = 0.0;
+    while let Some(event) = sim.heap.pop() {
+        if event.t > end_s {
+            break;
+        }
+        sim.out.events += 1;
+        if event.t >= next_report {
+            progress(event.t / end_s);
+            next_report = event.t + end_s / 100.0;
+        }
+        sim.handle(event.t, event.kind);
+    }
+    sim.finish();
+    progress(1.0);
+    sim.out
+}
+
+impl Sim<'_> {
+    fn push(&mut self, t: f64, kind: Kind) {
+        self.seq += 1;
+        self.heap.push(Event { t, seq: self.seq, kind });
+    }
+
+    fn schedule_next_arrival(&mut self, dep: u32) {
+        let d = &mut self.deps[dep as usize];
+        let next = match &mut d.arrivals {
+            Some(a) => a.next(),
+            None => d.requests.get(d.cursor).map(|r| {
+                d.next_tokens = (r.context_tokens, r.generated_tokens);
+                d.cursor += 1;
+                r.at_s
+            }),
+        };
+        if let Some(t) = next {
+            self.push(t, Kind::Arrival { dep });
+        }
+    }
+
+    fn handle(&mut self, now: f64, kind: Kind) {
+        match kind {
+            Kind::Arrival { dep } => self.arrival(now, dep),
+            Kind::Ready { replica, epoch } => {
+                if self.replicas[replica as usize].epoch == epoch {
+                    self.ready(now, replica);
+                }
+            }
+            Kind::Done { replica, epoch, arrived } => self.done(now, replica, epoch, arrived),
+            Kind::Unload { dep, round } => {
+                if self.deps[dep as usize].round == round && self.is_idle(dep) {
+                    self.stop_idle_replicas(now, dep);
+                }
+            }
+            Kind::PrewarmStart { dep, round } => {
+                if self.deps[dep as usize].round == round
+                    && self.deps[dep as usize].replicas.is_empty()
+                    && self.start_replica(now, dep, true)
+                {
+                    self.out.prewarms += 1;
+                }
+            }
+            Kind::PrewarmEnd { dep, round } => {
+                if self.deps[dep as usize].round == round && self.is_idle(dep) {
+                    self.stop_idle_replicas(now, dep);
+                }
+            }
+            Kind::ScaleDown { replica, epoch } => self.scale_down_check(now, replica, epoch),
+            Kind::Sample => self.sample(now),
+        }
+    }
+
+    fn is_idle(&self, dep: u32) -> bool {
+        let d = &self.deps[dep as usize];
+        d.in_flight == 0 && d.queue.is_empty()
+    }
+
+    fn arrival(&mut self, now: f64, dep: u32) {
+        self.out.requests += 1;
+        self.out.per_deployment[dep as usize].requests += 1;
+        let (context, generated) = self.deps[dep as usize].next_tokens;
+        self.schedule_next_arrival(dep);
+        let d = &mut self.deps[dep as usize];
+        if d.in_flight == 0 && d.queue.is_empty() {
+            if let Some(since) = d.idle_since.take() {
+                d.keep.record_idle(now - since);
+                d.gaps.push(now - since);
+            }
+            // Whatever the keep-alive planned is void now.
+            d.round += 1;
+        }
+        let ready = d.replicas.iter().any(|&r| self.replicas[r as usize].state == State::Ready);
+        let waiting = Waiting { arrived: now, context, generated };
+        match self.free_replica(dep) {
+            Some(r) => self.serve(now, r, waiting),
+            None => self.deps[dep as usize].queue.push_back(waiting),
+        }
+        self.autoscale(now, dep);
+        if !ready {
+            // It waits for a load: a warm hit when a replica is coming back from an idle copy in GPU memory.
+            let warm = self.deps[dep as usize].replicas.iter().any(|&r| {
+                let r = &self.replicas[r as usize];
+                r.state == State::Loading && r.tier == Tier::Gpu
+            });
+            if warm {
+                self.out.warm_hits += 1;
+            } else {
+                self.out.cold_starts += 1;
+                self.out.per_deployment[dep as usize].cold_starts += 1;
+                self.cold_in_sample += 1;
+            }
+        }
+    }
+
+    /// The ready replica of `dep` with the fewest requests in flight, if one has a free slot.
+    fn free_replica(&self, dep: u32) -> Option<u32> {
+        self.deps[dep as usize]
+            .replicas
+            .iter()
+            .copied()
+            .filter(|&r| {
+                let r = &self.replicas[r as usize];
+                r.state == State::Ready && r.in_flight < self.config.max_concurrency
+            })
+            .min_by_key(|&r| self.replicas[r as usize].in_flight)
+    }
+
+    fn serve(&mut self, now: f64, replica: u32, w: Waiting) {
+        self.account(now, replica);
+        let r = &mut self.replicas[replica as usize];
+        r.in_flight += 1;
+        r.prewarmed = false;
+        let (dep, epoch, gpus) = (r.dep, r.epoch, r.gpus);
+        let d = &mut self.deps[dep as usize];
+        d.in_flight += 1;
+        let t = now + service_s(d.bytes, gpus, w.context, w.generated);
+        self.push(t, Kind::Done { replica, epoch, arrived: w.arrived });
+    }
+
+    /// Feeds the scaler the deployment's concurrency and starts the replicas it wants beyond the current ones.
+    /// Scaling down is not decided here (see `scale_down_check` and the keep-alive plan). While the replicas
+    /// carry no more than their target, no window can want more of them than when the concurrency was last
+    /// higher, so the windows are only evaluated above the target.
+    fn autoscale(&mut self, now: f64, dep: u32) {
+        let d = &mut self.deps[dep as usize];
+        let level = f64::from(d.in_flight) + d.queue.len() as f64;
+        d.scaler.observe(now, level);
+        let current = d.replicas.len() as u32;
+        if current > 0 && level <= f64::from(current) * d.scaler.config().target_concurrency {
+            return;
+        }
+        let want = d.scaler.desired(now, current);
+        for _ in current..want {
+            if !self.start_replica(now, dep, false) {
+                break;
+            }
+        }
+    }
+
+    /// Starts a replica of `dep`; false if the fleet has no room (it is retried when room is freed).
+    fn start_replica(&mut self, now: f64, dep: u32, prewarm: bool) -> bool {
+        let d = &self.deps[dep as usize];
+        let request = d.request;
+        let colocated: Vec<NodeId> = d.replicas.iter().map(|&r| self.replicas[r as usize].placement.node).collect();
+        let mut cached: Vec<CacheHint> = Vec::new();
+        for node in 0..self.fleet.nodes as usize {
+            let tier = if let Some(c) = self.gpu_copies[node].iter().find(|c| c.dep == dep) {
+                Some(CacheTier::Gpu(c.gpus))
+            } else if self.host[node].contains(dep) {
+                Some(CacheTier::HostRam)
+            } else if self.disk[node].contains(dep) {
+                Some(CacheTier::Disk)
+            } else {
+                None
+            };
+            if let Some(tier) = tier {
+                cached.push(CacheHint { node: node as NodeId, tier });
+            }
+        }
+        let placement = match self.engine.place_with(&request, &Hints { cached: &cached, colocated: &colocated }) {
+            Ok(p) => p,
+            Err(_) => {
+                self.out.unschedulable += 1;
+                self.deps[dep as usize].wants_room = true;
+                return false;
+            }
+        };
+        let node = placement.node as usize;
+        let bytes = self.deps[dep as usize].bytes;
+        // The tier the weights come from on that node.
+        let tier = match self.gpu_copies[node].iter().position(|c| c.dep == dep && c.gpus == placement.gpus) {
+            Some(i) => {
+                let copy = self.gpu_copies[node].swap_remove(i);
+                self.copy_seconds += now - copy.since;
+                Tier::Gpu
+            }
+            None if self.host[node].contains(dep) => Tier::HostRam,
+            None if self.disk[node].contains(dep) => Tier::Disk,
+            None => Tier::Remote,
+        };
+        self.host[node].touch(dep, bytes, now);
+        self.disk[node].touch(dep, bytes, now);
+        self.evict_copies_for(now, node, placement);
+        self.sync_cached(node);
+        let load_s = self.config.cold.sample(bytes, tier, &mut self.rng);
+        if !prewarm {
+            self.out.demand_loads[tier as usize] += 1;
+        }
+        let gpus = placement.gpus.count_ones() as f64;
+        let share = gpus * f64::from(placement.milli_per_gpu) / f64::from(MILLI_PER_GPU);
+        let replica = Replica {
+            dep,
+            prewarmed: prewarm,
+            tier,
+            placement,
+            request,
+            state: State::Loading,
+            epoch: 0,
+            in_flight: 0,
+            share,
+            gpus,
+            since: now,
+        };
+        let id = match self.free_slots.pop() {
+            Some(slot) => {
+                let epoch = self.replicas[slot as usize].epoch + 1;
+                self.replicas[slot as usize] = Replica { epoch, ..replica };
+                slot
+            }
+            None => {
+                self.replicas.push(replica);
+                self.replicas.len() as u32 - 1
+            }
+        };
+        self.deps[dep as usize].replicas.push(id);
+        let epoch = self.replicas[id as usize].epoch;
+        self.push(now + load_s, Kind::Ready { replica: id, epoch });
+        true
+    }
+
+    /// Evicts idle GPU copies that no longer fit beside what is allocated on the GPUs `placement` uses.
+    fn evict_copies_for(&mut self, now: f64, node: usize, placement: Placement) {
+        for g in placement.gpu_indexes() {
+            let used = u32::from(MILLI_PER_GPU - self.engine.cluster().node(node as NodeId).gpu_free[g]);
+            loop {
+                let idle: u32 =
+                    self.gpu_copies[node].iter().filter(|c| c.gpus & (1 << g) != 0).map(|c| u32::from(c.milli)).sum();
+                if used + idle <= u32::from(MILLI_PER_GPU) {
+                    break;
+                }
+                let oldest = self.gpu_copies[node]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.gpus & (1 << g) != 0)
+                    .min_by(|a, b| a.1.since.total_cmp(&b.1.since))
+                    .map(|(i, _)| i)
+                    .expect("idle > 0 means a copy");
+                let copy = self.gpu_copies[node].swap_remove(oldest);
+                self.copy_seconds += now - copy.since;
+                self.copy_evictions += 1;
+            }
+        }
+    }
+
+    /// Tells the placement engine how much of each GPU's free memory on `node` holds idle copies.
+    fn sync_cached(&mut self, node: usize) {
+        for g in 0..usize::from(self.fleet.gpus_per_node) {
+            let milli: u32 =
+                self.gpu_copies[node].iter().filter(|c| c.gpus & (1 << g) != 0).map(|c| u32::from(c.milli)).sum();
+            self.engine.set_cached(node as NodeId, g, milli.min(u32::from(MILLI_PER_GPU)) as u16);
+        }
+    }
+
+    /// Credits a replica's GPU share since its last change to the state it was in.
+    fn account(&mut self, now: f64, replica: u32) {
+        let r = &mut self.replicas[replica as usize];
+        let gpu_s = r.share * (now - r.since);
+        match r.state {
+            State::Loading => self.out.gpu_seconds.loading += gpu_s,
+            State::Ready if r.in_flight > 0 => self.out.gpu_seconds.busy += gpu_s,
+            State::Ready => {
+                self.out.gpu_seconds.idle_warm += gpu_s;
+                self.out.per_deployment[r.dep as usize].idle_warm += gpu_s;
+            }
+            State::Stopped => {}
+        }
+        r.since = now;
+    }
+
+    fn ready(&mut self, now: f64, replica: u32) {
+        self.account(now, replica);
+        self.replicas[replica as usize].state = State::Ready;
+        let dep = self.replicas[replica as usize].dep;
+        self.drain_queue(now, dep);
+        // A pre-warmed replica with nothing to do waits for its window's end (the plan that started it).
+        if self.replicas[replica as usize].in_flight == 0 && !self.replicas[replica as usize].prewarmed {
+            self.became_idle(now, replica);
+        }
+    }
+
+    fn drain_queue(&mut self, now: f64, dep: u32) {
+        while !self.deps[dep as usize].queue.is_empty() {
+            let Some(r) = self.free_replica(dep) else { break };
+            let w = self.deps[dep as usize].queue.pop_front().expect("not empty");
+            self.serve(now, r, w);
+        }
+    }
+
+    fn done(&mut self, now: f64, replica: u32, epoch: u32, arrived: f64) {
+        debug_assert_eq!(self.replicas[replica as usize].epoch, epoch, "a replica with work is never stopped");
+        self.latencies.record((now - arrived) * 1000.0);
+        self.account(now, replica);
+        let dep = self.replicas[replica as usize].dep;
+        self.replicas[replica as usize].in_flight -= 1;
+        self.deps[dep as usize].in_flight -= 1;
+        self.drain_queue(now, dep);
+        self.autoscale(now, dep);
+        if self.replicas[replica as usize].in_flight == 0 {
+            self.became_idle(now, replica);
+        }
+    }
+
+    /// Estimated mean lifetime of an idle copy in GPU memory (exponential; evictions over observed copy-seconds,
+    /// with a prior of one eviction per [`COPY_LIFETIME_PRIOR_S`]), seconds; 0 when copies are not kept.
+    fn copy_lifetime(&self) -> f64 {
+        if self.config.idle_gpu_copies {
+            (self.copy_seconds + COPY_LIFETIME_PRIOR_S) / (self.copy_evictions + 1) as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// A ready replica has nothing in flight.
+    fn became_idle(&mut self, now: f64, replica: u32) {
+        let lifetime = self.copy_lifetime();
+        let dep = self.replicas[replica as usize].dep;
+        let others = self.deps[dep as usize].replicas.len() > 1;
+        if others {
+            let epoch = self.replicas[replica as usize].epoch;
+            self.push(now + SCALE_DOWN_CHECK_S, Kind::ScaleDown { replica, epoch });
+        }
+        if !self.is_idle(dep) {
+            return;
+        }
+        let d = &mut self.deps[dep as usize];
+        d.idle_since = Some(now);
+        d.round += 1;
+        let round = d.round;
+        let costs = Costs { copy_lifetime_s: lifetime, ..d.costs };
+        let plan: Plan = d.keep.plan(&costs, None);
+        if plan.unload_after.is_finite() {
+            self.push(now + plan.unload_after, Kind::Unload { dep, round });
+        }
+        if let Some((ready_at, until)) = plan.prewarm {
+            let start = (ready_at - costs.load_s).max(plan.unload_after);
+            self.push(now + start, Kind::PrewarmStart { dep, round });
+            self.push(now + until, Kind::PrewarmEnd { dep, round });
+        }
+    }
+
+    fn scale_down_check(&mut self, now: f64, replica: u32, epoch: u32) {
+        let r = &self.replicas[replica as usize];
+        if r.epoch != epoch || r.state != State::Ready || r.in_flight > 0 {
+            return;
+        }
+        let dep = r.dep;
+        let d = &mut self.deps[dep as usize];
+        let current = d.replicas.len() as u32;
+        if current <= 1 {
+            return;
+        }
+        let level = f64::from(d.in_flight) + d.queue.len() as f64;
+        d.scaler.observe(now, level);
+        if d.scaler.desired(now, current) < current {
+            self.stop(now, replica);
+        } else {
+            self.push(now + SCALE_DOWN_CHECK_S, Kind::ScaleDown { replica, epoch });
+        }
+    }
+
+    fn stop_idle_replicas(&mut self, now: f64, dep: u32) {
+        let idle: Vec<u32> = self.deps[dep as usize]
+            .replicas
+            .iter()
+            .copied()
+            .filter(|&r| self.replicas[r as usize].state == State::Ready && self.replicas[r as usize].in_flight == 0)
+            .collect();
+        for r in idle {
+            self.stop(now, r);
+        }
+    }
+
+    /// Stops an idle replica: releases its GPUs and leaves its weights there as an idle, evictable copy.
+    fn stop(&mut self, now: f64, replica: u32) {
+        self.account(now, replica);
+        let r = &mut self.replicas[replica as usize];
+        r.state = State::Stopped;
+        r.epoch += 1;
+        let (dep, placement, request) = (r.dep, r.placement, r.request);
+        self.engine.release(&request, &placement);
+        if self.config.idle_gpu_copies {
+            let bytes = self.deps[dep as usize].bytes;
+            self.gpu_copies[placement.node as usize].push(IdleCopy {
+                dep,
+                gpus: placement.gpus,
+                milli: placement.milli_per_gpu,
+                bytes,
+                since: now,
+            });
+            self.sync_cached(placement.node as usize);
+        }
+        self.deps[dep as usize].replicas.retain(|&x| x != replica);
+        self.free_slots.push(replica);
+        // Room was freed: deployments that could not start a replica try again.
+        for other in 0..self.deps.len() as u32 {
+            if self.deps[other as usize].wants_room {
+                self.deps[other as usize].wants_room = false;
+                self.autoscale(now, other);
+            }
+        }
+    }
+
+    fn sample(&mut self, now: f64) {
+        let alive = self.replicas.iter().filter(|r| r.state != State::Stopped).count() as u32;
+        let live_bytes: u64 =
+            self.replicas.iter().filter(|r| r.state != State::Stopped).map(|r| self.deps[r.dep as usize].bytes).sum();
+        let copy_bytes: u64 = self.gpu_copies.iter().flatten().map(|c| c.bytes).sum();
+        let s = &mut self.out.series;
+        s.t_s.push(now);
+        s.replicas.push(alive);
+        s.cold_starts.push(self.cold_in_sample);
+        s.gpu_memory_gb.push((live_bytes + copy_bytes) as f64 / GB);
+        self.cold_in_sample = 0;
+        if now + self.config.sample_every_s <= self.end_s {
+            self.push(now + self.config.sample_every_s, Kind::Sample);
+        }
+    }
+
+    fn finish(&mut self) {
+        let end = self.end_s;
+        for i in 0..self.replicas.len() as u32 {
+            if self.replicas[i as usize].state != State::Stopped {
+                self.account(end, i);
+            }
+        }
+        self.out.latency_ms =
+            [self.latencies.quantile(0.50), self.latencies.quantile(0.95), self.latencies.quantile(0.99)];
+        let g = self.out.gpu_seconds;
+        self.out.cost_usd = (g.busy + g.idle_warm + g.loading) / 3600.0 * self.config.gpu_usd_per_hour;
+        self.out.idle_gaps = self.deps.iter_mut().map(|d| std::mem::take(&mut d.gaps)).collect();
+        self.out.copy_lifetime_s = self.copy_lifetime();
+    }
+}
+
+#[cfg(test)]
+mod tests;

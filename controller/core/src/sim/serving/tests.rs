@@ -1,0 +1,139 @@
+//! The simulator on hand-made arrival sequences.
+
+use super::*;
+use crate::autoscale::keepalive::AdaptiveConfig;
+
+const GBYTES: u64 = 1_000_000_000;
+
+fn fleet() -> FleetSpec {
+    FleetSpec::parse("h100-80gb:8x2").unwrap()
+}
+
+fn requests(times: impl IntoIterator<Item = f64>) -> Source {
+    Source::Requests(
+        times.into_iter().map(|at_s| TraceRequest { at_s, context_tokens: 1024, generated_tokens: 256 }).collect(),
+    )
+}
+
+fn run(deps: &[DeploymentSpec], policy: &str) -> Outcome {
+    run_with(SimConfig { days: 2.0, ..SimConfig::default() }, deps, policy)
+}
+
+fn run_with(config: SimConfig, deps: &[DeploymentSpec], policy: &str) -> Outcome {
+    simulate(&config, &fleet(), deps, &KeepAliveChoice::Uniform(KeepAlivePolicy::parse(policy).unwrap()), &mut |_| {})
+}
+
+fn dep(name: &str, gb: u64, source: Source) -> DeploymentSpec {
+    DeploymentSpec { name: name.into(), weights_bytes: gb * GBYTES, source }
+}
+
+#[test]
+fn a_periodic_client_gets_prewarmed() {
+    // A 140 GB model (two GPUs) called every 30 minutes for two days.
+    // With no idle copies kept in GPU memory, every restart is a full load.
+    let deps = [dep("cron", 140, requests((0..96).map(|i| f64::from(i) * 1800.0)))];
+    let config = SimConfig { idle_gpu_copies: false, ..SimConfig::default() };
+    let adaptive = run_with(config.clone(), &deps, "adaptive");
+    let knative = run_with(config.clone(), &deps, "fixed:90s");
+    assert_eq!(knative.cold_starts, 96, "a 90 s timer misses every call");
+    assert!(adaptive.prewarms > 60, "{} pre-warms", adaptive.prewarms);
+    assert!(adaptive.cold_starts < 20, "{} cold starts", adaptive.cold_starts);
+    // Pre-warming costs a little idle time, far less than keeping two GPUs warm all along.
+    let always = run_with(config, &deps, "fixed:1h");
+    assert!(always.cold_starts <= 1);
+    let (a, b) = (adaptive.gpu_seconds.idle_warm, always.gpu_seconds.idle_warm);
+    assert!(a < 0.25 * b, "{a} vs {b}");
+}
+
+#[test]
+fn with_idle_copies_in_gpu_memory_adaptive_releases_the_gpu_and_restarts_warm() {
+    // The same client on a fleet with nothing else: its copy is never evicted, so a restart is a warm hit and
+    // keeping two GPUs warm for half an hour is not worth it.
+    let deps = [dep("cron", 140, requests((0..96).map(|i| f64::from(i) * 1800.0)))];
+    let adaptive = run(&deps, "adaptive");
+    let (cold, warm, prewarms) = (adaptive.cold_starts, adaptive.warm_hits, adaptive.prewarms);
+    assert!(cold <= 2, "{cold} cold starts");
+    // Each call finds its replica restarting from the copy, or pre-warmed from it just before.
+    assert!(warm + prewarms > 80, "{warm} warm hits, {prewarms} pre-warms");
+    let always = run(&deps, "fixed:1h");
+    assert!(adaptive.gpu_seconds.idle_warm < 0.25 * always.gpu_seconds.idle_warm);
+}
+
+#[test]
+fn a_one_off_burst_does_not_keep_a_gpu_warm_for_hours() {
+    // One user's burst: thirty requests ten seconds apart, then nothing for two days.
+    let burst = (0..30).map(|i| 100.0 + f64::from(i) * 10.0);
+    let deps = [dep("burst", 40, requests(burst))];
+    let adaptive = run(&deps, "adaptive");
+    assert_eq!(adaptive.requests, 30);
+    // Half a GPU: an hour of it idle would be 1,800 GPU-seconds; the burst's own gaps say it ends quickly.
+    assert!(adaptive.gpu_seconds.idle_warm < 600.0, "{:?}", adaptive.gpu_seconds);
+    // Even with no history at all (one request), the break-even fallback is capped at an hour.
+    let single = run(&[dep("once", 40, requests([100.0]))], "adaptive");
+    assert!(single.gpu_seconds.idle_warm <= 1800.0 + 1.0, "{:?}", single.gpu_seconds);
+    assert_eq!(adaptive.series.replicas.last(), Some(&0));
+}
+
+#[test]
+fn a_client_busier_than_its_target_never_scales_to_zero() {
+    // A request every 0.1 s for 12 hours: ~27 in flight against a target of 11 per replica.
+    let busy = (0..(43_200 * 10)).map(|i| f64::from(i) * 0.1);
+    let deps = [dep("busy", 16, requests(busy))];
+    let out = run(&deps, "fixed:0s");
+    let active = out.series.t_s.iter().filter(|&&t| t > 0.0 && t < 43_200.0).count();
+    assert!(out.series.replicas[1..=active].iter().all(|&r| r >= 2), "{:?}", &out.series.replicas[..10]);
+    assert_eq!(out.series.replicas.last(), Some(&0), "at zero once the client stops");
+    // Only the requests that arrived during the very first load were cold.
+    assert!(out.cold_starts < 200, "{}", out.cold_starts);
+    assert!(out.gpu_seconds.busy > 0.9 * (out.gpu_seconds.busy + out.gpu_seconds.idle_warm));
+}
+
+#[test]
+fn the_same_seed_gives_the_same_run() {
+    let w = |rate| Window { start_s: 0.0, rate, pattern: crate::sim::traces::Pattern::Gamma(0.3) };
+    let windows: Vec<Window> =
+        (0..288).map(|i| Window { start_s: f64::from(i) * 600.0, ..w(if i % 7 == 0 { 0.05 } else { 0.0 }) }).collect();
+    let deps: Vec<DeploymentSpec> =
+        (0..6).map(|i| dep(&format!("d{i}"), [1, 4, 16, 40, 80, 140][i], Source::Windows(windows.clone()))).collect();
+    let a = run(&deps, "adaptive");
+    assert_eq!(a, run(&deps, "adaptive"));
+    assert!(a.requests > 100);
+    let other = simulate(
+        &SimConfig { seed: 7, ..SimConfig::default() },
+        &fleet(),
+        &deps,
+        &KeepAliveChoice::Uniform(KeepAlivePolicy::Adaptive(AdaptiveConfig::default())),
+        &mut |_| {},
+    );
+    assert_ne!(a.requests, other.requests, "another seed draws other arrivals");
+}
+
+#[test]
+fn the_oracle_picks_the_cheapest_timer_in_hindsight() {
+    let c = Costs {
+        idle_per_s: 1.0,
+        cold_penalty: 100.0,
+        load_cost: 1.0,
+        load_s: 1.0,
+        warm_penalty: 1.0,
+        copy_lifetime_s: 0.0,
+    };
+    // Gaps of 10 s are worth covering (10 < 100), gaps of 1000 s are not.
+    let timers = oracle_timers(&[vec![10.0, 10.0, 1000.0, 1000.0], vec![1000.0], vec![]], &[c, c, c]);
+    assert!(timers[0] >= 10.0 && timers[0] < 12.0, "{timers:?}");
+    assert_eq!(timers[1], 0.0);
+    assert_eq!(timers[2], 0.0);
+    // With idle copies that outlive the gaps, a restart is a cheap warm hit: no timer is worth it.
+    let lasting = Costs { copy_lifetime_s: 1e6, ..c };
+    assert_eq!(oracle_timers(&[vec![10.0, 10.0, 1000.0]], &[lasting]), vec![0.0]);
+}
+
+#[test]
+fn fleets_parse() {
+    let f = FleetSpec::parse("h100-80gb:8x16").unwrap();
+    assert_eq!((f.gpus_per_node, f.nodes, f.gpus(), f.gpu_memory_bytes), (8, 16, 128, 80 * GBYTES));
+    assert!(FleetSpec::parse("h100:8x16").unwrap_err().contains("expected <gpu>-<memory>gb"));
+    assert!(FleetSpec::parse("h100-80gb:17x1").unwrap_err().contains("1..=16"));
+    assert_eq!(gpu_share(40 * GBYTES, 80 * GBYTES), 0.5);
+    assert_eq!(gpu_share(140 * GBYTES, 80 * GBYTES), 2.0);
+}
