@@ -8,6 +8,8 @@ use std::{
     process::ExitCode,
 };
 
+mod report;
+mod serving;
 mod simulate;
 
 use anyhow::{Context, Result};
@@ -56,7 +58,7 @@ enum Simulation {
     /// GPU allocation under the placement policies, on the Alibaba GPU cluster trace (the FGD paper's experiment).
     Placement(simulate::PlacementArgs),
     /// Cold starts, latency and GPU cost under keep-alive policies, on serving traces.
-    Serving,
+    Serving(serving::ServingArgs),
 }
 
 fn main() -> ExitCode {
@@ -72,7 +74,7 @@ fn main() -> ExitCode {
         Command::Simulate { what: Simulation::Placement(args) } => {
             simulate::placement(&args).map(|()| ExitCode::SUCCESS)
         }
-        Command::Simulate { what: Simulation::Serving } => not_yet("simulate serving", "see issue 4 (autoscaler)"),
+        Command::Simulate { what: Simulation::Serving(args) } => serving::serving(&args).map(|()| ExitCode::SUCCESS),
         Command::Crdgen { out } => crdgen_cmd(out.as_deref()),
         Command::Validate { files } => validate_cmd(&files),
     };

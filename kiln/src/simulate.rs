@@ -139,8 +139,7 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
 }
 
 fn marks_object(f: impl Fn(u32) -> f64) -> Value {
-    let map: serde_json::Map<String, Value> =
-        REPORTED_MARKS.iter().map(|&m| (m.to_string(), json!((f(m) * 100.0).round() / 100.0))).collect();
+    let map: serde_json::Map<String, Value> = REPORTED_MARKS.iter().map(|&m| (m.to_string(), json!(f(m)))).collect();
     Value::Object(map)
 }
 
