@@ -1,40 +1,364 @@
-//! `kiln-agent`: one per GPU node (a DaemonSet in a cluster; in-process under `kiln up`).
-//!
-//! It will own everything that touches the GPU: NVML telemetry and Xid health, the simulated backend used when
-//! NVML is absent, the worker runtimes (native CUDA through cudarc, external processes) and the tiered weight
-//! cache, and it will speak `kiln.agent.v1` (the `kiln-proto` crate) to the controller.
-//!
-//! It is the only crate allowed `unsafe` code (FFI into CUDA and NVML). The workspace denies `unsafe_code`; the
-//! agent's FFI modules opt in one by one with `#[allow(unsafe_code)]`, and every `unsafe` block carries a
-//! `// SAFETY:` comment.
+//! `kiln-agent`: the node agent's command line; see the library's documentation ([`kiln_agent`]).
 
-use std::{net::SocketAddr, process::ExitCode};
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::ExitCode,
+    sync::Arc,
+    time::Duration,
+};
 
-use clap::Parser;
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use kiln_agent::{
+    cache::WeightCache,
+    commands::NodeCommands,
+    gpu::{GpuBackend, nvml::NvmlGpus, sim::SimulatedGpus},
+    http::{self, AppState},
+    session::{self, Backoff, SessionConfig},
+    telemetry::Telemetry,
+    workers::{WorkerApi, Workers},
+};
+use kiln_proto::v1;
 
 /// Kiln node agent.
 #[derive(Debug, Parser)]
 #[command(name = "kiln-agent", version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Controller gRPC address (`AgentService`).
     #[arg(long, env = "KILN_CONTROLLER", default_value = "http://127.0.0.1:7070")]
     controller: String,
     /// Node name to register as; defaults to the host name.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// Simulate GPUs instead of using NVML, e.g. `h100-80gb:8`.
+    /// Simulate GPUs instead of using NVML, e.g. `h100-80gb:8` (also used, with `h100-80gb:8`, when NVML finds
+    /// no GPU).
     #[arg(long)]
     simulate_gpus: Option<String>,
-    /// Where to serve Prometheus metrics (DCGM-exporter compatible names).
+    /// Where to serve Prometheus metrics (dcgm-exporter compatible names), `/healthz` and `/v1/gpus`.
     #[arg(long, default_value = "0.0.0.0:9400")]
     metrics_addr: SocketAddr,
+    /// Where to serve the admin endpoints (fault injection for simulated GPUs).
+    #[arg(long, default_value = "127.0.0.1:9401")]
+    admin_addr: SocketAddr,
+    /// GPU sampling interval, e.g. `1s` (NVML takes a global driver lock: do not poll faster than needed).
+    #[arg(long, default_value = "1s", value_parser = parse_interval)]
+    sample_interval: Duration,
+    /// Directory of the local-disk weight cache.
+    #[arg(long, env = "KILN_CACHE_DIR", default_value = "/var/lib/kiln/cache")]
+    cache_dir: std::path::PathBuf,
+    /// Size of the local-disk weight cache, e.g. `200GiB`.
+    #[arg(long, default_value = "200GiB", value_parser = parse_size)]
+    disk_cache_size: u64,
+    /// Size of the host-RAM weight cache, e.g. `64GiB`.
+    #[arg(long, default_value = "64GiB", value_parser = parse_size)]
+    host_cache_size: u64,
+    /// Where the gateway reaches this agent's WorkerService (reported to the controller).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    worker_endpoint: String,
+    /// Do not connect to a controller (GPU telemetry, metrics, admin endpoints and workers only).
+    #[arg(long)]
+    standalone: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Inject an Xid error on a simulated GPU of a running agent.
+    InjectXid {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+        /// Xid code (79: fell off the bus; 48: double-bit ECC; 13: application fault).
+        #[arg(long)]
+        xid: u32,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:9401")]
+        admin: SocketAddr,
+    },
+    /// Measure weight-load bandwidth on this node: local disk to host RAM, and host RAM copies.
+    BenchLoad {
+        /// Bytes to move, e.g. `4GiB`.
+        #[arg(long, default_value = "4GiB", value_parser = parse_size)]
+        size: u64,
+        /// Directory for the test file (on the disk the weight cache uses).
+        #[arg(long, default_value = "/var/lib/kiln/cache")]
+        dir: std::path::PathBuf,
+    },
+    /// A minimal model server for smoke tests of the process runtime: listens on `$PORT` (loopback), answers
+    /// `GET /health` and echoes `POST /predictions` as `{"output": <input>, "gpus": "<CUDA_VISIBLE_DEVICES>"}`.
+    EchoServer {
+        /// Exit (with status 1) after this long, to exercise crash handling.
+        #[arg(long, value_parser = parse_interval)]
+        exit_after: Option<Duration>,
+    },
+    /// Reset a simulated GPU of a running agent (it returns to service).
+    ResetGpu {
+        /// GPU index.
+        #[arg(long)]
+        gpu: u32,
+        /// The agent's admin address.
+        #[arg(long, default_value = "127.0.0.1:9401")]
+        admin: SocketAddr,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let units = [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("TB", 1_000_000_000_000),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+    ];
+    let (number, scale) =
+        units.iter().find_map(|(unit, scale)| s.strip_suffix(unit).map(|n| (n, *scale))).unwrap_or((s, 1));
+    let value: f64 = number.trim().parse().map_err(|_| format!("{s:?}: expected a size like 200GiB or 500MB"))?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(format!("{s:?}: a size must not be negative"));
+    }
+    Ok((value * scale as f64) as u64)
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let (number, scale) = match s.strip_suffix("ms") {
+        Some(ms) => (ms, 1e-3),
+        None => (s.strip_suffix('s').unwrap_or(s), 1.0),
+    };
+    let seconds: f64 = number.parse().map_err(|_| format!("{s:?}: expected a duration like 1s or 500ms"))?;
+    if !(0.05..=3600.0).contains(&(seconds * scale)) {
+        return Err(format!("{s:?}: between 50ms and 1h"));
+    }
+    Ok(Duration::from_secs_f64(seconds * scale))
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    eprintln!(
-        "kiln-agent: not yet implemented (see issue 5, node agent); would register {:?} with {} and serve metrics on {}",
-        args.node_name, args.controller, args.metrics_addr
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match &args.command {
+        Some(Command::InjectXid { gpu, xid, admin }) => {
+            admin_post(*admin, &format!("/admin/gpus/{gpu}/xid"), &format!("{{\"xid\":{xid}}}"))
+        }
+        Some(Command::ResetGpu { gpu, admin }) => admin_post(*admin, &format!("/admin/gpus/{gpu}/reset"), "{}"),
+        Some(Command::BenchLoad { size, dir }) => bench_load(dir, *size),
+        Some(Command::EchoServer { exit_after }) => echo_server(*exit_after),
+        None => run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kiln-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn node_name(args: &Args) -> String {
+    args.node_name
+        .clone()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+fn run(args: &Args) -> Result<()> {
+    let node = node_name(args);
+    let (backend, sim): (Box<dyn GpuBackend>, _) = match &args.simulate_gpus {
+        Some(spec) => {
+            let gpus = SimulatedGpus::new(&node, spec).map_err(anyhow::Error::msg)?;
+            let handle = gpus.handle();
+            (Box::new(gpus), Some(handle))
+        }
+        None => match NvmlGpus::open() {
+            Ok(gpus) => (Box::new(gpus), None),
+            Err(e) => {
+                tracing::warn!("NVML unavailable ({e}); simulating h100-80gb:8");
+                let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(anyhow::Error::msg)?;
+                let handle = gpus.handle();
+                (Box::new(gpus), Some(handle))
+            }
+        },
+    };
+    let telemetry = Telemetry::new(&node, backend.as_ref());
+    let summary = {
+        let s = telemetry.read();
+        let model = s.gpus.first().map(|g| g.info.name.clone()).unwrap_or_default();
+        format!("{} {} GPUs ({model})", s.gpus.len(), if s.simulated { "simulated" } else { "NVML" })
+    };
+    telemetry.spawn_sampler(backend, args.sample_interval).context("starting the GPU sampler")?;
+    let cache = WeightCache::open(&args.cache_dir, args.disk_cache_size, args.host_cache_size)
+        .with_context(|| format!("opening the weight cache in {}", args.cache_dir.display()))?;
+    let cache = Arc::new(cache);
+    let gpu_memory: Vec<u64> = telemetry.read().gpus.iter().map(|g| g.info.memory_total_bytes).collect();
+    let workers = Workers::new(Arc::clone(&cache), sim.clone(), gpu_memory);
+    let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers: Arc::clone(&workers) });
+    let state = AppState {
+        telemetry: telemetry.clone(),
+        sim,
+        workers: Some(Arc::clone(&workers)),
+        cache: Some(Arc::clone(&commands.cache)),
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async move {
+        let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
+            .await
+            .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+        let admin = tokio::net::TcpListener::bind(args.admin_addr)
+            .await
+            .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
+        let worker_listener = tokio::net::TcpListener::bind(&args.worker_endpoint)
+            .await
+            .with_context(|| format!("binding the worker endpoint {}", args.worker_endpoint))?;
+        let worker_addr = worker_listener.local_addr()?;
+        let (metrics_addr, admin_addr) = (metrics.local_addr()?, admin.local_addr()?);
+        // One write, errors ignored: an agent whose stdout was closed (a supervisor that stopped reading) keeps
+        // serving instead of dying on a broken pipe, as `println!` would make it.
+        let _ = write!(
+            std::io::stdout().lock(),
+            "kiln-agent: node {node}, {summary}\nmetrics: http://{metrics_addr}/metrics\n\
+             admin: http://{admin_addr}/admin/gpus/<index>/xid\n\
+             workers: grpc://{worker_addr} (kiln.agent.v1.WorkerService)\n"
+        )
+        .and_then(|()| std::io::stdout().flush());
+        let (stop_session, session_stop) = tokio::sync::watch::channel(false);
+        if !args.standalone {
+            let config = SessionConfig {
+                controller: args.controller.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                worker_endpoint: worker_addr.to_string(),
+                backoff: Backoff::default(),
+                register_timeout: Duration::from_secs(10),
+            };
+            tokio::spawn(session::run(config, telemetry, commands, session_stop, None));
+        }
+        let worker_service = tonic::transport::Server::builder()
+            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(worker_listener));
+        let public = axum::serve(metrics, http::public_router(state.clone()));
+        let admin = axum::serve(admin, http::admin_router(state));
+        tokio::select! {
+            r = public => r.context("metrics server")?,
+            r = admin => r.context("admin server")?,
+            r = worker_service => r.context("worker service")?,
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
+        }
+        let _ = stop_session.send(true);
+        Ok(())
+    })
+}
+
+fn echo_server(exit_after: Option<Duration>) -> Result<()> {
+    let port: u16 = std::env::var("PORT").context("PORT is not set")?.parse().context("PORT is not a port")?;
+    let gpus = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default();
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port)).with_context(|| format!("binding port {port}"))?;
+    if let Some(after) = exit_after {
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            eprintln!("echo-server: exiting as asked");
+            std::process::exit(1);
+        });
+    }
+    println!("echo-server: listening on 127.0.0.1:{port}, GPUs {gpus:?}");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        // Read the head, then as much body as Content-Length says.
+        let (head, mut body) = loop {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break (String::new(), Vec::new());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break (String::from_utf8_lossy(&buf[..i]).into_owned(), buf[i + 4..].to_vec());
+            }
+        };
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        while body.len() < length {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        let (status, answer) = if head.starts_with("GET /health") {
+            ("200 OK", "ok".to_owned())
+        } else if head.starts_with("POST /predictions") {
+            match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(v) => ("200 OK", serde_json::json!({ "output": v.get("input"), "gpus": gpus }).to_string()),
+                Err(e) => ("400 Bad Request", format!("not JSON: {e}")),
+            }
+        } else {
+            ("404 Not Found", "unknown path".to_owned())
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+            answer.len()
+        );
+    }
+    Ok(())
+}
+
+fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let r = kiln_agent::bench::run(dir, size).with_context(|| format!("benchmarking in {}", dir.display()))?;
+    let gib = size as f64 / (1u64 << 30) as f64;
+    println!("moved {gib:.2} GiB");
+    println!(
+        "disk -> host RAM: {:.2} GB/s{}",
+        r.disk_gbps,
+        if r.page_cache_dropped { "" } else { " (page cache not dropped: may be the cache's speed)" }
     );
-    ExitCode::from(2)
+    println!("host RAM -> host RAM (memcpy): {:.2} GB/s", r.host_copy_gbps);
+    if kiln_agent::cuda::available() {
+        match kiln_agent::cuda::bench_host_to_device(0, size as usize, 4) {
+            Ok((staged, plain)) => {
+                println!("host RAM -> GPU 0, pinned staging on 4 streams (the loader's path): {staged:.2} GB/s");
+                println!("host RAM -> GPU 0, one plain pinned cudaMemcpyAsync (reference): {plain:.2} GB/s");
+                println!("loader / reference: {:.0}%", 100.0 * staged / plain.max(1e-9));
+            }
+            Err(e) => println!("host -> GPU: not measured: {e}"),
+        }
+    } else {
+        println!("host -> GPU: not measured (no CUDA driver library on this machine)");
+    }
+    Ok(())
+}
+
+/// POSTs `body` to the agent's admin endpoint `path` and prints its answer.
+fn admin_post(admin: SocketAddr, path: &str, body: &str) -> Result<()> {
+    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5))
+        .with_context(|| format!("connecting to the agent's admin address {admin}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or("?").to_owned();
+    let text = response.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
+    if status != "200" {
+        bail!("{path}: HTTP {status}: {text}");
+    }
+    println!("{text}");
+    Ok(())
 }

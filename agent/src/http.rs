@@ -1,0 +1,185 @@
+//! The agent's HTTP endpoints: `/metrics` (Prometheus, dcgm-exporter names), `/healthz` and `/v1/gpus` on the
+//! metrics address; fault injection for simulated GPUs on a separate admin address (loopback by default), so
+//! that exposing metrics never exposes the admin endpoints.
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::{Deserialize, Serialize};
+
+use std::sync::Arc;
+
+use crate::{
+    cache::{Tier, WeightCache},
+    gpu::sim::SimHandle,
+    metrics,
+    telemetry::Telemetry,
+    workers::Workers,
+};
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// GPU state.
+    pub telemetry: Telemetry,
+    /// Simulated GPUs, for fault injection (`None` on real GPUs).
+    pub sim: Option<SimHandle>,
+    /// Replicas (for their metrics).
+    pub workers: Option<Arc<Workers>>,
+    /// Weight cache (for its metrics).
+    pub cache: Option<Arc<WeightCache>>,
+}
+
+/// `/metrics`, `/healthz`, `/v1/gpus`.
+pub fn public_router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/gpus", get(gpus))
+        .with_state(state)
+}
+
+/// `/admin/gpus/{index}/xid|ecc|reset|load` (simulated GPUs only).
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/admin/gpus/{index}/xid", post(inject_xid))
+        .route("/admin/gpus/{index}/ecc", post(inject_ecc))
+        .route("/admin/gpus/{index}/reset", post(reset))
+        .route("/admin/gpus/{index}/load", post(set_load))
+        .with_state(state)
+}
+
+async fn metrics_page(State(state): State<AppState>) -> Response {
+    let mut extra = metrics::Extra::default();
+    if let Some(workers) = &state.workers {
+        extra.workers = workers.metrics();
+    }
+    if let Some(cache) = &state.cache {
+        let report = cache.report();
+        let (host, disk) = cache.capacities();
+        for (name, tier, capacity) in [("host_ram", Tier::Host, host), ("disk", Tier::Disk, disk)] {
+            let entries: Vec<_> = report.iter().filter(|e| e.tier == tier).collect();
+            extra.cache.push((name, entries.len(), entries.iter().map(|e| e.size).sum(), capacity));
+        }
+    }
+    let page = metrics::render_with(&state.telemetry.read(), &extra);
+    ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()
+}
+
+/// One GPU in `/v1/gpus`.
+#[derive(Debug, Serialize)]
+struct GpuView {
+    index: u32,
+    uuid: String,
+    name: String,
+    memory_total_bytes: u64,
+    memory_used_bytes: Option<u64>,
+    sm_util_pct: Option<u32>,
+    health: String,
+    reason: String,
+    last_xid: u32,
+}
+
+async fn gpus(State(state): State<AppState>) -> Json<Vec<GpuView>> {
+    let s = state.telemetry.read();
+    Json(
+        s.gpus
+            .iter()
+            .map(|g| GpuView {
+                index: g.info.index,
+                uuid: g.info.uuid.clone(),
+                name: g.info.name.clone(),
+                memory_total_bytes: g.info.memory_total_bytes,
+                memory_used_bytes: g.sample.memory_used_bytes,
+                sm_util_pct: g.sample.sm_util_pct,
+                health: format!("{:?}", g.health).to_lowercase(),
+                reason: g.reason.clone(),
+                last_xid: g.last_xid,
+            })
+            .collect(),
+    )
+}
+
+/// Body of `/admin/gpus/{index}/xid`.
+#[derive(Debug, Deserialize)]
+struct XidBody {
+    xid: u32,
+}
+
+/// Body of `/admin/gpus/{index}/ecc`.
+#[derive(Debug, Deserialize)]
+struct EccBody {
+    #[serde(default)]
+    corrected: u64,
+    #[serde(default)]
+    uncorrected: u64,
+}
+
+/// Body of `/admin/gpus/{index}/load`.
+#[derive(Debug, Deserialize)]
+struct LoadBody {
+    memory_used_bytes: u64,
+    #[serde(default)]
+    in_flight: u32,
+}
+
+fn simulated(state: &AppState) -> Result<&SimHandle, (StatusCode, String)> {
+    state.sim.as_ref().ok_or((StatusCode::CONFLICT, "fault injection needs simulated GPUs (--simulate-gpus)\n".into()))
+}
+
+fn outcome(result: Result<(), String>, what: String) -> (StatusCode, String) {
+    match result {
+        Ok(()) => (StatusCode::OK, format!("{what}\n")),
+        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")),
+    }
+}
+
+async fn inject_xid(
+    State(state): State<AppState>,
+    Path(index): Path<u32>,
+    Json(body): Json<XidBody>,
+) -> impl IntoResponse {
+    match simulated(&state) {
+        Ok(sim) => outcome(sim.inject_xid(index, body.xid), format!("Xid {} injected on GPU {index}", body.xid)),
+        Err(e) => e,
+    }
+}
+
+async fn inject_ecc(
+    State(state): State<AppState>,
+    Path(index): Path<u32>,
+    Json(body): Json<EccBody>,
+) -> impl IntoResponse {
+    match simulated(&state) {
+        Ok(sim) => outcome(
+            sim.inject_ecc(index, body.corrected, body.uncorrected),
+            format!("{} corrected, {} uncorrected ECC errors on GPU {index}", body.corrected, body.uncorrected),
+        ),
+        Err(e) => e,
+    }
+}
+
+async fn reset(State(state): State<AppState>, Path(index): Path<u32>) -> impl IntoResponse {
+    match simulated(&state) {
+        Ok(sim) => outcome(sim.reset(index), format!("GPU {index} reset")),
+        Err(e) => e,
+    }
+}
+
+async fn set_load(
+    State(state): State<AppState>,
+    Path(index): Path<u32>,
+    Json(body): Json<LoadBody>,
+) -> impl IntoResponse {
+    match simulated(&state) {
+        Ok(sim) => outcome(
+            sim.set_load(index, body.memory_used_bytes, body.in_flight),
+            format!("GPU {index}: {} bytes used, {} in flight", body.memory_used_bytes, body.in_flight),
+        ),
+        Err(e) => e,
+    }
+}

@@ -1,0 +1,121 @@
+//! The agent's messages to the controller (`kiln.agent.v1`), built from its current state: the registration that
+//! opens every session, telemetry batches and health events.
+
+use std::time::SystemTime;
+
+use kiln_proto::v1;
+
+use crate::{
+    gpu::GpuSample,
+    telemetry::{Health, HealthChange, Snapshot},
+};
+
+fn health(h: Health) -> v1::GpuHealth {
+    match h {
+        Health::Healthy => v1::GpuHealth::Healthy,
+        Health::Degraded => v1::GpuHealth::Degraded,
+        Health::Unhealthy => v1::GpuHealth::Unhealthy,
+    }
+}
+
+/// `t` as a protobuf timestamp.
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+/// The registration for `snapshot` (workers and cache contents are added by their owners).
+pub fn registration(snapshot: &Snapshot, agent_version: &str, worker_endpoint: &str) -> v1::Register {
+    v1::Register {
+        node_name: snapshot.node.clone(),
+        agent_version: agent_version.to_owned(),
+        driver_version: snapshot.driver_version.clone(),
+        cuda_version: snapshot.cuda_version.clone(),
+        simulated: snapshot.simulated,
+        gpus: snapshot
+            .gpus
+            .iter()
+            .map(|g| v1::Gpu {
+                index: g.info.index,
+                uuid: g.info.uuid.clone(),
+                model: g.info.name.clone(),
+                memory_total_bytes: g.info.memory_total_bytes,
+                health: health(g.health) as i32,
+                pci_bus_id: g.info.pci_bus_id.clone(),
+                compute_capability_major: g.info.compute_capability.0,
+                compute_capability_minor: g.info.compute_capability.1,
+            })
+            .collect(),
+        worker_endpoint: worker_endpoint.to_owned(),
+        ..v1::Register::default()
+    }
+}
+
+/// A telemetry batch of the latest samples.
+pub fn telemetry(snapshot: &Snapshot, at: SystemTime) -> v1::TelemetryBatch {
+    let sample = |s: &GpuSample| v1::GpuSample {
+        gpu_index: s.index,
+        time: Some(timestamp(at)),
+        sm_util_pct: s.sm_util_pct.unwrap_or_default(),
+        mem_util_pct: s.mem_util_pct.unwrap_or_default(),
+        memory_used_bytes: s.memory_used_bytes.unwrap_or_default(),
+        memory_free_bytes: s.memory_free_bytes.unwrap_or_default(),
+        temperature_c: s.temperature_c.unwrap_or_default(),
+        power_mw: s.power_mw.unwrap_or_default(),
+        power_limit_mw: s.power_limit_mw.unwrap_or_default(),
+        sm_clock_mhz: s.sm_clock_mhz.unwrap_or_default(),
+        ecc_corrected_total: s.ecc_corrected_total.unwrap_or_default(),
+        ecc_uncorrected_total: s.ecc_uncorrected_total.unwrap_or_default(),
+        pcie_tx_bytes_per_sec: s.pcie_tx_bytes_per_sec.unwrap_or_default(),
+        pcie_rx_bytes_per_sec: s.pcie_rx_bytes_per_sec.unwrap_or_default(),
+        processes: s
+            .processes
+            .iter()
+            .map(|p| v1::GpuProcess { pid: p.pid, memory_used_bytes: p.memory_used_bytes })
+            .collect(),
+    };
+    v1::TelemetryBatch { samples: snapshot.gpus.iter().map(|g| sample(&g.sample)).collect() }
+}
+
+/// The health event for `change`.
+pub fn health_event(change: &HealthChange) -> v1::GpuHealthEvent {
+    v1::GpuHealthEvent {
+        gpu_index: change.index,
+        uuid: change.uuid.clone(),
+        health: health(change.health) as i32,
+        xid: change.xid,
+        reason: change.reason.clone(),
+        time: Some(timestamp(change.time)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{gpu::sim::SimulatedGpus, telemetry::Telemetry};
+
+    #[test]
+    fn an_xid_79_shows_in_the_next_registration_and_as_an_event() {
+        let mut gpus = SimulatedGpus::new("node-a", "h100-80gb:8").unwrap();
+        let handle = gpus.handle();
+        let t = Telemetry::new("node-a", &gpus);
+        t.tick(&mut gpus, true);
+        let before = registration(&t.read(), "0.1.0", "127.0.0.1:7443");
+        assert_eq!(before.gpus.len(), 8);
+        assert!(before.simulated);
+        assert!(before.gpus.iter().all(|g| g.health == v1::GpuHealth::Healthy as i32));
+
+        handle.inject_xid(3, 79).unwrap();
+        let changes = t.tick(&mut gpus, true);
+        let event = health_event(&changes[0]);
+        assert_eq!((event.gpu_index, event.xid), (3, 79));
+        assert_eq!(event.health, v1::GpuHealth::Unhealthy as i32);
+        let after = registration(&t.read(), "0.1.0", "127.0.0.1:7443");
+        assert_eq!(after.gpus[3].health, v1::GpuHealth::Unhealthy as i32);
+        assert_eq!(after.gpus[2].health, v1::GpuHealth::Healthy as i32);
+        let batch = telemetry(&t.read(), SystemTime::now());
+        assert_eq!(batch.samples.len(), 8);
+        let lost = &batch.samples[3];
+        assert_eq!(lost.memory_used_bytes + lost.memory_free_bytes, 0, "nothing read from a GPU off the bus");
+    }
+}

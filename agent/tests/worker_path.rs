@@ -1,0 +1,190 @@
+//! The whole worker path in one process: a controller on loopback sends `StartWorker` for a native model over the
+//! agent's session; the agent loads it from a `file://` URI through its weight cache, reports `WorkerReady`, and a
+//! gateway-side client gets predictions from the agent's `WorkerService` over gRPC.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use kiln_agent::{
+    cache::{WeightCache, digest_of},
+    commands::NodeCommands,
+    gpu::sim::SimulatedGpus,
+    model::example_model,
+    session::{self, Backoff, SessionConfig},
+    telemetry::Telemetry,
+    workers::{WorkerApi, Workers},
+};
+use kiln_proto::v1::{
+    self, AgentMessage, ControllerMessage, Registered, agent_message,
+    agent_service_server::{AgentService, AgentServiceServer},
+    command, controller_message,
+    model_source::Runtime,
+    worker_event::Event,
+    worker_service_client::WorkerServiceClient,
+    worker_service_server::WorkerServiceServer,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Registers the agent, then asks it to start one replica on the GPU it reported first.
+struct Controller {
+    seen: mpsc::UnboundedSender<AgentMessage>,
+    model_uri: String,
+    digest: String,
+}
+
+#[tonic::async_trait]
+impl AgentService for Controller {
+    type ConnectStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ConnectStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.unwrap();
+        let Some(agent_message::Body::Register(register)) = first.body.clone() else {
+            return Err(Status::failed_precondition("Register first"));
+        };
+        let seen = self.seen.clone();
+        let _ = seen.send(first);
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = inbound.next().await {
+                let _ = seen.send(m);
+            }
+        });
+        let gpu = &register.gpus[0];
+        let start = v1::StartWorker {
+            replica_id: "mlp-0".into(),
+            deployment: "demo/mlp".into(),
+            generation: 1,
+            model: Some(v1::ModelSource {
+                uri: self.model_uri.clone(),
+                digest: self.digest.clone(),
+                runtime: Some(Runtime::Native(v1::NativeRuntime::default())),
+                ..Default::default()
+            }),
+            gpu_indexes: vec![gpu.index],
+            gpu_uuids: vec![gpu.uuid.clone()],
+            gpu_memory_bytes: 1 << 20,
+            max_concurrency: 8,
+        };
+        let out = [
+            controller_message::Body::Registered(Registered {
+                telemetry_interval_ms: 200,
+                heartbeat_interval_ms: 200,
+                ..Default::default()
+            }),
+            controller_message::Body::Command(v1::Command {
+                command_id: "start-1".into(),
+                deadline: None,
+                action: Some(command::Action::StartWorker(start)),
+            }),
+        ];
+        let stream = tokio_stream::iter(out.into_iter().map(|b| Ok(ControllerMessage { body: Some(b) })))
+            .chain(tokio_stream::pending());
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_starts_a_native_replica_and_the_gateway_gets_predictions() {
+    let dir = std::env::temp_dir().join(format!("kiln-worker-path-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bytes = example_model(11, &[3, 16, 2]);
+    let model = dir.join("mlp.safetensors");
+    std::fs::write(&model, &bytes).unwrap();
+
+    // The controller.
+    let (seen_tx, mut seen) = mpsc::unbounded_channel();
+    let controller =
+        Controller { seen: seen_tx, model_uri: format!("file://{}", model.display()), digest: digest_of(&bytes) };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let controller_addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(controller))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+
+    // The agent: simulated GPUs, cache, workers, WorkerService, session.
+    let mut gpus = SimulatedGpus::new("node-a", "h100-80gb:2").unwrap();
+    let sim = gpus.handle();
+    let telemetry = Telemetry::new("node-a", &gpus);
+    telemetry.tick(&mut gpus, true);
+    let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 30, 1 << 30).unwrap());
+    let workers = Workers::new(Arc::clone(&cache), Some(sim.clone()), vec![80 << 30; 2]);
+    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_addr = worker_listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(WorkerServiceServer::new(WorkerApi(Arc::clone(&workers))))
+            .serve_with_incoming(TcpListenerStream::new(worker_listener)),
+    );
+    let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers });
+    let config = SessionConfig {
+        controller: format!("http://{controller_addr}"),
+        agent_version: "test".into(),
+        worker_endpoint: worker_addr.to_string(),
+        backoff: Backoff::default(),
+        register_timeout: Duration::from_secs(5),
+    };
+    let (_stop, stop_rx) = watch::channel(false);
+    tokio::spawn(session::run(config, telemetry.clone(), commands, stop_rx, None));
+
+    // The agent accepts the command and reports the replica ready, loaded from the remote URI into its cache.
+    let ready = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut accepted = false;
+        loop {
+            match seen.recv().await.unwrap().body {
+                Some(agent_message::Body::Ack(a)) if a.command_id == "start-1" => {
+                    assert_eq!(a.status, v1::AckStatus::Accepted as i32, "{}", a.message);
+                    accepted = true;
+                }
+                Some(agent_message::Body::WorkerEvent(e)) => {
+                    if let Some(Event::Ready(r)) = e.event {
+                        assert_eq!(e.command_id, "start-1");
+                        break (accepted, r);
+                    }
+                    if let Some(Event::Failed(f)) = e.event {
+                        panic!("the replica failed: {f:?}");
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ready.0, "an ACCEPTED ack came before the ready event");
+    assert_eq!(ready.1.source_tier, v1::CacheTier::Remote as i32);
+    assert_eq!(ready.1.max_concurrency, 8);
+
+    // The gateway's path.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{worker_addr}")).unwrap().connect().await.unwrap();
+    let mut client = WorkerServiceClient::new(channel);
+    let answer = client
+        .predict(v1::PredictRequest {
+            prediction_id: "p1".into(),
+            replica_id: "mlp-0".into(),
+            input: br#"{"input": [[0.1, 0.2, 0.3], [1, 2, 3]]}"#.to_vec(),
+            content_type: "application/json".into(),
+            metadata: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out: serde_json::Value = serde_json::from_slice(&answer.output).unwrap();
+    assert_eq!(out["output"].as_array().unwrap().len(), 2);
+    assert_eq!(answer.prediction_id, "p1");
+    let missing =
+        client.predict(v1::PredictRequest { replica_id: "nope".into(), ..Default::default() }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::Unavailable);
+    // The simulated GPU shows the replica's memory.
+    telemetry.tick(&mut gpus, true);
+    assert!(telemetry.read().gpus[0].sample.memory_used_bytes.unwrap() > 0);
+    std::fs::remove_dir_all(&dir).ok();
+}
