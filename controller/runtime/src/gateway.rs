@@ -1,0 +1,497 @@
+//! The gateway's predictions API, in the shapes of Replicate's HTTP API, over a [`Backend`] that runs predictions
+//! (the control loop: pick a ready replica, or hold the request while one starts).
+//!
+//! - `POST /v1/deployments/{namespace}/{name}/predictions` with `{"input": {...}}`: with `Prefer: wait` (or
+//!   `wait=N` seconds, at most 60) answers when done (200), otherwise 201 with the prediction to poll.
+//! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`.
+//! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` (`starting`, `processing`,
+//!   `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/`started_at`/
+//!   `completed_at`, `urls` (`get`, `cancel`, `stream`) and `metrics` (`predict_time`, `queue_time`, `cold_start`
+//!   and `cold_start_time`).
+//! - Auth: `Authorization: Bearer <key>`; a key belongs to one namespace and never reaches another's deployments
+//!   (401 without a valid key, 403 for another namespace). Unknown deployment: 404 naming it. Malformed body: 400
+//!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
+//!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
+//!
+//! Finished predictions stay readable for an hour. Canceling marks the prediction canceled and drops its result;
+//! it does not stop work already sent to a replica. Webhooks, streaming output and the gateway's metrics are not
+//! in this first step.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    hash::{BuildHasher, Hasher},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+
+/// What a finished prediction produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Model output.
+    pub output: Value,
+    /// Time the model spent, seconds.
+    pub predict_time: f64,
+    /// Time waiting for a replica (including a cold start), seconds.
+    pub queue_time: f64,
+    /// The cold start this request waited for, seconds, if any.
+    pub cold_start: Option<f64>,
+}
+
+/// Why a prediction did not produce output.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PredictError {
+    /// Too many requests are already held for this deployment.
+    #[error("too many requests are waiting for {deployment} to start; retry after {retry_after_s} s")]
+    Overloaded {
+        /// Deployment.
+        deployment: String,
+        /// Seconds.
+        retry_after_s: u64,
+    },
+    /// Held past the deadline while the deployment was still cold-starting.
+    #[error("{deployment} was still cold-starting after {waited_s} s")]
+    ColdStartTimeout {
+        /// Deployment.
+        deployment: String,
+        /// Seconds waited.
+        waited_s: u64,
+    },
+    /// The model rejected the input.
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    /// The model failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs predictions for the gateway.
+pub trait Backend: Send + Sync + 'static {
+    /// The deployment's version (its spec generation), `None` if there is no such deployment.
+    fn version(&self, deployment: &str) -> Option<String>;
+    /// Runs one prediction, holding it at most `hold` for a replica to be ready.
+    fn predict(
+        &self,
+        deployment: &str,
+        input: Value,
+        hold: Duration,
+    ) -> impl Future<Output = Result<Outcome, PredictError>> + Send;
+}
+
+/// Requests held for one deployment while it has no ready replica: bounded, woken together when a replica is
+/// ready.
+#[derive(Debug)]
+pub struct HoldQueue {
+    capacity: usize,
+    held: Mutex<usize>,
+    ready: watch::Sender<bool>,
+}
+
+/// A place in a [`HoldQueue`], given back on drop.
+#[derive(Debug)]
+pub struct Held<'a>(&'a HoldQueue);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
+        *held = held.saturating_sub(1);
+    }
+}
+
+impl HoldQueue {
+    /// A queue holding at most `capacity` requests.
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, held: Mutex::new(0), ready: watch::channel(false).0 }
+    }
+
+    /// Requests held now.
+    pub fn len(&self) -> usize {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a replica is ready.
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Sets whether a replica is ready; held requests wake when it becomes true.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.send_replace(ready);
+    }
+
+    /// Holds one request until a replica is ready or `timeout` passes; `Err(None)` when the queue is full,
+    /// `Err(Some(waited))` on timeout.
+    pub async fn wait(&self, timeout: Duration) -> Result<Duration, Option<Duration>> {
+        let started = std::time::Instant::now();
+        if self.is_ready() {
+            return Ok(Duration::ZERO);
+        }
+        let _place = {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if *held >= self.capacity {
+                return Err(None);
+            }
+            *held += 1;
+            Held(self)
+        };
+        let mut rx = self.ready.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|ready| *ready)).await {
+            Ok(Ok(_)) => Ok(started.elapsed()),
+            _ => Err(Some(started.elapsed())),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Prediction {
+    id: String,
+    model: String,
+    version: String,
+    status: &'static str,
+    input: Value,
+    output: Value,
+    error: Option<String>,
+    created_at: SystemTime,
+    started_at: Option<SystemTime>,
+    completed_at: Option<SystemTime>,
+    metrics: Value,
+    done: Arc<Notify>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+impl Prediction {
+    fn json(&self, base: &str) -> Value {
+        let url = format!("{base}/v1/predictions/{}", self.id);
+        json!({
+            "id": self.id,
+            "model": self.model,
+            "version": self.version,
+            "status": self.status,
+            "input": self.input,
+            "output": self.output,
+            "error": self.error,
+            "logs": "",
+            "created_at": rfc3339(self.created_at),
+            "started_at": self.started_at.map(rfc3339),
+            "completed_at": self.completed_at.map(rfc3339),
+            "urls": { "get": url, "cancel": format!("{url}/cancel"), "stream": format!("{url}/stream") },
+            "metrics": self.metrics,
+        })
+    }
+
+    fn finished(&self) -> bool {
+        matches!(self.status, "succeeded" | "failed" | "canceled")
+    }
+}
+
+/// How long a finished prediction stays readable.
+const RETENTION: Duration = Duration::from_secs(3600);
+
+/// The gateway's state.
+#[derive(Debug)]
+pub struct Gateway<B> {
+    backend: B,
+    /// API key -> namespace.
+    keys: HashMap<String, String>,
+    predictions: Mutex<HashMap<String, Prediction>>,
+    /// How long a request may be held for a cold start.
+    pub hold: Duration,
+    /// Base URL for `urls`.
+    pub base_url: String,
+}
+
+impl<B: Backend> Gateway<B> {
+    /// A gateway over `backend`, accepting `keys` (API key, namespace).
+    pub fn new(backend: B, keys: impl IntoIterator<Item = (String, String)>, base_url: &str) -> Arc<Self> {
+        Arc::new(Self {
+            backend,
+            keys: keys.into_iter().collect(),
+            predictions: Mutex::new(HashMap::new()),
+            hold: Duration::from_secs(120),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Prediction>> {
+        self.predictions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The routes.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/v1/deployments/{namespace}/{name}/predictions", post(create::<B>))
+            .route("/v1/predictions/{id}", get(fetch::<B>))
+            .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
+            .with_state(Arc::clone(self))
+    }
+
+    fn namespace_of(&self, headers: &HeaderMap) -> Option<&str> {
+        let key = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?;
+        self.keys.get(key.trim()).map(String::as_str)
+    }
+}
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(json!({ "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail.into() })))
+        .into_response()
+}
+
+fn new_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let mut x = h.finish();
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut id = String::with_capacity(26);
+    for i in 0..26 {
+        if i == 13 {
+            let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
+            h2.write_u64(x);
+            x = h2.finish();
+        }
+        id.push(ALPHABET[(x & 31) as usize] as char);
+        x >>= 5;
+    }
+    id
+}
+
+/// Parses `Prefer: wait` / `wait=N` into how long to wait (at most 60 s).
+fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    let prefer = headers.get("prefer")?.to_str().ok()?;
+    prefer.split(',').map(str::trim).find_map(|p| match p.strip_prefix("wait") {
+        Some("") => Some(Duration::from_secs(60)),
+        Some(rest) => {
+            rest.strip_prefix('=').and_then(|n| n.trim().parse::<u64>().ok()).map(|n| Duration::from_secs(n.min(60)))
+        }
+        None => None,
+    })
+}
+
+async fn create<B: Backend>(
+    State(gw): State<Arc<Gateway<B>>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    if caller != namespace {
+        return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
+    }
+    let model = format!("{namespace}/{name}");
+    let Some(version) = gw.backend.version(&model) else {
+        return problem(StatusCode::NOT_FOUND, format!("deployment {model} not found"));
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")),
+    };
+    let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
+        return problem(StatusCode::BAD_REQUEST, "the body needs an \"input\" object, e.g. {\"input\": {...}}");
+    };
+    let id = new_id();
+    let done = Arc::new(Notify::new());
+    let prediction = Prediction {
+        id: id.clone(),
+        model: model.clone(),
+        version,
+        status: "starting",
+        input: input.clone(),
+        output: Value::Null,
+        error: None,
+        created_at: SystemTime::now(),
+        started_at: None,
+        completed_at: None,
+        metrics: json!({}),
+        done: Arc::clone(&done),
+    };
+    {
+        let mut predictions = gw.lock();
+        // Finished predictions stay readable for an hour.
+        predictions.retain(|_, p| {
+            !p.finished() || p.completed_at.is_some_and(|t| t.elapsed().unwrap_or_default() < RETENTION)
+        });
+        predictions.insert(id.clone(), prediction);
+    }
+    let wait = prefer_wait(&headers);
+    let runner = Arc::clone(&gw);
+    let task_id = id.clone();
+    let notified = done.notified();
+    tokio::spawn(async move {
+        if let Some(p) = runner.lock().get_mut(&task_id) {
+            p.status = "processing";
+            p.started_at = Some(SystemTime::now());
+        }
+        let result = runner.backend.predict(&model, input, runner.hold).await;
+        let mut predictions = runner.lock();
+        let Some(p) = predictions.get_mut(&task_id) else { return };
+        if p.status == "canceled" {
+            return;
+        }
+        p.completed_at = Some(SystemTime::now());
+        match result {
+            Ok(o) => {
+                p.status = "succeeded";
+                p.output = o.output;
+                p.metrics = json!({
+                    "predict_time": o.predict_time,
+                    "queue_time": o.queue_time,
+                    "cold_start": o.cold_start.is_some(),
+                    "cold_start_time": o.cold_start,
+                });
+            }
+            Err(e) => {
+                p.status = "failed";
+                p.error = Some(e.to_string());
+                p.metrics = json!({ "overloaded": matches!(e, PredictError::Overloaded { .. }) });
+                if let PredictError::Overloaded { retry_after_s, .. } = e {
+                    p.metrics["retry_after"] = json!(retry_after_s);
+                }
+                if matches!(e, PredictError::ColdStartTimeout { .. }) {
+                    p.metrics["cold_start_timeout"] = json!(true);
+                }
+            }
+        }
+        p.done.notify_waiters();
+    });
+    let Some(wait) = wait else {
+        let p = gw.lock().get(&id).cloned();
+        return match p {
+            Some(p) => (StatusCode::CREATED, Json(p.json(&gw.base_url))).into_response(),
+            None => problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost"),
+        };
+    };
+    let finished = gw.lock().get(&id).is_some_and(Prediction::finished);
+    if !finished {
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+    let Some(p) = gw.lock().get(&id).cloned() else {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost");
+    };
+    if p.status == "failed" && p.metrics.get("overloaded") == Some(&json!(true)) {
+        let retry = p.metrics.get("retry_after").and_then(Value::as_u64).unwrap_or(1);
+        let mut response = problem(StatusCode::TOO_MANY_REQUESTS, p.error.clone().unwrap_or_default());
+        if let Ok(v) = retry.to_string().parse() {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return response;
+    }
+    if p.status == "failed" && p.metrics.get("cold_start_timeout") == Some(&json!(true)) {
+        return (StatusCode::GATEWAY_TIMEOUT, Json(p.json(&gw.base_url))).into_response();
+    }
+    let status = if p.finished() { StatusCode::OK } else { StatusCode::CREATED };
+    (status, Json(p.json(&gw.base_url))).into_response()
+}
+
+async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    match gw.lock().get(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.json(&gw.base_url)).into_response(),
+        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    }
+}
+
+async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    let mut predictions = gw.lock();
+    match predictions.get_mut(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => {
+            if !p.finished() {
+                p.status = "canceled";
+                p.completed_at = Some(SystemTime::now());
+                p.done.notify_waiters();
+            }
+            Json(p.json(&gw.base_url)).into_response()
+        }
+        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let t = SystemTime::UNIX_EPOCH + Duration::new(1_764_072_000, 123_456_000);
+        assert_eq!(rfc3339(t), "2025-11-25T12:00:00.123456Z");
+    }
+
+    #[test]
+    fn prefer_wait_parses_with_and_without_seconds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(prefer_wait(&h), None);
+        h.insert("prefer", "wait".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
+        h.insert("prefer", "respond-async, wait=5".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(5)));
+        h.insert("prefer", "wait=600".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn ids_look_like_replicate_ids_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 26);
+        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
+        assert_ne!(a, b);
+    }
+
+    #[tokio::test]
+    async fn the_hold_queue_is_bounded_times_out_and_wakes_everyone_when_ready() {
+        let q = Arc::new(HoldQueue::new(2));
+        assert!(matches!(q.wait(Duration::from_millis(20)).await, Err(Some(_))), "nothing ready: a timeout");
+        let (a, b) = (Arc::clone(&q), Arc::clone(&q));
+        let ha = tokio::spawn(async move { a.wait(Duration::from_secs(5)).await });
+        let hb = tokio::spawn(async move { b.wait(Duration::from_secs(5)).await });
+        while q.len() < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(q.wait(Duration::from_secs(1)).await, Err(None), "a third is refused");
+        q.set_ready(true);
+        assert!(ha.await.unwrap().is_ok() && hb.await.unwrap().is_ok());
+        assert!(q.is_empty());
+        assert_eq!(q.wait(Duration::from_secs(1)).await, Ok(Duration::ZERO));
+    }
+}

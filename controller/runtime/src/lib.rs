@@ -1,0 +1,8 @@
+//! The Kiln controller's runtime: the adapters around the pure core. Today: the agent registry, the controller's
+//! side of `kiln.agent.v1` (`registry`), the manifest-directory spec source (`manifests`) and the gateway's
+//! predictions API over a backend (`gateway`). To come (issue 6): the reconcilers, and the control loop that turns
+//! placement and autoscaling decisions into agent commands and serves the gateway's backend.
+
+pub mod gateway;
+pub mod manifests;
+pub mod registry;
