@@ -12,6 +12,7 @@
 
 pub mod autoscale;
 pub mod clock;
+pub mod control;
 pub mod placement;
 pub mod rng;
 pub mod sim;

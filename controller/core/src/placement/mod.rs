@@ -686,6 +686,14 @@ impl PlacementEngine {
         engine
     }
 
+    /// Replaces the request mix the fragmentation measure assumes (the deployments changed); scores are
+    /// recomputed from the next decision on.
+    pub fn set_workload(&mut self, workload: Workload) {
+        let measure = if self.policy == Policy::Kiln { frag::Measure::Kiln } else { frag::Measure::Fgd };
+        self.workload = workload.with_measure(measure);
+        self.cache.clear();
+    }
+
     /// Sets how much fragmentation `kiln` trades for a warm cache.
     pub fn set_cache_weights(&mut self, weights: CacheWeights) {
         self.cache_weights = weights;

@@ -1,0 +1,696 @@
+//! The control loop's decisions, without I/O: which replicas to start where, which to stop, and which replica
+//! takes the next request. The controller runtime feeds it what it hears (deployments from manifests or the
+//! API server, agents registering and going silent, replicas becoming ready or exiting, requests arriving and
+//! finishing) and carries out the [`Action`]s it returns; the placement engine and the autoscaler inside are the
+//! same code `kiln simulate` replays traces through.
+//!
+//! Time is seconds on the caller's monotonic clock (`f64`), as in [`crate::autoscale`].
+//!
+//! How many replicas a deployment gets:
+//! - the [`Scaler`] (stable and panic windows over in-flight plus waiting requests), bounded by min/max;
+//! - requests waiting because no ready replica has a free slot are a definite signal: the deployment gets at least
+//!   enough replicas to take them all (`ceil(demand / max_concurrency)`), at once — this is scale-from-zero, and
+//!   scale-out under a burst, without waiting for the averages;
+//! - scale to zero is the keep-alive's decision: once nothing is in flight or waiting, the last replicas stay until
+//!   the [`KeepAlive`] plan's `unload_after` (a fixed timer, or the adaptive policy's cost-based choice, capped by
+//!   the deployment's `keepAlive.duration`), then all stop. Above zero, the scaler decides, stopping idle replicas
+//!   only.
+//!
+//! Where: the placement engine, with the deployment's other replicas as the spread hint and the nodes that cache
+//! its weights as the cache hint. A node that goes silent is unschedulable and its replicas are gone; the next
+//! reconcile places replacements elsewhere. A GPU marked unhealthy takes no new work and its replicas are stopped
+//! and replaced.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::{
+    autoscale::{
+        Scaler, ScalingConfig,
+        coldstart::{ColdStartModel, Tier},
+        keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
+    },
+    placement::{
+        CacheHint, CacheTier, Cluster, GpuDemand, Hints, ModelSet, NodeId, NodeSpec, Placement, PlacementEngine,
+        Policy, Request, Unplaceable, Workload,
+    },
+};
+
+/// What the controller needs to know of one deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentSpec {
+    /// CPU (millicores) and host memory (MiB) of one replica.
+    pub cpu_milli: u32,
+    /// Host memory of one replica, MiB.
+    pub memory_mib: u32,
+    /// GPUs of one replica (`Memory` for a model that fits in part of a GPU).
+    pub gpu: GpuDemand,
+    /// GPU models allowed (empty: any).
+    pub gpu_models: Vec<String>,
+    /// Scaling bounds and windows.
+    pub scaling: ScalingConfig,
+    /// Keep-alive policy of idle replicas.
+    pub keep_alive: KeepAlivePolicy,
+    /// Longest an idle replica is kept, seconds (`INFINITY`: no cap).
+    pub keep_alive_cap_s: f64,
+    /// Where the weights come from (matched against the nodes' cache reports).
+    pub model_uri: String,
+    /// Size of the weights, bytes (for the cold-start model).
+    pub weights_bytes: u64,
+    /// Requests one replica serves at once.
+    pub max_concurrency: u32,
+}
+
+/// A node as its agent reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeInfo {
+    /// Node name.
+    pub name: String,
+    /// Allocatable CPU, millicores.
+    pub cpu_milli: u32,
+    /// Allocatable host memory, MiB.
+    pub memory_mib: u32,
+    /// GPU model (all GPUs of a node are one model).
+    pub gpu_model: String,
+    /// Memory of each GPU, MiB.
+    pub gpu_memory_mib: u32,
+    /// Health of each GPU, by index.
+    pub gpu_healthy: Vec<bool>,
+    /// Node labels.
+    pub labels: Vec<(String, String)>,
+}
+
+/// Where a node caches a model's weights.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cached {
+    /// The model's URI.
+    pub model_uri: String,
+    /// The tier.
+    pub tier: CacheTier,
+}
+
+/// Why a replica is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The autoscaler wants fewer replicas.
+    ScaledDown,
+    /// Idle past the keep-alive: the deployment scales to zero.
+    KeepAliveExpired,
+    /// The deployment was deleted.
+    Deleted,
+    /// A replica the controller does not know of (left from before a restart or a lost command).
+    Orphan,
+    /// Its GPU became unhealthy.
+    GpuUnhealthy,
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a replica.
+    Start {
+        /// Replica id (unique).
+        replica: String,
+        /// Deployment key (`namespace/name`).
+        deployment: String,
+        /// Node name.
+        node: String,
+        /// GPU indexes on the node.
+        gpus: Vec<u32>,
+        /// Milli-GPU taken on each of those GPUs.
+        milli_per_gpu: u16,
+        /// The weights' best tier on that node, if cached there.
+        cached: Option<CacheTier>,
+    },
+    /// Stop a replica.
+    Stop {
+        /// Replica id.
+        replica: String,
+        /// Deployment key.
+        deployment: String,
+        /// Node name.
+        node: String,
+        /// Why.
+        reason: StopReason,
+    },
+}
+
+/// A replica's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Start sent, not ready yet.
+    Starting,
+    /// Serving.
+    Ready,
+}
+
+/// One replica as the controller tracks it.
+#[derive(Debug, Clone)]
+pub struct Replica {
+    /// Deployment key.
+    pub deployment: String,
+    /// Node name.
+    pub node: String,
+    /// GPU indexes.
+    pub gpus: Vec<u32>,
+    /// Phase.
+    pub phase: Phase,
+    /// Requests routed to it and not finished.
+    pub in_flight: u32,
+    /// When the start was decided.
+    pub started_at: f64,
+    node_id: NodeId,
+    request: Request,
+    placement: Placement,
+}
+
+/// Where a request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// To this replica on this node.
+    Replica {
+        /// Replica id.
+        replica: String,
+        /// Node name.
+        node: String,
+    },
+    /// No ready replica has a free slot: hold the request (a replica is being started or will be).
+    Wait,
+    /// No such deployment.
+    Unknown,
+}
+
+/// A deployment's state for status, events and the gateway.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DeploymentStatus {
+    /// Replicas wanted.
+    pub desired: u32,
+    /// Replicas starting.
+    pub starting: u32,
+    /// Replicas ready.
+    pub ready: u32,
+    /// Requests in flight on replicas.
+    pub in_flight: u32,
+    /// Requests waiting for a slot.
+    pub waiting: u32,
+    /// Why the last placement failed, while replicas are missing.
+    pub unschedulable: Option<String>,
+}
+
+/// Prices the adaptive keep-alive weighs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prices {
+    /// A GPU-hour, dollars.
+    pub gpu_usd_per_hour: f64,
+    /// One second of a request waiting on a cold start, dollars.
+    pub wait_usd_per_s: f64,
+}
+
+impl Default for Prices {
+    fn default() -> Self {
+        Self { gpu_usd_per_hour: 2.5, wait_usd_per_s: 0.5 }
+    }
+}
+
+#[derive(Debug)]
+struct Deployment {
+    spec: DeploymentSpec,
+    scaler: Scaler,
+    keep: KeepAlive,
+    /// Requests in flight on replicas, and waiting for one.
+    in_flight: u32,
+    waiting: u32,
+    /// Since when nothing is in flight or waiting, and the keep-alive plan made then.
+    idle: Option<(f64, Plan)>,
+    desired: u32,
+    unschedulable: Option<String>,
+}
+
+impl Deployment {
+    fn demand(&self) -> u32 {
+        self.in_flight + self.waiting
+    }
+}
+
+/// The controller's decision state.
+#[derive(Debug)]
+pub struct Control {
+    engine: PlacementEngine,
+    nodes: HashMap<String, NodeId>,
+    cached: HashMap<NodeId, Vec<Cached>>,
+    deployments: BTreeMap<String, Deployment>,
+    replicas: BTreeMap<String, Replica>,
+    cold: ColdStartModel,
+    prices: Prices,
+    next_replica: u64,
+}
+
+impl Control {
+    /// An empty control state placing with `policy`.
+    pub fn new(policy: Policy, cold: ColdStartModel, prices: Prices) -> Self {
+        let cluster = Cluster::new(&[]).unwrap_or_else(|_| unreachable!("an empty cluster is valid"));
+        Self {
+            engine: PlacementEngine::new(cluster, policy, Workload::default(), 0x6b69_6c6e),
+            nodes: HashMap::new(),
+            cached: HashMap::new(),
+            deployments: BTreeMap::new(),
+            replicas: BTreeMap::new(),
+            cold,
+            prices,
+            next_replica: 0,
+        }
+    }
+
+    /// Adds or updates a deployment. Its replicas keep running; their count follows the new bounds from the next
+    /// reconcile.
+    pub fn upsert_deployment(&mut self, key: &str, spec: DeploymentSpec, now: f64) {
+        match self.deployments.get_mut(key) {
+            Some(d) if d.spec == spec => {}
+            Some(d) => {
+                if d.spec.scaling != spec.scaling {
+                    d.scaler = Scaler::new(spec.scaling, now);
+                }
+                if d.spec.keep_alive != spec.keep_alive {
+                    d.keep = KeepAlive::new(spec.keep_alive);
+                }
+                d.spec = spec;
+                self.refresh_workload();
+            }
+            None => {
+                let deployment = Deployment {
+                    scaler: Scaler::new(spec.scaling, now),
+                    keep: KeepAlive::new(spec.keep_alive),
+                    spec,
+                    in_flight: 0,
+                    waiting: 0,
+                    idle: None,
+                    desired: 0,
+                    unschedulable: None,
+                };
+                self.deployments.insert(key.to_owned(), deployment);
+                self.refresh_workload();
+            }
+        }
+    }
+
+    /// Removes a deployment; its replicas stop at the next reconcile.
+    pub fn remove_deployment(&mut self, key: &str) {
+        if self.deployments.remove(key).is_some() {
+            self.refresh_workload();
+        }
+    }
+
+    /// Deployment keys.
+    pub fn deployments(&self) -> impl Iterator<Item = &str> {
+        self.deployments.keys().map(String::as_str)
+    }
+
+    /// The fragmentation measure assumes the deployments' replica shapes, equally popular.
+    fn refresh_workload(&mut self) {
+        let requests: Vec<Request> = self.deployments.values().map(|d| self.request_for(&d.spec)).collect();
+        self.engine.set_workload(Workload::from_requests(&requests));
+    }
+
+    fn request_for(&self, spec: &DeploymentSpec) -> Request {
+        let mut request = Request::new(spec.cpu_milli, spec.memory_mib, spec.gpu);
+        if !spec.gpu_models.is_empty() {
+            let cluster = self.engine.cluster();
+            // Models no node has yet get no id: a set of none places nowhere, which is the truth.
+            request.models = ModelSet::of(spec.gpu_models.iter().filter_map(|m| cluster.model_id(m)));
+        }
+        request
+    }
+
+    /// An agent registered (or re-registered): the node takes work. `running`: the replica ids its agent reports.
+    /// Returns stops for replicas the controller does not know; replicas the controller placed there that the
+    /// agent does not report are gone (their slots are freed, and replacements placed at the next reconcile).
+    pub fn node_up(&mut self, info: &NodeInfo, running: &[String]) -> Result<Vec<Action>, String> {
+        let id = match self.nodes.get(&info.name) {
+            Some(&id) => id,
+            None => {
+                let spec = NodeSpec {
+                    name: info.name.clone(),
+                    cpu_milli: info.cpu_milli,
+                    memory_mib: info.memory_mib,
+                    gpu_count: u8::try_from(info.gpu_healthy.len()).map_err(|_| "too many GPUs".to_owned())?,
+                    gpu_model: info.gpu_model.clone(),
+                    gpu_memory_mib: info.gpu_memory_mib,
+                    labels: info.labels.clone(),
+                };
+                let id = self.engine.add_node(&spec).map_err(|e| e.to_string())?;
+                self.nodes.insert(info.name.clone(), id);
+                // A new GPU model may make a deployment's model list resolvable.
+                self.refresh_workload();
+                id
+            }
+        };
+        self.engine.set_schedulable(id, true);
+        for (gpu, &healthy) in info.gpu_healthy.iter().enumerate() {
+            self.engine.set_gpu_healthy(id, gpu, healthy);
+        }
+        let lost: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(r, rep)| rep.node == info.name && !running.contains(r))
+            .map(|(r, _)| r.clone())
+            .collect();
+        for r in lost {
+            self.replica_gone(&r);
+        }
+        Ok(running
+            .iter()
+            .filter(|r| !self.replicas.contains_key(*r))
+            .map(|r| Action::Stop {
+                replica: r.clone(),
+                deployment: String::new(),
+                node: info.name.clone(),
+                reason: StopReason::Orphan,
+            })
+            .collect())
+    }
+
+    /// A node's agent went silent: no new work, and its replicas are gone. Returns their ids.
+    pub fn node_lost(&mut self, name: &str) -> Vec<String> {
+        let Some(&id) = self.nodes.get(name) else { return Vec::new() };
+        self.engine.set_schedulable(id, false);
+        let gone: Vec<String> = self.replicas.iter().filter(|(_, r)| r.node == name).map(|(k, _)| k.clone()).collect();
+        for r in &gone {
+            self.replica_gone(r);
+        }
+        gone
+    }
+
+    /// A GPU's health changed. Replicas on an unhealthy GPU are stopped and replaced at the next reconcile.
+    pub fn gpu_health(&mut self, node: &str, gpu: u32, healthy: bool) {
+        if let Some(&id) = self.nodes.get(node) {
+            self.engine.set_gpu_healthy(id, gpu as usize, healthy);
+        }
+    }
+
+    /// What a node caches now (replaces what it reported before).
+    pub fn set_cached(&mut self, node: &str, cached: Vec<Cached>) {
+        if let Some(&id) = self.nodes.get(node) {
+            self.cached.insert(id, cached);
+        }
+    }
+
+    /// A replica is ready to serve. Returns its deployment, or `None` if it is not known (stopped meanwhile).
+    pub fn replica_ready(&mut self, replica: &str) -> Option<&str> {
+        let r = self.replicas.get_mut(replica)?;
+        r.phase = Phase::Ready;
+        Some(r.deployment.as_str())
+    }
+
+    /// A replica failed to start or exited: its slot is freed. Requests routed to it are still counted until
+    /// [`Control::finish`].
+    pub fn replica_gone(&mut self, replica: &str) -> Option<Replica> {
+        let r = self.replicas.remove(replica)?;
+        self.engine.release(&r.request, &r.placement);
+        Some(r)
+    }
+
+    /// A replica by id.
+    pub fn replica(&self, replica: &str) -> Option<&Replica> {
+        self.replicas.get(replica)
+    }
+
+    /// Every replica.
+    pub fn replicas(&self) -> impl Iterator<Item = (&str, &Replica)> {
+        self.replicas.iter().map(|(k, r)| (k.as_str(), r))
+    }
+
+    /// A request arrived for `deployment`: it waits until [`Control::route`] gives it a replica.
+    pub fn arrive(&mut self, deployment: &str, now: f64) -> bool {
+        let Some(d) = self.deployments.get_mut(deployment) else { return false };
+        if d.demand() == 0
+            && let Some((since, _)) = d.idle.take()
+        {
+            d.keep.record_idle(now - since);
+        }
+        d.waiting += 1;
+        d.scaler.observe(now, f64::from(d.demand()));
+        true
+    }
+
+    /// Routes one waiting request of `deployment` to the least-loaded ready replica with a free slot.
+    pub fn route(&mut self, deployment: &str) -> Route {
+        let Some(d) = self.deployments.get_mut(deployment) else { return Route::Unknown };
+        let max = d.spec.max_concurrency.max(1);
+        let best = self
+            .replicas
+            .iter_mut()
+            .filter(|(_, r)| r.deployment == deployment && r.phase == Phase::Ready && r.in_flight < max)
+            .min_by_key(|(_, r)| r.in_flight);
+        let Some((id, r)) = best else { return Route::Wait };
+        r.in_flight += 1;
+        d.waiting = d.waiting.saturating_sub(1);
+        d.in_flight += 1;
+        Route::Replica { replica: id.clone(), node: r.node.clone() }
+    }
+
+    /// A routed request finished (or failed) on `replica`.
+    pub fn finish(&mut self, deployment: &str, replica: &str, now: f64) {
+        if let Some(r) = self.replicas.get_mut(replica) {
+            r.in_flight = r.in_flight.saturating_sub(1);
+        }
+        if let Some(d) = self.deployments.get_mut(deployment) {
+            d.in_flight = d.in_flight.saturating_sub(1);
+            self.settle(deployment, now);
+        }
+    }
+
+    /// A waiting request gave up (timed out or was refused) before it was routed.
+    pub fn abandon(&mut self, deployment: &str, now: f64) {
+        if let Some(d) = self.deployments.get_mut(deployment) {
+            d.waiting = d.waiting.saturating_sub(1);
+            self.settle(deployment, now);
+        }
+    }
+
+    /// Records the new concurrency; when the deployment becomes idle, makes the keep-alive plan.
+    fn settle(&mut self, deployment: &str, now: f64) {
+        let Some(d) = self.deployments.get_mut(deployment) else { return };
+        d.scaler.observe(now, f64::from(d.demand()));
+        if d.demand() == 0 && d.idle.is_none() {
+            let costs = costs(&d.spec, &self.cold, &self.prices);
+            let mut plan = d.keep.plan(&costs, None);
+            plan.unload_after = plan.unload_after.min(d.spec.keep_alive_cap_s);
+            d.idle = Some((now, plan));
+        }
+    }
+
+    /// The decisions due at `now`: replicas to start (placed) and to stop.
+    pub fn reconcile(&mut self, now: f64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        // Replicas of deleted deployments, and on unhealthy GPUs.
+        let doomed: Vec<(String, StopReason)> = self
+            .replicas
+            .iter()
+            .filter_map(|(id, r)| {
+                if !self.deployments.contains_key(&r.deployment) {
+                    return Some((id.clone(), StopReason::Deleted));
+                }
+                let unhealthy = self.engine.cluster().node(r.node_id).unhealthy;
+                (r.placement.gpus & unhealthy != 0).then(|| (id.clone(), StopReason::GpuUnhealthy))
+            })
+            .collect();
+        for (id, reason) in doomed {
+            if let Some(r) = self.replica_gone(&id) {
+                actions.push(Action::Stop { replica: id, deployment: r.deployment, node: r.node, reason });
+            }
+        }
+        let keys: Vec<String> = self.deployments.keys().cloned().collect();
+        for key in keys {
+            self.reconcile_one(&key, now, &mut actions);
+        }
+        actions
+    }
+
+    fn reconcile_one(&mut self, key: &str, now: f64, actions: &mut Vec<Action>) {
+        let current = self.replicas.values().filter(|r| r.deployment == key).count() as u32;
+        let Some(d) = self.deployments.get_mut(key) else { return };
+        let config = *d.scaler.config();
+        let max = config.max_replicas.max(config.min_replicas);
+        let mut want = d.scaler.desired(now, current);
+        if d.waiting > 0 {
+            // Requests no replica can take now: enough replicas for all of them, at once.
+            want = want.max(d.demand().div_ceil(d.spec.max_concurrency.max(1))).min(max);
+        }
+        let mut stop_reason = StopReason::ScaledDown;
+        if d.demand() == 0 {
+            match d.idle {
+                Some((since, plan)) if now - since >= plan.unload_after => {
+                    want = config.min_replicas;
+                    stop_reason = StopReason::KeepAliveExpired;
+                }
+                // Idle, within the keep-alive: keep what runs (at least one), never scale to zero yet.
+                _ => want = want.max(current.min(1)).max(config.min_replicas),
+            }
+        }
+        d.desired = want;
+        if want > current {
+            let spec = d.spec.clone();
+            let request = self.request_for(&spec);
+            for _ in current..want {
+                match self.start(key, &spec, &request, now) {
+                    Ok(action) => actions.push(action),
+                    Err(reason) => {
+                        if let Some(d) = self.deployments.get_mut(key) {
+                            d.unschedulable = Some(reason);
+                        }
+                        return;
+                    }
+                }
+            }
+            if let Some(d) = self.deployments.get_mut(key) {
+                d.unschedulable = None;
+            }
+        } else {
+            if let Some(d) = self.deployments.get_mut(key) {
+                d.unschedulable = None;
+            }
+            if want < current {
+                // Idle replicas only, starting ones first (they serve no one yet), then the newest.
+                let mut idle: Vec<(&String, &Replica)> =
+                    self.replicas.iter().filter(|(_, r)| r.deployment == key && r.in_flight == 0).collect();
+                idle.sort_by(|a, b| {
+                    (a.1.phase == Phase::Ready)
+                        .cmp(&(b.1.phase == Phase::Ready))
+                        .then(b.1.started_at.total_cmp(&a.1.started_at))
+                });
+                let chosen: Vec<String> =
+                    idle.into_iter().take((current - want) as usize).map(|(id, _)| id.clone()).collect();
+                for id in chosen {
+                    if let Some(r) = self.replica_gone(&id) {
+                        actions.push(Action::Stop {
+                            replica: id,
+                            deployment: r.deployment,
+                            node: r.node,
+                            reason: stop_reason,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, key: &str, spec: &DeploymentSpec, request: &Request, now: f64) -> Result<Action, String> {
+        let colocated: Vec<NodeId> =
+            self.replicas.values().filter(|r| r.deployment == key).map(|r| r.node_id).collect();
+        let cached: Vec<CacheHint> = self
+            .cached
+            .iter()
+            .flat_map(|(&node, entries)| {
+                entries.iter().filter(|c| c.model_uri == spec.model_uri).map(move |c| CacheHint { node, tier: c.tier })
+            })
+            .collect();
+        let placement = self.engine.place_with(request, &Hints { cached: &cached, colocated: &colocated }).map_err(
+            |e| match e {
+                Unplaceable::NoFit => format!(
+                    "no schedulable node has room for a replica ({}; {} node(s) known)",
+                    describe(spec),
+                    self.nodes.len()
+                ),
+                Unplaceable::Impossible(why) => {
+                    format!("no node could ever hold a replica ({}): {why}", describe(spec))
+                }
+            },
+        )?;
+        let node = self.engine.cluster().name(placement.node).to_owned();
+        let gpus: Vec<u32> = placement.gpu_indexes().map(|g| g as u32).collect();
+        let hit = cached.iter().filter(|h| h.node == placement.node).map(|h| h.tier).min_by_key(|t| match t {
+            CacheTier::Gpu(_) => 0,
+            CacheTier::HostRam => 1,
+            CacheTier::Disk => 2,
+        });
+        self.next_replica += 1;
+        let replica = format!("{}-{:x}", key.replace('/', "."), self.next_replica);
+        self.replicas.insert(
+            replica.clone(),
+            Replica {
+                deployment: key.to_owned(),
+                node: node.clone(),
+                gpus: gpus.clone(),
+                phase: Phase::Starting,
+                in_flight: 0,
+                started_at: now,
+                node_id: placement.node,
+                request: *request,
+                placement,
+            },
+        );
+        Ok(Action::Start {
+            replica,
+            deployment: key.to_owned(),
+            node,
+            gpus,
+            milli_per_gpu: placement.milli_per_gpu,
+            cached: hit,
+        })
+    }
+
+    /// A deployment's state.
+    pub fn status(&self, deployment: &str) -> Option<DeploymentStatus> {
+        let d = self.deployments.get(deployment)?;
+        let mut status = DeploymentStatus {
+            desired: d.desired,
+            in_flight: d.in_flight,
+            waiting: d.waiting,
+            unschedulable: d.unschedulable.clone(),
+            ..DeploymentStatus::default()
+        };
+        for r in self.replicas.values().filter(|r| r.deployment == deployment) {
+            match r.phase {
+                Phase::Starting => status.starting += 1,
+                Phase::Ready => status.ready += 1,
+            }
+        }
+        Some(status)
+    }
+
+    /// Whether `deployment` has a ready replica with a free slot.
+    pub fn has_free_slot(&self, deployment: &str) -> bool {
+        let Some(d) = self.deployments.get(deployment) else { return false };
+        let max = d.spec.max_concurrency.max(1);
+        self.replicas.values().any(|r| r.deployment == deployment && r.phase == Phase::Ready && r.in_flight < max)
+    }
+
+    /// GPU allocation of the fleet, milli-GPU: (allocated, capacity).
+    pub fn gpu_milli(&self) -> (u64, u64) {
+        let c = self.engine.cluster();
+        (c.gpu_allocated_milli(), c.gpu_capacity_milli())
+    }
+}
+
+fn describe(spec: &DeploymentSpec) -> String {
+    let gpu = match spec.gpu {
+        GpuDemand::None => "no GPU".to_owned(),
+        GpuDemand::Share(m) => format!("{m} milli-GPU"),
+        GpuDemand::Whole(k) => format!("{k} whole GPU(s)"),
+        GpuDemand::Memory(mib) => format!("{mib} MiB of GPU memory"),
+    };
+    if spec.gpu_models.is_empty() { gpu } else { format!("{gpu} on {}", spec.gpu_models.join(" or ")) }
+}
+
+/// The keep-alive's costs for one replica of `spec`: its GPU share idle, against a load from host RAM.
+fn costs(spec: &DeploymentSpec, cold: &ColdStartModel, prices: &Prices) -> Costs {
+    let gpu_per_s = prices.gpu_usd_per_hour / 3600.0;
+    let share = match spec.gpu {
+        GpuDemand::None => 0.0,
+        GpuDemand::Share(m) => f64::from(m) / 1000.0,
+        GpuDemand::Whole(k) => f64::from(k),
+        GpuDemand::Memory(mib) => f64::from(mib) / (80.0 * 1024.0),
+    };
+    let load_s = cold.expected(spec.weights_bytes, Tier::HostRam);
+    let warm_s = cold.expected(spec.weights_bytes, Tier::Gpu);
+    Costs {
+        idle_per_s: share * gpu_per_s,
+        cold_penalty: load_s * (prices.wait_usd_per_s + share * gpu_per_s),
+        load_cost: load_s * share * gpu_per_s,
+        load_s,
+        warm_penalty: warm_s * (prices.wait_usd_per_s + share * gpu_per_s),
+        copy_lifetime_s: 0.0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

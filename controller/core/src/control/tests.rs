@@ -1,0 +1,279 @@
+use super::*;
+
+fn spec(max_replicas: u32, keep_s: f64) -> DeploymentSpec {
+    DeploymentSpec {
+        cpu_milli: 1000,
+        memory_mib: 1024,
+        gpu: GpuDemand::Memory(8 * 1024),
+        gpu_models: Vec::new(),
+        scaling: ScalingConfig { target_concurrency: 2.0, max_replicas, ..ScalingConfig::default() },
+        keep_alive: KeepAlivePolicy::Fixed(keep_s),
+        keep_alive_cap_s: f64::INFINITY,
+        model_uri: "file:///m.safetensors".into(),
+        weights_bytes: 1 << 30,
+        max_concurrency: 2,
+    }
+}
+
+fn node(name: &str, gpus: usize) -> NodeInfo {
+    NodeInfo {
+        name: name.into(),
+        cpu_milli: 64_000,
+        memory_mib: 512 * 1024,
+        gpu_model: "h100-80gb".into(),
+        gpu_memory_mib: 80 * 1024,
+        gpu_healthy: vec![true; gpus],
+        labels: Vec::new(),
+    }
+}
+
+fn control() -> Control {
+    let mut c = Control::new(Policy::Kiln, ColdStartModel::default(), Prices::default());
+    c.node_up(&node("a", 2), &[]).unwrap();
+    c.node_up(&node("b", 2), &[]).unwrap();
+    c
+}
+
+fn starts(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { replica, node, .. } => Some((replica.clone(), node.clone())),
+            Action::Stop { .. } => None,
+        })
+        .collect()
+}
+
+fn stops(actions: &[Action]) -> Vec<(String, StopReason)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Stop { replica, reason, .. } => Some((replica.clone(), *reason)),
+            Action::Start { .. } => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_request_at_zero_starts_one_replica_at_once_and_is_routed_when_it_is_ready() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(4, 60.0), 0.0);
+    assert!(c.reconcile(0.0).is_empty(), "minReplicas 0 and no traffic: nothing runs");
+    assert!(c.arrive("ns/m", 1.0));
+    assert_eq!(c.route("ns/m"), Route::Wait);
+    let started = starts(&c.reconcile(1.0));
+    assert_eq!(started.len(), 1, "the first waiting request starts a replica in the same reconcile");
+    assert_eq!(c.status("ns/m").unwrap().starting, 1);
+    assert!(c.reconcile(1.1).is_empty(), "a starting replica is not started twice");
+    assert_eq!(c.route("ns/m"), Route::Wait, "not ready yet");
+    assert_eq!(c.replica_ready(&started[0].0), Some("ns/m"));
+    assert_eq!(c.route("ns/m"), Route::Replica { replica: started[0].0.clone(), node: started[0].1.clone() });
+    let s = c.status("ns/m").unwrap();
+    assert_eq!((s.ready, s.in_flight, s.waiting), (1, 1, 0));
+    assert_eq!(c.route("ns/unknown"), Route::Unknown);
+    assert!(!c.arrive("ns/unknown", 1.0));
+}
+
+#[test]
+fn a_burst_beyond_the_slots_scales_out_at_once_spread_over_nodes_and_within_the_maximum() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(3, 60.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let first = starts(&c.reconcile(0.0));
+    c.replica_ready(&first[0].0);
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    // Nine more: two slots per replica, so five replicas would be needed; three is the maximum.
+    for _ in 0..9 {
+        c.arrive("ns/m", 0.5);
+    }
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }), "the second slot of the first replica");
+    assert_eq!(c.route("ns/m"), Route::Wait);
+    let more = starts(&c.reconcile(0.5));
+    assert_eq!(more.len(), 2, "up to maxReplicas at once");
+    let nodes: Vec<&str> = std::iter::once(first[0].1.as_str()).chain(more.iter().map(|(_, n)| n.as_str())).collect();
+    assert!(nodes.contains(&"a") && nodes.contains(&"b"), "replicas spread over both nodes: {nodes:?}");
+    for (r, _) in &more {
+        c.replica_ready(r);
+    }
+    let mut routed = 0;
+    while let Route::Replica { .. } = c.route("ns/m") {
+        routed += 1;
+    }
+    assert_eq!(routed, 4, "two free slots on each new replica");
+    let status = c.status("ns/m").unwrap();
+    assert_eq!((status.ready, status.in_flight, status.waiting, status.desired), (3, 6, 4, 3));
+}
+
+#[test]
+fn least_loaded_ready_replica_takes_the_next_request() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 60.0), 0.0);
+    for _ in 0..3 {
+        c.arrive("ns/m", 0.0);
+    }
+    let started = starts(&c.reconcile(0.0));
+    assert_eq!(started.len(), 2);
+    c.replica_ready(&started[0].0);
+    c.replica_ready(&started[1].0);
+    let mut on: HashMap<String, u32> = HashMap::new();
+    for _ in 0..3 {
+        let Route::Replica { replica, .. } = c.route("ns/m") else { panic!("a free slot") };
+        *on.entry(replica).or_default() += 1;
+    }
+    let mut counts: Vec<u32> = on.values().copied().collect();
+    counts.sort_unstable();
+    assert_eq!(counts, vec![1, 2]);
+    let busiest = on.iter().find(|(_, n)| **n == 2).unwrap().0.clone();
+    c.finish("ns/m", &busiest, 1.0);
+    c.finish("ns/m", &busiest, 1.0);
+    c.arrive("ns/m", 1.0);
+    assert_eq!(
+        c.route("ns/m"),
+        Route::Replica { replica: busiest.clone(), node: c.replica(&busiest).unwrap().node.clone() }
+    );
+}
+
+#[test]
+fn an_idle_deployment_keeps_its_replica_for_the_keep_alive_then_scales_to_zero() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 30.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let started = starts(&c.reconcile(0.0));
+    c.replica_ready(&started[0].0);
+    let Route::Replica { replica, .. } = c.route("ns/m") else { panic!("ready") };
+    c.finish("ns/m", &replica, 2.0);
+    assert!(c.reconcile(20.0).is_empty(), "within the keep-alive the replica stays");
+    assert!(c.reconcile(31.0).is_empty(), "30 s after it became idle, not after it started");
+    assert_eq!(stops(&c.reconcile(32.5)), vec![(replica, StopReason::KeepAliveExpired)]);
+    let s = c.status("ns/m").unwrap();
+    assert_eq!((s.ready, s.starting, s.desired), (0, 0, 0));
+    assert_eq!(c.gpu_milli().0, 0, "the GPU share is released");
+}
+
+#[test]
+fn min_replicas_are_kept_without_traffic() {
+    let mut c = control();
+    let mut s = spec(4, 1.0);
+    s.scaling.min_replicas = 2;
+    c.upsert_deployment("ns/m", s, 0.0);
+    assert_eq!(starts(&c.reconcile(0.0)).len(), 2);
+    assert!(c.reconcile(1000.0).is_empty());
+}
+
+#[test]
+fn a_lost_node_frees_its_replicas_and_they_are_replaced_on_another_node() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 600.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let started = starts(&c.reconcile(0.0));
+    let (replica, on) = started[0].clone();
+    c.replica_ready(&replica);
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    assert_eq!(c.node_lost(&on), vec![replica.clone()]);
+    // The request on it fails at the gateway and is retried: still demand.
+    c.finish("ns/m", &replica, 1.0);
+    c.arrive("ns/m", 1.0);
+    let replaced = starts(&c.reconcile(1.0));
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced[0].1, on, "not on the lost node");
+    // The node comes back reporting the old replica: it is an orphan now, and is stopped.
+    let back = c.node_up(&node(&on, 2), std::slice::from_ref(&replica)).unwrap();
+    assert_eq!(stops(&back), vec![(replica, StopReason::Orphan)]);
+}
+
+#[test]
+fn a_re_registering_agent_that_lost_a_replica_frees_its_slot() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 600.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let (replica, on) = starts(&c.reconcile(0.0))[0].clone();
+    assert_eq!(c.gpu_milli().0, 100);
+    assert!(c.node_up(&node(&on, 2), &[]).unwrap().is_empty());
+    assert!(c.replica(&replica).is_none());
+    assert_eq!(starts(&c.reconcile(0.1)).len(), 1, "the waiting request gets a new replica");
+}
+
+#[test]
+fn replicas_on_a_gpu_that_turns_unhealthy_are_stopped_and_replaced_elsewhere() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(1, 600.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let started = starts(&c.reconcile(0.0));
+    let (replica, on) = started[0].clone();
+    let gpu = c.replica(&replica).unwrap().gpus[0];
+    c.gpu_health(&on, gpu, false);
+    let actions = c.reconcile(1.0);
+    assert_eq!(stops(&actions), vec![(replica.clone(), StopReason::GpuUnhealthy)]);
+    let again = starts(&actions);
+    assert_eq!(again.len(), 1);
+    let moved = c.replica(&again[0].0).unwrap();
+    assert!(moved.node != on || moved.gpus[0] != gpu, "not on the unhealthy GPU");
+}
+
+#[test]
+fn an_unschedulable_deployment_says_why_and_is_retried() {
+    let mut c = control();
+    let mut s = spec(1, 60.0);
+    s.gpu = GpuDemand::Whole(4);
+    c.upsert_deployment("ns/big", s, 0.0);
+    c.arrive("ns/big", 0.0);
+    assert!(c.reconcile(0.0).is_empty());
+    let why = c.status("ns/big").unwrap().unschedulable.unwrap();
+    assert!(why.contains("4 whole GPU(s)"), "{why}");
+    c.node_up(&node("c", 8), &[]).unwrap();
+    assert_eq!(starts(&c.reconcile(1.0)), vec![(starts_name(&c), "c".to_owned())]);
+    assert_eq!(c.status("ns/big").unwrap().unschedulable, None);
+
+    let mut s = spec(1, 60.0);
+    s.gpu_models = vec!["b200".into()];
+    c.upsert_deployment("ns/b200", s, 0.0);
+    c.arrive("ns/b200", 0.0);
+    assert!(c.reconcile(2.0).is_empty());
+    let why = c.status("ns/b200").unwrap().unschedulable.unwrap();
+    assert!(why.contains("b200"), "{why}");
+}
+
+fn starts_name(c: &Control) -> String {
+    c.replicas().find(|(_, r)| r.deployment == "ns/big").map(|(id, _)| id.to_owned()).unwrap_or_default()
+}
+
+#[test]
+fn the_node_that_caches_the_weights_is_preferred_and_reported() {
+    let mut c = control();
+    c.set_cached("b", vec![Cached { model_uri: "file:///m.safetensors".into(), tier: CacheTier::HostRam }]);
+    c.upsert_deployment("ns/m", spec(1, 60.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let actions = c.reconcile(0.0);
+    let Some(Action::Start { node, cached, .. }) = actions.first() else { panic!("a start: {actions:?}") };
+    assert_eq!((node.as_str(), *cached), ("b", Some(CacheTier::HostRam)));
+}
+
+#[test]
+fn deleting_a_deployment_stops_its_replicas_and_frees_the_gpus() {
+    let mut c = control();
+    let mut s = spec(4, 60.0);
+    s.scaling.min_replicas = 2;
+    c.upsert_deployment("ns/m", s, 0.0);
+    assert_eq!(starts(&c.reconcile(0.0)).len(), 2);
+    c.remove_deployment("ns/m");
+    let stopped = stops(&c.reconcile(1.0));
+    assert_eq!(stopped.len(), 2);
+    assert!(stopped.iter().all(|(_, r)| *r == StopReason::Deleted));
+    assert_eq!(c.gpu_milli().0, 0);
+}
+
+#[test]
+fn adaptive_keep_alive_is_capped_by_the_deployment() {
+    let mut c = control();
+    let mut s = spec(1, 0.0);
+    s.keep_alive = KeepAlivePolicy::Adaptive(crate::autoscale::keepalive::AdaptiveConfig::default());
+    s.keep_alive_cap_s = 5.0;
+    c.upsert_deployment("ns/m", s, 0.0);
+    c.arrive("ns/m", 0.0);
+    let (replica, _) = starts(&c.reconcile(0.0))[0].clone();
+    c.replica_ready(&replica);
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    c.finish("ns/m", &replica, 1.0);
+    assert!(c.reconcile(5.5).is_empty(), "the break-even fallback alone would keep it much longer");
+    assert_eq!(stops(&c.reconcile(6.5)), vec![(replica, StopReason::KeepAliveExpired)]);
+}
