@@ -17,6 +17,7 @@ pub mod gpu;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod process;
 pub mod register;
 pub mod session;

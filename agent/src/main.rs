@@ -4,23 +4,13 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     process::ExitCode,
-    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use kiln_agent::{
-    cache::WeightCache,
-    commands::NodeCommands,
-    gpu::{GpuBackend, nvml::NvmlGpus, sim::SimulatedGpus},
-    http::{self, AppState},
-    session::{self, Backoff, SessionConfig},
-    telemetry::Telemetry,
-    workers::{WorkerApi, Workers},
-};
-use kiln_proto::v1;
+use kiln_agent::node::{Node, NodeOptions};
 
 /// Kiln node agent.
 #[derive(Debug, Parser)]
@@ -171,90 +161,53 @@ fn node_name(args: &Args) -> String {
 }
 
 fn run(args: &Args) -> Result<()> {
-    let node = node_name(args);
-    let (backend, sim): (Box<dyn GpuBackend>, _) = match &args.simulate_gpus {
-        Some(spec) => {
-            let gpus = SimulatedGpus::new(&node, spec).map_err(anyhow::Error::msg)?;
-            let handle = gpus.handle();
-            (Box::new(gpus), Some(handle))
-        }
-        None => match NvmlGpus::open() {
-            Ok(gpus) => (Box::new(gpus), None),
-            Err(e) => {
-                tracing::warn!("NVML unavailable ({e}); simulating h100-80gb:8");
-                let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(anyhow::Error::msg)?;
-                let handle = gpus.handle();
-                (Box::new(gpus), Some(handle))
-            }
-        },
+    let options = NodeOptions {
+        node: node_name(args),
+        simulate_gpus: args.simulate_gpus.clone(),
+        metrics_addr: args.metrics_addr,
+        admin_addr: args.admin_addr,
+        worker_addr: worker_bind(&args.worker_endpoint)?,
+        sample_interval: args.sample_interval,
+        cache_dir: args.cache_dir.clone(),
+        disk_cache_size: args.disk_cache_size,
+        host_cache_size: args.host_cache_size,
+        controller: (!args.standalone).then(|| args.controller.clone()),
     };
-    let telemetry = Telemetry::new(&node, backend.as_ref());
-    let summary = {
-        let s = telemetry.read();
-        let model = s.gpus.first().map(|g| g.info.name.clone()).unwrap_or_default();
-        format!("{} {} GPUs ({model})", s.gpus.len(), if s.simulated { "simulated" } else { "NVML" })
-    };
-    telemetry.spawn_sampler(backend, args.sample_interval).context("starting the GPU sampler")?;
-    let cache = WeightCache::open(&args.cache_dir, args.disk_cache_size, args.host_cache_size)
-        .with_context(|| format!("opening the weight cache in {}", args.cache_dir.display()))?;
-    let cache = Arc::new(cache);
-    let gpu_memory: Vec<u64> = telemetry.read().gpus.iter().map(|g| g.info.memory_total_bytes).collect();
-    let workers = Workers::new(Arc::clone(&cache), sim.clone(), gpu_memory);
-    let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers: Arc::clone(&workers) });
-    let state = AppState {
-        telemetry: telemetry.clone(),
-        sim,
-        workers: Some(Arc::clone(&workers)),
-        cache: Some(Arc::clone(&commands.cache)),
-    };
-
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async move {
-        let metrics = tokio::net::TcpListener::bind(args.metrics_addr)
-            .await
-            .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
-        let admin = tokio::net::TcpListener::bind(args.admin_addr)
-            .await
-            .with_context(|| format!("binding the admin address {}", args.admin_addr))?;
-        let worker_listener = tokio::net::TcpListener::bind(&args.worker_endpoint)
-            .await
-            .with_context(|| format!("binding the worker endpoint {}", args.worker_endpoint))?;
-        let worker_addr = worker_listener.local_addr()?;
-        let (metrics_addr, admin_addr) = (metrics.local_addr()?, admin.local_addr()?);
+        let node = Node::open(options).await?;
+        let a = &node.addresses;
         // One write, errors ignored: an agent whose stdout was closed (a supervisor that stopped reading) keeps
         // serving instead of dying on a broken pipe, as `println!` would make it.
         let _ = write!(
             std::io::stdout().lock(),
-            "kiln-agent: node {node}, {summary}\nmetrics: http://{metrics_addr}/metrics\n\
-             admin: http://{admin_addr}/admin/gpus/<index>/xid\n\
-             workers: grpc://{worker_addr} (kiln.agent.v1.WorkerService)\n"
+            "kiln-agent: {}\nmetrics: http://{}/metrics\nadmin: http://{}/admin/gpus/<index>/xid\n\
+             workers: grpc://{} (kiln.agent.v1.WorkerService)\n",
+            a.summary,
+            a.metrics,
+            a.admin,
+            a.workers
         )
         .and_then(|()| std::io::stdout().flush());
-        let (stop_session, session_stop) = tokio::sync::watch::channel(false);
-        if !args.standalone {
-            let config = SessionConfig {
-                controller: args.controller.clone(),
-                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                worker_endpoint: worker_addr.to_string(),
-                backoff: Backoff::default(),
-                register_timeout: Duration::from_secs(10),
-            };
-            tokio::spawn(session::run(config, telemetry, commands, session_stop, None));
-        }
-        let worker_service = tonic::transport::Server::builder()
-            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(worker_listener));
-        let public = axum::serve(metrics, http::public_router(state.clone()));
-        let admin = axum::serve(admin, http::admin_router(state));
-        tokio::select! {
-            r = public => r.context("metrics server")?,
-            r = admin => r.context("admin server")?,
-            r = worker_service => r.context("worker service")?,
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; exiting"),
-        }
-        let _ = stop_session.send(true);
-        Ok(())
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("interrupted; exiting");
+                let _ = stop.send(true);
+            }
+        });
+        node.serve(stopped).await
     })
+}
+
+/// The worker endpoint as an address to bind (`host:port`; a host name is resolved).
+fn worker_bind(endpoint: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    endpoint
+        .to_socket_addrs()
+        .with_context(|| format!("--worker-endpoint {endpoint}: expected host:port"))?
+        .next()
+        .with_context(|| format!("--worker-endpoint {endpoint}: no address"))
 }
 
 fn echo_server(exit_after: Option<Duration>) -> Result<()> {

@@ -47,8 +47,18 @@ pub fn registration(snapshot: &Snapshot, agent_version: &str, worker_endpoint: &
             })
             .collect(),
         worker_endpoint: worker_endpoint.to_owned(),
+        cpu_milli: std::thread::available_parallelism().map_or(0, |n| n.get() as u64 * 1000),
+        host_memory_bytes: host_memory_bytes().unwrap_or(0),
         ..v1::Register::default()
     }
+}
+
+/// `MemTotal` from `/proc/meminfo`, bytes; `None` where it cannot be read.
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// A telemetry batch of the latest samples.

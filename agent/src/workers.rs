@@ -657,6 +657,10 @@ async fn proxy(worker: &ProcessWorker, path: &str, input: &[u8], content_type: &
 enum Rows {
     One(Vec<f32>),
     Many(Vec<Vec<f32>>),
+    /// A named input, as the predictions API sends it: `{"x": rows}`.
+    Named {
+        x: Box<Rows>,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -665,15 +669,20 @@ struct Input {
 }
 
 fn parse_rows(input: &[u8]) -> Result<(Vec<Vec<f32>>, bool), Status> {
-    let parsed: Input = serde_json::from_slice(input).map_err(|e| {
-        Status::invalid_argument(format!(
-            "input must be {{\"input\": [numbers]}} or {{\"input\": [[numbers], ...]}}: {e}"
-        ))
+    let parsed: Input = serde_json::from_slice(input).map_err(|_| {
+        Status::invalid_argument(
+            "the input must be {\"x\": [numbers]} or {\"x\": [[numbers], ...]} (one row, or a batch of rows)",
+        )
     })?;
-    Ok(match parsed.input {
+    Ok(rows_of(parsed.input))
+}
+
+fn rows_of(rows: Rows) -> (Vec<Vec<f32>>, bool) {
+    match rows {
         Rows::One(row) => (vec![row], true),
         Rows::Many(rows) => (rows, false),
-    })
+        Rows::Named { x } => rows_of(*x),
+    }
 }
 
 fn encode(out: &[Vec<f32>], single: bool) -> Vec<u8> {

@@ -11,6 +11,7 @@ use std::{
 mod report;
 mod serving;
 mod simulate;
+mod up;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -29,11 +30,7 @@ struct Cli {
 enum Command {
     /// Run the whole system on this machine: controller, gateway and a local agent (simulated GPUs when NVML finds
     /// none), serving the manifests in a directory.
-    Up {
-        /// Directory of ModelDeployment / GpuRental manifests to serve.
-        #[arg(long, default_value = "kiln-manifests")]
-        manifests: PathBuf,
-    },
+    Up(up::UpArgs),
     /// Replay real traces through the real placement engine and autoscaler.
     Simulate {
         #[command(subcommand)]
@@ -64,13 +61,10 @@ enum Simulation {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Up { manifests } => not_yet(
-            "up",
-            &format!(
-                "it will run the controller, gateway and a local agent serving {}; see issue 6 (control plane)",
-                manifests.display()
-            ),
-        ),
+        Command::Up(args) => {
+            init_tracing();
+            up::up(&args).map(|()| ExitCode::SUCCESS)
+        }
         Command::Simulate { what: Simulation::Placement(args) } => {
             simulate::placement(&args).map(|()| ExitCode::SUCCESS)
         }
@@ -87,11 +81,15 @@ fn main() -> ExitCode {
     }
 }
 
-/// A command whose implementation has not landed yet: says so and exits with status 2, so scripts cannot
-/// mistake it for success.
-fn not_yet(command: &str, detail: &str) -> Result<ExitCode> {
-    eprintln!("kiln {command}: not yet implemented ({detail})");
-    Ok(ExitCode::from(2))
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise.
+fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn crdgen_cmd(out: Option<&Path>) -> Result<ExitCode> {

@@ -101,6 +101,8 @@ pub enum StopReason {
     Orphan,
     /// Its GPU became unhealthy.
     GpuUnhealthy,
+    /// The gateway could not reach it.
+    Unreachable,
 }
 
 /// What the runtime must do.

@@ -4,7 +4,9 @@
 //! the worker endpoint — and a channel to send it commands. An agent whose session ends, or that stops sending
 //! anything for longer than the grace period, is marked not ready by [`Registry::sweep`] (driven by the caller's
 //! clock, so tests and the simulator control time); its replicas are then the control loop's to reschedule.
-//! Commands carry ids; [`Registry::command`] waits for the agent's ack of that id.
+//! Commands carry ids; [`Registry::command`] waits for the agent's ack of that id. What the control loop must act
+//! on (registrations, worker events, GPU health, cache reports) is also queued as [`RegistryEvent`]s, drained with
+//! [`Registry::take_events`], and [`Registry::changed`] wakes the loop as soon as one arrives.
 
 use std::{
     collections::HashMap,
@@ -17,7 +19,7 @@ use kiln_proto::v1::{
     self, AckStatus, AgentMessage, CommandAck, ControllerMessage, Registered, agent_message,
     agent_service_server::AgentService, controller_message, worker_event::Event,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -64,6 +66,12 @@ pub struct NodeView {
     pub cached: Vec<(String, v1::CacheTier, Option<u32>)>,
     /// Where the gateway reaches the node's `WorkerService`.
     pub worker_endpoint: String,
+    /// Allocatable CPU, millicores (0: not reported).
+    pub cpu_milli: u64,
+    /// Host memory, bytes (0: not reported).
+    pub host_memory_bytes: u64,
+    /// Node labels.
+    pub labels: Vec<(String, String)>,
     /// When the agent was last heard from.
     pub last_seen: Instant,
 }
@@ -81,6 +89,40 @@ struct State {
     nodes: HashMap<String, Node>,
     pending: HashMap<String, oneshot::Sender<CommandAck>>,
     sessions: u64,
+    events: Vec<RegistryEvent>,
+}
+
+/// What the control loop must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RegistryEvent {
+    /// An agent registered (again): its node and the replicas it reports running.
+    Registered {
+        /// Node.
+        node: String,
+        /// Replica ids the agent runs.
+        running: Vec<String>,
+    },
+    /// A replica's lifecycle event.
+    Worker {
+        /// Node.
+        node: String,
+        /// The event.
+        event: v1::WorkerEvent,
+    },
+    /// A GPU's health changed.
+    GpuHealth {
+        /// Node.
+        node: String,
+        /// GPU index.
+        gpu: u32,
+        /// New health.
+        health: v1::GpuHealth,
+    },
+    /// A node's cache contents changed.
+    Cache {
+        /// Node.
+        node: String,
+    },
 }
 
 /// Registry settings.
@@ -154,12 +196,28 @@ pub struct Registry {
     state: Arc<Mutex<State>>,
     config: RegistryConfig,
     clock: MonotonicClock,
+    changed: Arc<Notify>,
 }
 
 impl Registry {
     /// An empty registry reading time from `clock`.
     pub fn new(config: RegistryConfig, clock: MonotonicClock) -> Self {
-        Self { state: Arc::new(Mutex::new(State::default())), config, clock }
+        Self { state: Arc::new(Mutex::new(State::default())), config, clock, changed: Arc::new(Notify::new()) }
+    }
+
+    /// Notified (one stored permit) whenever an event is queued.
+    pub fn changed(&self) -> Arc<Notify> {
+        Arc::clone(&self.changed)
+    }
+
+    /// Takes the queued events, oldest first.
+    pub fn take_events(&self) -> Vec<RegistryEvent> {
+        std::mem::take(&mut self.lock().events)
+    }
+
+    fn push(&self, state: &mut State, event: RegistryEvent) {
+        state.events.push(event);
+        self.changed.notify_one();
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -258,9 +316,19 @@ impl Registry {
                 .collect(),
             cached: Vec::new(),
             worker_endpoint: register.worker_endpoint.clone(),
+            cpu_milli: register.cpu_milli,
+            host_memory_bytes: register.host_memory_bytes,
+            labels: {
+                let mut labels: Vec<(String, String)> =
+                    register.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                labels.sort();
+                labels
+            },
             last_seen: now,
         };
+        let running = register.workers.iter().map(|w| w.replica_id.clone()).collect();
         s.nodes.insert(register.node_name.clone(), Node { view, outbox: Some(tx), session });
+        self.push(&mut s, RegistryEvent::Registered { node: register.node_name.clone(), running });
         (session, rx)
     }
 
@@ -276,6 +344,18 @@ impl Registry {
         let Some(n) = s.nodes.get_mut(node).filter(|n| n.session == session) else { return };
         n.view.last_seen = now;
         n.view.ready = true;
+        let event = match &message.body {
+            Some(agent_message::Body::GpuHealth(h)) => Some(RegistryEvent::GpuHealth {
+                node: node.to_owned(),
+                gpu: h.gpu_index,
+                health: v1::GpuHealth::try_from(h.health).unwrap_or(v1::GpuHealth::Unspecified),
+            }),
+            Some(agent_message::Body::WorkerEvent(e)) => {
+                Some(RegistryEvent::Worker { node: node.to_owned(), event: e.clone() })
+            }
+            Some(agent_message::Body::Cache(_)) => Some(RegistryEvent::Cache { node: node.to_owned() }),
+            _ => None,
+        };
         match message.body {
             Some(agent_message::Body::GpuHealth(h)) => {
                 if let Some(g) = n.view.gpus.iter_mut().find(|g| g.index == h.gpu_index) {
@@ -324,6 +404,9 @@ impl Registry {
                     .collect();
             }
             _ => {}
+        }
+        if let Some(event) = event {
+            self.push(&mut s, event);
         }
     }
 

@@ -1,0 +1,154 @@
+//! One whole agent: GPUs (NVML, or simulated), the sampler thread, the weight cache, the workers and their
+//! `WorkerService`, the metrics and admin HTTP servers, and the session to the controller. The `kiln-agent` binary
+//! runs one; `kiln up` runs one in its own process.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use kiln_proto::v1;
+use tokio::sync::watch;
+
+use crate::{
+    cache::WeightCache,
+    commands::NodeCommands,
+    gpu::{GpuBackend, nvml::NvmlGpus, sim::SimulatedGpus},
+    http::{self, AppState},
+    session::{self, Backoff, SessionConfig},
+    telemetry::Telemetry,
+    workers::{WorkerApi, Workers},
+};
+
+/// How to run an agent.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// Node name.
+    pub node: String,
+    /// Simulate these GPUs (`h100-80gb:8`) instead of NVML; NVML finding no GPU also falls back to `h100-80gb:8`.
+    pub simulate_gpus: Option<String>,
+    /// Metrics, `/healthz` and `/v1/gpus`.
+    pub metrics_addr: SocketAddr,
+    /// Admin endpoints (fault injection).
+    pub admin_addr: SocketAddr,
+    /// Where the `WorkerService` listens (port 0: any).
+    pub worker_addr: SocketAddr,
+    /// GPU sampling interval.
+    pub sample_interval: Duration,
+    /// Local-disk weight cache directory and size, host-RAM cache size.
+    pub cache_dir: PathBuf,
+    /// Bytes.
+    pub disk_cache_size: u64,
+    /// Bytes.
+    pub host_cache_size: u64,
+    /// The controller's `AgentService`; `None`: standalone.
+    pub controller: Option<String>,
+}
+
+/// Where a running agent listens.
+#[derive(Debug, Clone)]
+pub struct NodeAddresses {
+    /// One line: the node, its GPUs and where they come from.
+    pub summary: String,
+    /// Metrics.
+    pub metrics: SocketAddr,
+    /// Admin.
+    pub admin: SocketAddr,
+    /// `WorkerService`.
+    pub workers: SocketAddr,
+}
+
+/// Opens the GPUs and the cache and binds the listeners; [`Node::serve`] then runs it.
+#[derive(Debug)]
+pub struct Node {
+    /// Where it listens.
+    pub addresses: NodeAddresses,
+    options: NodeOptions,
+    telemetry: Telemetry,
+    commands: Arc<NodeCommands>,
+    state: AppState,
+    listeners: [tokio::net::TcpListener; 3],
+}
+
+impl Node {
+    /// Opens the GPUs (starting the sampler thread) and the cache, and binds the three listeners.
+    pub async fn open(options: NodeOptions) -> Result<Self> {
+        let node = options.node.clone();
+        let (backend, sim): (Box<dyn GpuBackend>, _) = match &options.simulate_gpus {
+            Some(spec) => {
+                let gpus = SimulatedGpus::new(&node, spec).map_err(anyhow::Error::msg)?;
+                let handle = gpus.handle();
+                (Box::new(gpus), Some(handle))
+            }
+            None => match NvmlGpus::open() {
+                Ok(gpus) => (Box::new(gpus), None),
+                Err(e) => {
+                    tracing::warn!("NVML unavailable ({e}); simulating h100-80gb:8");
+                    let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(anyhow::Error::msg)?;
+                    let handle = gpus.handle();
+                    (Box::new(gpus), Some(handle))
+                }
+            },
+        };
+        let telemetry = Telemetry::new(&node, backend.as_ref());
+        let summary = {
+            let s = telemetry.read();
+            let model = s.gpus.first().map(|g| g.info.name.clone()).unwrap_or_default();
+            format!("node {node}, {} {} GPUs ({model})", s.gpus.len(), if s.simulated { "simulated" } else { "NVML" })
+        };
+        telemetry.spawn_sampler(backend, options.sample_interval).context("starting the GPU sampler")?;
+        let cache = WeightCache::open(&options.cache_dir, options.disk_cache_size, options.host_cache_size)
+            .with_context(|| format!("opening the weight cache in {}", options.cache_dir.display()))?;
+        let cache = Arc::new(cache);
+        let gpu_memory: Vec<u64> = telemetry.read().gpus.iter().map(|g| g.info.memory_total_bytes).collect();
+        let workers = Workers::new(Arc::clone(&cache), sim.clone(), gpu_memory);
+        let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers: Arc::clone(&workers) });
+        let state = AppState {
+            telemetry: telemetry.clone(),
+            sim,
+            workers: Some(workers),
+            cache: Some(Arc::clone(&commands.cache)),
+        };
+        let bind = |addr: SocketAddr, what: &'static str| async move {
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the {what} address {addr}"))
+        };
+        let metrics = bind(options.metrics_addr, "metrics").await?;
+        let admin = bind(options.admin_addr, "admin").await?;
+        let worker = bind(options.worker_addr, "worker endpoint").await?;
+        let addresses = NodeAddresses {
+            summary,
+            metrics: metrics.local_addr()?,
+            admin: admin.local_addr()?,
+            workers: worker.local_addr()?,
+        };
+        Ok(Self { addresses, options, telemetry, commands, state, listeners: [metrics, admin, worker] })
+    }
+
+    /// Serves until `stop` turns true or a server fails.
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) -> Result<()> {
+        let [metrics, admin, worker] = self.listeners;
+        let (stop_session, session_stop) = watch::channel(false);
+        if let Some(controller) = &self.options.controller {
+            let config = SessionConfig {
+                controller: controller.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                worker_endpoint: self.addresses.workers.to_string(),
+                backoff: Backoff::default(),
+                register_timeout: Duration::from_secs(10),
+            };
+            tokio::spawn(session::run(config, self.telemetry, Arc::clone(&self.commands), session_stop, None));
+        }
+        let workers = Arc::clone(&self.commands.workers);
+        let worker_service = tonic::transport::Server::builder()
+            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(worker));
+        let public = axum::serve(metrics, http::public_router(self.state.clone()));
+        let admin = axum::serve(admin, http::admin_router(self.state));
+        let result = tokio::select! {
+            r = public => r.context("metrics server"),
+            r = admin => r.context("admin server"),
+            r = worker_service => r.context("worker service"),
+            _ = stop.wait_for(|s| *s) => Ok(()),
+        };
+        let _ = stop_session.send(true);
+        result
+    }
+}

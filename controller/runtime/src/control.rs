@@ -1,0 +1,722 @@
+//! The control loop at run time: deployments in, agent commands out, and the gateway's [`Backend`].
+//!
+//! [`ControlPlane`] owns the pure decision state ([`kiln_core::control::Control`]) behind a mutex and drives it:
+//! - [`ControlPlane::apply`] takes the deployments of a spec source (manifest directory or API server);
+//! - [`ControlPlane::run`] is the loop: it wakes on a registry event (an agent registered, a replica became ready
+//!   or exited, a GPU's health changed), on a request that found no free replica, or every `tick`; it feeds the
+//!   events to the core, marks silent agents lost, reconciles, and sends the resulting `StartWorker` /
+//!   `StopWorker` commands through the registry;
+//! - as the gateway's [`Backend`] it routes each request to the least-loaded ready replica with a free slot, over
+//!   the node's `WorkerService`; with none, it holds the request in the deployment's bounded [`HoldQueue`] and wakes
+//!   the loop at once, so a request at zero replicas reaches the agent as a `StartWorker` without waiting for a
+//!   tick.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use kiln_core::{
+    autoscale::{ScalingConfig, coldstart::ColdStartModel, keepalive},
+    control::{Action, Cached, Control, DeploymentSpec, DeploymentStatus, NodeInfo, Prices, Route},
+    placement::{CacheTier, GpuDemand, Policy},
+};
+use kiln_k8s_api::{
+    model_deployment::{KeepAlivePolicy, Runtime},
+    quantity::parse_bytes,
+};
+use kiln_proto::v1::{self, command, model_source, worker_event::Event, worker_service_client::WorkerServiceClient};
+use serde_json::Value;
+use tokio::sync::{Notify, watch};
+use tonic::transport::Channel;
+
+use crate::{
+    gateway::{Backend, HoldQueue, Outcome, PredictError},
+    manifests::Deployment,
+    metrics::{DeploymentGauges, Metrics, StateSnapshot},
+    registry::{Registry, RegistryEvent, succeeded},
+};
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Placement policy.
+    pub policy: Policy,
+    /// Requests held per deployment while no replica has a free slot.
+    pub hold_capacity: usize,
+    /// Reconcile at least this often.
+    pub tick: Duration,
+    /// How long an agent has to acknowledge a command.
+    pub command_timeout: Duration,
+    /// Grace period given to a stopping replica.
+    pub stop_grace: Duration,
+    /// Prices the adaptive keep-alive weighs.
+    pub prices: Prices,
+    /// Load-time model (the adaptive keep-alive's cold-start estimate).
+    pub cold: ColdStartModel,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Kiln,
+            hold_capacity: 256,
+            tick: Duration::from_millis(500),
+            command_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(30),
+            prices: Prices::default(),
+            cold: ColdStartModel::default(),
+        }
+    }
+}
+
+/// A deployment as the runtime needs it beyond the core's view.
+#[derive(Debug, Clone)]
+struct Served {
+    version: String,
+    source: v1::ModelSource,
+    gpu_memory_bytes: u64,
+    max_concurrency: u32,
+    hold: Arc<HoldQueue>,
+}
+
+/// A replica's start, for cold-start figures.
+#[derive(Debug, Clone)]
+struct Starting {
+    decided: Instant,
+    node: String,
+}
+
+/// A finished cold start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdStartRecord {
+    /// Deployment.
+    pub deployment: String,
+    /// Replica.
+    pub replica: String,
+    /// Node.
+    pub node: String,
+    /// From the start decision to ready, seconds.
+    pub seconds: f64,
+    /// The agent's load phases, ms: fetch, read, host-to-device, init.
+    pub phases_ms: [u64; 4],
+    /// Where the weights came from.
+    pub source: String,
+}
+
+/// What the loop did, for metrics and status.
+#[derive(Debug, Default)]
+struct Journal {
+    cold_starts: Vec<ColdStartRecord>,
+    start_failures: Vec<(String, String)>,
+}
+
+/// The control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    core: Mutex<Control>,
+    served: Mutex<BTreeMap<String, Served>>,
+    starting: Mutex<HashMap<String, Starting>>,
+    journal: Mutex<Journal>,
+    clients: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
+    registry: Registry,
+    wake: Notify,
+    origin: Instant,
+    config: ControlConfig,
+    commands: std::sync::atomic::AtomicU64,
+    metrics: Metrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The core's view of a deployment, and the runtime's: the model source as the agent takes it.
+fn translate(d: &Deployment) -> Result<(DeploymentSpec, v1::ModelSource, u64), String> {
+    let spec = &d.resource.spec;
+    let per_gpu = parse_bytes(&spec.gpu.memory_per_gpu.0).map_err(|e| format!("gpu.memoryPerGpu: {e}"))?;
+    let gpu = match spec.gpu.count {
+        n if n > 1 => GpuDemand::Whole(u8::try_from(n).map_err(|_| format!("gpu.count {n} is too large"))?),
+        _ => GpuDemand::Memory(u32::try_from(per_gpu.div_ceil(1 << 20)).unwrap_or(u32::MAX).max(1)),
+    };
+    let weights_bytes = match &spec.model.size {
+        Some(q) => parse_bytes(&q.0).map_err(|e| format!("model.size: {e}"))?,
+        None => per_gpu,
+    };
+    let s = &spec.scaling;
+    let seconds = s.keep_alive.duration.map(|d| std::time::Duration::from(d).as_secs_f64());
+    let (keep_alive, cap) = match s.keep_alive.policy {
+        KeepAlivePolicy::Fixed => {
+            let t = seconds.unwrap_or(300.0);
+            (keepalive::Policy::Fixed(t), f64::INFINITY)
+        }
+        KeepAlivePolicy::Adaptive => {
+            (keepalive::Policy::Adaptive(keepalive::AdaptiveConfig::default()), seconds.unwrap_or(f64::INFINITY))
+        }
+    };
+    let target = u32::try_from(s.target_concurrency.max(1)).unwrap_or(1);
+    let core = DeploymentSpec {
+        cpu_milli: 1000,
+        memory_mib: 1024,
+        gpu,
+        gpu_models: spec.gpu.models.clone(),
+        scaling: ScalingConfig {
+            target_concurrency: f64::from(target),
+            min_replicas: u32::try_from(s.min_replicas.max(0)).unwrap_or(0),
+            max_replicas: u32::try_from(s.max_replicas.max(1)).unwrap_or(1),
+            ..ScalingConfig::default()
+        },
+        keep_alive,
+        keep_alive_cap_s: cap,
+        model_uri: spec.model.uri.clone(),
+        weights_bytes,
+        max_concurrency: target,
+    };
+    let runtime = match (spec.model.runtime, &spec.model.process) {
+        (Runtime::Native, _) => model_source::Runtime::Native(v1::NativeRuntime { copy_streams: 4 }),
+        (Runtime::Process, Some(p)) => model_source::Runtime::Process(v1::ProcessRuntime {
+            command: p.command.clone(),
+            args: p.args.clone(),
+            env: p.env.iter().map(|e| (e.name.clone(), e.value.clone())).collect(),
+            port: u32::try_from(p.port).unwrap_or(0),
+            readiness_path: p.readiness_path.clone(),
+            startup_timeout_ms: std::time::Duration::from(p.startup_timeout).as_millis() as u32,
+            termination_grace_ms: 10_000,
+        }),
+        (Runtime::Process, None) => return Err("runtime process needs model.process".into()),
+    };
+    let source = v1::ModelSource {
+        uri: spec.model.uri.clone(),
+        size_bytes: weights_bytes,
+        digest: String::new(),
+        runtime: Some(runtime),
+    };
+    Ok((core, source, per_gpu))
+}
+
+fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
+    let mib = |b: u64| u32::try_from(b >> 20).unwrap_or(u32::MAX);
+    NodeInfo {
+        name: n.name.clone(),
+        // An agent that does not say gets room for 64 replicas' CPU and memory: GPUs are what is scarce.
+        cpu_milli: if n.cpu_milli == 0 { 64_000 } else { u32::try_from(n.cpu_milli).unwrap_or(u32::MAX) },
+        memory_mib: if n.host_memory_bytes == 0 { 64 * 1024 } else { mib(n.host_memory_bytes) },
+        gpu_model: n.gpus.first().map(|g| g.model.clone()).unwrap_or_default(),
+        gpu_memory_mib: n.gpus.first().map_or(0, |g| mib(g.memory_bytes)),
+        gpu_healthy: n.gpus.iter().map(|g| g.health != v1::GpuHealth::Unhealthy).collect(),
+        labels: n.labels.clone(),
+    }
+}
+
+fn cached_of(n: &crate::registry::NodeView) -> Vec<Cached> {
+    n.cached
+        .iter()
+        .filter_map(|(uri, tier, gpu)| {
+            let tier = match tier {
+                v1::CacheTier::Gpu => CacheTier::Gpu(gpu.map_or(0, |g| 1u16.checked_shl(g).unwrap_or(0))),
+                v1::CacheTier::Host => CacheTier::HostRam,
+                v1::CacheTier::Disk => CacheTier::Disk,
+                _ => return None,
+            };
+            Some(Cached { model_uri: uri.clone(), tier })
+        })
+        .collect()
+}
+
+impl ControlPlane {
+    /// A control plane commanding agents through `registry`.
+    pub fn new(registry: Registry, config: ControlConfig) -> Arc<Self> {
+        Arc::new(Self {
+            core: Mutex::new(Control::new(config.policy, config.cold.clone(), config.prices)),
+            served: Mutex::new(BTreeMap::new()),
+            starting: Mutex::new(HashMap::new()),
+            journal: Mutex::new(Journal::default()),
+            clients: Mutex::new(HashMap::new()),
+            registry,
+            wake: Notify::new(),
+            origin: Instant::now(),
+            config,
+            commands: std::sync::atomic::AtomicU64::new(0),
+            metrics: Metrics::new(),
+        })
+    }
+
+    fn now(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64()
+    }
+
+    /// Takes the deployments of the spec source: new ones are added, changed ones updated, missing ones removed
+    /// (their replicas stop). Returns the deployments that could not be translated, with why.
+    pub fn apply<'a>(&self, deployments: impl IntoIterator<Item = &'a Deployment>) -> Vec<(String, String)> {
+        let now = self.now();
+        let mut errors = Vec::new();
+        let mut seen = Vec::new();
+        {
+            let mut core = lock(&self.core);
+            let mut served = lock(&self.served);
+            for d in deployments {
+                let key = d.key();
+                match translate(d) {
+                    Ok((spec, source, gpu_memory_bytes)) => {
+                        let max_concurrency = spec.max_concurrency;
+                        core.upsert_deployment(&key, spec, now);
+                        let hold = served
+                            .get(&key)
+                            .map(|s| Arc::clone(&s.hold))
+                            .unwrap_or_else(|| Arc::new(HoldQueue::new(self.config.hold_capacity)));
+                        served.insert(
+                            key.clone(),
+                            Served { version: d.version.clone(), source, gpu_memory_bytes, max_concurrency, hold },
+                        );
+                        seen.push(key);
+                    }
+                    Err(e) => errors.push((key, e)),
+                }
+            }
+            let gone: Vec<String> = served.keys().filter(|k| !seen.contains(k)).cloned().collect();
+            for key in gone {
+                core.remove_deployment(&key);
+                served.remove(&key);
+            }
+        }
+        self.wake.notify_one();
+        errors
+    }
+
+    /// A deployment's state, `None` if unknown.
+    pub fn status(&self, deployment: &str) -> Option<DeploymentStatus> {
+        lock(&self.core).status(deployment)
+    }
+
+    /// Every deployment's state.
+    pub fn statuses(&self) -> Vec<(String, DeploymentStatus)> {
+        let core = lock(&self.core);
+        core.deployments().filter_map(|k| core.status(k).map(|s| (k.to_owned(), s))).collect()
+    }
+
+    /// Replicas: (id, deployment, node, GPUs, ready).
+    pub fn replicas(&self) -> Vec<(String, String, String, Vec<u32>, bool)> {
+        lock(&self.core)
+            .replicas()
+            .map(|(id, r)| {
+                (
+                    id.to_owned(),
+                    r.deployment.clone(),
+                    r.node.clone(),
+                    r.gpus.clone(),
+                    r.phase == kiln_core::control::Phase::Ready,
+                )
+            })
+            .collect()
+    }
+
+    /// Cold starts finished so far.
+    pub fn cold_starts(&self) -> Vec<ColdStartRecord> {
+        lock(&self.journal).cold_starts.clone()
+    }
+
+    /// Starts that failed: (replica, why).
+    pub fn start_failures(&self) -> Vec<(String, String)> {
+        lock(&self.journal).start_failures.clone()
+    }
+
+    /// GPU allocation, milli-GPU: (allocated, capacity).
+    pub fn gpu_milli(&self) -> (u64, u64) {
+        lock(&self.core).gpu_milli()
+    }
+
+    /// Wakes the loop now.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The loop; returns when `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let changed = self.registry.changed();
+        loop {
+            self.step();
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = changed.notified() => {}
+                () = tokio::time::sleep(self.config.tick) => {}
+                _ = stop.changed() => {
+                    if *stop.borrow() { return; }
+                }
+            }
+        }
+    }
+
+    /// One pass: events in, silent agents lost, reconcile, commands out.
+    pub fn step(self: &Arc<Self>) {
+        let began = Instant::now();
+        let events = self.registry.take_events();
+        let lost = self.registry.sweep();
+        let now = self.now();
+        let mut actions = Vec::new();
+        {
+            let mut core = lock(&self.core);
+            for event in events {
+                self.absorb(&mut core, event, &mut actions);
+            }
+            for node in lost {
+                let gone = core.node_lost(&node);
+                tracing::warn!(%node, replicas = gone.len(), "agent lost; its replicas will be placed elsewhere");
+                let mut starting = lock(&self.starting);
+                for r in gone {
+                    starting.remove(&r);
+                }
+            }
+            actions.extend(core.reconcile(now));
+            self.refresh_holds(&core);
+        }
+        let decided = Instant::now();
+        for action in actions {
+            if let Action::Start { replica, node, .. } = &action {
+                lock(&self.starting).insert(replica.clone(), Starting { decided, node: node.clone() });
+            }
+            self.execute(action);
+        }
+        self.metrics.scheduling(began.elapsed().as_secs_f64());
+    }
+
+    /// The metrics page, with the gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let mut state = StateSnapshot::default();
+        for (name, s) in self.statuses() {
+            state.deployments.push(DeploymentGauges {
+                name,
+                desired: s.desired,
+                loading: s.starting,
+                ready: s.ready,
+                waiting: s.waiting,
+                in_flight: s.in_flight,
+            });
+        }
+        let (mut healthy, mut degraded, mut unhealthy, mut lost) = (0, 0, 0, 0);
+        for n in self.registry.nodes() {
+            if n.ready {
+                state.nodes.0 += 1;
+            } else {
+                state.nodes.1 += 1;
+            }
+            for g in &n.gpus {
+                match (n.ready, g.health) {
+                    (false, _) => lost += 1,
+                    (true, v1::GpuHealth::Unhealthy) => unhealthy += 1,
+                    (true, v1::GpuHealth::Degraded) => degraded += 1,
+                    (true, _) => healthy += 1,
+                }
+            }
+        }
+        state.gpus = vec![("healthy", healthy), ("degraded", degraded), ("unhealthy", unhealthy), ("lost", lost)];
+        let (allocated, capacity) = self.gpu_milli();
+        state.gpu_allocated_ratio = if capacity == 0 { 0.0 } else { allocated as f64 / capacity as f64 };
+        self.metrics.set_state(&state);
+        self.metrics.render()
+    }
+
+    fn absorb(&self, core: &mut Control, event: RegistryEvent, actions: &mut Vec<Action>) {
+        match event {
+            RegistryEvent::Registered { node, running } => {
+                let Some(view) = self.registry.node(&node) else { return };
+                match core.node_up(&node_info(&view), &running) {
+                    Ok(stops) => actions.extend(stops),
+                    Err(e) => tracing::error!(%node, error = %e, "node not usable"),
+                }
+                core.set_cached(&node, cached_of(&view));
+            }
+            RegistryEvent::Cache { node } => {
+                if let Some(view) = self.registry.node(&node) {
+                    core.set_cached(&node, cached_of(&view));
+                }
+            }
+            RegistryEvent::GpuHealth { node, gpu, health } => {
+                core.gpu_health(&node, gpu, health != v1::GpuHealth::Unhealthy);
+            }
+            RegistryEvent::Worker { node, event } => match event.event {
+                Some(Event::Ready(ready)) => {
+                    if let Some(deployment) = core.replica_ready(&event.replica_id).map(str::to_owned) {
+                        let started = lock(&self.starting).remove(&event.replica_id);
+                        if let Some(s) = started {
+                            let t = ready.timings.unwrap_or_default();
+                            let source = v1::CacheTier::try_from(ready.source_tier)
+                                .map(|t| t.as_str_name().trim_start_matches("CACHE_TIER_").to_lowercase())
+                                .unwrap_or_default();
+                            let record = ColdStartRecord {
+                                deployment,
+                                replica: event.replica_id.clone(),
+                                node: s.node,
+                                seconds: s.decided.elapsed().as_secs_f64(),
+                                phases_ms: [t.fetch_ms, t.read_ms, t.host_to_device_ms, t.init_ms],
+                                source,
+                            };
+                            tracing::info!(replica = %record.replica, node = %record.node,
+                                seconds = record.seconds, "replica ready");
+                            self.metrics.cold_start(
+                                &record.deployment,
+                                &record.source,
+                                record.seconds,
+                                record.phases_ms,
+                            );
+                            lock(&self.journal).cold_starts.push(record);
+                        }
+                    }
+                }
+                Some(Event::Failed(f)) => {
+                    tracing::warn!(%node, replica = %event.replica_id, reason = %f.message, "replica failed");
+                    if let Some(r) = core.replica_gone(&event.replica_id) {
+                        self.metrics.failed_start(&r.deployment);
+                        lock(&self.journal).start_failures.push((event.replica_id.clone(), f.message));
+                    }
+                    lock(&self.starting).remove(&event.replica_id);
+                }
+                Some(Event::Exited(_)) => {
+                    core.replica_gone(&event.replica_id);
+                    lock(&self.starting).remove(&event.replica_id);
+                }
+                Some(Event::Loading(_)) | None => {}
+            },
+        }
+    }
+
+    /// Each deployment's hold queue is "ready" while a ready replica has a free slot.
+    fn refresh_holds(&self, core: &Control) {
+        for (key, s) in lock(&self.served).iter() {
+            s.hold.set_ready(core.has_free_slot(key));
+        }
+    }
+
+    fn execute(self: &Arc<Self>, action: Action) {
+        let id = format!("cmd-{}", self.commands.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+        let (node, body, replica) = match &action {
+            Action::Start { replica, deployment, node, gpus, .. } => {
+                let Some(served) = lock(&self.served).get(deployment).cloned() else { return };
+                let uuids = self
+                    .registry
+                    .node(node)
+                    .map(|n| {
+                        gpus.iter()
+                            .filter_map(|g| n.gpus.iter().find(|x| x.index == *g).map(|x| x.uuid.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let start = v1::StartWorker {
+                    replica_id: replica.clone(),
+                    deployment: deployment.clone(),
+                    generation: 0,
+                    model: Some(served.source.clone()),
+                    gpu_indexes: gpus.clone(),
+                    gpu_uuids: uuids,
+                    gpu_memory_bytes: served.gpu_memory_bytes,
+                    max_concurrency: served.max_concurrency,
+                };
+                tracing::info!(%replica, %node, ?gpus, "starting replica");
+                (node.clone(), command::Action::StartWorker(start), Some(replica.clone()))
+            }
+            Action::Stop { replica, node, reason, .. } => {
+                tracing::info!(%replica, %node, ?reason, "stopping replica");
+                let stop = v1::StopWorker {
+                    replica_id: replica.clone(),
+                    grace_period_ms: self.config.stop_grace.as_millis() as u32,
+                    keep_weights_resident: true,
+                };
+                (node.clone(), command::Action::StopWorker(stop), None)
+            }
+        };
+        let command = v1::Command { command_id: id, deadline: None, action: Some(body) };
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let result = this.registry.command(&node, command, this.config.command_timeout).await;
+            let failed = match result {
+                Ok(ack) if succeeded(&ack) => None,
+                Ok(ack) => Some(format!("the agent refused: {}", ack.message)),
+                Err(e) => Some(e.to_string()),
+            };
+            if let (Some(why), Some(replica)) = (failed, replica) {
+                tracing::warn!(%replica, %node, error = %why, "start failed");
+                let gone = lock(&this.core).replica_gone(&replica);
+                lock(&this.starting).remove(&replica);
+                if let Some(r) = gone {
+                    this.metrics.failed_start(&r.deployment);
+                    lock(&this.journal).start_failures.push((replica, why));
+                }
+                this.wake.notify_one();
+            }
+        });
+    }
+
+    fn client(&self, node: &str) -> Result<WorkerServiceClient<Channel>, PredictError> {
+        let endpoint = self
+            .registry
+            .node(node)
+            .map(|n| n.worker_endpoint)
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| PredictError::Failed(format!("node {node} has no worker endpoint")))?;
+        let mut clients = lock(&self.clients);
+        if let Some(c) = clients.get(&endpoint) {
+            return Ok(c.clone());
+        }
+        let url = if endpoint.contains("://") { endpoint.clone() } else { format!("http://{endpoint}") };
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .map_err(|e| PredictError::Failed(format!("bad worker endpoint {endpoint}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        let client = WorkerServiceClient::new(channel);
+        clients.insert(endpoint, client.clone());
+        Ok(client)
+    }
+
+    /// Releases a routed request's slot and wakes a held request if one is now free.
+    fn finish(&self, deployment: &str, replica: &str) {
+        let now = self.now();
+        let mut core = lock(&self.core);
+        core.finish(deployment, replica, now);
+        if let Some(s) = lock(&self.served).get(deployment) {
+            s.hold.set_ready(core.has_free_slot(deployment));
+        }
+    }
+}
+
+/// The output of a worker's answer: its `output` field when it has one.
+fn output_of(bytes: &[u8]) -> Result<Value, PredictError> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| PredictError::Failed(format!("the replica answered something that is not JSON: {e}")))?;
+    Ok(match value {
+        Value::Object(mut o) if o.contains_key("output") => o.remove("output").unwrap_or(Value::Null),
+        other => other,
+    })
+}
+
+impl Backend for Arc<ControlPlane> {
+    fn version(&self, deployment: &str) -> Option<String> {
+        lock(&self.served).get(deployment).map(|s| s.version.clone())
+    }
+
+    async fn predict(&self, deployment: &str, input: Value, hold: Duration) -> Result<Outcome, PredictError> {
+        let arrived = Instant::now();
+        let result = self.run_prediction(deployment, input, hold).await;
+        let outcome = match &result {
+            Ok(_) => "succeeded",
+            Err(PredictError::Invalid(_)) => "invalid",
+            Err(PredictError::Overloaded { .. }) => "overloaded",
+            Err(PredictError::ColdStartTimeout { .. }) => "cold_start_timeout",
+            Err(PredictError::Failed(_)) => "failed",
+        };
+        self.metrics.request(deployment, outcome, arrived.elapsed().as_secs_f64());
+        result
+    }
+}
+
+impl ControlPlane {
+    async fn run_prediction(
+        self: &Arc<Self>,
+        deployment: &str,
+        input: Value,
+        hold: Duration,
+    ) -> Result<Outcome, PredictError> {
+        let arrived = Instant::now();
+        let Some(queue) = lock(&self.served).get(deployment).map(|s| Arc::clone(&s.hold)) else {
+            return Err(PredictError::Failed(format!("deployment {deployment} was removed")));
+        };
+        if !lock(&self.core).arrive(deployment, self.now()) {
+            return Err(PredictError::Failed(format!("deployment {deployment} was removed")));
+        }
+        let body = serde_json::json!({ "input": input }).to_string().into_bytes();
+        let mut cold = false;
+        let mut attempts = 0;
+        loop {
+            let route = {
+                let mut core = lock(&self.core);
+                let route = core.route(deployment);
+                if route == Route::Wait {
+                    cold |= core.status(deployment).is_some_and(|s| s.ready == 0);
+                    queue.set_ready(false);
+                }
+                route
+            };
+            let (replica, node) = match route {
+                Route::Replica { replica, node } => (replica, node),
+                Route::Unknown => return Err(PredictError::Failed(format!("deployment {deployment} was removed"))),
+                Route::Wait => {
+                    self.wake.notify_one();
+                    let left = hold.saturating_sub(arrived.elapsed());
+                    match queue.wait(left).await {
+                        Ok(_) => continue,
+                        Err(full) => {
+                            lock(&self.core).abandon(deployment, self.now());
+                            return Err(match full {
+                                None => {
+                                    PredictError::Overloaded { deployment: deployment.to_owned(), retry_after_s: 1 }
+                                }
+                                Some(waited) => PredictError::ColdStartTimeout {
+                                    deployment: deployment.to_owned(),
+                                    waited_s: waited.as_secs(),
+                                },
+                            });
+                        }
+                    }
+                }
+            };
+            let queue_time = arrived.elapsed().as_secs_f64();
+            let mut client = match self.client(&node) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.finish(deployment, &replica);
+                    return Err(e);
+                }
+            };
+            let request = v1::PredictRequest {
+                prediction_id: String::new(),
+                replica_id: replica.clone(),
+                input: body.clone(),
+                content_type: "application/json".into(),
+                metadata: HashMap::new(),
+            };
+            let sent = Instant::now();
+            let answer = client.predict(request).await;
+            // The round trip to the replica: the model's time plus one loopback or LAN hop.
+            let predict_time = sent.elapsed().as_secs_f64();
+            self.finish(deployment, &replica);
+            match answer {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    return Ok(Outcome {
+                        output: output_of(&r.output)?,
+                        predict_time,
+                        queue_time,
+                        cold_start: cold.then_some(queue_time),
+                    });
+                }
+                Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                    return Err(PredictError::Invalid(s.message().to_owned()));
+                }
+                // The replica is full (a race with another gateway) or unreachable (its agent died, or it is no
+                // longer there): an unreachable one is given up and stopped (a no-op if its node is gone), and the
+                // request is routed again, to another replica or held for a replacement.
+                Err(s)
+                    if attempts < 2
+                        && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::ResourceExhausted) =>
+                {
+                    attempts += 1;
+                    tracing::warn!(%replica, %node, error = %s.message(), "replica unreachable; routing again");
+                    if s.code() == tonic::Code::Unavailable {
+                        let gone = lock(&self.core).replica_gone(&replica);
+                        if let Some(r) = gone {
+                            self.execute(Action::Stop {
+                                replica: replica.clone(),
+                                deployment: r.deployment,
+                                node: r.node,
+                                reason: kiln_core::control::StopReason::Unreachable,
+                            });
+                        }
+                    }
+                    lock(&self.core).arrive(deployment, self.now());
+                    self.wake.notify_one();
+                }
+                Err(s) => return Err(PredictError::Failed(format!("replica {replica}: {}", s.message()))),
+            }
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The controller's Prometheus metrics (`/metrics` on the gateway's address, OpenMetrics text):
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `kiln_gateway_requests_total` | `deployment`, `outcome` | predictions run, by outcome (`succeeded`, `failed`, `invalid`, `overloaded`, `cold_start_timeout`) |
+//! | `kiln_gateway_request_duration_seconds` | `deployment` | from arrival to answer, including any hold |
+//! | `kiln_gateway_queue_depth` | `deployment` | requests held for a replica now |
+//! | `kiln_gateway_in_flight` | `deployment` | requests on replicas now |
+//! | `kiln_cold_starts_total` | `deployment`, `source` | replicas started, by where the weights came from |
+//! | `kiln_cold_start_duration_seconds` | `deployment` | from the start decision to the replica's ready event |
+//! | `kiln_cold_start_phase_seconds` | `phase` | the agent's load phases (`fetch`, `read`, `host_to_device`, `init`) |
+//! | `kiln_failed_starts_total` | `deployment` | starts refused or failed |
+//! | `kiln_replicas` | `deployment`, `state` | replicas `desired`, `loading`, `ready` |
+//! | `kiln_scheduling_duration_seconds` | | one control-loop pass (events, placement, autoscaling) |
+//! | `kiln_gpus` | `state` | GPUs of connected nodes by health (`healthy`, `degraded`, `unhealthy`), and on lost nodes (`lost`) |
+//! | `kiln_gpu_allocated_ratio` | | share of the fleet's GPU capacity held by replicas |
+//! | `kiln_nodes` | `ready` | nodes by readiness |
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+/// The controller's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram>,
+    queue: Family<Labels, Gauge>,
+    in_flight: Family<Labels, Gauge>,
+    cold_starts: Family<Labels, Counter>,
+    cold_start_seconds: Family<Labels, Histogram>,
+    phases: Family<Labels, Histogram>,
+    failed_starts: Family<Labels, Counter>,
+    replicas: Family<Labels, Gauge>,
+    scheduling: Histogram,
+    gpus: Family<Labels, Gauge>,
+    allocated: Gauge<f64, AtomicU64>,
+    nodes: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered, at zero.
+    pub fn new() -> Self {
+        let latency_buckets = || Histogram::new(exponential_buckets(0.0005, 2.0, 20));
+        let m = Self {
+            registry: Registry::default(),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_buckets),
+            queue: Family::default(),
+            in_flight: Family::default(),
+            cold_starts: Family::default(),
+            cold_start_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 16))),
+            phases: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 20))),
+            failed_starts: Family::default(),
+            replicas: Family::default(),
+            scheduling: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            gpus: Family::default(),
+            allocated: Gauge::default(),
+            nodes: Family::default(),
+        };
+        let mut m = m;
+        let r = &mut m.registry;
+        r.register("kiln_gateway_requests", "Predictions run, by outcome", m.requests.clone());
+        r.register("kiln_gateway_request_duration_seconds", "Prediction latency including holds", m.latency.clone());
+        r.register("kiln_gateway_queue_depth", "Requests held for a replica", m.queue.clone());
+        r.register("kiln_gateway_in_flight", "Requests on replicas", m.in_flight.clone());
+        r.register("kiln_cold_starts", "Replicas started, by weight source", m.cold_starts.clone());
+        r.register("kiln_cold_start_duration_seconds", "Start decision to ready", m.cold_start_seconds.clone());
+        r.register("kiln_cold_start_phase_seconds", "Agent load phases", m.phases.clone());
+        r.register("kiln_failed_starts", "Starts refused or failed", m.failed_starts.clone());
+        r.register("kiln_replicas", "Replicas by state", m.replicas.clone());
+        r.register("kiln_scheduling_duration_seconds", "One control-loop pass", m.scheduling.clone());
+        r.register("kiln_gpus", "GPUs by state", m.gpus.clone());
+        r.register("kiln_gpu_allocated_ratio", "Share of GPU capacity held by replicas", m.allocated.clone());
+        r.register("kiln_nodes", "Nodes by readiness", m.nodes.clone());
+        m
+    }
+
+    /// A prediction finished with `outcome` after `seconds`.
+    pub fn request(&self, deployment: &str, outcome: &str, seconds: f64) {
+        self.requests.get_or_create(&labels(&[("deployment", deployment), ("outcome", outcome)])).inc();
+        self.latency.get_or_create(&labels(&[("deployment", deployment)])).observe(seconds);
+    }
+
+    /// A replica became ready after `seconds`, its weights from `source`, with the agent's phases (ms).
+    pub fn cold_start(&self, deployment: &str, source: &str, seconds: f64, phases_ms: [u64; 4]) {
+        self.cold_starts.get_or_create(&labels(&[("deployment", deployment), ("source", source)])).inc();
+        self.cold_start_seconds.get_or_create(&labels(&[("deployment", deployment)])).observe(seconds);
+        for (phase, ms) in ["fetch", "read", "host_to_device", "init"].iter().zip(phases_ms) {
+            self.phases.get_or_create(&labels(&[("phase", phase)])).observe(ms as f64 / 1000.0);
+        }
+    }
+
+    /// A start was refused or failed.
+    pub fn failed_start(&self, deployment: &str) {
+        self.failed_starts.get_or_create(&labels(&[("deployment", deployment)])).inc();
+    }
+
+    /// One control-loop pass took `seconds`.
+    pub fn scheduling(&self, seconds: f64) {
+        self.scheduling.observe(seconds);
+    }
+
+    /// The current state, for the gauges set at scrape time.
+    pub fn set_state(&self, state: &StateSnapshot) {
+        for f in [&self.queue, &self.in_flight, &self.replicas, &self.gpus, &self.nodes] {
+            f.clear();
+        }
+        for d in &state.deployments {
+            let dep = [("deployment", d.name.as_str())];
+            self.queue.get_or_create(&labels(&dep)).set(i64::from(d.waiting));
+            self.in_flight.get_or_create(&labels(&dep)).set(i64::from(d.in_flight));
+            for (s, n) in [("desired", d.desired), ("loading", d.loading), ("ready", d.ready)] {
+                self.replicas.get_or_create(&labels(&[dep[0], ("state", s)])).set(i64::from(n));
+            }
+        }
+        for (s, n) in &state.gpus {
+            self.gpus.get_or_create(&labels(&[("state", s)])).set(*n);
+        }
+        for (ready, n) in [("true", state.nodes.0), ("false", state.nodes.1)] {
+            self.nodes.get_or_create(&labels(&[("ready", ready)])).set(n);
+        }
+        self.allocated.set(state.gpu_allocated_ratio);
+    }
+
+    /// The OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// What the scrape-time gauges show.
+#[derive(Debug, Clone, Default)]
+pub struct StateSnapshot {
+    /// Per deployment.
+    pub deployments: Vec<DeploymentGauges>,
+    /// GPUs by state.
+    pub gpus: Vec<(&'static str, i64)>,
+    /// Nodes ready, not ready.
+    pub nodes: (i64, i64),
+    /// Share of GPU capacity allocated.
+    pub gpu_allocated_ratio: f64,
+}
+
+/// One deployment's gauges.
+#[derive(Debug, Clone, Default)]
+pub struct DeploymentGauges {
+    /// `namespace/name`.
+    pub name: String,
+    /// Replicas wanted, loading, ready.
+    pub desired: u32,
+    /// Loading.
+    pub loading: u32,
+    /// Ready.
+    pub ready: u32,
+    /// Held requests.
+    pub waiting: u32,
+    /// Requests on replicas.
+    pub in_flight: u32,
+}

@@ -1,0 +1,223 @@
+//! The controller process without a cluster: the manifest directory as the spec source, the agent registry's
+//! `AgentService` on one address, and the gateway (predictions API, `GET /v1/deployments`, `/metrics`,
+//! `/healthz`) on another. `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
+use kiln_k8s_api::validate::Validator;
+use kiln_proto::v1::agent_service_server::AgentServiceServer;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{
+    control::{ControlConfig, ControlPlane},
+    gateway::Gateway,
+    manifests::{DirWatcher, ManifestError, load_dir},
+    registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
+};
+
+/// How to run the controller.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Directory of manifests, watched.
+    pub manifests: PathBuf,
+    /// Gateway (HTTP).
+    pub http_addr: SocketAddr,
+    /// `AgentService` (gRPC).
+    pub agent_addr: SocketAddr,
+    /// API keys: (key, namespace).
+    pub api_keys: Vec<(String, String)>,
+    /// Registry settings (the grace period after which a silent agent is lost).
+    pub registry: RegistryConfig,
+    /// Control loop settings.
+    pub control: ControlConfig,
+    /// How long a request may be held for a cold start.
+    pub hold: Duration,
+    /// How often the manifest directory is checked.
+    pub watch_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            manifests: PathBuf::from("kiln-manifests"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            agent_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            api_keys: Vec::new(),
+            registry: RegistryConfig::default(),
+            control: ControlConfig::default(),
+            hold: Duration::from_secs(120),
+            watch_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// A bound controller; [`Server::serve`] runs it.
+#[derive(Debug)]
+pub struct Server {
+    /// Where the gateway listens.
+    pub http_addr: SocketAddr,
+    /// Where agents connect.
+    pub agent_addr: SocketAddr,
+    /// The control plane (for tests and `kiln up`'s own figures).
+    pub control: Arc<ControlPlane>,
+    options: ServerOptions,
+    registry: Registry,
+    http: tokio::net::TcpListener,
+    agents: tokio::net::TcpListener,
+}
+
+#[derive(Debug)]
+struct Shared {
+    control: Arc<ControlPlane>,
+    registry: Registry,
+    manifest_errors: Mutex<Vec<ManifestError>>,
+    rejected: Mutex<Vec<(String, String)>>,
+}
+
+impl Server {
+    /// Binds both listeners.
+    pub async fn bind(options: ServerOptions) -> std::io::Result<Self> {
+        let http = tokio::net::TcpListener::bind(options.http_addr).await?;
+        let agents = tokio::net::TcpListener::bind(options.agent_addr).await?;
+        let registry = Registry::new(options.registry, MonotonicClock::system());
+        let control = ControlPlane::new(registry.clone(), options.control.clone());
+        Ok(Self {
+            http_addr: http.local_addr()?,
+            agent_addr: agents.local_addr()?,
+            control,
+            options,
+            registry,
+            http,
+            agents,
+        })
+    }
+
+    /// Serves until `stop` turns true.
+    pub async fn serve(self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+        let shared = Arc::new(Shared {
+            control: Arc::clone(&self.control),
+            registry: self.registry.clone(),
+            manifest_errors: Mutex::new(Vec::new()),
+            rejected: Mutex::new(Vec::new()),
+        });
+        let agents = tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(AgentServer(self.registry.clone())))
+            .serve_with_incoming(TcpListenerStream::new(self.agents));
+        tokio::spawn(async move {
+            if let Err(e) = agents.await {
+                tracing::error!(error = %e, "the agent service stopped");
+            }
+        });
+        tokio::spawn(Arc::clone(&self.control).run(stop.clone()));
+        tokio::spawn(watch_manifests(Arc::clone(&shared), self.options.manifests.clone(), self.options.watch_interval));
+        let base = format!("http://{}", self.http_addr);
+        let mut gateway = Gateway::new(Arc::clone(&self.control), self.options.api_keys.clone(), &base);
+        if let Some(g) = Arc::get_mut(&mut gateway) {
+            g.hold = self.options.hold;
+        }
+        let router = gateway.router().merge(
+            Router::new()
+                .route("/v1/deployments", get(deployments))
+                .route("/metrics", get(metrics_page))
+                .route("/healthz", get(|| async { "ok" }))
+                .with_state(shared),
+        );
+        axum::serve(self.http, router)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+    }
+}
+
+async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
+    let validator = Validator::default();
+    let mut watcher = DirWatcher::default();
+    loop {
+        match watcher.changed(&dir) {
+            Ok(true) => match load_dir(&dir, &validator) {
+                Ok(set) => {
+                    for e in &set.errors {
+                        tracing::error!("invalid manifest, left out: {e}");
+                    }
+                    let rejected = shared.control.apply(set.deployments.values());
+                    for (key, why) in &rejected {
+                        tracing::error!(deployment = %key, "deployment left out: {why}");
+                    }
+                    tracing::info!(deployments = set.deployments.len() - rejected.len(), dir = %dir.display(),
+                        "manifests loaded");
+                    *shared.manifest_errors.lock().unwrap_or_else(|p| p.into_inner()) = set.errors;
+                    *shared.rejected.lock().unwrap_or_else(|p| p.into_inner()) = rejected;
+                }
+                Err(e) => tracing::error!(dir = %dir.display(), error = %e, "reading the manifests"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::error!(dir = %dir.display(), error = %e, "watching the manifests"),
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why.
+async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    let replicas = shared.control.replicas();
+    let items: Vec<_> = shared
+        .control
+        .statuses()
+        .into_iter()
+        .map(|(key, s)| {
+            let placements: Vec<_> = replicas
+                .iter()
+                .filter(|r| r.1 == key)
+                .map(|(id, _, node, gpus, ready)| {
+                    json!({ "replica": id, "node": node, "gpus": gpus, "state": if *ready { "ready" } else { "loading" } })
+                })
+                .collect();
+            json!({
+                "name": key,
+                "replicas": { "desired": s.desired, "loading": s.starting, "ready": s.ready },
+                "inFlight": s.in_flight,
+                "waiting": s.waiting,
+                "unschedulable": s.unschedulable,
+                "placements": placements,
+            })
+        })
+        .collect();
+    let errors: Vec<_> = shared
+        .manifest_errors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .map(|e| json!({ "file": e.file.display().to_string(), "document": e.document, "error": e.message }))
+        .chain(
+            shared
+                .rejected
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(key, why)| json!({ "deployment": key, "error": why })),
+        )
+        .collect();
+    let nodes: Vec<_> = shared
+        .registry
+        .nodes()
+        .into_iter()
+        .map(|n| json!({ "name": n.name, "ready": n.ready, "gpus": n.gpus.len(), "simulated": n.simulated }))
+        .collect();
+    Json(json!({ "deployments": items, "invalid": errors, "nodes": nodes }))
+}
+
+async fn metrics_page(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        shared.control.metrics_text(),
+    )
+}

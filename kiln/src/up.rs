@@ -1,0 +1,256 @@
+//! `kiln up`: the whole system in one process on this machine — the controller (manifest-directory mode), the
+//! gateway, and a local agent (NVML GPUs, or simulated H100s where NVML finds none). On first run it writes an
+//! example deployment of a small native model (and the model), and an API key for the `default` namespace.
+
+use std::{
+    fs,
+    io::Read,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use kiln_agent::{
+    model::example_model,
+    node::{Node, NodeOptions},
+};
+use kiln_controller::{
+    registry::RegistryConfig,
+    server::{Server, ServerOptions},
+};
+use serde::{Deserialize, Serialize};
+
+/// `kiln up` options.
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    /// Directory of ModelDeployment manifests to serve (watched for changes); an example is written there if it
+    /// holds none.
+    #[arg(long, default_value = "kiln-manifests")]
+    pub manifests: PathBuf,
+    /// Where Kiln keeps its state on this machine: API keys, the weight cache, generated example models.
+    #[arg(long, default_value = ".kiln")]
+    pub state_dir: PathBuf,
+    /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where agents connect (`kiln.agent.v1.AgentService`).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub agent_listen: SocketAddr,
+    /// Run no local agent: serve agents that connect to --agent-listen only.
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Simulate these GPUs on the local agent instead of NVML, e.g. `h100-80gb:8`.
+    #[arg(long)]
+    pub simulate_gpus: Option<String>,
+    /// The local agent's metrics address (GPU metrics with dcgm-exporter names).
+    #[arg(long, default_value = "127.0.0.1:9400")]
+    pub agent_metrics: SocketAddr,
+    /// The local agent's admin address (fault injection on simulated GPUs).
+    #[arg(long, default_value = "127.0.0.1:9401")]
+    pub agent_admin: SocketAddr,
+    /// API keys file (YAML list of `{namespace, key}`); written with one key for `default` if absent.
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
+    /// Silence after which an agent is lost and its replicas are placed elsewhere, e.g. `10s`.
+    #[arg(long, default_value = "10s", value_parser = seconds)]
+    pub agent_grace: Duration,
+    /// How long a request may be held while its deployment cold-starts, e.g. `120s`.
+    #[arg(long, default_value = "120s", value_parser = seconds)]
+    pub hold: Duration,
+    /// Requests held per deployment before 429.
+    #[arg(long, default_value_t = 256)]
+    pub hold_capacity: usize,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    kiln_core::autoscale::keepalive::parse_duration(s).map(Duration::from_secs_f64)
+}
+
+/// One API key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// The namespace it reaches.
+    pub namespace: String,
+    /// The key (sent as `Authorization: Bearer <key>`).
+    pub key: String,
+}
+
+/// Reads an API keys file; a key must be at least 16 characters and appear once.
+pub fn read_keys(path: &Path) -> Result<Vec<ApiKey>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let keys: Vec<ApiKey> = serde_yaml::from_str(&text)
+        .with_context(|| format!("{}: expected a YAML list of {{namespace: ..., key: ...}}", path.display()))?;
+    for (i, k) in keys.iter().enumerate() {
+        if k.key.len() < 16 {
+            bail!("{}: key {} (namespace {}) is shorter than 16 characters", path.display(), i + 1, k.namespace);
+        }
+        if keys[..i].iter().any(|o| o.key == k.key) {
+            bail!("{}: key {} appears twice", path.display(), i + 1);
+        }
+    }
+    Ok(keys)
+}
+
+fn random_key() -> Result<String> {
+    let mut bytes = [0u8; 20];
+    fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading /dev/urandom")?;
+    Ok(format!("kiln_{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()))
+}
+
+/// The example model's layer widths: 4 inputs, two hidden layers of 64, 2 outputs.
+const EXAMPLE_DIMS: [usize; 4] = [4, 64, 64, 2];
+
+/// Writes the example deployment and its model if the manifest directory holds no manifest.
+fn first_run(manifests: &Path, state: &Path) -> Result<Option<PathBuf>> {
+    fs::create_dir_all(manifests).with_context(|| format!("creating {}", manifests.display()))?;
+    let has_manifests =
+        fs::read_dir(manifests)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "yaml" || x == "yml"));
+    if has_manifests {
+        return Ok(None);
+    }
+    let models = state.join("models");
+    fs::create_dir_all(&models).with_context(|| format!("creating {}", models.display()))?;
+    let model = fs::canonicalize(&models)?.join("mlp-demo.safetensors");
+    if !model.exists() {
+        fs::write(&model, example_model(7, &EXAMPLE_DIMS)).with_context(|| format!("writing {}", model.display()))?;
+    }
+    let manifest = format!(
+        "# Written by `kiln up` on first run: a small dense network (4 inputs, 2 outputs) served by Kiln's native
+# worker, scaled to zero when idle. Edit it, or add more ModelDeployment manifests here; Kiln picks changes up.
+apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: mlp-demo
+  namespace: default
+spec:
+  model:
+    uri: file://{}
+    runtime: native
+  gpu:
+    count: 1
+    memoryPerGpu: 1Gi
+  scaling:
+    minReplicas: 0
+    maxReplicas: 4
+    targetConcurrency: 8
+    keepAlive:
+      policy: fixed
+      duration: 5m
+",
+        model.display()
+    );
+    let path = manifests.join("mlp-demo.yaml");
+    fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
+    Ok(Some(path))
+}
+
+fn keys(args: &UpArgs) -> Result<(PathBuf, Vec<ApiKey>)> {
+    let path = args.api_keys.clone().unwrap_or_else(|| args.state_dir.join("api-keys.yaml"));
+    if args.api_keys.is_none() && !path.exists() {
+        let key = ApiKey { namespace: "default".into(), key: random_key()? };
+        let text = format!(
+            "# API keys of the predictions API: each reaches the deployments of one namespace.\n{}",
+            serde_yaml::to_string(&vec![key])?
+        );
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok((path.clone(), read_keys(&path)?))
+}
+
+/// Runs until interrupted.
+pub fn up(args: &UpArgs) -> Result<()> {
+    fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let example = if args.no_agent { None } else { first_run(&args.manifests, &args.state_dir)? };
+    let (keys_file, keys) = keys(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let options = ServerOptions {
+            manifests: args.manifests.clone(),
+            http_addr: args.listen,
+            agent_addr: args.agent_listen,
+            api_keys: keys.iter().map(|k| (k.key.clone(), k.namespace.clone())).collect(),
+            registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
+            control: kiln_controller::control::ControlConfig {
+                hold_capacity: args.hold_capacity,
+                ..Default::default()
+            },
+            hold: args.hold,
+            ..ServerOptions::default()
+        };
+        let server = Server::bind(options).await.with_context(|| {
+            format!("binding the gateway ({}) and agent ({}) addresses", args.listen, args.agent_listen)
+        })?;
+        let (http, agents) = (server.http_addr, server.agent_addr);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut agent_line = String::from("no local agent (--no-agent): waiting for agents to connect");
+        let mut agent_metrics = None;
+        if !args.no_agent {
+            let node = Node::open(NodeOptions {
+                node: hostname(),
+                simulate_gpus: args.simulate_gpus.clone(),
+                metrics_addr: args.agent_metrics,
+                admin_addr: args.agent_admin,
+                worker_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                sample_interval: Duration::from_secs(1),
+                cache_dir: args.state_dir.join("cache"),
+                disk_cache_size: 20 << 30,
+                host_cache_size: 4 << 30,
+                controller: Some(format!("http://{agents}")),
+            })
+            .await?;
+            agent_line = format!("local agent: {}", node.addresses.summary);
+            agent_metrics = Some(node.addresses.metrics);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = node.serve(stop).await {
+                    tracing::error!("the local agent stopped: {e:#}");
+                }
+            });
+        }
+        let key = keys.iter().find(|k| k.namespace == "default").or(keys.first());
+        println!("kiln up: {agent_line}");
+        println!(
+            "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/v1/deployments)"
+        );
+        println!("  metrics           http://{http}/metrics (controller and gateway)");
+        if let Some(m) = agent_metrics {
+            println!("                    http://{m}/metrics (GPUs, dcgm-exporter names)");
+        }
+        println!("  agents connect to http://{agents}");
+        match &example {
+            Some(path) => println!(
+                "  manifests         {} (watched; wrote the example {})",
+                args.manifests.display(),
+                path.display()
+            ),
+            None => println!("  manifests         {} (watched)", args.manifests.display()),
+        }
+        if let Some(key) = key {
+            println!("  API keys          {} (namespace {}: {})", keys_file.display(), key.namespace, key.key);
+            println!("try (the first request cold-starts a replica; the next ones are warm):");
+            println!(
+                "  curl -s -H 'Authorization: Bearer {}' -H 'Prefer: wait' -H 'Content-Type: application/json' \\\n    \
+                 -d '{{\"input\": {{\"x\": [0.5, -1.0, 2.0, 0.25]}}}}' \\\n    \
+                 http://{http}/v1/deployments/{}/mlp-demo/predictions",
+                key.key, key.namespace
+            );
+        }
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                tracing::info!("interrupted; stopping");
+                let _ = stop_tx.send(true);
+            }
+        });
+        server.serve(stop).await.context("serving")
+    })
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
