@@ -86,14 +86,6 @@ fn crdgen_prints_the_checked_in_crds() {
 }
 
 #[test]
-fn commands_not_yet_built_say_so_and_fail() {
-    let out = kiln(&["up"]);
-    assert_eq!(out.status.code(), Some(2));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("not yet implemented"), "{stderr}");
-}
-
-#[test]
 fn simulate_placement_writes_the_json_the_experiment_promises_and_names_bad_rows() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-placement-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();

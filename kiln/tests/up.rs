@@ -1,0 +1,107 @@
+//! `kiln up` as the README's quick start runs it, on a fresh directory: it writes the example deployment, model and
+//! API key, prints a `curl` line, and that line gets a prediction (a cold start first, then warm).
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+struct Up(Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Sends one HTTP/1.1 request and returns (status, body).
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request += &format!("{k}: {v}\r\n");
+    }
+    request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn kiln_up_serves_the_example_with_the_printed_curl_line() {
+    let dir = std::env::temp_dir().join(format!("kiln-up-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
+        .args(["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0"])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let up = Up(child);
+    let mut printed = Vec::new();
+    while let Some(Ok(line)) = lines.next() {
+        let last = line.contains("/predictions");
+        printed.push(line);
+        if last {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let text = printed.join("\n");
+    assert!(text.contains("simulated GPUs") || text.contains("NVML GPUs"), "{text}");
+    assert!(dir.join("kiln-manifests/mlp-demo.yaml").exists() && dir.join(".kiln/api-keys.yaml").exists());
+
+    // The curl line as printed (backslash-continued), run by a shell, when curl is here; the same request over a
+    // plain socket either way.
+    let curl = text[text.find("curl ").expect("a curl line")..].replace("\\\n", " ");
+    let url = curl.split_whitespace().last().unwrap().to_owned();
+    let addr = url.trim_start_matches("http://").split('/').next().unwrap().to_owned();
+    let path = format!("/{}", url.trim_start_matches("http://").split_once('/').unwrap().1);
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let auth = format!("Bearer {key}");
+    let headers = [("Authorization", auth.as_str()), ("Prefer", "wait"), ("Content-Type", "application/json")];
+    let body = r#"{"input": {"x": [0.5, -1.0, 2.0, 0.25]}}"#;
+
+    // The manifest directory is read within a second of start.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (status, first) = loop {
+        let (status, b) = http(&addr, "POST", &path, &headers, body);
+        if status != 404 || Instant::now() > deadline {
+            break (status, b);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, 200, "{first}");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["status"], "succeeded", "{first}");
+    assert_eq!(first["metrics"]["cold_start"], true, "{first}");
+    assert_eq!(first["output"].as_array().unwrap().len(), 2, "{first}");
+
+    if std::process::Command::new("curl").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let out = Command::new("sh").arg("-c").arg(&curl).output().unwrap();
+        let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(answer["status"], "succeeded", "{answer}");
+        assert_eq!(answer["metrics"]["cold_start"], false, "warm now: {answer}");
+        assert_eq!(answer["output"], first["output"], "the same model, the same input, the same output");
+    }
+    let (status, deployments) = http(&addr, "GET", "/v1/deployments", &[], "");
+    assert_eq!(status, 200);
+    let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
+    assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
+    assert_eq!(deployments["deployments"][0]["replicas"]["ready"], 1, "{deployments}");
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
