@@ -31,6 +31,8 @@ enum Command {
     /// Run the whole system on this machine: controller, gateway and a local agent (simulated GPUs when NVML finds
     /// none), serving the manifests in a directory.
     Up(up::UpArgs),
+    /// Run a node agent (the same agent as `kiln-agent`), connecting to a controller.
+    Agent(up::AgentArgs),
     /// Replay real traces through the real placement engine and autoscaler.
     Simulate {
         #[command(subcommand)]
@@ -64,6 +66,10 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             init_tracing();
             up::up(&args).map(|()| ExitCode::SUCCESS)
+        }
+        Command::Agent(args) => {
+            init_tracing();
+            up::agent(&args).map(|()| ExitCode::SUCCESS)
         }
         Command::Simulate { what: Simulation::Placement(args) } => {
             simulate::placement(&args).map(|()| ExitCode::SUCCESS)

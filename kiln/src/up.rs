@@ -3,8 +3,9 @@
 //! example deployment of a small native model (and the model), and an API key for the `default` namespace.
 
 use std::{
+    fmt::Write as _,
     fs,
-    io::Read,
+    io::{Read, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -210,33 +211,44 @@ pub fn up(args: &UpArgs) -> Result<()> {
             });
         }
         let key = keys.iter().find(|k| k.namespace == "default").or(keys.first());
-        println!("kiln up: {agent_line}");
-        println!(
+        let mut banner = String::new();
+        let _ = writeln!(banner, "kiln up: {agent_line}");
+        let _ = writeln!(
+            banner,
             "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/v1/deployments)"
         );
-        println!("  metrics           http://{http}/metrics (controller and gateway)");
+        let _ = writeln!(banner, "  metrics           http://{http}/metrics (controller and gateway)");
         if let Some(m) = agent_metrics {
-            println!("                    http://{m}/metrics (GPUs, dcgm-exporter names)");
+            let _ = writeln!(banner, "                    http://{m}/metrics (GPUs, dcgm-exporter names)");
         }
-        println!("  agents connect to http://{agents}");
-        match &example {
-            Some(path) => println!(
+        let _ = writeln!(banner, "  agents connect to http://{agents}");
+        let _ = match &example {
+            Some(path) => writeln!(
+                banner,
                 "  manifests         {} (watched; wrote the example {})",
                 args.manifests.display(),
                 path.display()
             ),
-            None => println!("  manifests         {} (watched)", args.manifests.display()),
-        }
+            None => writeln!(banner, "  manifests         {} (watched)", args.manifests.display()),
+        };
         if let Some(key) = key {
-            println!("  API keys          {} (namespace {}: {})", keys_file.display(), key.namespace, key.key);
-            println!("try (the first request cold-starts a replica; the next ones are warm):");
-            println!(
+            let _ = writeln!(
+                banner,
+                "  API keys          {} (namespace {}: {})",
+                keys_file.display(),
+                key.namespace,
+                key.key
+            );
+            let _ = writeln!(banner, "try (the first request cold-starts a replica; the next ones are warm):");
+            let _ = writeln!(
+                banner,
                 "  curl -s -H 'Authorization: Bearer {}' -H 'Prefer: wait' -H 'Content-Type: application/json' \\\n    \
                  -d '{{\"input\": {{\"x\": [0.5, -1.0, 2.0, 0.25]}}}}' \\\n    \
                  http://{http}/v1/deployments/{}/mlp-demo/predictions",
                 key.key, key.namespace
             );
         }
+        say(&banner);
         tokio::spawn(async move {
             if tokio::signal::ctrl_c().await.is_ok() {
                 tracing::info!("interrupted; stopping");
@@ -247,10 +259,77 @@ pub fn up(args: &UpArgs) -> Result<()> {
     })
 }
 
+/// Writes to stdout, ignoring errors: a process whose stdout was closed keeps serving instead of dying on a
+/// broken pipe.
+fn say(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 fn hostname() -> String {
     fs::read_to_string("/etc/hostname")
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// `kiln agent` options: the node agent, from the same binary (as `kiln-agent` runs it).
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// The controller's agent address.
+    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    pub controller: String,
+    /// Node name; defaults to the host name.
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Simulate these GPUs instead of NVML, e.g. `h100-80gb:8`.
+    #[arg(long)]
+    pub simulate_gpus: Option<String>,
+    /// Metrics (dcgm-exporter names).
+    #[arg(long, default_value = "0.0.0.0:9400")]
+    pub metrics_addr: SocketAddr,
+    /// Admin endpoints (fault injection on simulated GPUs).
+    #[arg(long, default_value = "127.0.0.1:9401")]
+    pub admin_addr: SocketAddr,
+    /// Where the gateway reaches this node's replicas (`WorkerService`).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub worker_addr: SocketAddr,
+    /// Local-disk weight cache.
+    #[arg(long, default_value = "/var/lib/kiln/cache")]
+    pub cache_dir: PathBuf,
+}
+
+/// Runs an agent until interrupted.
+pub fn agent(args: &AgentArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let node = Node::open(NodeOptions {
+            node: args.node_name.clone().unwrap_or_else(hostname),
+            simulate_gpus: args.simulate_gpus.clone(),
+            metrics_addr: args.metrics_addr,
+            admin_addr: args.admin_addr,
+            worker_addr: args.worker_addr,
+            sample_interval: Duration::from_secs(1),
+            cache_dir: args.cache_dir.clone(),
+            disk_cache_size: 20 << 30,
+            host_cache_size: 4 << 30,
+            controller: Some(args.controller.clone()),
+        })
+        .await?;
+        let a = &node.addresses;
+        let mut banner = String::new();
+        let _ = writeln!(banner, "kiln agent: {}", a.summary);
+        let _ = writeln!(banner, "metrics: http://{}/metrics", a.metrics);
+        let _ = writeln!(banner, "admin: http://{}", a.admin);
+        let _ = writeln!(banner, "workers: {}", a.workers);
+        say(&banner);
+        let (stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                let _ = stop_tx.send(true);
+            }
+        });
+        node.serve(stop).await
+    })
 }

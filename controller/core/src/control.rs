@@ -370,6 +370,14 @@ impl Control {
             .collect())
     }
 
+    /// A node's agent disconnected: no new work there until it registers again; its replicas are kept (they may
+    /// still run, and the agent reports them when it returns).
+    pub fn node_down(&mut self, name: &str) {
+        if let Some(&id) = self.nodes.get(name) {
+            self.engine.set_schedulable(id, false);
+        }
+    }
+
     /// A node's agent went silent: no new work, and its replicas are gone. Returns their ids.
     pub fn node_lost(&mut self, name: &str) -> Vec<String> {
         let Some(&id) = self.nodes.get(name) else { return Vec::new() };

@@ -426,6 +426,10 @@ impl ControlPlane {
                 }
                 core.set_cached(&node, cached_of(&view));
             }
+            RegistryEvent::Disconnected { node } => {
+                tracing::warn!(%node, "agent disconnected; no new work there until it returns");
+                core.node_down(&node);
+            }
             RegistryEvent::Cache { node } => {
                 if let Some(view) = self.registry.node(&node) {
                     core.set_cached(&node, cached_of(&view));

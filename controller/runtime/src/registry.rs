@@ -123,6 +123,12 @@ pub enum RegistryEvent {
         /// Node.
         node: String,
     },
+    /// A node's session ended (its replicas may still run; it is lost if it does not return within the grace
+    /// period).
+    Disconnected {
+        /// Node.
+        node: String,
+    },
 }
 
 /// Registry settings.
@@ -414,6 +420,7 @@ impl Registry {
         let mut s = self.lock();
         if let Some(n) = s.nodes.get_mut(node).filter(|n| n.session == session) {
             n.outbox = None;
+            self.push(&mut s, RegistryEvent::Disconnected { node: node.to_owned() });
         }
     }
 }

@@ -1,0 +1,384 @@
+//! End to end on loopback, with the real binary: a controller (`kiln up --no-agent`, manifest-directory mode) and
+//! two agents (`kiln agent`, two simulated H100s each) as separate processes, checked through the public HTTP API
+//! and metrics only.
+//!
+//! (These live in the `kiln` package, not in `e2e/`, because cargo hands a test the path of its own package's
+//! binaries only; `e2e/` keeps the tests against a real cluster.)
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `kiln args...`, reads stdout until a line contains `marker`, keeps draining it; returns the lines.
+fn spawn(args: &[&str], marker: &str) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut text = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        text += &line;
+        text.push('\n');
+        if line.contains(marker) {
+            break;
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    (Proc(child), text)
+}
+
+/// One HTTP/1.1 request: (status, headers, body).
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(90))).unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request += &format!("{k}: {v}\r\n");
+    }
+    request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_owned(), body.to_owned())
+}
+
+struct Cluster {
+    dir: PathBuf,
+    controller: Proc,
+    agents: Vec<Option<Proc>>,
+    http: String,
+}
+
+const SLOW: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: slow
+  namespace: e2e
+spec:
+  model:
+    uri: file://MODEL
+    runtime: native
+  gpu:
+    count: 1
+    memoryPerGpu: 1Gi
+  scaling:
+    minReplicas: 0
+    maxReplicas: 3
+    targetConcurrency: 1
+    keepAlive:
+      policy: fixed
+      duration: 3s
+"#;
+
+const HUGE: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: huge
+  namespace: e2e
+spec:
+  model:
+    uri: file://MODEL
+    runtime: native
+  gpu:
+    count: 8
+    memoryPerGpu: 80Gi
+"#;
+
+const KEYS: &str =
+    "- namespace: e2e\n  key: e2e-key-0123456789abcdef\n- namespace: other\n  key: other-key-0123456789abcdef\n";
+const AUTH: &str = "Bearer e2e-key-0123456789abcdef";
+
+impl Cluster {
+    fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("kiln-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("manifests")).unwrap();
+        // A model slow enough on a CPU that concurrent requests overlap: 64 -> 1024 -> 1024 -> 64.
+        let model = dir.join("slow.safetensors");
+        std::fs::write(&model, kiln_agent::model::example_model(3, &[64, 1024, 1024, 64])).unwrap();
+        let manifest = |text: &str| text.replace("MODEL", model.to_str().unwrap());
+        std::fs::write(dir.join("manifests/slow.yaml"), manifest(SLOW)).unwrap();
+        std::fs::write(dir.join("manifests/huge.yaml"), manifest(HUGE)).unwrap();
+        std::fs::write(dir.join("keys.yaml"), KEYS).unwrap();
+        let d = |p: &str| dir.join(p).to_str().unwrap().to_owned();
+        let (controller, text) = spawn(
+            &[
+                "up",
+                "--no-agent",
+                "--manifests",
+                &d("manifests"),
+                "--state-dir",
+                &d("state"),
+                "--api-keys",
+                &d("keys.yaml"),
+                "--listen",
+                "127.0.0.1:0",
+                "--agent-listen",
+                "127.0.0.1:0",
+                "--agent-grace",
+                "3s",
+                "--hold",
+                "8s",
+                "--hold-capacity",
+                "8",
+            ],
+            "agents connect to",
+        );
+        let grab = |prefix: &str| {
+            let at = text.find(prefix).unwrap_or_else(|| panic!("{prefix:?} in {text}")) + prefix.len();
+            text[at..].split_whitespace().next().unwrap().trim_start_matches("http://").to_owned()
+        };
+        let http = grab("predictions API");
+        let agent_addr = grab("agents connect to");
+        let mut agents = Vec::new();
+        for node in ["node-a", "node-b"] {
+            let (agent, _) = spawn(
+                &[
+                    "agent",
+                    "--controller",
+                    &format!("http://{agent_addr}"),
+                    "--node-name",
+                    node,
+                    "--simulate-gpus",
+                    "h100-80gb:2",
+                    "--metrics-addr",
+                    "127.0.0.1:0",
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                    "--worker-addr",
+                    "127.0.0.1:0",
+                    "--cache-dir",
+                    &d(node),
+                ],
+                "workers:",
+            );
+            agents.push(Some(agent));
+        }
+        let cluster = Cluster { dir, controller, agents, http };
+        cluster.wait_for("both nodes ready and the deployments loaded", |s| {
+            s["nodes"].as_array().is_some_and(|n| n.iter().filter(|n| n["ready"] == true).count() == 2)
+                && s["deployments"].as_array().is_some_and(|d| d.len() == 2)
+        });
+        cluster
+    }
+
+    fn state(&self) -> Value {
+        let (status, _, body) = http(&self.http, "GET", "/v1/deployments", &[], "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn deployment(&self, name: &str) -> Value {
+        let s = self.state();
+        s["deployments"].as_array().unwrap().iter().find(|d| d["name"] == name).cloned().unwrap_or(Value::Null)
+    }
+
+    fn wait_for(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.state();
+            if ok(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; last state: {s:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn predict(&self, name: &str, auth: &str, body: &str, wait: bool) -> (u16, String, Value) {
+        let mut headers = vec![("Authorization", auth), ("Content-Type", "application/json")];
+        if wait {
+            headers.push(("Prefer", "wait"));
+        }
+        let (status, head, body) =
+            http(&self.http, "POST", &format!("/v1/deployments/{name}/predictions"), &headers, body);
+        (status, head, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+
+    fn metrics(&self) -> String {
+        http(&self.http, "GET", "/metrics", &[], "").2
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        let _ = self.controller.0.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A batch of 16 rows of 64 inputs.
+fn batch() -> String {
+    let row: Vec<String> = (0..64).map(|i| format!("{:.2}", (i as f64) / 64.0 - 0.5)).collect();
+    let rows: Vec<String> = (0..16).map(|_| format!("[{}]", row.join(","))).collect();
+    format!("{{\"input\": {{\"x\": [{}]}}}}", rows.join(","))
+}
+
+fn nodes_of(d: &Value) -> Vec<String> {
+    let mut nodes: Vec<String> =
+        d["placements"].as_array().unwrap().iter().map(|p| p["node"].as_str().unwrap().to_owned()).collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
+}
+
+#[test]
+fn scale_from_zero_burst_scale_out_back_to_zero_and_rescheduling_after_an_agent_dies() {
+    let mut c = Cluster::start("lifecycle");
+    let body = batch();
+
+    // minReplicas 0: nothing runs.
+    let d = c.deployment("e2e/slow");
+    assert_eq!((d["replicas"]["desired"].as_u64(), d["replicas"]["ready"].as_u64()), (Some(0), Some(0)), "{d}");
+
+    // The first request cold-starts a replica and succeeds; the next is warm.
+    let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+    assert_eq!(status, 200, "{p}");
+    assert_eq!((p["status"].as_str(), p["metrics"]["cold_start"].as_bool()), (Some("succeeded"), Some(true)), "{p}");
+    assert_eq!(p["output"].as_array().unwrap().len(), 16);
+    assert!(p["metrics"]["cold_start_time"].as_f64().unwrap() > 0.0);
+    let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+    assert_eq!((status, p["metrics"]["cold_start"].as_bool()), (200, Some(false)), "{p}");
+
+    // A burst of six concurrent clients (one request per replica at a time) scales out, within maxReplicas 3,
+    // spread over both nodes; every request succeeds.
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (http_addr, body) = (c.http.clone(), body.clone());
+            std::thread::spawn(move || {
+                (0..4)
+                    .map(|_| {
+                        let headers = [("Authorization", AUTH), ("Prefer", "wait")];
+                        http(&http_addr, "POST", "/v1/deployments/e2e/slow/predictions", &headers, &body).0
+                    })
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    let statuses: Vec<u16> = clients.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    let d = c.deployment("e2e/slow");
+    let replicas = d["placements"].as_array().unwrap().len();
+    assert!((2..=3).contains(&replicas), "scaled out within the maximum: {d:#}");
+    assert_eq!(nodes_of(&d), ["node-a", "node-b"], "spread over both nodes: {d:#}");
+    let metrics = c.metrics();
+    assert!(
+        metrics.contains("kiln_gateway_requests_total{deployment=\"e2e/slow\",outcome=\"succeeded\"} 26"),
+        "{metrics}"
+    );
+
+    // Idle past the 3 s keep-alive: back to zero.
+    c.wait_for("e2e/slow back at zero", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| {
+            d["name"] == "e2e/slow" && d["replicas"]["ready"] == 0 && d["placements"].as_array().unwrap().is_empty()
+        })
+    });
+    let metrics = c.metrics();
+    assert!(metrics.contains("kiln_gpu_allocated_ratio 0.0"), "{metrics}");
+
+    // Cold start again, then kill the agent holding the replica: the next requests still succeed, on the other node.
+    let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+    assert_eq!((status, p["metrics"]["cold_start"].as_bool()), (200, Some(true)), "{p}");
+    let d = c.deployment("e2e/slow");
+    let victim = nodes_of(&d).pop().unwrap();
+    let index = if victim == "node-a" { 0 } else { 1 };
+    c.agents[index] = None;
+    for _ in 0..3 {
+        let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+        assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+    }
+    // After the grace period the node is not ready and no replica is placed there; requests are served on the other.
+    c.wait_for("the dead agent's node not ready and none of its replicas left", |s| {
+        let lost = s["nodes"].as_array().unwrap().iter().any(|n| n["name"] == victim.as_str() && n["ready"] == false);
+        let d = s["deployments"].as_array().unwrap().iter().find(|d| d["name"] == "e2e/slow").unwrap();
+        lost && !nodes_of(d).contains(&victim)
+    });
+    let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+    assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+    let survivor = if victim == "node-a" { "node-b" } else { "node-a" };
+    assert_eq!(nodes_of(&c.deployment("e2e/slow")), [survivor]);
+}
+
+#[test]
+fn full_queues_bad_keys_and_invalid_manifests_get_clear_answers() {
+    let c = Cluster::start("errors");
+    let body = batch();
+
+    // Unknown or missing key: 401; another namespace's key: 403; unknown deployment: 404 naming it; bad body: 400.
+    let (status, _, p) = c.predict("e2e/slow", "Bearer wrong-key-0000000000000", &body, true);
+    assert_eq!(status, 401, "{p}");
+    let (status, _, p) = c.predict("e2e/slow", "Bearer other-key-0123456789abcdef", &body, true);
+    assert_eq!(status, 403, "{p}");
+    assert!(p["detail"].as_str().unwrap().contains("e2e"), "{p}");
+    let (status, _, p) = c.predict("e2e/nope", AUTH, &body, true);
+    assert_eq!(status, 404);
+    assert!(p["detail"].as_str().unwrap().contains("e2e/nope"), "{p}");
+    let (status, _, p) = c.predict("e2e/slow", AUTH, "{\"input\": [1, 2", true);
+    assert_eq!(status, 400);
+    assert!(p["detail"].as_str().unwrap().contains("not JSON"), "{p}");
+
+    // A deployment no node can hold (8 GPUs; the nodes have 2): it says why, requests are held up to the queue's
+    // capacity (8), the next gets 429 with Retry-After, and held ones fail after the hold deadline.
+    let d = c.deployment("e2e/huge");
+    assert_eq!(d["replicas"]["ready"], 0);
+    for _ in 0..8 {
+        let (status, _, p) = c.predict("e2e/huge", AUTH, &body, false);
+        assert_eq!(status, 201, "{p}");
+    }
+    c.wait_for("eight held", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| d["name"] == "e2e/huge" && d["waiting"] == 8)
+    });
+    let d = c.deployment("e2e/huge");
+    assert!(d["unschedulable"].as_str().unwrap().contains("8 whole GPU(s)"), "{d}");
+    let (status, head, p) = c.predict("e2e/huge", AUTH, &body, true);
+    assert_eq!(status, 429, "{p}");
+    assert!(head.to_lowercase().contains("retry-after: "), "{head}");
+    c.wait_for("the held requests to time out", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| d["name"] == "e2e/huge" && d["waiting"] == 0)
+    });
+    let (status, _, p) = c.predict("e2e/huge", AUTH, &body, true);
+    assert_eq!(status, 504, "{p}");
+    assert!(p["error"].as_str().unwrap().contains("still cold-starting"), "{p}");
+
+    // An invalid manifest is reported with its file and the apiserver's message; the other deployments still serve.
+    std::fs::write(
+        c.dir.join("manifests/broken.yaml"),
+        SLOW.replace("name: slow", "name: broken").replace("maxReplicas: 3", "maxReplicas: -1"),
+    )
+    .unwrap();
+    let s = c.wait_for("the broken manifest reported", |s| !s["invalid"].as_array().unwrap().is_empty());
+    let invalid = &s["invalid"][0];
+    assert!(invalid["file"].as_str().unwrap().ends_with("broken.yaml"), "{invalid}");
+    assert!(invalid["error"].as_str().unwrap().contains("maxReplicas"), "{invalid}");
+    let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
+    assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+    assert!(Path::new(&c.dir).exists());
+}
