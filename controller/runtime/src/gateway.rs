@@ -13,7 +13,7 @@
 //!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
 //!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
 //!
-//! Finished predictions stay readable for an hour. Canceling marks the prediction canceled and drops its result;
+//! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction canceled and drops its result;
 //! it does not stop work already sent to a replica. Webhooks, streaming output and the gateway's metrics are not
 //! in this first step.
 
@@ -223,6 +223,33 @@ impl Prediction {
 
 /// How long a finished prediction stays readable.
 const RETENTION: Duration = Duration::from_secs(3600);
+/// Most finished predictions kept (the oldest go first past it), so a busy gateway's memory stays bounded.
+const MAX_FINISHED: usize = 100_000;
+
+/// Predictions by id, and the finished ones in the order they finished (for expiry in O(1) per request).
+#[derive(Debug, Default)]
+struct Store {
+    map: HashMap<String, Prediction>,
+    finished: std::collections::VecDeque<(SystemTime, String)>,
+}
+
+impl Store {
+    fn finish(&mut self, id: &str) {
+        self.finished.push_back((SystemTime::now(), id.to_owned()));
+    }
+
+    /// Drops finished predictions past the retention or beyond the cap.
+    fn expire(&mut self) {
+        while let Some((at, id)) = self.finished.front() {
+            let old = at.elapsed().unwrap_or_default() >= RETENTION;
+            if !old && self.finished.len() <= MAX_FINISHED {
+                break;
+            }
+            self.map.remove(id);
+            self.finished.pop_front();
+        }
+    }
+}
 
 /// The gateway's state.
 #[derive(Debug)]
@@ -230,7 +257,7 @@ pub struct Gateway<B> {
     backend: B,
     /// API key -> namespace.
     keys: HashMap<String, String>,
-    predictions: Mutex<HashMap<String, Prediction>>,
+    predictions: Mutex<Store>,
     /// How long a request may be held for a cold start.
     pub hold: Duration,
     /// Base URL for `urls`.
@@ -243,13 +270,13 @@ impl<B: Backend> Gateway<B> {
         Arc::new(Self {
             backend,
             keys: keys.into_iter().collect(),
-            predictions: Mutex::new(HashMap::new()),
+            predictions: Mutex::new(Store::default()),
             hold: Duration::from_secs(120),
             base_url: base_url.trim_end_matches('/').to_owned(),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Prediction>> {
+    fn lock(&self) -> MutexGuard<'_, Store> {
         self.predictions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -344,24 +371,21 @@ async fn create<B: Backend>(
     };
     {
         let mut predictions = gw.lock();
-        // Finished predictions stay readable for an hour.
-        predictions.retain(|_, p| {
-            !p.finished() || p.completed_at.is_some_and(|t| t.elapsed().unwrap_or_default() < RETENTION)
-        });
-        predictions.insert(id.clone(), prediction);
+        predictions.expire();
+        predictions.map.insert(id.clone(), prediction);
     }
     let wait = prefer_wait(&headers);
     let runner = Arc::clone(&gw);
     let task_id = id.clone();
     let notified = done.notified();
     tokio::spawn(async move {
-        if let Some(p) = runner.lock().get_mut(&task_id) {
+        if let Some(p) = runner.lock().map.get_mut(&task_id) {
             p.status = "processing";
             p.started_at = Some(SystemTime::now());
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
-        let mut predictions = runner.lock();
-        let Some(p) = predictions.get_mut(&task_id) else { return };
+        let mut store = runner.lock();
+        let Some(p) = store.map.get_mut(&task_id) else { return };
         if p.status == "canceled" {
             return;
         }
@@ -390,19 +414,20 @@ async fn create<B: Backend>(
             }
         }
         p.done.notify_waiters();
+        store.finish(&task_id);
     });
     let Some(wait) = wait else {
-        let p = gw.lock().get(&id).cloned();
+        let p = gw.lock().map.get(&id).cloned();
         return match p {
             Some(p) => (StatusCode::CREATED, Json(p.json(&gw.base_url))).into_response(),
             None => problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost"),
         };
     };
-    let finished = gw.lock().get(&id).is_some_and(Prediction::finished);
+    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
     if !finished {
         let _ = tokio::time::timeout(wait, notified).await;
     }
-    let Some(p) = gw.lock().get(&id).cloned() else {
+    let Some(p) = gw.lock().map.get(&id).cloned() else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost");
     };
     if p.status == "failed" && p.metrics.get("overloaded") == Some(&json!(true)) {
@@ -424,7 +449,7 @@ async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<Str
     let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
         return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
     };
-    match gw.lock().get(&id) {
+    match gw.lock().map.get(&id) {
         Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.json(&gw.base_url)).into_response(),
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
     }
@@ -434,15 +459,20 @@ async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<St
     let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
         return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
     };
-    let mut predictions = gw.lock();
-    match predictions.get_mut(&id) {
+    let mut store = gw.lock();
+    match store.map.get_mut(&id) {
         Some(p) if p.model.split('/').next() == Some(caller.as_str()) => {
-            if !p.finished() {
+            let canceled = !p.finished();
+            if canceled {
                 p.status = "canceled";
                 p.completed_at = Some(SystemTime::now());
                 p.done.notify_waiters();
             }
-            Json(p.json(&gw.base_url)).into_response()
+            let response = Json(p.json(&gw.base_url)).into_response();
+            if canceled {
+                store.finish(&id);
+            }
+            response
         }
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
     }
@@ -476,6 +506,33 @@ mod tests {
         assert_eq!(a.len(), 26);
         assert!(a.bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn finished_predictions_are_kept_up_to_the_cap_oldest_dropped_first() {
+        let mut store = Store::default();
+        for i in 0..MAX_FINISHED + 5 {
+            let id = format!("p{i}");
+            let p = Prediction {
+                id: id.clone(),
+                model: "ns/m".into(),
+                version: String::new(),
+                status: "succeeded",
+                input: Value::Null,
+                output: Value::Null,
+                error: None,
+                created_at: SystemTime::now(),
+                started_at: None,
+                completed_at: None,
+                metrics: Value::Null,
+                done: Arc::new(Notify::new()),
+            };
+            store.map.insert(id.clone(), p);
+            store.finish(&id);
+        }
+        store.expire();
+        assert_eq!(store.map.len(), MAX_FINISHED);
+        assert!(!store.map.contains_key("p4") && store.map.contains_key("p5"));
     }
 
     #[tokio::test]
