@@ -139,7 +139,7 @@ impl Node {
         let workers = Arc::clone(&self.commands.workers);
         let worker_service = tonic::transport::Server::builder()
             .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(worker));
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true)));
         let public = axum::serve(metrics, http::public_router(self.state.clone()));
         let admin = axum::serve(admin, http::admin_router(self.state));
         let result = tokio::select! {

@@ -8,6 +8,7 @@ use std::{
     process::ExitCode,
 };
 
+mod bench;
 mod report;
 mod serving;
 mod simulate;
@@ -33,6 +34,11 @@ enum Command {
     Up(up::UpArgs),
     /// Run a node agent (the same agent as `kiln-agent`), connecting to a controller.
     Agent(up::AgentArgs),
+    /// Measure the control plane's overheads (gateway latency, cold-start signalling) on loopback.
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
     /// Replay real traces through the real placement engine and autoscaler.
     Simulate {
         #[command(subcommand)]
@@ -67,6 +73,7 @@ fn main() -> ExitCode {
             init_tracing();
             up::up(&args).map(|()| ExitCode::SUCCESS)
         }
+        Command::Bench { what } => bench::run(&what).map(|()| ExitCode::SUCCESS),
         Command::Agent(args) => {
             init_tracing();
             up::agent(&args).map(|()| ExitCode::SUCCESS)

@@ -9,12 +9,13 @@ use std::{
     time::Duration,
 };
 
+use axum::serve::ListenerExt;
 use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
 use kiln_k8s_api::validate::Validator;
 use kiln_proto::v1::agent_service_server::AgentServiceServer;
 use serde_json::json;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::{
     control::{ControlConfig, ControlPlane},
@@ -110,7 +111,7 @@ impl Server {
         });
         let agents = tonic::transport::Server::builder()
             .add_service(AgentServiceServer::new(AgentServer(self.registry.clone())))
-            .serve_with_incoming(TcpListenerStream::new(self.agents));
+            .serve_with_incoming(TcpIncoming::from(self.agents).with_nodelay(Some(true)));
         tokio::spawn(async move {
             if let Err(e) = agents.await {
                 tracing::error!(error = %e, "the agent service stopped");
@@ -130,11 +131,16 @@ impl Server {
                 .route("/healthz", get(|| async { "ok" }))
                 .with_state(shared),
         );
-        axum::serve(self.http, router)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await
+        axum::serve(
+            self.http.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            router,
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await
     }
 }
 

@@ -1,0 +1,434 @@
+//! `kiln bench`: the control plane's own overheads, measured in one process on loopback against a stand-in agent
+//! whose replicas answer at once (so what is measured is Kiln, not a model):
+//!
+//! - `gateway`: open-loop load at a fixed rate through the gateway (HTTP, `Prefer: wait`) to a ready replica,
+//!   against the same load sent straight to the replica's `WorkerService` (gRPC); latency is measured from each
+//!   request's scheduled send time (no coordinated omission), and the gateway's added latency is the difference
+//!   of the two at each percentile.
+//! - `cold-start`: requests to deployments at zero replicas, one at a time; the figure is the time from the
+//!   request leaving the client to the stand-in agent receiving its `StartWorker` command.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use kiln_controller::server::{Server, ServerOptions};
+use kiln_proto::v1::{
+    self, AgentMessage, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
+    worker_event::Event, worker_service_client::WorkerServiceClient, worker_service_server::WorkerService,
+    worker_service_server::WorkerServiceServer,
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// `kiln bench` measurements.
+#[derive(Debug, clap::Subcommand)]
+pub enum Bench {
+    /// Added latency of the gateway at a fixed request rate, against an instant replica.
+    Gateway {
+        /// Requests per second (open loop).
+        #[arg(long, default_value_t = 2000)]
+        rps: u32,
+        /// Seconds of load per path (after one second of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u32,
+        /// Client connections.
+        #[arg(long, default_value_t = 32)]
+        connections: u32,
+    },
+    /// From a request at zero replicas to the agent receiving `StartWorker`.
+    ColdStart {
+        /// Deployments, each started once from zero.
+        #[arg(long, default_value_t = 200)]
+        deployments: u32,
+    },
+}
+
+/// The stand-in replica: answers every prediction at once.
+#[derive(Debug, Clone, Copy)]
+struct Instant0;
+
+type Chunks = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PredictChunk, tonic::Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for Instant0 {
+    async fn predict(
+        &self,
+        request: tonic::Request<v1::PredictRequest>,
+    ) -> Result<tonic::Response<v1::PredictResponse>, tonic::Status> {
+        let r = request.into_inner();
+        Ok(tonic::Response::new(v1::PredictResponse {
+            prediction_id: r.prediction_id,
+            output: br#"{"output": [1.0]}"#.to_vec(),
+            content_type: "application/json".into(),
+            metrics: None,
+        }))
+    }
+
+    type PredictStreamStream = Chunks;
+
+    async fn predict_stream(
+        &self,
+        _request: tonic::Request<v1::PredictRequest>,
+    ) -> Result<tonic::Response<Chunks>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in the benchmark"))
+    }
+}
+
+/// A stand-in agent: registers 8 GPUs, acks every command, reports each started replica ready at once, and
+/// records when each `StartWorker` arrived.
+async fn stand_in_agent(
+    controller: SocketAddr,
+    worker: SocketAddr,
+    starts: Arc<Mutex<HashMap<String, Instant>>>,
+) -> Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{controller}"))?.connect().await?;
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(1024);
+    let seq = std::sync::atomic::AtomicU64::new(0);
+    let next = move || seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let gpus = (0..8)
+        .map(|i| v1::Gpu {
+            index: i,
+            uuid: format!("GPU-bench-{i}"),
+            model: "NVIDIA H100 80GB HBM3".into(),
+            memory_total_bytes: 80 << 30,
+            health: v1::GpuHealth::Healthy as i32,
+            ..Default::default()
+        })
+        .collect();
+    let register = v1::Register {
+        node_name: "bench-node".into(),
+        simulated: true,
+        gpus,
+        worker_endpoint: worker.to_string(),
+        cpu_milli: 256_000,
+        host_memory_bytes: 2 << 40,
+        ..Default::default()
+    };
+    tx.send(AgentMessage { seq: next(), body: Some(agent_message::Body::Register(register)) }).await?;
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    let heartbeat = tx.clone();
+    tokio::spawn(async move {
+        let mut n = 1_000_000;
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            n += 1;
+            let hb = AgentMessage { seq: n, body: Some(agent_message::Body::Heartbeat(v1::Heartbeat::default())) };
+            if heartbeat.send(hb).await.is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(message) = inbound.message().await? {
+        let Some(controller_message::Body::Command(c)) = message.body else { continue };
+        let ack = |status: v1::AckStatus| AgentMessage {
+            seq: next(),
+            body: Some(agent_message::Body::Ack(v1::CommandAck {
+                command_id: c.command_id.clone(),
+                status: status as i32,
+                message: String::new(),
+            })),
+        };
+        match c.action {
+            Some(command::Action::StartWorker(start)) => {
+                starts.lock().unwrap_or_else(|p| p.into_inner()).insert(start.deployment.clone(), Instant::now());
+                tx.send(ack(v1::AckStatus::Accepted)).await?;
+                let ready = v1::WorkerEvent {
+                    replica_id: start.replica_id,
+                    command_id: c.command_id.clone(),
+                    time: None,
+                    event: Some(Event::Ready(v1::WorkerReady {
+                        max_concurrency: start.max_concurrency,
+                        ..Default::default()
+                    })),
+                };
+                tx.send(AgentMessage { seq: next(), body: Some(agent_message::Body::WorkerEvent(ready)) }).await?;
+            }
+            _ => tx.send(ack(v1::AckStatus::Done)).await?,
+        }
+    }
+    Ok(())
+}
+
+/// A minimal keep-alive HTTP/1.1 client for one connection.
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Self { stream, buf: Vec::with_capacity(4096) })
+    }
+
+    /// Sends `request` and reads one response; returns the status.
+    async fn call(&mut self, request: &[u8]) -> Result<u16> {
+        self.stream.write_all(request).await?;
+        self.buf.clear();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let n = self.stream.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("the gateway closed the connection");
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = std::str::from_utf8(&self.buf[..end])?;
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .context("no content-length")?
+                .parse()?;
+            if self.buf.len() >= end + 4 + length {
+                return Ok(head.get(9..12).context("short status line")?.parse()?);
+            }
+        }
+    }
+}
+
+fn percentiles(mut samples: Vec<f64>) -> [f64; 4] {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    [at(0.5), at(0.9), at(0.99), at(0.999)]
+}
+
+fn ms(s: f64) -> String {
+    format!("{:.3}", s * 1000.0)
+}
+
+/// Writes a manifest per deployment into `dir`.
+fn manifests(dir: &std::path::Path, names: &[String], min_replicas: u32) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for name in names {
+        let text = format!(
+            "apiVersion: kiln.dev/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: {name}\n  namespace: bench\nspec:\n  \
+             model:\n    uri: file:///dev/null\n    size: 1Mi\n  gpu:\n    count: 1\n    memoryPerGpu: 1Gi\n  scaling:\n    \
+             minReplicas: {min_replicas}\n    maxReplicas: 4\n    targetConcurrency: 1000\n    keepAlive:\n      policy: fixed\n      duration: 1h\n"
+        );
+        std::fs::write(dir.join(format!("{name}.yaml")), text)?;
+    }
+    Ok(())
+}
+
+/// Runs one benchmark and prints its figures.
+pub fn run(bench: &Bench) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let names: Vec<String> = match bench {
+            Bench::Gateway { .. } => vec!["instant".into()],
+            Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
+        };
+        manifests(&dir, &names, u32::from(matches!(bench, Bench::Gateway { .. })))?;
+        let server = Server::bind(ServerOptions {
+            manifests: dir.clone(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            api_keys: vec![("bench-key-0123456789".into(), "bench".into())],
+            watch_interval: Duration::from_millis(200),
+            ..ServerOptions::default()
+        })
+        .await?;
+        let (http, agents, control) = (server.http_addr, server.agent_addr, Arc::clone(&server.control));
+        let (_stop, stop) = tokio::sync::watch::channel(false);
+        tokio::spawn(server.serve(stop));
+        let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let worker_addr = worker.local_addr()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkerServiceServer::new(Instant0))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true))),
+        );
+        let starts = Arc::new(Mutex::new(HashMap::new()));
+        let agent = tokio::spawn(stand_in_agent(agents, worker_addr, Arc::clone(&starts)));
+        // Wait for the deployments to load and the agent to register.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while control.statuses().len() < names.len() || control.gpu_milli().1 == 0 {
+            if Instant::now() > deadline || agent.is_finished() {
+                bail!("the benchmark's controller did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let result = match bench {
+            Bench::Gateway { rps, seconds, connections } => {
+                gateway(http, worker_addr, &control, *rps, *seconds, *connections).await
+            }
+            Bench::ColdStart { .. } => cold_start(http, &names, &starts).await,
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    })
+}
+
+async fn gateway(
+    http: SocketAddr,
+    worker: SocketAddr,
+    control: &Arc<kiln_controller::control::ControlPlane>,
+    rps: u32,
+    seconds: u32,
+    connections: u32,
+) -> Result<()> {
+    while control.status("bench/instant").is_none_or(|s| s.ready == 0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let body = r#"{"input": {"x": [1.0]}}"#;
+    let request = format!(
+        "POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer \
+         bench-key-0123456789\r\nPrefer: wait\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let total = Duration::from_secs(u64::from(seconds) + 1);
+    let per_conn = Duration::from_secs_f64(f64::from(connections) / f64::from(rps.max(1)));
+    // Direct: the same schedule, gRPC straight to the replica.
+    let direct = {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{worker}"))?.connect().await?;
+        let tasks: Vec<_> = (0..connections)
+            .map(|k| {
+                let mut client = WorkerServiceClient::new(channel.clone());
+                tokio::spawn(async move {
+                    let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
+                    let mut lat = Vec::new();
+                    let mut i = 0u32;
+                    loop {
+                        let due = start + per_conn * i;
+                        if due > start + total {
+                            return Ok::<_, anyhow::Error>(lat);
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                        let r = v1::PredictRequest {
+                            replica_id: "x".into(),
+                            input: br#"{"input": {"x": [1.0]}}"#.to_vec(),
+                            ..Default::default()
+                        };
+                        // The stand-in answers any replica id.
+                        client.predict(r).await?;
+                        if due > start + Duration::from_secs(1) {
+                            lat.push(due.elapsed().as_secs_f64());
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await??);
+        }
+        all
+    };
+    let through = {
+        let tasks: Vec<_> = (0..connections)
+            .map(|k| {
+                let request = request.clone();
+                tokio::spawn(async move {
+                    let mut conn = Conn::open(http).await?;
+                    let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
+                    let mut lat = Vec::new();
+                    let mut errors = 0u32;
+                    let mut i = 0u32;
+                    loop {
+                        let due = start + per_conn * i;
+                        if due > start + total {
+                            return Ok::<_, anyhow::Error>((lat, errors));
+                        }
+                        tokio::time::sleep_until(due.into()).await;
+                        let status = conn.call(&request).await?;
+                        if status != 200 {
+                            errors += 1;
+                        }
+                        if due > start + Duration::from_secs(1) {
+                            lat.push(due.elapsed().as_secs_f64());
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
+        let (mut all, mut errors) = (Vec::new(), 0);
+        for t in tasks {
+            let (l, e) = t.await??;
+            all.extend(l);
+            errors += e;
+        }
+        if errors > 0 {
+            bail!("{errors} requests through the gateway did not answer 200");
+        }
+        all
+    };
+    let n = through.len();
+    let d = percentiles(direct);
+    let g = percentiles(through);
+    println!("kiln bench gateway: {rps} requests/s open loop for {seconds} s per path, {connections} connections");
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "latency, ms", "p50", "p90", "p99", "p99.9");
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "direct to the replica (gRPC)", ms(d[0]), ms(d[1]), ms(d[2]), ms(d[3]));
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "through the gateway (HTTP)", ms(g[0]), ms(g[1]), ms(g[2]), ms(g[3]));
+    println!(
+        "{:<34} {:>9} {:>9} {:>9} {:>9}",
+        "added by the gateway",
+        ms(g[0] - d[0]),
+        ms(g[1] - d[1]),
+        ms(g[2] - d[2]),
+        ms(g[3] - d[3])
+    );
+    println!("requests measured through the gateway: {n} ({:.0}/s)", n as f64 / f64::from(seconds));
+    Ok(())
+}
+
+async fn cold_start(http: SocketAddr, names: &[String], starts: &Arc<Mutex<HashMap<String, Instant>>>) -> Result<()> {
+    let mut gaps = Vec::new();
+    let mut totals = Vec::new();
+    let mut conn = Conn::open(http).await?;
+    for name in names {
+        let body = r#"{"input": {"x": [1.0]}}"#;
+        let request = format!(
+            "POST /v1/deployments/bench/{name}/predictions HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer \
+             bench-key-0123456789\r\nPrefer: wait\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let sent = Instant::now();
+        let status = conn.call(request.as_bytes()).await?;
+        let done = sent.elapsed();
+        if status != 200 {
+            bail!("bench/{name}: status {status}");
+        }
+        let started = starts.lock().unwrap_or_else(|p| p.into_inner()).get(&format!("bench/{name}")).copied();
+        let Some(started) = started else { bail!("bench/{name}: the agent never got a StartWorker") };
+        gaps.push(started.duration_since(sent).as_secs_f64());
+        totals.push(done.as_secs_f64());
+    }
+    let g = percentiles(gaps);
+    let t = percentiles(totals);
+    println!("kiln bench cold-start: {} deployments at zero replicas, one request each", names.len());
+    println!("{:<44} {:>9} {:>9} {:>9} {:>9}", "ms", "p50", "p90", "p99", "p99.9");
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9}",
+        "request sent -> agent receives StartWorker",
+        ms(g[0]),
+        ms(g[1]),
+        ms(g[2]),
+        ms(g[3])
+    );
+    println!(
+        "{:<44} {:>9} {:>9} {:>9} {:>9}",
+        "request sent -> answer (instant load)",
+        ms(t[0]),
+        ms(t[1]),
+        ms(t[2]),
+        ms(t[3])
+    );
+    Ok(())
+}
