@@ -600,6 +600,9 @@ impl Control {
                     describe(spec),
                     self.nodes.len()
                 ),
+                Unplaceable::Impossible(_) if self.nodes.is_empty() => {
+                    format!("no GPU node has registered yet; a replica needs {}", describe(spec))
+                }
                 Unplaceable::Impossible(why) => {
                     format!("no node could ever hold a replica ({}): {why}", describe(spec))
                 }

@@ -23,7 +23,7 @@ use kiln_core::{
     placement::{CacheTier, GpuDemand, Policy},
 };
 use kiln_k8s_api::{
-    model_deployment::{KeepAlivePolicy, Runtime},
+    model_deployment::{DeploymentCounters, KeepAlivePolicy, Runtime},
     quantity::parse_bytes,
 };
 use kiln_proto::v1::{self, command, model_source, worker_event::Event, worker_service_client::WorkerServiceClient};
@@ -103,6 +103,8 @@ pub struct ColdStartRecord {
     pub phases_ms: [u64; 4],
     /// Where the weights came from.
     pub source: String,
+    /// When the replica became ready.
+    pub finished_at: std::time::SystemTime,
 }
 
 /// What the loop did, for metrics and status.
@@ -126,6 +128,7 @@ pub struct ControlPlane {
     config: ControlConfig,
     commands: std::sync::atomic::AtomicU64,
     metrics: Metrics,
+    counters: Mutex<HashMap<String, DeploymentCounters>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,6 +242,7 @@ impl ControlPlane {
             config,
             commands: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new(),
+            counters: Mutex::new(HashMap::new()),
         })
     }
 
@@ -249,39 +253,90 @@ impl ControlPlane {
     /// Takes the deployments of the spec source: new ones are added, changed ones updated, missing ones removed
     /// (their replicas stop). Returns the deployments that could not be translated, with why.
     pub fn apply<'a>(&self, deployments: impl IntoIterator<Item = &'a Deployment>) -> Vec<(String, String)> {
-        let now = self.now();
         let mut errors = Vec::new();
         let mut seen = Vec::new();
-        {
-            let mut core = lock(&self.core);
-            let mut served = lock(&self.served);
-            for d in deployments {
-                let key = d.key();
-                match translate(d) {
-                    Ok((spec, source, gpu_memory_bytes)) => {
-                        let max_concurrency = spec.max_concurrency;
-                        core.upsert_deployment(&key, spec, now);
-                        let hold = served
-                            .get(&key)
-                            .map(|s| Arc::clone(&s.hold))
-                            .unwrap_or_else(|| Arc::new(HoldQueue::new(self.config.hold_capacity)));
-                        served.insert(
-                            key.clone(),
-                            Served { version: d.version.clone(), source, gpu_memory_bytes, max_concurrency, hold },
-                        );
-                        seen.push(key);
-                    }
-                    Err(e) => errors.push((key, e)),
-                }
-            }
-            let gone: Vec<String> = served.keys().filter(|k| !seen.contains(k)).cloned().collect();
-            for key in gone {
-                core.remove_deployment(&key);
-                served.remove(&key);
+        for d in deployments {
+            seen.push(d.key());
+            if let Err(e) = self.upsert(d) {
+                errors.push((d.key(), e));
             }
         }
-        self.wake.notify_one();
+        let gone: Vec<String> = lock(&self.served).keys().filter(|k| !seen.contains(k)).cloned().collect();
+        for key in gone {
+            self.remove(&key);
+        }
         errors
+    }
+
+    /// Adds or updates one deployment; an error says why its spec cannot be served (it is then not served, and
+    /// an earlier valid version of it is removed).
+    pub fn upsert(&self, d: &Deployment) -> Result<(), String> {
+        let key = d.key();
+        let translated = translate(d);
+        let mut core = lock(&self.core);
+        let mut served = lock(&self.served);
+        match translated {
+            Ok((spec, source, gpu_memory_bytes)) => {
+                let max_concurrency = spec.max_concurrency;
+                core.upsert_deployment(&key, spec, self.now());
+                let hold = served
+                    .get(&key)
+                    .map(|s| Arc::clone(&s.hold))
+                    .unwrap_or_else(|| Arc::new(HoldQueue::new(self.config.hold_capacity)));
+                served.insert(
+                    key,
+                    Served { version: d.version.clone(), source, gpu_memory_bytes, max_concurrency, hold },
+                );
+                drop((core, served));
+                self.wake.notify_one();
+                Ok(())
+            }
+            Err(e) => {
+                core.remove_deployment(&key);
+                served.remove(&key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Removes a deployment: its replicas stop.
+    pub fn remove(&self, key: &str) {
+        lock(&self.core).remove_deployment(key);
+        lock(&self.served).remove(key);
+        lock(&self.counters).remove(key);
+        self.wake.notify_one();
+    }
+
+    /// What the status of `key` shows, `None` if it is not served.
+    pub fn view(&self, key: &str) -> Option<crate::k8s::status::DeploymentView> {
+        let status = self.status(key)?;
+        let placements = self
+            .replicas()
+            .into_iter()
+            .filter(|r| r.1 == key)
+            .map(|(id, _, node, gpus, ready)| (id, node, gpus, ready))
+            .collect();
+        let counters = lock(&self.counters).get(key).cloned().unwrap_or_default();
+        let last_cold_start = lock(&self.journal)
+            .cold_starts
+            .iter()
+            .rev()
+            .find(|c| c.deployment == key)
+            .map(|c| (c.clone(), k8s_openapi::jiff::Timestamp::try_from(c.finished_at).unwrap_or_default()));
+        Some(crate::k8s::status::DeploymentView {
+            desired: status.desired,
+            loading: status.starting,
+            ready: status.ready,
+            unschedulable: status.unschedulable,
+            placements,
+            last_cold_start,
+            counters,
+            invalid: None,
+        })
+    }
+
+    fn count(&self, key: &str, f: impl FnOnce(&mut DeploymentCounters)) {
+        f(lock(&self.counters).entry(key.to_owned()).or_default());
     }
 
     /// A deployment's state, `None` if unknown.
@@ -454,7 +509,9 @@ impl ControlPlane {
                                 seconds: s.decided.elapsed().as_secs_f64(),
                                 phases_ms: [t.fetch_ms, t.read_ms, t.host_to_device_ms, t.init_ms],
                                 source,
+                                finished_at: std::time::SystemTime::now(),
                             };
+                            self.count(&record.deployment, |c| c.cold_starts += 1);
                             tracing::info!(replica = %record.replica, node = %record.node,
                                 seconds = record.seconds, "replica ready");
                             self.metrics.cold_start(
@@ -471,6 +528,7 @@ impl ControlPlane {
                     tracing::warn!(%node, replica = %event.replica_id, reason = %f.message, "replica failed");
                     if let Some(r) = core.replica_gone(&event.replica_id) {
                         self.metrics.failed_start(&r.deployment);
+                        self.count(&r.deployment, |c| c.failed_starts += 1);
                         lock(&self.journal).start_failures.push((event.replica_id.clone(), f.message));
                     }
                     lock(&self.starting).remove(&event.replica_id);
@@ -543,6 +601,7 @@ impl ControlPlane {
                 lock(&this.starting).remove(&replica);
                 if let Some(r) = gone {
                     this.metrics.failed_start(&r.deployment);
+                    this.count(&r.deployment, |c| c.failed_starts += 1);
                     lock(&this.journal).start_failures.push((replica, why));
                 }
                 this.wake.notify_one();
@@ -609,6 +668,12 @@ impl Backend for Arc<ControlPlane> {
             Err(PredictError::Failed(_)) => "failed",
         };
         self.metrics.request(deployment, outcome, arrived.elapsed().as_secs_f64());
+        self.count(deployment, |c| {
+            c.requests += 1;
+            if result.is_err() {
+                c.failed_requests += 1;
+            }
+        });
         result
     }
 }

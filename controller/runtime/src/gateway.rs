@@ -256,7 +256,7 @@ impl Store {
 pub struct Gateway<B> {
     backend: B,
     /// API key -> namespace.
-    keys: HashMap<String, String>,
+    keys: std::sync::RwLock<HashMap<String, String>>,
     predictions: Mutex<Store>,
     /// How long a request may be held for a cold start.
     pub hold: Duration,
@@ -269,7 +269,7 @@ impl<B: Backend> Gateway<B> {
     pub fn new(backend: B, keys: impl IntoIterator<Item = (String, String)>, base_url: &str) -> Arc<Self> {
         Arc::new(Self {
             backend,
-            keys: keys.into_iter().collect(),
+            keys: std::sync::RwLock::new(keys.into_iter().collect()),
             predictions: Mutex::new(Store::default()),
             hold: Duration::from_secs(120),
             base_url: base_url.trim_end_matches('/').to_owned(),
@@ -289,9 +289,14 @@ impl<B: Backend> Gateway<B> {
             .with_state(Arc::clone(self))
     }
 
-    fn namespace_of(&self, headers: &HeaderMap) -> Option<&str> {
+    /// Replaces the API keys (key, namespace): the Secrets or the keys file changed.
+    pub fn set_keys(&self, keys: impl IntoIterator<Item = (String, String)>) {
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys.into_iter().collect();
+    }
+
+    fn namespace_of(&self, headers: &HeaderMap) -> Option<String> {
         let key = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?;
-        self.keys.get(key.trim()).map(String::as_str)
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).get(key.trim()).cloned()
     }
 }
 
@@ -446,7 +451,7 @@ async fn create<B: Backend>(
 }
 
 async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
+    let Some(caller) = gw.namespace_of(&headers) else {
         return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
     };
     match gw.lock().map.get(&id) {
@@ -456,7 +461,7 @@ async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<Str
 }
 
 async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let Some(caller) = gw.namespace_of(&headers).map(str::to_owned) else {
+    let Some(caller) = gw.namespace_of(&headers) else {
         return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
     };
     let mut store = gw.lock();

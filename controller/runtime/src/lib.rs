@@ -5,6 +5,7 @@
 
 pub mod control;
 pub mod gateway;
+pub mod k8s;
 pub mod manifests;
 pub mod metrics;
 pub mod registry;

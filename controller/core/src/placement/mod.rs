@@ -861,7 +861,14 @@ impl PlacementEngine {
             return Err(if self.cluster.could_ever_hold(request) {
                 Unplaceable::NoFit
             } else {
-                Unplaceable::Impossible(format!("{request:?} is larger than every node that may hold it"))
+                Unplaceable::Impossible(if self.cluster.is_empty() {
+                    "the cluster has no node".to_owned()
+                } else {
+                    format!(
+                        "it needs more than any node that may hold it has (CPU {} milli, memory {} MiB, GPU {:?})",
+                        request.cpu_milli, request.memory_mib, request.gpu
+                    )
+                })
             });
         }
         let mut k = self.rng.below(best.weight as u64) as usize;

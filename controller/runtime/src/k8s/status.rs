@@ -1,0 +1,372 @@
+//! What the reconcilers write, computed without I/O (linkerd2's "compute first, write later"): a
+//! `ModelDeployment`'s status from the control plane's view, the Events its transitions deserve, and a `GpuNode`'s
+//! status from its agent's registration. The reconcilers apply what comes out; tests assert it exactly.
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::Timestamp,
+};
+use kiln_k8s_api::{
+    gpu_node::{CachedModel, GpuHealth, GpuInfo, GpuNodeStatus},
+    model_deployment::{
+        CacheTier, ColdStart, ColdStartPhase, ColdStartPhaseName, DeploymentCounters, DeploymentState,
+        ModelDeploymentStatus, ReplicaCounts, ReplicaPlacement, ReplicaState,
+    },
+};
+use kiln_proto::v1;
+
+use crate::{control::ColdStartRecord, registry::NodeView};
+
+/// What the control plane knows of one deployment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DeploymentView {
+    /// Replicas wanted.
+    pub desired: u32,
+    /// Starting.
+    pub loading: u32,
+    /// Ready.
+    pub ready: u32,
+    /// Why replicas are missing, if they cannot be placed.
+    pub unschedulable: Option<String>,
+    /// Replicas: (id, node, GPUs, ready).
+    pub placements: Vec<(String, String, Vec<u32>, bool)>,
+    /// The newest cold start, and when it finished.
+    pub last_cold_start: Option<(ColdStartRecord, Timestamp)>,
+    /// Predictions run, failed; starts done, failed.
+    pub counters: DeploymentCounters,
+    /// Why the spec could not be served (it passed the schema but not the controller), if so.
+    pub invalid: Option<String>,
+}
+
+/// An Event to publish: (type is Warning when `warning`), reason, note.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSpec {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// PascalCase reason.
+    pub reason: String,
+    /// What a person needs to know.
+    pub note: String,
+}
+
+fn condition(
+    kind: &str,
+    ok: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_owned();
+    // The transition time moves only when the status does.
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == kind && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: kind.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+fn tier(source: &str) -> CacheTier {
+    match source {
+        "gpu" => CacheTier::Gpu,
+        "host" => CacheTier::Host,
+        "disk" => CacheTier::Disk,
+        _ => CacheTier::Remote,
+    }
+}
+
+/// Kubernetes keeps times to the second: anything finer would read back different and be written again.
+fn whole_seconds(t: Timestamp) -> Timestamp {
+    Timestamp::from_second(t.as_second()).unwrap_or(t)
+}
+
+fn seconds_text(ms: i64) -> String {
+    if ms < 10_000 { format!("{:.1}s", ms as f64 / 1000.0) } else { format!("{}s", (ms + 500) / 1000) }
+}
+
+/// The status to write for a deployment at `generation`, given the control plane's `view` and the status now
+/// on the object.
+pub fn deployment_status(
+    generation: Option<i64>,
+    view: &DeploymentView,
+    previous: Option<&ModelDeploymentStatus>,
+    now: Timestamp,
+) -> ModelDeploymentStatus {
+    let now = Time(whole_seconds(now));
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let state = if view.invalid.is_some() || view.unschedulable.is_some() {
+        DeploymentState::Degraded
+    } else if view.ready > 0 {
+        DeploymentState::Ready
+    } else if view.loading > 0 {
+        DeploymentState::Loading
+    } else if view.desired > 0 {
+        DeploymentState::Pending
+    } else {
+        DeploymentState::ScaledToZero
+    };
+    let (ready_reason, ready_message) = match state {
+        DeploymentState::Ready => ("ReplicasReady", format!("{} of {} replicas ready", view.ready, view.desired)),
+        DeploymentState::ScaledToZero => ("ScaledToZero", "no replica runs; the next request starts one".to_owned()),
+        DeploymentState::Loading => ("Loading", format!("{} replica(s) loading", view.loading)),
+        DeploymentState::Pending => ("Pending", "replicas are being placed".to_owned()),
+        DeploymentState::Degraded => match &view.invalid {
+            Some(why) => ("InvalidSpec", why.clone()),
+            None => ("Unschedulable", view.unschedulable.clone().unwrap_or_default()),
+        },
+    };
+    // Ready: requests are served without waiting for a placement (true at zero too: a cold start follows).
+    let serving = matches!(state, DeploymentState::Ready | DeploymentState::ScaledToZero);
+    let mut conditions =
+        vec![condition("Ready", serving, ready_reason, ready_message, generation, prev_conditions, &now)];
+    let (scheduled, reason, message) = match (&view.invalid, &view.unschedulable) {
+        (Some(why), _) => (false, "InvalidSpec", why.clone()),
+        (None, Some(why)) => (false, "Unschedulable", why.clone()),
+        (None, None) => (true, "Scheduled", format!("{} replica(s) placed", view.placements.len())),
+    };
+    conditions.push(condition("Scheduled", scheduled, reason, message, generation, prev_conditions, &now));
+    let last_cold_start = match &view.last_cold_start {
+        Some((record, finished)) => {
+            let ms = (record.seconds * 1000.0).round() as i64;
+            let started = finished.checked_sub(k8s_openapi::jiff::SignedDuration::from_millis(ms)).unwrap_or(*finished);
+            let names = [
+                ColdStartPhaseName::Fetch,
+                ColdStartPhaseName::Read,
+                ColdStartPhaseName::HostToDevice,
+                ColdStartPhaseName::Init,
+            ];
+            Some(ColdStart {
+                started_at: Time(whole_seconds(started)),
+                duration: seconds_text(ms),
+                duration_ms: ms,
+                node: record.node.clone(),
+                source: tier(&record.source),
+                phases: names
+                    .into_iter()
+                    .zip(record.phases_ms)
+                    .map(|(name, ms)| ColdStartPhase { name, duration_ms: i64::try_from(ms).unwrap_or(i64::MAX) })
+                    .collect(),
+            })
+        }
+        None => previous.and_then(|p| p.last_cold_start.clone()),
+    };
+    let count = |n: u32| i32::try_from(n).unwrap_or(i32::MAX);
+    ModelDeploymentStatus {
+        observed_generation: generation,
+        state: Some(state),
+        replicas: ReplicaCounts {
+            desired: count(view.desired),
+            loading: count(view.loading),
+            ready: count(view.ready),
+            idle: 0,
+        },
+        placements: view
+            .placements
+            .iter()
+            .map(|(replica, node, gpus, ready)| ReplicaPlacement {
+                replica: replica.clone(),
+                node: node.clone(),
+                gpus: gpus.iter().map(|&g| i32::try_from(g).unwrap_or(i32::MAX)).collect(),
+                state: if *ready { ReplicaState::Ready } else { ReplicaState::Loading },
+            })
+            .collect(),
+        last_cold_start,
+        counters: view.counters.clone(),
+        conditions,
+    }
+}
+
+/// The Events a change of status deserves: only transitions, never a repeat of the same state.
+pub fn transitions(previous: Option<&ModelDeploymentStatus>, next: &ModelDeploymentStatus) -> Vec<EventSpec> {
+    let mut events = Vec::new();
+    let was = previous.and_then(|p| p.state);
+    let reason_of = |s: &ModelDeploymentStatus, kind: &str| {
+        s.conditions.iter().find(|c| c.type_ == kind).map(|c| (c.reason.clone(), c.message.clone()))
+    };
+    if next.state == Some(DeploymentState::Degraded)
+        && was != Some(DeploymentState::Degraded)
+        && let Some((reason, message)) = reason_of(next, "Scheduled")
+    {
+        events.push(EventSpec { warning: true, reason, note: message });
+    }
+    if was == Some(DeploymentState::Degraded) && next.state != Some(DeploymentState::Degraded) {
+        events.push(EventSpec {
+            warning: false,
+            reason: "Scheduled".into(),
+            note: "replicas can be placed again".into(),
+        });
+    }
+    let cold = |s: &ModelDeploymentStatus| s.last_cold_start.as_ref().map(|c| c.started_at.clone());
+    if let Some(c) = &next.last_cold_start
+        && cold(next) != previous.and_then(cold)
+    {
+        let source = match c.source {
+            CacheTier::Gpu => "an idle copy in GPU memory",
+            CacheTier::Host => "host RAM",
+            CacheTier::Disk => "local disk",
+            CacheTier::Remote => "the model store",
+        };
+        events.push(EventSpec {
+            warning: false,
+            reason: "ColdStart".into(),
+            note: format!("cold start took {} on {} (weights from {source})", c.duration, c.node),
+        });
+    }
+    if next.state == Some(DeploymentState::ScaledToZero)
+        && matches!(was, Some(DeploymentState::Ready | DeploymentState::Loading))
+    {
+        events.push(EventSpec {
+            warning: false,
+            reason: "ScaledToZero".into(),
+            note: "idle past its keep-alive: no replica runs; the next request starts one".into(),
+        });
+    }
+    events
+}
+
+/// A `GpuNode`'s status from what its agent said; `busy`: GPU indexes holding replicas.
+pub fn gpu_node_status(node: &NodeView, busy: &[u32], agent_version: &str, now: Timestamp) -> GpuNodeStatus {
+    let health = |h: v1::GpuHealth| match h {
+        v1::GpuHealth::Healthy => GpuHealth::Healthy,
+        v1::GpuHealth::Degraded => GpuHealth::Degraded,
+        v1::GpuHealth::Unhealthy => GpuHealth::Unhealthy,
+        v1::GpuHealth::Unspecified => GpuHealth::Unknown,
+    };
+    let gpus: Vec<GpuInfo> = node
+        .gpus
+        .iter()
+        .map(|g| GpuInfo {
+            index: i32::try_from(g.index).unwrap_or(i32::MAX),
+            uuid: g.uuid.clone(),
+            model: g.model.clone(),
+            memory_mib: i64::try_from(g.memory_bytes >> 20).unwrap_or(i64::MAX),
+            health: health(g.health),
+            reason: None,
+        })
+        .collect();
+    let healthy = gpus.iter().filter(|g| g.health == GpuHealth::Healthy).count();
+    let free = node.gpus.iter().filter(|g| !busy.contains(&g.index) && g.health != v1::GpuHealth::Unhealthy).count();
+    let now = Time(whole_seconds(now));
+    let ready = Condition {
+        type_: "Ready".into(),
+        status: if node.ready { "True" } else { "False" }.into(),
+        reason: if node.ready { "AgentConnected" } else { "AgentLost" }.into(),
+        message: if node.ready {
+            "the agent reports".into()
+        } else {
+            "the agent stopped reporting; its replicas were placed elsewhere".into()
+        },
+        observed_generation: None,
+        last_transition_time: now.clone(),
+    };
+    GpuNodeStatus {
+        gpu_count: i32::try_from(gpus.len()).unwrap_or(i32::MAX),
+        free_gpus: i32::try_from(free).unwrap_or(i32::MAX),
+        healthy_gpus: i32::try_from(healthy).unwrap_or(i32::MAX),
+        gpus,
+        cached_models: node
+            .cached
+            .iter()
+            .map(|(uri, t, gpu)| CachedModel {
+                uri: uri.clone(),
+                tier: match t {
+                    v1::CacheTier::Gpu => CacheTier::Gpu,
+                    v1::CacheTier::Host => CacheTier::Host,
+                    v1::CacheTier::Disk => CacheTier::Disk,
+                    _ => CacheTier::Remote,
+                },
+                size_bytes: 0,
+                gpu: gpu.map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
+            })
+            .collect(),
+        agent_version: Some(agent_version.to_owned()).filter(|v| !v.is_empty()),
+        driver_version: None,
+        cuda_version: None,
+        simulated: node.simulated,
+        last_heartbeat: Some(now),
+        conditions: vec![ready],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_790_000_000 + s).unwrap()
+    }
+
+    fn cold(seconds: f64) -> (ColdStartRecord, Timestamp) {
+        let record = ColdStartRecord {
+            deployment: "ns/m".into(),
+            replica: "ns.m-1".into(),
+            node: "node-a".into(),
+            seconds,
+            phases_ms: [10, 200, 900, 40],
+            source: "disk".into(),
+            finished_at: std::time::SystemTime::UNIX_EPOCH,
+        };
+        (record, at(100))
+    }
+
+    #[test]
+    fn states_follow_the_replicas_and_conditions_keep_their_transition_time() {
+        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        assert_eq!(zero.state, Some(DeploymentState::ScaledToZero));
+        let loading = DeploymentView { desired: 1, loading: 1, ..Default::default() };
+        let s1 = deployment_status(Some(1), &loading, Some(&zero), at(10));
+        assert_eq!(s1.state, Some(DeploymentState::Loading));
+        assert_eq!(s1.conditions[0].status, "False");
+        assert_eq!(s1.conditions[0].last_transition_time, Time(at(10)), "Ready turned False at 10");
+        assert_eq!(s1.conditions[1].last_transition_time, Time(at(0)), "Scheduled stayed True since 0");
+        let s2 = deployment_status(Some(2), &loading, Some(&s1), at(20));
+        assert_eq!(s2.conditions[0].last_transition_time, Time(at(10)));
+        assert_eq!(s2.conditions[0].observed_generation, Some(2));
+        let bad = DeploymentView { desired: 1, unschedulable: Some("no room".into()), ..Default::default() };
+        let s3 = deployment_status(Some(2), &bad, Some(&s2), at(30));
+        assert_eq!(s3.state, Some(DeploymentState::Degraded));
+        assert_eq!((s3.conditions[1].reason.as_str(), s3.conditions[1].message.as_str()), ("Unschedulable", "no room"));
+    }
+
+    #[test]
+    fn events_come_on_transitions_only() {
+        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        assert!(transitions(None, &zero).is_empty(), "appearing at zero is no news");
+        let bad = DeploymentView { desired: 1, unschedulable: Some("no room".into()), ..Default::default() };
+        let degraded = deployment_status(Some(1), &bad, Some(&zero), at(1));
+        assert_eq!(
+            transitions(Some(&zero), &degraded),
+            vec![EventSpec { warning: true, reason: "Unschedulable".into(), note: "no room".into() }]
+        );
+        let again = deployment_status(Some(1), &bad, Some(&degraded), at(2));
+        assert!(transitions(Some(&degraded), &again).is_empty(), "still degraded: no repeat");
+        let ready = DeploymentView {
+            desired: 1,
+            ready: 1,
+            placements: vec![("ns.m-1".into(), "node-a".into(), vec![0], true)],
+            last_cold_start: Some(cold(1.16)),
+            ..Default::default()
+        };
+        let up = deployment_status(Some(1), &ready, Some(&again), at(3));
+        let events = transitions(Some(&again), &up);
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].reason, "Scheduled");
+        assert_eq!(events[1].note, "cold start took 1.2s on node-a (weights from local disk)");
+        let c = up.last_cold_start.as_ref().unwrap();
+        assert_eq!((c.duration_ms, c.phases.len(), c.source), (1160, 4, CacheTier::Disk));
+        let same = deployment_status(Some(1), &ready, Some(&up), at(4));
+        assert_eq!(same, up, "nothing changed: the same status, so nothing is written");
+        let down = deployment_status(Some(1), &DeploymentView::default(), Some(&up), at(5));
+        let events = transitions(Some(&up), &down);
+        assert_eq!(events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["ScaledToZero"]);
+        assert!(down.last_cold_start.is_some(), "the last cold start stays on record");
+    }
+}
