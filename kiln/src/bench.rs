@@ -234,7 +234,7 @@ pub fn run(bench: &Bench) -> Result<()> {
         };
         manifests(&dir, &names, u32::from(matches!(bench, Bench::Gateway { .. })))?;
         let server = Server::bind(ServerOptions {
-            manifests: dir.clone(),
+            manifests: Some(dir.clone()),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_keys: vec![("bench-key-0123456789".into(), "bench".into())],

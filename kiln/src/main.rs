@@ -9,6 +9,7 @@ use std::{
 };
 
 mod bench;
+mod controller;
 mod report;
 mod serving;
 mod simulate;
@@ -32,6 +33,8 @@ enum Command {
     /// Run the whole system on this machine: controller, gateway and a local agent (simulated GPUs when NVML finds
     /// none), serving the manifests in a directory.
     Up(up::UpArgs),
+    /// Run the controller against a Kubernetes cluster (in-cluster or kubeconfig), with leader election.
+    Controller(controller::ControllerArgs),
     /// Run a node agent (the same agent as `kiln-agent`), connecting to a controller.
     Agent(up::AgentArgs),
     /// Measure the control plane's overheads (gateway latency, cold-start signalling) on loopback.
@@ -74,6 +77,10 @@ fn main() -> ExitCode {
             up::up(&args).map(|()| ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench::run(&what).map(|()| ExitCode::SUCCESS),
+        Command::Controller(args) => {
+            init_tracing();
+            controller::controller(&args).map(|()| ExitCode::SUCCESS)
+        }
         Command::Agent(args) => {
             init_tracing();
             up::agent(&args).map(|()| ExitCode::SUCCESS)

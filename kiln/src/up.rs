@@ -64,7 +64,7 @@ pub struct UpArgs {
     pub hold_capacity: usize,
 }
 
-fn seconds(s: &str) -> Result<Duration, String> {
+pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
     kiln_core::autoscale::keepalive::parse_duration(s).map(Duration::from_secs_f64)
 }
 
@@ -168,7 +168,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         let options = ServerOptions {
-            manifests: args.manifests.clone(),
+            manifests: Some(args.manifests.clone()),
             http_addr: args.listen,
             agent_addr: args.agent_listen,
             api_keys: keys.iter().map(|k| (k.key.clone(), k.namespace.clone())).collect(),

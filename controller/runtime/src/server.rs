@@ -27,8 +27,8 @@ use crate::{
 /// How to run the controller.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Directory of manifests, watched.
-    pub manifests: PathBuf,
+    /// Directory of manifests, watched (`None`: deployments come from elsewhere, e.g. the Kubernetes API).
+    pub manifests: Option<PathBuf>,
     /// Gateway (HTTP).
     pub http_addr: SocketAddr,
     /// `AgentService` (gRPC).
@@ -48,7 +48,7 @@ pub struct ServerOptions {
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
-            manifests: PathBuf::from("kiln-manifests"),
+            manifests: Some(PathBuf::from("kiln-manifests")),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 7070)),
             api_keys: Vec::new(),
@@ -69,8 +69,11 @@ pub struct Server {
     pub agent_addr: SocketAddr,
     /// The control plane (for tests and `kiln up`'s own figures).
     pub control: Arc<ControlPlane>,
+    /// The gateway (its API keys can be replaced while it serves).
+    pub gateway: Arc<Gateway<Arc<ControlPlane>>>,
+    /// The agent registry.
+    pub registry: Registry,
     options: ServerOptions,
-    registry: Registry,
     http: tokio::net::TcpListener,
     agents: tokio::net::TcpListener,
 }
@@ -90,15 +93,12 @@ impl Server {
         let agents = tokio::net::TcpListener::bind(options.agent_addr).await?;
         let registry = Registry::new(options.registry, MonotonicClock::system());
         let control = ControlPlane::new(registry.clone(), options.control.clone());
-        Ok(Self {
-            http_addr: http.local_addr()?,
-            agent_addr: agents.local_addr()?,
-            control,
-            options,
-            registry,
-            http,
-            agents,
-        })
+        let http_addr = http.local_addr()?;
+        let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
+        if let Some(g) = Arc::get_mut(&mut gateway) {
+            g.hold = options.hold;
+        }
+        Ok(Self { http_addr, agent_addr: agents.local_addr()?, control, gateway, options, registry, http, agents })
     }
 
     /// Serves until `stop` turns true.
@@ -118,13 +118,10 @@ impl Server {
             }
         });
         tokio::spawn(Arc::clone(&self.control).run(stop.clone()));
-        tokio::spawn(watch_manifests(Arc::clone(&shared), self.options.manifests.clone(), self.options.watch_interval));
-        let base = format!("http://{}", self.http_addr);
-        let mut gateway = Gateway::new(Arc::clone(&self.control), self.options.api_keys.clone(), &base);
-        if let Some(g) = Arc::get_mut(&mut gateway) {
-            g.hold = self.options.hold;
+        if let Some(dir) = self.options.manifests.clone() {
+            tokio::spawn(watch_manifests(Arc::clone(&shared), dir, self.options.watch_interval));
         }
-        let router = gateway.router().merge(
+        let router = self.gateway.router().merge(
             Router::new()
                 .route("/v1/deployments", get(deployments))
                 .route("/metrics", get(metrics_page))

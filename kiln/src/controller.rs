@@ -1,0 +1,108 @@
+//! `kiln controller`: the controller against a Kubernetes API server (in-cluster, or the kubeconfig of
+//! `KUBECONFIG` / `~/.kube/config`). It competes for a Lease and acts only while it holds it: then it reconciles
+//! `ModelDeployment`s, serves agents and the gateway, writes `GpuNode` objects and reads API keys from Secrets
+//! labelled `kiln.dev/api-key=true`. Losing the Lease ends the process (a restart starts clean).
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use futures_util::StreamExt;
+use kiln_controller::{
+    k8s::{
+        self,
+        lease::LeaderElector,
+        reconcile::{Context, error_policy, reconcile},
+    },
+    registry::RegistryConfig,
+    server::{Server, ServerOptions},
+};
+use kiln_k8s_api::model_deployment::ModelDeployment;
+use kube::{
+    Api, Client,
+    runtime::{Controller, watcher},
+};
+
+/// `kiln controller` options.
+#[derive(Debug, clap::Args)]
+pub struct ControllerArgs {
+    /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Where agents connect.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub agent_listen: SocketAddr,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kiln-system")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Lease duration, e.g. `15s`.
+    #[arg(long, default_value = "15s", value_parser = crate::up::seconds)]
+    pub lease_duration: Duration,
+    /// Silence after which an agent is lost.
+    #[arg(long, default_value = "10s", value_parser = crate::up::seconds)]
+    pub agent_grace: Duration,
+}
+
+/// Runs until interrupted or the Lease is lost.
+pub fn controller(args: &ControllerArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    runtime.block_on(async {
+        let client =
+            Client::try_default().await.context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
+        let identity = args.identity.clone().unwrap_or_else(|| format!("kiln-controller-{}", std::process::id()));
+        let elector = LeaderElector::new(
+            client.clone(),
+            &args.lease_namespace,
+            "kiln-controller",
+            &identity,
+            args.lease_duration,
+        );
+        let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
+        tokio::spawn(elector.run(leading_tx));
+        tracing::info!(%identity, namespace = %args.lease_namespace, "waiting for the kiln-controller Lease");
+        leading.wait_for(|l| *l).await.context("leader election stopped")?;
+        tracing::info!(%identity, "leading");
+
+        let server = Server::bind(ServerOptions {
+            manifests: None,
+            http_addr: args.listen,
+            agent_addr: args.agent_listen,
+            registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
+            ..ServerOptions::default()
+        })
+        .await?;
+        let ctx = Arc::new(Context::new(client.clone(), Arc::clone(&server.control), Some(identity.clone())));
+        let deployments: Api<ModelDeployment> = Api::all(client.clone());
+        tokio::spawn(
+            Controller::new(deployments, watcher::Config::default())
+                .shutdown_on_signal()
+                .run(reconcile, error_policy, ctx)
+                .for_each(|result| async move {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "reconcile");
+                    }
+                }),
+        );
+        let gateway = Arc::clone(&server.gateway);
+        tokio::spawn(k8s::keep_current(
+            client,
+            server.registry.clone(),
+            Arc::clone(&server.control),
+            move |keys| gateway.set_keys(keys),
+            Duration::from_secs(10),
+        ));
+        println!(
+            "kiln controller: leading as {identity}; gateway http://{}, agents connect to {}",
+            server.http_addr, server.agent_addr
+        );
+        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        tokio::select! {
+            r = server.serve(stop) => r.context("serving")?,
+            _ = leading.wait_for(|l| !*l) => bail!("lost the kiln-controller Lease; exiting so a restart starts clean"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+        }
+        Ok(())
+    })
+}
