@@ -6,16 +6,19 @@
 //! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`.
 //! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` (`starting`, `processing`,
 //!   `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/`started_at`/
-//!   `completed_at`, `urls` (`get`, `cancel`, `stream`) and `metrics` (`predict_time`, `queue_time`, `cold_start`
+//!   `completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics` (`predict_time`, `queue_time`, `cold_start`
 //!   and `cold_start_time`).
 //! - Auth: `Authorization: Bearer <key>`; a key belongs to one namespace and never reaches another's deployments
 //!   (401 without a valid key, 403 for another namespace). Unknown deployment: 404 naming it. Malformed body: 400
 //!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
 //!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
+//! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`) POSTs the prediction to
+//!   a URL, retried with backoff ([`crate::webhook`]); `"stream": true` adds `urls.stream`, server-sent events
+//!   (`output`, or `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
-//! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction canceled and drops its result;
-//! it does not stop work already sent to a replica. Webhooks, streaming output and the gateway's metrics are not
-//! in this first step.
+//! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction
+//! canceled and drops its result; it does not stop work already sent to a replica. The gateway's metrics are
+//! recorded by its backend (the control plane).
 
 use std::{
     collections::HashMap,
@@ -171,6 +174,9 @@ struct Prediction {
     completed_at: Option<SystemTime>,
     metrics: Value,
     done: Arc<Notify>,
+    /// Webhook URL and the events it wants.
+    webhook: Option<(String, Vec<String>)>,
+    stream: bool,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -211,7 +217,11 @@ impl Prediction {
             "created_at": rfc3339(self.created_at),
             "started_at": self.started_at.map(rfc3339),
             "completed_at": self.completed_at.map(rfc3339),
-            "urls": { "get": url, "cancel": format!("{url}/cancel"), "stream": format!("{url}/stream") },
+            "urls": if self.stream {
+                json!({ "get": url, "cancel": format!("{url}/cancel"), "stream": format!("{url}/stream") })
+            } else {
+                json!({ "get": url, "cancel": format!("{url}/cancel") })
+            },
             "metrics": self.metrics,
         })
     }
@@ -262,6 +272,8 @@ pub struct Gateway<B> {
     pub hold: Duration,
     /// Base URL for `urls`.
     pub base_url: String,
+    /// Webhook delivery.
+    pub webhooks: crate::webhook::Webhooks,
 }
 
 impl<B: Backend> Gateway<B> {
@@ -273,6 +285,7 @@ impl<B: Backend> Gateway<B> {
             predictions: Mutex::new(Store::default()),
             hold: Duration::from_secs(120),
             base_url: base_url.trim_end_matches('/').to_owned(),
+            webhooks: crate::webhook::Webhooks::default(),
         })
     }
 
@@ -286,7 +299,18 @@ impl<B: Backend> Gateway<B> {
             .route("/v1/deployments/{namespace}/{name}/predictions", post(create::<B>))
             .route("/v1/predictions/{id}", get(fetch::<B>))
             .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
+            .route("/v1/predictions/{id}/stream", get(stream::<B>))
             .with_state(Arc::clone(self))
+    }
+
+    /// Sends `p` to its webhook if it asked for `event` (`completed` also stands for `output`: outputs are not
+    /// streamed through webhooks).
+    fn notify_webhook(&self, p: &Prediction, event: &str) {
+        let Some((url, events)) = &p.webhook else { return };
+        let wanted = events.iter().any(|e| e == event || (event == "completed" && e == "output"));
+        if wanted {
+            self.webhooks.send(url.clone(), format!("{}-{event}", p.id), &p.json(&self.base_url));
+        }
     }
 
     /// Replaces the API keys (key, namespace): the Secrets or the keys file changed.
@@ -321,6 +345,34 @@ fn new_id() -> String {
         x >>= 5;
     }
     id
+}
+
+/// The webhook of a create request: its URL and events (`start`, `output`, `logs`, `completed`; all by default).
+fn parse_webhook(body: &Value) -> Result<Option<(String, Vec<String>)>, String> {
+    let url = match body.get("webhook") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(u)) => u.clone(),
+        Some(other) => return Err(format!("\"webhook\" must be a URL string, not {other}")),
+    };
+    crate::webhook::check_url(&url)?;
+    const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
+    let events = match body.get("webhook_events_filter") {
+        None | Some(Value::Null) => EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+        Some(Value::Array(list)) => {
+            let mut events = Vec::new();
+            for e in list {
+                match e.as_str().filter(|e| EVENTS.contains(e)) {
+                    Some(e) => events.push(e.to_owned()),
+                    None => {
+                        return Err(format!("webhook_events_filter: {e} is not one of start, output, logs, completed"));
+                    }
+                }
+            }
+            events
+        }
+        Some(other) => return Err(format!("\"webhook_events_filter\" must be a list, not {other}")),
+    };
+    Ok(Some((url, events)))
 }
 
 /// Parses `Prefer: wait` / `wait=N` into how long to wait (at most 60 s).
@@ -358,6 +410,17 @@ async fn create<B: Backend>(
     let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
         return problem(StatusCode::BAD_REQUEST, "the body needs an \"input\" object, e.g. {\"input\": {...}}");
     };
+    let webhook = match parse_webhook(&body) {
+        Ok(w) => w,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
+    };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return problem(StatusCode::BAD_REQUEST, format!("\"stream\" must be true or false, not {other}"));
+        }
+    };
     let id = new_id();
     let done = Arc::new(Notify::new());
     let prediction = Prediction {
@@ -373,6 +436,8 @@ async fn create<B: Backend>(
         completed_at: None,
         metrics: json!({}),
         done: Arc::clone(&done),
+        webhook,
+        stream,
     };
     {
         let mut predictions = gw.lock();
@@ -384,9 +449,13 @@ async fn create<B: Backend>(
     let task_id = id.clone();
     let notified = done.notified();
     tokio::spawn(async move {
-        if let Some(p) = runner.lock().map.get_mut(&task_id) {
+        let started = runner.lock().map.get_mut(&task_id).map(|p| {
             p.status = "processing";
             p.started_at = Some(SystemTime::now());
+            p.clone()
+        });
+        if let Some(p) = started {
+            runner.notify_webhook(&p, "start");
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
         let mut store = runner.lock();
@@ -419,7 +488,10 @@ async fn create<B: Backend>(
             }
         }
         p.done.notify_waiters();
+        let finished = p.clone();
         store.finish(&task_id);
+        drop(store);
+        runner.notify_webhook(&finished, "completed");
     });
     let Some(wait) = wait else {
         let p = gw.lock().map.get(&id).cloned();
@@ -458,6 +530,33 @@ async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<Str
         Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.json(&gw.base_url)).into_response(),
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
     }
+}
+
+/// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
+/// or `error`, then `done`. Outputs are produced whole, so there is one `output` event.
+async fn stream<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    use axum::response::sse::{Event, Sse};
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    let done = match gw.lock().map.get(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Arc::clone(&p.done),
+        _ => return problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    };
+    let notified = done.notified();
+    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
+    if !finished {
+        notified.await;
+    }
+    let p = gw.lock().map.get(&id).cloned();
+    let mut events = Vec::new();
+    match p {
+        Some(p) if p.status == "succeeded" => events.push(Event::default().event("output").data(p.output.to_string())),
+        Some(p) => events.push(Event::default().event("error").data(p.error.unwrap_or_else(|| p.status.to_owned()))),
+        None => events.push(Event::default().event("error").data("the prediction expired")),
+    }
+    events.push(Event::default().event("done").data("{}"));
+    Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
 }
 
 async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -531,6 +630,8 @@ mod tests {
                 completed_at: None,
                 metrics: Value::Null,
                 done: Arc::new(Notify::new()),
+                webhook: None,
+                stream: false,
             };
             store.map.insert(id.clone(), p);
             store.finish(&id);

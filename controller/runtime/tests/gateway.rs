@@ -10,7 +10,10 @@ use std::{
     time::Duration,
 };
 
-use kiln_controller::gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError};
+use kiln_controller::{
+    gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError},
+    webhook::Webhooks,
+};
 use serde_json::{Value, json};
 
 /// `demo/echo` echoes its input; its replica becomes ready `cold` after the first request.
@@ -81,7 +84,9 @@ async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut gateway = Gateway::new(fake, keys, &format!("http://{addr}"));
-    Arc::get_mut(&mut gateway).unwrap().hold = hold;
+    let g = Arc::get_mut(&mut gateway).unwrap();
+    g.hold = hold;
+    g.webhooks = Webhooks::new(Duration::from_millis(20), 4);
     let router = gateway.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
@@ -172,4 +177,92 @@ async fn a_full_hold_queue_answers_429_and_a_slow_cold_start_504() {
     assert_eq!(s1, 504, "{p1}");
     assert_eq!(p1["status"], "failed");
     assert!(p1["error"].as_str().unwrap().contains("still cold-starting"), "{p1}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
+    // A receiver that fails the first delivery.
+    let received: Arc<std::sync::Mutex<Vec<(u16, String, Value)>>> = Arc::default();
+    let log = Arc::clone(&received);
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let log = Arc::clone(&log);
+            async move {
+                let mut log = log.lock().unwrap();
+                let status = if log.is_empty() { 500 } else { 200 };
+                let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                log.push((status, id, serde_json::from_str(&body).unwrap()));
+                axum::http::StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+
+    let addr = serve(Duration::from_secs(5), 8, Duration::from_millis(10)).await;
+    let a = addr.clone();
+    let body = format!(
+        r#"{{"input": {{"x": 3}}, "webhook": "http://{hook_addr}/hook", "webhook_events_filter": ["completed"], "stream": true}}"#
+    );
+    let (status, _, p) = tokio::task::spawn_blocking(move || {
+        http(&a, "POST", "/v1/deployments/demo/echo/predictions", Some("key-demo"), Some("wait"), &body)
+    })
+    .await
+    .unwrap();
+    assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+    let stream_url = p["urls"]["stream"].as_str().unwrap().to_owned();
+    let id = p["id"].as_str().unwrap().to_owned();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while received.lock().unwrap().len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 2, "one failed delivery, one retry, no more: {got:?}");
+    assert_eq!((got[0].0, got[1].0), (500, 200));
+    assert_eq!(got[0].1, got[1].1, "the same webhook-id on the retry");
+    assert_eq!((got[1].2["id"].as_str(), got[1].2["status"].as_str()), (Some(id.as_str()), Some("succeeded")));
+    assert_eq!(got[1].2["output"]["echo"]["x"], 3);
+
+    // The stream of a finished prediction: its output, then done.
+    let a = addr.clone();
+    let path = stream_url.trim_start_matches(&format!("http://{addr}")).to_owned();
+    let raw = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&a).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer key-demo\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        s.read_to_string(&mut response).unwrap();
+        response
+    })
+    .await
+    .unwrap();
+    assert!(raw.contains("text/event-stream"), "{raw}");
+    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}").expect("an output event");
+    let done = raw.find("event: done").expect("a done event");
+    assert!(output < done, "{raw}");
+
+    // Malformed webhook settings are refused before anything runs.
+    let a = addr.clone();
+    let bad = tokio::task::spawn_blocking(move || {
+        let path = "/v1/deployments/demo/echo/predictions";
+        vec![
+            http(&a, "POST", path, Some("key-demo"), None, r#"{"input": {}, "webhook": "ftp://x/y"}"#),
+            http(
+                &a,
+                "POST",
+                path,
+                Some("key-demo"),
+                None,
+                r#"{"input": {}, "webhook": "http://h/", "webhook_events_filter": ["bogus"]}"#,
+            ),
+            http(&a, "POST", path, Some("key-demo"), None, r#"{"input": {}, "stream": "yes"}"#),
+        ]
+    })
+    .await
+    .unwrap();
+    assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [400, 400, 400]);
+    assert!(bad[1].2["detail"].as_str().unwrap().contains("bogus"), "{:?}", bad[1].2);
 }

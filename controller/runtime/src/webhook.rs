@@ -1,0 +1,138 @@
+//! Webhook delivery for predictions, as Replicate does it: the prediction's JSON is POSTed to the URL the client
+//! gave, for the events it asked for (`start`, `completed`; `output` and `logs` coincide with `completed` here, as
+//! outputs are not streamed through webhooks). A delivery that fails (connection error, timeout, non-2xx) is
+//! retried with exponential backoff and jitter, up to a fixed number of attempts; each attempt carries the same
+//! `webhook-id`, so a receiver can drop duplicates. Deliveries run on their own tasks: a slow receiver never holds
+//! up a prediction. Payloads are not signed yet.
+
+use std::{
+    hash::{BuildHasher, Hasher},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use serde_json::Value;
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Why a webhook URL is refused at creation.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let uri: axum::http::Uri = url.parse().map_err(|e| format!("webhook {url:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") if uri.host().is_some() => Ok(()),
+        _ => Err(format!("webhook {url:?} must be an http:// or https:// URL with a host")),
+    }
+}
+
+/// Delivers webhooks.
+#[derive(Clone)]
+pub struct Webhooks {
+    client: Client<Https, Full<Bytes>>,
+    /// First retry delay (doubled per attempt).
+    pub backoff: Duration,
+    /// Attempts per delivery.
+    pub attempts: u32,
+    /// Time one attempt may take.
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Webhooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhooks").field("backoff", &self.backoff).field("attempts", &self.attempts).finish()
+    }
+}
+
+impl Default for Webhooks {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(1), 6)
+    }
+}
+
+impl Webhooks {
+    /// A sender retrying `attempts` times from `backoff`. HTTPS uses the system's CA certificates; without any, only
+    /// `http://` webhooks can be delivered (said once in the log).
+    pub fn new(backoff: Duration, attempts: u32) -> Self {
+        let provider = rustls::crypto::ring::default_provider();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let connector = match builder.with_provider_and_native_roots(provider) {
+            Ok(b) => b.https_or_http().enable_http1().build(),
+            Err(e) => {
+                tracing::warn!(error = %e, "no CA certificates: https:// webhooks will fail");
+                let config =
+                    rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+                        .with_safe_default_protocol_versions()
+                        .map(|b| b.with_root_certificates(rustls::RootCertStore::empty()).with_no_client_auth());
+                match config {
+                    Ok(config) => hyper_rustls::HttpsConnectorBuilder::new()
+                        .with_tls_config(config)
+                        .https_or_http()
+                        .enable_http1()
+                        .build(),
+                    Err(_) => unreachable!("ring supports the default protocol versions"),
+                }
+            }
+        };
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Self { client, backoff, attempts: attempts.max(1), timeout: Duration::from_secs(10) }
+    }
+
+    /// Sends `body` to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`).
+    pub fn send(&self, url: String, id: String, body: &Value) {
+        let this = self.clone();
+        let bytes = Bytes::from(body.to_string());
+        tokio::spawn(async move {
+            match this.deliver(&url, &id, bytes).await {
+                Ok(attempt) => tracing::debug!(%url, %id, attempt, "webhook delivered"),
+                Err(e) => tracing::warn!(%url, %id, error = %e, "webhook given up"),
+            }
+        });
+    }
+
+    /// Delivers with retries; returns the attempt that succeeded.
+    pub async fn deliver(&self, url: &str, id: &str, body: Bytes) -> Result<u32, String> {
+        let mut last = String::new();
+        for attempt in 1..=self.attempts {
+            let request = axum::http::Request::post(url)
+                .header(axum::http::header::CONTENT_TYPE, "application/json")
+                .header(axum::http::header::USER_AGENT, "kiln-gateway")
+                .header("webhook-id", id)
+                .body(Full::new(body.clone()))
+                .map_err(|e| format!("building the request: {e}"))?;
+            match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+                Ok(Ok(r)) if r.status().is_success() => return Ok(attempt),
+                Ok(Ok(r)) => last = format!("status {}", r.status()),
+                Ok(Err(e)) => last = format!("{e}"),
+                Err(_) => last = format!("no answer within {:?}", self.timeout),
+            }
+            if attempt < self.attempts {
+                let base = self.backoff.saturating_mul(1 << (attempt - 1).min(16));
+                // Up to a quarter more, so many failed deliveries do not retry in step.
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write(id.as_bytes());
+                h.write_u32(attempt);
+                let jitter = base.mul_f64((h.finish() % 256) as f64 / 1024.0);
+                tokio::time::sleep(base + jitter).await;
+            }
+        }
+        Err(format!("{} attempts failed; last: {last}", self.attempts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn webhook_urls_must_be_http_or_https_with_a_host() {
+        assert!(check_url("https://example.com/hook").is_ok());
+        assert!(check_url("http://10.0.0.1:8000/x").is_ok());
+        assert!(check_url("ftp://example.com").unwrap_err().contains("http://"));
+        assert!(check_url("not a url").unwrap_err().contains("not a URL"));
+        assert!(check_url("/relative").is_err());
+    }
+}
