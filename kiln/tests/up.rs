@@ -36,15 +36,14 @@ fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &s
     (status, body)
 }
 
-#[test]
-fn kiln_up_serves_the_example_with_the_printed_curl_line() {
-    let dir = std::env::temp_dir().join(format!("kiln-up-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// Starts `kiln up` in a fresh directory on free ports; returns it with its printed lines.
+fn start(dir: &std::path::Path) -> (Up, String) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
         .args(["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0"])
-        .current_dir(&dir)
+        .current_dir(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -60,7 +59,13 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
         }
     }
     std::thread::spawn(move || lines.for_each(drop));
-    let text = printed.join("\n");
+    (up, printed.join("\n"))
+}
+
+#[test]
+fn kiln_up_serves_the_example_with_the_printed_curl_line() {
+    let dir = std::env::temp_dir().join(format!("kiln-up-test-{}", std::process::id()));
+    let (up, text) = start(&dir);
     assert!(text.contains("simulated GPUs") || text.contains("NVML GPUs"), "{text}");
     assert!(dir.join("kiln-manifests/mlp-demo.yaml").exists() && dir.join(".kiln/api-keys.yaml").exists());
 
@@ -102,6 +107,41 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
     assert_eq!(deployments["deployments"][0]["replicas"]["ready"], 1, "{deployments}");
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Replicate's official Python client, given the gateway as base URL and a namespace's key, creates a deployment
+/// prediction, waits for it and reads its output. Runs when `KILN_REPLICATE_PYTHON` names a Python with the
+/// `replicate` package (`.ci/run` sets one up); says it was skipped otherwise.
+#[test]
+fn the_official_replicate_python_client_gets_a_prediction() {
+    let Ok(python) = std::env::var("KILN_REPLICATE_PYTHON") else {
+        eprintln!("SKIPPED: set KILN_REPLICATE_PYTHON to a python with the `replicate` package to run this test");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("kiln-up-replicate-{}", std::process::id()));
+    let (up, text) = start(&dir);
+    let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let script = r#"
+import sys, time, replicate
+client = replicate.Client(api_token=sys.argv[1], base_url=sys.argv[2])
+for attempt in range(50):
+    try:
+        p = client.deployments.predictions.create("default/mlp-demo", input={"x": [0.5, -1.0, 2.0, 0.25]})
+        break
+    except replicate.exceptions.ReplicateError as e:  # the manifest directory is read within a second
+        if attempt == 49:
+            raise
+        time.sleep(0.2)
+p.wait()
+print(p.status, len(p.output), p.metrics["cold_start"])
+"#;
+    let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "succeeded 2 True");
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }
