@@ -9,6 +9,7 @@ use std::{
 };
 
 mod bench;
+mod client;
 mod controller;
 mod report;
 mod serving;
@@ -33,6 +34,21 @@ enum Command {
     /// Run the whole system on this machine: controller, gateway and a local agent (simulated GPUs when NVML finds
     /// none), serving the manifests in a directory.
     Up(up::UpArgs),
+    /// Check a manifest file and put it into the directory `kiln up` watches.
+    Apply {
+        /// The manifest file (several documents allowed).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The directory `kiln up` watches.
+        #[arg(long, default_value = "kiln-manifests")]
+        manifests: PathBuf,
+    },
+    /// Show the deployments and nodes of a running `kiln up` (its gateway's `GET /v1/deployments`).
+    Get {
+        /// The gateway.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        server: String,
+    },
     /// Run the controller against a Kubernetes cluster (in-cluster or kubeconfig), with leader election.
     Controller(controller::ControllerArgs),
     /// Run a node agent (the same agent as `kiln-agent`), connecting to a controller.
@@ -77,6 +93,8 @@ fn main() -> ExitCode {
             up::up(&args).map(|()| ExitCode::SUCCESS)
         }
         Command::Bench { what } => bench::run(&what).map(|()| ExitCode::SUCCESS),
+        Command::Apply { file, manifests } => client::apply(&file, &manifests),
+        Command::Get { server } => client::get(&server),
         Command::Controller(args) => {
             init_tracing();
             controller::controller(&args).map(|()| ExitCode::SUCCESS)

@@ -221,3 +221,39 @@ fn simulate_serving_is_deterministic_and_names_bad_trace_rows() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected fixed:<duration> or adaptive"));
     fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn apply_puts_only_valid_manifests_into_the_watched_directory() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-apply-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    let manifests = dir.join("manifests");
+    let root = repo_root();
+    let out = kiln(&[
+        "apply",
+        "-f",
+        root.join("examples/invalid/modeldeployment-min-above-max.yaml").to_str().unwrap(),
+        "--manifests",
+        manifests.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("minReplicas must not be greater than maxReplicas") && stderr.contains("nothing applied"),
+        "{stderr}"
+    );
+    assert!(!manifests.exists() || fs::read_dir(&manifests).unwrap().next().is_none(), "nothing written");
+    let out = kiln(&[
+        "apply",
+        "-f",
+        root.join("examples/modeldeployment-native.yaml").to_str().unwrap(),
+        "--manifests",
+        manifests.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ModelDeployment/mlp-demo applied"));
+    assert_eq!(
+        fs::read_to_string(manifests.join("modeldeployment-native.yaml")).unwrap(),
+        fs::read_to_string(root.join("examples/modeldeployment-native.yaml")).unwrap()
+    );
+    let _ = fs::remove_dir_all(&dir);
+}

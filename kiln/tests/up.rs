@@ -107,6 +107,11 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
     assert_eq!(deployments["deployments"][0]["replicas"]["ready"], 1, "{deployments}");
+    let get = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["get", "--server", &addr]).output().unwrap();
+    let table = String::from_utf8_lossy(&get.stdout);
+    assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+    let row = table.lines().find(|l| l.starts_with("default/mlp-demo")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().nth(1), Some("1"), "one ready replica: {table}");
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }
