@@ -76,8 +76,8 @@ pub fn get(server: &str) -> Result<ExitCode> {
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b).context("a malformed HTTP response")?;
     let state: Value = serde_json::from_str(body).context("the gateway's answer is not JSON")?;
     println!(
-        "{:<32} {:>7} {:>7} {:>7} {:>8} {:>7}  {}",
-        "DEPLOYMENT", "READY", "LOADING", "DESIRED", "INFLIGHT", "WAITING", "NOTE"
+        "{:<32} {:>7} {:>7} {:>7} {:>8} {:>7}  NOTE",
+        "DEPLOYMENT", "READY", "LOADING", "DESIRED", "INFLIGHT", "WAITING"
     );
     for d in state["deployments"].as_array().into_iter().flatten() {
         println!(
