@@ -20,13 +20,7 @@ const KUBECONFIG_VAR: &str = "KILN_E2E_KUBECONFIG";
 
 #[tokio::test]
 async fn apiserver_agrees_with_the_offline_validator() -> Result<()> {
-    let Some(path) = std::env::var_os(KUBECONFIG_VAR) else {
-        eprintln!("SKIPPED: set {KUBECONFIG_VAR}=<kubeconfig file> to run this test against a real cluster");
-        return Ok(());
-    };
-    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {path:?}"))?;
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    let client = Client::try_from(config)?;
+    let Some(client) = client_from_env().await? else { return Ok(()) };
 
     install_crds(&client).await?;
 
@@ -102,4 +96,77 @@ fn examples() -> Result<Vec<(PathBuf, bool)>> {
     }
     files.sort();
     Ok(files)
+}
+
+async fn client_from_env() -> Result<Option<Client>> {
+    let Some(path) = std::env::var_os(KUBECONFIG_VAR) else {
+        eprintln!("SKIPPED: set {KUBECONFIG_VAR}=<kubeconfig file> to run this test against a real cluster");
+        return Ok(None);
+    };
+    let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {path:?}"))?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Some(Client::try_from(config)?))
+}
+
+/// The reconciler against a real API server: the finalizer goes on first, then the status is applied (scaled to
+/// zero, observed generation), and deleting the object takes the finalizer off so it goes away. Then the Lease:
+/// one identity leads, another follows.
+#[tokio::test]
+async fn the_reconciler_and_leader_election_work_on_a_real_cluster() -> Result<()> {
+    use kiln_controller::{
+        control::{ControlConfig, ControlPlane},
+        k8s::{lease::LeaderElector, reconcile},
+        registry::{MonotonicClock, Registry, RegistryConfig},
+    };
+    use kiln_k8s_api::model_deployment::{DeploymentState, ModelDeployment};
+    use std::sync::Arc;
+
+    let Some(client) = client_from_env().await? else { return Ok(()) };
+    install_crds(&client).await?;
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), "default");
+    let name = format!("kiln-e2e-{}", std::process::id());
+    let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": { "model": { "uri": "file:///models/m.safetensors" }, "gpu": { "count": 1, "memoryPerGpu": "1Gi" } }
+    }))?;
+    api.create(&Default::default(), &md).await?;
+    let control =
+        ControlPlane::new(Registry::new(RegistryConfig::default(), MonotonicClock::system()), ControlConfig::default());
+    let ctx = Arc::new(reconcile::Context::new(client.clone(), Arc::clone(&control), Some("kiln-e2e".into())));
+
+    // First pass: the finalizer. Second: served, status applied.
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+    let md = api.get(&name).await?;
+    assert!(md.metadata.finalizers.iter().flatten().any(|f| f == reconcile::FINALIZER), "finalizer: {md:?}");
+    reconcile::reconcile(Arc::new(md), Arc::clone(&ctx)).await?;
+    let md = api.get(&name).await?;
+    let status = md.status.clone().context("no status written")?;
+    assert_eq!(status.state, Some(DeploymentState::ScaledToZero));
+    assert_eq!(status.observed_generation, md.metadata.generation);
+    assert!(control.view(&format!("default/{name}")).is_some());
+
+    // Delete: the cleanup pass takes the finalizer off and the object goes.
+    api.delete(&name, &Default::default()).await?;
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while api.get_opt(&name).await?.is_some() {
+        if std::time::Instant::now() > deadline {
+            bail!("{name} still exists 30 s after its finalizer was removed");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(control.view(&format!("default/{name}")).is_none());
+
+    // Leader election: a, then b follows; the Lease is removed afterwards.
+    let lease = format!("kiln-e2e-lease-{}", std::process::id());
+    let a = LeaderElector::new(client.clone(), "default", &lease, "a", Duration::from_secs(15));
+    let b = LeaderElector::new(client.clone(), "default", &lease, "b", Duration::from_secs(15));
+    assert!(a.try_lead().await?, "a takes the free Lease");
+    assert!(!b.try_lead().await?, "b follows while a's Lease is fresh");
+    assert!(a.try_lead().await?, "a renews");
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client, "default");
+    leases.delete(&lease, &Default::default()).await?;
+    Ok(())
 }
