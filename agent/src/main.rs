@@ -167,6 +167,7 @@ fn run(args: &Args) -> Result<()> {
         metrics_addr: args.metrics_addr,
         admin_addr: args.admin_addr,
         worker_addr: worker_bind(&args.worker_endpoint)?,
+        advertise: None,
         sample_interval: args.sample_interval,
         cache_dir: args.cache_dir.clone(),
         disk_cache_size: args.disk_cache_size,

@@ -31,6 +31,9 @@ pub struct NodeOptions {
     pub admin_addr: SocketAddr,
     /// Where the `WorkerService` listens (port 0: any).
     pub worker_addr: SocketAddr,
+    /// The worker endpoint reported to the controller (`host:port` the gateway can reach); `None`: the bound
+    /// address (right on one machine, not behind `0.0.0.0`).
+    pub advertise: Option<String>,
     /// GPU sampling interval.
     pub sample_interval: Duration,
     /// Local-disk weight cache directory and size, host-RAM cache size.
@@ -130,7 +133,7 @@ impl Node {
             let config = SessionConfig {
                 controller: controller.clone(),
                 agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-                worker_endpoint: self.addresses.workers.to_string(),
+                worker_endpoint: self.options.advertise.clone().unwrap_or_else(|| self.addresses.workers.to_string()),
                 backoff: Backoff::default(),
                 register_timeout: Duration::from_secs(10),
             };

@@ -194,6 +194,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 metrics_addr: args.agent_metrics,
                 admin_addr: args.agent_admin,
                 worker_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                advertise: None,
                 sample_interval: Duration::from_secs(1),
                 cache_dir: args.state_dir.join("cache"),
                 disk_cache_size: 20 << 30,
@@ -298,6 +299,9 @@ pub struct AgentArgs {
     /// Local-disk weight cache.
     #[arg(long, default_value = "/var/lib/kiln/cache")]
     pub cache_dir: PathBuf,
+    /// The replicas' address as the gateway reaches it (`host:port`), when --worker-addr binds 0.0.0.0.
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 /// Runs an agent until interrupted.
@@ -310,6 +314,7 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,
             worker_addr: args.worker_addr,
+            advertise: args.advertise.clone(),
             sample_interval: Duration::from_secs(1),
             cache_dir: args.cache_dir.clone(),
             disk_cache_size: 20 << 30,
