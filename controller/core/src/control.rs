@@ -238,6 +238,9 @@ impl Deployment {
 pub struct Control {
     engine: PlacementEngine,
     nodes: HashMap<String, NodeId>,
+    /// Nodes an operator cordoned (`GpuNode.spec.unschedulable`): connected, but no new work.
+    cordoned: std::collections::HashSet<String>,
+    connected: std::collections::HashSet<String>,
     cached: HashMap<NodeId, Vec<Cached>>,
     deployments: BTreeMap<String, Deployment>,
     replicas: BTreeMap<String, Replica>,
@@ -253,6 +256,8 @@ impl Control {
         Self {
             engine: PlacementEngine::new(cluster, policy, Workload::default(), 0x6b69_6c6e),
             nodes: HashMap::new(),
+            cordoned: std::collections::HashSet::new(),
+            connected: std::collections::HashSet::new(),
             cached: HashMap::new(),
             deployments: BTreeMap::new(),
             replicas: BTreeMap::new(),
@@ -345,7 +350,8 @@ impl Control {
                 id
             }
         };
-        self.engine.set_schedulable(id, true);
+        self.connected.insert(info.name.clone());
+        self.engine.set_schedulable(id, !self.cordoned.contains(&info.name));
         for (gpu, &healthy) in info.gpu_healthy.iter().enumerate() {
             self.engine.set_gpu_healthy(id, gpu, healthy);
         }
@@ -373,6 +379,7 @@ impl Control {
     /// A node's agent disconnected: no new work there until it registers again; its replicas are kept (they may
     /// still run, and the agent reports them when it returns).
     pub fn node_down(&mut self, name: &str) {
+        self.connected.remove(name);
         if let Some(&id) = self.nodes.get(name) {
             self.engine.set_schedulable(id, false);
         }
@@ -380,6 +387,7 @@ impl Control {
 
     /// A node's agent went silent: no new work, and its replicas are gone. Returns their ids.
     pub fn node_lost(&mut self, name: &str) -> Vec<String> {
+        self.connected.remove(name);
         let Some(&id) = self.nodes.get(name) else { return Vec::new() };
         self.engine.set_schedulable(id, false);
         let gone: Vec<String> = self.replicas.iter().filter(|(_, r)| r.node == name).map(|(k, _)| k.clone()).collect();
@@ -387,6 +395,17 @@ impl Control {
             self.replica_gone(r);
         }
         gone
+    }
+
+    /// Cordons or uncordons a node: a cordoned node takes no new replicas and keeps those it runs.
+    pub fn set_cordoned(&mut self, node: &str, cordoned: bool) {
+        let changed = if cordoned { self.cordoned.insert(node.to_owned()) } else { self.cordoned.remove(node) };
+        if changed
+            && self.connected.contains(node)
+            && let Some(&id) = self.nodes.get(node)
+        {
+            self.engine.set_schedulable(id, !cordoned);
+        }
     }
 
     /// A GPU's health changed. Replicas on an unhealthy GPU are stopped and replaced at the next reconcile.

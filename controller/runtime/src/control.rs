@@ -381,6 +381,12 @@ impl ControlPlane {
         lock(&self.core).gpu_milli()
     }
 
+    /// Cordons or uncordons a node (`GpuNode.spec.unschedulable`).
+    pub fn set_cordoned(&self, node: &str, cordoned: bool) {
+        lock(&self.core).set_cordoned(node, cordoned);
+        self.wake.notify_one();
+    }
+
     /// Wakes the loop now.
     pub fn poke(&self) {
         self.wake.notify_one();

@@ -277,3 +277,29 @@ fn adaptive_keep_alive_is_capped_by_the_deployment() {
     assert!(c.reconcile(5.5).is_empty(), "the break-even fallback alone would keep it much longer");
     assert_eq!(stops(&c.reconcile(6.5)), vec![(replica, StopReason::KeepAliveExpired)]);
 }
+
+#[test]
+fn a_cordoned_node_keeps_its_replicas_and_takes_no_new_ones_until_uncordoned() {
+    let mut c = control();
+    let mut s = spec(4, 60.0);
+    s.scaling.min_replicas = 1;
+    c.upsert_deployment("ns/m", s, 0.0);
+    let (first, on) = starts(&c.reconcile(0.0))[0].clone();
+    c.set_cordoned(&on, true);
+    // A re-registration does not undo the cordon.
+    c.node_up(&node(&on, 2), std::slice::from_ref(&first)).unwrap();
+    let other = if on == "a" { "b" } else { "a" };
+    c.set_cordoned(other, true);
+    let mut s = spec(4, 60.0);
+    s.scaling.min_replicas = 2;
+    c.upsert_deployment("ns/m", s.clone(), 1.0);
+    assert!(c.reconcile(1.0).is_empty(), "both nodes cordoned: nothing new is placed");
+    assert!(c.replica(&first).is_some(), "what runs stays");
+    assert!(c.status("ns/m").unwrap().unschedulable.is_some());
+    c.set_cordoned(other, false);
+    assert_eq!(starts(&c.reconcile(2.0)), vec![(starts_after(&c, &first), other.to_owned())]);
+}
+
+fn starts_after(c: &Control, first: &str) -> String {
+    c.replicas().map(|(id, _)| id.to_owned()).find(|id| id != first).unwrap_or_default()
+}

@@ -79,9 +79,19 @@ pub async fn keep_current(
     set_keys: impl Fn(Vec<(String, String)>) + Send + 'static,
     every: Duration,
 ) {
+    let nodes: Api<GpuNode> = Api::all(client.clone());
     loop {
         if let Err(e) = sync_gpu_nodes(&client, &registry, &control).await {
             tracing::warn!(error = %e, "writing GpuNode objects");
+        }
+        // Operators cordon a node through `GpuNode.spec.unschedulable`.
+        match nodes.list(&ListParams::default()).await {
+            Ok(list) => {
+                for n in list {
+                    control.set_cordoned(&n.name_any(), n.spec.unschedulable);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading GpuNode objects"),
         }
         match api_keys(&client).await {
             Ok(keys) => set_keys(keys),
