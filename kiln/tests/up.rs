@@ -3,63 +3,28 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-struct Up(Child);
+use common::{Proc, spawn_kiln};
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Sends one HTTP/1.1 request and returns (status, body).
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        request += &format!("{k}: {v}\r\n");
-    }
-    request += &format!("Content-Length: {}\r\n\r\n{body}", body.len());
-    s.write_all(request.as_bytes()).unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response[9..12].parse().unwrap();
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let (status, _, body) = common::http(addr, method, path, headers, body);
     (status, body)
 }
 
 /// Starts `kiln up` in a fresh directory on free ports; returns it with its printed lines.
-fn start(dir: &std::path::Path) -> (Up, String) {
+fn start(dir: &std::path::Path) -> (Proc, String) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"])
-        .args(["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0"])
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let up = Up(child);
-    let mut printed = Vec::new();
-    while let Some(Ok(line)) = lines.next() {
-        let last = line.contains("/predictions");
-        printed.push(line);
-        if last {
-            break;
-        }
-    }
-    std::thread::spawn(move || lines.for_each(drop));
-    (up, printed.join("\n"))
+    let args = ["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"];
+    let more = ["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0"];
+    let all: Vec<&str> = args.iter().chain(more.iter()).copied().collect();
+    spawn_kiln(&all, Some(dir), "/predictions")
 }
 
 #[test]
