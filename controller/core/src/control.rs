@@ -13,8 +13,9 @@
 //!   scale-out under a burst, without waiting for the averages;
 //! - scale to zero is the keep-alive's decision: once nothing is in flight or waiting, the last replicas stay until
 //!   the [`KeepAlive`] plan's `unload_after` (a fixed timer, or the adaptive policy's cost-based choice, capped by
-//!   the deployment's `keepAlive.duration`), then all stop. Above zero, the scaler decides, stopping idle replicas
-//!   only.
+//!   the deployment's `keepAlive.duration`), then all stop; when the plan pre-warms (a deployment whose requests
+//!   come back at a regular interval), one replica is started again a load time before the predicted arrival and
+//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only.
 //!
 //! Where: the placement engine, with the deployment's other replicas as the spread hint and the nodes that cache
 //! its weights as the cache hint. A node that goes silent is unschedulable and its replicas are gone; the next
@@ -546,8 +547,18 @@ impl Control {
         }
         let mut stop_reason = StopReason::ScaledDown;
         if d.demand() == 0 {
-            match d.idle {
-                Some((since, plan)) if now - since >= plan.unload_after => {
+            let idle = d.idle.map(|(since, plan)| {
+                let idle_for = now - since;
+                // A pre-warm starts a load early enough to be ready at the predicted arrival.
+                let load_s = costs(&d.spec, &self.cold, &self.prices).load_s;
+                let prewarm = plan.prewarm.is_some_and(|(ready_at, until)| {
+                    idle_for >= (ready_at - load_s).max(plan.unload_after) && idle_for < until
+                });
+                (prewarm, idle_for >= plan.unload_after)
+            });
+            match idle {
+                Some((true, _)) => want = want.max(1).max(config.min_replicas),
+                Some((false, true)) => {
                     want = config.min_replicas;
                     stop_reason = StopReason::KeepAliveExpired;
                 }

@@ -303,3 +303,57 @@ fn a_cordoned_node_keeps_its_replicas_and_takes_no_new_ones_until_uncordoned() {
 fn starts_after(c: &Control, first: &str) -> String {
     c.replicas().map(|(id, _)| id.to_owned()).find(|id| id != first).unwrap_or_default()
 }
+
+#[test]
+fn a_periodic_deployment_is_released_then_prewarmed_before_its_next_request() {
+    // Two whole GPUs of 140 GB weights at $3 per GPU-hour, requests every 30 minutes: holding the GPUs idle costs
+    // more than a load, so the adaptive plan releases them and pre-warms.
+    let prices = Prices { gpu_usd_per_hour: 3.0, wait_usd_per_s: 0.05 };
+    let mut c = Control::new(Policy::Kiln, ColdStartModel::default(), prices);
+    c.node_up(&node("a", 2), &[]).unwrap();
+    c.node_up(&node("b", 2), &[]).unwrap();
+    let mut s = spec(1, 0.0);
+    s.gpu = GpuDemand::Whole(2);
+    s.weights_bytes = 140 << 30;
+    s.keep_alive = KeepAlivePolicy::Adaptive(crate::autoscale::keepalive::AdaptiveConfig::default());
+    c.upsert_deployment("ns/big", s, 0.0);
+    let mut t = 0.0;
+    let mut last_finish = 0.0;
+    for i in 0..30 {
+        t = f64::from(i) * 1800.0 + f64::from(i % 5) * 4.0;
+        c.arrive("ns/big", t);
+        for a in c.reconcile(t) {
+            if let Action::Start { replica, .. } = a {
+                c.replica_ready(&replica);
+            }
+        }
+        let Route::Replica { replica, .. } = c.route("ns/big") else { panic!("ready at {t}") };
+        last_finish = t + 1.0;
+        c.finish("ns/big", &replica, last_finish);
+        c.reconcile(last_finish + 0.5);
+    }
+    assert!(t > 0.0);
+    assert_eq!(c.status("ns/big").unwrap().ready, 0, "released right after the request");
+    let mut prewarmed_at = None;
+    let mut stopped_at = None;
+    let mut now = last_finish + 1.0;
+    while now < last_finish + 3600.0 {
+        for a in c.reconcile(now) {
+            match a {
+                Action::Start { replica, .. } => {
+                    prewarmed_at.get_or_insert(now - last_finish);
+                    c.replica_ready(&replica);
+                }
+                Action::Stop { reason, .. } => {
+                    assert_eq!(reason, StopReason::KeepAliveExpired);
+                    stopped_at.get_or_insert(now - last_finish);
+                }
+            }
+        }
+        now += 5.0;
+    }
+    let started = prewarmed_at.expect("a pre-warm");
+    assert!(started > 1500.0 && started < 1800.0, "a load time before the next request: {started}");
+    let stopped = stopped_at.expect("the pre-warmed replica is released when nobody came");
+    assert!(stopped > 1800.0 && stopped < 3000.0, "{stopped}");
+}
