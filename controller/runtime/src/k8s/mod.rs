@@ -46,12 +46,49 @@ pub async fn api_keys(client: &Client) -> Result<Vec<(String, String)>, kube::Er
     Ok(keys)
 }
 
-/// Applies one `GpuNode` per registered agent (object and status, server-side apply under the controller's field
-/// manager; `spec.unschedulable` is left to operators), and returns the names written.
+/// What was last written for each `GpuNode`, to skip writes that would change nothing but the heartbeat.
+#[derive(Debug, Default)]
+pub struct NodeWrites {
+    last: std::collections::HashMap<String, (kiln_k8s_api::gpu_node::GpuNodeStatus, std::time::Instant)>,
+}
+
+/// How often an unchanged `GpuNode` still gets its heartbeat written.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(60);
+
+impl NodeWrites {
+    /// Whether `status` must be written now: it changed (beyond its times), or the last write is older than
+    /// [`HEARTBEAT_EVERY`].
+    pub fn due(&self, node: &str, status: &kiln_k8s_api::gpu_node::GpuNodeStatus) -> bool {
+        match self.last.get(node) {
+            Some((last, at)) => at.elapsed() >= HEARTBEAT_EVERY || !same_but_times(last, status),
+            None => true,
+        }
+    }
+
+    fn written(&mut self, node: &str, status: kiln_k8s_api::gpu_node::GpuNodeStatus) {
+        self.last.insert(node.to_owned(), (status, std::time::Instant::now()));
+    }
+}
+
+fn same_but_times(a: &kiln_k8s_api::gpu_node::GpuNodeStatus, b: &kiln_k8s_api::gpu_node::GpuNodeStatus) -> bool {
+    let strip = |s: &kiln_k8s_api::gpu_node::GpuNodeStatus| {
+        let mut s = s.clone();
+        s.last_heartbeat = None;
+        for c in &mut s.conditions {
+            c.last_transition_time = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::UNIX_EPOCH);
+        }
+        s
+    };
+    strip(a) == strip(b)
+}
+
+/// Applies one `GpuNode` per registered agent whose status changed (object and status, server-side apply under the
+/// controller's field manager; `spec.unschedulable` is left to operators), and returns the names written.
 pub async fn sync_gpu_nodes(
     client: &Client,
     registry: &Registry,
     control: &ControlPlane,
+    writes: &mut NodeWrites,
 ) -> Result<Vec<String>, kube::Error> {
     let api: Api<GpuNode> = Api::all(client.clone());
     let params = PatchParams::apply(reconcile::FIELD_MANAGER).force();
@@ -62,10 +99,14 @@ pub async fn sync_gpu_nodes(
             replicas.iter().filter(|r| r.2 == node.name).flat_map(|r| r.3.iter().copied()).collect();
         let busy: Vec<u32> = busy.into_iter().collect();
         let status = status::gpu_node_status(&node, &busy, "", Timestamp::now());
+        if !writes.due(&node.name, &status) {
+            continue;
+        }
         let object = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "metadata": { "name": node.name } });
         api.patch(&node.name, &params, &Patch::Apply(&object)).await?;
-        let status = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "status": status });
-        api.patch_status(&node.name, &params, &Patch::Apply(&status)).await?;
+        let body = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "status": status });
+        api.patch_status(&node.name, &params, &Patch::Apply(&body)).await?;
+        writes.written(&node.name, status);
         written.push(node.name);
     }
     Ok(written)
@@ -80,8 +121,9 @@ pub async fn keep_current(
     every: Duration,
 ) {
     let nodes: Api<GpuNode> = Api::all(client.clone());
+    let mut writes = NodeWrites::default();
     loop {
-        if let Err(e) = sync_gpu_nodes(&client, &registry, &control).await {
+        if let Err(e) = sync_gpu_nodes(&client, &registry, &control, &mut writes).await {
             tracing::warn!(error = %e, "writing GpuNode objects");
         }
         // Operators cordon a node through `GpuNode.spec.unschedulable`.
@@ -98,5 +140,49 @@ pub async fn keep_current(
             Err(e) => tracing::warn!(error = %e, "reading API key Secrets; keeping the keys read before"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{GpuView, NodeView};
+
+    fn view(ready: bool) -> NodeView {
+        NodeView {
+            name: "n".into(),
+            ready,
+            simulated: true,
+            gpus: vec![GpuView {
+                index: 0,
+                uuid: "GPU-0".into(),
+                model: "H100".into(),
+                memory_bytes: 80 << 30,
+                health: kiln_proto::v1::GpuHealth::Healthy,
+            }],
+            replicas: Default::default(),
+            cached: Vec::new(),
+            worker_endpoint: String::new(),
+            cpu_milli: 0,
+            host_memory_bytes: 0,
+            labels: Vec::new(),
+            last_seen: std::time::Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_gpu_node_is_written_when_it_changes_not_on_every_pass() {
+        let mut writes = NodeWrites::default();
+        let t0 = Timestamp::from_second(1_790_000_000).unwrap();
+        let s0 = status::gpu_node_status(&view(true), &[], "", t0);
+        assert!(writes.due("n", &s0), "never written");
+        writes.written("n", s0);
+        let later =
+            status::gpu_node_status(&view(true), &[], "", t0 + k8s_openapi::jiff::SignedDuration::from_secs(10));
+        assert!(!writes.due("n", &later), "only the heartbeat changed");
+        let busy = status::gpu_node_status(&view(true), &[0], "", t0);
+        assert!(writes.due("n", &busy), "a GPU got a replica");
+        let lost = status::gpu_node_status(&view(false), &[], "", t0);
+        assert!(writes.due("n", &lost), "the agent was lost");
     }
 }
