@@ -60,7 +60,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             args.lease_duration,
         );
         let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
-        tokio::spawn(elector.run(leading_tx));
+        tokio::spawn(elector.clone().run(leading_tx));
         tracing::info!(%identity, namespace = %args.lease_namespace, "waiting for the kiln-controller Lease");
         leading.wait_for(|l| *l).await.context("leader election stopped")?;
         tracing::info!(%identity, "leading");
@@ -98,10 +98,19 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             server.http_addr, server.agent_addr
         );
         let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
         tokio::select! {
             r = server.serve(stop) => r.context("serving")?,
             _ = leading.wait_for(|l| !*l) => bail!("lost the kiln-controller Lease; exiting so a restart starts clean"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
+            _ = terminate.recv() => tracing::info!("terminating"),
+        }
+        // A clean shutdown hands the Lease over at once.
+        match elector.release().await {
+            Ok(true) => tracing::info!("released the kiln-controller Lease"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "could not release the Lease; a standby takes over when it expires"),
         }
         Ok(())
     })

@@ -321,3 +321,25 @@ async fn leader_election_follows_a_fresh_holder_and_takes_over_an_expired_one() 
     assert!(!elector.try_lead().await.unwrap(), "a lost race is not leadership");
     verifier.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_clean_shutdown_releases_the_lease_it_holds_and_leaves_others_alone() {
+    let (client, mut api) = mock();
+    let elector = LeaderElector::new(client, "kiln-system", "kiln-controller", "pod-a", Duration::from_secs(15));
+    let verifier = tokio::spawn(async move {
+        let (_, uri, _, send) = next(&mut api).await;
+        assert_eq!(uri, LEASE);
+        respond(send, StatusCode::OK, &lease("pod-a", Timestamp::now(), "20"));
+        let (method, _, body, send) = next(&mut api).await;
+        assert_eq!(method, "PUT");
+        assert_eq!(body["metadata"]["resourceVersion"], "20");
+        assert!(body["spec"].get("holderIdentity").is_none_or(Value::is_null), "{body}");
+        respond(send, StatusCode::OK, &body);
+        // Held by another: nothing written.
+        let (_, _, _, send) = next(&mut api).await;
+        respond(send, StatusCode::OK, &lease("pod-b", Timestamp::now(), "21"));
+    });
+    assert!(elector.release().await.unwrap());
+    assert!(!elector.release().await.unwrap());
+    verifier.await.unwrap();
+}

@@ -113,6 +113,23 @@ impl LeaderElector {
         }
     }
 
+    /// Gives the Lease up if this replica holds it (on a clean shutdown), so a standby takes over at once instead
+    /// of after the lease duration. Returns whether it was released.
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else { return Ok(false) };
+        let Some(spec) = lease.spec.as_mut().filter(|s| s.holder_identity.as_deref() == Some(self.identity.as_str()))
+        else {
+            return Ok(false);
+        };
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Keeps competing; sends whether this replica leads after every round. Returns when the receiver is gone.
     /// A round that fails on the API keeps the leadership while the last renewal is less than two thirds of the
     /// lease duration old (no other replica can have taken it over yet).
