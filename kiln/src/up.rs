@@ -184,6 +184,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             format!("binding the gateway ({}) and agent ({}) addresses", args.listen, args.agent_listen)
         })?;
         let (http, agents) = (server.http_addr, server.agent_addr);
+        tokio::spawn(reload_keys(keys_file.clone(), std::sync::Arc::clone(&server.gateway)));
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let mut agent_line = String::from("no local agent (--no-agent): waiting for agents to connect");
         let mut agent_metrics = None;
@@ -258,6 +259,31 @@ pub fn up(args: &UpArgs) -> Result<()> {
         });
         server.serve(stop).await.context("serving")
     })
+}
+
+/// Re-reads the API keys file when it changes (every 2 s); a file that no longer parses is reported and the keys
+/// read before stay in force.
+async fn reload_keys(
+    path: PathBuf,
+    gateway: std::sync::Arc<kiln_controller::gateway::Gateway<std::sync::Arc<kiln_controller::control::ControlPlane>>>,
+) {
+    let stamp = |p: &Path| fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    let mut seen = stamp(&path);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let now = stamp(&path);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        match read_keys(&path) {
+            Ok(keys) => {
+                tracing::info!(keys = keys.len(), file = %path.display(), "API keys reloaded");
+                gateway.set_keys(keys.into_iter().map(|k| (k.key, k.namespace)));
+            }
+            Err(e) => tracing::error!("API keys not reloaded, the previous ones stay: {e:#}"),
+        }
+    }
 }
 
 /// Writes to stdout, ignoring errors: a process whose stdout was closed keeps serving instead of dying on a

@@ -72,6 +72,18 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
     assert_eq!(deployments["deployments"][0]["replicas"]["ready"], 1, "{deployments}");
+    // The keys file is re-read when it changes: the old key stops working, the new one works.
+    let new_key = "default-rotated-0123456789";
+    std::fs::write(dir.join(".kiln/api-keys.yaml"), format!("- namespace: default\n  key: {new_key}\n")).unwrap();
+    let new_auth = format!("Bearer {new_key}");
+    let new_headers = [("Authorization", new_auth.as_str()), ("Prefer", "wait"), ("Content-Type", "application/json")];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http(&addr, "POST", &path, &headers, body).0 != 401 {
+        assert!(Instant::now() < deadline, "the old key still works 20 s after the keys file changed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(http(&addr, "POST", &path, &new_headers, body).0, 200);
+
     let get = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["get", "--server", &addr]).output().unwrap();
     let table = String::from_utf8_lossy(&get.stdout);
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
