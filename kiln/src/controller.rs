@@ -70,6 +70,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             http_addr: args.listen,
             agent_addr: args.agent_listen,
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
+            webhook_secret: std::env::var("KILN_WEBHOOK_SECRET").ok(),
             ..ServerOptions::default()
         })
         .await?;

@@ -147,6 +147,18 @@ spec:
     Ok(Some(path))
 }
 
+/// The webhook signing secret kept in the state directory (written on first run).
+fn webhook_secret(state: &Path) -> Result<String> {
+    let path = state.join("webhook-secret");
+    if !path.exists() {
+        let secret = kiln_controller::webhook::Secret::generate().context("generating a webhook secret")?;
+        fs::write(&path, format!("{}\n", secret.as_str())).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    kiln_controller::webhook::Secret::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
 fn keys(args: &UpArgs) -> Result<(PathBuf, Vec<ApiKey>)> {
     let path = args.api_keys.clone().unwrap_or_else(|| args.state_dir.join("api-keys.yaml"));
     if args.api_keys.is_none() && !path.exists() {
@@ -178,6 +190,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
                 ..Default::default()
             },
             hold: args.hold,
+            webhook_secret: Some(webhook_secret(&args.state_dir)?),
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {

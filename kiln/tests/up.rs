@@ -119,11 +119,32 @@ for attempt in range(50):
         time.sleep(0.2)
 p.wait()
 print(p.status, len(p.output), p.metrics["cold_start"])
+
+# A signed webhook, validated by the client library with the gateway's signing secret.
+import http.server, threading, queue
+got = queue.Queue()
+class Hook(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        got.put(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+secret = client.webhooks.default.secret()
+hook = f"http://127.0.0.1:{server.server_address[1]}/hook"
+p = client.deployments.predictions.create("default/mlp-demo", input={"x": [1, 2, 3, 4]}, webhook=hook,
+                                           webhook_events_filter=["completed"])
+headers, body = got.get(timeout=20)
+client.webhooks.validate(headers=headers, body=body, secret=secret, tolerance=300)
+print("webhook", headers["webhook-signature"].startswith("v1,"), '"succeeded"' in body)
 "#;
     let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(stdout.trim(), "succeeded 2 True");
+    assert_eq!(stdout.trim(), "succeeded 2 True\nwebhook True True");
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }

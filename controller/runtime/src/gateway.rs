@@ -13,7 +13,7 @@
 //!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
 //!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
 //! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`) POSTs the prediction to
-//!   a URL, retried with backoff ([`crate::webhook`]); `"stream": true` adds `urls.stream`, server-sent events
+//!   a URL, retried with backoff and signed ([`crate::webhook`]; the key at `GET /v1/webhooks/default/secret`); `"stream": true` adds `urls.stream`, server-sent events
 //!   (`output`, or `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
 //! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction
@@ -300,6 +300,7 @@ impl<B: Backend> Gateway<B> {
             .route("/v1/predictions/{id}", get(fetch::<B>))
             .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
             .route("/v1/predictions/{id}/stream", get(stream::<B>))
+            .route("/v1/webhooks/default/secret", get(webhook_secret::<B>))
             .with_state(Arc::clone(self))
     }
 
@@ -529,6 +530,17 @@ async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<Str
     match gw.lock().map.get(&id) {
         Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.json(&gw.base_url)).into_response(),
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    }
+}
+
+/// `GET /v1/webhooks/default/secret`: the key webhooks are signed with (any valid API key may read it).
+async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>, headers: HeaderMap) -> Response {
+    if gw.namespace_of(&headers).is_none() {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    }
+    match &gw.webhooks.secret {
+        Some(secret) => Json(json!({ "key": secret.as_str() })).into_response(),
+        None => problem(StatusCode::NOT_FOUND, "webhooks are not signed by this gateway (no signing secret is set)"),
     }
 }
 

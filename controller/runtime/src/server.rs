@@ -43,6 +43,8 @@ pub struct ServerOptions {
     pub hold: Duration,
     /// How often the manifest directory is checked.
     pub watch_interval: Duration,
+    /// Webhook signing secret (`whsec_...`); `None`: a new one for this process.
+    pub webhook_secret: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -56,6 +58,7 @@ impl Default for ServerOptions {
             control: ControlConfig::default(),
             hold: Duration::from_secs(120),
             watch_interval: Duration::from_secs(1),
+            webhook_secret: None,
         }
     }
 }
@@ -87,8 +90,13 @@ struct Shared {
 }
 
 impl Server {
-    /// Binds both listeners.
+    /// Binds both listeners. A webhook secret that does not parse is an error (`InvalidInput`).
     pub async fn bind(options: ServerOptions) -> std::io::Result<Self> {
+        let secret = match &options.webhook_secret {
+            Some(text) => crate::webhook::Secret::parse(text)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+            None => crate::webhook::Secret::generate()?,
+        };
         let http = tokio::net::TcpListener::bind(options.http_addr).await?;
         let agents = tokio::net::TcpListener::bind(options.agent_addr).await?;
         let registry = Registry::new(options.registry, MonotonicClock::system());
@@ -97,6 +105,7 @@ impl Server {
         let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
         if let Some(g) = Arc::get_mut(&mut gateway) {
             g.hold = options.hold;
+            g.webhooks.secret = Some(secret);
         }
         Ok(Self { http_addr, agent_addr: agents.local_addr()?, control, gateway, options, registry, http, agents })
     }
