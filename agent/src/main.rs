@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use kiln_agent::node::{Node, NodeOptions};
+use kiln_agent::node::{Node, NodeOptions, host_name};
 
 /// Kiln node agent.
 #[derive(Debug, Parser)]
@@ -152,17 +152,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn node_name(args: &Args) -> String {
-    args.node_name
-        .clone()
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
-        .filter(|n| !n.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
 fn run(args: &Args) -> Result<()> {
     let options = NodeOptions {
-        node: node_name(args),
+        node: args.node_name.clone().filter(|n| !n.is_empty()).unwrap_or_else(host_name),
         simulate_gpus: args.simulate_gpus.clone(),
         metrics_addr: args.metrics_addr,
         admin_addr: args.admin_addr,

@@ -46,6 +46,15 @@ pub struct NodeOptions {
     pub controller: Option<String>,
 }
 
+/// The node name when none is given: the host name (`/etc/hostname`), else `localhost`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
 /// Where a running agent listens.
 #[derive(Debug, Clone)]
 pub struct NodeAddresses {

@@ -552,25 +552,6 @@ mod tests {
         }
     }
 
-    fn zero() -> Outcome {
-        Outcome {
-            requests: 0,
-            cold_starts: 0,
-            warm_hits: 0,
-            demand_loads: [0; 4],
-            prewarms: 0,
-            unschedulable: 0,
-            latency_ms: [0.0; 3],
-            gpu_seconds: GpuSeconds::default(),
-            cost_usd: 0.0,
-            series: Series::default(),
-            idle_gaps: Vec::new(),
-            per_deployment: Vec::new(),
-            events: 0,
-            copy_lifetime_s: 0.0,
-        }
-    }
-
     fn assert_clean(page: &str) {
         assert!(!page.contains("NaN"), "NaN in page");
         assert!(!page.contains("inf"), "inf in page");
@@ -633,20 +614,23 @@ mod tests {
 
     #[test]
     fn handles_zero_and_empty_series() {
-        let empty = zero();
-        let mut flat = zero();
-        flat.series =
-            Series { t_s: vec![0.0; 5], replicas: vec![0; 5], cold_starts: vec![0; 5], gpu_memory_gb: vec![0.0; 5] };
-        let mut single = zero();
-        single.series = Series { t_s: vec![600.0], replicas: vec![1], cold_starts: vec![0], gpu_memory_gb: vec![8.0] };
+        let empty = Outcome::default();
+        let with = |series: Series| Outcome { series, ..Outcome::default() };
+        let flat = with(Series {
+            t_s: vec![0.0; 5],
+            replicas: vec![0; 5],
+            cold_starts: vec![0; 5],
+            gpu_memory_gb: vec![0.0; 5],
+        });
+        let single =
+            with(Series { t_s: vec![600.0], replicas: vec![1], cold_starts: vec![0], gpu_memory_gb: vec![8.0] });
         // Mismatched lengths take the common prefix.
-        let mut ragged = zero();
-        ragged.series = Series {
+        let ragged = with(Series {
             t_s: vec![0.0, 600.0, 1200.0],
             replicas: vec![1],
             cold_starts: vec![],
             gpu_memory_gb: vec![1.0; 9],
-        };
+        });
         let runs = [
             Run { policy: "empty", outcome: &empty },
             Run { policy: "flat", outcome: &flat },

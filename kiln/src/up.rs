@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use kiln_agent::{
     model::example_model,
-    node::{Node, NodeOptions},
+    node::{Node, NodeOptions, host_name},
 };
 use kiln_controller::{
     registry::RegistryConfig,
@@ -203,7 +203,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         let mut agent_metrics = None;
         if !args.no_agent {
             let node = Node::open(NodeOptions {
-                node: hostname(),
+                node: host_name(),
                 simulate_gpus: args.simulate_gpus.clone(),
                 metrics_addr: args.agent_metrics,
                 admin_addr: args.agent_admin,
@@ -306,14 +306,6 @@ fn say(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-fn hostname() -> String {
-    fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_owned())
-}
-
 /// `kiln agent` options: the node agent, from the same binary (as `kiln-agent` runs it).
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
@@ -348,7 +340,7 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         let node = Node::open(NodeOptions {
-            node: args.node_name.clone().unwrap_or_else(hostname),
+            node: args.node_name.clone().unwrap_or_else(host_name),
             simulate_gpus: args.simulate_gpus.clone(),
             metrics_addr: args.metrics_addr,
             admin_addr: args.admin_addr,

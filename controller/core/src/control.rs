@@ -716,23 +716,19 @@ fn describe(spec: &DeploymentSpec) -> String {
 
 /// The keep-alive's costs for one replica of `spec`: its GPU share idle, against a load from host RAM.
 fn costs(spec: &DeploymentSpec, cold: &ColdStartModel, prices: &Prices) -> Costs {
-    let gpu_per_s = prices.gpu_usd_per_hour / 3600.0;
-    let share = match spec.gpu {
+    let gpus = match spec.gpu {
         GpuDemand::None => 0.0,
         GpuDemand::Share(m) => f64::from(m) / 1000.0,
         GpuDemand::Whole(k) => f64::from(k),
         GpuDemand::Memory(mib) => f64::from(mib) / (80.0 * 1024.0),
     };
-    let load_s = cold.expected(spec.weights_bytes, Tier::HostRam);
-    let warm_s = cold.expected(spec.weights_bytes, Tier::Gpu);
-    Costs {
-        idle_per_s: share * gpu_per_s,
-        cold_penalty: load_s * (prices.wait_usd_per_s + share * gpu_per_s),
-        load_cost: load_s * share * gpu_per_s,
-        load_s,
-        warm_penalty: warm_s * (prices.wait_usd_per_s + share * gpu_per_s),
-        copy_lifetime_s: 0.0,
-    }
+    Costs::for_replica(
+        gpus,
+        cold.expected(spec.weights_bytes, Tier::HostRam),
+        cold.expected(spec.weights_bytes, Tier::Gpu),
+        prices.gpu_usd_per_hour / 3600.0,
+        prices.wait_usd_per_s,
+    )
 }
 
 #[cfg(test)]

@@ -107,20 +107,14 @@ pub struct ColdStartRecord {
     pub finished_at: std::time::SystemTime,
 }
 
-/// What the loop did, for metrics and status.
-#[derive(Debug, Default)]
-struct Journal {
-    cold_starts: Vec<ColdStartRecord>,
-    start_failures: Vec<(String, String)>,
-}
-
 /// The control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
     core: Mutex<Control>,
     served: Mutex<BTreeMap<String, Served>>,
     starting: Mutex<HashMap<String, Starting>>,
-    journal: Mutex<Journal>,
+    /// The newest cold start of each deployment (for its status).
+    last_cold_start: Mutex<HashMap<String, ColdStartRecord>>,
     clients: Mutex<HashMap<String, WorkerServiceClient<Channel>>>,
     registry: Registry,
     wake: Notify,
@@ -215,14 +209,14 @@ fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
 fn cached_of(n: &crate::registry::NodeView) -> Vec<Cached> {
     n.cached
         .iter()
-        .filter_map(|(uri, tier, gpu)| {
-            let tier = match tier {
-                v1::CacheTier::Gpu => CacheTier::Gpu(gpu.map_or(0, |g| 1u16.checked_shl(g).unwrap_or(0))),
+        .filter_map(|m| {
+            let tier = match m.tier() {
+                v1::CacheTier::Gpu => CacheTier::Gpu(m.gpu_index.map_or(0, |g| 1u16.checked_shl(g).unwrap_or(0))),
                 v1::CacheTier::Host => CacheTier::HostRam,
                 v1::CacheTier::Disk => CacheTier::Disk,
                 _ => return None,
             };
-            Some(Cached { model_uri: uri.clone(), tier })
+            Some(Cached { model_uri: m.model_uri.clone(), tier })
         })
         .collect()
 }
@@ -234,7 +228,7 @@ impl ControlPlane {
             core: Mutex::new(Control::new(config.policy, config.cold.clone(), config.prices)),
             served: Mutex::new(BTreeMap::new()),
             starting: Mutex::new(HashMap::new()),
-            journal: Mutex::new(Journal::default()),
+            last_cold_start: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             registry,
             wake: Notify::new(),
@@ -304,6 +298,7 @@ impl ControlPlane {
         lock(&self.core).remove_deployment(key);
         lock(&self.served).remove(key);
         lock(&self.counters).remove(key);
+        lock(&self.last_cold_start).remove(key);
         self.wake.notify_one();
     }
 
@@ -317,11 +312,8 @@ impl ControlPlane {
             .map(|(id, _, node, gpus, ready)| (id, node, gpus, ready))
             .collect();
         let counters = lock(&self.counters).get(key).cloned().unwrap_or_default();
-        let last_cold_start = lock(&self.journal)
-            .cold_starts
-            .iter()
-            .rev()
-            .find(|c| c.deployment == key)
+        let last_cold_start = lock(&self.last_cold_start)
+            .get(key)
             .map(|c| (c.clone(), k8s_openapi::jiff::Timestamp::try_from(c.finished_at).unwrap_or_default()));
         Some(crate::k8s::status::DeploymentView {
             desired: status.desired,
@@ -364,16 +356,6 @@ impl ControlPlane {
                 )
             })
             .collect()
-    }
-
-    /// Cold starts finished so far.
-    pub fn cold_starts(&self) -> Vec<ColdStartRecord> {
-        lock(&self.journal).cold_starts.clone()
-    }
-
-    /// Starts that failed: (replica, why).
-    pub fn start_failures(&self) -> Vec<(String, String)> {
-        lock(&self.journal).start_failures.clone()
     }
 
     /// GPU allocation, milli-GPU: (allocated, capacity).
@@ -526,7 +508,7 @@ impl ControlPlane {
                                 record.seconds,
                                 record.phases_ms,
                             );
-                            lock(&self.journal).cold_starts.push(record);
+                            lock(&self.last_cold_start).insert(record.deployment.clone(), record);
                         }
                     }
                 }
@@ -535,7 +517,6 @@ impl ControlPlane {
                     if let Some(r) = core.replica_gone(&event.replica_id) {
                         self.metrics.failed_start(&r.deployment);
                         self.count(&r.deployment, |c| c.failed_starts += 1);
-                        lock(&self.journal).start_failures.push((event.replica_id.clone(), f.message));
                     }
                     lock(&self.starting).remove(&event.replica_id);
                 }
@@ -608,7 +589,6 @@ impl ControlPlane {
                 if let Some(r) = gone {
                     this.metrics.failed_start(&r.deployment);
                     this.count(&r.deployment, |c| c.failed_starts += 1);
-                    lock(&this.journal).start_failures.push((replica, why));
                 }
                 this.wake.notify_one();
             }

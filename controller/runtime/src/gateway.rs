@@ -450,10 +450,11 @@ async fn create<B: Backend>(
     let task_id = id.clone();
     let notified = done.notified();
     tokio::spawn(async move {
-        let started = runner.lock().map.get_mut(&task_id).map(|p| {
+        // A copy only for a webhook, outside the lock: most predictions have none.
+        let started = runner.lock().map.get_mut(&task_id).and_then(|p| {
             p.status = "processing";
             p.started_at = Some(SystemTime::now());
-            p.clone()
+            p.webhook.is_some().then(|| p.clone())
         });
         if let Some(p) = started {
             runner.notify_webhook(&p, "start");
@@ -489,10 +490,12 @@ async fn create<B: Backend>(
             }
         }
         p.done.notify_waiters();
-        let finished = p.clone();
+        let finished = p.webhook.is_some().then(|| p.clone());
         store.finish(&task_id);
         drop(store);
-        runner.notify_webhook(&finished, "completed");
+        if let Some(p) = finished {
+            runner.notify_webhook(&p, "completed");
+        }
     });
     let Some(wait) = wait else {
         let p = gw.lock().map.get(&id).cloned();

@@ -62,8 +62,10 @@ pub struct NodeView {
     pub gpus: Vec<GpuView>,
     /// Replicas by id.
     pub replicas: HashMap<String, ReplicaView>,
-    /// Cached models: uri, tier, GPU (for GPU-resident copies).
-    pub cached: Vec<(String, v1::CacheTier, Option<u32>)>,
+    /// Cached models, as the agent last reported them.
+    pub cached: Vec<v1::CachedModel>,
+    /// Agent, driver and CUDA versions (empty when not reported).
+    pub versions: [String; 3],
     /// Where the gateway reaches the node's `WorkerService`.
     pub worker_endpoint: String,
     /// Allocatable CPU, millicores (0: not reported).
@@ -320,7 +322,8 @@ impl Registry {
                     )
                 })
                 .collect(),
-            cached: Vec::new(),
+            cached: register.cached_models.clone(),
+            versions: [register.agent_version.clone(), register.driver_version.clone(), register.cuda_version.clone()],
             worker_endpoint: register.worker_endpoint.clone(),
             cpu_milli: register.cpu_milli,
             host_memory_bytes: register.host_memory_bytes,
@@ -397,17 +400,7 @@ impl Registry {
                 }
             }
             Some(agent_message::Body::Cache(report)) => {
-                n.view.cached = report
-                    .models
-                    .into_iter()
-                    .map(|m| {
-                        (
-                            m.model_uri,
-                            v1::CacheTier::try_from(m.tier).unwrap_or(v1::CacheTier::Unspecified),
-                            m.gpu_index,
-                        )
-                    })
-                    .collect();
+                n.view.cached = report.models;
             }
             _ => {}
         }

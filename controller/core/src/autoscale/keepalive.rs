@@ -58,6 +58,24 @@ pub struct Costs {
     pub copy_lifetime_s: f64,
 }
 
+impl Costs {
+    /// The costs of one replica holding `gpus` GPUs (fractional for a share), whose load from host RAM takes `load_s`
+    /// and whose restart from an idle copy in GPU memory takes `warm_s`, at `gpu_usd_per_s` per GPU and
+    /// `wait_usd_per_s` per second a request waits. Idle copies count as not kept (`copy_lifetime_s` 0: every restart
+    /// a cold start) unless the caller knows better.
+    pub fn for_replica(gpus: f64, load_s: f64, warm_s: f64, gpu_usd_per_s: f64, wait_usd_per_s: f64) -> Self {
+        let gpu_per_s = gpus * gpu_usd_per_s;
+        Self {
+            idle_per_s: gpu_per_s,
+            cold_penalty: load_s * (wait_usd_per_s + gpu_per_s),
+            load_cost: load_s * gpu_per_s,
+            load_s,
+            warm_penalty: warm_s * (wait_usd_per_s + gpu_per_s),
+            copy_lifetime_s: 0.0,
+        }
+    }
+}
+
 /// Settings of the `adaptive` policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveConfig {

@@ -198,7 +198,7 @@ pub struct Series {
 }
 
 /// The result of one run.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Outcome {
     /// Requests that arrived.
     pub requests: u64,
@@ -262,19 +262,13 @@ pub fn gpu_share(bytes: u64, gpu_memory_bytes: u64) -> f64 {
 
 /// The keep-alive costs of a deployment with `bytes` of weights, as if no idle copy survived in GPU memory.
 pub fn keepalive_costs(config: &SimConfig, fleet: &FleetSpec, bytes: u64) -> Costs {
-    let gpu_per_s = config.gpu_usd_per_hour / 3600.0;
-    let share = gpu_share(bytes, fleet.gpu_memory_bytes);
-    let load_s = config.cold.expected(bytes, Tier::HostRam);
-    let warm_s = config.cold.expected(bytes, Tier::Gpu);
-    Costs {
-        idle_per_s: share * gpu_per_s,
-        cold_penalty: load_s * (config.wait_usd_per_s + share * gpu_per_s),
-        load_cost: load_s * share * gpu_per_s,
-        load_s,
-        warm_penalty: warm_s * (config.wait_usd_per_s + share * gpu_per_s),
-        // Every restart a cold start, unless the caller knows better (the simulator measures it as it runs).
-        copy_lifetime_s: 0.0,
-    }
+    Costs::for_replica(
+        gpu_share(bytes, fleet.gpu_memory_bytes),
+        config.cold.expected(bytes, Tier::HostRam),
+        config.cold.expected(bytes, Tier::Gpu),
+        config.gpu_usd_per_hour / 3600.0,
+        config.wait_usd_per_s,
+    )
 }
 
 /// The best fixed timer per deployment in hindsight: for each, over its actual idle gaps, the timer `T` (from 0 and
@@ -592,22 +586,7 @@ pub fn simulate(
         host: vec![Lru { capacity: config.host_cache_bytes, ..Lru::default() }; n],
         disk: vec![Lru { capacity: config.disk_cache_bytes, ..Lru::default() }; n],
         latencies: Latencies::new(),
-        out: Outcome {
-            requests: 0,
-            cold_starts: 0,
-            warm_hits: 0,
-            demand_loads: [0; 4],
-            prewarms: 0,
-            unschedulable: 0,
-            latency_ms: [0.0; 3],
-            gpu_seconds: GpuSeconds::default(),
-            cost_usd: 0.0,
-            series: Series::default(),
-            idle_gaps: Vec::new(),
-            per_deployment: vec![DeploymentOutcome::default(); deployments.len()],
-            events: 0,
-            copy_lifetime_s: 0.0,
-        },
+        out: Outcome { per_deployment: vec![DeploymentOutcome::default(); deployments.len()], ..Outcome::default() },
         cold_in_sample: 0,
         copy_seconds: 0.0,
         copy_evictions: 0,

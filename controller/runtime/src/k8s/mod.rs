@@ -98,7 +98,7 @@ pub async fn sync_gpu_nodes(
         let busy: BTreeSet<u32> =
             replicas.iter().filter(|r| r.2 == node.name).flat_map(|r| r.3.iter().copied()).collect();
         let busy: Vec<u32> = busy.into_iter().collect();
-        let status = status::gpu_node_status(&node, &busy, "", Timestamp::now());
+        let status = status::gpu_node_status(&node, &busy, Timestamp::now());
         if !writes.due(&node.name, &status) {
             continue;
         }
@@ -161,7 +161,13 @@ mod tests {
                 health: kiln_proto::v1::GpuHealth::Healthy,
             }],
             replicas: Default::default(),
-            cached: Vec::new(),
+            cached: vec![kiln_proto::v1::CachedModel {
+                model_uri: "file:///m".into(),
+                size_bytes: 1 << 30,
+                tier: kiln_proto::v1::CacheTier::Disk as i32,
+                ..Default::default()
+            }],
+            versions: ["0.1.0".into(), "550.54".into(), "12.4".into()],
             worker_endpoint: String::new(),
             cpu_milli: 0,
             host_memory_bytes: 0,
@@ -174,15 +180,16 @@ mod tests {
     fn a_gpu_node_is_written_when_it_changes_not_on_every_pass() {
         let mut writes = NodeWrites::default();
         let t0 = Timestamp::from_second(1_790_000_000).unwrap();
-        let s0 = status::gpu_node_status(&view(true), &[], "", t0);
+        let s0 = status::gpu_node_status(&view(true), &[], t0);
         assert!(writes.due("n", &s0), "never written");
+        assert_eq!(s0.cached_models[0].size_bytes, 1 << 30);
+        assert_eq!((s0.agent_version.as_deref(), s0.cuda_version.as_deref()), (Some("0.1.0"), Some("12.4")));
         writes.written("n", s0);
-        let later =
-            status::gpu_node_status(&view(true), &[], "", t0 + k8s_openapi::jiff::SignedDuration::from_secs(10));
+        let later = status::gpu_node_status(&view(true), &[], t0 + k8s_openapi::jiff::SignedDuration::from_secs(10));
         assert!(!writes.due("n", &later), "only the heartbeat changed");
-        let busy = status::gpu_node_status(&view(true), &[0], "", t0);
+        let busy = status::gpu_node_status(&view(true), &[0], t0);
         assert!(writes.due("n", &busy), "a GPU got a replica");
-        let lost = status::gpu_node_status(&view(false), &[], "", t0);
+        let lost = status::gpu_node_status(&view(false), &[], t0);
         assert!(writes.due("n", &lost), "the agent was lost");
     }
 }

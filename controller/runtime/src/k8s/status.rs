@@ -233,7 +233,7 @@ pub fn transitions(previous: Option<&ModelDeploymentStatus>, next: &ModelDeploym
 }
 
 /// A `GpuNode`'s status from what its agent said; `busy`: GPU indexes holding replicas.
-pub fn gpu_node_status(node: &NodeView, busy: &[u32], agent_version: &str, now: Timestamp) -> GpuNodeStatus {
+pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNodeStatus {
     let health = |h: v1::GpuHealth| match h {
         v1::GpuHealth::Healthy => GpuHealth::Healthy,
         v1::GpuHealth::Degraded => GpuHealth::Degraded,
@@ -275,21 +275,21 @@ pub fn gpu_node_status(node: &NodeView, busy: &[u32], agent_version: &str, now: 
         cached_models: node
             .cached
             .iter()
-            .map(|(uri, t, gpu)| CachedModel {
-                uri: uri.clone(),
-                tier: match t {
+            .map(|m| CachedModel {
+                uri: m.model_uri.clone(),
+                tier: match m.tier() {
                     v1::CacheTier::Gpu => CacheTier::Gpu,
                     v1::CacheTier::Host => CacheTier::Host,
                     v1::CacheTier::Disk => CacheTier::Disk,
                     _ => CacheTier::Remote,
                 },
-                size_bytes: 0,
-                gpu: gpu.map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
+                size_bytes: i64::try_from(m.size_bytes).unwrap_or(i64::MAX),
+                gpu: m.gpu_index.map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
             })
             .collect(),
-        agent_version: Some(agent_version.to_owned()).filter(|v| !v.is_empty()),
-        driver_version: None,
-        cuda_version: None,
+        agent_version: Some(node.versions[0].clone()).filter(|v| !v.is_empty()),
+        driver_version: Some(node.versions[1].clone()).filter(|v| !v.is_empty()),
+        cuda_version: Some(node.versions[2].clone()).filter(|v| !v.is_empty()),
         simulated: node.simulated,
         last_heartbeat: Some(now),
         conditions: vec![ready],
