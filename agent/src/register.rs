@@ -47,10 +47,32 @@ pub fn registration(snapshot: &Snapshot, agent_version: &str, worker_endpoint: &
             })
             .collect(),
         worker_endpoint: worker_endpoint.to_owned(),
-        cpu_milli: std::thread::available_parallelism().map_or(0, |n| n.get() as u64 * 1000),
-        host_memory_bytes: host_memory_bytes().unwrap_or(0),
+        cpu_milli: host_cpu_milli(snapshot),
+        host_memory_bytes: host_memory(snapshot),
         ..v1::Register::default()
     }
+}
+
+/// Host CPU of a simulated node, per GPU: the shape of the 8-GPU cloud machines (192 vCPU and 2 TiB for 8 H100s),
+/// so that a simulated 8-GPU node is not limited by the 2-core machine it happens to run on.
+pub const SIMULATED_CPU_MILLI_PER_GPU: u64 = 24_000;
+/// Host memory of a simulated node, per GPU, bytes.
+pub const SIMULATED_HOST_MEMORY_PER_GPU: u64 = 256 << 30;
+
+/// The node's CPU, millicores: the simulated machine's for simulated GPUs, this machine's otherwise.
+fn host_cpu_milli(snapshot: &Snapshot) -> u64 {
+    if snapshot.simulated && !snapshot.gpus.is_empty() {
+        return snapshot.gpus.len() as u64 * SIMULATED_CPU_MILLI_PER_GPU;
+    }
+    std::thread::available_parallelism().map_or(0, |n| n.get() as u64 * 1000)
+}
+
+/// The node's host memory, bytes: the simulated machine's for simulated GPUs, this machine's otherwise.
+fn host_memory(snapshot: &Snapshot) -> u64 {
+    if snapshot.simulated && !snapshot.gpus.is_empty() {
+        return snapshot.gpus.len() as u64 * SIMULATED_HOST_MEMORY_PER_GPU;
+    }
+    host_memory_bytes().unwrap_or(0)
 }
 
 /// `MemTotal` from `/proc/meminfo`, bytes; `None` where it cannot be read.
@@ -113,6 +135,8 @@ mod tests {
         let before = registration(&t.read(), "0.1.0", "127.0.0.1:7443");
         assert_eq!(before.gpus.len(), 8);
         assert!(before.simulated);
+        assert_eq!(before.cpu_milli, 8 * SIMULATED_CPU_MILLI_PER_GPU, "the simulated machine's CPU, not this one's");
+        assert_eq!(before.host_memory_bytes, 8 * SIMULATED_HOST_MEMORY_PER_GPU);
         assert!(before.gpus.iter().all(|g| g.health == v1::GpuHealth::Healthy as i32));
 
         handle.inject_xid(3, 79).unwrap();

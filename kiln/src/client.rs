@@ -80,6 +80,15 @@ pub fn get(server: &str) -> Result<ExitCode> {
         "DEPLOYMENT", "READY", "LOADING", "DESIRED", "INFLIGHT", "WAITING"
     );
     for d in state["deployments"].as_array().into_iter().flatten() {
+        let note = match &d["degraded"] {
+            Value::Object(f) => format!(
+                "start failed ({}): {}; next start in {} s",
+                f["reason"].as_str().unwrap_or_default(),
+                f["message"].as_str().unwrap_or_default(),
+                f["nextStartInSeconds"]
+            ),
+            _ => d["unschedulable"].as_str().unwrap_or_default().to_owned(),
+        };
         println!(
             "{:<32} {:>7} {:>7} {:>7} {:>8} {:>7}  {}",
             d["name"].as_str().unwrap_or_default(),
@@ -88,7 +97,7 @@ pub fn get(server: &str) -> Result<ExitCode> {
             d["replicas"]["desired"],
             d["inFlight"],
             d["waiting"],
-            d["unschedulable"].as_str().unwrap_or_default()
+            note
         );
     }
     for e in state["invalid"].as_array().into_iter().flatten() {

@@ -335,3 +335,67 @@ fn full_queues_bad_keys_and_invalid_manifests_get_clear_answers() {
     let (status, _, p) = c.predict("e2e/slow", AUTH, &body, true);
     assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
 }
+
+#[test]
+fn a_deployment_whose_model_is_missing_fails_fast_backs_off_and_recovers_when_the_file_appears() {
+    let c = Cluster::start("failing");
+    let body = batch();
+    let model = c.dir.join("late.safetensors");
+    std::fs::write(
+        c.dir.join("manifests/missing.yaml"),
+        SLOW.replace("name: slow", "name: missing").replace("MODEL", model.to_str().unwrap()),
+    )
+    .unwrap();
+    c.wait_for("the deployment loaded", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| d["name"] == "e2e/missing")
+    });
+
+    // The request that starts the first replica gets the load error, not a hold timeout (the hold is 8 s).
+    let began = Instant::now();
+    let (status, _, p) = c.predict("e2e/missing", AUTH, &body, true);
+    let took = began.elapsed();
+    eprintln!("the first request failed after {took:?}");
+    assert_eq!((status, p["status"].as_str()), (200, Some("failed")), "{p}");
+    let error = p["error"].as_str().unwrap();
+    assert!(error.contains("ModelNotFound") && error.contains("late.safetensors"), "{error}");
+    assert!(took < Duration::from_secs(4), "failed fast, not after the hold: {took:?}");
+    let d = c.deployment("e2e/missing");
+    assert_eq!(d["degraded"]["reason"], "ModelNotFound", "{d:#}");
+    assert!(d["degraded"]["nextStartInSeconds"].as_f64().unwrap() > 0.0, "{d:#}");
+
+    // Clients keep asking for 12 s: each is answered at once, and the backoff (10 s, then 20 s) allows at most
+    // three starts, not thousands.
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut answered = 0;
+    while Instant::now() < until {
+        let began = Instant::now();
+        let (status, _, p) = c.predict("e2e/missing", AUTH, &body, true);
+        assert_eq!((status, p["status"].as_str()), (200, Some("failed")), "{p}");
+        assert!(began.elapsed() < Duration::from_secs(4), "{:?}", began.elapsed());
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(answered >= 20, "{answered}");
+    let metrics = c.metrics();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("kiln_failed_starts_total{deployment=\"e2e/missing\",reason=\"ModelNotFound\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    let failed: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!((1..=3).contains(&failed), "{line}");
+
+    // The file appears: the controller sees it and retries at once; the deployment serves, no restart needed.
+    std::fs::write(&model, kiln_agent::model::example_model(3, &[64, 1024, 1024, 64])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, _, p) = c.predict("e2e/missing", AUTH, &body, true);
+        if p["status"] == "succeeded" {
+            assert_eq!(status, 200);
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {p}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let d = c.deployment("e2e/missing");
+    assert!(d["degraded"].is_null(), "{d:#}");
+}

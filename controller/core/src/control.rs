@@ -21,8 +21,27 @@
 //! its weights as the cache hint. A node that goes silent is unschedulable and its replicas are gone; the next
 //! reconcile places replacements elsewhere. A GPU marked unhealthy takes no new work and its replicas are stopped
 //! and replaced.
+//!
+//! Start failures (kubelet's CrashLoopBackOff is the model): a replica that fails to load, or exits before it has
+//! served for [`BACKOFF_RESET_S`], puts its deployment in backoff — no new start before `retry_at`, which doubles
+//! from [`BACKOFF_INITIAL_S`] to [`BACKOFF_MAX_S`] with ±10% jitter per consecutive failure. A failure the agent
+//! calls not retryable (invalid weights, an unsupported runtime) waits [`NON_RETRYABLE_RETRY_S`] instead: it stops
+//! until the spec changes, the runtime sees the model file change ([`Control::retry_now`]), or an hourly probe.
+//! While a deployment is in backoff with no replica ready or starting, [`Control::failing`] says why, and the
+//! runtime fails the requests waiting for it at once instead of holding them. A replica becoming ready clears the
+//! failure (the deployment is no longer degraded); the backoff length resets once a replica has been ready for
+//! [`BACKOFF_RESET_S`].
 
 use std::collections::{BTreeMap, HashMap};
+
+/// First wait after a failed start, seconds.
+pub const BACKOFF_INITIAL_S: f64 = 10.0;
+/// Longest wait between failed starts, seconds.
+pub const BACKOFF_MAX_S: f64 = 300.0;
+/// A replica ready this long resets the backoff, seconds.
+pub const BACKOFF_RESET_S: f64 = 600.0;
+/// Wait after a failure the agent says no retry can fix, seconds (an hourly probe).
+pub const NON_RETRYABLE_RETRY_S: f64 = 3600.0;
 
 use crate::{
     autoscale::{
@@ -34,6 +53,7 @@ use crate::{
         CacheHint, CacheTier, Cluster, GpuDemand, Hints, ModelSet, NodeId, NodeSpec, Placement, PlacementEngine,
         Policy, Request, Unplaceable, Workload,
     },
+    rng::Rng,
 };
 
 /// What the controller needs to know of one deployment.
@@ -104,6 +124,28 @@ pub enum StopReason {
     GpuUnhealthy,
     /// The gateway could not reach it.
     Unreachable,
+}
+
+/// Why a replica failed to start (or exited before it had served a while), as its agent said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartFailure {
+    /// Machine-readable cause in UpperCamelCase (`ModelNotFound`, `InvalidWeights`, `CudaError`, `Exited`, ...).
+    pub reason: String,
+    /// What a person needs to know.
+    pub message: String,
+    /// Whether starting again may succeed without a change to the spec or the model.
+    pub retryable: bool,
+}
+
+/// A deployment's start failures: the last one, how many in a row, and when a start may be tried again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureState {
+    /// The last failure.
+    pub last: StartFailure,
+    /// Consecutive failed starts.
+    pub consecutive: u32,
+    /// No start before this time (seconds on the control loop's clock).
+    pub retry_at: f64,
 }
 
 /// What the runtime must do.
@@ -197,6 +239,8 @@ pub struct DeploymentStatus {
     pub waiting: u32,
     /// Why the last placement failed, while replicas are missing.
     pub unschedulable: Option<String>,
+    /// Start failures, while the deployment has not had a replica ready since the last one.
+    pub failure: Option<FailureState>,
 }
 
 /// Prices the adaptive keep-alive weighs.
@@ -226,6 +270,14 @@ struct Deployment {
     idle: Option<(f64, Plan)>,
     desired: u32,
     unschedulable: Option<String>,
+    /// The last start failure; cleared when a replica becomes ready.
+    failure: Option<StartFailure>,
+    /// Consecutive failed starts (the backoff's exponent); reset after a replica has been ready a while.
+    consecutive_failures: u32,
+    /// No start before this time.
+    retry_at: f64,
+    /// Since when a replica has been ready while `consecutive_failures > 0`.
+    healthy_since: Option<f64>,
 }
 
 impl Deployment {
@@ -248,6 +300,8 @@ pub struct Control {
     cold: ColdStartModel,
     prices: Prices,
     next_replica: u64,
+    /// Jitter of the start backoff.
+    rng: Rng,
 }
 
 impl Control {
@@ -265,6 +319,7 @@ impl Control {
             cold,
             prices,
             next_replica: 0,
+            rng: Rng::new(0x6b69_6c6e_6661_696c),
         }
     }
 
@@ -280,6 +335,11 @@ impl Control {
                 if d.spec.keep_alive != spec.keep_alive {
                     d.keep = KeepAlive::new(spec.keep_alive);
                 }
+                // A new spec is a new chance: what failed before may start now.
+                d.failure = None;
+                d.consecutive_failures = 0;
+                d.retry_at = f64::NEG_INFINITY;
+                d.healthy_since = None;
                 d.spec = spec;
                 self.refresh_workload();
             }
@@ -293,6 +353,10 @@ impl Control {
                     idle: None,
                     desired: 0,
                     unschedulable: None,
+                    failure: None,
+                    consecutive_failures: 0,
+                    retry_at: f64::NEG_INFINITY,
+                    healthy_since: None,
                 };
                 self.deployments.insert(key.to_owned(), deployment);
                 self.refresh_workload();
@@ -427,7 +491,64 @@ impl Control {
     pub fn replica_ready(&mut self, replica: &str) -> Option<&str> {
         let r = self.replicas.get_mut(replica)?;
         r.phase = Phase::Ready;
+        if let Some(d) = self.deployments.get_mut(&r.deployment) {
+            d.failure = None;
+        }
         Some(r.deployment.as_str())
+    }
+
+    /// A replica failed to start (or exited on its own before it had served [`BACKOFF_RESET_S`]): its slot is
+    /// freed and its deployment waits before the next start. Returns the replica, `None` if it is not known
+    /// (stopped meanwhile: then nothing is counted).
+    pub fn replica_failed(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<Replica> {
+        let r = self.replica_gone(replica)?;
+        let Some(d) = self.deployments.get_mut(&r.deployment) else { return Some(r) };
+        d.consecutive_failures = d.consecutive_failures.saturating_add(1);
+        d.healthy_since = None;
+        let delay = if failure.retryable {
+            let doublings = d.consecutive_failures.saturating_sub(1).min(16);
+            let base = (BACKOFF_INITIAL_S * f64::from(1u32 << doublings)).min(BACKOFF_MAX_S);
+            // ±10%, so that deployments failing together do not retry in lockstep.
+            base * (0.9 + 0.2 * self.rng.unit())
+        } else {
+            NON_RETRYABLE_RETRY_S
+        };
+        d.retry_at = now + delay;
+        d.failure = Some(failure);
+        Some(r)
+    }
+
+    /// A replica exited on its own. One that had served for [`BACKOFF_RESET_S`] is simply replaced; one that exits
+    /// sooner counts as a failed start (a crash loop backs off like one).
+    pub fn replica_exited(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<Replica> {
+        let r = self.replicas.get(replica)?;
+        let served_long = r.phase == Phase::Ready && now - r.started_at >= BACKOFF_RESET_S;
+        if served_long { self.replica_gone(replica) } else { self.replica_failed(replica, failure, now) }
+    }
+
+    /// Allows a start now for a deployment in backoff (the runtime saw its model file change).
+    pub fn retry_now(&mut self, deployment: &str, now: f64) {
+        if let Some(d) = self.deployments.get_mut(deployment)
+            && d.retry_at > now
+        {
+            d.retry_at = now;
+        }
+    }
+
+    /// Why requests for `deployment` cannot be served now: it is in start backoff and no replica of it is ready or
+    /// starting. `None` when a request should wait (or be routed) as usual.
+    pub fn failing(&self, deployment: &str, now: f64) -> Option<&StartFailure> {
+        let d = self.deployments.get(deployment)?;
+        let failure = d.failure.as_ref()?;
+        if now >= d.retry_at || self.replicas.values().any(|r| r.deployment == deployment) {
+            return None;
+        }
+        Some(failure)
+    }
+
+    /// Deployments with a start failure on record (for the runtime to watch their model files).
+    pub fn failed_deployments(&self) -> impl Iterator<Item = (&str, &DeploymentSpec, &StartFailure)> {
+        self.deployments.iter().filter_map(|(k, d)| d.failure.as_ref().map(|f| (k.as_str(), &d.spec, f)))
     }
 
     /// A replica failed to start or exited: its slot is freed. Requests routed to it are still counted until
@@ -567,6 +688,22 @@ impl Control {
             }
         }
         d.desired = want;
+        if d.consecutive_failures > 0 {
+            let ready = self.replicas.values().any(|r| r.deployment == key && r.phase == Phase::Ready);
+            match (ready, d.healthy_since) {
+                (false, _) => d.healthy_since = None,
+                (true, None) => d.healthy_since = Some(now),
+                (true, Some(since)) if now - since >= BACKOFF_RESET_S => {
+                    d.consecutive_failures = 0;
+                    d.healthy_since = None;
+                }
+                (true, Some(_)) => {}
+            }
+        }
+        if want > current && now < d.retry_at {
+            // In start backoff: no new start yet (what runs keeps running).
+            return;
+        }
         if want > current {
             let spec = d.spec.clone();
             let request = self.request_for(&spec);
@@ -626,9 +763,9 @@ impl Control {
         let placement = self.engine.place_with(request, &Hints { cached: &cached, colocated: &colocated }).map_err(
             |e| match e {
                 Unplaceable::NoFit => format!(
-                    "no schedulable node has room for a replica ({}; {} node(s) known)",
+                    "no schedulable node has room for a replica ({}): {}",
                     describe(spec),
-                    self.nodes.len()
+                    self.shortfall(request)
                 ),
                 Unplaceable::Impossible(_) if self.nodes.is_empty() => {
                     format!("no GPU node has registered yet; a replica needs {}", describe(spec))
@@ -679,6 +816,11 @@ impl Control {
             in_flight: d.in_flight,
             waiting: d.waiting,
             unschedulable: d.unschedulable.clone(),
+            failure: d.failure.clone().map(|last| FailureState {
+                last,
+                consecutive: d.consecutive_failures,
+                retry_at: d.retry_at,
+            }),
             ..DeploymentStatus::default()
         };
         for r in self.replicas.values().filter(|r| r.deployment == deployment) {
@@ -704,6 +846,76 @@ impl Control {
     }
 }
 
+impl Control {
+    /// Which resource keeps `request` off each node, summed over the fleet: "2 node(s) lack free CPU (most free:
+    /// 0.5 of the 1 CPU needed), 1 is cordoned or disconnected".
+    fn shortfall(&self, request: &Request) -> String {
+        let cluster = self.engine.cluster();
+        let (mut off, mut model, mut gpu, mut cpu, mut memory) = (0, 0, 0, 0, 0);
+        let (mut best_cpu, mut best_mem, mut best_gpu_milli) = (0u32, 0u32, 0u16);
+        for id in 0..cluster.len() as NodeId {
+            if !self.engine.is_schedulable(id) {
+                off += 1;
+                continue;
+            }
+            let node = cluster.node(id);
+            let t = cluster.node_type(node.type_id);
+            let demand = request.gpu.resolve(t.gpu_memory_mib);
+            let wants_gpu = !matches!(demand, Some(GpuDemand::None));
+            if demand.is_none() || (wants_gpu && !request.models.contains(t.model)) {
+                model += 1;
+                continue;
+            }
+            let usable: Vec<u16> = (0..usize::from(t.gpu_count)).map(|i| node.usable(i)).collect();
+            let gpu_ok = match demand {
+                Some(GpuDemand::Share(m)) => usable.iter().any(|&f| f >= m),
+                Some(GpuDemand::Whole(k)) => usable.iter().filter(|&&f| f == 1000).count() >= usize::from(k),
+                _ => true,
+            };
+            best_gpu_milli = best_gpu_milli.max(usable.iter().copied().max().unwrap_or(0));
+            best_cpu = best_cpu.max(node.cpu_free);
+            best_mem = best_mem.max(node.mem_free);
+            gpu += u32::from(!gpu_ok);
+            cpu += u32::from(node.cpu_free < request.cpu_milli);
+            memory += u32::from(node.mem_free < request.memory_mib);
+        }
+        let mut parts = Vec::new();
+        if gpu > 0 {
+            parts.push(format!(
+                "{gpu} node(s) lack free GPU (most free on one GPU: {:.2} GPU)",
+                f64::from(best_gpu_milli) / 1000.0
+            ));
+        }
+        if cpu > 0 {
+            parts.push(format!(
+                "{cpu} node(s) lack free CPU (most free: {} of the {} needed)",
+                cpus(best_cpu),
+                cpus(request.cpu_milli)
+            ));
+        }
+        if memory > 0 {
+            parts.push(format!(
+                "{memory} node(s) lack free host memory (most free: {best_mem} MiB of the {} MiB needed)",
+                request.memory_mib
+            ));
+        }
+        if model > 0 {
+            parts.push(format!("{model} node(s) have another GPU model or too little GPU memory"));
+        }
+        if off > 0 {
+            parts.push(format!("{off} node(s) cordoned or disconnected"));
+        }
+        if parts.is_empty() {
+            parts.push(format!("{} node(s) known", cluster.len()));
+        }
+        parts.join("; ")
+    }
+}
+
+fn cpus(milli: u32) -> String {
+    format!("{} CPU", f64::from(milli) / 1000.0)
+}
+
 fn describe(spec: &DeploymentSpec) -> String {
     let gpu = match spec.gpu {
         GpuDemand::None => "no GPU".to_owned(),
@@ -711,7 +923,8 @@ fn describe(spec: &DeploymentSpec) -> String {
         GpuDemand::Whole(k) => format!("{k} whole GPU(s)"),
         GpuDemand::Memory(mib) => format!("{mib} MiB of GPU memory"),
     };
-    if spec.gpu_models.is_empty() { gpu } else { format!("{gpu} on {}", spec.gpu_models.join(" or ")) }
+    let gpu = if spec.gpu_models.is_empty() { gpu } else { format!("{gpu} on {}", spec.gpu_models.join(" or ")) };
+    format!("{gpu}, {} and {} MiB of host memory", cpus(spec.cpu_milli), spec.memory_mib)
 }
 
 /// The keep-alive's costs for one replica of `spec`: its GPU share idle, against a load from host RAM.

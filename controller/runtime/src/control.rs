@@ -10,6 +10,12 @@
 //!   the node's `WorkerService`; with none, it holds the request in the deployment's bounded [`HoldQueue`] and wakes
 //!   the loop at once, so a request at zero replicas reaches the agent as a `StartWorker` without waiting for a
 //!   tick.
+//!
+//! Start failures: the agent's `WorkerFailed` (and an early `WorkerExited`, or a refused `StartWorker`) go to the
+//! core as [`StartFailure`]s, which puts the deployment in backoff; while it is in backoff with nothing ready or
+//! starting, held requests are woken and fail with the load error ([`PredictError::SetupFailed`]), and new ones fail
+//! at once. When the model is a `file://` path the controller can see, a change of that file (appearing, or new
+//! contents) ends the backoff at once, so fixing the file recovers the deployment without touching the spec.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -19,12 +25,14 @@ use std::{
 
 use kiln_core::{
     autoscale::{ScalingConfig, coldstart::ColdStartModel, keepalive},
-    control::{Action, Cached, Control, DeploymentSpec, DeploymentStatus, NodeInfo, Prices, Route},
+    control::{Action, Cached, Control, DeploymentSpec, DeploymentStatus, NodeInfo, Prices, Route, StartFailure},
     placement::{CacheTier, GpuDemand, Policy},
 };
 use kiln_k8s_api::{
-    model_deployment::{DeploymentCounters, KeepAlivePolicy, Runtime},
-    quantity::parse_bytes,
+    model_deployment::{
+        DEFAULT_REPLICA_CPU_MILLI, DEFAULT_REPLICA_MEMORY_BYTES, DeploymentCounters, KeepAlivePolicy, Runtime,
+    },
+    quantity::{parse_bytes, parse_milli},
 };
 use kiln_proto::v1::{self, command, model_source, worker_event::Event, worker_service_client::WorkerServiceClient};
 use serde_json::Value;
@@ -32,7 +40,7 @@ use tokio::sync::{Notify, watch};
 use tonic::transport::Channel;
 
 use crate::{
-    gateway::{Backend, HoldQueue, Outcome, PredictError},
+    gateway::{Backend, HoldQueue, HoldState, Outcome, PredictError},
     manifests::Deployment,
     metrics::{DeploymentGauges, Metrics, StateSnapshot},
     registry::{Registry, RegistryEvent, succeeded},
@@ -79,6 +87,22 @@ struct Served {
     gpu_memory_bytes: u64,
     max_concurrency: u32,
     hold: Arc<HoldQueue>,
+    /// After a start failure, the model file as the controller saw it then (`Some(None)`: missing), so that a
+    /// change ends the backoff; `None` when nothing failed or the file is not visible here.
+    failed_file: Option<Option<FileStamp>>,
+}
+
+/// What identifies a version of a file without reading it.
+type FileStamp = (std::time::SystemTime, u64);
+
+/// The local path of a `file://` model URI.
+fn model_path(uri: &str) -> Option<&std::path::Path> {
+    uri.strip_prefix("file://").map(std::path::Path::new)
+}
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
 }
 
 /// A replica's start, for cold-start figures.
@@ -153,9 +177,19 @@ fn translate(d: &Deployment) -> Result<(DeploymentSpec, v1::ModelSource, u64), S
         }
     };
     let target = u32::try_from(s.target_concurrency.max(1)).unwrap_or(1);
+    let resources = spec.resources.clone().unwrap_or_default();
+    let cpu_milli = match &resources.cpu {
+        Some(q) => parse_milli(&q.0).map_err(|e| format!("resources.cpu: {e}"))?,
+        None => DEFAULT_REPLICA_CPU_MILLI,
+    };
+    let memory_bytes = match &resources.memory {
+        Some(q) => parse_bytes(&q.0).map_err(|e| format!("resources.memory: {e}"))?,
+        None => DEFAULT_REPLICA_MEMORY_BYTES,
+    };
     let core = DeploymentSpec {
-        cpu_milli: 1000,
-        memory_mib: 1024,
+        cpu_milli: u32::try_from(cpu_milli).map_err(|_| format!("resources.cpu {cpu_milli}m is too large"))?.max(1),
+        memory_mib: u32::try_from(memory_bytes.div_ceil(1 << 20))
+            .map_err(|_| format!("resources.memory {memory_bytes} bytes is too large"))?,
         gpu,
         gpu_models: spec.gpu.models.clone(),
         scaling: ScalingConfig {
@@ -240,7 +274,8 @@ impl ControlPlane {
         })
     }
 
-    fn now(&self) -> f64 {
+    /// Seconds on the control loop's clock (the time the core's decisions use).
+    pub(crate) fn now(&self) -> f64 {
         self.origin.elapsed().as_secs_f64()
     }
 
@@ -279,7 +314,14 @@ impl ControlPlane {
                     .unwrap_or_else(|| Arc::new(HoldQueue::new(self.config.hold_capacity)));
                 served.insert(
                     key,
-                    Served { version: d.version.clone(), source, gpu_memory_bytes, max_concurrency, hold },
+                    Served {
+                        version: d.version.clone(),
+                        source,
+                        gpu_memory_bytes,
+                        max_concurrency,
+                        hold,
+                        failed_file: None,
+                    },
                 );
                 drop((core, served));
                 self.wake.notify_one();
@@ -320,6 +362,7 @@ impl ControlPlane {
             loading: status.starting,
             ready: status.ready,
             unschedulable: status.unschedulable,
+            failure: status.failure.map(|f| (f.last.reason, f.last.message)),
             placements,
             last_cold_start,
             counters,
@@ -400,8 +443,9 @@ impl ControlPlane {
         {
             let mut core = lock(&self.core);
             for event in events {
-                self.absorb(&mut core, event, &mut actions);
+                self.absorb(&mut core, event, now, &mut actions);
             }
+            self.watch_failed_files(&mut core, now);
             for node in lost {
                 let gone = core.node_lost(&node);
                 tracing::warn!(%node, replicas = gone.len(), "agent lost; its replicas will be placed elsewhere");
@@ -411,7 +455,7 @@ impl ControlPlane {
                 }
             }
             actions.extend(core.reconcile(now));
-            self.refresh_holds(&core);
+            self.refresh_holds(&core, now);
         }
         let decided = Instant::now();
         for action in actions {
@@ -459,7 +503,42 @@ impl ControlPlane {
         self.metrics.render()
     }
 
-    fn absorb(&self, core: &mut Control, event: RegistryEvent, actions: &mut Vec<Action>) {
+    /// Ends the backoff of deployments whose model file changed since their last failed start.
+    fn watch_failed_files(&self, core: &mut Control, now: f64) {
+        let mut served = lock(&self.served);
+        for (key, s) in served.iter_mut() {
+            let Some(before) = s.failed_file else { continue };
+            let Some(path) = model_path(&s.source.uri) else { continue };
+            if stamp(path) != before {
+                tracing::info!(deployment = %key, path = %path.display(), "model file changed; retrying now");
+                core.retry_now(key, now);
+                s.failed_file = None;
+            }
+        }
+    }
+
+    /// Records a failed start: the core's backoff, metrics, counters, and the model file to watch.
+    fn start_failed(&self, core: &mut Control, replica: &str, failure: StartFailure, now: f64, exited: bool) {
+        let reason = failure.reason.clone();
+        let gone = if exited {
+            core.replica_exited(replica, failure, now)
+        } else {
+            core.replica_failed(replica, failure, now)
+        };
+        lock(&self.starting).remove(replica);
+        let Some(r) = gone else { return };
+        // An exit after a long time serving is not a failure: the core just replaces it.
+        if core.status(&r.deployment).and_then(|s| s.failure).is_none() {
+            return;
+        }
+        self.metrics.failed_start(&r.deployment, &reason);
+        self.count(&r.deployment, |c| c.failed_starts += 1);
+        if let Some(s) = lock(&self.served).get_mut(&r.deployment) {
+            s.failed_file = model_path(&s.source.uri).map(stamp);
+        }
+    }
+
+    fn absorb(&self, core: &mut Control, event: RegistryEvent, now: f64, actions: &mut Vec<Action>) {
         match event {
             RegistryEvent::Registered { node, running } => {
                 let Some(view) = self.registry.node(&node) else { return };
@@ -513,26 +592,44 @@ impl ControlPlane {
                     }
                 }
                 Some(Event::Failed(f)) => {
-                    tracing::warn!(%node, replica = %event.replica_id, reason = %f.message, "replica failed");
-                    if let Some(r) = core.replica_gone(&event.replica_id) {
-                        self.metrics.failed_start(&r.deployment);
-                        self.count(&r.deployment, |c| c.failed_starts += 1);
-                    }
-                    lock(&self.starting).remove(&event.replica_id);
+                    tracing::warn!(%node, replica = %event.replica_id, reason = %f.reason, message = %f.message,
+                        retryable = f.retryable, "replica failed to start");
+                    let failure = StartFailure { reason: f.reason, message: f.message, retryable: f.retryable };
+                    self.start_failed(core, &event.replica_id, failure, now, false);
                 }
-                Some(Event::Exited(_)) => {
-                    core.replica_gone(&event.replica_id);
-                    lock(&self.starting).remove(&event.replica_id);
+                Some(Event::Exited(e)) => {
+                    let how = match (e.signal, e.exit_code) {
+                        (0, code) => format!("exit code {code}"),
+                        (signal, _) => format!("signal {signal}"),
+                    };
+                    let message = if e.message.is_empty() {
+                        format!("the replica exited ({how})")
+                    } else {
+                        format!("the replica exited ({how}): {}", e.message)
+                    };
+                    if core.replica(&event.replica_id).is_some() {
+                        tracing::warn!(%node, replica = %event.replica_id, %message, "replica exited on its own");
+                    }
+                    let failure = StartFailure { reason: "Exited".into(), message, retryable: true };
+                    self.start_failed(core, &event.replica_id, failure, now, true);
                 }
                 Some(Event::Loading(_)) | None => {}
             },
         }
     }
 
-    /// Each deployment's hold queue is "ready" while a ready replica has a free slot.
-    fn refresh_holds(&self, core: &Control) {
+    /// Each deployment's hold queue is "ready" while a ready replica has a free slot, and "failed" while its
+    /// starts fail and nothing is ready or starting.
+    fn refresh_holds(&self, core: &Control, now: f64) {
         for (key, s) in lock(&self.served).iter() {
-            s.hold.set_ready(core.has_free_slot(key));
+            let state = if core.has_free_slot(key) {
+                HoldState::Ready
+            } else if core.failing(key, now).is_some() {
+                HoldState::Failed
+            } else {
+                HoldState::Waiting
+            };
+            s.hold.set_state(state);
         }
     }
 
@@ -579,17 +676,14 @@ impl ControlPlane {
             let result = this.registry.command(&node, command, this.config.command_timeout).await;
             let failed = match result {
                 Ok(ack) if succeeded(&ack) => None,
-                Ok(ack) => Some(format!("the agent refused: {}", ack.message)),
-                Err(e) => Some(e.to_string()),
+                Ok(ack) => Some(("StartRefused", format!("the agent refused: {}", ack.message))),
+                Err(e) => Some(("AgentUnreachable", e.to_string())),
             };
-            if let (Some(why), Some(replica)) = (failed, replica) {
-                tracing::warn!(%replica, %node, error = %why, "start failed");
-                let gone = lock(&this.core).replica_gone(&replica);
-                lock(&this.starting).remove(&replica);
-                if let Some(r) = gone {
-                    this.metrics.failed_start(&r.deployment);
-                    this.count(&r.deployment, |c| c.failed_starts += 1);
-                }
+            if let (Some((reason, message)), Some(replica)) = (failed, replica) {
+                tracing::warn!(%replica, %node, %reason, error = %message, "start failed");
+                let failure = StartFailure { reason: reason.into(), message, retryable: true };
+                let now = this.now();
+                this.start_failed(&mut lock(&this.core), &replica, failure, now, false);
                 this.wake.notify_one();
             }
         });
@@ -649,6 +743,7 @@ impl Backend for Arc<ControlPlane> {
         let outcome = match &result {
             Ok(_) => "succeeded",
             Err(PredictError::Invalid(_)) => "invalid",
+            Err(PredictError::SetupFailed { .. }) => "setup_failed",
             Err(PredictError::Overloaded { .. }) => "overloaded",
             Err(PredictError::ColdStartTimeout { .. }) => "cold_start_timeout",
             Err(PredictError::Failed(_)) => "failed",
@@ -686,8 +781,18 @@ impl ControlPlane {
                 let mut core = lock(&self.core);
                 let route = core.route(deployment);
                 if route == Route::Wait {
+                    let now = self.now();
+                    if let Some(f) = core.failing(deployment, now) {
+                        let error = PredictError::SetupFailed {
+                            deployment: deployment.to_owned(),
+                            reason: f.reason.clone(),
+                            message: f.message.clone(),
+                        };
+                        core.abandon(deployment, now);
+                        return Err(error);
+                    }
                     cold |= core.status(deployment).is_some_and(|s| s.ready == 0);
-                    queue.set_ready(false);
+                    queue.set_state(HoldState::Waiting);
                 }
                 route
             };

@@ -70,6 +70,16 @@ pub enum PredictError {
         /// Seconds waited.
         waited_s: u64,
     },
+    /// The deployment's replicas fail to start (Replicate's failed setup): the agent's reason and message.
+    #[error("{deployment} could not start a replica ({reason}): {message}")]
+    SetupFailed {
+        /// Deployment.
+        deployment: String,
+        /// The agent's machine-readable reason (`ModelNotFound`, `InvalidWeights`, ...).
+        reason: String,
+        /// The load error.
+        message: String,
+    },
     /// The model rejected the input.
     #[error("invalid input: {0}")]
     Invalid(String),
@@ -97,7 +107,18 @@ pub trait Backend: Send + Sync + 'static {
 pub struct HoldQueue {
     capacity: usize,
     held: Mutex<usize>,
-    ready: watch::Sender<bool>,
+    state: watch::Sender<HoldState>,
+}
+
+/// What held requests wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldState {
+    /// No replica has a free slot yet.
+    Waiting,
+    /// A ready replica has a free slot: held requests go and get routed.
+    Ready,
+    /// The deployment's replicas fail to start: held requests go and fail with the reason.
+    Failed,
 }
 
 /// A place in a [`HoldQueue`], given back on drop.
@@ -114,7 +135,7 @@ impl Drop for Held<'_> {
 impl HoldQueue {
     /// A queue holding at most `capacity` requests.
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, held: Mutex::new(0), ready: watch::channel(false).0 }
+        Self { capacity, held: Mutex::new(0), state: watch::channel(HoldState::Waiting).0 }
     }
 
     /// Requests held now.
@@ -129,19 +150,25 @@ impl HoldQueue {
 
     /// Whether a replica is ready.
     pub fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        *self.state.borrow() == HoldState::Ready
     }
 
     /// Sets whether a replica is ready; held requests wake when it becomes true.
     pub fn set_ready(&self, ready: bool) {
-        self.ready.send_replace(ready);
+        self.set_state(if ready { HoldState::Ready } else { HoldState::Waiting });
     }
 
-    /// Holds one request until a replica is ready or `timeout` passes; `Err(None)` when the queue is full,
-    /// `Err(Some(waited))` on timeout.
+    /// Sets what held requests wait for; they wake on anything but [`HoldState::Waiting`].
+    pub fn set_state(&self, state: HoldState) {
+        self.state.send_if_modified(|s| std::mem::replace(s, state) != state);
+    }
+
+    /// Holds one request until a replica is ready, the deployment fails, or `timeout` passes; `Err(None)` when
+    /// the queue is full, `Err(Some(waited))` on timeout. The caller asks the control plane which of the first two
+    /// it was.
     pub async fn wait(&self, timeout: Duration) -> Result<Duration, Option<Duration>> {
         let started = std::time::Instant::now();
-        if self.is_ready() {
+        if *self.state.borrow() != HoldState::Waiting {
             return Ok(Duration::ZERO);
         }
         let _place = {
@@ -152,8 +179,8 @@ impl HoldQueue {
             *held += 1;
             Held(self)
         };
-        let mut rx = self.ready.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|ready| *ready)).await {
+        let mut rx = self.state.subscribe();
+        match tokio::time::timeout(timeout, rx.wait_for(|s| *s != HoldState::Waiting)).await {
             Ok(Ok(_)) => Ok(started.elapsed()),
             _ => Err(Some(started.elapsed())),
         }

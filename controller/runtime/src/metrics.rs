@@ -9,7 +9,7 @@
 //! | `kiln_cold_starts_total` | `deployment`, `source` | replicas started, by where the weights came from |
 //! | `kiln_cold_start_duration_seconds` | `deployment` | from the start decision to the replica's ready event |
 //! | `kiln_cold_start_phase_seconds` | `phase` | the agent's load phases (`fetch`, `read`, `host_to_device`, `init`) |
-//! | `kiln_failed_starts_total` | `deployment` | starts refused or failed |
+//! | `kiln_failed_starts_total` | `deployment`, `reason` | starts refused or failed, by the agent's reason (`ModelNotFound`, `InvalidWeights`, ...) |
 //! | `kiln_replicas` | `deployment`, `state` | replicas `desired`, `loading`, `ready` |
 //! | `kiln_scheduling_duration_seconds` | | one control-loop pass (events, placement, autoscaling) |
 //! | `kiln_gpus` | `state` | GPUs of connected nodes by health (`healthy`, `degraded`, `unhealthy`), and on lost nodes (`lost`) |
@@ -114,8 +114,8 @@ impl Metrics {
     }
 
     /// A start was refused or failed.
-    pub fn failed_start(&self, deployment: &str) {
-        self.failed_starts.get_or_create(&labels(&[("deployment", deployment)])).inc();
+    pub fn failed_start(&self, deployment: &str, reason: &str) {
+        self.failed_starts.get_or_create(&labels(&[("deployment", deployment), ("reason", reason)])).inc();
     }
 
     /// One control-loop pass took `seconds`.

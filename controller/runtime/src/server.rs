@@ -181,6 +181,7 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
 /// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why.
 async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     let replicas = shared.control.replicas();
+    let now = shared.control.now();
     let items: Vec<_> = shared
         .control
         .statuses()
@@ -199,6 +200,13 @@ async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                 "inFlight": s.in_flight,
                 "waiting": s.waiting,
                 "unschedulable": s.unschedulable,
+                "degraded": s.failure.map(|f| json!({
+                    "reason": f.last.reason,
+                    "message": f.last.message,
+                    "retryable": f.last.retryable,
+                    "consecutiveFailures": f.consecutive,
+                    "nextStartInSeconds": (f.retry_at - now).max(0.0).ceil(),
+                })),
                 "placements": placements,
             })
         })

@@ -141,7 +141,8 @@ async fn a_deployment_is_served_and_its_status_applied_under_the_field_manager()
             conditions,
             [
                 ("Ready".into(), "True".into(), "ScaledToZero".into(), 3),
-                ("Scheduled".into(), "True".into(), "Scheduled".into(), 3)
+                ("Scheduled".into(), "True".into(), "Scheduled".into(), 3),
+                ("Degraded".into(), "False".into(), "StartsSucceed".into(), 3)
             ]
         );
         let mut md = serde_json::to_value(deployment(0, true, false)).unwrap();
@@ -209,7 +210,10 @@ async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why
         assert_eq!(event["reportingController"], "kiln-controller");
         assert_eq!(event["regarding"]["name"], "mlp");
         let note = event["note"].as_str().unwrap();
-        assert_eq!(note, "no GPU node has registered yet; a replica needs 1024 MiB of GPU memory");
+        assert_eq!(
+            note,
+            "no GPU node has registered yet; a replica needs 1024 MiB of GPU memory, 0.25 CPU and 1024 MiB of host memory"
+        );
         respond(send, StatusCode::CREATED, &event);
     });
     reconcile(Arc::new(md), ctx).await.unwrap();

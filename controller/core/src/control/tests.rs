@@ -357,3 +357,114 @@ fn a_periodic_deployment_is_released_then_prewarmed_before_its_next_request() {
     let stopped = stopped_at.expect("the pre-warmed replica is released when nobody came");
     assert!(stopped > 1800.0 && stopped < 3000.0, "{stopped}");
 }
+
+fn missing_file() -> StartFailure {
+    StartFailure { reason: "ModelNotFound".into(), message: "no such file".into(), retryable: true }
+}
+
+#[test]
+fn failed_starts_back_off_exponentially_and_waiting_requests_fail_with_the_reason() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 60.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let first = starts(&c.reconcile(0.0));
+    assert_eq!(first.len(), 1);
+    assert!(c.failing("ns/m", 0.1).is_none(), "starting: the request waits");
+    assert!(c.replica_failed(&first[0].0, missing_file(), 0.5).is_some());
+    assert_eq!(c.failing("ns/m", 0.6).map(|f| f.reason.as_str()), Some("ModelNotFound"), "waiting requests fail");
+    assert!(c.reconcile(1.0).is_empty(), "in backoff: no start, although a request waits");
+    let status = c.status("ns/m").unwrap();
+    let f = status.failure.expect("the failure is on record");
+    assert_eq!(f.consecutive, 1);
+    assert!((9.5..=11.5).contains(&f.retry_at), "10 s ± 10% after the failure: {}", f.retry_at);
+    // Each failure doubles the wait (±10%), up to five minutes; count the starts over ten minutes of demand.
+    let (mut t, mut attempts, mut last_retry) = (1.0, 1, f.retry_at);
+    let mut gaps = Vec::new();
+    while t < 600.0 {
+        let started = starts(&c.reconcile(t));
+        if let Some((r, _)) = started.first() {
+            attempts += 1;
+            gaps.push(t - last_retry);
+            c.replica_failed(r, missing_file(), t);
+            last_retry = c.status("ns/m").unwrap().failure.unwrap().retry_at;
+        }
+        t += 0.5;
+    }
+    assert!(gaps.iter().all(|g| *g < 0.6), "each retry comes at its time: {gaps:?}");
+    // 10 + 20 + 40 + 80 + 160 = 310 s, then 300 s steps: 6 or 7 attempts in 600 s, never a tight loop.
+    assert!((5..=7).contains(&attempts), "attempts: {attempts}");
+    let f = c.status("ns/m").unwrap().failure.unwrap();
+    assert!(f.retry_at - t <= BACKOFF_MAX_S * 1.1, "capped at five minutes");
+    assert!(c.failing("ns/m", t).is_some());
+}
+
+#[test]
+fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while_ready() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 1e9), 0.0);
+    c.arrive("ns/m", 0.0);
+    let r1 = starts(&c.reconcile(0.0));
+    c.replica_failed(&r1[0].0, missing_file(), 0.0);
+    let retry_at = c.status("ns/m").unwrap().failure.unwrap().retry_at;
+    assert!(c.failing("ns/m", retry_at).is_none(), "the backoff is over: the request waits for a retry");
+    let r2 = starts(&c.reconcile(retry_at));
+    assert_eq!(r2.len(), 1, "one retry");
+    c.replica_ready(&r2[0].0);
+    assert!(c.status("ns/m").unwrap().failure.is_none(), "a ready replica: no longer degraded");
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    // A second failure soon after: the backoff continues (20 s), ...
+    c.replica_ready(&r2[0].0);
+    c.reconcile(20.0);
+    let exited = StartFailure { reason: "Exited".into(), message: "exit code 1".into(), retryable: true };
+    c.replica_exited(&r2[0].0, exited.clone(), 30.0);
+    let f = c.status("ns/m").unwrap().failure.unwrap();
+    assert_eq!(f.consecutive, 2, "an early exit counts as a failed start");
+    assert!((30.0 + 18.0..=30.0 + 22.0).contains(&f.retry_at), "{}", f.retry_at);
+    // ... but after ten minutes of serving it starts again from 10 s.
+    let r3 = starts(&c.reconcile(f.retry_at));
+    c.replica_ready(&r3[0].0);
+    c.reconcile(f.retry_at + 1.0);
+    c.reconcile(f.retry_at + 1.0 + BACKOFF_RESET_S);
+    c.replica_failed(&r3[0].0, missing_file(), f.retry_at + 2.0 + BACKOFF_RESET_S);
+    assert_eq!(c.status("ns/m").unwrap().failure.unwrap().consecutive, 1);
+}
+
+#[test]
+fn a_failure_no_retry_can_fix_waits_for_a_new_spec_or_a_changed_file() {
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 60.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let r = starts(&c.reconcile(0.0));
+    let invalid = StartFailure { reason: "InvalidWeights".into(), message: "not safetensors".into(), retryable: false };
+    c.replica_failed(&r[0].0, invalid, 0.0);
+    assert!(c.reconcile(1800.0).is_empty(), "no retry within the hour");
+    assert_eq!(c.failed_deployments().map(|(k, _, _)| k).collect::<Vec<_>>(), ["ns/m"]);
+    c.retry_now("ns/m", 1800.0);
+    assert!(c.failing("ns/m", 1800.0).is_none(), "the file changed: requests wait for a retry");
+    assert_eq!(starts(&c.reconcile(1800.0)).len(), 1);
+    // A new spec clears everything.
+    let mut c = control();
+    c.upsert_deployment("ns/m", spec(2, 60.0), 0.0);
+    c.arrive("ns/m", 0.0);
+    let r = starts(&c.reconcile(0.0));
+    c.replica_failed(&r[0].0, missing_file(), 0.0);
+    c.upsert_deployment("ns/m", spec(3, 60.0), 1.0);
+    assert!(c.status("ns/m").unwrap().failure.is_none());
+    assert_eq!(starts(&c.reconcile(1.0)).len(), 1, "the new spec starts at once");
+}
+
+#[test]
+fn the_unschedulable_reason_names_the_resource_that_binds() {
+    let mut c = Control::new(Policy::Kiln, ColdStartModel::default(), Prices::default());
+    let mut small = node("a", 8);
+    small.cpu_milli = 2000;
+    c.node_up(&small, &[]).unwrap();
+    c.upsert_deployment("ns/m", spec(8, 60.0), 0.0);
+    for _ in 0..8 {
+        c.arrive("ns/m", 0.0);
+    }
+    c.reconcile(0.0);
+    let why = c.status("ns/m").unwrap().unschedulable.expect("two 1-CPU replicas fill a 2-CPU node");
+    assert!(why.contains("1 node(s) lack free CPU (most free: 0 CPU of the 1 CPU needed)"), "{why}");
+    assert!(!why.contains("GPU ("), "GPUs are free: {why}");
+}

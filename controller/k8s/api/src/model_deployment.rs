@@ -65,6 +65,29 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::duration")]
     pub cold_start_budget: Option<Duration>,
+    /// Host CPU and memory each replica reserves on its node, besides its GPUs (defaults: 250m CPU, 1Gi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ReplicaResources>,
+}
+
+/// CPU of one replica when the spec does not say, millicores: a small share, so that a GPU node's replicas are
+/// limited by its GPUs, not its cores.
+pub const DEFAULT_REPLICA_CPU_MILLI: u64 = 250;
+/// Host memory of one replica when the spec does not say, bytes.
+pub const DEFAULT_REPLICA_MEMORY_BYTES: u64 = 1 << 30;
+
+/// Host resources of one replica.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaResources {
+    /// CPU, as a Kubernetes quantity (e.g. 500m, 2). Default 250m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::cpu_quantity")]
+    pub cpu: Option<Quantity>,
+    /// Host memory (e.g. 2Gi). Default 1Gi.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::byte_quantity")]
+    pub memory: Option<Quantity>,
 }
 
 /// Where a model's weights come from and which runtime serves them.

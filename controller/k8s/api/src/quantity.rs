@@ -8,6 +8,16 @@ use crate::{Error, Result};
 
 /// Bytes in `quantity`, rounded up to a whole byte. Negative values and values past `u64::MAX` are errors.
 pub fn parse_bytes(quantity: &str) -> Result<u64> {
+    parse_scaled(quantity, 1)
+}
+
+/// Thousandths in `quantity`, rounded up (CPU: `500m` is 500 millicores, `2` is 2000, `0.25` is 250).
+pub fn parse_milli(quantity: &str) -> Result<u64> {
+    parse_scaled(quantity, 1000)
+}
+
+/// `quantity` times `scale`, rounded up.
+fn parse_scaled(quantity: &str, scale: u128) -> Result<u64> {
     let invalid = || Error::InvalidQuantity(quantity.to_owned());
     let s = quantity.trim();
     let s = s.strip_prefix('+').unwrap_or(s);
@@ -47,7 +57,7 @@ pub fn parse_bytes(quantity: &str) -> Result<u64> {
         }
         _ => return Err(invalid()),
     };
-    let numerator = digits.checked_mul(num).ok_or_else(invalid)?;
+    let numerator = digits.checked_mul(num).and_then(|n| n.checked_mul(scale)).ok_or_else(invalid)?;
     let denominator = frac_den * den;
     let bytes = numerator.div_ceil(denominator);
     u64::try_from(bytes).map_err(|_| invalid())
@@ -55,7 +65,15 @@ pub fn parse_bytes(quantity: &str) -> Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{parse_bytes, parse_milli};
+
+    #[test]
+    fn cpu_in_millicores() {
+        for (q, want) in [("500m", 500), ("2", 2000), ("0.25", 250), ("1.5", 1500), ("100m", 100), ("0.0001", 1)] {
+            assert_eq!(parse_milli(q).unwrap(), want, "{q}");
+        }
+        assert!(parse_milli("-1").is_err());
+    }
 
     #[test]
     fn binary_decimal_and_exponent_forms() {

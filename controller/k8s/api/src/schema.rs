@@ -24,6 +24,18 @@ pub(crate) fn byte_quantity(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// A CPU amount as a Kubernetes quantity (`500m`, `2`), positive.
+pub(crate) fn cpu_quantity(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "maxLength": 32,
+        "x-kubernetes-validations": [{
+            "rule": "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+            "message": "must be a positive CPU amount such as 500m or 2"
+        }]
+    })
+}
+
 /// A duration such as `60s`, `5m` or `1h30m`.
 pub(crate) fn duration(_: &mut SchemaGenerator) -> Schema {
     json_schema!({

@@ -8,7 +8,7 @@ use kiln_k8s_api::{
     crdgen::crds,
     model_deployment::{
         CacheTier, ColdStart, ColdStartPhase, ColdStartPhaseName, DeploymentState, GpuRequirement, KeepAlive,
-        KeepAlivePolicy, ModelSource, ProcessRuntime, ReplicaCounts, Runtime, Scaling,
+        KeepAlivePolicy, ModelSource, ProcessRuntime, ReplicaCounts, ReplicaResources, Runtime, Scaling,
     },
     validate::Validator,
 };
@@ -39,6 +39,7 @@ fn deployment() -> ModelDeployment {
                 keep_alive: KeepAlive { policy: KeepAlivePolicy::Fixed, duration: Some("10m".parse().unwrap()) },
             },
             cold_start_budget: Some("2m".parse().unwrap()),
+            resources: Some(ReplicaResources { cpu: Some(Quantity("8".into())), memory: None }),
         },
     );
     md.metadata.namespace = Some("default".into());

@@ -36,6 +36,8 @@ pub struct DeploymentView {
     pub counters: DeploymentCounters,
     /// Why the spec could not be served (it passed the schema but not the controller), if so.
     pub invalid: Option<String>,
+    /// Replicas fail to start: the agent's reason (`ModelNotFound`, ...) and message, until one becomes ready.
+    pub failure: Option<(String, String)>,
 }
 
 /// An Event to publish: (type is Warning when `warning`), reason, note.
@@ -102,7 +104,7 @@ pub fn deployment_status(
 ) -> ModelDeploymentStatus {
     let now = Time(whole_seconds(now));
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
-    let state = if view.invalid.is_some() || view.unschedulable.is_some() {
+    let state = if view.invalid.is_some() || view.unschedulable.is_some() || view.failure.is_some() {
         DeploymentState::Degraded
     } else if view.ready > 0 {
         DeploymentState::Ready
@@ -118,9 +120,10 @@ pub fn deployment_status(
         DeploymentState::ScaledToZero => ("ScaledToZero", "no replica runs; the next request starts one".to_owned()),
         DeploymentState::Loading => ("Loading", format!("{} replica(s) loading", view.loading)),
         DeploymentState::Pending => ("Pending", "replicas are being placed".to_owned()),
-        DeploymentState::Degraded => match &view.invalid {
-            Some(why) => ("InvalidSpec", why.clone()),
-            None => ("Unschedulable", view.unschedulable.clone().unwrap_or_default()),
+        DeploymentState::Degraded => match (&view.invalid, &view.failure) {
+            (Some(why), _) => ("InvalidSpec", why.clone()),
+            (None, Some((reason, message))) => (reason.as_str(), message.clone()),
+            (None, None) => ("Unschedulable", view.unschedulable.clone().unwrap_or_default()),
         },
     };
     // Ready: requests are served without waiting for a placement (true at zero too: a cold start follows).
@@ -133,6 +136,13 @@ pub fn deployment_status(
         (None, None) => (true, "Scheduled", format!("{} replica(s) placed", view.placements.len())),
     };
     conditions.push(condition("Scheduled", scheduled, reason, message, generation, prev_conditions, &now));
+    // Degraded: replicas fail to start (the agent's reason and load error); an invalid or unschedulable spec shows
+    // in Scheduled instead.
+    let (failing, reason, message) = match &view.failure {
+        Some((reason, message)) => (true, reason.as_str(), message.clone()),
+        None => (false, "StartsSucceed", "replicas start".to_owned()),
+    };
+    conditions.push(condition("Degraded", failing, reason, message, generation, prev_conditions, &now));
     let last_cold_start = match &view.last_cold_start {
         Some((record, finished)) => {
             let ms = (record.seconds * 1000.0).round() as i64;
@@ -188,21 +198,40 @@ pub fn deployment_status(
 pub fn transitions(previous: Option<&ModelDeploymentStatus>, next: &ModelDeploymentStatus) -> Vec<EventSpec> {
     let mut events = Vec::new();
     let was = previous.and_then(|p| p.state);
-    let reason_of = |s: &ModelDeploymentStatus, kind: &str| {
-        s.conditions.iter().find(|c| c.type_ == kind).map(|c| (c.reason.clone(), c.message.clone()))
+    let find = |s: Option<&ModelDeploymentStatus>, kind: &str| {
+        s.and_then(|s| s.conditions.iter().find(|c| c.type_ == kind).cloned())
     };
-    if next.state == Some(DeploymentState::Degraded)
-        && was != Some(DeploymentState::Degraded)
-        && let Some((reason, message)) = reason_of(next, "Scheduled")
-    {
-        events.push(EventSpec { warning: true, reason, note: message });
-    }
-    if was == Some(DeploymentState::Degraded) && next.state != Some(DeploymentState::Degraded) {
-        events.push(EventSpec {
+    // A condition turning bad (or bad for another reason) is a Warning; turning good again, a Normal Event.
+    let turned = |kind: &str, bad: &str| {
+        let (before, after) = (find(previous, kind), find(Some(next), kind));
+        let was_bad = before.as_ref().filter(|c| c.status == bad);
+        match after {
+            Some(c) if c.status == bad && was_bad.is_none_or(|b| b.reason != c.reason) => Some((true, c)),
+            Some(c) if c.status != bad && was_bad.is_some() => Some((false, c)),
+            _ => None,
+        }
+    };
+    match turned("Scheduled", "False") {
+        Some((true, c)) => events.push(EventSpec { warning: true, reason: c.reason, note: c.message }),
+        Some((false, _)) => events.push(EventSpec {
             warning: false,
             reason: "Scheduled".into(),
             note: "replicas can be placed again".into(),
-        });
+        }),
+        None => {}
+    }
+    match turned("Degraded", "True") {
+        Some((true, c)) => events.push(EventSpec {
+            warning: true,
+            reason: c.reason,
+            note: format!("a replica failed to start: {}", c.message),
+        }),
+        Some((false, _)) => events.push(EventSpec {
+            warning: false,
+            reason: "Recovered".into(),
+            note: "a replica started again after failed starts".into(),
+        }),
+        None => {}
     }
     let cold = |s: &ModelDeploymentStatus| s.last_cold_start.as_ref().map(|c| c.started_at.clone());
     if let Some(c) = &next.last_cold_start
@@ -334,6 +363,39 @@ mod tests {
         let s3 = deployment_status(Some(2), &bad, Some(&s2), at(30));
         assert_eq!(s3.state, Some(DeploymentState::Degraded));
         assert_eq!((s3.conditions[1].reason.as_str(), s3.conditions[1].message.as_str()), ("Unschedulable", "no room"));
+    }
+
+    #[test]
+    fn failed_starts_make_the_deployment_degraded_with_one_warning_and_a_recovery() {
+        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        let failing = DeploymentView {
+            desired: 1,
+            failure: Some(("ModelNotFound".into(), "/m/x.safetensors: No such file or directory".into())),
+            ..Default::default()
+        };
+        let s1 = deployment_status(Some(1), &failing, Some(&zero), at(1));
+        assert_eq!(s1.state, Some(DeploymentState::Degraded));
+        let degraded = s1.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ModelNotFound"));
+        assert_eq!(s1.conditions[0].reason, "ModelNotFound", "Ready says why too");
+        assert_eq!(
+            transitions(Some(&zero), &s1),
+            vec![EventSpec {
+                warning: true,
+                reason: "ModelNotFound".into(),
+                note: "a replica failed to start: /m/x.safetensors: No such file or directory".into()
+            }]
+        );
+        let s2 = deployment_status(Some(1), &failing, Some(&s1), at(2));
+        assert!(transitions(Some(&s1), &s2).is_empty(), "the same failure again: no repeat");
+        let other = DeploymentView { failure: Some(("InvalidWeights".into(), "bad".into())), ..failing.clone() };
+        let s3 = deployment_status(Some(1), &other, Some(&s2), at(3));
+        assert_eq!(transitions(Some(&s2), &s3).len(), 1, "another reason is news");
+        let ready = DeploymentView { desired: 1, ready: 1, ..Default::default() };
+        let s4 = deployment_status(Some(1), &ready, Some(&s3), at(4));
+        assert_eq!(s4.state, Some(DeploymentState::Ready));
+        let events = transitions(Some(&s3), &s4);
+        assert_eq!(events.iter().map(|e| (e.warning, e.reason.as_str())).collect::<Vec<_>>(), [(false, "Recovered")]);
     }
 
     #[test]
