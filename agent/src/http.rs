@@ -1,11 +1,14 @@
 //! The agent's HTTP endpoints: `/metrics` (Prometheus, dcgm-exporter names), `/healthz` and `/v1/gpus` on the
 //! metrics address; fault injection for simulated GPUs on a separate admin address (loopback by default), so
-//! that exposing metrics never exposes the admin endpoints.
+//! that exposing metrics never exposes the admin endpoints. The admin endpoints also need the node's admin token
+//! (`Authorization: Bearer <token>`), even on loopback: anything on the node that can make a request — a model
+//! server, or a webhook the gateway delivers — must not be able to mark a GPU healthy.
 
 use axum::{
     Json, Router,
-    extract::{Path, State},
+    extract::{Path, Request, State},
     http::{StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -43,14 +46,66 @@ pub fn public_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// `/admin/gpus/{index}/xid|ecc|reset|load` (simulated GPUs only).
-pub fn admin_router(state: AppState) -> Router {
+/// `/admin/gpus/{index}/xid|ecc|reset|load` (simulated GPUs only), for callers that present `token`.
+pub fn admin_router(state: AppState, token: AdminToken) -> Router {
     Router::new()
         .route("/admin/gpus/{index}/xid", post(inject_xid))
         .route("/admin/gpus/{index}/ecc", post(inject_ecc))
         .route("/admin/gpus/{index}/reset", post(reset))
         .route("/admin/gpus/{index}/load", post(set_load))
+        .route_layer(middleware::from_fn_with_state(token, require_token))
         .with_state(state)
+}
+
+/// The secret the admin endpoints ask for.
+#[derive(Clone)]
+pub struct AdminToken(Arc<str>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
+}
+
+impl AdminToken {
+    /// A token from its text (surrounding whitespace ignored).
+    pub fn new(text: &str) -> Self {
+        Self(Arc::from(text.trim()))
+    }
+
+    /// A new random token: 32 bytes from the system's random source, hex.
+    pub fn generate() -> std::io::Result<Self> {
+        use std::io::Read as _;
+        let mut bytes = [0u8; 32];
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        Ok(Self(Arc::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())))
+    }
+
+    /// The token's text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `presented` is the token, compared in constant time.
+    pub fn matches(&self, presented: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), presented.as_bytes());
+        a.len() == b.len() && !a.is_empty() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+async fn require_token(State(token): State<AdminToken>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if token.matches(presented) {
+        next.run(request).await
+    } else {
+        (StatusCode::UNAUTHORIZED, "the admin endpoints need the node's admin token (Authorization: Bearer ...)\n")
+            .into_response()
+    }
 }
 
 async fn metrics_page(State(state): State<AppState>) -> Response {

@@ -67,6 +67,8 @@ enum Command {
         /// The agent's admin address.
         #[arg(long, default_value = "127.0.0.1:9401")]
         admin: SocketAddr,
+        #[command(flatten)]
+        token: TokenArgs,
     },
     /// Measure weight-load bandwidth on this node: local disk to host RAM, and host RAM copies.
     BenchLoad {
@@ -92,7 +94,32 @@ enum Command {
         /// The agent's admin address.
         #[arg(long, default_value = "127.0.0.1:9401")]
         admin: SocketAddr,
+        #[command(flatten)]
+        token: TokenArgs,
     },
+}
+
+/// The agent's admin token.
+#[derive(Debug, clap::Args)]
+struct TokenArgs {
+    /// The file the agent keeps its admin token in (`<cache dir>/admin-token`).
+    #[arg(long, default_value = "/var/lib/kiln/cache/admin-token")]
+    token_file: std::path::PathBuf,
+    /// The admin token itself (instead of --token-file).
+    #[arg(long, env = "KILN_AGENT_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+impl TokenArgs {
+    fn read(&self) -> Result<String> {
+        match &self.token {
+            Some(t) => Ok(t.trim().to_owned()),
+            None => Ok(std::fs::read_to_string(&self.token_file)
+                .with_context(|| format!("reading the admin token from {}", self.token_file.display()))?
+                .trim()
+                .to_owned()),
+        }
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -135,10 +162,12 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match &args.command {
-        Some(Command::InjectXid { gpu, xid, admin }) => {
-            admin_post(*admin, &format!("/admin/gpus/{gpu}/xid"), &format!("{{\"xid\":{xid}}}"))
+        Some(Command::InjectXid { gpu, xid, admin, token }) => token.read().and_then(|token| {
+            admin_post(*admin, &token, &format!("/admin/gpus/{gpu}/xid"), &format!("{{\"xid\":{xid}}}"))
+        }),
+        Some(Command::ResetGpu { gpu, admin, token }) => {
+            token.read().and_then(|token| admin_post(*admin, &token, &format!("/admin/gpus/{gpu}/reset"), "{}"))
         }
-        Some(Command::ResetGpu { gpu, admin }) => admin_post(*admin, &format!("/admin/gpus/{gpu}/reset"), "{}"),
         Some(Command::BenchLoad { size, dir }) => bench_load(dir, *size),
         Some(Command::EchoServer { exit_after }) => echo_server(*exit_after),
         None => run(&args),
@@ -174,11 +203,12 @@ fn run(args: &Args) -> Result<()> {
         // serving instead of dying on a broken pipe, as `println!` would make it.
         let _ = write!(
             std::io::stdout().lock(),
-            "kiln-agent: {}\nmetrics: http://{}/metrics\nadmin: http://{}/admin/gpus/<index>/xid\n\
+            "kiln-agent: {}\nmetrics: http://{}/metrics\nadmin: http://{}/admin/gpus/<index>/xid (token in {})\n\
              workers: grpc://{} (kiln.agent.v1.WorkerService)\n",
             a.summary,
             a.metrics,
             a.admin,
+            a.admin_token_file.display(),
             a.workers
         )
         .and_then(|()| std::io::stdout().flush());
@@ -288,14 +318,14 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
 }
 
 /// POSTs `body` to the agent's admin endpoint `path` and prints its answer.
-fn admin_post(admin: SocketAddr, path: &str, body: &str) -> Result<()> {
+fn admin_post(admin: SocketAddr, token: &str, path: &str, body: &str) -> Result<()> {
     let mut stream = TcpStream::connect_timeout(&admin, Duration::from_secs(5))
         .with_context(|| format!("connecting to the agent's admin address {admin}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         stream,
-        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: {admin}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )?;
     let mut response = String::new();

@@ -66,6 +66,31 @@ pub struct NodeAddresses {
     pub admin: SocketAddr,
     /// `WorkerService`.
     pub workers: SocketAddr,
+    /// The file holding the admin token (0600).
+    pub admin_token_file: PathBuf,
+}
+
+/// The node's admin token, kept in `cache_dir/admin-token` (created 0600 on first start, read after), so the
+/// `inject-xid` / `reset-gpu` commands on the node can present it.
+fn admin_token(cache_dir: &std::path::Path) -> Result<(http::AdminToken, PathBuf)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = cache_dir.join("admin-token");
+    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
+        Ok(mut file) => {
+            let token = http::AdminToken::generate().context("generating the admin token")?;
+            file.write_all(token.as_str().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            Ok((token, path))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let token = http::AdminToken::new(&text);
+            anyhow::ensure!(!token.as_str().is_empty(), "{} is empty", path.display());
+            Ok((token, path))
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 /// Opens the GPUs and the cache and binds the listeners; [`Node::serve`] then runs it.
@@ -77,6 +102,7 @@ pub struct Node {
     telemetry: Telemetry,
     commands: Arc<NodeCommands>,
     state: AppState,
+    admin_token: http::AdminToken,
     listeners: [tokio::net::TcpListener; 3],
 }
 
@@ -122,6 +148,7 @@ impl Node {
         let bind = |addr: SocketAddr, what: &'static str| async move {
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the {what} address {addr}"))
         };
+        let (admin_token, admin_token_file) = admin_token(&options.cache_dir)?;
         let metrics = bind(options.metrics_addr, "metrics").await?;
         let admin = bind(options.admin_addr, "admin").await?;
         let worker = bind(options.worker_addr, "worker endpoint").await?;
@@ -130,8 +157,10 @@ impl Node {
             metrics: metrics.local_addr()?,
             admin: admin.local_addr()?,
             workers: worker.local_addr()?,
+            admin_token_file,
         };
-        Ok(Self { addresses, options, telemetry, commands, state, listeners: [metrics, admin, worker] })
+        let listeners = [metrics, admin, worker];
+        Ok(Self { addresses, options, telemetry, commands, state, admin_token, listeners })
     }
 
     /// Serves until `stop` turns true or a server fails.
@@ -153,7 +182,7 @@ impl Node {
             .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true)));
         let public = axum::serve(metrics, http::public_router(self.state.clone()));
-        let admin = axum::serve(admin, http::admin_router(self.state));
+        let admin = axum::serve(admin, http::admin_router(self.state, self.admin_token));
         let result = tokio::select! {
             r = public => r.context("metrics server"),
             r = admin => r.context("admin server"),

@@ -22,6 +22,14 @@ impl Drop for Agent {
     }
 }
 
+fn cache_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("kiln-agent-test-{}", std::process::id()))
+}
+
+fn token_file() -> String {
+    cache_dir().join("admin-token").to_str().unwrap().to_owned()
+}
+
 fn start() -> Agent {
     let mut child = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
         .args(["--simulate-gpus", "h100-80gb:8", "--node-name", "test-node", "--sample-interval", "100ms"])
@@ -34,10 +42,7 @@ fn start() -> Agent {
             "--worker-endpoint",
             "127.0.0.1:0",
         ])
-        .args([
-            "--cache-dir",
-            std::env::temp_dir().join(format!("kiln-agent-test-{}", std::process::id())).to_str().unwrap(),
-        ])
+        .args(["--cache-dir", cache_dir().to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -90,8 +95,21 @@ fn simulated_gpus_serve_dcgm_metrics_and_an_injected_xid_79_marks_the_gpu_unheal
     assert!(page.contains("kiln_agent_workers{Hostname=\"test-node\",phase=\"ready\"} 0.0"), "{page}");
     assert!(page.contains("kiln_agent_cache_capacity_bytes{Hostname=\"test-node\",tier=\"disk\"}"), "{page}");
 
+    // Without the node's admin token (a webhook, a model server), the admin endpoints refuse; the token file is
+    // the agent's alone.
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args(["inject-xid", "--gpu", "3", "--xid", "79", "--admin", &agent.admin])
+        .args(["inject-xid", "--gpu", "3", "--xid", "79", "--admin", &agent.admin, "--token", "guess"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HTTP 401"), "{}", String::from_utf8_lossy(&out.stderr));
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(token_file()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
+        .args(["inject-xid", "--gpu", "3", "--xid", "79", "--admin", &agent.admin, "--token-file", &token_file()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -109,13 +127,13 @@ fn simulated_gpus_serve_dcgm_metrics_and_an_injected_xid_79_marks_the_gpu_unheal
 
     // A bad GPU index is refused with a clear error; a reset brings GPU 3 back.
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args(["inject-xid", "--gpu", "12", "--xid", "79", "--admin", &agent.admin])
+        .args(["inject-xid", "--gpu", "12", "--xid", "79", "--admin", &agent.admin, "--token-file", &token_file()])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no GPU 12"));
     let out = Command::new(env!("CARGO_BIN_EXE_kiln-agent"))
-        .args(["reset-gpu", "--gpu", "3", "--admin", &agent.admin])
+        .args(["reset-gpu", "--gpu", "3", "--admin", &agent.admin, "--token-file", &token_file()])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -43,6 +43,8 @@ pub struct ControllerArgs {
     /// Silence after which an agent is lost.
     #[arg(long, default_value = "10s", value_parser = crate::up::seconds)]
     pub agent_grace: Duration,
+    #[command(flatten)]
+    pub webhooks: crate::up::WebhookArgs,
 }
 
 /// Runs until interrupted or the Lease is lost.
@@ -71,6 +73,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             agent_addr: args.agent_listen,
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
             webhook_secret: std::env::var("KILN_WEBHOOK_SECRET").ok(),
+            webhook_destinations: args.webhooks.destinations(),
             ..ServerOptions::default()
         })
         .await?;

@@ -62,6 +62,27 @@ pub struct UpArgs {
     /// Requests held per deployment before 429.
     #[arg(long, default_value_t = 256)]
     pub hold_capacity: usize,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+}
+
+/// Where tenants' webhooks may be delivered.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct WebhookArgs {
+    /// Address ranges webhooks may reach although they are loopback, private or link-local (CIDRs, comma-separated,
+    /// e.g. `10.20.0.0/16` for an internal receiver; `127.0.0.1` for receivers on this machine). Default: none.
+    #[arg(long, env = "KILN_WEBHOOK_ALLOW", value_delimiter = ',')]
+    pub webhook_allow: Vec<kiln_controller::webhook::Cidr>,
+    /// Further ranges webhooks may not reach (e.g. the cluster's pod and service ranges).
+    #[arg(long, env = "KILN_WEBHOOK_DENY", value_delimiter = ',')]
+    pub webhook_deny: Vec<kiln_controller::webhook::Cidr>,
+}
+
+impl WebhookArgs {
+    /// The gateway's webhook destinations.
+    pub fn destinations(&self) -> kiln_controller::webhook::Destinations {
+        kiln_controller::webhook::Destinations { allow: self.webhook_allow.clone(), deny: self.webhook_deny.clone() }
+    }
 }
 
 pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
@@ -191,6 +212,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             },
             hold: args.hold,
             webhook_secret: Some(webhook_secret(&args.state_dir)?),
+            webhook_destinations: args.webhooks.destinations(),
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {
@@ -357,7 +379,7 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
         let mut banner = String::new();
         let _ = writeln!(banner, "kiln agent: {}", a.summary);
         let _ = writeln!(banner, "metrics: http://{}/metrics", a.metrics);
-        let _ = writeln!(banner, "admin: http://{}", a.admin);
+        let _ = writeln!(banner, "admin: http://{} (token in {})", a.admin, a.admin_token_file.display());
         let _ = writeln!(banner, "workers: {}", a.workers);
         say(&banner);
         let (stop_tx, stop) = tokio::sync::watch::channel(false);

@@ -22,7 +22,8 @@ fn start(dir: &std::path::Path) -> (Proc, String) {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).unwrap();
     let args = ["up", "--listen", "127.0.0.1:0", "--agent-listen", "127.0.0.1:0"];
-    let more = ["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0"];
+    // The Replicate client test's webhook receiver listens on this machine.
+    let more = ["--agent-metrics", "127.0.0.1:0", "--agent-admin", "127.0.0.1:0", "--webhook-allow", "127.0.0.1"];
     let all: Vec<&str> = args.iter().chain(more.iter()).copied().collect();
     spawn_kiln(&all, Some(dir), "/predictions")
 }

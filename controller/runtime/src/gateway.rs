@@ -382,7 +382,7 @@ fn parse_webhook(body: &Value) -> Result<Option<(String, Vec<String>)>, String> 
         Some(Value::String(u)) => u.clone(),
         Some(other) => return Err(format!("\"webhook\" must be a URL string, not {other}")),
     };
-    crate::webhook::check_url(&url)?;
+    crate::webhook::check_url(&url).map_err(|e| e.to_string())?;
     const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
     let events = match body.get("webhook_events_filter") {
         None | Some(Value::Null) => EVENTS.iter().map(|e| (*e).to_owned()).collect(),
@@ -442,6 +442,12 @@ async fn create<B: Backend>(
         Ok(w) => w,
         Err(e) => return problem(StatusCode::BAD_REQUEST, e),
     };
+    // Where the webhook's name points now (it is checked again at each delivery).
+    if let Some((url, _)) = &webhook
+        && let Err(e) = gw.webhooks.destinations().check(url).await
+    {
+        return problem(StatusCode::BAD_REQUEST, e.to_string());
+    }
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,

@@ -45,6 +45,8 @@ pub struct ServerOptions {
     pub watch_interval: Duration,
     /// Webhook signing secret (`whsec_...`); `None`: a new one for this process.
     pub webhook_secret: Option<String>,
+    /// Where webhook deliveries may go (public addresses by default; see [`crate::webhook::Destinations`]).
+    pub webhook_destinations: crate::webhook::Destinations,
 }
 
 impl Default for ServerOptions {
@@ -59,6 +61,7 @@ impl Default for ServerOptions {
             hold: Duration::from_secs(120),
             watch_interval: Duration::from_secs(1),
             webhook_secret: None,
+            webhook_destinations: crate::webhook::Destinations::default(),
         }
     }
 }
@@ -105,6 +108,11 @@ impl Server {
         let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
         if let Some(g) = Arc::get_mut(&mut gateway) {
             g.hold = options.hold;
+            g.webhooks = crate::webhook::Webhooks::with_destinations(
+                g.webhooks.backoff,
+                g.webhooks.attempts,
+                options.webhook_destinations.clone(),
+            );
             g.webhooks.secret = Some(secret);
         }
         Ok(Self { http_addr, agent_addr: agents.local_addr()?, control, gateway, options, registry, http, agents })

@@ -6,21 +6,271 @@
 //! up a prediction. With a signing [`Secret`], each attempt is signed as the Standard Webhooks spec (and Replicate)
 //! does: `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, so
 //! Replicate's client libraries validate Kiln's webhooks unchanged.
+//!
+//! Tenants choose webhook URLs, so a webhook is a request the gateway makes on a tenant's behalf from inside the
+//! cluster (server-side request forgery). [`Destinations`] decides where deliveries may go: by default never to
+//! loopback, private (RFC 1918, unique-local), link-local (cloud metadata at 169.254.169.254), carrier-grade NAT,
+//! multicast, broadcast, unspecified or reserved addresses, nor to ranges the operator denies (the cluster's pod
+//! and service ranges); an operator allowlist re-opens chosen ranges. A URL is checked when the prediction is
+//! created (its name resolved: a refused address is a 400 saying why) and again at each delivery, where the
+//! connector connects only to the addresses it has just resolved and checked, so a name that later resolves to a
+//! refused address (DNS rebinding) is not followed. Redirects are never followed.
 
 use std::{
+    future::Future,
     hash::{BuildHasher, Hasher},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
+    client::legacy::{
+        Client,
+        connect::{HttpConnector, dns::Name},
+    },
     rt::TokioExecutor,
 };
 use serde_json::Value;
 
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+type Https = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
+
+/// Why a webhook destination is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DestinationError {
+    /// The URL names (or resolves to) an address deliveries may not go to.
+    #[error("webhook {url:?} is refused: {addr} is {why} (an operator can allow it with --webhook-allow)")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// The address.
+        addr: IpAddr,
+        /// Which kind of address it is.
+        why: &'static str,
+    },
+    /// The host name does not resolve.
+    #[error("webhook {url:?}: the host {host} does not resolve: {reason}")]
+    Unresolvable {
+        /// The URL.
+        url: String,
+        /// The host.
+        host: String,
+        /// The resolver's error.
+        reason: String,
+    },
+    /// Not an http(s) URL with a host.
+    #[error("webhook {url:?} must be an http:// or https:// URL with a host")]
+    NotHttp {
+        /// The URL.
+        url: String,
+    },
+}
+
+/// A range of addresses, `10.0.0.0/8` or `fd00::/8` (a bare address is a single one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let network: IpAddr = addr.parse().map_err(|e| format!("{s:?}: not an IP address or CIDR range: {e}"))?;
+        let max = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+        };
+        Ok(Self { network, prefix })
+    }
+}
+
+impl Cidr {
+    /// Whether `ip` is in the range (IPv4-mapped IPv6 addresses count as their IPv4 address).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        match (self.network, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped (`::ffff:a.b.c.d`) and NAT64 (`64:ff9b::a.b.c.d`) IPv6 addresses as the IPv4 address they reach.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return IpAddr::V4(v4);
+            }
+            let seg = v6.segments();
+            if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = seg[6].to_be_bytes();
+                let [c, d] = seg[7].to_be_bytes();
+                return IpAddr::V4(Ipv4Addr::new(a, b, c, d));
+            }
+            ip
+        }
+        v4 => v4,
+    }
+}
+
+/// Which kind of address `ip` is, if deliveries to it are refused by default.
+fn special(ip: IpAddr) -> Option<&'static str> {
+    match canonical(ip) {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            if v4.is_loopback() {
+                Some("a loopback address")
+            } else if v4.is_private() {
+                Some("a private address")
+            } else if v4.is_link_local() {
+                Some("a link-local address (cloud metadata services live there)")
+            } else if a == 100 && (64..128).contains(&b) {
+                Some("a carrier-grade NAT (shared) address")
+            } else if v4.is_multicast() || v4.is_broadcast() {
+                Some("a multicast or broadcast address")
+            } else if a == 0 || a >= 240 || (a == 192 && b == 0 && v4.octets()[2] == 0) {
+                Some("an unspecified or reserved address")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            if v6 == Ipv6Addr::LOCALHOST {
+                Some("a loopback address")
+            } else if v6 == Ipv6Addr::UNSPECIFIED {
+                Some("an unspecified or reserved address")
+            } else if first & 0xfe00 == 0xfc00 {
+                Some("a private (unique-local) address")
+            } else if first & 0xffc0 == 0xfe80 {
+                Some("a link-local address (cloud metadata services live there)")
+            } else if first & 0xff00 == 0xff00 {
+                Some("a multicast or broadcast address")
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// Where webhook deliveries may go: public addresses, less what the operator denies, plus what it allows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destinations {
+    /// Ranges deliveries may reach even though they are special or denied (an operator's internal receivers).
+    pub allow: Vec<Cidr>,
+    /// Further ranges to refuse (the cluster's pod and service ranges, when they are public addresses).
+    pub deny: Vec<Cidr>,
+}
+
+impl Destinations {
+    /// Why deliveries to `ip` are refused, `None` if they may go there.
+    pub fn refusal(&self, ip: IpAddr) -> Option<&'static str> {
+        if self.allow.iter().any(|c| c.contains(ip)) {
+            return None;
+        }
+        if self.deny.iter().any(|c| c.contains(ip)) {
+            return Some("in a range the operator denies");
+        }
+        special(ip)
+    }
+
+    /// Checks a URL: its syntax, and every address its host names now.
+    pub async fn check(&self, url: &str) -> Result<(), DestinationError> {
+        let host = host_of(url)?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return self.check_ip(url, ip);
+        }
+        let addrs = tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|e| DestinationError::Unresolvable {
+            url: url.to_owned(),
+            host: host.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut any = false;
+        for addr in addrs {
+            any = true;
+            self.check_ip(url, addr.ip())?;
+        }
+        if !any {
+            return Err(DestinationError::Unresolvable { url: url.to_owned(), host, reason: "no address".into() });
+        }
+        Ok(())
+    }
+
+    fn check_ip(&self, url: &str, ip: IpAddr) -> Result<(), DestinationError> {
+        match self.refusal(ip) {
+            Some(why) => Err(DestinationError::Refused { url: url.to_owned(), addr: ip, why }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The host of an http(s) URL, without IPv6 brackets.
+fn host_of(url: &str) -> Result<String, DestinationError> {
+    let not_http = || DestinationError::NotHttp { url: url.to_owned() };
+    let uri: axum::http::Uri = url.parse().map_err(|_| not_http())?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(host)) if !host.is_empty() => {
+            Ok(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+        }
+        _ => Err(not_http()),
+    }
+}
+
+/// The connector's resolver: resolves a name and keeps only the addresses deliveries may go to, so the connection
+/// goes to an address checked just now.
+#[derive(Debug, Clone)]
+struct GuardedResolver {
+    destinations: Arc<Destinations>,
+}
+
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let destinations = Arc::clone(&self.destinations);
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            let mut allowed = Vec::new();
+            let mut refused = None;
+            for addr in tokio::net::lookup_host((host.as_str(), 0)).await? {
+                match destinations.refusal(addr.ip()) {
+                    None => allowed.push(addr),
+                    Some(why) => refused = Some((addr.ip(), why)),
+                }
+            }
+            match (allowed.is_empty(), refused) {
+                (true, Some((ip, why))) => Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("{host} resolves to {ip}, {why}: refused"),
+                )),
+                (true, None) => Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{host}: no address"))),
+                (false, _) => Ok(allowed.into_iter()),
+            }
+        })
+    }
+}
 
 /// A webhook signing secret: `whsec_` and the base64 of its key bytes.
 #[derive(Clone)]
@@ -77,13 +327,9 @@ impl Secret {
     }
 }
 
-/// Why a webhook URL is refused at creation.
-pub fn check_url(url: &str) -> Result<(), String> {
-    let uri: axum::http::Uri = url.parse().map_err(|e| format!("webhook {url:?} is not a URL: {e}"))?;
-    match uri.scheme_str() {
-        Some("http" | "https") if uri.host().is_some() => Ok(()),
-        _ => Err(format!("webhook {url:?} must be an http:// or https:// URL with a host")),
-    }
+/// Why a webhook URL is refused at creation, by its syntax alone ([`Destinations::check`] looks at the addresses).
+pub fn check_url(url: &str) -> Result<(), DestinationError> {
+    host_of(url).map(drop)
 }
 
 /// Delivers webhooks.
@@ -98,6 +344,7 @@ pub struct Webhooks {
     pub timeout: Duration,
     /// Signs deliveries when set.
     pub secret: Option<Secret>,
+    destinations: Arc<Destinations>,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -116,10 +363,19 @@ impl Webhooks {
     /// A sender retrying `attempts` times from `backoff`. HTTPS uses the system's CA certificates; without any, only
     /// `http://` webhooks can be delivered (said once in the log).
     pub fn new(backoff: Duration, attempts: u32) -> Self {
+        Self::with_destinations(backoff, attempts, Destinations::default())
+    }
+
+    /// A sender delivering only where `destinations` allows.
+    pub fn with_destinations(backoff: Duration, attempts: u32, destinations: Destinations) -> Self {
+        let destinations = Arc::new(destinations);
+        let mut http = HttpConnector::new_with_resolver(GuardedResolver { destinations: Arc::clone(&destinations) });
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
         let provider = rustls::crypto::ring::default_provider();
         let builder = hyper_rustls::HttpsConnectorBuilder::new();
         let connector = match builder.with_provider_and_native_roots(provider) {
-            Ok(b) => b.https_or_http().enable_http1().build(),
+            Ok(b) => b.https_or_http().enable_http1().wrap_connector(http),
             Err(e) => {
                 tracing::warn!(error = %e, "no CA certificates: https:// webhooks will fail");
                 let config =
@@ -131,13 +387,25 @@ impl Webhooks {
                         .with_tls_config(config)
                         .https_or_http()
                         .enable_http1()
-                        .build(),
+                        .wrap_connector(http),
                     Err(_) => unreachable!("ring supports the default protocol versions"),
                 }
             }
         };
         let client = Client::builder(TokioExecutor::new()).build(connector);
-        Self { client, backoff, attempts: attempts.max(1), timeout: Duration::from_secs(10), secret: None }
+        Self {
+            client,
+            backoff,
+            attempts: attempts.max(1),
+            timeout: Duration::from_secs(10),
+            secret: None,
+            destinations,
+        }
+    }
+
+    /// Where deliveries may go.
+    pub fn destinations(&self) -> &Destinations {
+        &self.destinations
     }
 
     /// Sends `body` to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`).
@@ -154,6 +422,11 @@ impl Webhooks {
 
     /// Delivers with retries; returns the attempt that succeeded.
     pub async fn deliver(&self, url: &str, id: &str, body: Bytes) -> Result<u32, String> {
+        // An address in the URL is not resolved, so the connector cannot check it: check it here.
+        let host = host_of(url).map_err(|e| e.to_string())?;
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            self.destinations.check_ip(url, ip).map_err(|e| e.to_string())?;
+        }
         let mut last = String::new();
         for attempt in 1..=self.attempts {
             let mut request = axum::http::Request::post(url)
@@ -172,7 +445,15 @@ impl Webhooks {
             match tokio::time::timeout(self.timeout, self.client.request(request)).await {
                 Ok(Ok(r)) if r.status().is_success() => return Ok(attempt),
                 Ok(Ok(r)) => last = format!("status {}", r.status()),
-                Ok(Err(e)) => last = format!("{e}"),
+                Ok(Err(e)) => {
+                    // The connector's reasons (a refused address) are in the error's sources.
+                    last = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(inner) = source {
+                        last = format!("{last}: {inner}");
+                        source = inner.source();
+                    }
+                }
                 Err(_) => last = format!("no answer within {:?}", self.timeout),
             }
             if attempt < self.attempts {
@@ -212,9 +493,90 @@ mod tests {
     #[test]
     fn webhook_urls_must_be_http_or_https_with_a_host() {
         assert!(check_url("https://example.com/hook").is_ok());
-        assert!(check_url("http://10.0.0.1:8000/x").is_ok());
-        assert!(check_url("ftp://example.com").unwrap_err().contains("http://"));
-        assert!(check_url("not a url").unwrap_err().contains("not a URL"));
+        assert!(check_url("http://[2001:db8::1]:8000/x").is_ok());
+        assert!(check_url("ftp://example.com").unwrap_err().to_string().contains("http://"));
+        assert!(check_url("not a url").is_err());
         assert!(check_url("/relative").is_err());
+    }
+
+    #[test]
+    fn loopback_private_link_local_and_denied_ranges_are_refused_unless_allowed() {
+        let d = Destinations::default();
+        for (ip, kind) in [
+            ("127.0.0.1", "loopback"),
+            ("127.8.9.10", "loopback"),
+            ("::1", "loopback"),
+            ("::ffff:127.0.0.1", "loopback"),
+            ("64:ff9b::7f00:1", "loopback"),
+            ("10.1.2.3", "private"),
+            ("172.16.0.1", "private"),
+            ("192.168.1.1", "private"),
+            ("fd12::1", "private"),
+            ("169.254.169.254", "link-local"),
+            ("fe80::1", "link-local"),
+            ("100.64.0.1", "carrier-grade"),
+            ("0.0.0.0", "unspecified"),
+            ("::", "unspecified"),
+            ("224.0.0.1", "multicast"),
+            ("255.255.255.255", "broadcast"),
+            ("240.0.0.1", "reserved"),
+        ] {
+            let why = d.refusal(ip.parse().unwrap()).unwrap_or_else(|| panic!("{ip} should be refused"));
+            assert!(why.contains(kind), "{ip}: {why}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "100.128.0.1", "172.32.0.1"] {
+            assert_eq!(d.refusal(ip.parse().unwrap()), None, "{ip} is public");
+        }
+        let d = Destinations {
+            allow: vec!["10.20.0.0/16".parse().unwrap(), "127.0.0.1".parse().unwrap()],
+            deny: vec!["34.118.224.0/20".parse().unwrap()],
+        };
+        assert_eq!(d.refusal("10.20.3.4".parse().unwrap()), None, "allowed range");
+        assert_eq!(d.refusal("127.0.0.1".parse().unwrap()), None, "allowed address");
+        assert!(d.refusal("127.0.0.2".parse().unwrap()).is_some());
+        assert!(d.refusal("10.21.0.1".parse().unwrap()).is_some());
+        assert!(d.refusal("34.118.230.1".parse().unwrap()).unwrap().contains("denies"), "the service range");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err() && "nope".parse::<Cidr>().is_err());
+    }
+
+    #[tokio::test]
+    async fn urls_are_checked_by_the_addresses_their_names_resolve_to() {
+        let d = Destinations::default();
+        let e = d.check("http://localhost:9401/admin/gpus/3/reset").await.unwrap_err();
+        assert!(matches!(e, DestinationError::Refused { why, .. } if why.contains("loopback")), "{e}");
+        let e = d.check("http://169.254.169.254/latest/meta-data/").await.unwrap_err();
+        assert!(e.to_string().contains("link-local"), "{e}");
+        assert!(d.check("http://[::1]:80/").await.is_err());
+        assert!(d.check("http://8.8.8.8/hook").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_delivery_to_a_refused_address_is_not_attempted() {
+        // A receiver on loopback that would accept: the sender must not reach it, by address or by name.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counter = Arc::clone(&hits);
+        tokio::spawn(async move {
+            while let Ok((_s, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let sender = Webhooks::new(Duration::from_millis(1), 1);
+        for url in [format!("http://127.0.0.1:{port}/x"), format!("http://localhost:{port}/x")] {
+            let err = sender.deliver(&url, "id", Bytes::from_static(b"{}")).await.unwrap_err();
+            assert!(err.contains("loopback") || err.contains("refused"), "{url}: {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "no connection was made");
+        let mut allowed = Webhooks::with_destinations(
+            Duration::from_millis(1),
+            1,
+            Destinations { allow: vec!["127.0.0.0/8".parse().unwrap()], deny: vec![] },
+        );
+        allowed.timeout = Duration::from_millis(200);
+        let _ = allowed.deliver(&format!("http://localhost:{port}/x"), "id", Bytes::from_static(b"{}")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1, "allowed: the receiver was reached");
     }
 }

@@ -12,7 +12,7 @@ use std::{
 
 use kiln_controller::{
     gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError},
-    webhook::Webhooks,
+    webhook::{Destinations, Webhooks},
 };
 use serde_json::{Value, json};
 
@@ -86,7 +86,9 @@ async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
     let mut gateway = Gateway::new(fake, keys, &format!("http://{addr}"));
     let g = Arc::get_mut(&mut gateway).unwrap();
     g.hold = hold;
-    g.webhooks = Webhooks::new(Duration::from_millis(20), 4);
+    // The tests' receivers listen on 127.0.0.1: allowed as an operator would allow an internal receiver.
+    let destinations = Destinations { allow: vec!["127.0.0.1/32".parse().unwrap()], deny: vec![] };
+    g.webhooks = Webhooks::with_destinations(Duration::from_millis(20), 4, destinations);
     let router = gateway.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
@@ -265,4 +267,28 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     .unwrap();
     assert_eq!(bad.iter().map(|b| b.0).collect::<Vec<_>>(), [400, 400, 400]);
     assert!(bad[1].2["detail"].as_str().unwrap().contains("bogus"), "{:?}", bad[1].2);
+
+    // Webhooks that would reach the node's admin port, cloud metadata or private addresses: 400, saying why.
+    let a = addr.clone();
+    let ssrf = tokio::task::spawn_blocking(move || {
+        let path = "/v1/deployments/demo/echo/predictions";
+        [
+            "http://127.0.0.2:9401/admin/gpus/3/reset",
+            "http://[::1]:9401/admin/gpus/3/reset",
+            "http://169.254.169.254/latest/meta-data/iam/",
+            "http://10.96.0.1/",
+            "http://[::ffff:192.168.0.1]/",
+        ]
+        .map(|hook| {
+            let body = format!(r#"{{"input": {{}}, "webhook": "{hook}"}}"#);
+            http(&a, "POST", path, Some("key-demo"), Some("wait"), &body)
+        })
+    })
+    .await
+    .unwrap();
+    for (status, _, p) in &ssrf {
+        assert_eq!(*status, 400, "{p}");
+        assert!(p["detail"].as_str().unwrap().contains("refused"), "{p}");
+    }
+    assert!(ssrf[2].2["detail"].as_str().unwrap().contains("link-local"), "{:?}", ssrf[2].2);
 }
