@@ -13,7 +13,7 @@
 //!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
 //!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
 //! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`) POSTs the prediction to
-//!   a URL, retried with backoff and signed ([`crate::webhook`]; the key at `GET /v1/webhooks/default/secret`); `"stream": true` adds `urls.stream`, server-sent events
+//!   a URL, retried with backoff and signed with a secret per namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`); `"stream": true` adds `urls.stream`, server-sent events
 //!   (`output`, or `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
 //! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction
@@ -337,7 +337,8 @@ impl<B: Backend> Gateway<B> {
         let Some((url, events)) = &p.webhook else { return };
         let wanted = events.iter().any(|e| e == event || (event == "completed" && e == "output"));
         if wanted {
-            self.webhooks.send(url.clone(), format!("{}-{event}", p.id), &p.json(&self.base_url));
+            let namespace = p.model.split_once('/').map_or(p.model.as_str(), |(ns, _)| ns);
+            self.webhooks.send(url.clone(), format!("{}-{event}", p.id), &p.json(&self.base_url), namespace);
         }
     }
 
@@ -569,13 +570,13 @@ async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<Str
     }
 }
 
-/// `GET /v1/webhooks/default/secret`: the key webhooks are signed with (any valid API key may read it).
+/// `GET /v1/webhooks/default/secret`: the key the caller's namespace's webhooks are signed with (its own only).
 async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>, headers: HeaderMap) -> Response {
-    if gw.namespace_of(&headers).is_none() {
+    let Some(namespace) = gw.namespace_of(&headers) else {
         return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    }
+    };
     match &gw.webhooks.secret {
-        Some(secret) => Json(json!({ "key": secret.as_str() })).into_response(),
+        Some(secret) => Json(json!({ "key": secret.for_namespace(&namespace).as_str() })).into_response(),
         None => problem(StatusCode::NOT_FOUND, "webhooks are not signed by this gateway (no signing secret is set)"),
     }
 }

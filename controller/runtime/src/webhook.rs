@@ -5,7 +5,9 @@
 //! `webhook-id`, so a receiver can drop duplicates. Deliveries run on their own tasks: a slow receiver never holds
 //! up a prediction. With a signing [`Secret`], each attempt is signed as the Standard Webhooks spec (and Replicate)
 //! does: `webhook-timestamp` and `webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`, so
-//! Replicate's client libraries validate Kiln's webhooks unchanged.
+//! Replicate's client libraries validate Kiln's webhooks unchanged. Each namespace (tenant) has a secret of its
+//! own, derived from the gateway's master secret ([`Secret::for_namespace`]): a tenant reads only its own, so no
+//! tenant can forge deliveries to another's receiver; rotating the master rotates every namespace's secret.
 //!
 //! Tenants choose webhook URLs, so a webhook is a request the gateway makes on a tenant's behalf from inside the
 //! cluster (server-side request forgery). [`Destinations`] decides where deliveries may go: by default never to
@@ -315,6 +317,19 @@ impl Secret {
         &self.text
     }
 
+    /// The secret of `namespace`: `whsec_` and HMAC-SHA256(master key, "kiln webhook secret v1" NUL namespace). A
+    /// tenant holding its own learns nothing of the master's or another namespace's.
+    pub fn for_namespace(&self, namespace: &str) -> Self {
+        use base64::Engine as _;
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"kiln webhook secret v1\0");
+        mac.update(namespace.as_bytes());
+        let key = mac.finalize().into_bytes().to_vec();
+        Self { text: format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&key)), key }
+    }
+
     /// The `webhook-signature` value for a delivery.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
         use base64::Engine as _;
@@ -342,7 +357,7 @@ pub struct Webhooks {
     pub attempts: u32,
     /// Time one attempt may take.
     pub timeout: Duration,
-    /// Signs deliveries when set.
+    /// The master secret: deliveries for a namespace are signed with [`Secret::for_namespace`] of it, when set.
     pub secret: Option<Secret>,
     destinations: Arc<Destinations>,
 }
@@ -408,12 +423,14 @@ impl Webhooks {
         &self.destinations
     }
 
-    /// Sends `body` to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`).
-    pub fn send(&self, url: String, id: String, body: &Value) {
+    /// Sends `body` to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`); signed with
+    /// `namespace`'s secret.
+    pub fn send(&self, url: String, id: String, body: &Value, namespace: &str) {
         let this = self.clone();
         let bytes = Bytes::from(body.to_string());
+        let namespace = namespace.to_owned();
         tokio::spawn(async move {
-            match this.deliver(&url, &id, bytes).await {
+            match this.deliver(&url, &id, bytes, &namespace).await {
                 Ok(attempt) => tracing::debug!(%url, %id, attempt, "webhook delivered"),
                 Err(e) => tracing::warn!(%url, %id, error = %e, "webhook given up"),
             }
@@ -421,7 +438,8 @@ impl Webhooks {
     }
 
     /// Delivers with retries; returns the attempt that succeeded.
-    pub async fn deliver(&self, url: &str, id: &str, body: Bytes) -> Result<u32, String> {
+    pub async fn deliver(&self, url: &str, id: &str, body: Bytes, namespace: &str) -> Result<u32, String> {
+        let secret = self.secret.as_ref().map(|s| s.for_namespace(namespace));
         // An address in the URL is not resolved, so the connector cannot check it: check it here.
         let host = host_of(url).map_err(|e| e.to_string())?;
         if let Ok(ip) = host.parse::<IpAddr>() {
@@ -433,7 +451,7 @@ impl Webhooks {
                 .header(axum::http::header::CONTENT_TYPE, "application/json")
                 .header(axum::http::header::USER_AGENT, "kiln-gateway")
                 .header("webhook-id", id);
-            if let Some(secret) = &self.secret {
+            if let Some(secret) = &secret {
                 let timestamp = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
@@ -488,6 +506,18 @@ mod tests {
         let fresh = Secret::generate().unwrap();
         assert!(fresh.as_str().starts_with("whsec_") && Secret::parse(fresh.as_str()).is_ok());
         assert_ne!(fresh.as_str(), Secret::generate().unwrap().as_str());
+    }
+
+    #[test]
+    fn each_namespace_has_its_own_stable_secret() {
+        let master = Secret::parse("whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYX").unwrap();
+        let (a, b) = (master.for_namespace("team-a"), master.for_namespace("team-b"));
+        assert_ne!(a.as_str(), b.as_str());
+        assert_ne!(a.as_str(), master.as_str());
+        assert_eq!(a.as_str(), master.for_namespace("team-a").as_str(), "stable across restarts and replicas");
+        assert!(Secret::parse(a.as_str()).is_ok(), "a valid whsec_ secret for the clients");
+        let body = b"{}";
+        assert_ne!(a.sign("id", 1, body), b.sign("id", 1, body), "team-a's secret does not sign as team-b");
     }
 
     #[test]
@@ -564,7 +594,7 @@ mod tests {
         });
         let sender = Webhooks::new(Duration::from_millis(1), 1);
         for url in [format!("http://127.0.0.1:{port}/x"), format!("http://localhost:{port}/x")] {
-            let err = sender.deliver(&url, "id", Bytes::from_static(b"{}")).await.unwrap_err();
+            let err = sender.deliver(&url, "id", Bytes::from_static(b"{}"), "ns").await.unwrap_err();
             assert!(err.contains("loopback") || err.contains("refused"), "{url}: {err}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -575,7 +605,7 @@ mod tests {
             Destinations { allow: vec!["127.0.0.0/8".parse().unwrap()], deny: vec![] },
         );
         allowed.timeout = Duration::from_millis(200);
-        let _ = allowed.deliver(&format!("http://localhost:{port}/x"), "id", Bytes::from_static(b"{}")).await;
+        let _ = allowed.deliver(&format!("http://localhost:{port}/x"), "id", Bytes::from_static(b"{}"), "ns").await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(hits.load(std::sync::atomic::Ordering::SeqCst) >= 1, "allowed: the receiver was reached");
     }

@@ -12,7 +12,7 @@ use std::{
 
 use kiln_controller::{
     gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError},
-    webhook::{Destinations, Webhooks},
+    webhook::{Destinations, Secret, Webhooks},
 };
 use serde_json::{Value, json};
 
@@ -78,6 +78,8 @@ fn http(
     (status, head.to_owned(), serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+const MASTER: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYX";
+
 async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
     let fake = Fake { queue: Arc::new(HoldQueue::new(capacity)), cold };
     let keys = [("key-demo".to_owned(), "demo".to_owned()), ("key-other".to_owned(), "other".to_owned())];
@@ -89,6 +91,7 @@ async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
     // The tests' receivers listen on 127.0.0.1: allowed as an operator would allow an internal receiver.
     let destinations = Destinations { allow: vec!["127.0.0.1/32".parse().unwrap()], deny: vec![] };
     g.webhooks = Webhooks::with_destinations(Duration::from_millis(20), 4, destinations);
+    g.webhooks.secret = Some(Secret::parse(MASTER).unwrap());
     let router = gateway.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     addr
@@ -184,7 +187,8 @@ async fn a_full_hold_queue_answers_429_and_a_slow_cold_start_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     // A receiver that fails the first delivery.
-    let received: Arc<std::sync::Mutex<Vec<(u16, String, Value)>>> = Arc::default();
+    type Delivery = (u16, String, Value, String, String);
+    let received: Arc<std::sync::Mutex<Vec<Delivery>>> = Arc::default();
     let log = Arc::clone(&received);
     let hook = axum::Router::new().route(
         "/hook",
@@ -193,8 +197,9 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
             async move {
                 let mut log = log.lock().unwrap();
                 let status = if log.is_empty() { 500 } else { 200 };
-                let id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-                log.push((status, id, serde_json::from_str(&body).unwrap()));
+                let header = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+                let signed = format!("{}.{}", header("webhook-timestamp"), header("webhook-signature"));
+                log.push((status, header("webhook-id"), serde_json::from_str(&body).unwrap(), signed, body));
                 axum::http::StatusCode::from_u16(status).unwrap()
             }
         }),
@@ -227,6 +232,23 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     assert_eq!(got[0].1, got[1].1, "the same webhook-id on the retry");
     assert_eq!((got[1].2["id"].as_str(), got[1].2["status"].as_str()), (Some(id.as_str()), Some("succeeded")));
     assert_eq!(got[1].2["output"]["echo"]["x"], 3);
+
+    // Signed with the namespace's own secret, which only that namespace's key can read.
+    let a = addr.clone();
+    let secrets = tokio::task::spawn_blocking(move || {
+        ["key-demo", "key-other"].map(|k| http(&a, "GET", "/v1/webhooks/default/secret", Some(k), None, "").2)
+    })
+    .await
+    .unwrap();
+    let demo = secrets[0]["key"].as_str().unwrap();
+    let other = secrets[1]["key"].as_str().unwrap();
+    assert_ne!(demo, other, "one secret per namespace");
+    let (timestamp, signature) = got[1].3.split_once('.').unwrap();
+    let timestamp: i64 = timestamp.parse().unwrap();
+    let sign = |secret: &str| Secret::parse(secret).unwrap().sign(&got[1].1, timestamp, got[1].4.as_bytes());
+    assert_eq!(sign(demo), signature, "demo's secret validates demo's delivery");
+    assert_ne!(sign(other), signature, "another tenant's secret does not");
+    assert_ne!(sign(MASTER), signature, "nor does the master");
 
     // The stream of a finished prediction: its output, then done.
     let a = addr.clone();
