@@ -66,9 +66,11 @@ fn name(object: &Value) -> &str {
 }
 
 fn grants_secrets(object: &Value) -> bool {
-    object["rules"].as_array().into_iter().flatten().any(|rule| {
-        rule["resources"].as_array().into_iter().flatten().any(|r| r == "secrets" || r == "*")
-    })
+    object["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|rule| rule["resources"].as_array().into_iter().flatten().any(|r| r == "secrets" || r == "*"))
 }
 
 /// What one rendering says about Secret access, after checking the namespace and binding invariants.
@@ -134,9 +136,10 @@ fn check(objects: &[Value]) -> SecretAccess {
             let args = object["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
             let args: Vec<&str> = args.iter().map(|a| a.as_str().unwrap()).collect();
             check_controller_accepts(&args);
-            access.flag = args.iter().find_map(|a| a.strip_prefix("--api-key-namespaces=")).map(|list| {
-                list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect::<BTreeSet<_>>()
-            });
+            access.flag = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--api-key-namespaces="))
+                .map(|list| list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect::<BTreeSet<_>>());
         }
     }
     access
