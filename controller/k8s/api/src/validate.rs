@@ -6,8 +6,9 @@
 //! Messages follow the apiserver's `field: Invalid value: ...` form so that a person sees the same message offline
 //! as from a cluster. Used by `kiln validate` and the example tests; meant for `kiln up`'s manifest-directory mode.
 //!
-//! Supported Kubernetes versions: 1.30 and later (what the CRDs' CEL rules need). The wording is that of kube-apiserver 1.35 and later; the one
-//! difference from 1.30 to 1.34 is how a failed CEL rule names the value (see [`ExpectedError`]).
+//! Supported Kubernetes versions: 1.30 and later (what the CRDs' CEL rules need). The wording is that of
+//! kube-apiserver 1.35 and later; the one difference from 1.30 to 1.34 is how a failed CEL rule names the value
+//! (see [`ExpectedError`]).
 //!
 //! [`Validator::validate_apply`] and [`Validator::validate_status_apply`] check a server-side apply patch the way
 //! the apiserver does: merged into the live object first, then the whole result validated (for the status

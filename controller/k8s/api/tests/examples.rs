@@ -104,7 +104,8 @@ fn failed_cel_rules_are_worded_as_a_current_apiserver_words_them() {
 /// The old wording is accepted only where an example says so, and then either wording is found.
 #[test]
 fn an_expected_error_accepts_the_older_wording_only_where_given() {
-    let text = "# expect-error: spec: Invalid value: x\n# expect-error-before-1.35: spec: Invalid value: \"object\": x\n\
+    let text = "# expect-error: spec: Invalid value: x\n\
+                # expect-error-before-1.35: spec: Invalid value: \"object\": x\n\
                 # expect-error: spec.a: Required value\n";
     let expected = expected_errors(text);
     assert_eq!(expected.len(), 2);
