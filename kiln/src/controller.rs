@@ -1,7 +1,8 @@
 //! `kiln controller`: the controller against a Kubernetes API server (in-cluster, or the kubeconfig of
 //! `KUBECONFIG` / `~/.kube/config`). It competes for a Lease and acts only while it holds it: then it reconciles
 //! `ModelDeployment`s, serves agents and the gateway, writes `GpuNode` objects and reads API keys from Secrets
-//! labelled `kiln.dev/api-key=true`. Losing the Lease ends the process (a restart starts clean).
+//! labelled `kiln.dev/api-key=true` (in the namespaces of `--api-key-namespaces`, or in every namespace). Losing
+//! the Lease ends the process (a restart starts clean).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -45,6 +46,11 @@ pub struct ControllerArgs {
     pub agent_grace: Duration,
     #[command(flatten)]
     pub webhooks: crate::up::WebhookArgs,
+    /// Namespaces to read API key Secrets (labelled `kiln.dev/api-key=true`) from, comma-separated; the controller
+    /// then needs `list` on Secrets in these namespaces only. Empty (the default): every namespace, which needs a
+    /// cluster-wide right to list Secrets. The Helm chart passes the namespaces it grants a Role in.
+    #[arg(long, env = "KILN_API_KEY_NAMESPACES", value_delimiter = ',', num_args = 0..)]
+    pub api_key_namespaces: Vec<String>,
 }
 
 /// Runs until interrupted or the Lease is lost.
@@ -90,10 +96,18 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
                 }),
         );
         let gateway = Arc::clone(&server.gateway);
+        let key_namespaces = k8s::KeyNamespaces::from_list(&args.api_key_namespaces);
+        match &key_namespaces {
+            k8s::KeyNamespaces::All => tracing::info!("reading API keys from Secrets in every namespace"),
+            k8s::KeyNamespaces::Only(namespaces) => {
+                tracing::info!(namespaces = %namespaces.join(","), "reading API keys from Secrets in these namespaces")
+            }
+        }
         tokio::spawn(k8s::keep_current(
             client,
             server.registry.clone(),
             Arc::clone(&server.control),
+            key_namespaces,
             move |keys| gateway.set_keys(keys),
             Duration::from_secs(10),
         ));

@@ -6,13 +6,10 @@ use std::{fs, process::Command};
 
 use std::path::PathBuf;
 
+use kiln_k8s_api::validate::expected_errors;
+
 fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
-}
-
-/// The `# expect-error:` lines of an invalid example: messages its rejection must contain.
-fn expected_errors(text: &str) -> Vec<&str> {
-    text.lines().filter_map(|l| l.strip_prefix("# expect-error: ")).collect()
 }
 
 fn kiln(args: &[&str]) -> std::process::Output {
@@ -46,7 +43,7 @@ fn validate_rejects_each_invalid_example_with_a_readable_message() {
         assert_eq!(out.status.code(), Some(1), "{}: {stdout}", path.display());
         let text = fs::read_to_string(&path).unwrap();
         for want in expected_errors(&text) {
-            assert!(stdout.contains(want), "{}:\n  want: {want}\n  got:  {stdout}", path.display());
+            assert!(stdout.contains(want.message), "{}:\n  want: {}\n  got:  {stdout}", path.display(), want.message);
         }
         assert!(stdout.contains(" is invalid: "), "{stdout}");
     }

@@ -1,10 +1,13 @@
-//! The reconcilers and the leader election against kube's mock API server (`tower_test::mock::pair` +
-//! `Client::new`, the ApiServerVerifier pattern of kube-rs/controller-rs): every request the controller makes is
-//! checked — method, path, query and body — and answered as the API server would.
+//! The reconcilers, the `GpuNode` writer and the leader election against kube's mock API server
+//! (`tower_test::mock::pair` + `Client::new`, the ApiServerVerifier pattern of kube-rs/controller-rs): every request
+//! the controller makes is checked — method, path, query and body — and answered as the API server would. Every
+//! write to a `kiln.dev` resource is also validated as the apiserver validates it: merged into the object the mock
+//! holds, then checked against the generated CRD schema and CEL rules with the offline validator
+//! (`kiln_k8s_api::validate`), so a body a real apiserver would reject fails here too.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use http::{Request, Response, StatusCode};
 use k8s_openapi::{
@@ -20,16 +23,114 @@ use kiln_controller::{
     },
     registry::{MonotonicClock, Registry, RegistryConfig},
 };
-use kiln_k8s_api::model_deployment::ModelDeployment;
+use kiln_k8s_api::{model_deployment::ModelDeployment, validate::Validator};
 use kube::{Client, client::Body, runtime::controller::Action};
 use serde_json::{Value, json};
-use tower_test::mock::{Handle, pair};
+use tower_test::mock::{Handle, SendResponse, pair};
 
-type Api = Handle<Request<Body>, Response<Body>>;
+/// The mock API server: the handle on the client's requests, and the `kiln.dev` objects it holds by URL path.
+struct ApiServer {
+    handle: Handle<Request<Body>, Response<Body>>,
+    objects: HashMap<String, Value>,
+    validator: Validator,
+}
 
-fn mock() -> (Client, Api) {
+fn mock() -> (Client, ApiServer) {
     let (service, handle) = pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
+    (Client::new(service, "default"), ApiServer { handle, objects: HashMap::new(), validator: Validator::default() })
+}
+
+const MLP: &str = "/apis/kiln.dev/v1alpha1/namespaces/demo/modeldeployments/mlp";
+
+impl ApiServer {
+    /// The mock holds `object` at `path` (what the controller read before writing).
+    fn holding(mut self, path: &str, object: &impl serde::Serialize) -> Self {
+        self.objects.insert(path.to_owned(), serde_json::to_value(object).unwrap());
+        self
+    }
+
+    /// Takes the next request: (method, path and query, JSON body). A write to a `kiln.dev` resource is validated
+    /// against its CRD as the apiserver would (the test fails with the apiserver's message if it is invalid), and
+    /// the object the apiserver would store is kept for the next write.
+    async fn next(&mut self) -> (String, String, Value, SendResponse<Response<Body>>) {
+        let (request, send) = tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
+            .await
+            .expect("the controller made no request")
+            .expect("the client is gone");
+        let method = request.method().to_string();
+        let uri = request.uri().to_string();
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+        self.check_write(&method, &uri, &content_type, &body);
+        (method, uri, body, send)
+    }
+
+    /// Fails the test if the client sends anything within `within`.
+    async fn expect_silence(&mut self, within: Duration) {
+        if let Ok(Some((request, _))) = tokio::time::timeout(within, self.handle.next_request()).await {
+            let uri = request.uri().to_string();
+            let body = request.into_body().collect_bytes().await.unwrap();
+            panic!("unexpected request {uri}: {}", String::from_utf8_lossy(&body));
+        }
+    }
+
+    fn check_write(&mut self, method: &str, uri: &str, content_type: &str, body: &Value) {
+        let path = uri.split('?').next().unwrap();
+        if !path.starts_with("/apis/kiln.dev/") || !matches!(method, "PATCH" | "POST" | "PUT") {
+            return;
+        }
+        let (path, status) = match path.strip_suffix("/status") {
+            Some(object) => (object.to_owned(), true),
+            None => (path.to_owned(), false),
+        };
+        let path =
+            if method == "POST" { format!("{path}/{}", body["metadata"]["name"].as_str().unwrap()) } else { path };
+        let live = self.objects.get(&path);
+        let stored = match (method, content_type, status) {
+            ("PATCH", "application/apply-patch+yaml", false) => self.validator.validate_apply(body, live),
+            ("PATCH", "application/apply-patch+yaml", true) => {
+                let live = live.unwrap_or_else(|| panic!("{uri}: the status of an object that does not exist"));
+                self.validator.validate_status_apply(body, live)
+            }
+            ("PATCH", "application/json-patch+json" | "application/merge-patch+json", _) => {
+                let live = live.unwrap_or_else(|| panic!("{uri}: patching an object that does not exist"));
+                let mut patched = live.clone();
+                if content_type == "application/json-patch+json" {
+                    // The apiserver's JSON patch (evanphx/json-patch) lets `test` of a missing path against null
+                    // pass, as kube's finalizer helper relies on; the json-patch crate does not, so those go.
+                    let ops: Vec<Value> = body
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && live.pointer(op["path"].as_str().unwrap()).is_none())
+                        })
+                        .cloned()
+                        .collect();
+                    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+                    json_patch::patch(&mut patched, &patch).unwrap_or_else(|e| panic!("{uri}: {e}"));
+                } else {
+                    json_patch::merge(&mut patched, body);
+                }
+                self.validator.validate_update(&patched, Some(live)).map(|()| patched)
+            }
+            ("POST" | "PUT", _, _) => self.validator.validate_update(body, live).map(|()| body.clone()),
+            other => panic!("{uri}: a write the mock does not know how to check: {other:?}"),
+        };
+        match stored {
+            Ok(object) => {
+                self.objects.insert(path, object);
+            }
+            Err(invalid) => panic!("{method} {uri}: the apiserver would answer 422: {invalid}\nbody: {body}"),
+        }
+    }
 }
 
 fn deployment(min_replicas: u32, finalizer: bool, deleting: bool) -> ModelDeployment {
@@ -59,20 +160,7 @@ fn context(client: Client) -> Arc<Context> {
     Arc::new(Context::new(client, control, Some("kiln-controller-0".into())))
 }
 
-/// Takes the next request: (method, path and query, JSON body).
-async fn next(api: &mut Api) -> (String, String, Value, tower_test::mock::SendResponse<Response<Body>>) {
-    let (request, send) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
-        .await
-        .expect("the controller made no request")
-        .expect("the client is gone");
-    let method = request.method().to_string();
-    let uri = request.uri().to_string();
-    let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
-    (method, uri, body, send)
-}
-
-fn respond(send: tower_test::mock::SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
+fn respond(send: SendResponse<Response<Body>>, status: StatusCode, body: &Value) {
     send.send_response(Response::builder().status(status).body(Body::from(serde_json::to_vec(body).unwrap())).unwrap());
 }
 
@@ -83,11 +171,12 @@ fn not_found(name: &str) -> Value {
 
 #[tokio::test]
 async fn a_new_deployment_gets_the_finalizer_before_anything_else() {
-    let (client, mut api) = mock();
-    let ctx = context(client);
     let md = deployment(0, false, false);
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &md);
+    let ctx = context(client);
     let verifier = tokio::spawn(async move {
-        let (method, uri, body, send) = next(&mut api).await;
+        let (method, uri, body, send) = api.next().await;
         assert_eq!(method, "PATCH");
         assert_eq!(uri, "/apis/kiln.dev/v1alpha1/namespaces/demo/modeldeployments/mlp?");
         assert_eq!(
@@ -107,10 +196,11 @@ async fn a_new_deployment_gets_the_finalizer_before_anything_else() {
 
 #[tokio::test]
 async fn a_deployment_is_served_and_its_status_applied_under_the_field_manager() {
-    let (client, mut api) = mock();
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &deployment(0, true, false));
     let ctx = context(client);
     let verifier = tokio::spawn(async move {
-        let (method, uri, body, send) = next(&mut api).await;
+        let (method, uri, body, send) = api.next().await;
         assert_eq!(method, "PATCH");
         assert_eq!(
             uri,
@@ -149,9 +239,7 @@ async fn a_deployment_is_served_and_its_status_applied_under_the_field_manager()
         md["status"] = status.clone();
         respond(send, StatusCode::OK, &md);
         // No Event: appearing at zero replicas is not a transition worth one.
-        if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(200), api.next_request()).await {
-            panic!("unexpected request {}", request.uri());
-        }
+        api.expect_silence(Duration::from_millis(200)).await;
     });
     let action = reconcile(Arc::new(deployment(0, true, false)), Arc::clone(&ctx)).await.unwrap();
     verifier.await.unwrap();
@@ -167,22 +255,17 @@ async fn an_unchanged_status_is_not_written_again() {
     let view = kiln_controller::k8s::status::DeploymentView::default();
     let earlier = Timestamp::now() - SignedDuration::from_secs(60);
     md.status = Some(kiln_controller::k8s::status::deployment_status(Some(3), &view, None, earlier));
-    let watcher = tokio::spawn(async move {
-        if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(300), api.next_request()).await {
-            let uri = request.uri().to_string();
-            let body = request.into_body().collect_bytes().await.unwrap();
-            panic!("unexpected request {uri}: {}", String::from_utf8_lossy(&body));
-        }
-    });
+    let watcher = tokio::spawn(async move { api.expect_silence(Duration::from_millis(300)).await });
     reconcile(Arc::new(md), ctx).await.unwrap();
     watcher.await.unwrap();
 }
 
 #[tokio::test]
 async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why() {
-    let (client, mut api) = mock();
-    let ctx = context(client);
     let md = deployment(1, true, false);
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &md);
+    let ctx = context(client);
     // The control loop has tried to place the replica minReplicas asks for, on a cluster with no node.
     let d = kiln_controller::manifests::Deployment {
         namespace: "demo".into(),
@@ -194,7 +277,7 @@ async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why
     ctx.control.upsert(&d).unwrap();
     ctx.control.step();
     let verifier = tokio::spawn(async move {
-        let (_, uri, body, send) = next(&mut api).await;
+        let (_, uri, body, send) = api.next().await;
         assert!(uri.contains("/modeldeployments/mlp/status?"), "{uri}");
         assert_eq!(body["status"]["state"], "Degraded");
         let scheduled = &body["status"]["conditions"][1];
@@ -203,7 +286,7 @@ async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why
             (Some("False"), Some("Unschedulable"))
         );
         respond(send, StatusCode::OK, &serde_json::to_value(deployment(1, true, false)).unwrap());
-        let (method, uri, event, send) = next(&mut api).await;
+        let (method, uri, event, send) = api.next().await;
         assert_eq!((method.as_str(), uri.as_str()), ("POST", "/apis/events.k8s.io/v1/namespaces/demo/events?"));
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "Unschedulable");
@@ -222,7 +305,8 @@ async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why
 
 #[tokio::test]
 async fn a_deleted_deployment_leaves_the_control_plane_then_loses_its_finalizer() {
-    let (client, mut api) = mock();
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &deployment(0, true, true));
     let ctx = context(client);
     let d = kiln_controller::manifests::Deployment {
         namespace: "demo".into(),
@@ -233,7 +317,7 @@ async fn a_deleted_deployment_leaves_the_control_plane_then_loses_its_finalizer(
     };
     ctx.control.upsert(&d).unwrap();
     let verifier = tokio::spawn(async move {
-        let (method, uri, body, send) = next(&mut api).await;
+        let (method, uri, body, send) = api.next().await;
         assert_eq!(
             (method.as_str(), uri.as_str()),
             ("PATCH", "/apis/kiln.dev/v1alpha1/namespaces/demo/modeldeployments/mlp?")
@@ -280,10 +364,10 @@ async fn leader_election_creates_a_missing_lease_and_then_leads() {
     let (client, mut api) = mock();
     let elector = LeaderElector::new(client, "kiln-system", "kiln-controller", "pod-a", Duration::from_secs(15));
     let verifier = tokio::spawn(async move {
-        let (method, uri, _, send) = next(&mut api).await;
+        let (method, uri, _, send) = api.next().await;
         assert_eq!((method.as_str(), uri.as_str()), ("GET", LEASE));
         respond(send, StatusCode::NOT_FOUND, &not_found("kiln-controller"));
-        let (method, uri, body, send) = next(&mut api).await;
+        let (method, uri, body, send) = api.next().await;
         assert_eq!(
             (method.as_str(), uri.as_str()),
             ("POST", "/apis/coordination.k8s.io/v1/namespaces/kiln-system/leases?")
@@ -302,13 +386,13 @@ async fn leader_election_follows_a_fresh_holder_and_takes_over_an_expired_one() 
     let elector = LeaderElector::new(client, "kiln-system", "kiln-controller", "pod-a", Duration::from_secs(15));
     let verifier = tokio::spawn(async move {
         // Fresh: follow, write nothing.
-        let (_, uri, _, send) = next(&mut api).await;
+        let (_, uri, _, send) = api.next().await;
         assert_eq!(uri, LEASE);
         respond(send, StatusCode::OK, &lease("pod-b", Timestamp::now(), "10"));
         // Expired: replace, guarded by the resourceVersion read.
-        let (_, _, _, send) = next(&mut api).await;
+        let (_, _, _, send) = api.next().await;
         respond(send, StatusCode::OK, &lease("pod-b", Timestamp::now() - SignedDuration::from_secs(60), "11"));
-        let (method, uri, body, send) = next(&mut api).await;
+        let (method, uri, body, send) = api.next().await;
         assert_eq!((method.as_str(), uri.as_str()), ("PUT", format!("{LEASE}?").as_str()));
         assert_eq!(body["metadata"]["resourceVersion"], "11");
         assert_eq!(body["spec"]["holderIdentity"], "pod-a");
@@ -331,19 +415,190 @@ async fn a_clean_shutdown_releases_the_lease_it_holds_and_leaves_others_alone() 
     let (client, mut api) = mock();
     let elector = LeaderElector::new(client, "kiln-system", "kiln-controller", "pod-a", Duration::from_secs(15));
     let verifier = tokio::spawn(async move {
-        let (_, uri, _, send) = next(&mut api).await;
+        let (_, uri, _, send) = api.next().await;
         assert_eq!(uri, LEASE);
         respond(send, StatusCode::OK, &lease("pod-a", Timestamp::now(), "20"));
-        let (method, _, body, send) = next(&mut api).await;
+        let (method, _, body, send) = api.next().await;
         assert_eq!(method, "PUT");
         assert_eq!(body["metadata"]["resourceVersion"], "20");
         assert!(body["spec"].get("holderIdentity").is_none_or(Value::is_null), "{body}");
         respond(send, StatusCode::OK, &body);
         // Held by another: nothing written.
-        let (_, _, _, send) = next(&mut api).await;
+        let (_, _, _, send) = api.next().await;
         respond(send, StatusCode::OK, &lease("pod-b", Timestamp::now(), "21"));
     });
     assert!(elector.release().await.unwrap());
     assert!(!elector.release().await.unwrap());
+    verifier.await.unwrap();
+}
+
+/// A registry holding one agent registered over a real `Connect` stream on loopback (two simulated H100s, one
+/// cached model); the sender keeps the session open.
+async fn registry_with_agent(node: &str) -> (Registry, tokio::sync::mpsc::Sender<kiln_proto::v1::AgentMessage>) {
+    use kiln_proto::v1::{
+        self, agent_message, agent_service_client::AgentServiceClient, agent_service_server::AgentServiceServer,
+    };
+    let registry = Registry::new(RegistryConfig::default(), MonotonicClock::system());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(AgentServiceServer::new(kiln_controller::registry::AgentServer(registry.clone())))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let gpu = |index: u32| v1::Gpu {
+        index,
+        uuid: format!("GPU-{index}"),
+        model: "NVIDIA H100 80GB HBM3".into(),
+        memory_total_bytes: 80 << 30,
+        health: v1::GpuHealth::Healthy as i32,
+        ..Default::default()
+    };
+    let register = v1::Register {
+        node_name: node.into(),
+        agent_version: "0.1.0".into(),
+        simulated: true,
+        gpus: vec![gpu(0), gpu(1)],
+        cached_models: vec![v1::CachedModel {
+            model_uri: "file:///models/mlp.safetensors".into(),
+            size_bytes: 1 << 30,
+            tier: v1::CacheTier::Disk as i32,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(v1::AgentMessage { seq: 1, body: Some(agent_message::Body::Register(register)) }).await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = AgentServiceClient::new(channel);
+    let mut replies = client.connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::spawn(async move { while let Ok(Some(_)) = replies.message().await {} });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while registry.node(node).is_none() {
+        assert!(std::time::Instant::now() < deadline, "{node} did not register");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (registry, tx)
+}
+
+/// The `GpuNode` of a registered agent: the object with an empty `spec` (owning nothing in it), then its status,
+/// both by server-side apply under the controller's field manager, and both valid against the CRD — a real
+/// apiserver rejected the earlier object patch without `spec` (`spec: Required value`).
+#[tokio::test]
+async fn a_registered_agent_gets_a_gpu_node_the_crd_accepts() {
+    let (client, mut api) = mock();
+    let (registry, _session) = registry_with_agent("node-a").await;
+    let control = ControlPlane::new(registry.clone(), ControlConfig::default());
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body, send) = api.next().await;
+        assert_eq!(
+            (method.as_str(), uri.as_str()),
+            ("PATCH", "/apis/kiln.dev/v1alpha1/gpunodes/node-a?&force=true&fieldManager=kiln-controller")
+        );
+        assert_eq!(
+            body,
+            json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "metadata": { "name": "node-a" },
+                    "spec": {} }),
+            "the object patch owns no field inside spec: spec.unschedulable stays the operators'"
+        );
+        respond(send, StatusCode::OK, &api.objects["/apis/kiln.dev/v1alpha1/gpunodes/node-a"].clone());
+        let (method, uri, body, send) = api.next().await;
+        assert_eq!(
+            (method.as_str(), uri.as_str()),
+            ("PATCH", "/apis/kiln.dev/v1alpha1/gpunodes/node-a/status?&force=true&fieldManager=kiln-controller")
+        );
+        let status = &body["status"];
+        assert_eq!((status["gpuCount"].as_i64(), status["freeGpus"].as_i64()), (Some(2), Some(2)));
+        assert_eq!(status["gpus"][1]["uuid"], "GPU-1");
+        assert_eq!(status["gpus"][1]["memoryMib"], 80 * 1024);
+        assert_eq!(status["cachedModels"][0]["tier"], "Disk");
+        assert_eq!(status["conditions"][0]["type"], "Ready");
+        assert_eq!(status["conditions"][0]["status"], "True");
+        let stored = api.objects["/apis/kiln.dev/v1alpha1/gpunodes/node-a"].clone();
+        assert_eq!(stored["status"], *status, "the mock stored what the apiserver would");
+        respond(send, StatusCode::OK, &stored);
+        api.expect_silence(Duration::from_millis(200)).await;
+    });
+    let mut writes = kiln_controller::k8s::NodeWrites::default();
+    let written = kiln_controller::k8s::sync_gpu_nodes(&client, &registry, &control, &mut writes).await.unwrap();
+    verifier.await.unwrap();
+    assert_eq!(written, ["node-a"]);
+}
+
+/// The mock's check is what catches a body the CRD rejects: the object patch the controller sent before (no
+/// `spec`) fails it with the apiserver's message.
+#[tokio::test]
+#[should_panic(expected = "GpuNode.kiln.dev \"node-a\" is invalid: spec: Required value")]
+async fn the_mock_apiserver_rejects_a_gpu_node_without_spec() {
+    let (_client, mut api) = mock();
+    let old = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "metadata": { "name": "node-a" } });
+    api.check_write(
+        "PATCH",
+        "/apis/kiln.dev/v1alpha1/gpunodes/node-a?&force=true&fieldManager=kiln-controller",
+        "application/apply-patch+yaml",
+        &old,
+    );
+}
+
+/// A status written to a deployment must keep the whole object valid, and a transition rule or a schema check on
+/// the status (here an unknown state) is caught by the mock as by the apiserver.
+#[tokio::test]
+#[should_panic(expected = "status.state: Unsupported value: \"Sleeping\"")]
+async fn the_mock_apiserver_rejects_an_invalid_deployment_status() {
+    let (_client, api) = mock();
+    let mut api = api.holding(MLP, &deployment(0, true, false));
+    api.check_write(
+        "PATCH",
+        &format!("{MLP}/status?&force=true&fieldManager=kiln-controller"),
+        "application/apply-patch+yaml",
+        &json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment", "status": { "state": "Sleeping" } }),
+    );
+}
+
+fn secret_list(items: &[(&str, &str, &str)]) -> Value {
+    use base64::Engine as _;
+    let items: Vec<Value> = items
+        .iter()
+        .map(|(namespace, name, key)| {
+            json!({ "metadata": { "name": name, "namespace": namespace,
+                                  "labels": { "kiln.dev/api-key": "true" } },
+                    "data": { "key": base64::engine::general_purpose::STANDARD.encode(key) } })
+        })
+        .collect();
+    json!({ "kind": "SecretList", "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items })
+}
+
+/// API keys are read only in the configured namespaces (one list per namespace, the only Secret access the chart's
+/// default Roles grant); with no namespace configured, one cluster-wide list.
+#[tokio::test]
+async fn api_keys_are_read_only_in_the_configured_namespaces() {
+    use kiln_controller::k8s::{KeyNamespaces, api_keys};
+    let (client, mut api) = mock();
+    let verifier = tokio::spawn(async move {
+        for namespace in ["team-a", "team-b"] {
+            let (method, uri, _, send) = api.next().await;
+            assert_eq!(
+                (method.as_str(), uri.as_str()),
+                (
+                    "GET",
+                    format!("/api/v1/namespaces/{namespace}/secrets?&labelSelector=kiln.dev%2Fapi-key%3Dtrue").as_str()
+                )
+            );
+            respond(send, StatusCode::OK, &secret_list(&[(namespace, "k", &format!("{namespace}-key-0123456789"))]));
+        }
+        let (_, uri, _, send) = api.next().await;
+        assert_eq!(uri, "/api/v1/secrets?&labelSelector=kiln.dev%2Fapi-key%3Dtrue");
+        respond(send, StatusCode::OK, &secret_list(&[("x", "k", "short"), ("y", "k", "y-key-0123456789")]));
+    });
+    let only = KeyNamespaces::from_list(&["team-b".into(), " team-a".into(), "team-b".into()]);
+    assert_eq!(only, KeyNamespaces::Only(vec!["team-a".into(), "team-b".into()]));
+    let keys = api_keys(&client, &only).await.unwrap();
+    assert_eq!(
+        keys,
+        [("team-a-key-0123456789".into(), "team-a".into()), ("team-b-key-0123456789".into(), "team-b".into())]
+    );
+    assert_eq!(KeyNamespaces::from_list(&[String::new()]), KeyNamespaces::All);
+    let keys = api_keys(&client, &KeyNamespaces::All).await.unwrap();
+    assert_eq!(keys, [("y-key-0123456789".to_owned(), "y".to_owned())], "a key under 16 characters is skipped");
     verifier.await.unwrap();
 }

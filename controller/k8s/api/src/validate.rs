@@ -6,6 +6,15 @@
 //! Messages follow the apiserver's `field: Invalid value: ...` form so that a person sees the same message offline
 //! as from a cluster. Used by `kiln validate` and the example tests; meant for `kiln up`'s manifest-directory mode.
 //!
+//! Supported Kubernetes versions: 1.30 and later (what the CRDs' CEL rules need). The wording is that of
+//! kube-apiserver 1.35 and later; the one difference from 1.30 to 1.34 is how a failed CEL rule names the value
+//! (see [`ExpectedError`]).
+//!
+//! [`Validator::validate_apply`] and [`Validator::validate_status_apply`] check a server-side apply patch the way
+//! the apiserver does: merged into the live object first, then the whole result validated (for the status
+//! subresource too, so a `spec` the schema requires matters there as well). The mock-apiserver tests of the
+//! controller run every body they receive through them.
+//!
 //! What this does not do: admission webhooks (Kiln has none), `metadata` validation beyond the object name, and
 //! CEL cost-budget estimation.
 
@@ -71,6 +80,41 @@ struct Kind {
     schema: Value,
 }
 
+/// One `# expect-error:` line of an invalid example: a message its rejection must contain, as kube-apiserver 1.35
+/// and later (and `kiln validate`) word it, with the wording of 1.30 to 1.34 where that differs, from a
+/// `# expect-error-before-1.35:` line right after it. A failed CEL rule on an object reads
+/// `spec: Invalid value: set exactly one of ...` from 1.35 on and `spec: Invalid value: "object": set exactly one of
+/// ...` before; on a string field `Invalid value: "80GB": ...` from 1.35 on and `Invalid value: "string": ...` before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpectedError<'a> {
+    /// The current wording (kube-apiserver >= 1.35, `kiln validate`).
+    pub message: &'a str,
+    /// The wording of kube-apiserver 1.30 to 1.34, when it differs.
+    pub before_1_35: Option<&'a str>,
+}
+
+impl ExpectedError<'_> {
+    /// Whether an apiserver's rejection (of any supported version) carries this message.
+    pub fn found_in(&self, rejection: &str) -> bool {
+        rejection.contains(self.message) || self.before_1_35.is_some_and(|older| rejection.contains(older))
+    }
+}
+
+/// The `# expect-error:` lines of an invalid example (each with its `# expect-error-before-1.35:` line, if any).
+pub fn expected_errors(text: &str) -> Vec<ExpectedError<'_>> {
+    let mut expected: Vec<ExpectedError<'_>> = Vec::new();
+    for line in text.lines() {
+        if let Some(message) = line.strip_prefix("# expect-error: ") {
+            expected.push(ExpectedError { message, before_1_35: None });
+        } else if let Some(older) = line.strip_prefix("# expect-error-before-1.35: ")
+            && let Some(last) = expected.last_mut()
+        {
+            last.before_1_35 = Some(older);
+        }
+    }
+    expected
+}
+
 /// Validates objects against a set of CRDs.
 pub struct Validator {
     kinds: Vec<Kind>,
@@ -124,6 +168,63 @@ impl Validator {
         self.validate_update(object, None)
     }
 
+    /// A server-side apply patch (`PATCH` with `application/apply-patch+yaml`) to the main resource, merged into
+    /// `live` (`None`: the patch creates the object), then validated as a whole; returns the object the apiserver
+    /// would store. The patch must name its `apiVersion` and `kind` (and, when it creates the object,
+    /// `metadata.name`); its `status`, if any, is ignored, as the main resource ignores status changes of a kind
+    /// with a status subresource.
+    ///
+    /// The merge approximates server-side apply without field ownership: maps merge field by field, lists and
+    /// scalars are replaced, and fields the patch omits keep their live value (as if another manager owned them).
+    pub fn validate_apply(&self, patch: &Value, live: Option<&Value>) -> Result<Value, Invalid> {
+        self.check_apply_patch(patch)?;
+        let mut merged = live.cloned().unwrap_or_else(|| Value::Object(Default::default()));
+        let mut patch = patch.clone();
+        if let Some(fields) = patch.as_object_mut() {
+            fields.remove("status");
+        }
+        merge(&mut merged, &patch);
+        self.validate_update(&merged, live)?;
+        Ok(merged)
+    }
+
+    /// A server-side apply patch to the status subresource (`.../status`), merged into `live`'s status; everything
+    /// else comes from `live`, as the status endpoint ignores other changes. The apiserver validates the whole
+    /// merged object, so an object without a `spec` its schema requires cannot get a status either. Returns the
+    /// object the apiserver would store.
+    pub fn validate_status_apply(&self, patch: &Value, live: &Value) -> Result<Value, Invalid> {
+        self.check_apply_patch(patch)?;
+        let mut merged = live.clone();
+        if let (Some(status), Some(fields)) = (patch.get("status"), merged.as_object_mut()) {
+            merge(fields.entry("status").or_insert_with(|| Value::Object(Default::default())), status);
+        }
+        self.validate_update(&merged, Some(live))?;
+        Ok(merged)
+    }
+
+    fn check_apply_patch(&self, patch: &Value) -> Result<(), Invalid> {
+        let text = |pointer: &str| patch.pointer(pointer).and_then(Value::as_str).unwrap_or("");
+        let missing: Vec<&str> = [("/apiVersion", "apiVersion"), ("/kind", "kind")]
+            .into_iter()
+            .filter(|(pointer, _)| text(pointer).is_empty())
+            .map(|(_, field)| field)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(Invalid {
+            resource: format!("{} {}", text("/apiVersion"), text("/kind")).trim().to_owned(),
+            name: text("/metadata/name").to_owned(),
+            errors: missing
+                .into_iter()
+                .map(|field| FieldError {
+                    path: field.to_owned(),
+                    message: format!("{field}: Required value: a server-side apply patch must set it"),
+                })
+                .collect(),
+        })
+    }
+
     /// Validates an object; with `old`, also the transition rules (`oldSelf`) of an update from `old`.
     pub fn validate_update(&self, object: &Value, old: Option<&Value>) -> Result<(), Invalid> {
         let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or("");
@@ -158,17 +259,30 @@ impl Validator {
             if let Err(failures) = self.cel.validate(&kind.schema, &defaulted, old.as_ref()) {
                 for failure in failures.iter() {
                     let path = failure.field_path.trim_start_matches('.').to_owned();
-                    let ty = type_name(value_at(&defaulted, &path));
-                    let message = if path.is_empty() {
-                        format!("Invalid value: \"{ty}\": {}", failure.message)
-                    } else {
-                        format!("{path}: Invalid value: \"{ty}\": {}", failure.message)
-                    };
+                    let body = cel_failure_body(value_at(&defaulted, &path), &failure.message);
+                    let message = if path.is_empty() { body } else { format!("{path}: {body}") };
                     errors.push(FieldError { path, message });
                 }
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(Invalid { resource, name, errors }) }
+    }
+}
+
+/// Merges `patch` into `target`: maps field by field, anything else replaced.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match target.get_mut(key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        target.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
     }
 }
 
@@ -415,16 +529,15 @@ fn value_at<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
     Some(node)
 }
 
-/// The type name the apiserver prints for a value in CEL failures.
-fn type_name(value: Option<&Value>) -> &'static str {
+/// The body of a CEL rule failure as kube-apiserver 1.35 and later words it (kubernetes#132798, #133832): the
+/// failing value when it is a string, number, boolean or null (`Invalid value: "80GB": must be ...`), and no value
+/// for an object or a list (`Invalid value: set exactly one of ...`). Versions 1.30 to 1.34 printed the value's
+/// type instead (`Invalid value: "object": ...`); see [`ExpectedError`].
+fn cel_failure_body(value: Option<&Value>, detail: &str) -> String {
     match value {
-        Some(Value::String(_)) => "string",
-        Some(Value::Number(n)) if n.is_f64() => "number",
-        Some(Value::Number(_)) => "integer",
-        Some(Value::Bool(_)) => "boolean",
-        Some(Value::Array(_)) => "array",
-        Some(Value::Null) => "null",
-        Some(Value::Object(_)) | None => "object",
+        Some(Value::Object(_) | Value::Array(_)) | None => format!("Invalid value: {detail}"),
+        Some(Value::Null) => format!("Invalid value: \"null\": {detail}"),
+        Some(scalar) => format!("Invalid value: {}: {detail}", show(scalar)),
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::{fs, path::PathBuf};
 
-use kiln_k8s_api::validate::Validator;
+use kiln_k8s_api::validate::{Validator, expected_errors};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -52,16 +52,68 @@ fn every_invalid_example_is_rejected_with_its_expected_messages() {
     assert!(!files.is_empty());
     for path in files {
         let text = fs::read_to_string(&path).unwrap();
-        let expected: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# expect-error: ")).collect();
+        let expected = expected_errors(&text);
         assert!(!expected.is_empty(), "{} names no `# expect-error:` line", path.display());
+        let older = text.lines().filter(|l| l.starts_with("# expect-error-before-1.35: ")).count();
+        let paired = expected.iter().filter(|e| e.before_1_35.is_some()).count();
+        assert_eq!(
+            older,
+            paired,
+            "{}: an `expect-error-before-1.35` line must follow its `expect-error` line",
+            path.display()
+        );
         for doc in documents(&path) {
             let invalid = validator.validate(&doc).expect_err(&format!("{} should be rejected", path.display()));
             let message = invalid.to_string();
             for want in &expected {
-                assert!(message.contains(want), "{}:\n  want: {want}\n  got:  {message}", path.display());
+                // Offline, only the current wording counts.
+                assert!(
+                    message.contains(want.message),
+                    "{}:\n  want: {}\n  got:  {message}",
+                    path.display(),
+                    want.message
+                );
             }
         }
     }
+}
+
+/// kube-apiserver 1.35+ wording for failed CEL rules: the value for a scalar, nothing for an object; never the
+/// type name that 1.30-1.34 printed.
+#[test]
+fn failed_cel_rules_are_worded_as_a_current_apiserver_words_them() {
+    let validator = Validator::default();
+    let rental = serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuRental", "metadata": { "name": "r" },
+        "spec": { "gpuModel": "NVIDIA H100 80GB HBM3", "count": 1, "hours": 2, "endTime": "2026-12-01T00:00:00Z" }
+    });
+    let message = validator.validate(&rental).unwrap_err().to_string();
+    assert_eq!(
+        message,
+        "GpuRental.kiln.dev \"r\" is invalid: spec: Invalid value: set exactly one of hours or endTime"
+    );
+    let md = serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment", "metadata": { "name": "m" },
+        "spec": { "model": { "uri": "file:///m", "size": "80GB" }, "gpu": { "memoryPerGpu": "1Gi" } }
+    });
+    let message = validator.validate(&md).unwrap_err().to_string();
+    assert!(message.contains(r#"spec.model.size: Invalid value: "80GB": must be a positive size"#), "{message}");
+    assert!(!message.contains(r#""string""#) && !message.contains(r#""object""#), "{message}");
+}
+
+/// The old wording is accepted only where an example says so, and then either wording is found.
+#[test]
+fn an_expected_error_accepts_the_older_wording_only_where_given() {
+    let text = "# expect-error: spec: Invalid value: x\n\
+                # expect-error-before-1.35: spec: Invalid value: \"object\": x\n\
+                # expect-error: spec.a: Required value\n";
+    let expected = expected_errors(text);
+    assert_eq!(expected.len(), 2);
+    assert!(expected[0].found_in("R \"n\" is invalid: spec: Invalid value: x"));
+    assert!(expected[0].found_in("R \"n\" is invalid: spec: Invalid value: \"object\": x"));
+    assert!(!expected[0].found_in("R \"n\" is invalid: spec: Invalid value: \"string\": x"));
+    assert_eq!(expected[1].before_1_35, None);
+    assert!(!expected[1].found_in("spec.b: Required value"));
 }
 
 #[test]

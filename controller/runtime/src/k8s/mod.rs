@@ -15,18 +15,48 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, Patch, PatchParams},
 };
-use serde_json::json;
 
 use crate::{control::ControlPlane, registry::Registry};
 
 /// The label that marks a Secret as an API key of its namespace; the key is the Secret's `key` entry.
 pub const API_KEY_LABEL: &str = "kiln.dev/api-key";
 
-/// The API keys in Secrets labelled [`API_KEY_LABEL`]`=true`, in any namespace: (key, namespace). A Secret without
-/// a usable `key` entry is skipped with a warning.
-pub async fn api_keys(client: &Client) -> Result<Vec<(String, String)>, kube::Error> {
-    let secrets: Api<Secret> = Api::all(client.clone());
-    let list = secrets.list(&ListParams::default().labels(&format!("{API_KEY_LABEL}=true"))).await?;
+/// Where the controller reads API keys: the namespaces it may list Secrets in (the Helm chart's default: a Role per
+/// namespace), or every namespace (a cluster-wide right to list Secrets, an explicit opt-in).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyNamespaces {
+    /// Every namespace.
+    All,
+    /// These namespaces only.
+    Only(Vec<String>),
+}
+
+impl KeyNamespaces {
+    /// From `kiln controller --api-key-namespaces`: an empty list means every namespace.
+    pub fn from_list(namespaces: &[String]) -> Self {
+        let mut namespaces: Vec<String> =
+            namespaces.iter().map(|n| n.trim().to_owned()).filter(|n| !n.is_empty()).collect();
+        namespaces.sort();
+        namespaces.dedup();
+        if namespaces.is_empty() { Self::All } else { Self::Only(namespaces) }
+    }
+}
+
+/// The API keys in Secrets labelled [`API_KEY_LABEL`]`=true` in `namespaces`: (key, namespace). A Secret without
+/// a usable `key` entry is skipped with a warning. A namespace that cannot be read fails the whole read, so the
+/// caller keeps the keys it had rather than dropping that namespace's keys.
+pub async fn api_keys(client: &Client, namespaces: &KeyNamespaces) -> Result<Vec<(String, String)>, kube::Error> {
+    let params = ListParams::default().labels(&format!("{API_KEY_LABEL}=true"));
+    let list: Vec<Secret> = match namespaces {
+        KeyNamespaces::All => Api::<Secret>::all(client.clone()).list(&params).await?.items,
+        KeyNamespaces::Only(namespaces) => {
+            let mut secrets = Vec::new();
+            for namespace in namespaces {
+                secrets.extend(Api::<Secret>::namespaced(client.clone(), namespace).list(&params).await?.items);
+            }
+            secrets
+        }
+    };
     let mut keys = Vec::new();
     for secret in list {
         let namespace = secret.namespace().unwrap_or_default();
@@ -83,7 +113,8 @@ fn same_but_times(a: &kiln_k8s_api::gpu_node::GpuNodeStatus, b: &kiln_k8s_api::g
 }
 
 /// Applies one `GpuNode` per registered agent whose status changed (object and status, server-side apply under the
-/// controller's field manager; `spec.unschedulable` is left to operators), and returns the names written.
+/// controller's field manager; the object patch is `spec: {}`, so `spec.unschedulable` stays the operators', see
+/// [`status::gpu_node_object`]), and returns the names written.
 pub async fn sync_gpu_nodes(
     client: &Client,
     registry: &Registry,
@@ -102,21 +133,21 @@ pub async fn sync_gpu_nodes(
         if !writes.due(&node.name, &status) {
             continue;
         }
-        let object = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "metadata": { "name": node.name } });
-        api.patch(&node.name, &params, &Patch::Apply(&object)).await?;
-        let body = json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "status": status });
-        api.patch_status(&node.name, &params, &Patch::Apply(&body)).await?;
+        api.patch(&node.name, &params, &Patch::Apply(&status::gpu_node_object(&node.name))).await?;
+        api.patch_status(&node.name, &params, &Patch::Apply(&status::gpu_node_status_patch(&status))).await?;
         writes.written(&node.name, status);
         written.push(node.name);
     }
     Ok(written)
 }
 
-/// Keeps `GpuNode` objects and the gateway's API keys current, every `every`, until the process ends.
+/// Keeps `GpuNode` objects and the gateway's API keys (read in `key_namespaces`) current, every `every`, until the
+/// process ends.
 pub async fn keep_current(
     client: Client,
     registry: Registry,
     control: Arc<ControlPlane>,
+    key_namespaces: KeyNamespaces,
     set_keys: impl Fn(Vec<(String, String)>) + Send + 'static,
     every: Duration,
 ) {
@@ -135,7 +166,7 @@ pub async fn keep_current(
             }
             Err(e) => tracing::warn!(error = %e, "reading GpuNode objects"),
         }
-        match api_keys(&client).await {
+        match api_keys(&client, &key_namespaces).await {
             Ok(keys) => set_keys(keys),
             Err(e) => tracing::warn!(error = %e, "reading API key Secrets; keeping the keys read before"),
         }

@@ -261,6 +261,29 @@ pub fn transitions(previous: Option<&ModelDeploymentStatus>, next: &ModelDeploym
     events
 }
 
+/// The server-side apply patch that makes sure a registered agent's `GpuNode` exists: `spec: {}` and nothing in it.
+///
+/// The CRD requires `spec` (kube-derive marks it required), so a patch without one is rejected (`spec: Required
+/// value`). An empty map is the right thing to send rather than `spec: {unschedulable: false}`: under server-side
+/// apply the field manager then owns the existence of `spec` and no field inside it, so the controller never
+/// takes `spec.unschedulable` from the operator who cordons a node (a forced apply of `unschedulable: false` would
+/// uncordon it on every pass), and the apiserver's defaulting fills `unschedulable: false` on create. Making `spec`
+/// optional in the CRD instead would also fix the write, but Helm never upgrades CRDs in a chart's `crds/`, so
+/// clusters installed with the current CRD would keep rejecting it.
+pub fn gpu_node_object(name: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "GpuNode",
+        "metadata": { "name": name },
+        "spec": {},
+    })
+}
+
+/// The server-side apply patch of a `GpuNode`'s status subresource.
+pub fn gpu_node_status_patch(status: &GpuNodeStatus) -> serde_json::Value {
+    serde_json::json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode", "status": status })
+}
+
 /// A `GpuNode`'s status from what its agent said; `busy`: GPU indexes holding replicas.
 pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNodeStatus {
     let health = |h: v1::GpuHealth| match h {
@@ -328,6 +351,49 @@ pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNode
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a real apiserver answered to the `GpuNode` object patch without `spec`, reproduced offline; the patch
+    /// sent now is accepted, owns nothing inside `spec`, and its status patch keeps the whole object valid.
+    #[test]
+    fn the_gpu_node_patches_are_valid_against_the_crd() {
+        let validator = kiln_k8s_api::validate::Validator::default();
+        let before = serde_json::json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode",
+                                         "metadata": { "name": "node-a" } });
+        let rejected = validator.validate_apply(&before, None).unwrap_err();
+        assert_eq!(rejected.to_string(), r#"GpuNode.kiln.dev "node-a" is invalid: spec: Required value"#);
+
+        let object = gpu_node_object("node-a");
+        assert_eq!(object["spec"], serde_json::json!({}), "no field of spec is claimed");
+        let live = validator.validate_apply(&object, None).unwrap();
+        let node = crate::registry::NodeView {
+            name: "node-a".into(),
+            ready: true,
+            simulated: true,
+            gpus: vec![crate::registry::GpuView {
+                index: 0,
+                uuid: "GPU-0".into(),
+                model: "H100".into(),
+                memory_bytes: 80 << 30,
+                health: v1::GpuHealth::Healthy,
+            }],
+            replicas: Default::default(),
+            cached: Vec::new(),
+            versions: Default::default(),
+            worker_endpoint: String::new(),
+            cpu_milli: 0,
+            host_memory_bytes: 0,
+            labels: Vec::new(),
+            last_seen: std::time::Instant::now(),
+        };
+        let status = gpu_node_status(&node, &[0], at(0));
+        let stored = validator.validate_status_apply(&gpu_node_status_patch(&status), &live).unwrap();
+        assert_eq!(stored["status"]["freeGpus"], 0);
+        // The status subresource validates the whole object: without the spec the status could not be written.
+        let without_spec = serde_json::json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuNode",
+                                               "metadata": { "name": "node-a" } });
+        let rejected = validator.validate_status_apply(&gpu_node_status_patch(&status), &without_spec).unwrap_err();
+        assert!(rejected.to_string().ends_with("spec: Required value"), "{rejected}");
+    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_790_000_000 + s).unwrap()

