@@ -64,15 +64,33 @@ pub fn apply(file: &Path, manifests: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints the deployments and nodes of the gateway at `server` (`host:port`).
-pub fn get(server: &str) -> Result<ExitCode> {
+/// Prints the deployments and nodes of the gateway at `server` (`host:port`), as `key` (else the operator key of
+/// `keys_file`, else its first key) may see them.
+pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCode> {
     let address = server.trim_start_matches("http://").trim_end_matches('/');
+    let key = match key {
+        Some(k) => k,
+        None => {
+            let keys = crate::up::read_keys(keys_file)
+                .with_context(|| format!("no --key given (or KILN_API_KEY), and {}", keys_file.display()))?;
+            let chosen = keys.iter().find(|k| k.namespace == kiln_controller::gateway::OPERATOR).or(keys.first());
+            chosen.map(|k| k.key.clone()).with_context(|| format!("{} holds no key", keys_file.display()))?
+        }
+    };
     let mut stream =
         TcpStream::connect(address).with_context(|| format!("connecting to {address} (is `kiln up` running?)"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET /v1/deployments HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        stream,
+        "GET /v1/deployments HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).unwrap_or_default().to_owned();
+    if status != "200" {
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
+        bail!("GET /v1/deployments: HTTP {status}: {body}");
+    }
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b).context("a malformed HTTP response")?;
     let state: Value = serde_json::from_str(body).context("the gateway's answer is not JSON")?;
     println!(

@@ -46,6 +46,10 @@ pub struct ControllerArgs {
     pub agent_grace: Duration,
     #[command(flatten)]
     pub webhooks: crate::up::WebhookArgs,
+    /// Also serve `/metrics` here without a key (for Prometheus; keep it off the public Service). On --listen,
+    /// `/metrics` needs an operator key.
+    #[arg(long, env = "KILN_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Namespaces to read API key Secrets (labelled `kiln.dev/api-key=true`) from, comma-separated; the controller
     /// then needs `list` on Secrets in these namespaces only. Empty (the default): every namespace, which needs a
     /// cluster-wide right to list Secrets. The Helm chart passes the namespaces it grants a Role in.
@@ -80,6 +84,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
             webhook_secret: std::env::var("KILN_WEBHOOK_SECRET").ok(),
             webhook_destinations: args.webhooks.destinations(),
+            metrics_addr: args.metrics_listen,
             ..ServerOptions::default()
         })
         .await?;
@@ -108,6 +113,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             server.registry.clone(),
             Arc::clone(&server.control),
             key_namespaces,
+            args.lease_namespace.clone(),
             move |keys| gateway.set_keys(keys),
             Duration::from_secs(10),
         ));

@@ -48,6 +48,13 @@ enum Command {
         /// The gateway.
         #[arg(long, default_value = "127.0.0.1:8080")]
         server: String,
+        /// The API key to list with (an operator key sees every namespace and the nodes; a tenant's, its own).
+        /// Default: `$KILN_API_KEY`, else the operator key of `.kiln/api-keys.yaml`, else its first key.
+        #[arg(long, env = "KILN_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// The keys file to take the key from when none is given.
+        #[arg(long, default_value = ".kiln/api-keys.yaml")]
+        keys_file: std::path::PathBuf,
     },
     /// Run the controller against a Kubernetes cluster (in-cluster or kubeconfig), with leader election.
     Controller(controller::ControllerArgs),
@@ -94,7 +101,7 @@ fn main() -> ExitCode {
         }
         Command::Bench { what } => bench::run(&what).map(|()| ExitCode::SUCCESS),
         Command::Apply { file, manifests } => client::apply(&file, &manifests),
-        Command::Get { server } => client::get(&server),
+        Command::Get { server, key, keys_file } => client::get(&server, key, &keys_file),
         Command::Controller(args) => {
             init_tracing();
             controller::controller(&args).map(|()| ExitCode::SUCCESS)

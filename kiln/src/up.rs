@@ -64,6 +64,9 @@ pub struct UpArgs {
     pub hold_capacity: usize,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    /// Also serve `/metrics` here without a key (for Prometheus); on --listen it needs an operator key.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where tenants' webhooks may be delivered.
@@ -213,6 +216,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             hold: args.hold,
             webhook_secret: Some(webhook_secret(&args.state_dir)?),
             webhook_destinations: args.webhooks.destinations(),
+            metrics_addr: args.metrics_listen,
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {

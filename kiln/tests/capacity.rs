@@ -24,17 +24,17 @@ fn manifest(name: &str, model: &Path, memory_per_gpu: &str) -> String {
     )
 }
 
-fn state(addr: &str) -> Value {
-    let (status, _, body) = http(addr, "GET", "/v1/deployments", &[], "");
+fn state(addr: &str, auth: &str) -> Value {
+    let (status, _, body) = http(addr, "GET", "/v1/deployments", &[("Authorization", auth)], "");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }
 
 /// Waits until `n` deployments named `prefix-*` each have their replica ready; returns the GPUs they hold.
-fn wait_ready(addr: &str, prefix: &str, n: usize) -> Vec<u64> {
+fn wait_ready(addr: &str, auth: &str, prefix: &str, n: usize) -> Vec<u64> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let s = state(addr);
+        let s = state(addr, auth);
         let ours: Vec<&Value> = s["deployments"]
             .as_array()
             .unwrap()
@@ -84,12 +84,14 @@ fn eight_simulated_h100s_hold_eight_whole_gpu_and_then_sixteen_half_gpu_replicas
     let (_up, text) = spawn_kiln(&args, Some(&dir), "/predictions");
     let at = text.find("http://127.0.0.1:").unwrap_or_else(|| panic!("{text}")) + "http://".len();
     let addr: String = text[at..].chars().take_while(|c| !c.is_whitespace() && *c != '/').collect();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap();
+    let auth = format!("Bearer {key}");
 
     for i in 0..8 {
         std::fs::write(manifests.join(format!("whole-{i}.yaml")), manifest(&format!("whole-{i}"), &model, "79Gi"))
             .unwrap();
     }
-    assert_eq!(wait_ready(&addr, "whole", 8), (0..8).collect::<Vec<u64>>(), "one GPU each, all eight GPUs");
+    assert_eq!(wait_ready(&addr, &auth, "whole", 8), (0..8).collect::<Vec<u64>>(), "one GPU each, all eight GPUs");
 
     for i in 0..8 {
         std::fs::remove_file(manifests.join(format!("whole-{i}.yaml"))).unwrap();
@@ -98,7 +100,7 @@ fn eight_simulated_h100s_hold_eight_whole_gpu_and_then_sixteen_half_gpu_replicas
         std::fs::write(manifests.join(format!("half-{i}.yaml")), manifest(&format!("half-{i}"), &model, "39Gi"))
             .unwrap();
     }
-    let gpus = wait_ready(&addr, "half", 16);
+    let gpus = wait_ready(&addr, &auth, "half", 16);
     for g in 0..8 {
         assert_eq!(gpus.iter().filter(|&&x| x == g).count(), 2, "two half-GPU replicas on GPU {g}: {gpus:?}");
     }

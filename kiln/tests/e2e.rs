@@ -65,9 +65,10 @@ spec:
     memoryPerGpu: 80Gi
 "#;
 
-const KEYS: &str =
-    "- namespace: e2e\n  key: e2e-key-0123456789abcdef\n- namespace: other\n  key: other-key-0123456789abcdef\n";
+const KEYS: &str = "- namespace: e2e\n  key: e2e-key-0123456789abcdef\n- namespace: other\n  key: other-key-0123456789abcdef\n\
+                    - namespace: \"*\"\n  key: operator-key-0123456789abcdef\n";
 const AUTH: &str = "Bearer e2e-key-0123456789abcdef";
+const OPERATOR: &str = "Bearer operator-key-0123456789abcdef";
 
 impl Cluster {
     fn start(name: &str) -> Self {
@@ -144,7 +145,7 @@ impl Cluster {
     }
 
     fn state(&self) -> Value {
-        let (status, _, body) = http(&self.http, "GET", "/v1/deployments", &[], "");
+        let (status, _, body) = http(&self.http, "GET", "/v1/deployments", &[("Authorization", OPERATOR)], "");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }
@@ -177,7 +178,7 @@ impl Cluster {
     }
 
     fn metrics(&self) -> String {
-        http(&self.http, "GET", "/metrics", &[], "").2
+        http(&self.http, "GET", "/metrics", &[("Authorization", OPERATOR)], "").2
     }
 }
 
@@ -285,6 +286,26 @@ fn scale_from_zero_burst_scale_out_back_to_zero_and_rescheduling_after_an_agent_
 fn full_queues_bad_keys_and_invalid_manifests_get_clear_answers() {
     let c = Cluster::start("errors");
     let body = batch();
+
+    // The fleet's state is an operator's: no key, 401; a tenant's key lists its own namespace only, no nodes; the
+    // metrics need an operator key.
+    assert_eq!(http(&c.http, "GET", "/v1/deployments", &[], "").0, 401);
+    let (status, _, listing) =
+        http(&c.http, "GET", "/v1/deployments", &[("Authorization", "Bearer other-key-0123456789abcdef")], "");
+    let other: Value = serde_json::from_str(&listing).unwrap();
+    assert_eq!(status, 200, "{listing}");
+    assert_eq!(
+        (other["deployments"].as_array().unwrap().len(), other["nodes"].as_array().unwrap().len()),
+        (0, 0),
+        "{other}"
+    );
+    let (_, _, listing) = http(&c.http, "GET", "/v1/deployments", &[("Authorization", AUTH)], "");
+    let mine: Value = serde_json::from_str(&listing).unwrap();
+    assert!(mine["deployments"].as_array().unwrap().iter().all(|d| d["name"].as_str().unwrap().starts_with("e2e/")));
+    assert_eq!(mine["deployments"].as_array().unwrap().len(), 2, "{mine}");
+    assert_eq!(http(&c.http, "GET", "/metrics", &[], "").0, 401);
+    assert_eq!(http(&c.http, "GET", "/metrics", &[("Authorization", AUTH)], "").0, 403);
+    assert!(c.metrics().contains("kiln_nodes"));
 
     // Unknown or missing key: 401; another namespace's key: 403; unknown deployment: 404 naming it; bad body: 400.
     let (status, _, p) = c.predict("e2e/slow", "Bearer wrong-key-0000000000000", &body, true);

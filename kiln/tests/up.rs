@@ -68,7 +68,7 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
         assert_eq!(answer["metrics"]["cold_start"], false, "warm now: {answer}");
         assert_eq!(answer["output"], first["output"], "the same model, the same input, the same output");
     }
-    let (status, deployments) = http(&addr, "GET", "/v1/deployments", &[], "");
+    let (status, deployments) = http(&addr, "GET", "/v1/deployments", &[("Authorization", auth.as_str())], "");
     assert_eq!(status, 200);
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
@@ -85,7 +85,8 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     }
     assert_eq!(http(&addr, "POST", &path, &new_headers, body).0, 200);
 
-    let get = Command::new(env!("CARGO_BIN_EXE_kiln")).args(["get", "--server", &addr]).output().unwrap();
+    let get =
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(["get", "--server", &addr]).current_dir(&dir).output().unwrap();
     let table = String::from_utf8_lossy(&get.stdout);
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
     let row = table.lines().find(|l| l.starts_with("default/mlp-demo")).unwrap_or_else(|| panic!("{table}"));

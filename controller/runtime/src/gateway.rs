@@ -351,6 +351,32 @@ impl<B: Backend> Gateway<B> {
         let key = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Bearer ")?;
         self.keys.read().unwrap_or_else(|p| p.into_inner()).get(key.trim()).cloned()
     }
+
+    /// Who presents the request's key: a tenant (its namespace) or an operator; `None` without a known key.
+    pub fn caller(&self, headers: &HeaderMap) -> Option<Caller> {
+        self.namespace_of(headers).map(|ns| if ns == OPERATOR { Caller::Operator } else { Caller::Tenant(ns) })
+    }
+}
+
+/// The namespace an operator key is given (`namespace: "*"` in a keys file; a Secret labelled
+/// `kiln.dev/operator-key=true` in Kubernetes). No Kubernetes namespace can be named `*`, so no tenant can hold one.
+/// An operator key lists every namespace's deployments and reads `/metrics`; it runs no predictions.
+pub const OPERATOR: &str = "*";
+
+/// Who a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A tenant: the deployments of this namespace.
+    Tenant(String),
+    /// An operator: the whole fleet's state, no predictions.
+    Operator,
+}
+
+impl<B: Backend> Gateway<B> {
+    /// A 401 saying what is missing.
+    pub fn unauthorized(&self) -> Response {
+        problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)")
+    }
 }
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {

@@ -10,7 +10,13 @@ use std::{
 };
 
 use axum::serve::ListenerExt;
-use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use kiln_k8s_api::validate::Validator;
 use kiln_proto::v1::agent_service_server::AgentServiceServer;
 use serde_json::json;
@@ -19,7 +25,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::{
     control::{ControlConfig, ControlPlane},
-    gateway::Gateway,
+    gateway::{Caller, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
 };
@@ -47,6 +53,9 @@ pub struct ServerOptions {
     pub webhook_secret: Option<String>,
     /// Where webhook deliveries may go (public addresses by default; see [`crate::webhook::Destinations`]).
     pub webhook_destinations: crate::webhook::Destinations,
+    /// An internal address serving `/metrics` (and `/healthz`) without a key, for Prometheus; on the public
+    /// address `/metrics` needs an operator key.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 impl Default for ServerOptions {
@@ -62,6 +71,7 @@ impl Default for ServerOptions {
             watch_interval: Duration::from_secs(1),
             webhook_secret: None,
             webhook_destinations: crate::webhook::Destinations::default(),
+            metrics_addr: None,
         }
     }
 }
@@ -73,6 +83,8 @@ pub struct Server {
     pub http_addr: SocketAddr,
     /// Where agents connect.
     pub agent_addr: SocketAddr,
+    /// Where `/metrics` is served without a key, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
     /// The control plane (for tests and `kiln up`'s own figures).
     pub control: Arc<ControlPlane>,
     /// The gateway (its API keys can be replaced while it serves).
@@ -82,11 +94,13 @@ pub struct Server {
     options: ServerOptions,
     http: tokio::net::TcpListener,
     agents: tokio::net::TcpListener,
+    metrics: Option<tokio::net::TcpListener>,
 }
 
 #[derive(Debug)]
 struct Shared {
     control: Arc<ControlPlane>,
+    gateway: Arc<Gateway<Arc<ControlPlane>>>,
     registry: Registry,
     manifest_errors: Mutex<Vec<ManifestError>>,
     rejected: Mutex<Vec<(String, String)>>,
@@ -102,6 +116,11 @@ impl Server {
         };
         let http = tokio::net::TcpListener::bind(options.http_addr).await?;
         let agents = tokio::net::TcpListener::bind(options.agent_addr).await?;
+        let metrics = match options.metrics_addr {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await?),
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
         let registry = Registry::new(options.registry, MonotonicClock::system());
         let control = ControlPlane::new(registry.clone(), options.control.clone());
         let http_addr = http.local_addr()?;
@@ -115,13 +134,25 @@ impl Server {
             );
             g.webhooks.secret = Some(secret);
         }
-        Ok(Self { http_addr, agent_addr: agents.local_addr()?, control, gateway, options, registry, http, agents })
+        Ok(Self {
+            http_addr,
+            agent_addr: agents.local_addr()?,
+            metrics_addr,
+            control,
+            gateway,
+            options,
+            registry,
+            http,
+            agents,
+            metrics,
+        })
     }
 
     /// Serves until `stop` turns true.
     pub async fn serve(self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
         let shared = Arc::new(Shared {
             control: Arc::clone(&self.control),
+            gateway: Arc::clone(&self.gateway),
             registry: self.registry.clone(),
             manifest_errors: Mutex::new(Vec::new()),
             rejected: Mutex::new(Vec::new()),
@@ -137,6 +168,21 @@ impl Server {
         tokio::spawn(Arc::clone(&self.control).run(stop.clone()));
         if let Some(dir) = self.options.manifests.clone() {
             tokio::spawn(watch_manifests(Arc::clone(&shared), dir, self.options.watch_interval));
+        }
+        if let Some(listener) = self.metrics {
+            let internal = Router::new()
+                .route("/metrics", get(internal_metrics))
+                .route("/healthz", get(|| async { "ok" }))
+                .with_state(Arc::clone(&shared));
+            let mut stop = stop.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, internal).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "the internal metrics listener stopped");
+                }
+            });
         }
         let router = self.gateway.router().merge(
             Router::new()
@@ -186,14 +232,23 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
     }
 }
 
-/// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why.
-async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key
+/// sees its namespace's deployments only; an operator's sees the fleet (every namespace, the nodes, every invalid
+/// manifest); no key, nothing.
+async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let tenant = match shared.gateway.caller(&headers) {
+        None => return shared.gateway.unauthorized(),
+        Some(Caller::Operator) => None,
+        Some(Caller::Tenant(ns)) => Some(format!("{ns}/")),
+    };
+    let visible = |key: &str| tenant.as_ref().is_none_or(|prefix| key.starts_with(prefix.as_str()));
     let replicas = shared.control.replicas();
     let now = shared.control.now();
     let items: Vec<_> = shared
         .control
         .statuses()
         .into_iter()
+        .filter(|(key, _)| visible(key))
         .map(|(key, s)| {
             let placements: Vec<_> = replicas
                 .iter()
@@ -219,31 +274,55 @@ async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
             })
         })
         .collect();
-    let errors: Vec<_> = shared
-        .manifest_errors
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .map(|e| json!({ "file": e.file.display().to_string(), "document": e.document, "error": e.message }))
+    // Manifest files belong to whoever runs the controller: operators see them; tenants see their rejected
+    // deployments.
+    let files: Vec<_> = if tenant.is_none() {
+        let errors = shared.manifest_errors.lock().unwrap_or_else(|p| p.into_inner());
+        errors
+            .iter()
+            .map(|e| json!({ "file": e.file.display().to_string(), "document": e.document, "error": e.message }))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let rejected = shared.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let errors: Vec<_> = files
+        .into_iter()
         .chain(
-            shared
-                .rejected
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
+            rejected
                 .iter()
+                .filter(|(key, _)| visible(key))
                 .map(|(key, why)| json!({ "deployment": key, "error": why })),
         )
         .collect();
-    let nodes: Vec<_> = shared
-        .registry
-        .nodes()
-        .into_iter()
-        .map(|n| json!({ "name": n.name, "ready": n.ready, "gpus": n.gpus.len(), "simulated": n.simulated }))
-        .collect();
-    Json(json!({ "deployments": items, "invalid": errors, "nodes": nodes }))
+    let nodes: Vec<_> = if tenant.is_none() {
+        shared
+            .registry
+            .nodes()
+            .into_iter()
+            .map(|n| json!({ "name": n.name, "ready": n.ready, "gpus": n.gpus.len(), "simulated": n.simulated }))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Json(json!({ "deployments": items, "invalid": errors, "nodes": nodes })).into_response()
 }
 
-async fn metrics_page(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+/// `/metrics` on the public address: the fleet's figures, for operator keys only.
+async fn metrics_page(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match shared.gateway.caller(&headers) {
+        Some(Caller::Operator) => internal_metrics(State(shared)).await.into_response(),
+        Some(Caller::Tenant(_)) => (
+            axum::http::StatusCode::FORBIDDEN,
+            "the metrics cover every namespace: they need an operator key (or the internal metrics address)\n",
+        )
+            .into_response(),
+        None => shared.gateway.unauthorized(),
+    }
+}
+
+/// `/metrics` on the internal address.
+async fn internal_metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         shared.control.metrics_text(),

@@ -592,13 +592,43 @@ async fn api_keys_are_read_only_in_the_configured_namespaces() {
     });
     let only = KeyNamespaces::from_list(&["team-b".into(), " team-a".into(), "team-b".into()]);
     assert_eq!(only, KeyNamespaces::Only(vec!["team-a".into(), "team-b".into()]));
-    let keys = api_keys(&client, &only).await.unwrap();
+    let keys = api_keys(&client, &only, "kiln-system").await.unwrap();
     assert_eq!(
         keys,
         [("team-a-key-0123456789".into(), "team-a".into()), ("team-b-key-0123456789".into(), "team-b".into())]
     );
     assert_eq!(KeyNamespaces::from_list(&[String::new()]), KeyNamespaces::All);
-    let keys = api_keys(&client, &KeyNamespaces::All).await.unwrap();
+    let keys = api_keys(&client, &KeyNamespaces::All, "kiln-system").await.unwrap();
     assert_eq!(keys, [("y-key-0123456789".to_owned(), "y".to_owned())], "a key under 16 characters is skipped");
+    verifier.await.unwrap();
+}
+
+/// An operator key is a Secret labelled `kiln.dev/operator-key=true` in the controller's own namespace; the same
+/// label in a tenant's namespace (where tenants may create Secrets) does not make an operator.
+#[tokio::test]
+async fn operator_keys_come_only_from_the_controllers_namespace() {
+    use base64::Engine as _;
+    use kiln_controller::k8s::{KeyNamespaces, api_keys};
+    let (client, mut api) = mock();
+    let verifier = tokio::spawn(async move {
+        let (_, uri, _, send) = api.next().await;
+        assert_eq!(uri, "/api/v1/secrets?&labelSelector=kiln.dev%2Fapi-key%3Dtrue");
+        let secret = |namespace: &str, key: &str| {
+            json!({ "metadata": { "name": "k", "namespace": namespace,
+                                  "labels": { "kiln.dev/api-key": "true", "kiln.dev/operator-key": "true" } },
+                    "data": { "key": base64::engine::general_purpose::STANDARD.encode(key) } })
+        };
+        let list = json!({ "kind": "SecretList", "apiVersion": "v1", "metadata": { "resourceVersion": "1" },
+                           "items": [secret("kiln-system", "ops-key-0123456789"), secret("team-x", "sneaky-key-0123456789")] });
+        respond(send, StatusCode::OK, &list);
+    });
+    let keys = api_keys(&client, &KeyNamespaces::All, "kiln-system").await.unwrap();
+    assert_eq!(
+        keys,
+        [
+            ("ops-key-0123456789".to_owned(), kiln_controller::gateway::OPERATOR.to_owned()),
+            ("sneaky-key-0123456789".to_owned(), "team-x".to_owned())
+        ]
+    );
     verifier.await.unwrap();
 }

@@ -42,10 +42,20 @@ impl KeyNamespaces {
     }
 }
 
+/// The label that makes an API key Secret an operator key ([`crate::gateway::OPERATOR`]): honoured only in the
+/// controller's own namespace, where tenants cannot create Secrets.
+pub const OPERATOR_KEY_LABEL: &str = "kiln.dev/operator-key";
+
 /// The API keys in Secrets labelled [`API_KEY_LABEL`]`=true` in `namespaces`: (key, namespace). A Secret without
-/// a usable `key` entry is skipped with a warning. A namespace that cannot be read fails the whole read, so the
-/// caller keeps the keys it had rather than dropping that namespace's keys.
-pub async fn api_keys(client: &Client, namespaces: &KeyNamespaces) -> Result<Vec<(String, String)>, kube::Error> {
+/// a usable `key` entry is skipped with a warning. A Secret also labelled [`OPERATOR_KEY_LABEL`]`=true` in
+/// `operator_namespace` is an operator key (namespace [`crate::gateway::OPERATOR`]); elsewhere that label is
+/// ignored with a warning (the key stays a tenant key). A namespace that cannot be read fails the whole read, so
+/// the caller keeps the keys it had rather than dropping that namespace's keys.
+pub async fn api_keys(
+    client: &Client,
+    namespaces: &KeyNamespaces,
+    operator_namespace: &str,
+) -> Result<Vec<(String, String)>, kube::Error> {
     let params = ListParams::default().labels(&format!("{API_KEY_LABEL}=true"));
     let list: Vec<Secret> = match namespaces {
         KeyNamespaces::All => Api::<Secret>::all(client.clone()).list(&params).await?.items,
@@ -67,6 +77,16 @@ pub async fn api_keys(client: &Client, namespaces: &KeyNamespaces) -> Result<Vec
             .and_then(|v| String::from_utf8(v.0.clone()).ok())
             .map(|k| k.trim().to_owned())
             .filter(|k| k.len() >= 16);
+        let operator = secret.labels().get(OPERATOR_KEY_LABEL).is_some_and(|v| v == "true");
+        let namespace = match (operator, namespace == operator_namespace) {
+            (true, true) => crate::gateway::OPERATOR.to_owned(),
+            (true, false) => {
+                tracing::warn!(secret = %secret.name_any(), %namespace, %operator_namespace,
+                    "operator keys count only in the controller's namespace; this one stays a tenant key");
+                namespace
+            }
+            (false, _) => namespace,
+        };
         match key {
             Some(key) => keys.push((key, namespace)),
             None => tracing::warn!(secret = %secret.name_any(), %namespace,
@@ -148,6 +168,7 @@ pub async fn keep_current(
     registry: Registry,
     control: Arc<ControlPlane>,
     key_namespaces: KeyNamespaces,
+    operator_namespace: String,
     set_keys: impl Fn(Vec<(String, String)>) + Send + 'static,
     every: Duration,
 ) {
@@ -166,7 +187,7 @@ pub async fn keep_current(
             }
             Err(e) => tracing::warn!(error = %e, "reading GpuNode objects"),
         }
-        match api_keys(&client, &key_namespaces).await {
+        match api_keys(&client, &key_namespaces, &operator_namespace).await {
             Ok(keys) => set_keys(keys),
             Err(e) => tracing::warn!(error = %e, "reading API key Secrets; keeping the keys read before"),
         }
