@@ -46,6 +46,8 @@ pub struct ControllerArgs {
     pub agent_grace: Duration,
     #[command(flatten)]
     pub webhooks: crate::up::WebhookArgs,
+    #[command(flatten)]
+    pub limits: crate::up::LimitArgs,
     /// Also serve `/metrics` here without a key (for Prometheus; keep it off the public Service). On --listen,
     /// `/metrics` needs an operator key.
     #[arg(long, env = "KILN_METRICS_LISTEN")]
@@ -85,6 +87,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             webhook_secret: std::env::var("KILN_WEBHOOK_SECRET").ok(),
             webhook_destinations: args.webhooks.destinations(),
             metrics_addr: args.metrics_listen,
+            tenant_limits: args.limits.config(),
             ..ServerOptions::default()
         })
         .await?;

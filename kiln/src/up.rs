@@ -64,9 +64,36 @@ pub struct UpArgs {
     pub hold_capacity: usize,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// Also serve `/metrics` here without a key (for Prometheus); on --listen it needs an operator key.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+}
+
+/// What one namespace may ask of the gateway.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LimitArgs {
+    /// Predictions a namespace may create per second, sustained (429 with Retry-After beyond).
+    #[arg(long, env = "KILN_TENANT_RATE", default_value_t = 200.0)]
+    pub tenant_rate: f64,
+    /// Predictions a namespace may create at once after a quiet spell.
+    #[arg(long, env = "KILN_TENANT_BURST", default_value_t = 400.0)]
+    pub tenant_burst: f64,
+    /// Predictions a namespace may have unfinished at once.
+    #[arg(long, env = "KILN_TENANT_IN_FLIGHT", default_value_t = 1000)]
+    pub tenant_in_flight: u32,
+}
+
+impl LimitArgs {
+    /// The gateway's limits.
+    pub fn config(&self) -> kiln_controller::limits::LimitConfig {
+        kiln_controller::limits::LimitConfig {
+            rate_per_s: self.tenant_rate.max(0.0),
+            burst: self.tenant_burst.max(1.0),
+            max_in_flight: self.tenant_in_flight.max(1),
+        }
+    }
 }
 
 /// Where tenants' webhooks may be delivered.
@@ -217,6 +244,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             webhook_secret: Some(webhook_secret(&args.state_dir)?),
             webhook_destinations: args.webhooks.destinations(),
             metrics_addr: args.metrics_listen,
+            tenant_limits: args.limits.config(),
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {

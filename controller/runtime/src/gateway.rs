@@ -301,6 +301,8 @@ pub struct Gateway<B> {
     pub base_url: String,
     /// Webhook delivery.
     pub webhooks: crate::webhook::Webhooks,
+    /// Per-namespace admission limits (rate and unfinished predictions).
+    pub limits: crate::limits::TenantLimits,
 }
 
 impl<B: Backend> Gateway<B> {
@@ -313,6 +315,7 @@ impl<B: Backend> Gateway<B> {
             hold: Duration::from_secs(120),
             base_url: base_url.trim_end_matches('/').to_owned(),
             webhooks: crate::webhook::Webhooks::default(),
+            limits: crate::limits::TenantLimits::new(crate::limits::LimitConfig::default()),
         })
     }
 
@@ -454,6 +457,17 @@ async fn create<B: Backend>(
     if caller != namespace {
         return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
     }
+    // Admission before anything is parsed or stored: the permit counts this prediction until it finishes.
+    let permit = match gw.limits.admit(&namespace, std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, refusal.to_string());
+            if let Ok(v) = refusal.retry_after_s().to_string().parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
+        }
+    };
     let model = format!("{namespace}/{name}");
     let Some(version) = gw.backend.version(&model) else {
         return problem(StatusCode::NOT_FOUND, format!("deployment {model} not found"));
@@ -510,6 +524,7 @@ async fn create<B: Backend>(
     let task_id = id.clone();
     let notified = done.notified();
     tokio::spawn(async move {
+        let _permit = permit;
         // A copy only for a webhook, outside the lock: most predictions have none.
         let started = runner.lock().map.get_mut(&task_id).and_then(|p| {
             p.status = "processing";

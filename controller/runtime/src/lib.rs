@@ -6,6 +6,7 @@
 pub mod control;
 pub mod gateway;
 pub mod k8s;
+pub mod limits;
 pub mod manifests;
 pub mod metrics;
 pub mod registry;

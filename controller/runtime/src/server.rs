@@ -56,6 +56,8 @@ pub struct ServerOptions {
     /// An internal address serving `/metrics` (and `/healthz`) without a key, for Prometheus; on the public
     /// address `/metrics` needs an operator key.
     pub metrics_addr: Option<SocketAddr>,
+    /// Per-namespace admission limits of the gateway.
+    pub tenant_limits: crate::limits::LimitConfig,
 }
 
 impl Default for ServerOptions {
@@ -72,6 +74,7 @@ impl Default for ServerOptions {
             webhook_secret: None,
             webhook_destinations: crate::webhook::Destinations::default(),
             metrics_addr: None,
+            tenant_limits: crate::limits::LimitConfig::default(),
         }
     }
 }
@@ -127,6 +130,7 @@ impl Server {
         let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
         if let Some(g) = Arc::get_mut(&mut gateway) {
             g.hold = options.hold;
+            g.limits = crate::limits::TenantLimits::new(options.tenant_limits);
             g.webhooks = crate::webhook::Webhooks::with_destinations(
                 g.webhooks.backoff,
                 g.webhooks.attempts,

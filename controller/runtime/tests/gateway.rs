@@ -12,6 +12,7 @@ use std::{
 
 use kiln_controller::{
     gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError},
+    limits::{LimitConfig, TenantLimits},
     webhook::{Destinations, Secret, Webhooks},
 };
 use serde_json::{Value, json};
@@ -313,4 +314,44 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
         assert!(p["detail"].as_str().unwrap().contains("refused"), "{p}");
     }
     assert!(ssrf[2].2["detail"].as_str().unwrap().contains("link-local"), "{:?}", ssrf[2].2);
+}
+
+/// A namespace over its creation rate gets 429 with Retry-After before anything runs; another namespace does not
+/// notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_namespace_over_its_rate_gets_429_with_retry_after() {
+    let fake = Fake { queue: Arc::new(HoldQueue::new(8)), cold: Duration::ZERO };
+    let keys = [("key-demo".to_owned(), "demo".to_owned()), ("key-other".to_owned(), "other".to_owned())];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut gateway = Gateway::new(fake, keys, &format!("http://{addr}"));
+    Arc::get_mut(&mut gateway).unwrap().limits =
+        TenantLimits::new(LimitConfig { rate_per_s: 0.5, burst: 3.0, max_in_flight: 100 });
+    let router = gateway.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut answers: Vec<(u16, String)> = (0..4)
+            .map(|_| {
+                let (status, head, _) = http(
+                    &addr,
+                    "POST",
+                    "/v1/deployments/demo/echo/predictions",
+                    Some("key-demo"),
+                    None,
+                    r#"{"input": {"x": 1}}"#,
+                );
+                (status, head)
+            })
+            .collect();
+        let (status, head, _) =
+            http(&addr, "POST", "/v1/deployments/other/echo/predictions", Some("key-other"), None, r#"{"input": {}}"#);
+        answers.push((status, head));
+        answers
+    })
+    .await
+    .unwrap();
+    let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    // The other namespace is not held back by demo's limit (404: the fake backend has no deployment there).
+    assert_eq!(statuses, [201, 201, 201, 429, 404], "{answers:?}");
+    assert!(answers[3].1.to_lowercase().contains("retry-after: 2"), "{}", answers[3].1);
 }
