@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use axum::serve::ListenerExt;
 use axum::{Json, Router, extract::State, http::header, response::IntoResponse, routing::get};
 use kiln_k8s_api::validate::Validator;
 use kiln_proto::v1::agent_service_server::AgentServiceServer;
@@ -18,6 +17,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
+    connections::HttpLimits,
     control::{ControlConfig, ControlPlane},
     gateway::Gateway,
     manifests::{DirWatcher, ManifestError, load_dir},
@@ -47,6 +47,8 @@ pub struct ServerOptions {
     pub webhook_secret: Option<String>,
     /// Where webhook deliveries may go (public addresses by default; see [`crate::webhook::Destinations`]).
     pub webhook_destinations: crate::webhook::Destinations,
+    /// Limits of the gateway's listener: connections, header and body timeouts, body size.
+    pub http_limits: HttpLimits,
 }
 
 impl Default for ServerOptions {
@@ -62,6 +64,7 @@ impl Default for ServerOptions {
             watch_interval: Duration::from_secs(1),
             webhook_secret: None,
             webhook_destinations: crate::webhook::Destinations::default(),
+            http_limits: HttpLimits::default(),
         }
     }
 }
@@ -145,13 +148,7 @@ impl Server {
                 .route("/healthz", get(|| async { "ok" }))
                 .with_state(shared),
         );
-        axum::serve(
-            self.http.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router,
-        )
-        .with_graceful_shutdown(async move {
+        crate::connections::serve(self.http, router, self.options.http_limits, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await
