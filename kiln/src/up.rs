@@ -36,6 +36,9 @@ pub struct UpArgs {
     /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Limits of the gateway's listener.
+    #[command(flatten)]
+    pub listener: crate::listener::ListenerArgs,
     /// Where agents connect (`kiln.agent.v1.AgentService`).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub agent_listen: SocketAddr,
@@ -264,6 +267,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         let options = ServerOptions {
             manifests: Some(args.manifests.clone()),
             http_addr: args.listen,
+            http_limits: args.listener.limits(),
             agent_addr: args.agent_listen,
             api_keys: keys.iter().map(|k| (k.key.clone(), k.namespace.clone())).collect(),
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
