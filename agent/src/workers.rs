@@ -674,7 +674,15 @@ fn parse_rows(input: &[u8]) -> Result<(Vec<Vec<f32>>, bool), Status> {
             "the input must be {\"x\": [numbers]} or {\"x\": [[numbers], ...]} (one row, or a batch of rows)",
         )
     })?;
-    Ok(rows_of(parsed.input))
+    let (rows, single) = rows_of(parsed.input);
+    // JSON numbers beyond f32 (e.g. 1e39) parse as infinity: an input the model cannot take, said as such.
+    if let Some((row, index, value)) = first_non_finite(&rows) {
+        let at = if single { format!("input index {index}") } else { format!("input row {row}, index {index}") };
+        return Err(Status::invalid_argument(format!(
+            "{at} is out of the range of a 32-bit float (it reads as {value}); inputs must be finite numbers"
+        )));
+    }
+    Ok((rows, single))
 }
 
 fn rows_of(rows: Rows) -> (Vec<Vec<f32>>, bool) {
@@ -685,9 +693,25 @@ fn rows_of(rows: Rows) -> (Vec<Vec<f32>>, bool) {
     }
 }
 
-fn encode(out: &[Vec<f32>], single: bool) -> Vec<u8> {
+/// The answer's JSON. JSON has no NaN or infinity (serde_json writes `null`), and a non-finite value is a failure
+/// of the model, not an answer: the prediction fails, naming the first such value, with `INTERNAL` (the gateway
+/// reports it as a failed prediction with this message, as it does any other failure of the model).
+fn encode(out: &[Vec<f32>], single: bool) -> Result<Vec<u8>, Status> {
+    if let Some((row, index, value)) = first_non_finite(out) {
+        let at = if single { format!("output index {index}") } else { format!("output row {row}, index {index}") };
+        return Err(Status::internal(format!(
+            "the model produced a non-finite value ({value}) at {at}: NaN or infinity, e.g. from a numeric overflow"
+        )));
+    }
     let output = if single { serde_json::json!({ "output": out[0] }) } else { serde_json::json!({ "output": out }) };
-    output.to_string().into_bytes()
+    Ok(output.to_string().into_bytes())
+}
+
+/// The first NaN or infinite value: (row, index in the row, value).
+fn first_non_finite(out: &[Vec<f32>]) -> Option<(usize, usize, f32)> {
+    out.iter()
+        .enumerate()
+        .find_map(|(row, values)| values.iter().position(|v| !v.is_finite()).map(|index| (row, index, values[index])))
 }
 
 async fn run_cuda(model: Arc<crate::cuda::CudaModel>, input: &[u8]) -> Result<Vec<u8>, Status> {
@@ -696,7 +720,7 @@ async fn run_cuda(model: Arc<crate::cuda::CudaModel>, input: &[u8]) -> Result<Ve
         .await
         .map_err(|e| Status::internal(format!("the model failed: {e}")))?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(encode(&out, single))
+    encode(&out, single)
 }
 
 async fn run(model: Arc<DenseModel>, input: &[u8]) -> Result<Vec<u8>, Status> {
@@ -705,7 +729,7 @@ async fn run(model: Arc<DenseModel>, input: &[u8]) -> Result<Vec<u8>, Status> {
         .await
         .map_err(|e| Status::internal(format!("the model failed: {e}")))?
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(encode(&out, single))
+    encode(&out, single)
 }
 
 /// The `WorkerService` of this node.
@@ -835,6 +859,69 @@ mod tests {
             .stop(&v1::StopWorker { replica_id: "r4".into(), keep_weights_resident: true, ..Default::default() })
             .await;
         assert_eq!(workers.evict_resident(&uri, Some(0)), 1);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A model whose weights overflow f32 (3e38 · 1 + 3e38 · 2 = inf):
+    /// the prediction fails with INTERNAL naming the output index, instead of succeeding with `null`s; over the
+    /// `WorkerService` the gateway gets the same status. An input beyond f32 is the caller's error.
+    #[tokio::test]
+    async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
+        use crate::model::{Activation, Dtype, write_model};
+        use tokio_stream::wrappers::TcpListenerStream;
+
+        let (workers, dir) = setup("overflow");
+        // outputs: [x0, 3e38·x0 + 3e38·x1]
+        let layers = vec![(vec![1.0, 0.0, 3.0e38, 3.0e38], vec![], 2, 2)];
+        let bytes = write_model(&layers, Activation::Identity, Dtype::F32);
+        let path = dir.join("overflow.safetensors");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut events = workers.subscribe();
+        workers.start("c1", start("r1", &format!("file://{}", path.display()), &digest_of(&bytes)));
+        let Event::Ready(_) = until_done(&mut events, "r1").await else { panic!("r1 failed") };
+
+        // In range: an answer.
+        let (out, _) = workers.predict("r1", br#"{"input": [1.0, 0.0]}"#).await.unwrap();
+        let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let values: Vec<f32> = serde_json::from_value(out["output"].clone()).unwrap();
+        assert_eq!(values, [1.0, 3.0e38]);
+        // Overflow: a failure naming the index.
+        let err = workers.predict("r1", br#"{"input": [1.0, 2.0]}"#).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert_eq!(
+            err.message(),
+            "the model produced a non-finite value (inf) at output index 1: NaN or infinity, e.g. from a numeric overflow"
+        );
+        // In a batch, the row too; the counter of completed predictions leaves failures out.
+        let err = workers.predict("r1", br#"{"input": [[1, 0], [0, -2], [0, 1]]}"#).await.unwrap_err();
+        assert!(err.message().contains("(-inf) at output row 1, index 1"), "{}", err.message());
+        // An input beyond f32 is invalid input, not a model failure.
+        let err = workers.predict("r1", br#"{"input": [1e39, 0]}"#).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().starts_with("input index 0 is out of the range of a 32-bit float"), "{}", err.message());
+
+        // Over gRPC, as the gateway calls it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(Arc::clone(&workers))))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+        let mut client = v1::worker_service_client::WorkerServiceClient::new(channel);
+        let request = |input: &[u8]| v1::PredictRequest {
+            replica_id: "r1".into(),
+            input: input.to_vec(),
+            content_type: "application/json".into(),
+            ..Default::default()
+        };
+        let status = client.predict(request(br#"{"input": [1.0, 2.0]}"#)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().contains("non-finite value (inf) at output index 1"), "{}", status.message());
+        let ok = client.predict(request(br#"{"input": [1.0, 0.0]}"#)).await.unwrap().into_inner();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&ok.output).unwrap()["output"][0], 1.0);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -29,6 +29,9 @@ pub struct ControllerArgs {
     /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
+    /// Limits of the gateway's listener.
+    #[command(flatten)]
+    pub listener: crate::listener::ListenerArgs,
     /// Where agents connect.
     #[arg(long, default_value = "0.0.0.0:7070")]
     pub agent_listen: SocketAddr,
@@ -82,6 +85,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
         let server = Server::bind(ServerOptions {
             manifests: None,
             http_addr: args.listen,
+            http_limits: args.listener.limits(),
             agent_addr: args.agent_listen,
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
             webhook_secret: std::env::var("KILN_WEBHOOK_SECRET").ok(),

@@ -11,6 +11,7 @@ use std::{
 mod bench;
 mod client;
 mod controller;
+mod listener;
 mod report;
 mod serving;
 mod simulate;

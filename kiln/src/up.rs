@@ -7,6 +7,7 @@ use std::{
     fs,
     io::{Read, Write},
     net::SocketAddr,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -35,6 +36,9 @@ pub struct UpArgs {
     /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Limits of the gateway's listener.
+    #[command(flatten)]
+    pub listener: crate::listener::ListenerArgs,
     /// Where agents connect (`kiln.agent.v1.AgentService`).
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub agent_listen: SocketAddr,
@@ -198,12 +202,59 @@ spec:
     Ok(Some(path))
 }
 
-/// The webhook signing secret kept in the state directory (written on first run).
+/// Permissions of the state directory: the owner's only (it holds API keys and the webhook secret).
+const PRIVATE_DIR_MODE: u32 = 0o700;
+/// Permissions of a secret file in the state directory: readable and writable by the owner only.
+const SECRET_FILE_MODE: u32 = 0o600;
+
+/// Creates the state directory owner-only (0700), parents included, or tightens an existing one that the group or
+/// others can reach.
+fn private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(PRIVATE_DIR_MODE)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    tighten(dir)
+}
+
+/// Writes a new secret file that is owner-only (0600) from the moment it exists: created with that mode and
+/// `O_EXCL`, so it is never readable by others, not even briefly, and a file or symlink already at `path` is an
+/// error rather than something written through.
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(SECRET_FILE_MODE)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Takes the group's and others' permissions off an existing file or directory that has any (files written by
+/// earlier versions were 0644), saying so.
+fn tighten(path: &Path) -> Result<()> {
+    let mode = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.permissions().mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        let tight = mode & !0o077;
+        fs::set_permissions(path, fs::Permissions::from_mode(tight))
+            .with_context(|| format!("restricting the permissions of {}", path.display()))?;
+        tracing::warn!(
+            "{} was accessible to other users (mode {mode:o}); now {tight:o}, owner only: it holds secrets",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The webhook signing secret kept in the state directory (written on first run, owner-only).
 fn webhook_secret(state: &Path) -> Result<String> {
     let path = state.join("webhook-secret");
-    if !path.exists() {
+    if path.exists() {
+        tighten(&path)?;
+    } else {
         let secret = kiln_controller::webhook::Secret::generate().context("generating a webhook secret")?;
-        fs::write(&path, format!("{}\n", secret.as_str())).with_context(|| format!("writing {}", path.display()))?;
+        write_secret(&path, &format!("{}\n", secret.as_str()))?;
     }
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     kiln_controller::webhook::Secret::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
@@ -211,21 +262,37 @@ fn webhook_secret(state: &Path) -> Result<String> {
 }
 
 fn keys(args: &UpArgs) -> Result<(PathBuf, Vec<ApiKey>)> {
-    let path = args.api_keys.clone().unwrap_or_else(|| args.state_dir.join("api-keys.yaml"));
-    if args.api_keys.is_none() && !path.exists() {
-        let key = ApiKey { namespace: "default".into(), key: random_key()? };
+    keys_in(args.api_keys.as_deref(), &args.state_dir)
+}
+
+/// The API keys file given, or the state directory's (written on first run with a key for `default`, owner-only;
+/// one found readable by others is tightened). A file given with `--api-keys` is the operator's: only a warning if
+/// others can read it.
+fn keys_in(given: Option<&Path>, state: &Path) -> Result<(PathBuf, Vec<ApiKey>)> {
+    let path = given.map_or_else(|| state.join("api-keys.yaml"), Path::to_path_buf);
+    if given.is_some() {
+        if fs::metadata(&path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0) {
+            tracing::warn!("{} is accessible to other users; API keys are secrets (chmod 600)", path.display());
+        }
+    } else if path.exists() {
+        tighten(&path)?;
+    } else {
+        let tenant = ApiKey { namespace: "default".into(), key: random_key()? };
+        let operator = ApiKey { namespace: kiln_controller::gateway::OPERATOR.into(), key: random_key()? };
         let text = format!(
-            "# API keys of the predictions API: each reaches the deployments of one namespace.\n{}",
-            serde_yaml::to_string(&vec![key])?
+            "# API keys of the predictions API: each reaches the deployments of one namespace. The key of namespace\n\
+             # \"*\" is an operator's: it lists every namespace (GET /v1/deployments, kiln get) and reads /metrics,\n\
+             # and runs no predictions.\n{}",
+            serde_yaml::to_string(&vec![tenant, operator])?
         );
-        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_secret(&path, &text)?;
     }
     Ok((path.clone(), read_keys(&path)?))
 }
 
 /// Runs until interrupted.
 pub fn up(args: &UpArgs) -> Result<()> {
-    fs::create_dir_all(&args.state_dir).with_context(|| format!("creating {}", args.state_dir.display()))?;
+    private_dir(&args.state_dir)?;
     let example = if args.no_agent { None } else { first_run(&args.manifests, &args.state_dir)? };
     let (keys_file, keys) = keys(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
@@ -233,6 +300,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         let options = ServerOptions {
             manifests: Some(args.manifests.clone()),
             http_addr: args.listen,
+            http_limits: args.listener.limits(),
             agent_addr: args.agent_listen,
             api_keys: keys.iter().map(|k| (k.key.clone(), k.namespace.clone())).collect(),
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
@@ -286,7 +354,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             banner,
             "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/v1/deployments)"
         );
-        let _ = writeln!(banner, "  metrics           http://{http}/metrics (controller and gateway)");
+        let _ = writeln!(banner, "  metrics           http://{http}/metrics (controller and gateway; an operator key)");
         if let Some(m) = agent_metrics {
             let _ = writeln!(banner, "                    http://{m}/metrics (GPUs, dcgm-exporter names)");
         }
@@ -422,4 +490,75 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
         });
         node.serve(stop).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kiln-up-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_state_directory_and_its_secrets_are_created_owner_only() {
+        let root = scratch("create");
+        let state = root.join("nested").join(".kiln");
+        private_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        let secret = webhook_secret(&state).unwrap();
+        assert!(secret.starts_with("whsec_"), "{secret}");
+        assert_eq!(mode(&state.join("webhook-secret")), 0o600);
+        let (path, keys) = keys_in(None, &state).unwrap();
+        assert_eq!(path, state.join("api-keys.yaml"));
+        assert_eq!(keys.len(), 1);
+        assert_eq!(mode(&path), 0o600);
+        // Read back as they are, not written again.
+        assert_eq!(webhook_secret(&state).unwrap(), secret);
+        assert_eq!(keys_in(None, &state).unwrap().1, keys);
+        fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn secrets_left_readable_by_an_earlier_version_are_tightened_on_start() {
+        let root = scratch("tighten");
+        let state = root.join(".kiln");
+        private_dir(&state).unwrap();
+        let secret = webhook_secret(&state).unwrap();
+        let (keys_file, keys) = keys_in(None, &state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(state.join("webhook-secret"), fs::Permissions::from_mode(0o644)).unwrap();
+        fs::set_permissions(&keys_file, fs::Permissions::from_mode(0o664)).unwrap();
+        private_dir(&state).unwrap();
+        assert_eq!(mode(&state), 0o700);
+        assert_eq!(webhook_secret(&state).unwrap(), secret);
+        assert_eq!(mode(&state.join("webhook-secret")), 0o600);
+        assert_eq!(keys_in(None, &state).unwrap().1, keys);
+        assert_eq!(mode(&keys_file), 0o600);
+        // A keys file the operator gave is theirs: read, not changed.
+        let given = root.join("team-keys.yaml");
+        fs::copy(&keys_file, &given).unwrap();
+        fs::set_permissions(&given, fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(keys_in(Some(&given), &state).unwrap().1, keys);
+        assert_eq!(mode(&given), 0o640);
+        fs::remove_dir_all(&root).ok();
+    }
+
+    #[test]
+    fn a_secret_is_never_written_through_something_already_at_its_path() {
+        let root = scratch("excl");
+        let target = root.join("elsewhere");
+        fs::write(&target, "untouched").unwrap();
+        std::os::unix::fs::symlink(&target, root.join("webhook-secret-link")).unwrap();
+        assert!(write_secret(&root.join("webhook-secret-link"), "whsec_x").is_err());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "untouched");
+        fs::remove_dir_all(&root).ok();
+    }
 }

@@ -34,6 +34,12 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let (up, text) = start(&dir);
     assert!(text.contains("simulated GPUs") || text.contains("NVML GPUs"), "{text}");
     assert!(dir.join("kiln-manifests/mlp-demo.yaml").exists() && dir.join(".kiln/api-keys.yaml").exists());
+    // The state directory and the secrets in it are the owner's only.
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!([mode(".kiln"), mode(".kiln/api-keys.yaml"), mode(".kiln/webhook-secret")], [0o700, 0o600, 0o600]);
 
     // The curl line as printed (backslash-continued), run by a shell, when curl is here; the same request over a
     // plain socket either way.

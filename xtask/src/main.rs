@@ -1,3 +1,11 @@
+//! Developer tasks.
+//!
+//! `cargo xtask test [ARGS...]`: the test suite, the README's test command and CI's. It runs
+//! `cargo nextest run --workspace ARGS...` (each test in its own process, and the slow-test timeout of
+//! `.config/nextest.toml`), installing cargo-nextest first (`cargo install cargo-nextest --locked`) when this machine
+//! has none, so a fresh machine with only Rust runs it as is. `ARGS` go to nextest (a filter, `--no-fail-fast`, or
+//! `-p CRATE`, which replaces `--workspace`).
+//!
 //! `cargo xtask codegen [--check]`: the one command that regenerates every generated file in the repository.
 //!
 //! - `crds/*.yaml` and `charts/kiln/crds/*.yaml`: the CustomResourceDefinitions, from `kiln-k8s-api`'s Rust types.
@@ -8,8 +16,10 @@
 //! would generate. CI runs the check.
 
 use std::{
+    ffi::OsString,
     fs,
     path::{Path, PathBuf},
+    process::{Command, ExitCode},
 };
 
 use anyhow::{Context, Result, bail};
@@ -17,14 +27,48 @@ use anyhow::{Context, Result, bail};
 /// The protobuf sources, relative to `proto/proto`.
 const PROTOS: &[&str] = &["kiln/agent/v1/agent.proto"];
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     match args.as_slice() {
-        ["codegen"] => codegen(Mode::Write),
-        ["codegen", "--check"] => codegen(Mode::Check),
-        _ => bail!("usage: cargo xtask codegen [--check]"),
+        ["codegen"] => codegen(Mode::Write).map(|()| ExitCode::SUCCESS),
+        ["codegen", "--check"] => codegen(Mode::Check).map(|()| ExitCode::SUCCESS),
+        ["test", rest @ ..] => test(rest),
+        _ => bail!("usage: cargo xtask test [NEXTEST ARGS...] | cargo xtask codegen [--check]"),
     }
+}
+
+/// The cargo that runs this task (`CARGO`, set by `cargo run`), else `cargo` on the path.
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+/// `cargo nextest run` with `args`: `--workspace` first unless `args` names packages.
+fn nextest_args<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let names_packages =
+        args.iter().any(|a| matches!(*a, "-p" | "--package" | "--workspace") || a.starts_with("--package="));
+    let mut all = vec!["nextest", "run"];
+    if !names_packages {
+        all.push("--workspace");
+    }
+    all.extend_from_slice(args);
+    all
+}
+
+fn test(args: &[&str]) -> Result<ExitCode> {
+    let present = Command::new(cargo()).args(["nextest", "--version"]).output().is_ok_and(|out| out.status.success());
+    if !present {
+        eprintln!("cargo-nextest is not installed: installing it (cargo install cargo-nextest --locked)");
+        let status = Command::new(cargo())
+            .args(["install", "cargo-nextest", "--locked"])
+            .status()
+            .context("running cargo install cargo-nextest")?;
+        if !status.success() {
+            bail!("cargo install cargo-nextest --locked failed ({status})");
+        }
+    }
+    let status = Command::new(cargo()).args(nextest_args(args)).status().context("running cargo nextest")?;
+    Ok(ExitCode::from(status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -120,6 +164,17 @@ fn codegen(mode: Mode) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_test_task_runs_the_workspace_unless_packages_are_named() {
+        assert_eq!(nextest_args(&[]), ["nextest", "run", "--workspace"]);
+        assert_eq!(
+            nextest_args(&["--no-fail-fast", "gateway"]),
+            ["nextest", "run", "--workspace", "--no-fail-fast", "gateway"]
+        );
+        assert_eq!(nextest_args(&["-p", "kiln-core"]), ["nextest", "run", "-p", "kiln-core"]);
+        assert_eq!(nextest_args(&["--package=kiln"]), ["nextest", "run", "--package=kiln"]);
+    }
 
     /// Fails when any generated file (CRDs or protobuf code) differs from what `cargo xtask codegen` would write.
     #[test]

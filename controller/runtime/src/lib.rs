@@ -3,6 +3,7 @@
 //! predictions API over a backend (`gateway`). To come (issue 6): the reconcilers, and the control loop that turns
 //! placement and autoscaling decisions into agent commands and serves the gateway's backend.
 
+pub mod connections;
 pub mod control;
 pub mod gateway;
 pub mod k8s;

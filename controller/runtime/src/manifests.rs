@@ -2,10 +2,16 @@
 //! changes (as the kubelet watches its static-pod directory). Every document is checked as the apiserver would
 //! check it (schema, defaults, CEL rules: [`kiln_k8s_api::validate::Validator`]); an invalid one is reported with its
 //! file and the apiserver's message and left out, and the valid ones are served regardless.
+//!
+//! Only regular files are read, and only up to [`MAX_MANIFEST_BYTES`]: a FIFO, a device, a socket, a directory, a
+//! symlink to one of them or a symlink loop is reported as invalid without being read, so nothing in the directory
+//! can block the reader or fill memory (see [`read_manifest`]).
 
 use std::{
     collections::BTreeMap,
-    fs, io,
+    fs,
+    io::{self, Read},
+    os::unix::fs::{FileTypeExt, OpenOptionsExt},
     path::{Path, PathBuf},
     time::SystemTime,
 };
@@ -73,7 +79,82 @@ fn version_of(value: &serde_json::Value) -> String {
     format!("{h:016x}")
 }
 
-/// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive).
+/// Largest manifest file read (1 MiB): far above any real `ModelDeployment` (a few KiB), small enough that a
+/// directory of them cannot exhaust memory. A larger file is listed as invalid and not read.
+pub const MAX_MANIFEST_BYTES: u64 = 1 << 20;
+
+/// Why a manifest file was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Not a regular file (the target's kind, for a symlink).
+    #[error("not a regular file ({kind}); only regular files are read")]
+    NotRegular {
+        /// What it is: "a FIFO", "a character device", ...
+        kind: &'static str,
+    },
+    /// A symlink that leads back to itself.
+    #[error("a symbolic link loop (too many levels of symbolic links)")]
+    SymlinkLoop,
+    /// Larger than [`MAX_MANIFEST_BYTES`].
+    #[error("larger than the limit of {limit} bytes per manifest file")]
+    TooLarge {
+        /// [`MAX_MANIFEST_BYTES`].
+        limit: u64,
+    },
+    /// Not UTF-8 text.
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    /// Opening or reading failed.
+    #[error("cannot read: {0}")]
+    Io(#[source] io::Error),
+}
+
+fn kind_of(file_type: fs::FileType) -> Option<&'static str> {
+    if file_type.is_file() {
+        None
+    } else if file_type.is_fifo() {
+        Some("a FIFO")
+    } else if file_type.is_char_device() {
+        Some("a character device")
+    } else if file_type.is_block_device() {
+        Some("a block device")
+    } else if file_type.is_socket() {
+        Some("a socket")
+    } else if file_type.is_dir() {
+        Some("a directory")
+    } else {
+        Some("not a file")
+    }
+}
+
+fn io_error(e: io::Error) -> ReadError {
+    if e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) { ReadError::SymlinkLoop } else { ReadError::Io(e) }
+}
+
+/// Reads one manifest file without ever blocking or reading more than `limit` bytes: a look at what the path leads
+/// to refuses special files before they are opened (opening some devices has effects), then the file is opened with
+/// `O_NONBLOCK` (a FIFO swapped in meanwhile cannot block the open) and `O_NOCTTY`, and the opened descriptor is
+/// checked again (`fstat`: what was opened is what is read, whatever the path points to by then), and at most
+/// `limit + 1` bytes are read, so a file that grows after the check is still refused.
+pub fn read_manifest(path: &Path, limit: u64) -> Result<String, ReadError> {
+    let check = |meta: &fs::Metadata| match kind_of(meta.file_type()) {
+        Some(kind) => Err(ReadError::NotRegular { kind }),
+        None if meta.len() > limit => Err(ReadError::TooLarge { limit }),
+        None => Ok(()),
+    };
+    check(&fs::metadata(path).map_err(io_error)?)?;
+    let flags = nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY;
+    let file = fs::OpenOptions::new().read(true).custom_flags(flags.bits()).open(path).map_err(io_error)?;
+    check(&file.metadata().map_err(ReadError::Io)?)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes).map_err(ReadError::Io)?;
+    if bytes.len() as u64 > limit {
+        return Err(ReadError::TooLarge { limit });
+    }
+    String::from_utf8(bytes).map_err(|_| ReadError::NotUtf8)
+}
+
+/// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive); see [`read_manifest`] for which files are read.
 pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)?
         .flatten()
@@ -83,10 +164,10 @@ pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
     files.sort();
     let mut set = ManifestSet::default();
     for file in files {
-        let text = match fs::read_to_string(&file) {
+        let text = match read_manifest(&file, MAX_MANIFEST_BYTES) {
             Ok(text) => text,
             Err(e) => {
-                set.errors.push(ManifestError { file, document: 0, message: format!("cannot read: {e}") });
+                set.errors.push(ManifestError { file, document: 0, message: e.to_string() });
                 continue;
             }
         };
@@ -208,6 +289,67 @@ spec:
             "{messages:?}"
         );
         assert!(messages[2].contains("d.yml") && messages[2].contains("not valid YAML"), "{messages:?}");
+        fs::remove_dir_all(&d).ok();
+    }
+
+    /// A FIFO, symlinks to a device and to a directory, a symlink loop, a socket and a file over the limit beside a
+    /// valid manifest: each is listed with why, none is read (a FIFO read would block this test forever, `/dev/zero`
+    /// would fill memory), and the valid manifest is served.
+    #[test]
+    fn special_files_and_huge_files_are_reported_without_being_read() {
+        let d = dir("special");
+        fs::write(d.join("a-valid.yaml"), VALID).unwrap();
+        nix::unistd::mkfifo(&d.join("b-fifo.yaml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", d.join("c-zero.yaml")).unwrap();
+        std::os::unix::fs::symlink("e-loop.yaml", d.join("d-loop.yaml")).unwrap();
+        std::os::unix::fs::symlink("d-loop.yaml", d.join("e-loop.yaml")).unwrap();
+        let huge = format!("{VALID}\n#{}\n", "x".repeat(MAX_MANIFEST_BYTES as usize));
+        fs::write(d.join("f-huge.yaml"), huge).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(d.join("g-socket.yaml")).unwrap();
+        std::os::unix::fs::symlink(&d, d.join("h-dir.yaml")).unwrap();
+        std::os::unix::fs::symlink("/dev/null", d.join("i-null.yml")).unwrap();
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dir = d.clone();
+        std::thread::spawn(move || tx.send(load_dir(&dir, &Validator::default()).unwrap()));
+        let set = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("load_dir blocked");
+        assert_eq!(set.deployments.keys().collect::<Vec<_>>(), vec!["demo/mlp"]);
+        let by_file: BTreeMap<String, String> = set
+            .errors
+            .iter()
+            .map(|e| (e.file.file_name().unwrap().to_string_lossy().into_owned(), e.message.clone()))
+            .collect();
+        let expect = [
+            ("b-fifo.yaml", "not a regular file (a FIFO)"),
+            ("c-zero.yaml", "not a regular file (a character device)"),
+            ("d-loop.yaml", "a symbolic link loop"),
+            ("e-loop.yaml", "a symbolic link loop"),
+            ("f-huge.yaml", "larger than the limit of 1048576 bytes per manifest file"),
+            ("g-socket.yaml", "not a regular file (a socket)"),
+            ("h-dir.yaml", "not a regular file (a directory)"),
+            ("i-null.yml", "not a regular file (a character device)"),
+        ];
+        assert_eq!(by_file.len(), expect.len(), "{by_file:#?}");
+        for (file, message) in expect {
+            assert!(by_file.get(file).is_some_and(|m| m.starts_with(message)), "{file}: {by_file:#?}");
+        }
+        assert!(set.errors.iter().all(|e| e.document == 0));
+        fs::remove_dir_all(&d).ok();
+    }
+
+    #[test]
+    fn a_file_at_the_limit_is_read_and_one_byte_more_is_refused() {
+        let d = dir("limit");
+        let path = d.join("a.yaml");
+        fs::write(&path, "x".repeat(64)).unwrap();
+        assert_eq!(read_manifest(&path, 64).unwrap().len(), 64);
+        assert!(matches!(read_manifest(&path, 63), Err(ReadError::TooLarge { limit: 63 })));
+        fs::write(&path, [0xff, 0xfe]).unwrap();
+        assert!(matches!(read_manifest(&path, 64), Err(ReadError::NotUtf8)));
+        // A symlink to a regular file is read (ConfigMap volumes are symlinks).
+        fs::write(d.join("target"), "kind: x").unwrap();
+        std::os::unix::fs::symlink(d.join("target"), d.join("link.yaml")).unwrap();
+        assert_eq!(read_manifest(&d.join("link.yaml"), 64).unwrap(), "kind: x");
         fs::remove_dir_all(&d).ok();
     }
 

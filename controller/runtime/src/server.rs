@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use axum::serve::ListenerExt;
 use axum::{
     Json, Router,
     extract::State,
@@ -24,6 +23,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
+    connections::HttpLimits,
     control::{ControlConfig, ControlPlane},
     gateway::{Caller, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
@@ -58,6 +58,8 @@ pub struct ServerOptions {
     pub metrics_addr: Option<SocketAddr>,
     /// Per-namespace admission limits of the gateway.
     pub tenant_limits: crate::limits::LimitConfig,
+    /// Limits of the gateway's listener: connections, header and body timeouts, body size.
+    pub http_limits: HttpLimits,
 }
 
 impl Default for ServerOptions {
@@ -75,6 +77,7 @@ impl Default for ServerOptions {
             webhook_destinations: crate::webhook::Destinations::default(),
             metrics_addr: None,
             tenant_limits: crate::limits::LimitConfig::default(),
+            http_limits: HttpLimits::default(),
         }
     }
 }
@@ -195,13 +198,7 @@ impl Server {
                 .route("/healthz", get(|| async { "ok" }))
                 .with_state(shared),
         );
-        axum::serve(
-            self.http.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            router,
-        )
-        .with_graceful_shutdown(async move {
+        crate::connections::serve(self.http, router, self.options.http_limits, async move {
             let _ = stop.wait_for(|s| *s).await;
         })
         .await
