@@ -2,7 +2,7 @@
 //!
 //! Owns [`Meter`], the pure accumulator of serverless replica phase intervals (and lent intervals of rented GPUs)
 //! into per-window, per-phase GPU-time per deployment, and [`rental_records`], which turns a
-//! [`Rental`](crate::rental::Rental)'s delivery into one record per started hour plus its credits. It does not
+//! [`Rental`]'s delivery into one record per started hour plus its credits. It does not
 //! observe anything itself (the controller feeds it what the agents report), keep records (a
 //! [`Ledger`](super::Ledger) does), or decide a rental's phase.
 //!

@@ -1,6 +1,6 @@
 //! A tenant's statement for a period (usually a calendar month): line items and totals that add up exactly.
 //!
-//! Owns [`Statement`] and its CSV rendering. It reads a [`Ledger`](super::Ledger) through the trait and nothing
+//! Owns [`Statement`] and its CSV rendering. It reads a [`Ledger`] through the trait and nothing
 //! else; it does not decide prices (records carry their amounts) or who may see it (the API checks the key).
 
 use std::collections::BTreeMap;
