@@ -111,6 +111,10 @@ fn a_day_of_usage_bills_exactly_and_the_statement_adds_up() {
     assert_eq!(by_kind["rental-hours"].amount, money("14.94"));
     assert_eq!(by_kind["credit"].micro_gpu_seconds, 30 * 60 * 1_000_000);
     assert_eq!(by_kind["credit"].amount, money("-1.245"));
+    // The status view of the rental agrees with the ledger.
+    let price = prices.get("H100").expect("priced");
+    assert_eq!(rental.billed_amount(t, price), Ok(by_kind["rental-hours"].amount));
+    assert_eq!(rental.credited(price), Ok(by_kind["credit"].amount));
     let first_hour =
         ledger.query(&rental_q).into_iter().filter(|r| r.kind == UsageKind::RentalHours).map(|r| r.start_ms).min();
     assert_eq!(first_hour, Some((delivered_at * 1000.0) as i64), "billing starts at delivery");

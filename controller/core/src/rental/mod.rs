@@ -42,7 +42,10 @@ use std::collections::BTreeMap;
 
 pub use pick::pick_nodes;
 
-use crate::money::{MS_PER_HOUR, secs_to_ms, started_hours};
+use crate::{
+    billing::GpuPrice,
+    money::{MS_PER_HOUR, Money, MoneyError, secs_to_ms, started_hours},
+};
 
 /// Timing settings of the lifecycle.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -321,7 +324,9 @@ impl RentalPhase {
 /// What the controller observes about a rental at a step.
 #[derive(Clone, Copy, Debug)]
 pub struct RentalFacts<'a> {
-    /// The fleet's GPU models and counts.
+    /// The fleet's GPU models and counts: every registered node (`GpuNode`), down or not, not only the agents
+    /// connected right now — a Pending rental whose model is missing or too scarce here is Failed, so an empty fleet
+    /// at controller start-up must not be passed in.
     pub fleet: &'a Fleet,
     /// GPUs the placement engine holds for this rental (0 before a fence).
     pub assigned: u32,
@@ -485,6 +490,11 @@ impl Rental {
     fn step_pending(&mut self, now_ms: i64, facts: &RentalFacts<'_>, out: &mut Vec<RentalEvent>) {
         let count = self.spec.gpu_count;
         let model = self.spec.gpu_model.clone();
+        // A cancel wins over everything else before delivery, an invalid spec included: nothing is billed.
+        if self.spec.cancel || facts.deleted {
+            self.finish(RentalPhase::Cancelled, "cancelled before delivery; nothing billed".into(), "Cancelled", out);
+            return;
+        }
         let window = match validate(&self.spec, self.created_ms as f64 / 1000.0, &self.config, facts.fleet) {
             Ok(w) => w,
             Err(e) => {
@@ -495,10 +505,6 @@ impl Rental {
         };
         if let End::At(end) = window.end {
             self.state.end_ms = Some(end);
-        }
-        if self.spec.cancel || facts.deleted {
-            self.finish(RentalPhase::Cancelled, "cancelled before delivery; nothing billed".into(), "Cancelled", out);
-            return;
         }
         if let Some(end) = self.state.end_ms
             && now_ms >= end
@@ -648,6 +654,23 @@ impl Rental {
     /// GPU-hours billed by `now` (seconds): GPUs × started hours.
     pub fn billed_gpu_hours(&self, now: f64) -> i64 {
         i64::from(self.spec.gpu_count) * self.billed_hours(now)
+    }
+
+    /// Amount billed by `now` (seconds): GPU-hours × the rental price per GPU-hour. Credits are separate
+    /// ([`Rental::credited`]).
+    pub fn billed_amount(&self, now: f64, price: &GpuPrice) -> Result<Money, MoneyError> {
+        price.rental_per_gpu_hour.checked_mul(i128::from(self.billed_gpu_hours(now)))
+    }
+
+    /// Credit for the finished spans of lost GPU-time (≤ 0): the sum, span by span, of lost GPU-milliseconds × the
+    /// price per GPU-hour ÷ 3 600 000, each rounded half-up — the same amounts as the credit records.
+    pub fn credited(&self, price: &GpuPrice) -> Result<Money, MoneyError> {
+        let mut total = Money::ZERO;
+        for span in &self.state.credit_spans {
+            let credit = price.rental_per_gpu_hour.mul_div(i128::from(span.gpu_ms()), i128::from(MS_PER_HOUR))?;
+            total = total.checked_sub(credit)?;
+        }
+        Ok(total)
     }
 
     /// Finished spans of lost GPU-time (the one in progress is added when it ends).

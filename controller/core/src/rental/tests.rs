@@ -180,6 +180,14 @@ fn cancel_before_the_fence_is_free_and_releases_nothing() {
     assert_eq!(count(&ev, is_release), 0, "nothing was fenced");
     assert_eq!(r.billed_gpu_hours(start + H), 0);
 
+    // A cancel also wins over an invalid spec: Cancelled, not Failed.
+    let mut r = Rental::new(
+        RentalSpec { cancel: true, gpu_model: "B200".into(), ..spec(1, None, Some(1), None) },
+        T0,
+        RentalConfig::default(),
+    );
+    assert_eq!(phase_changes(&r.step(T0, &facts(&fleet, 0, 0))), [RentalPhase::Cancelled]);
+
     // After the fence, before delivery: still free, and the fenced GPUs go back to the pool.
     let mut r = Rental::new(spec(4, Some(start), Some(2), None), T0, RentalConfig::default());
     assert_eq!(count(&r.step(start - 5.0 * MIN, &facts(&fleet, 4, 4)), is_fence), 1);
@@ -234,6 +242,10 @@ fn an_unhealthy_gpu_degrades_and_credits_exactly_the_lost_time() {
     assert_eq!(r.phase(), RentalPhase::Expired);
     assert_eq!(r.lost_gpu_ms(), 55 * 60 * 1000);
     assert_eq!(r.billed_gpu_hours(T0 + 3.0 * H), 8, "credits do not change the hours billed");
+    // At $3.60 per GPU-hour: 8 GPU-hours = $28.80 billed, 55 GPU-minutes = $3.30 credited.
+    let price = crate::billing::GpuPrice::parse("H100", "0.001", "3.60", "0").unwrap();
+    assert_eq!(r.billed_amount(T0 + 3.0 * H, &price).unwrap(), Money::parse("28.80").unwrap());
+    assert_eq!(r.credited(&price).unwrap(), Money::parse("-3.30").unwrap());
 }
 
 #[test]
