@@ -11,8 +11,11 @@
 //! controller runs, on a virtual clock, millions of times faster than real time.
 
 pub mod autoscale;
+pub mod billing;
 pub mod clock;
 pub mod control;
+pub mod money;
 pub mod placement;
+pub mod rental;
 pub mod rng;
 pub mod sim;
