@@ -95,6 +95,10 @@ enum Simulation {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Up(_) | Command::Controller(_) | Command::Agent(_)) {
+        // Before any listener is sized: the gateway's connection cap follows the descriptor limit.
+        kiln_controller::connections::raise_descriptor_limit();
+    }
     let result = match cli.command {
         Command::Up(args) => {
             init_tracing();

@@ -81,6 +81,18 @@ impl Default for HttpLimits {
     }
 }
 
+/// Raises the soft limit on open descriptors towards the hard limit (at most 65,536), as servers do at start, so
+/// the connection cap can be well above what slow clients could hold; returns the soft limit now in force.
+pub fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return 1024 };
+    let wanted = hard.min(65_536);
+    if wanted > soft && setrlimit(Resource::RLIMIT_NOFILE, wanted, hard).is_ok() {
+        return wanted;
+    }
+    soft
+}
+
 /// The default connection cap: the soft limit on open descriptors less [`RESERVED_DESCRIPTORS`], at least 64 and
 /// at most [`MAX_CONNECTIONS_CEILING`] (768 under the usual `ulimit -n 1024`).
 pub fn default_max_connections() -> usize {
