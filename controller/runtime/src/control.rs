@@ -123,6 +123,8 @@ pub struct ControlPlane {
     commands: std::sync::atomic::AtomicU64,
     metrics: Metrics,
     counters: Mutex<HashMap<String, DeploymentCounters>>,
+    /// Where counters are written when they change.
+    persister: std::sync::OnceLock<crate::store::Persister>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -237,7 +239,19 @@ impl ControlPlane {
             commands: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new(),
             counters: Mutex::new(HashMap::new()),
+            persister: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Takes the counters read back from the store (they go on counting from there) and the writer they go to
+    /// from now on. Call it once, before serving.
+    pub fn restore_counters(
+        &self,
+        counters: impl IntoIterator<Item = (String, DeploymentCounters)>,
+        persister: crate::store::Persister,
+    ) {
+        lock(&self.counters).extend(counters);
+        let _ = self.persister.set(persister);
     }
 
     fn now(&self) -> f64 {
@@ -297,7 +311,11 @@ impl ControlPlane {
     pub fn remove(&self, key: &str) {
         lock(&self.core).remove_deployment(key);
         lock(&self.served).remove(key);
-        lock(&self.counters).remove(key);
+        if lock(&self.counters).remove(key).is_some()
+            && let Some(p) = self.persister.get()
+        {
+            p.counters(key.to_owned(), None);
+        }
         lock(&self.last_cold_start).remove(key);
         self.wake.notify_one();
     }
@@ -328,7 +346,12 @@ impl ControlPlane {
     }
 
     fn count(&self, key: &str, f: impl FnOnce(&mut DeploymentCounters)) {
-        f(lock(&self.counters).entry(key.to_owned()).or_default());
+        let mut counters = lock(&self.counters);
+        let c = counters.entry(key.to_owned()).or_default();
+        f(c);
+        if let Some(p) = self.persister.get() {
+            p.counters(key.to_owned(), Some(c.clone()));
+        }
     }
 
     /// A deployment's state, `None` if unknown.

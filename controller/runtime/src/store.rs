@@ -301,7 +301,8 @@ impl MemoryStore {
 impl PredictionStore for MemoryStore {
     fn write(&self, batch: &Batch) -> Result<()> {
         // Encode first, so a failing batch changes nothing.
-        let predictions: Vec<_> = batch.predictions.iter().map(|r| Ok((r.id.clone(), r.encode()?))).collect::<Result<_>>()?;
+        let predictions: Vec<_> =
+            batch.predictions.iter().map(|r| Ok((r.id.clone(), r.encode()?))).collect::<Result<_>>()?;
         let counters: Vec<_> = batch
             .counters
             .iter()
@@ -500,11 +501,7 @@ mod tests {
             })
             .unwrap();
         store
-            .write(&Batch {
-                predictions: vec![],
-                removed: vec!["c".into()],
-                counters: vec![("ns/gone".into(), None)],
-            })
+            .write(&Batch { predictions: vec![], removed: vec!["c".into()], counters: vec![("ns/gone".into(), None)] })
             .unwrap();
         let snapshot = store.load().unwrap();
         assert_eq!(snapshot.predictions, vec![a, b], "exactly what was written, timestamps to the nanosecond");
@@ -575,6 +572,10 @@ mod tests {
         assert_eq!(snapshot.predictions, vec![record("a", "succeeded")], "the last version of each, none removed");
         assert_eq!(snapshot.counters[0].1.requests, 2);
         let commits = persister.stats().commits.load(Ordering::Relaxed);
-        assert!((1..=7).contains(&commits) && commits == store.writes(), "{commits} commits, {} writes", store.writes());
+        assert!(
+            (1..=7).contains(&commits) && commits == store.writes(),
+            "{commits} commits, {} writes",
+            store.writes()
+        );
     }
 }
