@@ -345,6 +345,11 @@ impl ControlPlane {
         })
     }
 
+    /// A deployment's counters (totals since it was created, across restarts).
+    pub fn counters(&self, key: &str) -> DeploymentCounters {
+        lock(&self.counters).get(key).cloned().unwrap_or_default()
+    }
+
     fn count(&self, key: &str, f: impl FnOnce(&mut DeploymentCounters)) {
         let mut counters = lock(&self.counters);
         let c = counters.entry(key.to_owned()).or_default();

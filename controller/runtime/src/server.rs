@@ -295,6 +295,7 @@ async fn deployments(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
                 "waiting": s.waiting,
                 "unschedulable": s.unschedulable,
                 "placements": placements,
+                "counters": shared.control.counters(&key),
             })
         })
         .collect();
