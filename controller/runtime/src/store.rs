@@ -283,11 +283,14 @@ impl PredictionStore for RedbStore {
     }
 }
 
+type Table = BTreeMap<String, Vec<u8>>;
+
 /// The store in memory, with the same encoding and limits as [`RedbStore`]: for tests, and for a process that
 /// keeps nothing across restarts.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    tables: Mutex<(BTreeMap<String, Vec<u8>>, BTreeMap<String, Vec<u8>>)>,
+    /// Encoded predictions by id, encoded counters by deployment.
+    tables: Mutex<(Table, Table)>,
     writes: AtomicU64,
 }
 
