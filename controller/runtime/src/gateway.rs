@@ -435,6 +435,12 @@ impl<B: Backend> Gateway<B> {
         }
     }
 
+    fn persist_record(&self, record: Option<PredictionRecord>) {
+        if let (Some(persister), Some(r)) = (&self.persister, record) {
+            persister.put(r);
+        }
+    }
+
     fn persist_expired(&self, expired: Vec<String>) {
         if let Some(persister) = &self.persister {
             for id in expired {
@@ -720,16 +726,18 @@ async fn create<B: Backend>(
     let notified = done.notified();
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        // A copy only for a webhook or the store, outside the lock.
-        let copy = runner.persister.is_some();
-        let started = runner.lock().map.get_mut(&task_id).and_then(|p| {
+        // Copies only for the store and a webhook, used outside the lock.
+        let persisted = runner.persister.is_some();
+        let started = runner.lock().map.get_mut(&task_id).map(|p| {
             p.status = "processing";
             p.started_at = Some(SystemTime::now());
-            (copy || p.webhook.is_some()).then(|| p.clone())
+            (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
         });
-        if let Some(p) = started {
-            runner.persist(&p);
-            runner.notify_webhook(&p, "start");
+        if let Some((record, webhook)) = started {
+            runner.persist_record(record);
+            if let Some(p) = webhook {
+                runner.notify_webhook(&p, "start");
+            }
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
         let mut store = runner.lock();
@@ -763,11 +771,11 @@ async fn create<B: Backend>(
             }
         }
         p.done.notify_waiters();
-        let finished = (copy || p.webhook.is_some()).then(|| p.clone());
+        let (record, webhook) = (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()));
         store.finish(&task_id);
         drop(store);
-        if let Some(p) = finished {
-            runner.persist(&p);
+        runner.persist_record(record);
+        if let Some(p) = webhook {
             runner.notify_webhook(&p, "completed");
         }
     });
@@ -870,9 +878,7 @@ async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<St
                 store.finish(&id);
             }
             drop(store);
-            if let (Some(persister), Some(r)) = (&gw.persister, record) {
-                persister.put(r);
-            }
+            gw.persist_record(record);
             response
         }
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
