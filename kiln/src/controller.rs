@@ -79,6 +79,8 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             r = leading.wait_for(|l| *l) => { r.context("leader election stopped")?; }
             _ = shutdown.wait_for(|s| *s) => {
                 tracing::info!("stopped before leading");
+                // The elector may have won the Lease meanwhile: hand it over.
+                let _ = elector.release().await;
                 return Ok(());
             }
         }
