@@ -274,9 +274,12 @@ pub fn run(bench: &Bench) -> Result<()> {
                     stats.commits.load(std::sync::atomic::Ordering::Relaxed),
                     stats.written.load(std::sync::atomic::Ordering::Relaxed),
                 );
+                let busy_ms = stats.busy_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
                 println!(
-                    "prediction store (redb): {written} records written in {commits} commits ({:.1} per commit)",
-                    written as f64 / commits.max(1) as f64
+                    "prediction store (redb): {written} records written in {commits} commits ({:.1} per commit), \
+                     {:.2} ms per commit (encoding, writing, fsync)",
+                    written as f64 / commits.max(1) as f64,
+                    busy_ms / commits.max(1) as f64
                 );
                 result
             }
