@@ -239,10 +239,13 @@ pub fn run(bench: &Bench) -> Result<()> {
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             api_keys: vec![("bench-key-0123456789".into(), "bench".into())],
             watch_interval: Duration::from_millis(200),
+            // As `kiln up` keeps predictions: every transition written to redb on this disk.
+            store: Arc::new(kiln_controller::store::RedbStore::open(&dir.join("predictions.redb"))?),
             ..ServerOptions::default()
         })
         .await?;
         let (http, agents, control) = (server.http_addr, server.agent_addr, Arc::clone(&server.control));
+        let persister = server.persister.clone();
         let (_stop, stop) = tokio::sync::watch::channel(false);
         tokio::spawn(server.serve(stop));
         let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -264,7 +267,21 @@ pub fn run(bench: &Bench) -> Result<()> {
         }
         let result = match bench {
             Bench::Gateway { rps, seconds, connections } => {
-                gateway(http, worker_addr, &control, *rps, *seconds, *connections).await
+                let result = gateway(http, worker_addr, &control, *rps, *seconds, *connections).await;
+                persister.flush().await?;
+                let stats = persister.stats();
+                let (commits, written) = (
+                    stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+                    stats.written.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                let busy_ms = stats.busy_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
+                println!(
+                    "prediction store (redb): {written} records written in {commits} commits ({:.1} per commit), \
+                     {:.2} ms per commit (encoding, writing, fsync)",
+                    written as f64 / commits.max(1) as f64,
+                    busy_ms / commits.max(1) as f64
+                );
+                result
             }
             Bench::ColdStart { .. } => cold_start(http, &names, &starts).await,
         };

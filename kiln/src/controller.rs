@@ -3,6 +3,10 @@
 //! `ModelDeployment`s, serves agents and the gateway, writes `GpuNode` objects and reads API keys from Secrets
 //! labelled `kiln.dev/api-key=true` (in the namespaces of `--api-key-namespaces`, or in every namespace). Losing
 //! the Lease ends the process (a restart starts clean).
+//!
+//! SIGTERM or SIGINT: the gateway drains (new predictions 503, those under way get `--shutdown-grace`), the
+//! prediction store is flushed, then the Lease is released so a standby takes over at once. Predictions and
+//! counters are kept in `--state-dir` (a volume in the chart) and read back when the process restarts there.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -60,12 +64,21 @@ pub struct ControllerArgs {
     /// cluster-wide right to list Secrets. The Helm chart passes the namespaces it grants a Role in.
     #[arg(long, env = "KILN_API_KEY_NAMESPACES", value_delimiter = ',', num_args = 0..)]
     pub api_key_namespaces: Vec<String>,
+    /// Where predictions and counters are kept across restarts (`predictions.redb`).
+    #[arg(long, env = "KILN_STATE_DIR", default_value = "/var/lib/kiln")]
+    pub state_dir: std::path::PathBuf,
+    /// On SIGTERM: how long predictions under way may take to finish before they are answered 503, e.g. `30s`.
+    /// Keep the pod's terminationGracePeriodSeconds above it (the chart adds 15 s).
+    #[arg(long, default_value = "30s", value_parser = crate::up::seconds)]
+    pub shutdown_grace: Duration,
 }
 
 /// Runs until interrupted or the Lease is lost.
 pub fn controller(args: &ControllerArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
+        let mut shutdown = crate::up::shutdown_signal()?;
+        let store = crate::up::open_store(&args.state_dir)?;
         let client =
             Client::try_default().await.context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
         let identity = args.identity.clone().unwrap_or_else(|| format!("kiln-controller-{}", std::process::id()));
@@ -79,7 +92,15 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
         let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
         tokio::spawn(elector.clone().run(leading_tx));
         tracing::info!(%identity, namespace = %args.lease_namespace, "waiting for the kiln-controller Lease");
-        leading.wait_for(|l| *l).await.context("leader election stopped")?;
+        tokio::select! {
+            r = leading.wait_for(|l| *l) => { r.context("leader election stopped")?; }
+            _ = shutdown.wait_for(|s| *s) => {
+                tracing::info!("stopped before leading");
+                // The elector may have won the Lease meanwhile: hand it over.
+                let _ = elector.release().await;
+                return Ok(());
+            }
+        }
         tracing::info!(%identity, "leading");
 
         let server = Server::bind(ServerOptions {
@@ -92,6 +113,8 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             webhook_destinations: args.webhooks.destinations(),
             metrics_addr: args.metrics_listen,
             tenant_limits: args.limits.config(),
+            store,
+            shutdown_grace: args.shutdown_grace,
             ..ServerOptions::default()
         })
         .await?;
@@ -128,16 +151,14 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             "kiln controller: leading as {identity}; gateway http://{}, agents connect to {}",
             server.http_addr, server.agent_addr
         );
-        let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("listening for SIGTERM")?;
+        // The server drains when `shutdown` turns true and returns once done: the Lease is kept meanwhile, so no
+        // other replica acts on the predictions still running here.
+        let serving = server.serve(shutdown);
         tokio::select! {
-            r = server.serve(stop) => r.context("serving")?,
+            r = serving => r.context("serving")?,
             _ = leading.wait_for(|l| !*l) => bail!("lost the kiln-controller Lease; exiting so a restart starts clean"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted"),
-            _ = terminate.recv() => tracing::info!("terminating"),
         }
-        // A clean shutdown hands the Lease over at once.
+        // Drained and flushed: a clean shutdown hands the Lease over at once.
         match elector.release().await {
             Ok(true) => tracing::info!("released the kiln-controller Lease"),
             Ok(false) => {}

@@ -30,7 +30,8 @@ pub struct UpArgs {
     /// holds none.
     #[arg(long, default_value = "kiln-manifests")]
     pub manifests: PathBuf,
-    /// Where Kiln keeps its state on this machine: API keys, the weight cache, generated example models.
+    /// Where Kiln keeps its state on this machine: API keys, the weight cache, generated example models, and the
+    /// predictions and counters that survive a restart (`predictions.redb`).
     #[arg(long, default_value = ".kiln")]
     pub state_dir: PathBuf,
     /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
@@ -73,6 +74,42 @@ pub struct UpArgs {
     /// Also serve `/metrics` here without a key (for Prometheus); on --listen it needs an operator key.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// On SIGTERM or Ctrl-C: how long predictions under way may take to finish before they are answered 503
+    /// (new ones get 503 at once), e.g. `30s`. A second signal exits at once.
+    #[arg(long, default_value = "30s", value_parser = seconds)]
+    pub shutdown_grace: Duration,
+}
+
+/// The prediction store in a state directory.
+pub(crate) fn open_store(state_dir: &Path) -> Result<std::sync::Arc<kiln_controller::store::RedbStore>> {
+    fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    let store = kiln_controller::store::RedbStore::open(&state_dir.join("predictions.redb"))
+        .context("opening the prediction store (is another kiln using this state directory?)")?;
+    Ok(std::sync::Arc::new(store))
+}
+
+/// A watch that turns true on the first SIGTERM or SIGINT; a second one ends the process at once.
+pub(crate) fn shutdown_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        for n in 0..2 {
+            let name = tokio::select! {
+                _ = terminate.recv() => "SIGTERM",
+                _ = interrupt.recv() => "SIGINT",
+            };
+            if n == 0 {
+                tracing::info!("{name}: shutting down gracefully (a second signal exits at once)");
+                let _ = tx.send(true);
+            } else {
+                tracing::warn!("{name} again: exiting without waiting");
+                std::process::exit(130);
+            }
+        }
+    });
+    Ok(rx)
 }
 
 /// What one namespace may ask of the gateway.
@@ -313,6 +350,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
             webhook_destinations: args.webhooks.destinations(),
             metrics_addr: args.metrics_listen,
             tenant_limits: args.limits.config(),
+            store: open_store(&args.state_dir)?,
+            shutdown_grace: args.shutdown_grace,
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {
@@ -320,9 +359,11 @@ pub fn up(args: &UpArgs) -> Result<()> {
         })?;
         let (http, agents) = (server.http_addr, server.agent_addr);
         tokio::spawn(reload_keys(keys_file.clone(), std::sync::Arc::clone(&server.gateway)));
+        let shutdown = shutdown_signal()?;
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let mut agent_line = String::from("no local agent (--no-agent): waiting for agents to connect");
         let mut agent_metrics = None;
+        let mut agent = None;
         if !args.no_agent {
             let node = Node::open(NodeOptions {
                 node: host_name(),
@@ -341,11 +382,11 @@ pub fn up(args: &UpArgs) -> Result<()> {
             agent_line = format!("local agent: {}", node.addresses.summary);
             agent_metrics = Some(node.addresses.metrics);
             let stop = stop.clone();
-            tokio::spawn(async move {
+            agent = Some(tokio::spawn(async move {
                 if let Err(e) = node.serve(stop).await {
                     tracing::error!("the local agent stopped: {e:#}");
                 }
-            });
+            }));
         }
         let key = keys.iter().find(|k| k.namespace == "default").or(keys.first());
         let mut banner = String::new();
@@ -386,13 +427,16 @@ pub fn up(args: &UpArgs) -> Result<()> {
             );
         }
         say(&banner);
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                tracing::info!("interrupted; stopping");
-                let _ = stop_tx.send(true);
-            }
-        });
-        server.serve(stop).await.context("serving")
+        // The gateway drains first (the local agent keeps serving the predictions under way), then the agent
+        // stops its replicas.
+        let served = server.serve(shutdown).await.context("serving");
+        let _ = stop_tx.send(true);
+        if let Some(agent) = agent
+            && tokio::time::timeout(Duration::from_secs(10), agent).await.is_err()
+        {
+            tracing::warn!("the local agent did not stop within 10 s");
+        }
+        served
     })
 }
 
@@ -518,7 +562,8 @@ mod tests {
         assert_eq!(mode(&state.join("webhook-secret")), 0o600);
         let (path, keys) = keys_in(None, &state).unwrap();
         assert_eq!(path, state.join("api-keys.yaml"));
-        assert_eq!(keys.len(), 1);
+        let namespaces: Vec<&str> = keys.iter().map(|k| k.namespace.as_str()).collect();
+        assert_eq!(namespaces, ["default", kiln_controller::gateway::OPERATOR], "a tenant key and an operator key");
         assert_eq!(mode(&path), 0o600);
         // Read back as they are, not written again.
         assert_eq!(webhook_secret(&state).unwrap(), secret);

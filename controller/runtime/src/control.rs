@@ -147,6 +147,8 @@ pub struct ControlPlane {
     commands: std::sync::atomic::AtomicU64,
     metrics: Metrics,
     counters: Mutex<HashMap<String, DeploymentCounters>>,
+    /// Where counters are written when they change.
+    persister: std::sync::OnceLock<crate::store::Persister>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -271,7 +273,19 @@ impl ControlPlane {
             commands: std::sync::atomic::AtomicU64::new(0),
             metrics: Metrics::new(),
             counters: Mutex::new(HashMap::new()),
+            persister: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Takes the counters read back from the store (they go on counting from there) and the writer they go to
+    /// from now on. Call it once, before serving.
+    pub fn restore_counters(
+        &self,
+        counters: impl IntoIterator<Item = (String, DeploymentCounters)>,
+        persister: crate::store::Persister,
+    ) {
+        lock(&self.counters).extend(counters);
+        let _ = self.persister.set(persister);
     }
 
     /// Seconds on the control loop's clock (the time the core's decisions use).
@@ -339,7 +353,11 @@ impl ControlPlane {
     pub fn remove(&self, key: &str) {
         lock(&self.core).remove_deployment(key);
         lock(&self.served).remove(key);
-        lock(&self.counters).remove(key);
+        if lock(&self.counters).remove(key).is_some()
+            && let Some(p) = self.persister.get()
+        {
+            p.counters(key.to_owned(), None);
+        }
         lock(&self.last_cold_start).remove(key);
         self.wake.notify_one();
     }
@@ -370,8 +388,18 @@ impl ControlPlane {
         })
     }
 
+    /// A deployment's counters (totals since it was created, across restarts).
+    pub fn counters(&self, key: &str) -> DeploymentCounters {
+        lock(&self.counters).get(key).cloned().unwrap_or_default()
+    }
+
     fn count(&self, key: &str, f: impl FnOnce(&mut DeploymentCounters)) {
-        f(lock(&self.counters).entry(key.to_owned()).or_default());
+        let mut counters = lock(&self.counters);
+        let c = counters.entry(key.to_owned()).or_default();
+        f(c);
+        if let Some(p) = self.persister.get() {
+            p.counters(key.to_owned(), Some(c.clone()));
+        }
     }
 
     /// A deployment's state, `None` if unknown.

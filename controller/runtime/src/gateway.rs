@@ -16,7 +16,14 @@
 //!   a URL, retried with backoff and signed with a secret per namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`); `"stream": true` adds `urls.stream`, server-sent events
 //!   (`output`, or `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
-//! Finished predictions stay readable for an hour (at most the newest 100,000). Canceling marks the prediction
+//! Finished predictions stay readable for an hour (at most the newest 100,000). With a [`Persister`] each prediction
+//! is written to the store on every transition (created, started, finished, expired) and [`Gateway::restore`] reads
+//! them back after a restart: finished ones are served as before, one that was running is finished as failed
+//! ([`RESTART_ERROR`]) and its `completed` webhook sent.
+//!
+//! Shutdown ([`Gateway::drain`]): new predictions get 503 with `Retry-After`; those under way get the grace period
+//! to finish; what is left then fails ([`SHUTDOWN_ERROR`]: 503 with `Retry-After` for a client waiting on it, the
+//! `completed` webhook for the others). Canceling marks the prediction
 //! canceled and drops its result; it does not stop work already sent to a replica. The gateway's metrics are
 //! recorded by its backend (the control plane).
 
@@ -37,6 +44,16 @@ use axum::{
 };
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
+
+use crate::store::{Persister, PredictionRecord};
+
+/// The error of a prediction that was running when the controller process ended.
+pub const RESTART_ERROR: &str = "the controller restarted while it ran";
+/// The error of a prediction still running when a shutdown's grace period ran out.
+pub const SHUTDOWN_ERROR: &str = "the controller shut down before the prediction finished; retry it";
+/// `Retry-After` (seconds) of a prediction refused or cut off by a shutdown: about the time a restart or a standby
+/// takes to serve.
+pub const SHUTDOWN_RETRY_AFTER_S: u64 = 5;
 
 /// What a finished prediction produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +221,8 @@ struct Prediction {
     /// Webhook URL and the events it wants.
     webhook: Option<(String, Vec<String>)>,
     stream: bool,
+    /// Sizes of an input and output that were over the store's limits (restored records only).
+    dropped: (Option<usize>, Option<usize>),
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -232,7 +251,7 @@ fn rfc3339(t: SystemTime) -> String {
 impl Prediction {
     fn json(&self, base: &str) -> Value {
         let url = format!("{base}/v1/predictions/{}", self.id);
-        json!({
+        let mut value = json!({
             "id": self.id,
             "model": self.model,
             "version": self.version,
@@ -250,12 +269,82 @@ impl Prediction {
                 json!({ "get": url, "cancel": format!("{url}/cancel") })
             },
             "metrics": self.metrics,
-        })
+        });
+        if let Some(n) = self.dropped.0 {
+            value["input_dropped"] =
+                json!(format!("the input ({n} bytes) was over the {} kept", kib(crate::store::INPUT_LIMIT)));
+        }
+        if let Some(n) = self.dropped.1 {
+            value["output_dropped"] = json!(format!(
+                "the output ({n} bytes) was over the {} kept across restarts",
+                kib(crate::store::OUTPUT_LIMIT)
+            ));
+        }
+        value
     }
 
     fn finished(&self) -> bool {
         matches!(self.status, "succeeded" | "failed" | "canceled")
     }
+
+    /// The stored form.
+    fn record(&self) -> PredictionRecord {
+        let (webhook, webhook_events_filter) = match &self.webhook {
+            Some((url, events)) => (Some(url.clone()), events.clone()),
+            None => (None, Vec::new()),
+        };
+        PredictionRecord {
+            id: self.id.clone(),
+            model: self.model.clone(),
+            version: self.version.clone(),
+            status: self.status.to_owned(),
+            input: self.input.clone(),
+            input_dropped_bytes: self.dropped.0,
+            output: self.output.clone(),
+            output_dropped_bytes: self.dropped.1,
+            error: self.error.clone(),
+            logs: String::new(),
+            metrics: self.metrics.clone(),
+            created_at: self.created_at,
+            started_at: self.started_at,
+            completed_at: self.completed_at,
+            webhook,
+            webhook_events_filter,
+            stream: self.stream,
+        }
+    }
+
+    /// A prediction from its stored form.
+    fn from_record(r: PredictionRecord) -> Self {
+        let status = match r.status.as_str() {
+            "starting" => "starting",
+            "processing" => "processing",
+            "succeeded" => "succeeded",
+            "canceled" => "canceled",
+            _ => "failed",
+        };
+        Self {
+            id: r.id,
+            model: r.model,
+            version: r.version,
+            status,
+            input: r.input,
+            output: r.output,
+            error: r.error,
+            created_at: r.created_at,
+            started_at: r.started_at,
+            completed_at: r.completed_at,
+            metrics: r.metrics,
+            done: Arc::new(Notify::new()),
+            webhook: r.webhook.map(|url| (url, r.webhook_events_filter)),
+            stream: r.stream,
+            dropped: (r.input_dropped_bytes, r.output_dropped_bytes),
+        }
+    }
+}
+
+fn kib(bytes: usize) -> String {
+    format!("{} KiB", bytes / 1024)
 }
 
 /// How long a finished prediction stays readable.
@@ -272,19 +361,62 @@ struct Store {
 
 impl Store {
     fn finish(&mut self, id: &str) {
-        self.finished.push_back((SystemTime::now(), id.to_owned()));
+        self.finish_at(id, SystemTime::now());
     }
 
-    /// Drops finished predictions past the retention or beyond the cap.
-    fn expire(&mut self) {
-        while let Some((at, id)) = self.finished.front() {
+    /// Marks `id` finished at `at` (not before the last finished: the queue is in finishing order).
+    fn finish_at(&mut self, id: &str, at: SystemTime) {
+        self.finished.push_back((at, id.to_owned()));
+    }
+
+    /// Drops finished predictions past the retention or beyond the cap; the ids dropped (none allocates nothing).
+    fn expire(&mut self) -> Vec<String> {
+        let mut expired = Vec::new();
+        while let Some((at, _)) = self.finished.front() {
             let old = at.elapsed().unwrap_or_default() >= RETENTION;
             if !old && self.finished.len() <= MAX_FINISHED {
                 break;
             }
-            self.map.remove(id);
-            self.finished.pop_front();
+            if let Some((_, id)) = self.finished.pop_front() {
+                self.map.remove(&id);
+                expired.push(id);
+            }
         }
+        expired
+    }
+}
+
+/// How a restart found the stored predictions.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Finished predictions readable again.
+    pub finished: usize,
+    /// Running when the process ended: now failed ([`RESTART_ERROR`]).
+    pub interrupted: usize,
+    /// Past their retention: removed.
+    pub expired: usize,
+}
+
+/// The gateway's shutdown state: whether it refuses new predictions, and how many are under way.
+#[derive(Debug)]
+struct Drain {
+    draining: std::sync::atomic::AtomicBool,
+    in_flight: Arc<watch::Sender<usize>>,
+}
+
+/// One prediction under way, counted until dropped.
+struct InFlight(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn new(count: &Arc<watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Self(Arc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 
@@ -303,6 +435,9 @@ pub struct Gateway<B> {
     pub webhooks: crate::webhook::Webhooks,
     /// Per-namespace admission limits (rate and unfinished predictions).
     pub limits: crate::limits::TenantLimits,
+    /// Where predictions are written on each transition (`None`: kept in memory only).
+    pub persister: Option<Persister>,
+    drain: Drain,
 }
 
 impl<B: Backend> Gateway<B> {
@@ -316,7 +451,131 @@ impl<B: Backend> Gateway<B> {
             base_url: base_url.trim_end_matches('/').to_owned(),
             webhooks: crate::webhook::Webhooks::default(),
             limits: crate::limits::TenantLimits::new(crate::limits::LimitConfig::default()),
+            persister: None,
+            drain: Drain {
+                draining: std::sync::atomic::AtomicBool::new(false),
+                in_flight: Arc::new(watch::channel(0).0),
+            },
         })
+    }
+
+    fn persist(&self, p: &Prediction) {
+        if let Some(persister) = &self.persister {
+            persister.put(p.record());
+        }
+    }
+
+    fn persist_record(&self, record: Option<PredictionRecord>) {
+        if let (Some(persister), Some(r)) = (&self.persister, record) {
+            persister.put(r);
+        }
+    }
+
+    fn persist_expired(&self, expired: Vec<String>) {
+        if let Some(persister) = &self.persister {
+            for id in expired {
+                persister.remove(id);
+            }
+        }
+    }
+
+    /// Takes the predictions of a store after a restart: finished ones are readable again (and expire on the
+    /// usual schedule, counted from when they finished); one that was starting or processing is finished as
+    /// failed with [`RESTART_ERROR`], written back, and its `completed` webhook sent. Call it before serving.
+    pub fn restore(&self, records: Vec<PredictionRecord>) -> Restored {
+        let now = SystemTime::now();
+        let mut restored = Restored::default();
+        let mut finished = Vec::new();
+        let mut interrupted = Vec::new();
+        let mut expired = Vec::new();
+        for r in records {
+            let mut p = Prediction::from_record(r);
+            if p.finished() {
+                let at = p.completed_at.unwrap_or(p.created_at);
+                if now.duration_since(at).unwrap_or_default() >= RETENTION {
+                    expired.push(p.id);
+                } else {
+                    finished.push((at, p));
+                }
+            } else {
+                p.status = "failed";
+                p.error = Some(RESTART_ERROR.to_owned());
+                p.completed_at = Some(now);
+                p.metrics = json!({ "controller_restarted": true });
+                interrupted.push(p);
+            }
+        }
+        finished.sort_by_key(|(at, _)| *at);
+        restored.finished = finished.len();
+        restored.interrupted = interrupted.len();
+        restored.expired = expired.len();
+        {
+            let mut store = self.lock();
+            for (at, p) in finished {
+                store.finish_at(&p.id, at);
+                store.map.insert(p.id.clone(), p);
+            }
+            for p in &interrupted {
+                store.finish_at(&p.id, now);
+                store.map.insert(p.id.clone(), p.clone());
+            }
+            let over = store.expire();
+            expired.extend(over);
+        }
+        self.persist_expired(expired);
+        for p in &interrupted {
+            self.persist(p);
+            self.notify_webhook(p, "completed");
+        }
+        restored
+    }
+
+    /// Whether a shutdown has begun (new predictions are refused).
+    pub fn is_draining(&self) -> bool {
+        self.drain.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Predictions under way.
+    pub fn in_flight(&self) -> usize {
+        *self.drain.in_flight.borrow()
+    }
+
+    /// Shuts the predictions API down: from now on new predictions get 503 with `Retry-After`; those under way
+    /// (held for a cold start, or running) get `grace` to finish; the ones left then fail with [`SHUTDOWN_ERROR`]
+    /// (a client waiting on one gets 503 with `Retry-After`, a webhook gets `completed`). Returns how many were cut
+    /// off. Reading predictions keeps working.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        self.drain.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut in_flight = self.drain.in_flight.subscribe();
+        if tokio::time::timeout(grace, in_flight.wait_for(|n| *n == 0)).await.is_ok() {
+            return 0;
+        }
+        let now = SystemTime::now();
+        let cut: Vec<Prediction> = {
+            let mut store = self.lock();
+            let cut: Vec<Prediction> = store
+                .map
+                .values_mut()
+                .filter(|p| !p.finished())
+                .map(|p| {
+                    p.status = "failed";
+                    p.error = Some(SHUTDOWN_ERROR.to_owned());
+                    p.completed_at = Some(now);
+                    p.metrics = json!({ "shutdown": true, "retry_after": SHUTDOWN_RETRY_AFTER_S });
+                    p.done.notify_waiters();
+                    p.clone()
+                })
+                .collect();
+            for p in &cut {
+                store.finish_at(&p.id, now);
+            }
+            cut
+        };
+        for p in &cut {
+            self.persist(p);
+            self.notify_webhook(p, "completed");
+        }
+        cut.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, Store> {
@@ -385,6 +644,13 @@ impl<B: Backend> Gateway<B> {
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
     (status, Json(json!({ "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail.into() })))
         .into_response()
+}
+
+/// 503 with `Retry-After`: the gateway is shutting down.
+fn shutting_down(detail: impl Into<String>) -> Response {
+    let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, detail);
+    response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from(SHUTDOWN_RETRY_AFTER_S));
+    response
 }
 
 fn new_id() -> String {
@@ -457,6 +723,11 @@ async fn create<B: Backend>(
     if caller != namespace {
         return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
     }
+    // Counted before the check, so a drain that begins now either sees this prediction or refuses it.
+    let in_flight = InFlight::new(&gw.drain.in_flight);
+    if gw.is_draining() {
+        return shutting_down("the gateway is shutting down and takes no new predictions; retry");
+    }
     // Admission before anything is parsed or stored: the permit counts this prediction until it finishes.
     let permit = match gw.limits.admit(&namespace, std::time::Instant::now()) {
         Ok(p) => p,
@@ -513,31 +784,41 @@ async fn create<B: Backend>(
         done: Arc::clone(&done),
         webhook,
         stream,
+        dropped: (None, None),
     };
-    {
+    gw.persist(&prediction);
+    let expired = {
         let mut predictions = gw.lock();
-        predictions.expire();
+        let expired = predictions.expire();
         predictions.map.insert(id.clone(), prediction);
-    }
+        expired
+    };
+    gw.persist_expired(expired);
     let wait = prefer_wait(&headers);
     let runner = Arc::clone(&gw);
     let task_id = id.clone();
     let notified = done.notified();
     tokio::spawn(async move {
         let _permit = permit;
-        // A copy only for a webhook, outside the lock: most predictions have none.
-        let started = runner.lock().map.get_mut(&task_id).and_then(|p| {
+        let _in_flight = in_flight;
+        // Copies only for the store and a webhook, used outside the lock.
+        let persisted = runner.persister.is_some();
+        let started = runner.lock().map.get_mut(&task_id).map(|p| {
             p.status = "processing";
             p.started_at = Some(SystemTime::now());
-            p.webhook.is_some().then(|| p.clone())
+            (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
         });
-        if let Some(p) = started {
-            runner.notify_webhook(&p, "start");
+        if let Some((record, webhook)) = started {
+            runner.persist_record(record);
+            if let Some(p) = webhook {
+                runner.notify_webhook(&p, "start");
+            }
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
         let mut store = runner.lock();
         let Some(p) = store.map.get_mut(&task_id) else { return };
-        if p.status == "canceled" {
+        if p.finished() {
+            // Canceled, or cut off by a shutdown.
             return;
         }
         p.completed_at = Some(SystemTime::now());
@@ -565,10 +846,11 @@ async fn create<B: Backend>(
             }
         }
         p.done.notify_waiters();
-        let finished = p.webhook.is_some().then(|| p.clone());
+        let (record, webhook) = (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()));
         store.finish(&task_id);
         drop(store);
-        if let Some(p) = finished {
+        runner.persist_record(record);
+        if let Some(p) = webhook {
             runner.notify_webhook(&p, "completed");
         }
     });
@@ -593,6 +875,9 @@ async fn create<B: Backend>(
             response.headers_mut().insert(header::RETRY_AFTER, v);
         }
         return response;
+    }
+    if p.status == "failed" && p.metrics.get("shutdown") == Some(&json!(true)) {
+        return shutting_down(format!("prediction {id}: {SHUTDOWN_ERROR}"));
     }
     if p.status == "failed" && p.metrics.get("cold_start_timeout") == Some(&json!(true)) {
         return (StatusCode::GATEWAY_TIMEOUT, Json(p.json(&gw.base_url))).into_response();
@@ -663,9 +948,12 @@ async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<St
                 p.done.notify_waiters();
             }
             let response = Json(p.json(&gw.base_url)).into_response();
+            let record = (canceled && gw.persister.is_some()).then(|| p.record());
             if canceled {
                 store.finish(&id);
             }
+            drop(store);
+            gw.persist_record(record);
             response
         }
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
@@ -722,6 +1010,7 @@ mod tests {
                 done: Arc::new(Notify::new()),
                 webhook: None,
                 stream: false,
+                dropped: (None, None),
             };
             store.map.insert(id.clone(), p);
             store.finish(&id);

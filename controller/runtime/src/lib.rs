@@ -12,4 +12,5 @@ pub mod manifests;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod store;
 pub mod webhook;

@@ -1,6 +1,12 @@
 //! The controller process without a cluster: the manifest directory as the spec source, the agent registry's
 //! `AgentService` on one address, and the gateway (predictions API, `GET /v1/deployments`, `/metrics`,
 //! `/healthz`) on another. `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
+//!
+//! State: prediction records and deployment counters go to [`ServerOptions::store`] (redb in the state directory
+//! for `kiln up` and `kiln controller`) and are read back by [`Server::bind`]. Shutdown ([`Server::serve`]): when
+//! its `shutdown` signal turns true the gateway drains (new predictions 503, those under way get
+//! [`ServerOptions::shutdown_grace`], the rest are cut off), `/healthz` answers 503, then the HTTP server stops,
+//! the control loop stops, the store is flushed and pending webhooks get a few seconds to go out.
 
 use std::{
     net::SocketAddr,
@@ -28,6 +34,7 @@ use crate::{
     gateway::{Caller, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
+    store::{MemoryStore, Persister, PredictionStore},
 };
 
 /// How to run the controller.
@@ -60,6 +67,10 @@ pub struct ServerOptions {
     pub tenant_limits: crate::limits::LimitConfig,
     /// Limits of the gateway's listener: connections, header and body timeouts, body size.
     pub http_limits: HttpLimits,
+    /// Where prediction records and counters are kept across restarts.
+    pub store: Arc<dyn PredictionStore>,
+    /// How long a shutdown lets predictions under way finish.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ServerOptions {
@@ -78,9 +89,14 @@ impl Default for ServerOptions {
             metrics_addr: None,
             tenant_limits: crate::limits::LimitConfig::default(),
             http_limits: HttpLimits::default(),
+            store: Arc::new(MemoryStore::default()),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
+
+/// How long, after the drain, open connections may take to close, and pending webhooks to go out.
+const AFTER_DRAIN: Duration = Duration::from_secs(5);
 
 /// A bound controller; [`Server::serve`] runs it.
 #[derive(Debug)]
@@ -97,6 +113,8 @@ pub struct Server {
     pub gateway: Arc<Gateway<Arc<ControlPlane>>>,
     /// The agent registry.
     pub registry: Registry,
+    /// The store's writer.
+    pub persister: Persister,
     options: ServerOptions,
     http: tokio::net::TcpListener,
     agents: tokio::net::TcpListener,
@@ -113,7 +131,9 @@ struct Shared {
 }
 
 impl Server {
-    /// Binds both listeners. A webhook secret that does not parse is an error (`InvalidInput`).
+    /// Binds both listeners and reads the store back (counters restored; predictions readable again, those that
+    /// were running finished as failed and their webhooks sent). A webhook secret that does not parse is an error
+    /// (`InvalidInput`), so is a store that cannot be read.
     pub async fn bind(options: ServerOptions) -> std::io::Result<Self> {
         let secret = match &options.webhook_secret {
             Some(text) => crate::webhook::Secret::parse(text)
@@ -129,6 +149,9 @@ impl Server {
         let metrics_addr = metrics.as_ref().map(tokio::net::TcpListener::local_addr).transpose()?;
         let registry = Registry::new(options.registry, MonotonicClock::system());
         let control = ControlPlane::new(registry.clone(), options.control.clone());
+        let snapshot = options.store.load().map_err(std::io::Error::other)?;
+        let persister = Persister::spawn(Arc::clone(&options.store))?;
+        control.restore_counters(snapshot.counters, persister.clone());
         let http_addr = http.local_addr()?;
         let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
         if let Some(g) = Arc::get_mut(&mut gateway) {
@@ -140,6 +163,17 @@ impl Server {
                 options.webhook_destinations.clone(),
             );
             g.webhooks.secret = Some(secret);
+            g.persister = Some(persister.clone());
+        }
+        let restored = gateway.restore(snapshot.predictions);
+        if restored != Default::default() || snapshot.unreadable > 0 {
+            tracing::info!(
+                finished = restored.finished,
+                interrupted = restored.interrupted,
+                expired = restored.expired,
+                unreadable = snapshot.unreadable,
+                "predictions restored from the store"
+            );
         }
         Ok(Self {
             http_addr,
@@ -147,6 +181,7 @@ impl Server {
             metrics_addr,
             control,
             gateway,
+            persister,
             options,
             registry,
             http,
@@ -155,8 +190,9 @@ impl Server {
         })
     }
 
-    /// Serves until `stop` turns true.
-    pub async fn serve(self, mut stop: watch::Receiver<bool>) -> std::io::Result<()> {
+    /// Serves until `shutdown` turns true, then shuts down gracefully (see the module docs); returns when done.
+    pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+        let (stop_tx, stop) = watch::channel(false);
         let shared = Arc::new(Shared {
             control: Arc::clone(&self.control),
             gateway: Arc::clone(&self.gateway),
@@ -191,17 +227,67 @@ impl Server {
                 }
             });
         }
+        let health = Arc::clone(&self.gateway);
         let router = self.gateway.router().merge(
             Router::new()
                 .route("/v1/deployments", get(deployments))
                 .route("/metrics", get(metrics_page))
-                .route("/healthz", get(|| async { "ok" }))
+                .route(
+                    "/healthz",
+                    get(move || async move {
+                        if health.is_draining() {
+                            (axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+                        } else {
+                            (axum::http::StatusCode::OK, "ok")
+                        }
+                    }),
+                )
                 .with_state(shared),
         );
-        crate::connections::serve(self.http, router, self.options.http_limits, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await
+        // The drain runs while the listener still accepts: a client gets a clear 503 with Retry-After, not a
+        // refused connection, and reads of finished predictions keep working.
+        let gateway = Arc::clone(&self.gateway);
+        let grace = self.options.shutdown_grace;
+        let (drained_tx, mut drained) = watch::channel(false);
+        let drain = async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            tracing::info!(
+                in_flight = gateway.in_flight(),
+                grace_s = grace.as_secs_f64(),
+                "shutting down: draining the gateway"
+            );
+            let cut = gateway.drain(grace).await;
+            if cut > 0 {
+                tracing::warn!(predictions = cut, "the shutdown grace ran out; predictions still running were failed");
+            } else {
+                tracing::info!("drained: every prediction under way finished");
+            }
+            let _ = drained_tx.send(true);
+        };
+        let http = crate::connections::serve(self.http, router, self.options.http_limits, drain);
+        let served = tokio::select! {
+            r = http => r,
+            // A connection that does not close soon after the drain (a client that stopped reading) does not
+            // hold the process.
+            _ = async {
+                let _ = drained.wait_for(|d| *d).await;
+                tokio::time::sleep(AFTER_DRAIN).await;
+            } => {
+                tracing::warn!("connections still open {AFTER_DRAIN:?} after the drain; closing them");
+                Ok(())
+            }
+        };
+        let _ = stop_tx.send(true);
+        if let Err(e) = self.persister.flush().await {
+            tracing::error!(error = %e, "the prediction store could not be flushed");
+        }
+        if !self.gateway.webhooks.settle(AFTER_DRAIN).await {
+            tracing::warn!(
+                pending = self.gateway.webhooks.pending(),
+                "webhooks still being retried at exit are dropped"
+            );
+        }
+        served
     }
 }
 
@@ -272,6 +358,7 @@ async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
                     "nextStartInSeconds": (f.retry_at - now).max(0.0).ceil(),
                 })),
                 "placements": placements,
+                "counters": shared.control.counters(&key),
             })
         })
         .collect();

@@ -360,6 +360,8 @@ pub struct Webhooks {
     /// The master secret: deliveries for a namespace are signed with [`Secret::for_namespace`] of it, when set.
     pub secret: Option<Secret>,
     destinations: Arc<Destinations>,
+    /// Deliveries not finished yet (delivered or given up), shared by clones.
+    pending: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
 }
 
 impl std::fmt::Debug for Webhooks {
@@ -415,6 +417,7 @@ impl Webhooks {
             timeout: Duration::from_secs(10),
             secret: None,
             destinations,
+            pending: std::sync::Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -429,12 +432,26 @@ impl Webhooks {
         let this = self.clone();
         let bytes = Bytes::from(body.to_string());
         let namespace = namespace.to_owned();
+        self.pending.send_modify(|n| *n += 1);
         tokio::spawn(async move {
             match this.deliver(&url, &id, bytes, &namespace).await {
                 Ok(attempt) => tracing::debug!(%url, %id, attempt, "webhook delivered"),
                 Err(e) => tracing::warn!(%url, %id, error = %e, "webhook given up"),
             }
+            this.pending.send_modify(|n| *n = n.saturating_sub(1));
         });
+    }
+
+    /// Deliveries under way (including those waiting to retry).
+    pub fn pending(&self) -> usize {
+        *self.pending.borrow()
+    }
+
+    /// Waits until every delivery under way is delivered or given up, at most `within`; whether they all were.
+    /// A shutdown calls it so the `completed` webhooks of the last predictions go out before the process ends.
+    pub async fn settle(&self, within: Duration) -> bool {
+        let mut rx = self.pending.subscribe();
+        tokio::time::timeout(within, rx.wait_for(|n| *n == 0)).await.is_ok()
     }
 
     /// Delivers with retries; returns the attempt that succeeded.

@@ -1,5 +1,6 @@
 //! The predictions API over a fake backend whose one deployment starts cold: sync and async predictions,
-//! cold-start metrics, auth, 404/400, a full hold queue (429) and a cold start past the deadline (504).
+//! cold-start metrics, auth, 404/400, a full hold queue (429) and a cold start past the deadline (504); a
+//! shutdown's drain; predictions and webhooks across a restart (through a store).
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -11,8 +12,9 @@ use std::{
 };
 
 use kiln_controller::{
-    gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError},
+    gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError, RESTART_ERROR, Restored, SHUTDOWN_ERROR},
     limits::{LimitConfig, TenantLimits},
+    store::{MemoryStore, Persister, PredictionRecord, PredictionStore},
     webhook::{Destinations, Secret, Webhooks},
 };
 use serde_json::{Value, json};
@@ -82,6 +84,17 @@ fn http(
 const MASTER: &str = "whsec_AAECAwQFBgcICQoLDA0ODxAREhMUFRYX";
 
 async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
+    serve_gateway(hold, capacity, cold, None, Vec::new()).await.0
+}
+
+/// A gateway writing to `persister` (if any) after restoring `records`.
+async fn serve_gateway(
+    hold: Duration,
+    capacity: usize,
+    cold: Duration,
+    persister: Option<Persister>,
+    records: Vec<PredictionRecord>,
+) -> (String, Arc<Gateway<Fake>>, Restored) {
     let fake = Fake { queue: Arc::new(HoldQueue::new(capacity)), cold };
     let keys = [("key-demo".to_owned(), "demo".to_owned()), ("key-other".to_owned(), "other".to_owned())];
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -93,9 +106,183 @@ async fn serve(hold: Duration, capacity: usize, cold: Duration) -> String {
     let destinations = Destinations { allow: vec!["127.0.0.1/32".parse().unwrap()], deny: vec![] };
     g.webhooks = Webhooks::with_destinations(Duration::from_millis(20), 4, destinations);
     g.webhooks.secret = Some(Secret::parse(MASTER).unwrap());
+    g.persister = persister;
+    let restored = gateway.restore(records);
     let router = gateway.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-    addr
+    (addr, gateway, restored)
+}
+
+/// A webhook receiver answering 200: its URL and what it got.
+async fn receiver() -> (String, Arc<std::sync::Mutex<Vec<Value>>>) {
+    let received: Arc<std::sync::Mutex<Vec<Value>>> = Arc::default();
+    let log = Arc::clone(&received);
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: String| {
+            let log = Arc::clone(&log);
+            async move {
+                log.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await.unwrap() });
+    (url, received)
+}
+
+async fn wait_until(what: &str, ok: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ok() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn post(addr: &str, prefer: Option<&'static str>, body: String) -> (u16, String, Value) {
+    let a = addr.to_owned();
+    tokio::task::spawn_blocking(move || {
+        http(&a, "POST", "/v1/deployments/demo/echo/predictions", Some("key-demo"), prefer, &body)
+    })
+    .await
+    .unwrap()
+}
+
+async fn get(addr: &str, id: &str) -> (u16, String, Value) {
+    let (a, path) = (addr.to_owned(), format!("/v1/predictions/{id}"));
+    tokio::task::spawn_blocking(move || http(&a, "GET", &path, Some("key-demo"), None, "")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_lets_predictions_under_way_finish_and_refuses_new_ones() {
+    // Two clients held for a 400 ms cold start when the drain begins, with a grace long enough for it.
+    let (addr, gateway, _) = serve_gateway(Duration::from_secs(5), 8, Duration::from_millis(400), None, vec![]).await;
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let addr = addr.clone();
+            tokio::spawn(async move { post(&addr, Some("wait"), format!(r#"{{"input": {{"x": {i}}}}}"#)).await })
+        })
+        .collect();
+    wait_until("two predictions under way", || gateway.in_flight() == 2).await;
+    let drain = tokio::spawn({
+        let gateway = Arc::clone(&gateway);
+        async move { gateway.drain(Duration::from_secs(5)).await }
+    });
+    wait_until("the drain to begin", || gateway.is_draining()).await;
+    let (status, head, refused) = post(&addr, Some("wait"), r#"{"input": {"x": 9}}"#.into()).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 5"), "{head}");
+    assert!(refused["detail"].as_str().unwrap().contains("shutting down"), "{refused}");
+    for (i, h) in held.into_iter().enumerate() {
+        let (status, _, p) = h.await.unwrap();
+        assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+        assert_eq!(p["output"]["echo"]["x"], i);
+    }
+    assert_eq!(drain.await.unwrap(), 0, "nothing was cut off");
+    assert_eq!(gateway.in_flight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_grace_runs_out_a_waiting_client_gets_503_and_a_webhook_gets_completed() {
+    let (hook, received) = receiver().await;
+    // A cold start that never ends within the test.
+    let (addr, gateway, _) = serve_gateway(Duration::from_secs(60), 8, Duration::from_secs(60), None, vec![]).await;
+    let waiting = tokio::spawn({
+        let addr = addr.clone();
+        async move { post(&addr, Some("wait"), r#"{"input": {"x": 1}}"#.into()).await }
+    });
+    let body = format!(r#"{{"input": {{"x": 2}}, "webhook": "{hook}", "webhook_events_filter": ["completed"]}}"#);
+    let (status, _, async_p) = post(&addr, None, body).await;
+    assert_eq!(status, 201, "{async_p}");
+    wait_until("two predictions under way", || gateway.in_flight() == 2).await;
+    let started = std::time::Instant::now();
+    assert_eq!(gateway.drain(Duration::from_millis(300)).await, 2, "both cut off");
+    assert!(started.elapsed() < Duration::from_secs(2), "the grace bounds the drain: {:?}", started.elapsed());
+    let (status, head, p) = waiting.await.unwrap();
+    assert_eq!(status, 503, "{p}");
+    assert!(head.to_ascii_lowercase().contains("retry-after: 5"), "{head}");
+    assert!(p["detail"].as_str().unwrap().contains(SHUTDOWN_ERROR), "{p}");
+    let id = async_p["id"].as_str().unwrap().to_owned();
+    wait_until("the completed webhook", || !received.lock().unwrap().is_empty()).await;
+    let got = received.lock().unwrap()[0].clone();
+    assert_eq!((got["id"].as_str(), got["status"].as_str()), (Some(id.as_str()), Some("failed")), "{got}");
+    assert_eq!(got["error"], SHUTDOWN_ERROR);
+    let (status, _, p) = get(&addr, &id).await;
+    assert_eq!((status, p["status"].as_str()), (200, Some("failed")), "still readable while draining: {p}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictions_survive_a_restart_and_the_interrupted_one_fails_with_its_webhook() {
+    let store = Arc::new(MemoryStore::default());
+    let dyn_store = || Arc::clone(&store) as Arc<dyn PredictionStore>;
+    let (hook, received) = receiver().await;
+
+    // Before: a finished prediction (with an input over the store's limit), and one still running (a cold start
+    // that does not end) with a webhook for `completed` only.
+    let persister = Persister::spawn(dyn_store()).unwrap();
+    let (addr, _, _) =
+        serve_gateway(Duration::from_secs(5), 8, Duration::from_millis(10), Some(persister.clone()), vec![]).await;
+    let (status, _, done) = post(&addr, Some("wait"), r#"{"input": {"x": 7}}"#.into()).await;
+    assert_eq!(status, 200, "{done}");
+    let big = "z".repeat(70 * 1024);
+    let (status, _, big_p) = post(&addr, Some("wait"), format!(r#"{{"input": {{"text": "{big}"}}}}"#)).await;
+    assert_eq!(status, 200);
+    let (addr_cold, _, _) =
+        serve_gateway(Duration::from_secs(60), 8, Duration::from_secs(60), Some(persister.clone()), vec![]).await;
+    let body = format!(r#"{{"input": {{"x": 8}}, "webhook": "{hook}", "webhook_events_filter": ["completed"]}}"#);
+    let (status, _, running) = post(&addr_cold, None, body).await;
+    assert_eq!(status, 201);
+    persister.flush().await.unwrap();
+    // And one that finished two hours ago: past its retention.
+    let mut old = PredictionRecord::decode(
+        &serde_json::to_vec(&json!({
+            "id": "old", "model": "demo/echo", "version": "v1", "status": "succeeded", "input": {}, "output": 1,
+            "error": null, "metrics": {}, "created_at": { "secs_since_epoch": 1, "nanos_since_epoch": 0 },
+            "started_at": null, "completed_at": null
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    old.completed_at = Some(std::time::SystemTime::now() - Duration::from_secs(7200));
+    store.write(&kiln_controller::store::Batch { predictions: vec![old], ..Default::default() }).unwrap();
+    assert!(received.lock().unwrap().is_empty(), "no webhook yet: it is still running");
+
+    // The restart: a new gateway on the same store.
+    let persister = Persister::spawn(dyn_store()).unwrap();
+    let records = store.load().unwrap().predictions;
+    assert_eq!(records.len(), 4);
+    let (addr, _, restored) =
+        serve_gateway(Duration::from_secs(5), 8, Duration::from_millis(10), Some(persister.clone()), records).await;
+    assert_eq!(restored, Restored { finished: 2, interrupted: 1, expired: 1 });
+
+    let urls_apart = |mut p: Value| {
+        p.as_object_mut().unwrap().remove("urls");
+        p
+    };
+    let (status, _, again) = get(&addr, done["id"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(urls_apart(again), urls_apart(done), "the same prediction as before the restart");
+    let (_, _, big_again) = get(&addr, big_p["id"].as_str().unwrap()).await;
+    assert_eq!((&big_again["input"], &big_again["output"]), (&Value::Null, &big_p["output"]), "input over the limit");
+    assert!(big_again["input_dropped"].as_str().unwrap().contains("64 KiB"), "{}", big_again["input_dropped"]);
+    assert_eq!(get(&addr, "old").await.0, 404, "expired");
+
+    let id = running["id"].as_str().unwrap();
+    let (_, _, failed) = get(&addr, id).await;
+    assert_eq!((failed["status"].as_str(), failed["error"].as_str()), (Some("failed"), Some(RESTART_ERROR)));
+    assert!(failed["completed_at"].is_string(), "{failed}");
+    wait_until("the completed webhook", || !received.lock().unwrap().is_empty()).await;
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!((got[0]["id"].as_str(), got[0]["error"].as_str()), (Some(id), Some(RESTART_ERROR)));
+
+    // The store now says so too, and has forgotten the expired one.
+    persister.flush().await.unwrap();
+    let stored = store.load().unwrap().predictions;
+    assert_eq!(stored.len(), 3);
+    assert!(stored.iter().any(|r| r.id == id && r.status == "failed" && r.error.as_deref() == Some(RESTART_ERROR)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
