@@ -124,6 +124,9 @@ pub struct LimitArgs {
     /// Predictions a namespace may have unfinished at once.
     #[arg(long, env = "KILN_TENANT_IN_FLIGHT", default_value_t = 1000)]
     pub tenant_in_flight: u32,
+    /// Bytes of input a namespace's unfinished predictions may hold at once (default 256 MiB).
+    #[arg(long, env = "KILN_TENANT_IN_FLIGHT_BYTES", default_value_t = 256 << 20)]
+    pub tenant_in_flight_bytes: u64,
 }
 
 impl LimitArgs {
@@ -133,6 +136,7 @@ impl LimitArgs {
             rate_per_s: self.tenant_rate.max(0.0),
             burst: self.tenant_burst.max(1.0),
             max_in_flight: self.tenant_in_flight.max(1),
+            max_in_flight_bytes: self.tenant_in_flight_bytes.max(1),
         }
     }
 }

@@ -221,8 +221,28 @@ struct Prediction {
     /// Webhook URL and the events it wants.
     webhook: Option<(String, Vec<String>)>,
     stream: bool,
-    /// Sizes of an input and output that were over the store's limits (restored records only).
+    /// Sizes of an input and output that were over the store's limits (restored records, and inputs of finished
+    /// predictions).
     dropped: (Option<usize>, Option<usize>),
+    /// Bytes of JSON this prediction holds once finished (counted against [`MAX_RETAINED_BYTES`]).
+    kept_bytes: usize,
+}
+
+/// Bytes `value` takes as JSON, without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -339,6 +359,7 @@ impl Prediction {
             webhook: r.webhook.map(|url| (url, r.webhook_events_filter)),
             stream: r.stream,
             dropped: (r.input_dropped_bytes, r.output_dropped_bytes),
+            kept_bytes: 0,
         }
     }
 }
@@ -351,12 +372,18 @@ fn kib(bytes: usize) -> String {
 const RETENTION: Duration = Duration::from_secs(3600);
 /// Most finished predictions kept (the oldest go first past it), so a busy gateway's memory stays bounded.
 const MAX_FINISHED: usize = 100_000;
+/// Most bytes of inputs and outputs kept for finished predictions, in all (the oldest go first past it). Inputs
+/// over the store's [`crate::store::INPUT_LIMIT`] are not kept once the prediction has finished (the response says
+/// so), so what a tenant sends does not stay in memory; this bounds the outputs.
+const MAX_RETAINED_BYTES: usize = 512 << 20;
 
 /// Predictions by id, and the finished ones in the order they finished (for expiry in O(1) per request).
 #[derive(Debug, Default)]
 struct Store {
     map: HashMap<String, Prediction>,
     finished: std::collections::VecDeque<(SystemTime, String)>,
+    /// Bytes kept by finished predictions.
+    retained: usize,
 }
 
 impl Store {
@@ -364,21 +391,38 @@ impl Store {
         self.finish_at(id, SystemTime::now());
     }
 
-    /// Marks `id` finished at `at` (not before the last finished: the queue is in finishing order).
+    /// Marks `id` finished at `at` (not before the last finished: the queue is in finishing order): a large input
+    /// is let go, and what the prediction keeps is counted.
     fn finish_at(&mut self, id: &str, at: SystemTime) {
+        if let Some(p) = self.map.get_mut(id) {
+            let input = json_size(&p.input);
+            if input > crate::store::INPUT_LIMIT {
+                p.input = Value::Null;
+                p.dropped.0 = Some(input);
+            }
+            self.retained -= p.kept_bytes.min(self.retained);
+            p.kept_bytes = json_size(&p.input) + json_size(&p.output);
+            self.retained += p.kept_bytes;
+        }
         self.finished.push_back((at, id.to_owned()));
     }
 
-    /// Drops finished predictions past the retention or beyond the cap; the ids dropped (none allocates nothing).
+    /// Drops finished predictions past the retention or beyond the caps; the ids dropped (none allocates nothing).
     fn expire(&mut self) -> Vec<String> {
+        self.expire_within(MAX_FINISHED, MAX_RETAINED_BYTES)
+    }
+
+    fn expire_within(&mut self, max_finished: usize, max_bytes: usize) -> Vec<String> {
         let mut expired = Vec::new();
         while let Some((at, _)) = self.finished.front() {
             let old = at.elapsed().unwrap_or_default() >= RETENTION;
-            if !old && self.finished.len() <= MAX_FINISHED {
+            if !old && self.finished.len() <= max_finished && self.retained <= max_bytes {
                 break;
             }
             if let Some((_, id)) = self.finished.pop_front() {
-                self.map.remove(&id);
+                if let Some(p) = self.map.remove(&id) {
+                    self.retained -= p.kept_bytes.min(self.retained);
+                }
                 expired.push(id);
             }
         }
@@ -512,12 +556,13 @@ impl<B: Backend> Gateway<B> {
         {
             let mut store = self.lock();
             for (at, p) in finished {
-                store.finish_at(&p.id, at);
-                store.map.insert(p.id.clone(), p);
+                let id = p.id.clone();
+                store.map.insert(id.clone(), p);
+                store.finish_at(&id, at);
             }
             for p in &interrupted {
-                store.finish_at(&p.id, now);
                 store.map.insert(p.id.clone(), p.clone());
+                store.finish_at(&p.id, now);
             }
             let over = store.expire();
             expired.extend(over);
@@ -729,7 +774,7 @@ async fn create<B: Backend>(
         return shutting_down("the gateway is shutting down and takes no new predictions; retry");
     }
     // Admission before anything is parsed or stored: the permit counts this prediction until it finishes.
-    let permit = match gw.limits.admit(&namespace, std::time::Instant::now()) {
+    let permit = match gw.limits.admit(&namespace, body.len() as u64, std::time::Instant::now()) {
         Ok(p) => p,
         Err(refusal) => {
             let mut response = problem(StatusCode::TOO_MANY_REQUESTS, refusal.to_string());
@@ -785,6 +830,7 @@ async fn create<B: Backend>(
         webhook,
         stream,
         dropped: (None, None),
+        kept_bytes: 0,
     };
     gw.persist(&prediction);
     let expired = {
@@ -1011,6 +1057,7 @@ mod tests {
                 webhook: None,
                 stream: false,
                 dropped: (None, None),
+                kept_bytes: 0,
             };
             store.map.insert(id.clone(), p);
             store.finish(&id);
@@ -1018,6 +1065,43 @@ mod tests {
         store.expire();
         assert_eq!(store.map.len(), MAX_FINISHED);
         assert!(!store.map.contains_key("p4") && store.map.contains_key("p5"));
+    }
+
+    #[test]
+    fn large_inputs_are_let_go_once_finished_and_kept_bytes_are_capped() {
+        let mut store = Store::default();
+        let big = Value::String("x".repeat(crate::store::INPUT_LIMIT + 10));
+        for i in 0..10 {
+            let id = format!("p{i}");
+            let p = Prediction {
+                id: id.clone(),
+                model: "ns/m".into(),
+                version: String::new(),
+                status: "succeeded",
+                input: big.clone(),
+                output: Value::String("y".repeat(998)),
+                error: None,
+                created_at: SystemTime::now(),
+                started_at: None,
+                completed_at: None,
+                metrics: Value::Null,
+                done: Arc::new(Notify::new()),
+                webhook: None,
+                stream: false,
+                dropped: (None, None),
+                kept_bytes: 0,
+            };
+            store.map.insert(id.clone(), p);
+            store.finish(&id);
+        }
+        let p = &store.map["p0"];
+        assert_eq!((&p.input, p.dropped.0), (&Value::Null, Some(crate::store::INPUT_LIMIT + 12)), "input let go");
+        assert!(p.json("http://x")["input_dropped"].is_string(), "the response says so");
+        assert_eq!(store.retained, 10 * (4 + 1000), "null input + the 1000-byte output, each");
+        store.expire_within(100, 5_000);
+        assert_eq!(store.map.len(), 4, "the oldest go until the kept bytes fit");
+        assert!(store.map.contains_key("p9") && !store.map.contains_key("p5"));
+        assert_eq!(store.retained, 4 * 1004);
     }
 
     #[tokio::test]

@@ -513,7 +513,7 @@ async fn a_namespace_over_its_rate_gets_429_with_retry_after() {
     let addr = listener.local_addr().unwrap().to_string();
     let mut gateway = Gateway::new(fake, keys, &format!("http://{addr}"));
     Arc::get_mut(&mut gateway).unwrap().limits =
-        TenantLimits::new(LimitConfig { rate_per_s: 0.5, burst: 3.0, max_in_flight: 100 });
+        TenantLimits::new(LimitConfig { rate_per_s: 0.5, burst: 3.0, max_in_flight: 100, ..LimitConfig::default() });
     let router = gateway.router();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     let answers = tokio::task::spawn_blocking(move || {
