@@ -7,6 +7,9 @@
 //!   of the two at each percentile.
 //! - `cold-start`: requests to deployments at zero replicas, one at a time; the figure is the time from the
 //!   request leaving the client to the stand-in agent receiving its `StartWorker` command.
+//! - `abuse`: normal traffic (open loop) while attackers hold slow-header connections and a request declaring a
+//!   1 GiB body, then the gateway's resident memory while one tenant sends many 1.9 MB predictions: the normal
+//!   traffic's latency and failures, and the growth of the process's RSS.
 
 use std::{
     collections::HashMap,
@@ -50,6 +53,21 @@ pub enum Bench {
         /// Deployments, each started once from zero.
         #[arg(long, default_value_t = 200)]
         deployments: u32,
+    },
+    /// Normal traffic beside slow-header connections and a 1 GiB declared body; RSS under large predictions.
+    Abuse {
+        /// Normal requests per second (open loop).
+        #[arg(long, default_value_t = 500)]
+        rps: u32,
+        /// Seconds of normal load under attack.
+        #[arg(long, default_value_t = 15)]
+        seconds: u32,
+        /// Slow-header connections held open by the attacker.
+        #[arg(long, default_value_t = 2000)]
+        slow: u32,
+        /// Predictions of 1.9 MB sent by one tenant afterwards.
+        #[arg(long, default_value_t = 2000)]
+        big: u32,
     },
 }
 
@@ -229,15 +247,27 @@ pub fn run(bench: &Bench) -> Result<()> {
         let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let names: Vec<String> = match bench {
-            Bench::Gateway { .. } => vec!["instant".into()],
+            Bench::Gateway { .. } | Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
         };
-        manifests(&dir, &names, u32::from(matches!(bench, Bench::Gateway { .. })))?;
+        manifests(&dir, &names, u32::from(!matches!(bench, Bench::ColdStart { .. })))?;
+        // What is measured is the gateway, not the tenant limits: they are set out of the way (the abuse bench's
+        // second tenant still meets the limit on the input bytes its unfinished predictions hold).
+        let tenant_limits = kiln_controller::limits::LimitConfig {
+            rate_per_s: 1e6,
+            burst: 1e6,
+            max_in_flight: 1_000_000,
+            ..kiln_controller::limits::LimitConfig::default()
+        };
         let server = Server::bind(ServerOptions {
             manifests: Some(dir.clone()),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            api_keys: vec![("bench-key-0123456789".into(), "bench".into())],
+            api_keys: vec![
+                ("bench-key-0123456789".into(), "bench".into()),
+                ("greedy-key-0123456789".into(), "greedy".into()),
+            ],
+            tenant_limits,
             watch_interval: Duration::from_millis(200),
             // As `kiln up` keeps predictions: every transition written to redb on this disk.
             store: Arc::new(kiln_controller::store::RedbStore::open(&dir.join("predictions.redb"))?),
@@ -284,6 +314,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                 result
             }
             Bench::ColdStart { .. } => cold_start(http, &names, &starts).await,
+            Bench::Abuse { rps, seconds, slow, big } => abuse(http, &control, *rps, *seconds, *slow, *big).await,
         };
         let _ = std::fs::remove_dir_all(&dir);
         result
@@ -446,6 +477,186 @@ async fn cold_start(http: SocketAddr, names: &[String], starts: &Arc<Mutex<HashM
         ms(t[1]),
         ms(t[2]),
         ms(t[3])
+    );
+    Ok(())
+}
+
+/// Resident memory of this process, bytes (`VmRSS`).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).map(str::to_owned))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()))
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Sends part of a request's headers, then a byte every second; returns when the gateway closes the connection
+/// (or after `hold`), saying whether it did.
+async fn slow_header(http: SocketAddr, hold: Duration) -> bool {
+    let Ok(mut s) = TcpStream::connect(http).await else { return true };
+    let deadline = Instant::now() + hold;
+    if s.write_all(b"POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: x\r\n").await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 256];
+    while Instant::now() < deadline {
+        if s.write_all(b"X").await.is_err() {
+            return true;
+        }
+        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+async fn abuse(
+    http: SocketAddr,
+    control: &Arc<kiln_controller::control::ControlPlane>,
+    rps: u32,
+    seconds: u32,
+    slow: u32,
+    big: u32,
+) -> Result<()> {
+    while control.status("bench/instant").is_none_or(|s| s.ready == 0) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hold = Duration::from_secs(u64::from(seconds) + 5);
+    // The attack: slow-header connections, and one request declaring a 1 GiB body it never sends.
+    let attackers: Vec<_> = (0..slow).map(|_| tokio::spawn(slow_header(http, hold))).collect();
+    let huge = tokio::spawn(async move {
+        let began = Instant::now();
+        let mut s = TcpStream::connect(http).await?;
+        s.write_all(
+            b"POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \
+              bench-key-0123456789\r\nContent-Type: application/json\r\nContent-Length: 1073741824\r\n\r\n{\"input\":",
+        )
+        .await?;
+        let mut head = vec![0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut head)).await??;
+        let status = String::from_utf8_lossy(&head[..n]).get(9..12).unwrap_or("---").to_owned();
+        Ok::<_, anyhow::Error>((status, began.elapsed()))
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Normal traffic meanwhile: open loop, latency from each request's scheduled time.
+    let body = r#"{"input": {"x": [1.0]}}"#;
+    let request = format!(
+        "POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer \
+         bench-key-0123456789\r\nPrefer: wait\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes();
+    let connections = 16u32;
+    let per_conn = Duration::from_secs_f64(f64::from(connections) / f64::from(rps.max(1)));
+    let total = Duration::from_secs(u64::from(seconds));
+    let tasks: Vec<_> = (0..connections)
+        .map(|k| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
+                let (mut lat, mut failed) = (Vec::new(), 0u32);
+                let mut conn = Conn::open(http).await.ok();
+                let mut i = 0u32;
+                loop {
+                    let due = start + per_conn * i;
+                    if due > start + total {
+                        return (lat, failed);
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    if conn.is_none() {
+                        conn = Conn::open(http).await.ok();
+                    }
+                    let ok = match conn.as_mut() {
+                        Some(c) => matches!(c.call(&request).await, Ok(200)),
+                        None => false,
+                    };
+                    if ok {
+                        lat.push(due.elapsed().as_secs_f64());
+                    } else {
+                        failed += 1;
+                        conn = None;
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let (mut latencies, mut failed) = (Vec::new(), 0u32);
+    for t in tasks {
+        let (l, f) = t.await?;
+        latencies.extend(l);
+        failed += f;
+    }
+    let (huge_status, huge_after) = huge.await??;
+    let mut closed = 0;
+    for a in attackers {
+        closed += u32::from(a.await?);
+    }
+    let n = latencies.len();
+    let p = percentiles(latencies);
+    println!(
+        "kiln bench abuse: {rps} requests/s for {seconds} s beside {slow} slow-header connections and a 1 GiB declared body"
+    );
+    println!(
+        "normal traffic: {n} answered 200, {failed} failed; latency ms p50 {} p90 {} p99 {} p99.9 {}",
+        ms(p[0]),
+        ms(p[1]),
+        ms(p[2]),
+        ms(p[3])
+    );
+    println!("slow-header connections closed by the gateway: {closed} of {slow}");
+    println!("1 GiB declared body: HTTP {huge_status} after {:.1} ms", huge_after.as_secs_f64() * 1000.0);
+
+    // Memory: one tenant sends `big` predictions of 1.9 MB (async), 16 at a time.
+    let payload = format!("{{\"input\": {{\"x\": \"{}\"}}}}", "a".repeat(1_900_000));
+    let request = format!(
+        "POST /v1/deployments/greedy/instant/predictions HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer \
+         greedy-key-0123456789\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    )
+    .into_bytes();
+    let before = rss_bytes();
+    let request = Arc::new(request);
+    let per = big.div_ceil(16);
+    let senders: Vec<_> = (0..16)
+        .map(|_| {
+            let request = Arc::clone(&request);
+            tokio::spawn(async move {
+                let mut counts = HashMap::<u16, u32>::new();
+                let mut conn = Conn::open(http).await?;
+                for _ in 0..per {
+                    let status = conn.call(&request).await.unwrap_or(0);
+                    *counts.entry(status).or_default() += 1;
+                    if status == 0 {
+                        conn = Conn::open(http).await?;
+                    }
+                }
+                Ok::<_, anyhow::Error>(counts)
+            })
+        })
+        .collect();
+    let mut counts = HashMap::<u16, u32>::new();
+    let mut peak = before;
+    for t in senders {
+        for (k, v) in t.await?? {
+            *counts.entry(k).or_default() += v;
+        }
+        peak = peak.max(rss_bytes());
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_bytes();
+    let mut statuses: Vec<_> = counts.into_iter().collect();
+    statuses.sort_unstable();
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    println!(
+        "{} predictions of 1.9 MB by one tenant: statuses {statuses:?}; RSS {:.0} MiB before, {:.0} MiB at the most \
+         seen, {:.0} MiB after ({:.0} MiB of input sent)",
+        per * 16,
+        mib(before),
+        mib(peak),
+        mib(after),
+        f64::from(per * 16) * 1.9
     );
     Ok(())
 }

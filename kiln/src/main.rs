@@ -95,7 +95,7 @@ enum Simulation {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Up(_) | Command::Controller(_) | Command::Agent(_)) {
+    if matches!(cli.command, Command::Up(_) | Command::Controller(_) | Command::Agent(_) | Command::Bench { .. }) {
         // Before any listener is sized: the gateway's connection cap follows the descriptor limit.
         kiln_controller::connections::raise_descriptor_limit();
     }
