@@ -483,7 +483,7 @@ impl DenseModel {
 pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
     let started = Instant::now();
-    let mut file = std::fs::File::open(path).map_err(io_err)?;
+    let file = std::fs::File::open(path).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
         // A device (/dev/zero reports size 0 and never ends) or a directory.
