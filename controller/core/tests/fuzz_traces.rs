@@ -229,7 +229,12 @@ proptest! {
 #[test]
 fn azure_timestamps_out_of_range_are_line_errors() {
     let h = "TIMESTAMP,ContextTokens,GeneratedTokens\n";
-    for bad in ["9999999999999999999-01-01 00:00:00", "300000000000-01-01 00:00:00", "99999-12-31 23:59:59", "2023-11-16 -1:-5:00"] {
+    for bad in [
+        "9999999999999999999-01-01 00:00:00",
+        "300000000000-01-01 00:00:00",
+        "99999-12-31 23:59:59",
+        "2023-11-16 -1:-5:00",
+    ] {
         let err = parse_azure("a.csv", &format!("{h}{bad},1,1\n")).unwrap_err().to_string();
         assert!(err.starts_with("a.csv:2: TIMESTAMP: "), "{bad}: {err}");
     }
