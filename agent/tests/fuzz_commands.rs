@@ -93,8 +93,8 @@ fn defuse(command: &mut Command) {
     }
 }
 
-/// Handles `command` and checks the ack's class where the command alone decides it.
-async fn check(node: &Node, mut command: Command) {
+/// Handles `command` and checks the ack's class where the command alone decides it; returns the ack's status.
+async fn check(node: &Node, mut command: Command) -> AckStatus {
     defuse(&mut command);
     let expected = expected_refusal(node, &command);
     let panics_before = PANICS.load(Ordering::SeqCst);
@@ -115,6 +115,7 @@ async fn check(node: &Node, mut command: Command) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(PANICS.load(Ordering::SeqCst), panics_before, "a panic while handling {command:?}");
+    status
 }
 
 /// Why `command` must be refused, when that follows from the command alone.
@@ -227,12 +228,16 @@ fn structured_commands_are_handled() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let node = node("structured");
     let mut runner = runner();
+    let seen = std::cell::RefCell::new(std::collections::BTreeSet::new());
     runner
         .run(&command(&node), |command| {
-            rt.block_on(check(&node, command));
+            seen.borrow_mut().insert(rt.block_on(check(&node, command)) as i32);
             Ok(())
         })
         .unwrap();
+    // The cases reach both sides: starts accepted, commands refused.
+    let seen = seen.into_inner();
+    assert!(seen.contains(&(AckStatus::Accepted as i32)) && seen.contains(&(AckStatus::Rejected as i32)), "{seen:?}");
     std::fs::remove_dir_all(&node.dir).ok();
 }
 

@@ -115,7 +115,7 @@ fn segment(s: &str) -> String {
         .collect()
 }
 
-async fn check(router: &Router, call: &Call) {
+async fn check(router: &Router, call: &Call) -> StatusCode {
     let path = format!("/v1/deployments/{}/{}/predictions", segment(&call.namespace), segment(&call.name));
     let (status, body) = send(router, Method::POST, &path, call).await;
     assert!(!status.is_server_error(), "{status} for {call:?}: {body}");
@@ -148,6 +148,7 @@ async fn check(router: &Router, call: &Call) {
     } else if !authorized {
         assert!(matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN), "{status} for {call:?}: {body}");
     }
+    let created = status;
     // Reading and cancelling an arbitrary id: 401 or 404, never more.
     for (method, suffix) in [(Method::GET, ""), (Method::POST, "/cancel")] {
         let path = format!("/v1/predictions/{}{suffix}", segment(&call.name));
@@ -157,6 +158,7 @@ async fn check(router: &Router, call: &Call) {
             "{status} for {path}: {body}"
         );
     }
+    created
 }
 
 fn json_value() -> impl Strategy<Value = Value> {
@@ -269,25 +271,31 @@ fn call(body: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Call> {
     )
 }
 
-fn run(strategy: impl Strategy<Value = Call>) {
+/// Runs the cases; returns how many creates got each status (so a test can tell the cases reached the parser).
+fn run(strategy: impl Strategy<Value = Call>) -> std::collections::BTreeMap<u16, usize> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let router = router();
+    let seen = std::cell::RefCell::new(std::collections::BTreeMap::new());
     runner()
         .run(&strategy, |call| {
-            rt.block_on(check(&router, &call));
+            let status = rt.block_on(check(&router, &call));
+            *seen.borrow_mut().entry(status.as_u16()).or_insert(0) += 1;
             Ok(())
         })
         .unwrap();
+    seen.into_inner()
 }
 
 #[test]
 fn structured_bodies_get_the_right_answer() {
-    run(call(structured_body()));
+    let seen = run(call(structured_body()));
+    assert!(seen.contains_key(&201) && seen.contains_key(&400), "cases that reach the parser: {seen:?}");
 }
 
 #[test]
 fn hostile_bodies_get_a_400_never_a_5xx() {
-    run(call(hostile_body()));
+    let seen = run(call(hostile_body()));
+    assert!(seen.contains_key(&400), "cases that reach the parser: {seen:?}");
 }
 
 /// Nesting far past serde_json's recursion limit (128) is a 400 that says so, not a stack overflow.

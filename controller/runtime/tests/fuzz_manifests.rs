@@ -65,8 +65,9 @@ fn scratch() -> PathBuf {
     dir
 }
 
-/// Loads `text` as the one manifest of a directory and checks the outcome.
-fn check_text(dir: &std::path::Path, text: &str) {
+/// Loads `text` as the one manifest of a directory and checks the outcome; returns (deployments served, documents
+/// refused).
+fn check_text(dir: &std::path::Path, text: &str) -> (usize, usize) {
     let file = dir.join("m.yaml");
     std::fs::write(&file, text).unwrap();
     let set = load_dir(dir, &VALIDATOR).unwrap();
@@ -80,6 +81,7 @@ fn check_text(dir: &std::path::Path, text: &str) {
         let value = serde_json::to_value(&d.resource).unwrap();
         VALIDATOR.validate(&value).unwrap_or_else(|e| panic!("{key} was served but does not validate: {e}"));
     }
+    (set.deployments.len(), set.errors.len())
 }
 
 /// Validates `value` every way the validator offers; a rejection names the resource and says why.
@@ -267,6 +269,10 @@ fn render(value: &Value, text_edit: &TextEdit) -> String {
 #[test]
 fn mutated_examples() {
     let dir = scratch();
+    // The harness serves the valid examples unchanged (the two ModelDeployments).
+    let served: usize = EXAMPLES.iter().map(|text| check_text(&dir, text).0).sum();
+    assert_eq!(served, 2);
+    let refused = std::cell::Cell::new(0);
     let strategy = (0..EXAMPLES.len(), prop::collection::vec(edit(), 1..5), text_edit(), 0..EXAMPLES.len());
     runner()
         .run(&strategy, |(example, edits, text_edit, live)| {
@@ -275,11 +281,12 @@ fn mutated_examples() {
                 apply(&mut value, e);
             }
             check_value(&value, &PARSED[live]);
-            check_text(&dir, &render(&value, &text_edit));
+            refused.set(refused.get() + check_text(&dir, &render(&value, &text_edit)).1);
             Ok(())
         })
         .unwrap();
     std::fs::remove_dir_all(&dir).ok();
+    assert!(refused.get() > 0, "the mutations reach the validator's refusals");
 }
 
 #[test]
