@@ -337,3 +337,12 @@ fn load_file_refuses_devices() {
     assert!(err.to_string().contains("not a regular file"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(1));
 }
+
+/// The allocation bound can fail: the counter sees a large allocation made on this thread.
+#[test]
+fn the_allocation_counter_sees_large_allocations() {
+    Largest::reset();
+    let big = std::hint::black_box(vec![1u8; 8 << 20]);
+    assert!(Largest::get() >= 8 << 20, "{}", Largest::get());
+    drop(big);
+}
