@@ -159,7 +159,7 @@ pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
         if let Some((document, line)) = too_deep(&text, MAX_FLOW_DEPTH) {
             let message = format!(
                 "flow collections ([...] or {{...}}) nested deeper than {MAX_FLOW_DEPTH} levels at line {line} \
-                 (rest of the file skipped)"
+                 (the whole file is skipped)"
             );
             set.errors.push(ManifestError { file, document, message });
             continue;
