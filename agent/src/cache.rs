@@ -13,7 +13,7 @@
 
 use std::{
     fs,
-    io::Write,
+    io::{Read, Write},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::SystemTime,
@@ -129,6 +129,32 @@ pub fn digest_of(bytes: &[u8]) -> String {
     out
 }
 
+/// Reads a `file://` source's `path`: a regular file only (a device such as `/dev/zero` would be read forever, a
+/// FIFO would block), and no more than `limit` bytes (what the largest tier holds: a larger file cannot be cached).
+fn read_source(uri: &str, path: &str, limit: u64, tier: Tier) -> Result<Vec<u8>, CacheError> {
+    let io = |source| CacheError::Io { what: format!("reading {uri}"), source };
+    let not_regular = || io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
+    // Checked before opening too: opening a FIFO blocks until a writer comes.
+    if !fs::metadata(path).map_err(io)?.is_file() {
+        return Err(not_regular());
+    }
+    let file = fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?;
+    if !size.is_file() {
+        return Err(not_regular());
+    }
+    let too_large = |size| CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: limit };
+    if size.len() > limit {
+        return Err(too_large(size.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(size.len()).unwrap_or(0));
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 fn check_safetensors(uri: &str, bytes: &[u8]) -> Result<(), CacheError> {
     safetensors::SafeTensors::deserialize(bytes)
         .map(|_| ())
@@ -177,7 +203,7 @@ impl WeightCache {
         let Some(path) = uri.strip_prefix("file://") else {
             return Err(CacheError::Unsupported { uri: uri.to_owned() });
         };
-        let bytes = fs::read(path).map_err(|source| CacheError::Io { what: format!("reading {uri}"), source })?;
+        let bytes = read_source(uri, path, self.disk_capacity.max(self.host_capacity), tier)?;
         let digest = digest_of(&bytes);
         if let Some(expected) = expected_digest.filter(|d| !d.is_empty())
             && expected != digest

@@ -483,13 +483,26 @@ impl DenseModel {
 pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
     let started = Instant::now();
-    let mut file = std::fs::File::open(path).map_err(io_err)?;
-    let size = file.metadata().map_err(io_err)?.len();
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let meta = file.metadata().map_err(io_err)?;
+    if !meta.is_file() {
+        // A device (/dev/zero reports size 0 and never ends) or a directory.
+        return Err(io_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+    }
+    let size = meta.len();
     if size > MAX_FILE_BYTES {
         return Err(ModelError::FileTooLarge { path: path.to_path_buf(), size, limit: MAX_FILE_BYTES });
     }
     let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    file.read_to_end(&mut bytes).map_err(io_err)?;
+    // At most one byte past the limit, should the file grow while it is read.
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ModelError::FileTooLarge {
+            path: path.to_path_buf(),
+            size: bytes.len() as u64,
+            limit: MAX_FILE_BYTES,
+        });
+    }
     let read = started.elapsed();
 
     let (model, parse, convert) =

@@ -503,9 +503,8 @@ async fn slow_header(http: SocketAddr, hold: Duration) -> bool {
         if s.write_all(b"X").await.is_err() {
             return true;
         }
-        match tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => return true,
-            _ => {}
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_secs(1), s.read(&mut buf)).await {
+            return true;
         }
     }
     false

@@ -20,6 +20,10 @@ use serde_json::Value;
 /// Validates `file` and copies it into `manifests` under its own name.
 pub fn apply(file: &Path, manifests: &Path) -> Result<ExitCode> {
     let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let limit = kiln_controller::manifests::MAX_FLOW_DEPTH;
+    if let Some((document, line)) = kiln_controller::manifests::too_deep(&text, limit) {
+        bail!("{}: document {document}: nested deeper than {limit} levels at line {line}", file.display());
+    }
     let validator = Validator::default();
     let mut applied = Vec::new();
     let mut errors = Vec::new();

@@ -177,6 +177,12 @@ fn validate_cmd(files: &[PathBuf]) -> Result<ExitCode> {
             let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
             (file.display().to_string(), text)
         };
+        let limit = kiln_controller::manifests::MAX_FLOW_DEPTH;
+        if let Some((document, line)) = kiln_controller::manifests::too_deep(&text, limit) {
+            println!("{name}: document {document}: nested deeper than {limit} levels at line {line}; not parsed");
+            invalid += 1;
+            continue;
+        }
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let value = match serde_json::Value::deserialize(document) {
                 Ok(serde_json::Value::Null) => continue,

@@ -154,6 +154,72 @@ pub fn read_manifest(path: &Path, limit: u64) -> Result<String, ReadError> {
     String::from_utf8(bytes).map_err(|_| ReadError::NotUtf8)
 }
 
+/// Deepest nesting of flow collections a manifest may have. The YAML parser refuses more than 128 levels too, but
+/// only after scanning them in time quadratic in the depth: a 128 KB file of `[` held the loader for half a minute.
+pub const MAX_FLOW_DEPTH: usize = 128;
+
+/// Where `text`'s flow collections (`[`, `{`) first nest deeper than `limit`, as (document from 1, line from 1):
+/// brackets are counted outside quoted scalars and comments. Conservative: a bracket inside a block scalar counts
+/// too, so a manifest with over `limit` unclosed brackets in one is refused with a message saying why.
+pub fn too_deep(text: &str, limit: usize) -> Option<(usize, usize)> {
+    #[derive(PartialEq)]
+    enum In {
+        Plain,
+        Double,
+        Single,
+        Comment,
+    }
+    let (mut state, mut depth, mut line, mut document, mut prev) = (In::Plain, 0usize, 1usize, 1usize, '\n');
+    let mut at_line_start = true;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if at_line_start && c == '-' && text_at(&mut chars.clone(), "--") && line > 1 && state == In::Plain {
+            document += 1;
+        }
+        at_line_start = c == '\n';
+        match state {
+            In::Comment if c == '\n' => state = In::Plain,
+            In::Comment => {}
+            In::Double if c == '\\' => {
+                if chars.next() == Some('\n') {
+                    line += 1;
+                }
+            }
+            In::Double if c == '"' => state = In::Plain,
+            In::Single if c == '\'' => state = In::Plain,
+            In::Double | In::Single => {}
+            In::Plain => {
+                // A quote or comment only where one can start (after a blank or an indicator), so that `don't`
+                // cannot hide the brackets after it.
+                let boundary = prev.is_whitespace() || matches!(prev, '[' | '{' | ',' | ':');
+                match c {
+                    '"' if boundary => state = In::Double,
+                    '\'' if boundary => state = In::Single,
+                    '#' if boundary => state = In::Comment,
+                    '[' | '{' => {
+                        depth += 1;
+                        if depth > limit {
+                            return Some((document, line));
+                        }
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    _ => {}
+                }
+            }
+        }
+        if c == '\n' {
+            line += 1;
+        }
+        prev = c;
+    }
+    None
+}
+
+/// Whether the next characters are `s`.
+fn text_at(chars: &mut std::iter::Peekable<std::str::Chars<'_>>, s: &str) -> bool {
+    s.chars().all(|c| chars.next() == Some(c))
+}
+
 /// Reads every `*.yaml` / `*.yml` file of `dir` (not recursive); see [`read_manifest`] for which files are read.
 pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
     let mut files: Vec<PathBuf> = fs::read_dir(dir)?
@@ -171,6 +237,14 @@ pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
                 continue;
             }
         };
+        if let Some((document, line)) = too_deep(&text, MAX_FLOW_DEPTH) {
+            let message = format!(
+                "flow collections ([...] or {{...}}) nested deeper than {MAX_FLOW_DEPTH} levels at line {line} \
+                 (the whole file is skipped)"
+            );
+            set.errors.push(ManifestError { file, document, message });
+            continue;
+        }
         for (index, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
             let error = |message: String| ManifestError { file: file.clone(), document: index + 1, message };
             let value = match serde_json::Value::deserialize(document) {

@@ -147,7 +147,7 @@ pub fn parse_azure(file: &str, text: &str) -> Result<Vec<TraceRequest>, TraceErr
     Ok(out)
 }
 
-/// Seconds since 1970 of `YYYY-MM-DD HH:MM:SS[.frac]` (UTC, proleptic Gregorian).
+/// Seconds since 1970 of `YYYY-MM-DD HH:MM:SS[.frac]` (UTC, proleptic Gregorian; years 0 to 9999).
 fn parse_timestamp(s: &str) -> Option<f64> {
     let (date, time) = s.split_once(' ')?;
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
@@ -155,7 +155,14 @@ fn parse_timestamp(s: &str) -> Option<f64> {
     let mut t = time.split(':');
     let (h, min) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
     let sec: f64 = t.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || !(0.0..61.0).contains(&sec) {
+    // Years beyond four digits would overflow the day arithmetic below; hours and minutes parse signed.
+    if !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(0..=23).contains(&h)
+        || !(0..=59).contains(&min)
+        || !(0.0..61.0).contains(&sec)
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
