@@ -9,6 +9,7 @@
 //! agent's FFI modules opt in one by one with `#[allow(unsafe_code)]`, and every `unsafe` block carries a
 //! `// SAFETY:` comment. (NVML is reached through `nvml-wrapper`, which needs none here.)
 
+pub mod allocator;
 pub mod bench;
 pub mod cache;
 pub mod commands;

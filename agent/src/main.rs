@@ -153,6 +153,7 @@ fn parse_interval(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    kiln_agent::allocator::bound_retention();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

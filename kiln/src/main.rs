@@ -94,6 +94,7 @@ enum Simulation {
 }
 
 fn main() -> ExitCode {
+    kiln_agent::allocator::bound_retention();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Up(_) | Command::Controller(_) | Command::Agent(_) | Command::Bench { .. }) {
         // Before any listener is sized: the gateway's connection cap follows the descriptor limit.
