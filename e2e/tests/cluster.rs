@@ -225,7 +225,7 @@ async fn a_registered_agent_gets_its_gpu_node_and_an_operators_cordon_stays() ->
     let client = client_from_env().await?;
     install_crds(&client).await?;
     let node = format!("kiln-e2e-node-{}", std::process::id());
-    let (registry, session) = registry_with_agent(&node, 2).await?;
+    let (registry, session, _commands) = registry_with_agent(&node, 2).await?;
     let control = ControlPlane::new(registry.clone(), ControlConfig::default());
     let nodes: Api<GpuNode> = Api::all(client.clone());
 
@@ -264,12 +264,15 @@ async fn a_registered_agent_gets_its_gpu_node_and_an_operators_cordon_stays() ->
     Ok(())
 }
 
+/// What the controller sends the test's agent.
+type Commands = tokio::sync::mpsc::UnboundedReceiver<kiln_proto::v1::ControllerMessage>;
+
 /// A registry holding one agent with `gpus` simulated H100s, registered over a real `Connect` stream on loopback;
-/// dropping the returned sender ends the session.
+/// dropping the returned sender ends the session; the receiver gets what the controller sends the agent.
 async fn registry_with_agent(
     node: &str,
     gpus: u32,
-) -> Result<(kiln_controller::registry::Registry, tokio::sync::mpsc::Sender<kiln_proto::v1::AgentMessage>)> {
+) -> Result<(kiln_controller::registry::Registry, tokio::sync::mpsc::Sender<kiln_proto::v1::AgentMessage>, Commands)> {
     use kiln_controller::registry::{AgentServer, MonotonicClock, Registry, RegistryConfig};
     use kiln_proto::v1::{
         self, agent_message, agent_service_client::AgentServiceClient, agent_service_server::AgentServiceServer,
@@ -303,7 +306,12 @@ async fn registry_with_agent(
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect().await?;
     let mut replies =
         AgentServiceClient::new(channel).connect(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
-    tokio::spawn(async move { while let Ok(Some(_)) = replies.message().await {} });
+    let (forward, commands) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(Some(message)) = replies.message().await {
+            let _ = forward.send(message);
+        }
+    });
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while registry.node(node).is_none() {
         if std::time::Instant::now() > deadline {
@@ -311,5 +319,105 @@ async fn registry_with_agent(
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((registry, tx))
+    Ok((registry, tx, commands))
+}
+
+/// A deployment whose replica fails to load: on a real apiserver its status turns `Degraded` with the agent's reason
+/// in the `Degraded` condition, and a Warning Event says why (the agent is a stand-in on loopback that answers the
+/// `StartWorker` with `ModelNotFound`, as a real agent does for a missing file).
+#[tokio::test]
+#[ignore = "needs a cluster: KILN_E2E_KUBECONFIG=~/.kube/config cargo nextest run -p kiln-e2e --run-ignored all"]
+async fn a_deployment_that_cannot_start_is_degraded_with_a_warning_event() -> Result<()> {
+    use k8s_openapi::api::events::v1::Event;
+    use kiln_controller::{
+        control::{ControlConfig, ControlPlane},
+        k8s::reconcile,
+    };
+    use kiln_k8s_api::model_deployment::{DeploymentState, ModelDeployment};
+    use kiln_proto::v1::{self, agent_message, command, controller_message, worker_event};
+    use std::sync::Arc;
+
+    let client = client_from_env().await?;
+    install_crds(&client).await?;
+    let node = format!("kiln-e2e-failing-node-{}", std::process::id());
+    let (registry, session, mut commands) = registry_with_agent(&node, 1).await?;
+    let control = ControlPlane::new(registry, ControlConfig::default());
+    let ctx = Arc::new(reconcile::Context::new(client.clone(), Arc::clone(&control), Some("kiln-e2e".into())));
+    let api: Api<ModelDeployment> = Api::namespaced(client.clone(), "default");
+    let name = format!("kiln-e2e-failing-{}", std::process::id());
+    let md: ModelDeployment = serde_json::from_value(serde_json::json!({
+        "apiVersion": "kiln.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": { "name": name, "namespace": "default" },
+        "spec": { "model": { "uri": "file:///nonexistent/m.safetensors" }, "gpu": { "count": 1, "memoryPerGpu": "1Gi" },
+                  "scaling": { "minReplicas": 1, "maxReplicas": 1 } }
+    }))?;
+    api.create(&Default::default(), &md).await?;
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+
+    // minReplicas 1: the control loop starts a replica; the stand-in agent fails it as a missing file.
+    control.step();
+    let start = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(message) = commands.recv().await {
+            if let Some(controller_message::Body::Command(c)) = message.body
+                && let Some(command::Action::StartWorker(s)) = c.action
+            {
+                return Some((c.command_id, s.replica_id));
+            }
+        }
+        None
+    })
+    .await?
+    .context("no StartWorker came")?;
+    let (command_id, replica_id) = start;
+    let ack = v1::CommandAck {
+        command_id: command_id.clone(),
+        status: v1::AckStatus::Accepted as i32,
+        message: String::new(),
+    };
+    session.send(v1::AgentMessage { seq: 2, body: Some(agent_message::Body::Ack(ack)) }).await?;
+    let failed = v1::WorkerEvent {
+        replica_id,
+        command_id,
+        time: None,
+        event: Some(worker_event::Event::Failed(v1::WorkerFailed {
+            reason: "ModelNotFound".into(),
+            message: "/nonexistent/m.safetensors: No such file or directory".into(),
+            retryable: true,
+            ..Default::default()
+        })),
+    };
+    session.send(v1::AgentMessage { seq: 3, body: Some(agent_message::Body::WorkerEvent(failed)) }).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while control.view(&format!("default/{name}")).is_none_or(|v| v.failure.is_none()) {
+        if std::time::Instant::now() > deadline {
+            bail!("the failed start never reached the control plane");
+        }
+        control.step();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+    let status = api.get(&name).await?.status.context("no status written")?;
+    assert_eq!(status.state, Some(DeploymentState::Degraded));
+    let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded").context("no Degraded condition")?;
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ModelNotFound"), "{degraded:?}");
+    let events: Api<Event> = Api::namespaced(client.clone(), "default");
+    let warning = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+                && e.reason.as_deref() == Some("ModelNotFound")
+        })
+        .context("no ModelNotFound Event")?;
+    assert_eq!(warning.type_.as_deref(), Some("Warning"));
+
+    api.delete(&name, &Default::default()).await?;
+    reconcile::reconcile(Arc::new(api.get(&name).await?), Arc::clone(&ctx)).await?;
+    drop(session);
+    Ok(())
 }
