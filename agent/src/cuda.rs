@@ -7,7 +7,7 @@
 //! tolerance. This module needs `unsafe` (cudarc marks pinned allocation, kernel launches and cuBLAS calls unsafe);
 //! every block says why it is sound.
 //!
-//! No GPU was available where this was written: it compiles everywhere and its tests are opt-in
+//! It compiles everywhere; its tests need a GPU and are opt-in
 //! (`KILN_TEST_CUDA=1 cargo nextest run -p kiln-agent --run-ignored only cuda`; NVML's:
 //! `cargo nextest run -p kiln-agent --run-ignored only nvml`).
 

@@ -5,8 +5,9 @@
 //! and init) — and `process` ([`crate::process`]): an external model server the agent launches, waits on, proxies
 //! to and stops. Lifecycle changes go to the controller as worker events. Each replica has a concurrency limit
 //! (`RESOURCE_EXHAUSTED` beyond it) and an in-flight count. A replica whose weights are missing or invalid, or
-//! whose server exits, fails with an event saying why; the other replicas keep serving. The CUDA path of the
-//! native runtime is not in this build.
+//! whose server exits, fails with an event saying why; the other replicas keep serving. Where the CUDA libraries
+//! are present and the replica has a GPU, the native runtime copies the weights to it and runs there
+//! ([`crate::cuda`]); elsewhere it runs on the CPU with the same results.
 
 use std::{
     collections::HashMap,

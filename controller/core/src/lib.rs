@@ -1,18 +1,18 @@
 //! Kiln's pure core: the decisions of the control plane, as functions of a snapshot and a time.
 //!
-//! This crate will own the placement engine (which node and GPUs a replica or rental gets), the autoscaler (how
-//! many replicas a deployment needs and how long an idle one stays warm), billing (GPU-hours and GPU-seconds) and
-//! the discrete-event simulator that replays traces through them.
+//! This crate owns the placement engine (which node and GPUs a replica or rental gets), the autoscaler (how many
+//! replicas a deployment needs and how long an idle one stays warm), the control loop's decisions (`control`), the
+//! rentals' lifecycle (`rental`), money and metering (`money`, `billing`) and the discrete-event simulator that
+//! replays traces through them.
 //!
 //! What it must not touch: no I/O, no async runtime, no Kubernetes, gRPC or HTTP types. Inputs are plain data
-//! and a time from a [`Clock`](clock::Clock); outputs are plans that the adapters (reconcilers, gRPC server,
+//! and a time passed in (seconds on the caller's clock); outputs are plans that the adapters (reconcilers, gRPC server,
 //! gateway) carry out. The crate's manifest has no such dependency, so reaching for one is a compile error, and
 //! `.ci/run` fails if one appears in its dependency tree. That is what lets `kiln simulate` run the very code the
 //! controller runs, on a virtual clock, millions of times faster than real time.
 
 pub mod autoscale;
 pub mod billing;
-pub mod clock;
 pub mod control;
 pub mod money;
 pub mod placement;

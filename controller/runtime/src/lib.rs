@@ -1,7 +1,8 @@
-//! The Kiln controller's runtime: the adapters around the pure core. Today: the agent registry, the controller's
-//! side of `kiln.agent.v1` (`registry`), the manifest-directory spec source (`manifests`) and the gateway's
-//! predictions API over a backend (`gateway`). To come (issue 6): the reconcilers, and the control loop that turns
-//! placement and autoscaling decisions into agent commands and serves the gateway's backend.
+//! The Kiln controller's runtime: the adapters around the pure core — the agent registry, the controller's side of
+//! `kiln.agent.v1` (`registry`); the control loop that turns the core's decisions into agent commands and serves
+//! the gateway's backend (`control`); the predictions API (`gateway`, `webhook`, `limits`, `connections`) and what
+//! survives a restart (`store`); the spec sources (`manifests`, and `k8s`: reconciler, `GpuNode` objects, API keys,
+//! Lease); metrics (`metrics`); and the server that wires them into one process (`server`).
 
 pub mod connections;
 pub mod control;
