@@ -1036,31 +1036,36 @@ mod tests {
         assert_ne!(a, b);
     }
 
+    /// Puts a succeeded prediction with `input` and `output` in `store`, finished now.
+    fn finished(store: &mut Store, id: &str, input: Value, output: Value) {
+        let p = Prediction {
+            id: id.to_owned(),
+            model: "ns/m".into(),
+            version: String::new(),
+            status: "succeeded",
+            input,
+            output,
+            error: None,
+            created_at: SystemTime::now(),
+            started_at: None,
+            completed_at: None,
+            metrics: Value::Null,
+            done: Arc::new(Notify::new()),
+            webhook: None,
+            stream: false,
+            dropped: (None, None),
+            kept_bytes: 0,
+        };
+        store.map.insert(id.to_owned(), p);
+        store.finish(id);
+    }
+
     #[test]
     fn finished_predictions_are_kept_up_to_the_cap_oldest_dropped_first() {
         let mut store = Store::default();
         for i in 0..MAX_FINISHED + 5 {
             let id = format!("p{i}");
-            let p = Prediction {
-                id: id.clone(),
-                model: "ns/m".into(),
-                version: String::new(),
-                status: "succeeded",
-                input: Value::Null,
-                output: Value::Null,
-                error: None,
-                created_at: SystemTime::now(),
-                started_at: None,
-                completed_at: None,
-                metrics: Value::Null,
-                done: Arc::new(Notify::new()),
-                webhook: None,
-                stream: false,
-                dropped: (None, None),
-                kept_bytes: 0,
-            };
-            store.map.insert(id.clone(), p);
-            store.finish(&id);
+            finished(&mut store, &id, Value::Null, Value::Null);
         }
         store.expire();
         assert_eq!(store.map.len(), MAX_FINISHED);
@@ -1073,26 +1078,7 @@ mod tests {
         let big = Value::String("x".repeat(crate::store::INPUT_LIMIT + 10));
         for i in 0..10 {
             let id = format!("p{i}");
-            let p = Prediction {
-                id: id.clone(),
-                model: "ns/m".into(),
-                version: String::new(),
-                status: "succeeded",
-                input: big.clone(),
-                output: Value::String("y".repeat(998)),
-                error: None,
-                created_at: SystemTime::now(),
-                started_at: None,
-                completed_at: None,
-                metrics: Value::Null,
-                done: Arc::new(Notify::new()),
-                webhook: None,
-                stream: false,
-                dropped: (None, None),
-                kept_bytes: 0,
-            };
-            store.map.insert(id.clone(), p);
-            store.finish(&id);
+            finished(&mut store, &id, big.clone(), Value::String("y".repeat(998)));
         }
         let p = &store.map["p0"];
         assert_eq!((&p.input, p.dropped.0), (&Value::Null, Some(crate::store::INPUT_LIMIT + 12)), "input let go");
