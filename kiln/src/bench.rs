@@ -216,6 +216,60 @@ impl Conn {
     }
 }
 
+/// Sends `request` over `connections` keep-alive connections at `rps` in all for `total` (open loop: each request
+/// has its due time, and its latency is counted from then, so a stall is not hidden); returns the latencies of the
+/// requests answered 200 after `warmup`, and how many were not (a connection that failed is opened again).
+async fn open_loop(
+    http: SocketAddr,
+    request: Vec<u8>,
+    connections: u32,
+    rps: u32,
+    total: Duration,
+    warmup: Duration,
+) -> Result<(Vec<f64>, u32)> {
+    let per_conn = Duration::from_secs_f64(f64::from(connections) / f64::from(rps.max(1)));
+    let request = Arc::new(request);
+    let tasks: Vec<_> = (0..connections)
+        .map(|k| {
+            let request = Arc::clone(&request);
+            tokio::spawn(async move {
+                let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
+                let (mut latencies, mut failed) = (Vec::new(), 0u32);
+                let mut conn = Conn::open(http).await.ok();
+                let mut i = 0u32;
+                loop {
+                    let due = start + per_conn * i;
+                    if due > start + total {
+                        return (latencies, failed);
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    if conn.is_none() {
+                        conn = Conn::open(http).await.ok();
+                    }
+                    let ok = match conn.as_mut() {
+                        Some(c) => matches!(c.call(&request).await, Ok(200)),
+                        None => false,
+                    };
+                    if !ok {
+                        failed += 1;
+                        conn = None;
+                    } else if due > start + warmup {
+                        latencies.push(due.elapsed().as_secs_f64());
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    let (mut latencies, mut failed) = (Vec::new(), 0u32);
+    for t in tasks {
+        let (l, f) = t.await?;
+        latencies.extend(l);
+        failed += f;
+    }
+    Ok((latencies, failed))
+}
+
 fn percentiles(mut samples: Vec<f64>) -> [f64; 4] {
     samples.sort_by(f64::total_cmp);
     let at = |q: f64| samples.get(((samples.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
@@ -385,43 +439,11 @@ async fn gateway(
         all
     };
     let through = {
-        let tasks: Vec<_> = (0..connections)
-            .map(|k| {
-                let request = request.clone();
-                tokio::spawn(async move {
-                    let mut conn = Conn::open(http).await?;
-                    let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
-                    let mut lat = Vec::new();
-                    let mut errors = 0u32;
-                    let mut i = 0u32;
-                    loop {
-                        let due = start + per_conn * i;
-                        if due > start + total {
-                            return Ok::<_, anyhow::Error>((lat, errors));
-                        }
-                        tokio::time::sleep_until(due.into()).await;
-                        let status = conn.call(&request).await?;
-                        if status != 200 {
-                            errors += 1;
-                        }
-                        if due > start + Duration::from_secs(1) {
-                            lat.push(due.elapsed().as_secs_f64());
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
-        let (mut all, mut errors) = (Vec::new(), 0);
-        for t in tasks {
-            let (l, e) = t.await??;
-            all.extend(l);
-            errors += e;
+        let (latencies, failed) = open_loop(http, request, connections, rps, total, Duration::from_secs(1)).await?;
+        if failed > 0 {
+            bail!("{failed} requests through the gateway did not answer 200");
         }
-        if errors > 0 {
-            bail!("{errors} requests through the gateway did not answer 200");
-        }
-        all
+        latencies
     };
     let n = through.len();
     let d = percentiles(direct);
@@ -552,47 +574,8 @@ async fn abuse(
         body.len()
     )
     .into_bytes();
-    let connections = 16u32;
-    let per_conn = Duration::from_secs_f64(f64::from(connections) / f64::from(rps.max(1)));
     let total = Duration::from_secs(u64::from(seconds));
-    let tasks: Vec<_> = (0..connections)
-        .map(|k| {
-            let request = request.clone();
-            tokio::spawn(async move {
-                let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
-                let (mut lat, mut failed) = (Vec::new(), 0u32);
-                let mut conn = Conn::open(http).await.ok();
-                let mut i = 0u32;
-                loop {
-                    let due = start + per_conn * i;
-                    if due > start + total {
-                        return (lat, failed);
-                    }
-                    tokio::time::sleep_until(due.into()).await;
-                    if conn.is_none() {
-                        conn = Conn::open(http).await.ok();
-                    }
-                    let ok = match conn.as_mut() {
-                        Some(c) => matches!(c.call(&request).await, Ok(200)),
-                        None => false,
-                    };
-                    if ok {
-                        lat.push(due.elapsed().as_secs_f64());
-                    } else {
-                        failed += 1;
-                        conn = None;
-                    }
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    let (mut latencies, mut failed) = (Vec::new(), 0u32);
-    for t in tasks {
-        let (l, f) = t.await?;
-        latencies.extend(l);
-        failed += f;
-    }
+    let (latencies, failed) = open_loop(http, request, 16, rps, total, Duration::ZERO).await?;
     let (huge_status, huge_after) = huge.await??;
     let mut closed = 0;
     for a in attackers {

@@ -518,12 +518,17 @@ impl Control {
         Some(r)
     }
 
-    /// A replica exited on its own. One that had served for [`BACKOFF_RESET_S`] is simply replaced; one that exits
-    /// sooner counts as a failed start (a crash loop backs off like one).
-    pub fn replica_exited(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<Replica> {
+    /// A replica exited on its own. One that had served for [`BACKOFF_RESET_S`] since its start is simply replaced;
+    /// one that exits sooner counts as a failed start (a crash loop backs off like one). Returns the replica and
+    /// whether it counted as a failed start; `None` if it is not known.
+    pub fn replica_exited(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<(Replica, bool)> {
         let r = self.replicas.get(replica)?;
         let served_long = r.phase == Phase::Ready && now - r.started_at >= BACKOFF_RESET_S;
-        if served_long { self.replica_gone(replica) } else { self.replica_failed(replica, failure, now) }
+        if served_long {
+            self.replica_gone(replica).map(|r| (r, false))
+        } else {
+            self.replica_failed(replica, failure, now).map(|r| (r, true))
+        }
     }
 
     /// Allows a start now for a deployment in backoff (the runtime saw its model file change).

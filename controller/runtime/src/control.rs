@@ -466,6 +466,7 @@ impl ControlPlane {
         let began = Instant::now();
         let events = self.registry.take_events();
         let lost = self.registry.sweep();
+        let changed_files = self.changed_model_files();
         let now = self.now();
         let mut actions = Vec::new();
         {
@@ -473,7 +474,9 @@ impl ControlPlane {
             for event in events {
                 self.absorb(&mut core, event, now, &mut actions);
             }
-            self.watch_failed_files(&mut core, now);
+            for key in &changed_files {
+                core.retry_now(key, now);
+            }
             for node in lost {
                 let gone = core.node_lost(&node);
                 tracing::warn!(%node, replicas = gone.len(), "agent lost; its replicas will be placed elsewhere");
@@ -531,18 +534,34 @@ impl ControlPlane {
         self.metrics.render()
     }
 
-    /// Ends the backoff of deployments whose model file changed since their last failed start.
-    fn watch_failed_files(&self, core: &mut Control, now: f64) {
-        let mut served = lock(&self.served);
-        for (key, s) in served.iter_mut() {
-            let Some(before) = s.failed_file else { continue };
-            let Some(path) = model_path(&s.source.uri) else { continue };
-            if stamp(path) != before {
+    /// The deployments whose model file changed since their last failed start (the files are looked at with no
+    /// lock held).
+    fn changed_model_files(&self) -> Vec<String> {
+        let watched: Vec<(String, std::path::PathBuf, Option<FileStamp>)> = lock(&self.served)
+            .iter()
+            .filter_map(|(key, s)| {
+                let before = s.failed_file?;
+                Some((key.clone(), model_path(&s.source.uri)?.to_path_buf(), before))
+            })
+            .collect();
+        let changed: Vec<(String, Option<FileStamp>)> = watched
+            .into_iter()
+            .filter(|(_, path, before)| stamp(path) != *before)
+            .map(|(key, path, before)| {
                 tracing::info!(deployment = %key, path = %path.display(), "model file changed; retrying now");
-                core.retry_now(key, now);
+                (key, before)
+            })
+            .collect();
+        let mut served = lock(&self.served);
+        for (key, before) in &changed {
+            // Unless a new failure recorded the file again meanwhile.
+            if let Some(s) = served.get_mut(key)
+                && s.failed_file == Some(*before)
+            {
                 s.failed_file = None;
             }
         }
+        changed.into_iter().map(|(key, _)| key).collect()
     }
 
     /// Records a failed start: the core's backoff, metrics, counters, and the model file to watch.
@@ -551,14 +570,11 @@ impl ControlPlane {
         let gone = if exited {
             core.replica_exited(replica, failure, now)
         } else {
-            core.replica_failed(replica, failure, now)
+            core.replica_failed(replica, failure, now).map(|r| (r, true))
         };
         lock(&self.starting).remove(replica);
-        let Some(r) = gone else { return };
         // An exit after a long time serving is not a failure: the core just replaces it.
-        if core.status(&r.deployment).and_then(|s| s.failure).is_none() {
-            return;
-        }
+        let Some((r, true)) = gone else { return };
         self.metrics.failed_start(&r.deployment, &reason);
         self.count(&r.deployment, |c| c.failed_starts += 1);
         if let Some(s) = lock(&self.served).get_mut(&r.deployment) {

@@ -395,13 +395,14 @@ impl Store {
     /// is let go, and what the prediction keeps is counted.
     fn finish_at(&mut self, id: &str, at: SystemTime) {
         if let Some(p) = self.map.get_mut(id) {
-            let input = json_size(&p.input);
+            let mut input = json_size(&p.input);
             if input > crate::store::INPUT_LIMIT {
                 p.input = Value::Null;
                 p.dropped.0 = Some(input);
+                input = 4; // `null`
             }
             self.retained -= p.kept_bytes.min(self.retained);
-            p.kept_bytes = json_size(&p.input) + json_size(&p.output);
+            p.kept_bytes = input + json_size(&p.output);
             self.retained += p.kept_bytes;
         }
         self.finished.push_back((at, id.to_owned()));

@@ -413,10 +413,10 @@ fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while
     assert!(c.status("ns/m").unwrap().failure.is_none(), "a ready replica: no longer degraded");
     assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
     // A second failure soon after: the backoff continues (20 s), ...
-    c.replica_ready(&r2[0].0);
     c.reconcile(20.0);
     let exited = StartFailure { reason: "Exited".into(), message: "exit code 1".into(), retryable: true };
-    c.replica_exited(&r2[0].0, exited.clone(), 30.0);
+    let (_, counted) = c.replica_exited(&r2[0].0, exited.clone(), 30.0).unwrap();
+    assert!(counted, "an exit 30 s after the start is a failed start");
     let f = c.status("ns/m").unwrap().failure.unwrap();
     assert_eq!(f.consecutive, 2, "an early exit counts as a failed start");
     assert!((30.0 + 18.0..=30.0 + 22.0).contains(&f.retry_at), "{}", f.retry_at);
@@ -426,7 +426,14 @@ fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while
     c.reconcile(f.retry_at + 1.0);
     c.reconcile(f.retry_at + 1.0 + BACKOFF_RESET_S);
     c.replica_failed(&r3[0].0, missing_file(), f.retry_at + 2.0 + BACKOFF_RESET_S);
-    assert_eq!(c.status("ns/m").unwrap().failure.unwrap().consecutive, 1);
+    let f = c.status("ns/m").unwrap().failure.unwrap();
+    assert_eq!(f.consecutive, 1);
+    // A replica that exits after serving longer than that is replaced without a failure.
+    let r4 = starts(&c.reconcile(f.retry_at));
+    c.replica_ready(&r4[0].0);
+    let (_, counted) = c.replica_exited(&r4[0].0, exited, f.retry_at + BACKOFF_RESET_S + 1.0).unwrap();
+    assert!(!counted);
+    assert!(c.status("ns/m").unwrap().failure.is_none());
 }
 
 #[test]
