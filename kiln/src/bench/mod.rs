@@ -1,20 +1,22 @@
-//! `kiln bench`: the control plane's own overheads, measured in one process on loopback against a stand-in agent
-//! whose replicas answer at once (so what is measured is Kiln, not a model):
+//! `kiln bench`: the control plane's own overheads, measured on loopback against a stand-in agent whose replicas
+//! answer at once (so what is measured is Kiln, not a model):
 //!
-//! - `gateway`: open-loop load at a fixed rate through the gateway (HTTP, `Prefer: wait`) to a ready replica,
-//!   against the same load sent straight to the replica's `WorkerService` (gRPC); latency is measured from each
-//!   request's scheduled send time (no coordinated omission), and the gateway's added latency is the difference
-//!   of the two at each percentile.
+//! - `gateway` ([`gateway`]): what the gateway adds in latency and CPU per request at a fixed rate, beside nginx as a
+//!   reference proxy, each party in a process of its own; and the highest rate at which its added p99 stays under
+//!   1 ms.
 //! - `cold-start`: requests to deployments at zero replicas, one at a time; the figure is the time from the
 //!   request leaving the client to the stand-in agent receiving its `StartWorker` command.
 //! - `abuse`: normal traffic (open loop) while attackers hold slow-header connections and a request declaring a
 //!   1 GiB body, then the gateway's resident memory while one tenant sends many 1.9 MB predictions: the normal
 //!   traffic's latency and failures, and the growth of the process's RSS.
 
+pub mod gateway;
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
     pin::Pin,
+    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,8 +25,7 @@ use anyhow::{Context, Result, bail};
 use kiln_controller::server::{Server, ServerOptions};
 use kiln_proto::v1::{
     self, AgentMessage, agent_message, agent_service_client::AgentServiceClient, command, controller_message,
-    worker_event::Event, worker_service_client::WorkerServiceClient, worker_service_server::WorkerService,
-    worker_service_server::WorkerServiceServer,
+    worker_event::Event, worker_service_server::WorkerService, worker_service_server::WorkerServiceServer,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -36,17 +37,45 @@ use tokio_stream::wrappers::ReceiverStream;
 /// `kiln bench` measurements.
 #[derive(Debug, clap::Subcommand)]
 pub enum Bench {
-    /// Added latency of the gateway at a fixed request rate, against an instant replica.
+    /// Latency and CPU per request the gateway adds at a fixed rate, beside nginx; the highest rate under the goal.
     Gateway {
         /// Requests per second (open loop).
         #[arg(long, default_value_t = 2000)]
         rps: u32,
-        /// Seconds of load per path (after one second of warm-up).
+        /// Seconds measured per run (after one second of warm-up).
         #[arg(long, default_value_t = 10)]
         seconds: u32,
         /// Client connections.
         #[arg(long, default_value_t = 32)]
         connections: u32,
+        /// Rounds: each path runs once per round; figures are the median and spread over rounds.
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// Rates of the sweep for the highest rate with added p99 under 1 ms (empty: no sweep).
+        #[arg(long, value_delimiter = ',', default_value = "1000,2000,3000,4000,6000,8000")]
+        rates: Vec<u32>,
+        /// Skip the rate sweep.
+        #[arg(long)]
+        no_sweep: bool,
+        /// Seconds measured per step of the sweep.
+        #[arg(long, default_value_t = 3)]
+        sweep_seconds: u32,
+        /// The reference proxy's binary.
+        #[arg(long, default_value = "nginx")]
+        nginx: std::path::PathBuf,
+        /// Measure without the reference proxy.
+        #[arg(long)]
+        no_nginx: bool,
+    },
+    /// The gateway bench's stand-in replica, in a process of its own (started by `kiln bench gateway`).
+    #[command(hide = true)]
+    Replica,
+    /// The gateway bench's Kiln server, in a process of its own (started by `kiln bench gateway`).
+    #[command(hide = true)]
+    GatewayServer {
+        /// The stand-in replica's gRPC address.
+        #[arg(long)]
+        worker: SocketAddr,
     },
     /// From a request at zero replicas to the agent receiving `StartWorker`.
     ColdStart {
@@ -294,50 +323,95 @@ fn manifests(dir: &std::path::Path, names: &[String], min_replicas: u32) -> Resu
     Ok(())
 }
 
+/// The API key of the bench's tenant (namespace `bench`).
+const BENCH_KEY: &str = "bench-key-0123456789";
+
+/// A Kiln server started for a benchmark, with a stand-in agent whose replicas are served at `worker`.
+struct Running {
+    http: SocketAddr,
+    control: Arc<kiln_controller::control::ControlPlane>,
+    persister: kiln_controller::store::Persister,
+    starts: Arc<Mutex<HashMap<String, Instant>>>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Writes a manifest per name into `dir` (namespace `bench`; and `greedy/instant` for the abuse bench's second
+/// tenant), starts the server on loopback with a redb store in `dir` and tenant limits out of the way, and a
+/// stand-in agent; returns once the deployments are loaded and the agent has registered.
+async fn start_server(
+    dir: &std::path::Path,
+    names: &[String],
+    min_replicas: u32,
+    worker: SocketAddr,
+) -> Result<Running> {
+    manifests(dir, names, min_replicas)?;
+    if names.iter().any(|n| n == "instant") {
+        // The abuse bench's second tenant's own deployment.
+        let text = std::fs::read_to_string(dir.join("instant.yaml"))?.replace("namespace: bench", "namespace: greedy");
+        std::fs::write(dir.join("greedy.yaml"), text)?;
+    }
+    // What is measured is the gateway, not the tenant limits: they are set out of the way (the abuse bench's
+    // second tenant still meets the limit on the input bytes its unfinished predictions hold).
+    let tenant_limits = kiln_controller::limits::LimitConfig {
+        rate_per_s: 1e6,
+        burst: 1e6,
+        max_in_flight: 1_000_000,
+        ..kiln_controller::limits::LimitConfig::default()
+    };
+    let server = Server::bind(ServerOptions {
+        manifests: Some(dir.to_owned()),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        api_keys: vec![(BENCH_KEY.into(), "bench".into()), ("greedy-key-0123456789".into(), "greedy".into())],
+        tenant_limits,
+        watch_interval: Duration::from_millis(200),
+        // As `kiln up` keeps predictions: every transition written to redb on this disk.
+        store: Arc::new(kiln_controller::store::RedbStore::open(&dir.join("predictions.redb"))?),
+        ..ServerOptions::default()
+    })
+    .await?;
+    let (http, agents, control) = (server.http_addr, server.agent_addr, Arc::clone(&server.control));
+    let persister = server.persister.clone();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(server.serve(stop));
+    let starts = Arc::new(Mutex::new(HashMap::new()));
+    let agent = tokio::spawn(stand_in_agent(agents, worker, Arc::clone(&starts)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let expected = names.len() + usize::from(names.iter().any(|n| n == "instant"));
+    while control.statuses().len() < expected || control.gpu_milli().1 == 0 {
+        if Instant::now() > deadline || agent.is_finished() {
+            bail!("the benchmark's controller did not come up");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Running { http, control, persister, starts, _stop: stop_tx })
+}
+
 /// Runs one benchmark and prints its figures.
 pub fn run(bench: &Bench) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
-        let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
         let names: Vec<String> = match bench {
-            Bench::Gateway { .. } | Bench::Abuse { .. } => vec!["instant".into()],
+            Bench::Gateway { rps, seconds, connections, runs, rates, no_sweep, sweep_seconds, nginx, no_nginx } => {
+                let found = !no_nginx && Command::new(nginx).arg("-v").output().is_ok();
+                let options = gateway::Options {
+                    rps: *rps,
+                    seconds: *seconds,
+                    connections: *connections,
+                    runs: *runs,
+                    rates: if *no_sweep { Vec::new() } else { rates.clone() },
+                    sweep_seconds: *sweep_seconds,
+                    nginx: found.then(|| nginx.clone()),
+                };
+                return gateway::run(&options).await;
+            }
+            Bench::Replica => return gateway::replica().await,
+            Bench::GatewayServer { worker } => return gateway::gateway_server(*worker).await,
+            Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
         };
-        manifests(&dir, &names, u32::from(!matches!(bench, Bench::ColdStart { .. })))?;
-        if matches!(bench, Bench::Abuse { .. }) {
-            // The second tenant's own deployment.
-            let text =
-                std::fs::read_to_string(dir.join("instant.yaml"))?.replace("namespace: bench", "namespace: greedy");
-            std::fs::write(dir.join("greedy.yaml"), text)?;
-        }
-        // What is measured is the gateway, not the tenant limits: they are set out of the way (the abuse bench's
-        // second tenant still meets the limit on the input bytes its unfinished predictions hold).
-        let tenant_limits = kiln_controller::limits::LimitConfig {
-            rate_per_s: 1e6,
-            burst: 1e6,
-            max_in_flight: 1_000_000,
-            ..kiln_controller::limits::LimitConfig::default()
-        };
-        let server = Server::bind(ServerOptions {
-            manifests: Some(dir.clone()),
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            agent_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            api_keys: vec![
-                ("bench-key-0123456789".into(), "bench".into()),
-                ("greedy-key-0123456789".into(), "greedy".into()),
-            ],
-            tenant_limits,
-            watch_interval: Duration::from_millis(200),
-            // As `kiln up` keeps predictions: every transition written to redb on this disk.
-            store: Arc::new(kiln_controller::store::RedbStore::open(&dir.join("predictions.redb"))?),
-            ..ServerOptions::default()
-        })
-        .await?;
-        let (http, agents, control) = (server.http_addr, server.agent_addr, Arc::clone(&server.control));
-        let persister = server.persister.clone();
-        let (_stop, stop) = tokio::sync::watch::channel(false);
-        tokio::spawn(server.serve(stop));
+        let dir = std::env::temp_dir().join(format!("kiln-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let worker_addr = worker.local_addr()?;
         tokio::spawn(
@@ -345,123 +419,19 @@ pub fn run(bench: &Bench) -> Result<()> {
                 .add_service(WorkerServiceServer::new(Instant0))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true))),
         );
-        let starts = Arc::new(Mutex::new(HashMap::new()));
-        let agent = tokio::spawn(stand_in_agent(agents, worker_addr, Arc::clone(&starts)));
-        // Wait for the deployments to load and the agent to register.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while control.statuses().len() < names.len() || control.gpu_milli().1 == 0 {
-            if Instant::now() > deadline || agent.is_finished() {
-                bail!("the benchmark's controller did not come up");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let running =
+            start_server(&dir, &names, u32::from(!matches!(bench, Bench::ColdStart { .. })), worker_addr).await?;
         let result = match bench {
-            Bench::Gateway { rps, seconds, connections } => {
-                let result = gateway(http, worker_addr, &control, *rps, *seconds, *connections).await;
-                persister.flush().await?;
-                let stats = persister.stats();
-                let (commits, written) = (
-                    stats.commits.load(std::sync::atomic::Ordering::Relaxed),
-                    stats.written.load(std::sync::atomic::Ordering::Relaxed),
-                );
-                let busy_ms = stats.busy_us.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
-                println!(
-                    "prediction store (redb): {written} records written in {commits} commits ({:.1} per commit), \
-                     {:.2} ms per commit (encoding, writing, fsync)",
-                    written as f64 / commits.max(1) as f64,
-                    busy_ms / commits.max(1) as f64
-                );
-                result
+            Bench::ColdStart { .. } => cold_start(running.http, &names, &running.starts).await,
+            Bench::Abuse { rps, seconds, slow, big } => {
+                abuse(running.http, &running.control, *rps, *seconds, *slow, *big).await
             }
-            Bench::ColdStart { .. } => cold_start(http, &names, &starts).await,
-            Bench::Abuse { rps, seconds, slow, big } => abuse(http, &control, *rps, *seconds, *slow, *big).await,
+            Bench::Gateway { .. } | Bench::Replica | Bench::GatewayServer { .. } => Ok(()),
         };
+        drop(running);
         let _ = std::fs::remove_dir_all(&dir);
         result
     })
-}
-
-async fn gateway(
-    http: SocketAddr,
-    worker: SocketAddr,
-    control: &Arc<kiln_controller::control::ControlPlane>,
-    rps: u32,
-    seconds: u32,
-    connections: u32,
-) -> Result<()> {
-    while control.status("bench/instant").is_none_or(|s| s.ready == 0) {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let body = r#"{"input": {"x": [1.0]}}"#;
-    let request = format!(
-        "POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: {http}\r\nAuthorization: Bearer \
-         bench-key-0123456789\r\nPrefer: wait\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes();
-    let total = Duration::from_secs(u64::from(seconds) + 1);
-    let per_conn = Duration::from_secs_f64(f64::from(connections) / f64::from(rps.max(1)));
-    // Direct: the same schedule, gRPC straight to the replica.
-    let direct = {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{worker}"))?.connect().await?;
-        let tasks: Vec<_> = (0..connections)
-            .map(|k| {
-                let mut client = WorkerServiceClient::new(channel.clone());
-                tokio::spawn(async move {
-                    let start = Instant::now() + per_conn.mul_f64(f64::from(k) / f64::from(connections));
-                    let mut lat = Vec::new();
-                    let mut i = 0u32;
-                    loop {
-                        let due = start + per_conn * i;
-                        if due > start + total {
-                            return Ok::<_, anyhow::Error>(lat);
-                        }
-                        tokio::time::sleep_until(due.into()).await;
-                        let r = v1::PredictRequest {
-                            replica_id: "x".into(),
-                            input: br#"{"input": {"x": [1.0]}}"#.to_vec(),
-                            ..Default::default()
-                        };
-                        // The stand-in answers any replica id.
-                        client.predict(r).await?;
-                        if due > start + Duration::from_secs(1) {
-                            lat.push(due.elapsed().as_secs_f64());
-                        }
-                        i += 1;
-                    }
-                })
-            })
-            .collect();
-        let mut all = Vec::new();
-        for t in tasks {
-            all.extend(t.await??);
-        }
-        all
-    };
-    let through = {
-        let (latencies, failed) = open_loop(http, request, connections, rps, total, Duration::from_secs(1)).await?;
-        if failed > 0 {
-            bail!("{failed} requests through the gateway did not answer 200");
-        }
-        latencies
-    };
-    let n = through.len();
-    let d = percentiles(direct);
-    let g = percentiles(through);
-    println!("kiln bench gateway: {rps} requests/s open loop for {seconds} s per path, {connections} connections");
-    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "latency, ms", "p50", "p90", "p99", "p99.9");
-    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "direct to the replica (gRPC)", ms(d[0]), ms(d[1]), ms(d[2]), ms(d[3]));
-    println!("{:<34} {:>9} {:>9} {:>9} {:>9}", "through the gateway (HTTP)", ms(g[0]), ms(g[1]), ms(g[2]), ms(g[3]));
-    println!(
-        "{:<34} {:>9} {:>9} {:>9} {:>9}",
-        "added by the gateway",
-        ms(g[0] - d[0]),
-        ms(g[1] - d[1]),
-        ms(g[2] - d[2]),
-        ms(g[3] - d[3])
-    );
-    println!("requests measured through the gateway: {n} ({:.0}/s)", n as f64 / f64::from(seconds));
-    Ok(())
 }
 
 async fn cold_start(http: SocketAddr, names: &[String], starts: &Arc<Mutex<HashMap<String, Instant>>>) -> Result<()> {
