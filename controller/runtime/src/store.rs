@@ -649,6 +649,16 @@ mod tests {
             assert_eq!((r.failure, r.failure()), (None, Some(kind)), "{metrics}");
             assert_eq!(serde_json::to_value(r.metrics).unwrap(), metrics, "shown as before");
         }
+        // And through a redb file holding such a record (the bytes as the old store wrote them).
+        let path = temp_file("legacy");
+        let store = RedbStore::open(&path).unwrap();
+        let legacy = br#"{"id":"old","model":"ns/m","version":"3","status":"failed","input":{},"output":null,"error":"e","logs":"","metrics":{"overloaded":true,"retry_after":2},"created_at":{"secs_since_epoch":1,"nanos_since_epoch":0},"started_at":null,"completed_at":null,"stream":false}"#;
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(PREDICTIONS).unwrap().insert("old", legacy.as_slice()).unwrap();
+        txn.commit().unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.unreadable, 0);
+        assert_eq!(loaded.predictions[0].failure(), Some(FailureKind::Overloaded { retry_after_s: 2 }));
         let done = old(
             "succeeded",
             serde_json::json!({ "predict_time": 0.5, "queue_time": 0.0, "cold_start": false, "cold_start_time": null }),

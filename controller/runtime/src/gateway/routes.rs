@@ -80,6 +80,7 @@ impl WebhookSubscription {
     }
 }
 
+/// An error answer: `{"title", "status", "detail"}` with `status`.
 pub(super) fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
     (status, Json(json!({ "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail.into() })))
         .into_response()
@@ -92,6 +93,7 @@ fn shutting_down(detail: impl Into<String>) -> Response {
     response
 }
 
+/// A new prediction id: 26 characters of base32 (lowercase and 2-7), as Replicate's look.
 fn new_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
@@ -122,6 +124,9 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// `POST /v1/deployments/{namespace}/{name}/predictions`: admits, parses and stores the prediction, runs it on its
+/// own task, and answers at once (201) or, with `Prefer: wait`, when it finishes (200, or 429, 503 or 504 by its
+/// [`FailureKind`]) or the wait ends (201).
 pub(super) async fn create<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path((namespace, name)): Path<(String, String)>,
@@ -270,6 +275,7 @@ pub(super) async fn create<B: Backend>(
     (status, Json(p.response(&gw.base_url))).into_response()
 }
 
+/// `GET /v1/predictions/{id}`: the prediction, to a key of its namespace.
 pub(super) async fn fetch<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path(id): Path<String>,
@@ -328,6 +334,7 @@ pub(super) async fn stream<B: Backend>(
     Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
 }
 
+/// `POST /v1/predictions/{id}/cancel`: marks it canceled unless it has finished; answers with the prediction.
 pub(super) async fn cancel<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path(id): Path<String>,
