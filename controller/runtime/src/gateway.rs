@@ -4,17 +4,23 @@
 //! - `POST /v1/deployments/{namespace}/{name}/predictions` with `{"input": {...}}`: with `Prefer: wait` (or
 //!   `wait=N` seconds, at most 60) answers when done (200), otherwise 201 with the prediction to poll.
 //! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`.
-//! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` (`starting`, `processing`,
-//!   `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/`started_at`/
-//!   `completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics` (`predict_time`, `queue_time`, `cold_start`
-//!   and `cold_start_time`).
+//! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` ([`PredictionStatus`]: `starting`,
+//!   `processing`, `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/
+//!   `started_at`/`completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics`
+//!   (`predict_time`, `queue_time`, `cold_start` and `cold_start_time`; for a failed one, flags saying why). The
+//!   JSON is one serialized struct (`response`).
 //! - Auth: `Authorization: Bearer <key>`; a key belongs to one namespace and never reaches another's deployments
 //!   (401 without a valid key, 403 for another namespace). Unknown deployment: 404 naming it. Malformed body: 400
-//!   saying what is wrong. Too many requests held for a cold start: 429 with `Retry-After`; held past the deadline:
-//!   the prediction fails with a message saying the deployment was still cold-starting (504 when waited on).
-//! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`) POSTs the prediction to
-//!   a URL, retried with backoff and signed with a secret per namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`); `"stream": true` adds `urls.stream`, server-sent events
-//!   (`output`, or `error`, then `done`; outputs come whole, so there is one `output` event).
+//!   saying what is wrong ([`RequestError`]). Too many requests held for a cold start: 429 with `Retry-After`; held
+//!   past the deadline: the prediction fails with a message saying the deployment was still cold-starting (504 when
+//!   waited on). A failed prediction keeps why ([`FailureKind`], from the backend's [`PredictError`] or the
+//!   gateway's shutdown and restart), in memory and in the store; a waiting client's status and `Retry-After` come
+//!   from it.
+//! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`; a
+//!   [`WebhookSubscription`]) POSTs the prediction to a URL, retried with backoff and signed with a secret per
+//!   namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`); `"stream": true` adds
+//!   `urls.stream`, server-sent events (`output`, or `error`, then `done`; outputs come whole, so there is one
+//!   `output` event).
 //!
 //! Finished predictions stay readable for an hour (at most the newest 100,000). With a [`Persister`] each prediction
 //! is written to the store on every transition (created, started, finished, expired) and [`Gateway::restore`] reads
@@ -23,29 +29,39 @@
 //!
 //! Shutdown ([`Gateway::drain`]): new predictions get 503 with `Retry-After`; those under way get the grace period
 //! to finish; what is left then fails ([`SHUTDOWN_ERROR`]: 503 with `Retry-After` for a client waiting on it, the
-//! `completed` webhook for the others). Canceling marks the prediction
-//! canceled and drops its result; it does not stop work already sent to a replica. The gateway's metrics are
-//! recorded by its backend (the control plane).
+//! `completed` webhook for the others). Canceling marks the prediction canceled and drops its result; it does not
+//! stop work already sent to a replica. The gateway's metrics are recorded by its backend (the control plane). The
+//! handlers are in `routes`.
+
+mod response;
+mod routes;
 
 use std::{
     collections::HashMap,
     future::Future,
-    hash::{BuildHasher, Hasher},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
 
 use axum::{
-    Json, Router,
-    extract::{Path, State},
+    Router,
     http::{HeaderMap, StatusCode, header},
-    response::{IntoResponse, Response},
+    response::Response,
     routing::{get, post},
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use crate::store::{Persister, PredictionRecord};
+pub use self::routes::{RequestError, WebhookSubscription};
+use self::{
+    response::PredictionResponse,
+    routes::{cancel, create, fetch, problem, stream, webhook_secret},
+};
+pub use crate::prediction::{FailureKind, PredictionStatus};
+use crate::{
+    prediction::{Metrics, RunMetrics},
+    store::{Persister, PredictionRecord},
+};
 
 /// The error of a prediction that was running when the controller process ended.
 pub const RESTART_ERROR: &str = "the controller restarted while it ran";
@@ -103,6 +119,31 @@ pub enum PredictError {
     /// The model failed.
     #[error("{0}")]
     Failed(String),
+}
+
+impl PredictError {
+    /// What kind of failure it is, as kept with the prediction.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            Self::Overloaded { retry_after_s, .. } => FailureKind::Overloaded { retry_after_s: *retry_after_s },
+            Self::ColdStartTimeout { .. } => FailureKind::ColdStartTimeout,
+            Self::SetupFailed { .. } => FailureKind::SetupFailed,
+            Self::Invalid(_) => FailureKind::Invalid,
+            Self::Failed(_) => FailureKind::Failed,
+        }
+    }
+
+    /// A short machine-readable name: `overloaded`, `cold_start_timeout`, `setup_failed`, `invalid` or `failed`
+    /// (the `outcome` label of `kiln_gateway_requests_total`).
+    pub fn category(&self) -> &'static str {
+        self.kind().category()
+    }
+
+    /// Whether the same prediction sent again may succeed without anything else changing
+    /// ([`FailureKind::is_retryable`]): yes for an overloaded or still cold-starting deployment.
+    pub fn is_retryable(&self) -> bool {
+        self.kind().is_retryable()
+    }
 }
 
 /// Runs predictions for the gateway.
@@ -204,22 +245,25 @@ impl HoldQueue {
     }
 }
 
+/// A prediction the gateway holds: running, or finished and readable until it expires.
 #[derive(Debug, Clone)]
 struct Prediction {
     id: String,
     model: String,
     version: String,
-    status: &'static str,
+    status: PredictionStatus,
     input: Value,
     output: Value,
     error: Option<String>,
+    /// Why it failed (`status` is `failed`).
+    failure: Option<FailureKind>,
+    /// Its timings, once it ran.
+    run: Option<RunMetrics>,
     created_at: SystemTime,
     started_at: Option<SystemTime>,
     completed_at: Option<SystemTime>,
-    metrics: Value,
     done: Arc<Notify>,
-    /// Webhook URL and the events it wants.
-    webhook: Option<(String, Vec<String>)>,
+    webhook: Option<WebhookSubscription>,
     stream: bool,
     /// Sizes of an input and output that were over the store's limits (restored records, and inputs of finished
     /// predictions).
@@ -245,86 +289,67 @@ fn json_size(value: &Value) -> usize {
     count.0
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
-}
-
 impl Prediction {
-    fn json(&self, base: &str) -> Value {
-        let url = format!("{base}/v1/predictions/{}", self.id);
-        let mut value = json!({
-            "id": self.id,
-            "model": self.model,
-            "version": self.version,
-            "status": self.status,
-            "input": self.input,
-            "output": self.output,
-            "error": self.error,
-            "logs": "",
-            "created_at": rfc3339(self.created_at),
-            "started_at": self.started_at.map(rfc3339),
-            "completed_at": self.completed_at.map(rfc3339),
-            "urls": if self.stream {
-                json!({ "get": url, "cancel": format!("{url}/cancel"), "stream": format!("{url}/stream") })
-            } else {
-                json!({ "get": url, "cancel": format!("{url}/cancel") })
-            },
-            "metrics": self.metrics,
-        });
-        if let Some(n) = self.dropped.0 {
-            value["input_dropped"] =
-                json!(format!("the input ({n} bytes) was over the {} kept", kib(crate::store::INPUT_LIMIT)));
+    /// A prediction just created: `starting`.
+    fn new(id: String, model: String, version: String, input: Value) -> Self {
+        Self {
+            id,
+            model,
+            version,
+            status: PredictionStatus::Starting,
+            input,
+            output: Value::Null,
+            error: None,
+            failure: None,
+            run: None,
+            created_at: SystemTime::now(),
+            started_at: None,
+            completed_at: None,
+            done: Arc::new(Notify::new()),
+            webhook: None,
+            stream: false,
+            dropped: (None, None),
+            kept_bytes: 0,
         }
-        if let Some(n) = self.dropped.1 {
-            value["output_dropped"] = json!(format!(
-                "the output ({n} bytes) was over the {} kept across restarts",
-                kib(crate::store::OUTPUT_LIMIT)
-            ));
-        }
-        value
+    }
+
+    /// What the API returns for it, with its URLs under `base`.
+    fn response<'a>(&'a self, base: &str) -> PredictionResponse<'a> {
+        PredictionResponse::new(self, base)
     }
 
     fn finished(&self) -> bool {
-        matches!(self.status, "succeeded" | "failed" | "canceled")
+        self.status.is_terminal()
+    }
+
+    /// Finishes it as failed at `at`, saying why.
+    fn fail(&mut self, failure: FailureKind, error: String, at: SystemTime) {
+        self.status = PredictionStatus::Failed;
+        self.failure = Some(failure);
+        self.error = Some(error);
+        self.run = None;
+        self.completed_at = Some(at);
     }
 
     /// The stored form.
     fn record(&self) -> PredictionRecord {
         let (webhook, webhook_events_filter) = match &self.webhook {
-            Some((url, events)) => (Some(url.clone()), events.clone()),
+            Some(w) => (Some(w.url.clone()), w.events.clone()),
             None => (None, Vec::new()),
         };
         PredictionRecord {
             id: self.id.clone(),
             model: self.model.clone(),
             version: self.version.clone(),
-            status: self.status.to_owned(),
+            status: self.status,
             input: self.input.clone(),
             input_dropped_bytes: self.dropped.0,
             output: self.output.clone(),
             output_dropped_bytes: self.dropped.1,
             error: self.error.clone(),
+            failure: self.failure,
             logs: String::new(),
-            metrics: self.metrics.clone(),
+            metrics: Metrics::new(self.run, self.failure),
             created_at: self.created_at,
             started_at: self.started_at,
             completed_at: self.completed_at,
@@ -334,38 +359,29 @@ impl Prediction {
         }
     }
 
-    /// A prediction from its stored form.
+    /// A prediction from its stored form (one stored without its failure kind gets the kind its metrics say).
     fn from_record(r: PredictionRecord) -> Self {
-        let status = match r.status.as_str() {
-            "starting" => "starting",
-            "processing" => "processing",
-            "succeeded" => "succeeded",
-            "canceled" => "canceled",
-            _ => "failed",
-        };
+        let failure = r.failure();
         Self {
             id: r.id,
             model: r.model,
             version: r.version,
-            status,
+            status: r.status,
             input: r.input,
             output: r.output,
             error: r.error,
+            failure,
+            run: r.metrics.run,
             created_at: r.created_at,
             started_at: r.started_at,
             completed_at: r.completed_at,
-            metrics: r.metrics,
             done: Arc::new(Notify::new()),
-            webhook: r.webhook.map(|url| (url, r.webhook_events_filter)),
+            webhook: r.webhook.map(|url| WebhookSubscription { url, events: r.webhook_events_filter }),
             stream: r.stream,
             dropped: (r.input_dropped_bytes, r.output_dropped_bytes),
             kept_bytes: 0,
         }
     }
-}
-
-fn kib(bytes: usize) -> String {
-    format!("{} KiB", bytes / 1024)
 }
 
 /// How long a finished prediction stays readable.
@@ -543,10 +559,7 @@ impl<B: Backend> Gateway<B> {
                     finished.push((at, p));
                 }
             } else {
-                p.status = "failed";
-                p.error = Some(RESTART_ERROR.to_owned());
-                p.completed_at = Some(now);
-                p.metrics = json!({ "controller_restarted": true });
+                p.fail(FailureKind::Restarted, RESTART_ERROR.to_owned(), now);
                 interrupted.push(p);
             }
         }
@@ -604,10 +617,8 @@ impl<B: Backend> Gateway<B> {
                 .values_mut()
                 .filter(|p| !p.finished())
                 .map(|p| {
-                    p.status = "failed";
-                    p.error = Some(SHUTDOWN_ERROR.to_owned());
-                    p.completed_at = Some(now);
-                    p.metrics = json!({ "shutdown": true, "retry_after": SHUTDOWN_RETRY_AFTER_S });
+                    let shutdown = FailureKind::Shutdown { retry_after_s: SHUTDOWN_RETRY_AFTER_S };
+                    p.fail(shutdown, SHUTDOWN_ERROR.to_owned(), now);
                     p.done.notify_waiters();
                     p.clone()
                 })
@@ -642,11 +653,15 @@ impl<B: Backend> Gateway<B> {
     /// Sends `p` to its webhook if it asked for `event` (`completed` also stands for `output`: outputs are not
     /// streamed through webhooks).
     fn notify_webhook(&self, p: &Prediction, event: &str) {
-        let Some((url, events)) = &p.webhook else { return };
-        let wanted = events.iter().any(|e| e == event || (event == "completed" && e == "output"));
-        if wanted {
+        let Some(webhook) = &p.webhook else { return };
+        if webhook.wants(event) {
             let namespace = p.model.split_once('/').map_or(p.model.as_str(), |(ns, _)| ns);
-            self.webhooks.send(url.clone(), format!("{}-{event}", p.id), &p.json(&self.base_url), namespace);
+            self.webhooks.send(
+                webhook.url.clone(),
+                format!("{}-{event}", p.id),
+                &p.response(&self.base_url),
+                namespace,
+            );
         }
     }
 
@@ -687,376 +702,15 @@ impl<B: Backend> Gateway<B> {
     }
 }
 
-fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    (status, Json(json!({ "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail.into() })))
-        .into_response()
-}
-
-/// 503 with `Retry-After`: the gateway is shutting down.
-fn shutting_down(detail: impl Into<String>) -> Response {
-    let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, detail);
-    response.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from(SHUTDOWN_RETRY_AFTER_S));
-    response
-}
-
-fn new_id() -> String {
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
-    let mut x = h.finish();
-    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
-    let mut id = String::with_capacity(26);
-    for i in 0..26 {
-        if i == 13 {
-            let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
-            h2.write_u64(x);
-            x = h2.finish();
-        }
-        id.push(ALPHABET[(x & 31) as usize] as char);
-        x >>= 5;
-    }
-    id
-}
-
-/// The webhook of a create request: its URL and events (`start`, `output`, `logs`, `completed`; all by default).
-fn parse_webhook(body: &Value) -> Result<Option<(String, Vec<String>)>, String> {
-    let url = match body.get("webhook") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(u)) => u.clone(),
-        Some(other) => return Err(format!("\"webhook\" must be a URL string, not {other}")),
-    };
-    crate::webhook::check_url(&url).map_err(|e| e.to_string())?;
-    const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
-    let events = match body.get("webhook_events_filter") {
-        None | Some(Value::Null) => EVENTS.iter().map(|e| (*e).to_owned()).collect(),
-        Some(Value::Array(list)) => {
-            let mut events = Vec::new();
-            for e in list {
-                match e.as_str().filter(|e| EVENTS.contains(e)) {
-                    Some(e) => events.push(e.to_owned()),
-                    None => {
-                        return Err(format!("webhook_events_filter: {e} is not one of start, output, logs, completed"));
-                    }
-                }
-            }
-            events
-        }
-        Some(other) => return Err(format!("\"webhook_events_filter\" must be a list, not {other}")),
-    };
-    Ok(Some((url, events)))
-}
-
-/// Parses `Prefer: wait` / `wait=N` into how long to wait (at most 60 s).
-fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
-    let prefer = headers.get("prefer")?.to_str().ok()?;
-    prefer.split(',').map(str::trim).find_map(|p| match p.strip_prefix("wait") {
-        Some("") => Some(Duration::from_secs(60)),
-        Some(rest) => {
-            rest.strip_prefix('=').and_then(|n| n.trim().parse::<u64>().ok()).map(|n| Duration::from_secs(n.min(60)))
-        }
-        None => None,
-    })
-}
-
-async fn create<B: Backend>(
-    State(gw): State<Arc<Gateway<B>>>,
-    Path((namespace, name)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Response {
-    let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    };
-    if caller != namespace {
-        return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
-    }
-    // Counted before the check, so a drain that begins now either sees this prediction or refuses it.
-    let in_flight = InFlight::new(&gw.drain.in_flight);
-    if gw.is_draining() {
-        return shutting_down("the gateway is shutting down and takes no new predictions; retry");
-    }
-    // Admission before anything is parsed or stored: the permit counts this prediction until it finishes.
-    let permit = match gw.limits.admit(&namespace, body.len() as u64, std::time::Instant::now()) {
-        Ok(p) => p,
-        Err(refusal) => {
-            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, refusal.to_string());
-            if let Ok(v) = refusal.retry_after_s().to_string().parse() {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return response;
-        }
-    };
-    let model = format!("{namespace}/{name}");
-    let Some(version) = gw.backend.version(&model) else {
-        return problem(StatusCode::NOT_FOUND, format!("deployment {model} not found"));
-    };
-    let body: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")),
-    };
-    let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
-        return problem(StatusCode::BAD_REQUEST, "the body needs an \"input\" object, e.g. {\"input\": {...}}");
-    };
-    let webhook = match parse_webhook(&body) {
-        Ok(w) => w,
-        Err(e) => return problem(StatusCode::BAD_REQUEST, e),
-    };
-    // Where the webhook's name points now (it is checked again at each delivery).
-    if let Some((url, _)) = &webhook
-        && let Err(e) = gw.webhooks.destinations().check(url).await
-    {
-        return problem(StatusCode::BAD_REQUEST, e.to_string());
-    }
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(other) => {
-            return problem(StatusCode::BAD_REQUEST, format!("\"stream\" must be true or false, not {other}"));
-        }
-    };
-    let id = new_id();
-    let done = Arc::new(Notify::new());
-    let prediction = Prediction {
-        id: id.clone(),
-        model: model.clone(),
-        version,
-        status: "starting",
-        input: input.clone(),
-        output: Value::Null,
-        error: None,
-        created_at: SystemTime::now(),
-        started_at: None,
-        completed_at: None,
-        metrics: json!({}),
-        done: Arc::clone(&done),
-        webhook,
-        stream,
-        dropped: (None, None),
-        kept_bytes: 0,
-    };
-    gw.persist(&prediction);
-    let expired = {
-        let mut predictions = gw.lock();
-        let expired = predictions.expire();
-        predictions.map.insert(id.clone(), prediction);
-        expired
-    };
-    gw.persist_expired(expired);
-    let wait = prefer_wait(&headers);
-    let runner = Arc::clone(&gw);
-    let task_id = id.clone();
-    let notified = done.notified();
-    tokio::spawn(async move {
-        let _permit = permit;
-        let _in_flight = in_flight;
-        // Copies only for the store and a webhook, used outside the lock.
-        let persisted = runner.persister.is_some();
-        let started = runner.lock().map.get_mut(&task_id).map(|p| {
-            p.status = "processing";
-            p.started_at = Some(SystemTime::now());
-            (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
-        });
-        if let Some((record, webhook)) = started {
-            runner.persist_record(record);
-            if let Some(p) = webhook {
-                runner.notify_webhook(&p, "start");
-            }
-        }
-        let result = runner.backend.predict(&model, input, runner.hold).await;
-        let mut store = runner.lock();
-        let Some(p) = store.map.get_mut(&task_id) else { return };
-        if p.finished() {
-            // Canceled, or cut off by a shutdown.
-            return;
-        }
-        p.completed_at = Some(SystemTime::now());
-        match result {
-            Ok(o) => {
-                p.status = "succeeded";
-                p.output = o.output;
-                p.metrics = json!({
-                    "predict_time": o.predict_time,
-                    "queue_time": o.queue_time,
-                    "cold_start": o.cold_start.is_some(),
-                    "cold_start_time": o.cold_start,
-                });
-            }
-            Err(e) => {
-                p.status = "failed";
-                p.error = Some(e.to_string());
-                p.metrics = json!({ "overloaded": matches!(e, PredictError::Overloaded { .. }) });
-                if let PredictError::Overloaded { retry_after_s, .. } = e {
-                    p.metrics["retry_after"] = json!(retry_after_s);
-                }
-                if matches!(e, PredictError::ColdStartTimeout { .. }) {
-                    p.metrics["cold_start_timeout"] = json!(true);
-                }
-            }
-        }
-        p.done.notify_waiters();
-        let (record, webhook) = (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()));
-        store.finish(&task_id);
-        drop(store);
-        runner.persist_record(record);
-        if let Some(p) = webhook {
-            runner.notify_webhook(&p, "completed");
-        }
-    });
-    let Some(wait) = wait else {
-        let p = gw.lock().map.get(&id).cloned();
-        return match p {
-            Some(p) => (StatusCode::CREATED, Json(p.json(&gw.base_url))).into_response(),
-            None => problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost"),
-        };
-    };
-    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
-    if !finished {
-        let _ = tokio::time::timeout(wait, notified).await;
-    }
-    let Some(p) = gw.lock().map.get(&id).cloned() else {
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost");
-    };
-    if p.status == "failed" && p.metrics.get("overloaded") == Some(&json!(true)) {
-        let retry = p.metrics.get("retry_after").and_then(Value::as_u64).unwrap_or(1);
-        let mut response = problem(StatusCode::TOO_MANY_REQUESTS, p.error.clone().unwrap_or_default());
-        if let Ok(v) = retry.to_string().parse() {
-            response.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return response;
-    }
-    if p.status == "failed" && p.metrics.get("shutdown") == Some(&json!(true)) {
-        return shutting_down(format!("prediction {id}: {SHUTDOWN_ERROR}"));
-    }
-    if p.status == "failed" && p.metrics.get("cold_start_timeout") == Some(&json!(true)) {
-        return (StatusCode::GATEWAY_TIMEOUT, Json(p.json(&gw.base_url))).into_response();
-    }
-    let status = if p.finished() { StatusCode::OK } else { StatusCode::CREATED };
-    (status, Json(p.json(&gw.base_url))).into_response()
-}
-
-async fn fetch<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    };
-    match gw.lock().map.get(&id) {
-        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.json(&gw.base_url)).into_response(),
-        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
-    }
-}
-
-/// `GET /v1/webhooks/default/secret`: the key the caller's namespace's webhooks are signed with (its own only).
-async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>, headers: HeaderMap) -> Response {
-    let Some(namespace) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    };
-    match &gw.webhooks.secret {
-        Some(secret) => Json(json!({ "key": secret.for_namespace(&namespace).as_str() })).into_response(),
-        None => problem(StatusCode::NOT_FOUND, "webhooks are not signed by this gateway (no signing secret is set)"),
-    }
-}
-
-/// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
-/// or `error`, then `done`. Outputs are produced whole, so there is one `output` event.
-async fn stream<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    use axum::response::sse::{Event, Sse};
-    let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    };
-    let done = match gw.lock().map.get(&id) {
-        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Arc::clone(&p.done),
-        _ => return problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
-    };
-    let notified = done.notified();
-    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
-    if !finished {
-        notified.await;
-    }
-    let p = gw.lock().map.get(&id).cloned();
-    let mut events = Vec::new();
-    match p {
-        Some(p) if p.status == "succeeded" => events.push(Event::default().event("output").data(p.output.to_string())),
-        Some(p) => events.push(Event::default().event("error").data(p.error.unwrap_or_else(|| p.status.to_owned()))),
-        None => events.push(Event::default().event("error").data("the prediction expired")),
-    }
-    events.push(Event::default().event("done").data("{}"));
-    Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
-}
-
-async fn cancel<B: Backend>(State(gw): State<Arc<Gateway<B>>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
-    };
-    let mut store = gw.lock();
-    match store.map.get_mut(&id) {
-        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => {
-            let canceled = !p.finished();
-            if canceled {
-                p.status = "canceled";
-                p.completed_at = Some(SystemTime::now());
-                p.done.notify_waiters();
-            }
-            let response = Json(p.json(&gw.base_url)).into_response();
-            let record = (canceled && gw.persister.is_some()).then(|| p.record());
-            if canceled {
-                store.finish(&id);
-            }
-            drop(store);
-            gw.persist_record(record);
-            response
-        }
-        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn timestamps_are_rfc3339_utc() {
-        let t = SystemTime::UNIX_EPOCH + Duration::new(1_764_072_000, 123_456_000);
-        assert_eq!(rfc3339(t), "2025-11-25T12:00:00.123456Z");
-    }
-
-    #[test]
-    fn prefer_wait_parses_with_and_without_seconds() {
-        let mut h = HeaderMap::new();
-        assert_eq!(prefer_wait(&h), None);
-        h.insert("prefer", "wait".parse().unwrap());
-        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
-        h.insert("prefer", "respond-async, wait=5".parse().unwrap());
-        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(5)));
-        h.insert("prefer", "wait=600".parse().unwrap());
-        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
-    }
-
-    #[test]
-    fn ids_look_like_replicate_ids_and_differ() {
-        let (a, b) = (new_id(), new_id());
-        assert_eq!(a.len(), 26);
-        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
-        assert_ne!(a, b);
-    }
-
     /// Puts a succeeded prediction with `input` and `output` in `store`, finished now.
     fn finished(store: &mut Store, id: &str, input: Value, output: Value) {
-        let p = Prediction {
-            id: id.to_owned(),
-            model: "ns/m".into(),
-            version: String::new(),
-            status: "succeeded",
-            input,
-            output,
-            error: None,
-            created_at: SystemTime::now(),
-            started_at: None,
-            completed_at: None,
-            metrics: Value::Null,
-            done: Arc::new(Notify::new()),
-            webhook: None,
-            stream: false,
-            dropped: (None, None),
-            kept_bytes: 0,
-        };
+        let mut p = Prediction::new(id.to_owned(), "ns/m".into(), String::new(), input);
+        p.status = PredictionStatus::Succeeded;
+        p.output = output;
         store.map.insert(id.to_owned(), p);
         store.finish(id);
     }
@@ -1083,7 +737,8 @@ mod tests {
         }
         let p = &store.map["p0"];
         assert_eq!((&p.input, p.dropped.0), (&Value::Null, Some(crate::store::INPUT_LIMIT + 12)), "input let go");
-        assert!(p.json("http://x")["input_dropped"].is_string(), "the response says so");
+        let shown = serde_json::to_value(p.response("http://x")).unwrap();
+        assert!(shown["input_dropped"].is_string(), "the response says so");
         assert_eq!(store.retained, 10 * (4 + 1000), "null input + the 1000-byte output, each");
         store.expire_within(100, 5_000);
         assert_eq!(store.map.len(), 4, "the oldest go until the kept bytes fit");

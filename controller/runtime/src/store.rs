@@ -3,7 +3,8 @@
 //! implementations — [`RedbStore`] (an embedded, crash-safe B-tree file in the state directory; what `kiln up` and
 //! `kiln controller` use) and [`MemoryStore`] (the same encoding in memory, for tests) — and the [`Persister`], the
 //! one writer thread that batches the gateway's and the control loop's writes into transactions. It knows nothing of
-//! HTTP or of the control loop: the gateway turns its predictions into [`PredictionRecord`]s and back. A replicated
+//! HTTP or of the control loop: the gateway turns its predictions into [`PredictionRecord`]s and back (a record's
+//! status, failure kind and metrics are [`crate::prediction`]'s types, stored as they serialize). A replicated
 //! ledger can later replace [`RedbStore`] behind the same trait.
 //!
 //! Writes are asynchronous: the hot path hands a record to the writer's queue and goes on; the writer gathers
@@ -26,6 +27,8 @@ use kiln_k8s_api::model_deployment::DeploymentCounters;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::prediction::{FailureKind, Metrics, PredictionStatus};
 
 /// The largest input kept with a record, bytes of JSON; a larger one is dropped (its size noted).
 pub const INPUT_LIMIT: usize = 64 * 1024;
@@ -64,7 +67,7 @@ pub enum StoreError {
 /// A `Result` with a [`StoreError`].
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// A prediction as stored: what `GET /v1/predictions/{id}` returns, plus its webhook.
+/// A prediction as stored: what `GET /v1/predictions/{id}` returns, plus its webhook and why it failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PredictionRecord {
     /// Id.
@@ -73,8 +76,8 @@ pub struct PredictionRecord {
     pub model: String,
     /// The deployment's version when it was created.
     pub version: String,
-    /// `starting`, `processing`, `succeeded`, `failed` or `canceled`.
-    pub status: String,
+    /// Where it is in its life.
+    pub status: PredictionStatus,
     /// Input (`null` when dropped).
     pub input: Value,
     /// Size of the input's JSON when it was larger than [`INPUT_LIMIT`] and dropped.
@@ -87,11 +90,15 @@ pub struct PredictionRecord {
     pub output_dropped_bytes: Option<usize>,
     /// Error.
     pub error: Option<String>,
+    /// Why it failed. Records written before this field was kept lack it: their `metrics` flags say it
+    /// ([`Metrics::failure`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureKind>,
     /// Logs.
     #[serde(default)]
     pub logs: String,
     /// Metrics as the API shows them.
-    pub metrics: Value,
+    pub metrics: Metrics,
     /// Created.
     pub created_at: SystemTime,
     /// Sent to a replica (or held for one).
@@ -112,7 +119,16 @@ pub struct PredictionRecord {
 impl PredictionRecord {
     /// Whether the prediction has finished.
     pub fn is_finished(&self) -> bool {
-        matches!(self.status.as_str(), "succeeded" | "failed" | "canceled")
+        self.status.is_terminal()
+    }
+
+    /// Why it failed, `None` unless it did: the stored [`FailureKind`], or for a record written without one, what
+    /// its `metrics` flags say.
+    pub fn failure(&self) -> Option<FailureKind> {
+        match self.status {
+            PredictionStatus::Failed => Some(self.failure.unwrap_or_else(|| self.metrics.failure())),
+            _ => None,
+        }
     }
 
     /// The stored bytes: JSON, with an input or output over its limit replaced by `null` and its size noted.
@@ -476,24 +492,27 @@ fn write_loop(store: &dyn PredictionStore, rx: &mpsc::Receiver<Op>, stats: &Stat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prediction::{PredictionStatus::*, RunMetrics};
     use std::time::Duration;
 
-    fn record(id: &str, status: &str) -> PredictionRecord {
+    fn record(id: &str, status: PredictionStatus) -> PredictionRecord {
+        let run = RunMetrics { predict_time: 0.01, queue_time: 0.5, cold_start: true, cold_start_time: Some(0.49) };
         PredictionRecord {
             id: id.into(),
             model: "ns/m".into(),
             version: "3".into(),
-            status: status.into(),
+            status,
             input: serde_json::json!({ "x": [1, 2] }),
             input_dropped_bytes: None,
-            output: if status == "succeeded" { serde_json::json!([0.5, -0.25]) } else { Value::Null },
+            output: if status == Succeeded { serde_json::json!([0.5, -0.25]) } else { Value::Null },
             output_dropped_bytes: None,
             error: None,
+            failure: None,
             logs: String::new(),
-            metrics: serde_json::json!({ "predict_time": 0.01 }),
+            metrics: Metrics::new((status == Succeeded).then_some(run), None),
             created_at: SystemTime::UNIX_EPOCH + Duration::new(1_764_072_000, 123_456_789),
             started_at: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_072_001)),
-            completed_at: (status == "succeeded").then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_072_002)),
+            completed_at: (status == Succeeded).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_072_002)),
             webhook: Some("http://127.0.0.1:9/hook".into()),
             webhook_events_filter: vec!["completed".into()],
             stream: true,
@@ -508,11 +527,11 @@ mod tests {
     }
 
     fn roundtrip(store: &dyn PredictionStore) {
-        let (a, b) = (record("a", "succeeded"), record("b", "processing"));
+        let (a, b) = (record("a", Succeeded), record("b", Processing));
         let counters = DeploymentCounters { requests: 7, failed_requests: 2, cold_starts: 1, failed_starts: 0 };
         store
             .write(&Batch {
-                predictions: vec![a.clone(), b.clone(), record("c", "succeeded")],
+                predictions: vec![a.clone(), b.clone(), record("c", Succeeded)],
                 removed: vec![],
                 counters: vec![("ns/m".into(), Some(counters.clone())), ("ns/gone".into(), Some(counters.clone()))],
             })
@@ -537,17 +556,17 @@ mod tests {
     fn redb_keeps_records_across_reopening_and_refuses_a_second_opener() {
         let path = temp_file("reopen");
         let store = RedbStore::open(&path).unwrap();
-        store.write(&Batch { predictions: vec![record("a", "succeeded")], ..Batch::default() }).unwrap();
+        store.write(&Batch { predictions: vec![record("a", Succeeded)], ..Batch::default() }).unwrap();
         let second = RedbStore::open(&path);
         assert!(second.is_err(), "a second process on the same state directory must not write beside the first");
         drop(store);
         let again = RedbStore::open(&path).unwrap();
-        assert_eq!(again.load().unwrap().predictions, vec![record("a", "succeeded")]);
+        assert_eq!(again.load().unwrap().predictions, vec![record("a", Succeeded)]);
     }
 
     #[test]
     fn inputs_and_outputs_over_their_limits_are_dropped_with_their_size() {
-        let mut r = record("big", "succeeded");
+        let mut r = record("big", Succeeded);
         r.input = serde_json::json!({ "text": "x".repeat(INPUT_LIMIT) });
         r.output = serde_json::json!("y".repeat(OUTPUT_LIMIT));
         let kept = PredictionRecord::decode(&r.encode().unwrap()).unwrap();
@@ -555,7 +574,7 @@ mod tests {
         assert_eq!(kept.input_dropped_bytes, Some(INPUT_LIMIT + 11), "{{\"text\":\"...\"}}");
         assert_eq!(kept.output, Value::Null);
         assert_eq!(kept.output_dropped_bytes, Some(OUTPUT_LIMIT + 2));
-        assert_eq!((kept.id, kept.status, kept.metrics), (r.id.clone(), r.status.clone(), r.metrics.clone()));
+        assert_eq!((kept.id, kept.status, kept.metrics), (r.id.clone(), r.status, r.metrics));
 
         // Just under the limits: kept whole, even though the record as a whole is larger than either.
         r.input = serde_json::json!("x".repeat(INPUT_LIMIT - 2));
@@ -567,7 +586,7 @@ mod tests {
     #[test]
     fn an_unreadable_record_is_left_out_not_fatal() {
         let store = MemoryStore::default();
-        store.write(&Batch { predictions: vec![record("a", "succeeded")], ..Batch::default() }).unwrap();
+        store.write(&Batch { predictions: vec![record("a", Succeeded)], ..Batch::default() }).unwrap();
         store.tables.lock().unwrap().0.insert("junk".into(), b"{not json".to_vec());
         let snapshot = store.load().unwrap();
         assert_eq!((snapshot.predictions.len(), snapshot.unreadable), (1, 1));
@@ -577,16 +596,16 @@ mod tests {
     async fn the_persister_batches_keeps_the_last_version_and_flushes() {
         let store = Arc::new(MemoryStore::default());
         let persister = Persister::spawn(Arc::clone(&store) as Arc<dyn PredictionStore>).unwrap();
-        for status in ["starting", "processing", "succeeded"] {
+        for status in [Starting, Processing, Succeeded] {
             persister.put(record("a", status));
         }
-        persister.put(record("gone", "succeeded"));
+        persister.put(record("gone", Succeeded));
         persister.remove("gone".into());
         persister.counters("ns/m".into(), Some(DeploymentCounters { requests: 1, ..Default::default() }));
         persister.counters("ns/m".into(), Some(DeploymentCounters { requests: 2, ..Default::default() }));
         persister.flush().await.unwrap();
         let snapshot = store.load().unwrap();
-        assert_eq!(snapshot.predictions, vec![record("a", "succeeded")], "the last version of each, none removed");
+        assert_eq!(snapshot.predictions, vec![record("a", Succeeded)], "the last version of each, none removed");
         assert_eq!(snapshot.counters[0].1.requests, 2);
         let commits = persister.stats().commits.load(Ordering::Relaxed);
         assert!(
@@ -594,5 +613,57 @@ mod tests {
             "{commits} commits, {} writes",
             store.writes()
         );
+    }
+
+    #[test]
+    fn failures_are_kept_by_kind_and_records_written_without_one_still_load() {
+        let mut r = record("f", Failed);
+        r.error = Some("too many requests are waiting".into());
+        r.failure = Some(FailureKind::Overloaded { retry_after_s: 2 });
+        r.metrics = Metrics::new(None, r.failure);
+        let bytes = r.encode().unwrap();
+        let stored: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(stored["failure"], serde_json::json!({ "kind": "overloaded", "retry_after_s": 2 }));
+        assert_eq!(stored["status"], "failed");
+        assert_eq!(PredictionRecord::decode(&bytes).unwrap(), r);
+
+        // Records as this store wrote them before it kept the kind: the metrics flags say it.
+        let old = |status: &str, metrics: Value| {
+            let v = serde_json::json!({
+                "id": "old", "model": "ns/m", "version": "3", "status": status, "input": {}, "output": null,
+                "error": "e", "logs": "", "metrics": metrics,
+                "created_at": { "secs_since_epoch": 1, "nanos_since_epoch": 0 }, "started_at": null,
+                "completed_at": null
+            });
+            PredictionRecord::decode(&serde_json::to_vec(&v).unwrap()).unwrap()
+        };
+        let cases = [
+            (serde_json::json!({ "overloaded": true, "retry_after": 3 }), FailureKind::Overloaded { retry_after_s: 3 }),
+            (serde_json::json!({ "overloaded": false, "cold_start_timeout": true }), FailureKind::ColdStartTimeout),
+            (serde_json::json!({ "overloaded": false }), FailureKind::Failed),
+            (serde_json::json!({ "shutdown": true, "retry_after": 5 }), FailureKind::Shutdown { retry_after_s: 5 }),
+            (serde_json::json!({ "controller_restarted": true }), FailureKind::Restarted),
+        ];
+        for (metrics, kind) in cases {
+            let r = old("failed", metrics.clone());
+            assert_eq!((r.failure, r.failure()), (None, Some(kind)), "{metrics}");
+            assert_eq!(serde_json::to_value(r.metrics).unwrap(), metrics, "shown as before");
+        }
+        // And through a redb file holding such a record (the bytes as the old store wrote them).
+        let path = temp_file("legacy");
+        let store = RedbStore::open(&path).unwrap();
+        let legacy = br#"{"id":"old","model":"ns/m","version":"3","status":"failed","input":{},"output":null,"error":"e","logs":"","metrics":{"overloaded":true,"retry_after":2},"created_at":{"secs_since_epoch":1,"nanos_since_epoch":0},"started_at":null,"completed_at":null,"stream":false}"#;
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(PREDICTIONS).unwrap().insert("old", legacy.as_slice()).unwrap();
+        txn.commit().unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.unreadable, 0);
+        assert_eq!(loaded.predictions[0].failure(), Some(FailureKind::Overloaded { retry_after_s: 2 }));
+        let done = old(
+            "succeeded",
+            serde_json::json!({ "predict_time": 0.5, "queue_time": 0.0, "cold_start": false, "cold_start_time": null }),
+        );
+        assert_eq!((done.status, done.failure()), (Succeeded, None));
+        assert_eq!(done.metrics.run.map(|m| m.predict_time), Some(0.5));
     }
 }

@@ -37,13 +37,12 @@ use hyper_util::{
     },
     rt::TokioExecutor,
 };
-use serde_json::Value;
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector<GuardedResolver>>;
 
-/// Why a webhook destination is refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DestinationError {
+/// Why a webhook URL, address range or secret is refused, or a delivery given up.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
     /// The URL names (or resolves to) an address deliveries may not go to.
     #[error("webhook {url:?} is refused: {addr} is {why} (an operator can allow it with --webhook-allow)")]
     Refused {
@@ -70,7 +69,45 @@ pub enum DestinationError {
         /// The URL.
         url: String,
     },
+    /// An address range ([`Cidr`]) whose address does not parse.
+    #[error("{text:?}: not an IP address or CIDR range: {source}")]
+    NotAnAddress {
+        /// The text given.
+        text: String,
+        /// Cause.
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    /// An address range ([`Cidr`]) whose prefix length is not a number up to the address's bits.
+    #[error("{text:?}: bad prefix length")]
+    BadPrefix {
+        /// The text given.
+        text: String,
+    },
+    /// A signing secret without its `whsec_` prefix.
+    #[error("a webhook secret starts with whsec_")]
+    SecretPrefix,
+    /// A signing secret whose key is not base64.
+    #[error("the webhook secret after whsec_ is not base64: {0}")]
+    SecretNotBase64(#[source] base64::DecodeError),
+    /// A signing secret with too short a key.
+    #[error("a webhook secret needs at least 16 key bytes")]
+    SecretTooShort,
+    /// The delivery's HTTP request could not be built.
+    #[error("building the request: {0}")]
+    Request(#[source] axum::http::Error),
+    /// Every attempt of a delivery failed.
+    #[error("{attempts} attempts failed; last: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// What the last attempt got (a status, a connection error and its causes, or a timeout).
+        last: String,
+    },
 }
+
+/// A `Result` with a [`WebhookError`].
+pub type Result<T, E = WebhookError> = std::result::Result<T, E>;
 
 /// A range of addresses, `10.0.0.0/8` or `fd00::/8` (a bare address is a single one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,15 +117,20 @@ pub struct Cidr {
 }
 
 impl std::str::FromStr for Cidr {
-    type Err = String;
+    type Err = WebhookError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self> {
         let (addr, prefix) = s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
-        let network: IpAddr = addr.parse().map_err(|e| format!("{s:?}: not an IP address or CIDR range: {e}"))?;
+        let network: IpAddr =
+            addr.parse().map_err(|source| WebhookError::NotAnAddress { text: s.to_owned(), source })?;
         let max = if network.is_ipv4() { 32 } else { 128 };
         let prefix = match prefix {
             None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| WebhookError::BadPrefix { text: s.to_owned() })?,
         };
         Ok(Self { network, prefix })
     }
@@ -193,12 +235,12 @@ impl Destinations {
     }
 
     /// Checks a URL: its syntax, and every address its host names now.
-    pub async fn check(&self, url: &str) -> Result<(), DestinationError> {
+    pub async fn check(&self, url: &str) -> Result<()> {
         let host = host_of(url)?;
         if let Ok(ip) = host.parse::<IpAddr>() {
             return self.check_ip(url, ip);
         }
-        let addrs = tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|e| DestinationError::Unresolvable {
+        let addrs = tokio::net::lookup_host((host.as_str(), 0)).await.map_err(|e| WebhookError::Unresolvable {
             url: url.to_owned(),
             host: host.clone(),
             reason: e.to_string(),
@@ -209,22 +251,22 @@ impl Destinations {
             self.check_ip(url, addr.ip())?;
         }
         if !any {
-            return Err(DestinationError::Unresolvable { url: url.to_owned(), host, reason: "no address".into() });
+            return Err(WebhookError::Unresolvable { url: url.to_owned(), host, reason: "no address".into() });
         }
         Ok(())
     }
 
-    fn check_ip(&self, url: &str, ip: IpAddr) -> Result<(), DestinationError> {
+    fn check_ip(&self, url: &str, ip: IpAddr) -> Result<()> {
         match self.refusal(ip) {
-            Some(why) => Err(DestinationError::Refused { url: url.to_owned(), addr: ip, why }),
+            Some(why) => Err(WebhookError::Refused { url: url.to_owned(), addr: ip, why }),
             None => Ok(()),
         }
     }
 }
 
 /// The host of an http(s) URL, without IPv6 brackets.
-fn host_of(url: &str) -> Result<String, DestinationError> {
-    let not_http = || DestinationError::NotHttp { url: url.to_owned() };
+fn host_of(url: &str) -> Result<String> {
+    let not_http = || WebhookError::NotHttp { url: url.to_owned() };
     let uri: axum::http::Uri = url.parse().map_err(|_| not_http())?;
     match (uri.scheme_str(), uri.host()) {
         (Some("http" | "https"), Some(host)) if !host.is_empty() => {
@@ -244,9 +286,9 @@ struct GuardedResolver {
 impl tower_service::Service<Name> for GuardedResolver {
     type Response = std::vec::IntoIter<SocketAddr>;
     type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = std::result::Result<Self::Response, Self::Error>> + Send>>;
 
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
@@ -289,15 +331,13 @@ impl std::fmt::Debug for Secret {
 
 impl Secret {
     /// Parses `whsec_<base64>`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self> {
         use base64::Engine as _;
         let text = text.trim();
-        let encoded = text.strip_prefix("whsec_").ok_or("a webhook secret starts with whsec_")?;
-        let key = base64::engine::general_purpose::STANDARD
-            .decode(encoded)
-            .map_err(|e| format!("the webhook secret after whsec_ is not base64: {e}"))?;
+        let encoded = text.strip_prefix("whsec_").ok_or(WebhookError::SecretPrefix)?;
+        let key = base64::engine::general_purpose::STANDARD.decode(encoded).map_err(WebhookError::SecretNotBase64)?;
         if key.len() < 16 {
-            return Err("a webhook secret needs at least 16 key bytes".into());
+            return Err(WebhookError::SecretTooShort);
         }
         Ok(Self { text: text.to_owned(), key })
     }
@@ -343,7 +383,7 @@ impl Secret {
 }
 
 /// Why a webhook URL is refused at creation, by its syntax alone ([`Destinations::check`] looks at the addresses).
-pub fn check_url(url: &str) -> Result<(), DestinationError> {
+pub fn check_url(url: &str) -> Result<()> {
     host_of(url).map(drop)
 }
 
@@ -426,11 +466,17 @@ impl Webhooks {
         &self.destinations
     }
 
-    /// Sends `body` to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`); signed with
-    /// `namespace`'s secret.
-    pub fn send(&self, url: String, id: String, body: &Value, namespace: &str) {
+    /// Sends `body` as JSON to `url` in the background, retrying; `id` identifies the delivery (`webhook-id`);
+    /// signed with `namespace`'s secret. A body that does not serialize is logged and not sent.
+    pub fn send(&self, url: String, id: String, body: &impl serde::Serialize, namespace: &str) {
+        let bytes = match serde_json::to_vec(body) {
+            Ok(bytes) => Bytes::from(bytes),
+            Err(e) => {
+                tracing::warn!(%url, %id, error = %e, "webhook body does not serialize; not sent");
+                return;
+            }
+        };
         let this = self.clone();
-        let bytes = Bytes::from(body.to_string());
         let namespace = namespace.to_owned();
         self.pending.send_modify(|n| *n += 1);
         tokio::spawn(async move {
@@ -455,12 +501,12 @@ impl Webhooks {
     }
 
     /// Delivers with retries; returns the attempt that succeeded.
-    pub async fn deliver(&self, url: &str, id: &str, body: Bytes, namespace: &str) -> Result<u32, String> {
+    pub async fn deliver(&self, url: &str, id: &str, body: Bytes, namespace: &str) -> Result<u32> {
         let secret = self.secret.as_ref().map(|s| s.for_namespace(namespace));
         // An address in the URL is not resolved, so the connector cannot check it: check it here.
-        let host = host_of(url).map_err(|e| e.to_string())?;
+        let host = host_of(url)?;
         if let Ok(ip) = host.parse::<IpAddr>() {
-            self.destinations.check_ip(url, ip).map_err(|e| e.to_string())?;
+            self.destinations.check_ip(url, ip)?;
         }
         let mut last = String::new();
         for attempt in 1..=self.attempts {
@@ -476,7 +522,7 @@ impl Webhooks {
                     .header("webhook-timestamp", timestamp.to_string())
                     .header("webhook-signature", secret.sign(id, timestamp, &body));
             }
-            let request = request.body(Full::new(body.clone())).map_err(|e| format!("building the request: {e}"))?;
+            let request = request.body(Full::new(body.clone())).map_err(WebhookError::Request)?;
             match tokio::time::timeout(self.timeout, self.client.request(request)).await {
                 Ok(Ok(r)) if r.status().is_success() => return Ok(attempt),
                 Ok(Ok(r)) => last = format!("status {}", r.status()),
@@ -501,7 +547,7 @@ impl Webhooks {
                 tokio::time::sleep(base + jitter).await;
             }
         }
-        Err(format!("{} attempts failed; last: {last}", self.attempts))
+        Err(WebhookError::GaveUp { attempts: self.attempts, last })
     }
 }
 
@@ -518,8 +564,11 @@ mod tests {
             secret.sign("msg_2KWPBgLlAfxdpx2AI54pPJ85f4W", 1_674_087_231, body),
             "v1,R+Gs9epiJ31XpzDXcPyzq2NdSCFb6RrpuT5wbkpgcz4="
         );
-        assert!(Secret::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYX").unwrap_err().contains("whsec_"));
-        assert!(Secret::parse("whsec_!!").unwrap_err().contains("base64"));
+        let no_prefix = Secret::parse("AAECAwQFBgcICQoLDA0ODxAREhMUFRYX").unwrap_err();
+        assert!(matches!(no_prefix, WebhookError::SecretPrefix) && no_prefix.to_string().contains("whsec_"));
+        let not_base64 = Secret::parse("whsec_!!").unwrap_err();
+        assert!(matches!(not_base64, WebhookError::SecretNotBase64(_)) && not_base64.to_string().contains("base64"));
+        assert!(matches!(Secret::parse("whsec_AAECAwQ="), Err(WebhookError::SecretTooShort)));
         let fresh = Secret::generate().unwrap();
         assert!(fresh.as_str().starts_with("whsec_") && Secret::parse(fresh.as_str()).is_ok());
         assert_ne!(fresh.as_str(), Secret::generate().unwrap().as_str());
@@ -583,14 +632,18 @@ mod tests {
         assert!(d.refusal("127.0.0.2".parse().unwrap()).is_some());
         assert!(d.refusal("10.21.0.1".parse().unwrap()).is_some());
         assert!(d.refusal("34.118.230.1".parse().unwrap()).unwrap().contains("denies"), "the service range");
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err() && "nope".parse::<Cidr>().is_err());
+        let e = "10.0.0.0/33".parse::<Cidr>().unwrap_err();
+        assert_eq!(e.to_string(), r#""10.0.0.0/33": bad prefix length"#);
+        let e = "nope".parse::<Cidr>().unwrap_err();
+        assert!(matches!(&e, WebhookError::NotAnAddress { text, .. } if text == "nope"), "{e}");
+        assert!(e.to_string().starts_with(r#""nope": not an IP address or CIDR range: "#), "{e}");
     }
 
     #[tokio::test]
     async fn urls_are_checked_by_the_addresses_their_names_resolve_to() {
         let d = Destinations::default();
         let e = d.check("http://localhost:9401/admin/gpus/3/reset").await.unwrap_err();
-        assert!(matches!(e, DestinationError::Refused { why, .. } if why.contains("loopback")), "{e}");
+        assert!(matches!(&e, WebhookError::Refused { why, .. } if why.contains("loopback")), "{e}");
         let e = d.check("http://169.254.169.254/latest/meta-data/").await.unwrap_err();
         assert!(e.to_string().contains("link-local"), "{e}");
         assert!(d.check("http://[::1]:80/").await.is_err());
@@ -612,7 +665,8 @@ mod tests {
         let sender = Webhooks::new(Duration::from_millis(1), 1);
         for url in [format!("http://127.0.0.1:{port}/x"), format!("http://localhost:{port}/x")] {
             let err = sender.deliver(&url, "id", Bytes::from_static(b"{}"), "ns").await.unwrap_err();
-            assert!(err.contains("loopback") || err.contains("refused"), "{url}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("loopback") || text.contains("refused"), "{url}: {text}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "no connection was made");

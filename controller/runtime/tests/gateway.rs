@@ -14,6 +14,7 @@ use std::{
 use kiln_controller::{
     gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError, RESTART_ERROR, Restored, SHUTDOWN_ERROR},
     limits::{LimitConfig, TenantLimits},
+    prediction::{FailureKind, PredictionStatus::Failed},
     store::{MemoryStore, Persister, PredictionRecord, PredictionStore},
     webhook::{Destinations, Secret, Webhooks},
 };
@@ -282,7 +283,8 @@ async fn predictions_survive_a_restart_and_the_interrupted_one_fails_with_its_we
     persister.flush().await.unwrap();
     let stored = store.load().unwrap().predictions;
     assert_eq!(stored.len(), 3);
-    assert!(stored.iter().any(|r| r.id == id && r.status == "failed" && r.error.as_deref() == Some(RESTART_ERROR)));
+    let r = stored.iter().find(|r| r.id == id).unwrap();
+    assert_eq!((r.status, r.failure, r.error.as_deref()), (Failed, Some(FailureKind::Restarted), Some(RESTART_ERROR)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

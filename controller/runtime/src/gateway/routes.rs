@@ -1,0 +1,420 @@
+//! The predictions API's handlers: create (admission, parsing, the run, waiting), read, cancel, stream, and the
+//! namespace's webhook secret; and the parsing of what a create request asks for (its webhook, `Prefer: wait`).
+
+use std::{
+    hash::{BuildHasher, Hasher},
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::{Value, json};
+
+use super::{Backend, Gateway, InFlight, Prediction, SHUTDOWN_ERROR, SHUTDOWN_RETRY_AFTER_S};
+use crate::{
+    prediction::{FailureKind, PredictionStatus, RunMetrics},
+    webhook::WebhookError,
+};
+
+/// Why a create request's body is refused (a 400 with this as its `detail`).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// `webhook` is not a string.
+    #[error("\"webhook\" must be a URL string, not {0}")]
+    WebhookNotUrl(Value),
+    /// The webhook URL is not an http(s) URL with a host.
+    #[error(transparent)]
+    WebhookUrl(#[from] WebhookError),
+    /// `webhook_events_filter` names an event that is not one of the four.
+    #[error("webhook_events_filter: {0} is not one of start, output, logs, completed")]
+    UnknownEvent(Value),
+    /// `webhook_events_filter` is not a list.
+    #[error("\"webhook_events_filter\" must be a list, not {0}")]
+    EventsNotList(Value),
+}
+
+/// The webhook a create request asked for: where to POST the prediction, and for which events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookSubscription {
+    /// The URL.
+    pub url: String,
+    /// Events to deliver: `start`, `output`, `logs`, `completed` (all by default).
+    pub events: Vec<String>,
+}
+
+impl WebhookSubscription {
+    /// The events there are.
+    pub const EVENTS: [&str; 4] = ["start", "output", "logs", "completed"];
+
+    /// The webhook of a create request's body (`webhook`, `webhook_events_filter`), `None` without one. The URL's
+    /// syntax is checked here; where it points, by [`crate::webhook::Destinations::check`].
+    pub fn from_body(body: &Value) -> Result<Option<Self>, RequestError> {
+        let url = match body.get("webhook") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(u)) => u.clone(),
+            Some(other) => return Err(RequestError::WebhookNotUrl(other.clone())),
+        };
+        crate::webhook::check_url(&url)?;
+        let events = match body.get("webhook_events_filter") {
+            None | Some(Value::Null) => Self::EVENTS.iter().map(|e| (*e).to_owned()).collect(),
+            Some(Value::Array(list)) => list
+                .iter()
+                .map(|e| match e.as_str().filter(|e| Self::EVENTS.contains(e)) {
+                    Some(e) => Ok(e.to_owned()),
+                    None => Err(RequestError::UnknownEvent(e.clone())),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(other) => return Err(RequestError::EventsNotList(other.clone())),
+        };
+        Ok(Some(Self { url, events }))
+    }
+
+    /// Whether it wants `event` (`completed` also stands for `output`: outputs are not streamed through webhooks).
+    pub fn wants(&self, event: &str) -> bool {
+        self.events.iter().any(|e| e == event || (event == "completed" && e == "output"))
+    }
+}
+
+/// An error answer: `{"title", "status", "detail"}` with `status`.
+pub(super) fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    (status, Json(json!({ "title": status.canonical_reason(), "status": status.as_u16(), "detail": detail.into() })))
+        .into_response()
+}
+
+/// 503 with `Retry-After`: the gateway is shutting down.
+fn shutting_down(detail: impl Into<String>) -> Response {
+    let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, detail);
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(SHUTDOWN_RETRY_AFTER_S));
+    response
+}
+
+/// A new prediction id: 26 characters of base32 (lowercase and 2-7), as Replicate's look.
+fn new_id() -> String {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    let mut x = h.finish();
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz234567";
+    let mut id = String::with_capacity(26);
+    for i in 0..26 {
+        if i == 13 {
+            let mut h2 = std::collections::hash_map::RandomState::new().build_hasher();
+            h2.write_u64(x);
+            x = h2.finish();
+        }
+        id.push(ALPHABET[(x & 31) as usize] as char);
+        x >>= 5;
+    }
+    id
+}
+
+/// Parses `Prefer: wait` / `wait=N` into how long to wait (at most 60 s).
+fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    let prefer = headers.get("prefer")?.to_str().ok()?;
+    prefer.split(',').map(str::trim).find_map(|p| match p.strip_prefix("wait") {
+        Some("") => Some(Duration::from_secs(60)),
+        Some(rest) => {
+            rest.strip_prefix('=').and_then(|n| n.trim().parse::<u64>().ok()).map(|n| Duration::from_secs(n.min(60)))
+        }
+        None => None,
+    })
+}
+
+/// `POST /v1/deployments/{namespace}/{name}/predictions`: admits, parses and stores the prediction, runs it on its
+/// own task, and answers at once (201) or, with `Prefer: wait`, when it finishes (200, or 429, 503 or 504 by its
+/// [`FailureKind`]) or the wait ends (201).
+pub(super) async fn create<B: Backend>(
+    State(gw): State<Arc<Gateway<B>>>,
+    Path((namespace, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    if caller != namespace {
+        return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
+    }
+    // Counted before the check, so a drain that begins now either sees this prediction or refuses it.
+    let in_flight = InFlight::new(&gw.drain.in_flight);
+    if gw.is_draining() {
+        return shutting_down("the gateway is shutting down and takes no new predictions; retry");
+    }
+    // Admission before anything is parsed or stored: the permit counts this prediction until it finishes.
+    let permit = match gw.limits.admit(&namespace, body.len() as u64, std::time::Instant::now()) {
+        Ok(p) => p,
+        Err(refusal) => {
+            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, refusal.to_string());
+            if let Ok(v) = refusal.retry_after_s().to_string().parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return response;
+        }
+    };
+    let model = format!("{namespace}/{name}");
+    let Some(version) = gw.backend.version(&model) else {
+        return problem(StatusCode::NOT_FOUND, format!("deployment {model} not found"));
+    };
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")),
+    };
+    let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
+        return problem(StatusCode::BAD_REQUEST, "the body needs an \"input\" object, e.g. {\"input\": {...}}");
+    };
+    let webhook = match WebhookSubscription::from_body(&body) {
+        Ok(w) => w,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    // Where the webhook's name points now (it is checked again at each delivery).
+    if let Some(w) = &webhook
+        && let Err(e) = gw.webhooks.destinations().check(&w.url).await
+    {
+        return problem(StatusCode::BAD_REQUEST, e.to_string());
+    }
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return problem(StatusCode::BAD_REQUEST, format!("\"stream\" must be true or false, not {other}"));
+        }
+    };
+    let id = new_id();
+    let prediction =
+        Prediction { webhook, stream, ..Prediction::new(id.clone(), model.clone(), version, input.clone()) };
+    let done = Arc::clone(&prediction.done);
+    gw.persist(&prediction);
+    let expired = {
+        let mut predictions = gw.lock();
+        let expired = predictions.expire();
+        predictions.map.insert(id.clone(), prediction);
+        expired
+    };
+    gw.persist_expired(expired);
+    let wait = prefer_wait(&headers);
+    let runner = Arc::clone(&gw);
+    let task_id = id.clone();
+    let notified = done.notified();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let _in_flight = in_flight;
+        // Copies only for the store and a webhook, used outside the lock.
+        let persisted = runner.persister.is_some();
+        let started = runner.lock().map.get_mut(&task_id).map(|p| {
+            p.status = PredictionStatus::Processing;
+            p.started_at = Some(SystemTime::now());
+            (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
+        });
+        if let Some((record, webhook)) = started {
+            runner.persist_record(record);
+            if let Some(p) = webhook {
+                runner.notify_webhook(&p, "start");
+            }
+        }
+        let result = runner.backend.predict(&model, input, runner.hold).await;
+        let mut store = runner.lock();
+        let Some(p) = store.map.get_mut(&task_id) else { return };
+        if p.finished() {
+            // Canceled, or cut off by a shutdown.
+            return;
+        }
+        let now = SystemTime::now();
+        match result {
+            Ok(o) => {
+                p.status = PredictionStatus::Succeeded;
+                p.completed_at = Some(now);
+                p.output = o.output;
+                p.run = Some(RunMetrics {
+                    predict_time: o.predict_time,
+                    queue_time: o.queue_time,
+                    cold_start: o.cold_start.is_some(),
+                    cold_start_time: o.cold_start,
+                });
+            }
+            Err(e) => p.fail(e.kind(), e.to_string(), now),
+        }
+        p.done.notify_waiters();
+        let (record, webhook) = (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()));
+        store.finish(&task_id);
+        drop(store);
+        runner.persist_record(record);
+        if let Some(p) = webhook {
+            runner.notify_webhook(&p, "completed");
+        }
+    });
+    let Some(wait) = wait else {
+        let p = gw.lock().map.get(&id).cloned();
+        return match p {
+            Some(p) => (StatusCode::CREATED, Json(p.response(&gw.base_url))).into_response(),
+            None => problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost"),
+        };
+    };
+    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
+    if !finished {
+        let _ = tokio::time::timeout(wait, notified).await;
+    }
+    let Some(p) = gw.lock().map.get(&id).cloned() else {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost");
+    };
+    // A failure the client should hear about as an HTTP status: its kind says which.
+    let status = match p.failure {
+        Some(FailureKind::Overloaded { retry_after_s }) => {
+            let mut response = problem(StatusCode::TOO_MANY_REQUESTS, p.error.clone().unwrap_or_default());
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            return response;
+        }
+        Some(FailureKind::Shutdown { .. }) => return shutting_down(format!("prediction {id}: {SHUTDOWN_ERROR}")),
+        Some(FailureKind::ColdStartTimeout) => StatusCode::GATEWAY_TIMEOUT,
+        _ if p.finished() => StatusCode::OK,
+        _ => StatusCode::CREATED,
+    };
+    (status, Json(p.response(&gw.base_url))).into_response()
+}
+
+/// `GET /v1/predictions/{id}`: the prediction, to a key of its namespace.
+pub(super) async fn fetch<B: Backend>(
+    State(gw): State<Arc<Gateway<B>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    match gw.lock().map.get(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.response(&gw.base_url)).into_response(),
+        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    }
+}
+
+/// `GET /v1/webhooks/default/secret`: the key the caller's namespace's webhooks are signed with (its own only).
+pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>, headers: HeaderMap) -> Response {
+    let Some(namespace) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    match &gw.webhooks.secret {
+        Some(secret) => Json(json!({ "key": secret.for_namespace(&namespace).as_str() })).into_response(),
+        None => problem(StatusCode::NOT_FOUND, "webhooks are not signed by this gateway (no signing secret is set)"),
+    }
+}
+
+/// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
+/// or `error`, then `done`. Outputs are produced whole, so there is one `output` event.
+pub(super) async fn stream<B: Backend>(
+    State(gw): State<Arc<Gateway<B>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::response::sse::{Event, Sse};
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    let done = match gw.lock().map.get(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Arc::clone(&p.done),
+        _ => return problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    };
+    let notified = done.notified();
+    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
+    if !finished {
+        notified.await;
+    }
+    let p = gw.lock().map.get(&id).cloned();
+    let mut events = Vec::new();
+    match p {
+        Some(p) if p.status == PredictionStatus::Succeeded => {
+            events.push(Event::default().event("output").data(p.output.to_string()));
+        }
+        Some(p) => events.push(Event::default().event("error").data(p.error.unwrap_or_else(|| p.status.to_string()))),
+        None => events.push(Event::default().event("error").data("the prediction expired")),
+    }
+    events.push(Event::default().event("done").data("{}"));
+    Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
+}
+
+/// `POST /v1/predictions/{id}/cancel`: marks it canceled unless it has finished; answers with the prediction.
+pub(super) async fn cancel<B: Backend>(
+    State(gw): State<Arc<Gateway<B>>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(caller) = gw.namespace_of(&headers) else {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    };
+    let mut store = gw.lock();
+    match store.map.get_mut(&id) {
+        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => {
+            let canceled = !p.finished();
+            if canceled {
+                p.status = PredictionStatus::Canceled;
+                p.completed_at = Some(SystemTime::now());
+                p.done.notify_waiters();
+            }
+            let response = Json(p.response(&gw.base_url)).into_response();
+            let record = (canceled && gw.persister.is_some()).then(|| p.record());
+            if canceled {
+                store.finish(&id);
+            }
+            drop(store);
+            gw.persist_record(record);
+            response
+        }
+        _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_wait_parses_with_and_without_seconds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(prefer_wait(&h), None);
+        h.insert("prefer", "wait".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
+        h.insert("prefer", "respond-async, wait=5".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(5)));
+        h.insert("prefer", "wait=600".parse().unwrap());
+        assert_eq!(prefer_wait(&h), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn ids_look_like_replicate_ids_and_differ() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 26);
+        assert!(a.bytes().all(|c| c.is_ascii_lowercase() || (b'2'..=b'7').contains(&c)));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn webhooks_are_parsed_into_a_subscription_or_refused_saying_why() {
+        let parse = |body: Value| WebhookSubscription::from_body(&body);
+        assert_eq!(parse(json!({ "input": {} })).unwrap(), None);
+        assert_eq!(parse(json!({ "webhook": null })).unwrap(), None);
+        let all = parse(json!({ "webhook": "https://example.com/h" })).unwrap().unwrap();
+        assert_eq!((all.url.as_str(), all.events.len()), ("https://example.com/h", 4));
+        let done = json!({ "webhook": "https://example.com/h", "webhook_events_filter": ["output"] });
+        let done = parse(done).unwrap().unwrap();
+        assert!(done.wants("completed") && !done.wants("start"), "output is delivered with completed");
+
+        let refused = [
+            (json!({ "webhook": 7 }), "\"webhook\" must be a URL string, not 7"),
+            (json!({ "webhook": "ftp://x/y" }), "webhook \"ftp://x/y\" must be an http:// or https:// URL with a host"),
+            (
+                json!({ "webhook": "http://h/", "webhook_events_filter": ["bogus"] }),
+                "webhook_events_filter: \"bogus\" is not one of start, output, logs, completed",
+            ),
+            (
+                json!({ "webhook": "http://h/", "webhook_events_filter": "start" }),
+                "\"webhook_events_filter\" must be a list, not \"start\"",
+            ),
+        ];
+        for (body, detail) in refused {
+            assert_eq!(parse(body).unwrap_err().to_string(), detail);
+        }
+        assert!(matches!(parse(json!({ "webhook": "nope" })), Err(RequestError::WebhookUrl(_))));
+    }
+}
