@@ -1,8 +1,9 @@
 //! The Kiln controller's runtime: the adapters around the pure core — the agent registry, the controller's side of
 //! `kiln.agent.v1` (`registry`); the control loop that turns the core's decisions into agent commands and serves
 //! the gateway's backend (`control`); the predictions API (`gateway`, `webhook`, `limits`, `connections`) and what
-//! survives a restart (`store`); the spec sources (`manifests`, and `k8s`: reconciler, `GpuNode` objects, API keys,
-//! Lease); metrics (`metrics`); and the server that wires them into one process (`server`).
+//! survives a restart (`store`); the spec port (`spec`: what the control plane serves, translated once from the
+//! `ModelDeployment` spec) and the spec sources that feed it (`manifests`, and `k8s`: reconciler, `GpuNode` objects,
+//! API keys, Lease); metrics (`metrics`); and the server that wires them into one process (`server`).
 
 pub mod connections;
 pub mod control;
@@ -13,5 +14,6 @@ pub mod manifests;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod spec;
 pub mod store;
 pub mod webhook;
