@@ -8,12 +8,12 @@
 //! - [`ControlPlane::run`] is the loop: it wakes on a registry event (an agent registered, a replica became ready
 //!   or exited, a GPU's health changed), on a request that found no free replica, or every `tick`; it feeds the
 //!   events to the core, marks silent agents lost, reconciles, and sends the resulting `StartWorker` /
-//!   `StopWorker` commands through the registry ([`commands`]);
-//! - as the gateway's `Backend` ([`routing`]) it routes each request to the least-loaded ready replica with a
+//!   `StopWorker` commands through the registry (`commands`);
+//! - as the gateway's `Backend` (`routing`) it routes each request to the least-loaded ready replica with a
 //!   free slot, over the node's `WorkerService`; with none, it holds the request in the deployment's bounded
 //!   [`HoldQueue`] and wakes the loop at once, so a request at zero replicas reaches the agent as a `StartWorker`
 //!   without waiting for a tick;
-//! - it produces what the status of a deployment shows ([`view`]: [`DeploymentView`], [`ReplicaView`]).
+//! - it produces what the status of a deployment shows (`view`: [`DeploymentView`], [`ReplicaView`]).
 //!
 //! Start failures: the agent's `WorkerFailed` (and an early `WorkerExited`, or a refused `StartWorker`) go to the
 //! core as [`StartFailure`]s, which puts the deployment in backoff; while it is in backoff with nothing ready or
@@ -25,7 +25,7 @@
 //! # Locking
 //!
 //! Everything the loop and the request path share — the core, the served specs with their hold queues, the
-//! replicas starting, the last cold starts, the counters and the worker clients — is one [`State`] behind one
+//! replicas starting, the last cold starts, the counters and the worker clients — is one `State` behind one
 //! `std::sync::Mutex`, taken through `ControlPlane::state`. One lock rather than one task owning the state: the
 //! request path asks the core synchronously several times per prediction (arrive, route, finish), and a round trip
 //! through a task's channel would cost more than the short critical sections it replaces; none of them does I/O.
