@@ -613,3 +613,45 @@ impl ControlPlane {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{MonotonicClock, RegistryConfig};
+
+    fn spec(key: &str) -> ServedSpec {
+        let md: kiln_k8s_api::model_deployment::ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kiln.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": { "name": "m" },
+            "spec": {
+                "model": { "uri": "file:///models/m.safetensors" },
+                "gpu": { "count": 1, "memoryPerGpu": "1Gi" },
+                "scaling": { "minReplicas": 0, "maxReplicas": 1 }
+            }
+        }))
+        .unwrap();
+        crate::spec::translate(key.into(), "1".into(), &md.spec).unwrap()
+    }
+
+    /// A spec source's whole set: served specs are added, an unservable one is withdrawn but keeps its counters
+    /// (they go on when it is fixed), a missing one is removed with its counters.
+    #[test]
+    fn apply_serves_withdraws_and_removes() {
+        let control = ControlPlane::new(
+            Registry::new(RegistryConfig::default(), MonotonicClock::system()),
+            ControlConfig::default(),
+        );
+        control.apply([spec("a/x"), spec("b/y")], &[]);
+        for key in ["a/x", "b/y"] {
+            control.state().count(key, |c| c.requests += 3);
+        }
+        assert!(control.view("a/x").is_some() && control.view("b/y").is_some());
+        control.apply([], &["a/x".to_owned()]);
+        assert!(control.view("a/x").is_none() && control.view("b/y").is_none());
+        assert_eq!(control.counters("a/x").requests, 3, "withdrawn: counters kept");
+        assert_eq!(control.counters("b/y").requests, 0, "removed: counters gone");
+        control.apply([spec("a/x")], &[]);
+        assert_eq!(control.view("a/x").unwrap().counters.requests, 3);
+    }
+}
