@@ -159,92 +159,6 @@ pub trait Backend: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Outcome, PredictError>> + Send;
 }
 
-/// Requests held for one deployment while it has no ready replica: bounded, woken together when a replica is
-/// ready.
-#[derive(Debug)]
-pub struct HoldQueue {
-    capacity: usize,
-    held: Mutex<usize>,
-    state: watch::Sender<HoldState>,
-}
-
-/// What held requests wait for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HoldState {
-    /// No replica has a free slot yet.
-    Waiting,
-    /// A ready replica has a free slot: held requests go and get routed.
-    Ready,
-    /// The deployment's replicas fail to start: held requests go and fail with the reason.
-    Failed,
-}
-
-/// A place in a [`HoldQueue`], given back on drop.
-#[derive(Debug)]
-pub struct Held<'a>(&'a HoldQueue);
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        let mut held = self.0.held.lock().unwrap_or_else(|p| p.into_inner());
-        *held = held.saturating_sub(1);
-    }
-}
-
-impl HoldQueue {
-    /// A queue holding at most `capacity` requests.
-    pub fn new(capacity: usize) -> Self {
-        Self { capacity, held: Mutex::new(0), state: watch::channel(HoldState::Waiting).0 }
-    }
-
-    /// Requests held now.
-    pub fn len(&self) -> usize {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether a replica is ready.
-    pub fn is_ready(&self) -> bool {
-        *self.state.borrow() == HoldState::Ready
-    }
-
-    /// Sets whether a replica is ready; held requests wake when it becomes true.
-    pub fn set_ready(&self, ready: bool) {
-        self.set_state(if ready { HoldState::Ready } else { HoldState::Waiting });
-    }
-
-    /// Sets what held requests wait for; they wake on anything but [`HoldState::Waiting`].
-    pub fn set_state(&self, state: HoldState) {
-        self.state.send_if_modified(|s| std::mem::replace(s, state) != state);
-    }
-
-    /// Holds one request until a replica is ready, the deployment fails, or `timeout` passes; `Err(None)` when
-    /// the queue is full, `Err(Some(waited))` on timeout. The caller asks the control plane which of the first two
-    /// it was.
-    pub async fn wait(&self, timeout: Duration) -> Result<Duration, Option<Duration>> {
-        let started = std::time::Instant::now();
-        if *self.state.borrow() != HoldState::Waiting {
-            return Ok(Duration::ZERO);
-        }
-        let _place = {
-            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-            if *held >= self.capacity {
-                return Err(None);
-            }
-            *held += 1;
-            Held(self)
-        };
-        let mut rx = self.state.subscribe();
-        match tokio::time::timeout(timeout, rx.wait_for(|s| *s != HoldState::Waiting)).await {
-            Ok(Ok(_)) => Ok(started.elapsed()),
-            _ => Err(Some(started.elapsed())),
-        }
-    }
-}
-
 /// A prediction the gateway holds: running, or finished and readable until it expires.
 #[derive(Debug, Clone)]
 struct Prediction {
@@ -744,22 +658,5 @@ mod tests {
         assert_eq!(store.map.len(), 4, "the oldest go until the kept bytes fit");
         assert!(store.map.contains_key("p9") && !store.map.contains_key("p5"));
         assert_eq!(store.retained, 4 * 1004);
-    }
-
-    #[tokio::test]
-    async fn the_hold_queue_is_bounded_times_out_and_wakes_everyone_when_ready() {
-        let q = Arc::new(HoldQueue::new(2));
-        assert!(matches!(q.wait(Duration::from_millis(20)).await, Err(Some(_))), "nothing ready: a timeout");
-        let (a, b) = (Arc::clone(&q), Arc::clone(&q));
-        let ha = tokio::spawn(async move { a.wait(Duration::from_secs(5)).await });
-        let hb = tokio::spawn(async move { b.wait(Duration::from_secs(5)).await });
-        while q.len() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(q.wait(Duration::from_secs(1)).await, Err(None), "a third is refused");
-        q.set_ready(true);
-        assert!(ha.await.unwrap().is_ok() && hb.await.unwrap().is_ok());
-        assert!(q.is_empty());
-        assert_eq!(q.wait(Duration::from_secs(1)).await, Ok(Duration::ZERO));
     }
 }

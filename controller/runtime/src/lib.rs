@@ -1,9 +1,9 @@
 //! The Kiln controller's runtime: the adapters around the pure core — the agent registry, the controller's side of
 //! `kiln.agent.v1` (`registry`); the control loop that turns the core's decisions into agent commands and serves
 //! the gateway's backend (`control`); the predictions API (`gateway`, `webhook`, `limits`, `connections`), a
-//! prediction's state as data (`prediction`) and what survives a restart (`store`); the spec sources (`manifests`,
-//! and `k8s`: reconciler, `GpuNode` objects, API keys, Lease); metrics (`metrics`); and the server that wires them
-//! into one process (`server`).
+//! prediction's state as data (`prediction`) and what survives a restart (`store`); the spec port (`spec`: what the control plane serves, translated once from the
+//! `ModelDeployment` spec) and the spec sources that feed it (`manifests`, and `k8s`: reconciler, `GpuNode` objects,
+//! API keys, Lease); metrics (`metrics`); and the server that wires them into one process (`server`).
 
 pub mod connections;
 pub mod control;
@@ -15,5 +15,6 @@ pub mod metrics;
 pub mod prediction;
 pub mod registry;
 pub mod server;
+pub mod spec;
 pub mod store;
 pub mod webhook;

@@ -3,6 +3,9 @@
 //! check it (schema, defaults, CEL rules: [`kiln_k8s_api::validate::Validator`]); an invalid one is reported with its
 //! file and the apiserver's message and left out, and the valid ones are served regardless.
 //!
+//! What the control plane serves comes out through the spec port: [`ManifestSet::served`] translates each valid
+//! deployment with [`crate::spec::translate`], and lists those that cannot be served.
+//!
 //! Only regular files are read, and only up to [`MAX_MANIFEST_BYTES`]: a FIFO, a device, a socket, a directory, a
 //! symlink to one of them or a symlink loop is reported as invalid without being read, so nothing in the directory
 //! can block the reader or fill memory (see [`read_manifest`]).
@@ -18,6 +21,8 @@ use std::{
 
 use kiln_k8s_api::{model_deployment::ModelDeployment, validate::Validator};
 use serde::Deserialize;
+
+use crate::spec::{self, Rejected, ServedSpec};
 
 /// A deployment read from a manifest.
 #[derive(Debug, Clone)]
@@ -37,7 +42,12 @@ pub struct Deployment {
 impl Deployment {
     /// `namespace/name`.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        spec::key(&self.namespace, &self.name)
+    }
+
+    /// What the control plane serves of it, or why it cannot be served.
+    pub fn served(&self) -> spec::Result<ServedSpec> {
+        spec::translate(self.key(), self.version.clone(), &self.resource.spec)
     }
 }
 
@@ -65,6 +75,21 @@ pub struct ManifestSet {
     pub deployments: BTreeMap<String, Deployment>,
     /// Documents left out.
     pub errors: Vec<ManifestError>,
+}
+
+impl ManifestSet {
+    /// The valid deployments translated for the control plane, and those whose spec cannot be served, with why.
+    pub fn served(&self) -> (Vec<ServedSpec>, Vec<Rejected>) {
+        let mut served = Vec::new();
+        let mut rejected = Vec::new();
+        for (key, d) in &self.deployments {
+            match d.served() {
+                Ok(spec) => served.push(spec),
+                Err(error) => rejected.push(Rejected { key: key.clone(), error }),
+            }
+        }
+        (served, rejected)
+    }
 }
 
 fn version_of(value: &serde_json::Value) -> String {

@@ -15,6 +15,7 @@
 //! | `kiln_gpus` | `state` | GPUs of connected nodes by health (`healthy`, `degraded`, `unhealthy`), and on lost nodes (`lost`) |
 //! | `kiln_gpu_allocated_ratio` | | share of the fleet's GPU capacity held by replicas |
 //! | `kiln_nodes` | `ready` | nodes by readiness |
+//! | `kiln_reconcile_errors_total` | `category` | failed `ModelDeployment` reconciles, by category (`invalid_spec`, `apiserver`, `conflict`, `internal`) |
 
 use std::sync::atomic::AtomicU64;
 
@@ -52,6 +53,7 @@ pub struct Metrics {
     gpus: Family<Labels, Gauge>,
     allocated: Gauge<f64, AtomicU64>,
     nodes: Family<Labels, Gauge>,
+    reconcile_errors: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -79,6 +81,7 @@ impl Metrics {
             gpus: Family::default(),
             allocated: Gauge::default(),
             nodes: Family::default(),
+            reconcile_errors: Family::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -95,6 +98,7 @@ impl Metrics {
         r.register("kiln_gpus", "GPUs by state", m.gpus.clone());
         r.register("kiln_gpu_allocated_ratio", "Share of GPU capacity held by replicas", m.allocated.clone());
         r.register("kiln_nodes", "Nodes by readiness", m.nodes.clone());
+        r.register("kiln_reconcile_errors", "Failed reconciles, by category", m.reconcile_errors.clone());
         m
     }
 
@@ -116,6 +120,11 @@ impl Metrics {
     /// A start was refused or failed.
     pub fn failed_start(&self, deployment: &str, reason: &str) {
         self.failed_starts.get_or_create(&labels(&[("deployment", deployment), ("reason", reason)])).inc();
+    }
+
+    /// A reconcile failed with an error of `category`.
+    pub fn reconcile_error(&self, category: &str) {
+        self.reconcile_errors.get_or_create(&labels(&[("category", category)])).inc();
     }
 
     /// One control-loop pass took `seconds`.

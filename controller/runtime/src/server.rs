@@ -34,6 +34,7 @@ use crate::{
     gateway::{Caller, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
+    spec::Rejected,
     store::{MemoryStore, Persister, PredictionStore},
 };
 
@@ -127,7 +128,7 @@ struct Shared {
     gateway: Arc<Gateway<Arc<ControlPlane>>>,
     registry: Registry,
     manifest_errors: Mutex<Vec<ManifestError>>,
-    rejected: Mutex<Vec<(String, String)>>,
+    rejected: Mutex<Vec<Rejected>>,
 }
 
 impl Server {
@@ -301,12 +302,14 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
                     for e in &set.errors {
                         tracing::error!("invalid manifest, left out: {e}");
                     }
-                    let rejected = shared.control.apply(set.deployments.values());
-                    for (key, why) in &rejected {
-                        tracing::error!(deployment = %key, "deployment left out: {why}");
+                    let (served, rejected) = set.served();
+                    let unservable: Vec<String> = rejected.iter().map(|r| r.key.clone()).collect();
+                    let count = served.len();
+                    shared.control.apply(served, &unservable);
+                    for Rejected { key, error } in &rejected {
+                        tracing::error!(deployment = %key, "deployment left out: {error}");
                     }
-                    tracing::info!(deployments = set.deployments.len() - rejected.len(), dir = %dir.display(),
-                        "manifests loaded");
+                    tracing::info!(deployments = count, dir = %dir.display(), "manifests loaded");
                     *shared.manifest_errors.lock().unwrap_or_else(|p| p.into_inner()) = set.errors;
                     *shared.rejected.lock().unwrap_or_else(|p| p.into_inner()) = rejected;
                 }
@@ -339,9 +342,10 @@ async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
         .map(|(key, s)| {
             let placements: Vec<_> = replicas
                 .iter()
-                .filter(|r| r.1 == key)
-                .map(|(id, _, node, gpus, ready)| {
-                    json!({ "replica": id, "node": node, "gpus": gpus, "state": if *ready { "ready" } else { "loading" } })
+                .filter(|r| r.deployment == key)
+                .map(|r| {
+                    let state = if r.ready { "ready" } else { "loading" };
+                    json!({ "replica": r.id, "node": r.node, "gpus": r.gpus, "state": state })
                 })
                 .collect();
             json!({
@@ -373,16 +377,15 @@ async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
     } else {
         Vec::new()
     };
-    let rejected = shared.rejected.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let errors: Vec<_> = files
-        .into_iter()
-        .chain(
-            rejected
-                .iter()
-                .filter(|(key, _)| visible(key))
-                .map(|(key, why)| json!({ "deployment": key, "error": why })),
-        )
+    let rejected: Vec<_> = shared
+        .rejected
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|r| visible(&r.key))
+        .map(|r| json!({ "deployment": r.key, "error": r.error.to_string() }))
         .collect();
+    let errors: Vec<_> = files.into_iter().chain(rejected).collect();
     let nodes: Vec<_> = if tenant.is_none() {
         shared
             .registry

@@ -23,7 +23,6 @@ use std::{
     time::SystemTime,
 };
 
-use kiln_k8s_api::model_deployment::DeploymentCounters;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -34,6 +33,25 @@ use crate::prediction::{FailureKind, Metrics, PredictionStatus};
 pub const INPUT_LIMIT: usize = 64 * 1024;
 /// The largest output kept with a record, bytes of JSON; a larger one is dropped (its size noted).
 pub const OUTPUT_LIMIT: usize = 1024 * 1024;
+
+/// A deployment's counters as kept across restarts: totals since it was created (shown as `status.counters` and by
+/// `GET /v1/deployments`; stored as this JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counters {
+    /// Predictions received.
+    #[serde(default)]
+    pub requests: i64,
+    /// Predictions that failed (model error, timeout, rejected while cold).
+    #[serde(default)]
+    pub failed_requests: i64,
+    /// Replicas started without a warm replica of this deployment.
+    #[serde(default)]
+    pub cold_starts: i64,
+    /// Replica starts that failed.
+    #[serde(default)]
+    pub failed_starts: i64,
+}
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +187,7 @@ pub struct Batch {
     /// Predictions removed (expired).
     pub removed: Vec<String>,
     /// Counters by deployment written; `None` removes them (the deployment was deleted).
-    pub counters: Vec<(String, Option<DeploymentCounters>)>,
+    pub counters: Vec<(String, Option<Counters>)>,
 }
 
 impl Batch {
@@ -185,7 +203,7 @@ pub struct Snapshot {
     /// Prediction records, in id order.
     pub predictions: Vec<PredictionRecord>,
     /// Counters by deployment.
-    pub counters: Vec<(String, DeploymentCounters)>,
+    pub counters: Vec<(String, Counters)>,
     /// Entries that could not be decoded (left out, and reported in the log).
     pub unreadable: usize,
 }
@@ -224,7 +242,7 @@ fn decode_all<'a>(
     snapshot
 }
 
-fn encode_counters(key: &str, c: &DeploymentCounters) -> Result<Vec<u8>> {
+fn encode_counters(key: &str, c: &Counters) -> Result<Vec<u8>> {
     serde_json::to_vec(c).map_err(|source| StoreError::Encode { id: key.to_owned(), source })
 }
 
@@ -354,7 +372,7 @@ impl PredictionStore for MemoryStore {
 enum Op {
     Put(Box<PredictionRecord>),
     Remove(String),
-    Counters(String, Option<DeploymentCounters>),
+    Counters(String, Option<Counters>),
     Flush(tokio::sync::oneshot::Sender<Result<()>>),
 }
 
@@ -410,7 +428,7 @@ impl Persister {
     }
 
     /// Queues a deployment's counters (`None`: remove them).
-    pub fn counters(&self, deployment: String, counters: Option<DeploymentCounters>) {
+    pub fn counters(&self, deployment: String, counters: Option<Counters>) {
         let _ = self.tx.send(Op::Counters(deployment, counters));
     }
 
@@ -430,7 +448,7 @@ impl Persister {
 fn write_loop(store: &dyn PredictionStore, rx: &mpsc::Receiver<Op>, stats: &Stats) {
     while let Ok(first) = rx.recv() {
         let mut predictions: HashMap<String, Option<PredictionRecord>> = HashMap::new();
-        let mut counters: HashMap<String, Option<DeploymentCounters>> = HashMap::new();
+        let mut counters: HashMap<String, Option<Counters>> = HashMap::new();
         let mut flushes = Vec::new();
         let mut take = |op| match op {
             Op::Put(r) => {
@@ -528,7 +546,7 @@ mod tests {
 
     fn roundtrip(store: &dyn PredictionStore) {
         let (a, b) = (record("a", Succeeded), record("b", Processing));
-        let counters = DeploymentCounters { requests: 7, failed_requests: 2, cold_starts: 1, failed_starts: 0 };
+        let counters = Counters { requests: 7, failed_requests: 2, cold_starts: 1, failed_starts: 0 };
         store
             .write(&Batch {
                 predictions: vec![a.clone(), b.clone(), record("c", Succeeded)],
@@ -601,8 +619,8 @@ mod tests {
         }
         persister.put(record("gone", Succeeded));
         persister.remove("gone".into());
-        persister.counters("ns/m".into(), Some(DeploymentCounters { requests: 1, ..Default::default() }));
-        persister.counters("ns/m".into(), Some(DeploymentCounters { requests: 2, ..Default::default() }));
+        persister.counters("ns/m".into(), Some(Counters { requests: 1, ..Default::default() }));
+        persister.counters("ns/m".into(), Some(Counters { requests: 2, ..Default::default() }));
         persister.flush().await.unwrap();
         let snapshot = store.load().unwrap();
         assert_eq!(snapshot.predictions, vec![record("a", Succeeded)], "the last version of each, none removed");

@@ -4,8 +4,9 @@
 //! fields dropped, values of the wrong type, huge numbers, long strings, deep nesting, broken YAML.
 //!
 //! Properties: no panic and no stack overflow; every document is either served as a deployment that validates or
-//! reported with its file, its document number and a message; the validator returns a result or an error whose
-//! message names the resource.
+//! reported with its file, its document number and a message; every deployment served translates at the spec port
+//! (`spec::translate`) or fails with a typed `SpecError`; the validator returns a result or an error whose message
+//! names the resource.
 //!
 //! CI runs a bounded number of cases per target (128). Run longer locally:
 //! `KILN_FUZZ_CASES=20000 cargo test --release -p kiln-controller --test fuzz_manifests`.
@@ -80,7 +81,16 @@ fn check_text(dir: &std::path::Path, text: &str) -> (usize, usize) {
         assert!(!d.name.is_empty() && !d.namespace.is_empty(), "{key}");
         let value = serde_json::to_value(&d.resource).unwrap();
         VALIDATOR.validate(&value).unwrap_or_else(|e| panic!("{key} was served but does not validate: {e}"));
+        // The spec port: what validates translates, or says why it cannot be served (never a panic).
+        match d.served() {
+            Ok(served) => {
+                assert_eq!((served.key.as_str(), served.version.as_str()), (key.as_str(), d.version.as_str()))
+            }
+            Err(e) => assert!(!e.to_string().is_empty() && e.category() == "invalid_spec", "{key}: {e:?}"),
+        }
     }
+    let (served, rejected) = set.served();
+    assert_eq!(served.len() + rejected.len(), set.deployments.len());
     (set.deployments.len(), set.errors.len())
 }
 

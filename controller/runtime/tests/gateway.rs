@@ -12,7 +12,8 @@ use std::{
 };
 
 use kiln_controller::{
-    gateway::{Backend, Gateway, HoldQueue, Outcome, PredictError, RESTART_ERROR, Restored, SHUTDOWN_ERROR},
+    control::HoldQueue,
+    gateway::{Backend, Gateway, Outcome, PredictError, RESTART_ERROR, Restored, SHUTDOWN_ERROR},
     limits::{LimitConfig, TenantLimits},
     prediction::{FailureKind, PredictionStatus::Failed},
     store::{MemoryStore, Persister, PredictionRecord, PredictionStore},

@@ -19,9 +19,10 @@ use kiln_controller::{
     control::{ControlConfig, ControlPlane},
     k8s::{
         lease::LeaderElector,
-        reconcile::{Context, reconcile},
+        reconcile::{Context, error_policy, reconcile},
     },
     registry::{MonotonicClock, Registry, RegistryConfig},
+    spec::ServedSpec,
 };
 use kiln_k8s_api::{model_deployment::ModelDeployment, validate::Validator};
 use kube::{Client, client::Body, runtime::controller::Action};
@@ -154,6 +155,11 @@ fn deployment(min_replicas: u32, finalizer: bool, deleting: bool) -> ModelDeploy
     md
 }
 
+/// What the control plane serves of `md` (generation 3).
+fn served(md: &ModelDeployment) -> ServedSpec {
+    kiln_controller::spec::translate("demo/mlp".into(), "3".into(), &md.spec).unwrap()
+}
+
 fn context(client: Client) -> Arc<Context> {
     let registry = Registry::new(RegistryConfig::default(), MonotonicClock::system());
     let control = ControlPlane::new(registry, ControlConfig::default());
@@ -252,9 +258,9 @@ async fn an_unchanged_status_is_not_written_again() {
     let (client, mut api) = mock();
     let ctx = context(client);
     let mut md = deployment(0, true, false);
-    let view = kiln_controller::k8s::status::DeploymentView::default();
+    let view = kiln_controller::control::DeploymentView::default();
     let earlier = Timestamp::now() - SignedDuration::from_secs(60);
-    md.status = Some(kiln_controller::k8s::status::deployment_status(Some(3), &view, None, earlier));
+    md.status = Some(kiln_controller::k8s::status::deployment_status(Some(3), Ok(&view), None, earlier));
     let watcher = tokio::spawn(async move { api.expect_silence(Duration::from_millis(300)).await });
     reconcile(Arc::new(md), ctx).await.unwrap();
     watcher.await.unwrap();
@@ -267,14 +273,7 @@ async fn an_unschedulable_deployment_is_degraded_with_a_warning_event_saying_why
     let mut api = api.holding(MLP, &md);
     let ctx = context(client);
     // The control loop has tried to place the replica minReplicas asks for, on a cluster with no node.
-    let d = kiln_controller::manifests::Deployment {
-        namespace: "demo".into(),
-        name: "mlp".into(),
-        version: "3".into(),
-        resource: md.clone(),
-        file: Default::default(),
-    };
-    ctx.control.upsert(&d).unwrap();
+    ctx.control.upsert(served(&md));
     ctx.control.step();
     let verifier = tokio::spawn(async move {
         let (_, uri, body, send) = api.next().await;
@@ -308,14 +307,7 @@ async fn a_deleted_deployment_leaves_the_control_plane_then_loses_its_finalizer(
     let (client, api) = mock();
     let mut api = api.holding(MLP, &deployment(0, true, true));
     let ctx = context(client);
-    let d = kiln_controller::manifests::Deployment {
-        namespace: "demo".into(),
-        name: "mlp".into(),
-        version: "3".into(),
-        resource: deployment(0, true, false),
-        file: Default::default(),
-    };
-    ctx.control.upsert(&d).unwrap();
+    ctx.control.upsert(served(&deployment(0, true, false)));
     let verifier = tokio::spawn(async move {
         let (method, uri, body, send) = api.next().await;
         assert_eq!(
@@ -335,6 +327,173 @@ async fn a_deleted_deployment_leaves_the_control_plane_then_loses_its_finalizer(
     verifier.await.unwrap();
     assert_eq!(action, Action::await_change());
     assert!(ctx.control.view("demo/mlp").is_none());
+}
+
+/// A ModelDeployment the schema accepts but the runtime cannot serve: 10^9 CPUs per replica overflow the
+/// millicores the core counts in.
+fn unservable() -> ModelDeployment {
+    let mut md = deployment(1, true, false);
+    md.spec.resources = Some(serde_json::from_value(json!({ "cpu": "1e9" })).unwrap());
+    md
+}
+
+fn api_error(code: u16, reason: &str, message: &str) -> Value {
+    json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code,
+            "message": message })
+}
+
+/// The value of `kiln_reconcile_errors_total{category=...}` on the metrics page (0 when absent).
+fn reconcile_errors(ctx: &Context, category: &str) -> u64 {
+    let line = format!("kiln_reconcile_errors_total{{category=\"{category}\"}} ");
+    let text = ctx.control.metrics_text();
+    text.lines().find_map(|l| l.strip_prefix(line.as_str())).map_or(0, |n| n.parse().unwrap())
+}
+
+/// An invalid spec is withdrawn (an earlier valid version stops being served), shown in the status (Degraded,
+/// Scheduled=False with reason InvalidSpec, the translation's message), published as one Warning Event, counted
+/// under `invalid_spec`, and not retried soon: the next change of the object brings it back. Failing again the
+/// same way publishes nothing new.
+#[tokio::test]
+async fn an_invalid_spec_is_degraded_published_once_counted_and_not_hot_looped() {
+    let md = unservable();
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &md);
+    let ctx = context(client);
+    ctx.control.upsert(served(&deployment(1, true, false)));
+    assert!(ctx.control.view("demo/mlp").is_some());
+    let message = "resources.cpu 1000000000000m is too large";
+    let verifier = tokio::spawn(async move {
+        let (method, uri, body, send) = api.next().await;
+        assert_eq!(method, "PATCH");
+        assert!(uri.contains("/modeldeployments/mlp/status?"), "{uri}");
+        assert_eq!(body["status"]["state"], "Degraded");
+        let scheduled = &body["status"]["conditions"][1];
+        assert_eq!(
+            (scheduled["status"].as_str(), scheduled["reason"].as_str(), scheduled["message"].as_str()),
+            (Some("False"), Some("InvalidSpec"), Some(message))
+        );
+        let stored = api.objects[MLP].clone();
+        respond(send, StatusCode::OK, &stored);
+        let (method, uri, event, send) = api.next().await;
+        assert_eq!((method.as_str(), uri.as_str()), ("POST", "/apis/events.k8s.io/v1/namespaces/demo/events?"));
+        assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("InvalidSpec")));
+        assert_eq!(event["note"].as_str().unwrap(), format!("the spec cannot be served: {message}"));
+        assert_eq!(event["action"], "Reconciling");
+        assert_eq!(event["regarding"]["name"], "mlp");
+        respond(send, StatusCode::CREATED, &event);
+        // The second failure: the status already says it, the Event was published: nothing is written.
+        api.expect_silence(Duration::from_millis(300)).await;
+        stored
+    });
+    let error = reconcile(Arc::new(md.clone()), Arc::clone(&ctx)).await.unwrap_err();
+    assert!(matches!(error, kiln_controller::k8s::reconcile::Error::InvalidSpec(_)), "{error:?}");
+    assert_eq!((error.category(), error.is_retryable()), ("invalid_spec", false));
+    assert!(ctx.control.view("demo/mlp").is_none(), "the earlier valid version is withdrawn");
+    let wait = error_policy(Arc::new(md.clone()), &error, Arc::clone(&ctx));
+    assert_eq!(wait, Action::requeue(Duration::from_secs(3600)), "not retried until the object changes");
+
+    let mut md = md;
+    md.status = Some(invalid_status(&md));
+    let again = reconcile(Arc::new(md.clone()), Arc::clone(&ctx)).await.unwrap_err();
+    assert_eq!(again.to_string(), error.to_string());
+    assert_eq!(error_policy(Arc::new(md), &again, Arc::clone(&ctx)), Action::requeue(Duration::from_secs(3600)));
+    let stored = verifier.await.unwrap();
+    assert_eq!(stored["status"]["state"], "Degraded");
+    assert_eq!(reconcile_errors(&ctx, "invalid_spec"), 2);
+}
+
+/// The status an unservable `md` gets (what the first reconcile wrote), computed as the reconciler does.
+fn invalid_status(md: &ModelDeployment) -> kiln_k8s_api::model_deployment::ModelDeploymentStatus {
+    let error = kiln_controller::spec::translate("demo/mlp".into(), "3".into(), &md.spec).unwrap_err();
+    kiln_controller::k8s::status::deployment_status(Some(3), Err(&error), None, Timestamp::now())
+}
+
+/// API server failures back off per object — 5 s, 10 s, 20 s for one object while another starts at 5 s — publish
+/// one Warning Event (not one per retry), and count under `apiserver`; a successful reconcile resets both, so the
+/// next failure waits 5 s and is published again.
+#[tokio::test]
+async fn api_server_errors_back_off_per_object_and_are_published_once_until_a_success() {
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &deployment(0, true, false));
+    let ctx = context(client);
+    let verifier = tokio::spawn(async move {
+        let unavailable = api_error(500, "InternalError", "etcdserver: request timed out");
+        for attempt in 0..3 {
+            let (method, uri, _, send) = api.next().await;
+            assert_eq!(method, "PATCH");
+            assert!(uri.contains("/modeldeployments/mlp/status?"), "{uri}");
+            respond(send, StatusCode::INTERNAL_SERVER_ERROR, &unavailable);
+            if attempt == 0 {
+                let (method, uri, event, send) = api.next().await;
+                assert_eq!((method.as_str(), uri.as_str()), ("POST", "/apis/events.k8s.io/v1/namespaces/demo/events?"));
+                assert_eq!(
+                    (event["type"].as_str(), event["reason"].as_str()),
+                    (Some("Warning"), Some("ApiServerError"))
+                );
+                assert!(event["note"].as_str().unwrap().contains("etcdserver: request timed out"), "{event}");
+                respond(send, StatusCode::CREATED, &event);
+            }
+        }
+        // The API server is back: the status is written.
+        let (_, uri, _, send) = api.next().await;
+        assert!(uri.contains("/modeldeployments/mlp/status?"), "{uri}");
+        respond(send, StatusCode::OK, &api.objects[MLP].clone());
+        // It fails again: news again after the success (the recorder sends the repeat as a series update).
+        let (_, _, _, send) = api.next().await;
+        respond(send, StatusCode::INTERNAL_SERVER_ERROR, &unavailable);
+        let (method, uri, event, send) = api.next().await;
+        assert!(uri.starts_with("/apis/events.k8s.io/v1/namespaces/demo/events"), "{method} {uri}");
+        respond(send, StatusCode::OK, &event);
+        api.expect_silence(Duration::from_millis(200)).await;
+    });
+    let md = Arc::new(deployment(0, true, false));
+    let mut other = deployment(0, true, false);
+    other.metadata.name = Some("other".into());
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let error = reconcile(Arc::clone(&md), Arc::clone(&ctx)).await.unwrap_err();
+        assert_eq!((error.category(), error.is_retryable()), ("apiserver", true), "{error}");
+        waits.push(error_policy(Arc::clone(&md), &error, Arc::clone(&ctx)));
+        if waits.len() == 3 {
+            let first = error_policy(Arc::new(other.clone()), &error, Arc::clone(&ctx));
+            assert_eq!(first, Action::requeue(Duration::from_secs(5)), "another object has its own backoff");
+        }
+    }
+    let secs = |n: u64| Action::requeue(Duration::from_secs(n));
+    assert_eq!(waits, [secs(5), secs(10), secs(20)]);
+    assert_eq!(reconcile(Arc::clone(&md), Arc::clone(&ctx)).await.unwrap(), Action::requeue(Duration::from_secs(5)));
+    let error = reconcile(Arc::clone(&md), Arc::clone(&ctx)).await.unwrap_err();
+    assert_eq!(error_policy(Arc::clone(&md), &error, Arc::clone(&ctx)), secs(5), "the success reset the backoff");
+    verifier.await.unwrap();
+    assert_eq!(reconcile_errors(&ctx, "apiserver"), 4);
+}
+
+/// A failed finalizer write keeps its source (the API server's answer) and is categorised by it: a 409 is a
+/// conflict, retried after the backoff, published with reason `Conflict`.
+#[tokio::test]
+async fn a_failed_finalizer_write_keeps_its_source_and_counts_as_a_conflict() {
+    let md = deployment(0, false, false);
+    let (client, api) = mock();
+    let mut api = api.holding(MLP, &md);
+    let ctx = context(client);
+    let verifier = tokio::spawn(async move {
+        let (method, uri, _, send) = api.next().await;
+        assert_eq!((method.as_str(), uri.as_str()), ("PATCH", format!("{MLP}?").as_str()));
+        respond(send, StatusCode::CONFLICT, &api_error(409, "Conflict", "the object has been modified"));
+        let (_, uri, event, send) = api.next().await;
+        assert_eq!(uri, "/apis/events.k8s.io/v1/namespaces/demo/events?");
+        assert_eq!(event["reason"], "Conflict");
+        respond(send, StatusCode::CREATED, &event);
+    });
+    let error = reconcile(Arc::new(md.clone()), Arc::clone(&ctx)).await.unwrap_err();
+    verifier.await.unwrap();
+    assert!(matches!(error, kiln_controller::k8s::reconcile::Error::Finalizer(_)), "{error:?}");
+    assert_eq!((error.category(), error.reason(), error.is_retryable()), ("conflict", "Conflict", true));
+    let finalizer = std::error::Error::source(&error).expect("the finalizer error is kept");
+    let api_error = finalizer.source().expect("and the API server's answer under it");
+    assert!(api_error.to_string().contains("the object has been modified"), "{api_error}");
+    assert_eq!(error_policy(Arc::new(md), &error, Arc::clone(&ctx)), Action::requeue(Duration::from_secs(5)));
+    assert_eq!(reconcile_errors(&ctx, "conflict"), 1);
 }
 
 fn lease(holder: &str, renewed: Timestamp, version: &str) -> Value {

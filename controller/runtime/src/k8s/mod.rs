@@ -147,7 +147,7 @@ pub async fn sync_gpu_nodes(
     let mut written = Vec::new();
     for node in registry.nodes() {
         let busy: BTreeSet<u32> =
-            replicas.iter().filter(|r| r.2 == node.name).flat_map(|r| r.3.iter().copied()).collect();
+            replicas.iter().filter(|r| r.node == node.name).flat_map(|r| r.gpus.iter().copied()).collect();
         let busy: Vec<u32> = busy.into_iter().collect();
         let status = status::gpu_node_status(&node, &busy, Timestamp::now());
         if !writes.due(&node.name, &status) {

@@ -1,6 +1,8 @@
 //! What the reconcilers write, computed without I/O (linkerd2's "compute first, write later"): a
-//! `ModelDeployment`'s status from the control plane's view, the Events its transitions deserve, and a `GpuNode`'s
-//! status from its agent's registration. The reconcilers apply what comes out; tests assert it exactly.
+//! `ModelDeployment`'s status from the control plane's [`DeploymentView`] (or from why its spec cannot be served),
+//! the Events its transitions deserve, and a `GpuNode`'s status from its agent's registration. The reconcilers
+//! apply what comes out; tests assert it exactly. This module consumes the control plane's view; it never reads
+//! the control plane's state.
 
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, Time},
@@ -15,30 +17,12 @@ use kiln_k8s_api::{
 };
 use kiln_proto::v1;
 
-use crate::{control::ColdStartRecord, registry::NodeView};
-
-/// What the control plane knows of one deployment.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct DeploymentView {
-    /// Replicas wanted.
-    pub desired: u32,
-    /// Starting.
-    pub loading: u32,
-    /// Ready.
-    pub ready: u32,
-    /// Why replicas are missing, if they cannot be placed.
-    pub unschedulable: Option<String>,
-    /// Replicas: (id, node, GPUs, ready).
-    pub placements: Vec<(String, String, Vec<u32>, bool)>,
-    /// The newest cold start, and when it finished.
-    pub last_cold_start: Option<(ColdStartRecord, Timestamp)>,
-    /// Predictions run, failed; starts done, failed.
-    pub counters: DeploymentCounters,
-    /// Why the spec could not be served (it passed the schema but not the controller), if so.
-    pub invalid: Option<String>,
-    /// Replicas fail to start: the agent's reason (`ModelNotFound`, ...) and message, until one becomes ready.
-    pub failure: Option<(String, String)>,
-}
+use crate::{
+    control::{DeploymentView, ReplicaView},
+    registry::NodeView,
+    spec::SpecError,
+    store::Counters,
+};
 
 /// An Event to publish: (type is Warning when `warning`), reason, note.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,17 +78,33 @@ fn seconds_text(ms: i64) -> String {
     if ms < 10_000 { format!("{:.1}s", ms as f64 / 1000.0) } else { format!("{}s", (ms + 500) / 1000) }
 }
 
-/// The status to write for a deployment at `generation`, given the control plane's `view` and the status now
-/// on the object.
+/// The API's counters from the control plane's.
+fn counters(c: &Counters) -> DeploymentCounters {
+    DeploymentCounters {
+        requests: c.requests,
+        failed_requests: c.failed_requests,
+        cold_starts: c.cold_starts,
+        failed_starts: c.failed_starts,
+    }
+}
+
+/// The status to write for a deployment at `generation`, given what is served — the control plane's view, or why
+/// the spec cannot be served (then nothing runs) — and the status now on the object.
 pub fn deployment_status(
     generation: Option<i64>,
-    view: &DeploymentView,
+    served: Result<&DeploymentView, &SpecError>,
     previous: Option<&ModelDeploymentStatus>,
     now: Timestamp,
 ) -> ModelDeploymentStatus {
+    let nothing = DeploymentView::default();
+    let (view, invalid) = match served {
+        Ok(view) => (view, None),
+        Err(why) => (&nothing, Some(why.to_string())),
+    };
+    let failure = view.failure.as_ref().map(|f| (f.reason.clone(), f.message.clone()));
     let now = Time(whole_seconds(now));
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
-    let state = if view.invalid.is_some() || view.unschedulable.is_some() || view.failure.is_some() {
+    let state = if invalid.is_some() || view.unschedulable.is_some() || failure.is_some() {
         DeploymentState::Degraded
     } else if view.ready > 0 {
         DeploymentState::Ready
@@ -120,7 +120,7 @@ pub fn deployment_status(
         DeploymentState::ScaledToZero => ("ScaledToZero", "no replica runs; the next request starts one".to_owned()),
         DeploymentState::Loading => ("Loading", format!("{} replica(s) loading", view.loading)),
         DeploymentState::Pending => ("Pending", "replicas are being placed".to_owned()),
-        DeploymentState::Degraded => match (&view.invalid, &view.failure) {
+        DeploymentState::Degraded => match (&invalid, &failure) {
             (Some(why), _) => ("InvalidSpec", why.clone()),
             (None, Some((reason, message))) => (reason.as_str(), message.clone()),
             (None, None) => ("Unschedulable", view.unschedulable.clone().unwrap_or_default()),
@@ -130,7 +130,7 @@ pub fn deployment_status(
     let serving = matches!(state, DeploymentState::Ready | DeploymentState::ScaledToZero);
     let mut conditions =
         vec![condition("Ready", serving, ready_reason, ready_message, generation, prev_conditions, &now)];
-    let (scheduled, reason, message) = match (&view.invalid, &view.unschedulable) {
+    let (scheduled, reason, message) = match (&invalid, &view.unschedulable) {
         (Some(why), _) => (false, "InvalidSpec", why.clone()),
         (None, Some(why)) => (false, "Unschedulable", why.clone()),
         (None, None) => (true, "Scheduled", format!("{} replica(s) placed", view.placements.len())),
@@ -138,15 +138,16 @@ pub fn deployment_status(
     conditions.push(condition("Scheduled", scheduled, reason, message, generation, prev_conditions, &now));
     // Degraded: replicas fail to start (the agent's reason and load error); an invalid or unschedulable spec shows
     // in Scheduled instead.
-    let (failing, reason, message) = match &view.failure {
+    let (failing, reason, message) = match &failure {
         Some((reason, message)) => (true, reason.as_str(), message.clone()),
         None => (false, "StartsSucceed", "replicas start".to_owned()),
     };
     conditions.push(condition("Degraded", failing, reason, message, generation, prev_conditions, &now));
     let last_cold_start = match &view.last_cold_start {
-        Some((record, finished)) => {
+        Some(record) => {
+            let finished = Timestamp::try_from(record.finished_at).unwrap_or_default();
             let ms = (record.seconds * 1000.0).round() as i64;
-            let started = finished.checked_sub(k8s_openapi::jiff::SignedDuration::from_millis(ms)).unwrap_or(*finished);
+            let started = finished.checked_sub(k8s_openapi::jiff::SignedDuration::from_millis(ms)).unwrap_or(finished);
             let names = [
                 ColdStartPhaseName::Fetch,
                 ColdStartPhaseName::Read,
@@ -181,15 +182,15 @@ pub fn deployment_status(
         placements: view
             .placements
             .iter()
-            .map(|(replica, node, gpus, ready)| ReplicaPlacement {
-                replica: replica.clone(),
-                node: node.clone(),
-                gpus: gpus.iter().map(|&g| i32::try_from(g).unwrap_or(i32::MAX)).collect(),
-                state: if *ready { ReplicaState::Ready } else { ReplicaState::Loading },
+            .map(|r: &ReplicaView| ReplicaPlacement {
+                replica: r.id.clone(),
+                node: r.node.clone(),
+                gpus: r.gpus.iter().map(|&g| i32::try_from(g).unwrap_or(i32::MAX)).collect(),
+                state: if r.ready { ReplicaState::Ready } else { ReplicaState::Loading },
             })
             .collect(),
         last_cold_start,
-        counters: view.counters.clone(),
+        counters: counters(&view.counters),
         conditions,
     }
 }
@@ -212,6 +213,8 @@ pub fn transitions(previous: Option<&ModelDeploymentStatus>, next: &ModelDeploym
         }
     };
     match turned("Scheduled", "False") {
+        // An invalid spec's Warning comes from the reconciler's error path, once per distinct error.
+        Some((true, c)) if c.reason == "InvalidSpec" => {}
         Some((true, c)) => events.push(EventSpec { warning: true, reason: c.reason, note: c.message }),
         Some((false, _)) => events.push(EventSpec {
             warning: false,
@@ -351,6 +354,7 @@ pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNode
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::ColdStartRecord;
 
     /// What a real apiserver answered to the `GpuNode` object patch without `spec`, reproduced offline; the patch
     /// sent now is accepted, owns nothing inside `spec`, and its status patch keeps the whole object valid.
@@ -399,47 +403,50 @@ mod tests {
         Timestamp::from_second(1_790_000_000 + s).unwrap()
     }
 
-    fn cold(seconds: f64) -> (ColdStartRecord, Timestamp) {
-        let record = ColdStartRecord {
+    fn failure(reason: &str, message: &str) -> kiln_core::control::StartFailure {
+        kiln_core::control::StartFailure { reason: reason.into(), message: message.into(), retryable: false }
+    }
+
+    fn cold(seconds: f64) -> ColdStartRecord {
+        ColdStartRecord {
             deployment: "ns/m".into(),
             replica: "ns.m-1".into(),
             node: "node-a".into(),
             seconds,
             phases_ms: [10, 200, 900, 40],
             source: "disk".into(),
-            finished_at: std::time::SystemTime::UNIX_EPOCH,
-        };
-        (record, at(100))
+            finished_at: std::time::SystemTime::from(at(100)),
+        }
     }
 
     #[test]
     fn states_follow_the_replicas_and_conditions_keep_their_transition_time() {
-        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        let zero = deployment_status(Some(1), Ok(&DeploymentView::default()), None, at(0));
         assert_eq!(zero.state, Some(DeploymentState::ScaledToZero));
         let loading = DeploymentView { desired: 1, loading: 1, ..Default::default() };
-        let s1 = deployment_status(Some(1), &loading, Some(&zero), at(10));
+        let s1 = deployment_status(Some(1), Ok(&loading), Some(&zero), at(10));
         assert_eq!(s1.state, Some(DeploymentState::Loading));
         assert_eq!(s1.conditions[0].status, "False");
         assert_eq!(s1.conditions[0].last_transition_time, Time(at(10)), "Ready turned False at 10");
         assert_eq!(s1.conditions[1].last_transition_time, Time(at(0)), "Scheduled stayed True since 0");
-        let s2 = deployment_status(Some(2), &loading, Some(&s1), at(20));
+        let s2 = deployment_status(Some(2), Ok(&loading), Some(&s1), at(20));
         assert_eq!(s2.conditions[0].last_transition_time, Time(at(10)));
         assert_eq!(s2.conditions[0].observed_generation, Some(2));
         let bad = DeploymentView { desired: 1, unschedulable: Some("no room".into()), ..Default::default() };
-        let s3 = deployment_status(Some(2), &bad, Some(&s2), at(30));
+        let s3 = deployment_status(Some(2), Ok(&bad), Some(&s2), at(30));
         assert_eq!(s3.state, Some(DeploymentState::Degraded));
         assert_eq!((s3.conditions[1].reason.as_str(), s3.conditions[1].message.as_str()), ("Unschedulable", "no room"));
     }
 
     #[test]
     fn failed_starts_make_the_deployment_degraded_with_one_warning_and_a_recovery() {
-        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        let zero = deployment_status(Some(1), Ok(&DeploymentView::default()), None, at(0));
         let failing = DeploymentView {
             desired: 1,
-            failure: Some(("ModelNotFound".into(), "/m/x.safetensors: No such file or directory".into())),
+            failure: Some(failure("ModelNotFound", "/m/x.safetensors: No such file or directory")),
             ..Default::default()
         };
-        let s1 = deployment_status(Some(1), &failing, Some(&zero), at(1));
+        let s1 = deployment_status(Some(1), Ok(&failing), Some(&zero), at(1));
         assert_eq!(s1.state, Some(DeploymentState::Degraded));
         let degraded = s1.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ModelNotFound"));
@@ -452,13 +459,13 @@ mod tests {
                 note: "a replica failed to start: /m/x.safetensors: No such file or directory".into()
             }]
         );
-        let s2 = deployment_status(Some(1), &failing, Some(&s1), at(2));
+        let s2 = deployment_status(Some(1), Ok(&failing), Some(&s1), at(2));
         assert!(transitions(Some(&s1), &s2).is_empty(), "the same failure again: no repeat");
-        let other = DeploymentView { failure: Some(("InvalidWeights".into(), "bad".into())), ..failing.clone() };
-        let s3 = deployment_status(Some(1), &other, Some(&s2), at(3));
+        let other = DeploymentView { failure: Some(failure("InvalidWeights", "bad")), ..failing.clone() };
+        let s3 = deployment_status(Some(1), Ok(&other), Some(&s2), at(3));
         assert_eq!(transitions(Some(&s2), &s3).len(), 1, "another reason is news");
         let ready = DeploymentView { desired: 1, ready: 1, ..Default::default() };
-        let s4 = deployment_status(Some(1), &ready, Some(&s3), at(4));
+        let s4 = deployment_status(Some(1), Ok(&ready), Some(&s3), at(4));
         assert_eq!(s4.state, Some(DeploymentState::Ready));
         let events = transitions(Some(&s3), &s4);
         assert_eq!(events.iter().map(|e| (e.warning, e.reason.as_str())).collect::<Vec<_>>(), [(false, "Recovered")]);
@@ -466,33 +473,39 @@ mod tests {
 
     #[test]
     fn events_come_on_transitions_only() {
-        let zero = deployment_status(Some(1), &DeploymentView::default(), None, at(0));
+        let zero = deployment_status(Some(1), Ok(&DeploymentView::default()), None, at(0));
         assert!(transitions(None, &zero).is_empty(), "appearing at zero is no news");
         let bad = DeploymentView { desired: 1, unschedulable: Some("no room".into()), ..Default::default() };
-        let degraded = deployment_status(Some(1), &bad, Some(&zero), at(1));
+        let degraded = deployment_status(Some(1), Ok(&bad), Some(&zero), at(1));
         assert_eq!(
             transitions(Some(&zero), &degraded),
             vec![EventSpec { warning: true, reason: "Unschedulable".into(), note: "no room".into() }]
         );
-        let again = deployment_status(Some(1), &bad, Some(&degraded), at(2));
+        let again = deployment_status(Some(1), Ok(&bad), Some(&degraded), at(2));
         assert!(transitions(Some(&degraded), &again).is_empty(), "still degraded: no repeat");
         let ready = DeploymentView {
             desired: 1,
             ready: 1,
-            placements: vec![("ns.m-1".into(), "node-a".into(), vec![0], true)],
+            placements: vec![ReplicaView {
+                id: "ns.m-1".into(),
+                deployment: "ns/m".into(),
+                node: "node-a".into(),
+                gpus: vec![0],
+                ready: true,
+            }],
             last_cold_start: Some(cold(1.16)),
             ..Default::default()
         };
-        let up = deployment_status(Some(1), &ready, Some(&again), at(3));
+        let up = deployment_status(Some(1), Ok(&ready), Some(&again), at(3));
         let events = transitions(Some(&again), &up);
         assert_eq!(events.len(), 2, "{events:?}");
         assert_eq!(events[0].reason, "Scheduled");
         assert_eq!(events[1].note, "cold start took 1.2s on node-a (weights from local disk)");
         let c = up.last_cold_start.as_ref().unwrap();
         assert_eq!((c.duration_ms, c.phases.len(), c.source), (1160, 4, CacheTier::Disk));
-        let same = deployment_status(Some(1), &ready, Some(&up), at(4));
+        let same = deployment_status(Some(1), Ok(&ready), Some(&up), at(4));
         assert_eq!(same, up, "nothing changed: the same status, so nothing is written");
-        let down = deployment_status(Some(1), &DeploymentView::default(), Some(&up), at(5));
+        let down = deployment_status(Some(1), Ok(&DeploymentView::default()), Some(&up), at(5));
         let events = transitions(Some(&up), &down);
         assert_eq!(events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["ScaledToZero"]);
         assert!(down.last_cold_start.is_some(), "the last cold start stays on record");

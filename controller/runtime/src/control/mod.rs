@@ -1,0 +1,657 @@
+//! The control loop at run time: served specs in, agent commands out, and the gateway's
+//! [`Backend`](crate::gateway::Backend).
+//!
+//! [`ControlPlane`] owns the pure decision state ([`kiln_core::control::Control`]) and drives it:
+//! - [`ControlPlane::apply`], [`ControlPlane::upsert`], [`ControlPlane::withdraw`] and [`ControlPlane::remove`]
+//!   take the deployments of a spec source, already translated into [`ServedSpec`]s at the spec port
+//!   ([`crate::spec`]): the control plane knows nothing of manifests or of the Kubernetes API;
+//! - [`ControlPlane::run`] is the loop: it wakes on a registry event (an agent registered, a replica became ready
+//!   or exited, a GPU's health changed), on a request that found no free replica, or every `tick`; it feeds the
+//!   events to the core, marks silent agents lost, reconciles, and sends the resulting `StartWorker` /
+//!   `StopWorker` commands through the registry (`commands`);
+//! - as the gateway's `Backend` (`routing`) it routes each request to the least-loaded ready replica with a
+//!   free slot, over the node's `WorkerService`; with none, it holds the request in the deployment's bounded
+//!   [`HoldQueue`] and wakes the loop at once, so a request at zero replicas reaches the agent as a `StartWorker`
+//!   without waiting for a tick;
+//! - it produces what the status of a deployment shows (`view`: [`DeploymentView`], [`ReplicaView`]).
+//!
+//! Start failures: the agent's `WorkerFailed` (and an early `WorkerExited`, or a refused `StartWorker`) go to the
+//! core as [`StartFailure`]s, which puts the deployment in backoff; while it is in backoff with nothing ready or
+//! starting, held requests are woken and fail with the load error ([`crate::gateway::PredictError::SetupFailed`]),
+//! and new ones fail at once. When the model is a `file://` path the controller can see, a change of that file
+//! (appearing, or new contents) ends the backoff at once, so fixing the file recovers the deployment without
+//! touching the spec.
+//!
+//! # Locking
+//!
+//! Everything the loop and the request path share — the core, the served specs with their hold queues, the
+//! replicas starting, the last cold starts, the counters and the worker clients — is one `State` behind one
+//! `std::sync::Mutex`, taken through `ControlPlane::state`. One lock rather than one task owning the state: the
+//! request path asks the core synchronously several times per prediction (arrive, route, finish), and a round trip
+//! through a task's channel would cost more than the short critical sections it replaces; none of them does I/O.
+//! The rules:
+//! - the lock is never held across an `.await` (clippy's `await_holding_lock` checks it) nor while a file is read
+//!   (model files are stat'ed with it released, [`ControlPlane::step`]);
+//! - while it is held, only leaf locks may be taken: the registry's (it never calls back into the control plane),
+//!   a [`HoldQueue`]'s count, the metrics' families and the store's queue (a channel send). Nothing that holds one
+//!   of those takes the state lock;
+//! - commands go out on tasks of their own, which take the lock again only to record a failed start.
+
+mod commands;
+mod routing;
+mod view;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, MutexGuard, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use kiln_core::{
+    autoscale::coldstart::ColdStartModel,
+    control::{Action, Cached, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
+    placement::{CacheTier, Policy},
+};
+use kiln_proto::v1::{self, worker_event::Event};
+use tokio::sync::{Notify, watch};
+
+use self::routing::WorkerClients;
+pub use self::{
+    routing::{Held, HoldQueue, HoldState},
+    view::{ColdStartRecord, DeploymentView, ReplicaView},
+};
+use crate::{
+    metrics::{DeploymentGauges, Metrics, StateSnapshot},
+    registry::{Registry, RegistryEvent},
+    spec::ServedSpec,
+    store::{Counters, Persister},
+};
+
+/// Settings of the control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Placement policy.
+    pub policy: Policy,
+    /// Requests held per deployment while no replica has a free slot.
+    pub hold_capacity: usize,
+    /// Reconcile at least this often.
+    pub tick: Duration,
+    /// How long an agent has to acknowledge a command.
+    pub command_timeout: Duration,
+    /// Grace period given to a stopping replica.
+    pub stop_grace: Duration,
+    /// Prices the adaptive keep-alive weighs.
+    pub prices: Prices,
+    /// Load-time model (the adaptive keep-alive's cold-start estimate).
+    pub cold: ColdStartModel,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            policy: Policy::Kiln,
+            hold_capacity: 256,
+            tick: Duration::from_millis(500),
+            command_timeout: Duration::from_secs(10),
+            stop_grace: Duration::from_secs(30),
+            prices: Prices::default(),
+            cold: ColdStartModel::default(),
+        }
+    }
+}
+
+/// A deployment as the runtime needs it beyond the core's view.
+#[derive(Debug, Clone)]
+struct Served {
+    version: String,
+    source: v1::ModelSource,
+    gpu_memory_bytes: u64,
+    max_concurrency: u32,
+    hold: Arc<HoldQueue>,
+    /// After a start failure, the model file as the controller saw it then (`Some(None)`: missing), so that a
+    /// change ends the backoff; `None` when nothing failed or the file is not visible here.
+    failed_file: Option<Option<FileStamp>>,
+}
+
+/// What identifies a version of a file without reading it.
+type FileStamp = (std::time::SystemTime, u64);
+
+/// The local path of a `file://` model URI.
+fn model_path(uri: &str) -> Option<&std::path::Path> {
+    uri.strip_prefix("file://").map(std::path::Path::new)
+}
+
+fn stamp(path: &std::path::Path) -> Option<FileStamp> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+/// A replica's start, for cold-start figures.
+#[derive(Debug, Clone)]
+struct Starting {
+    decided: Instant,
+    node: String,
+}
+
+/// The state the loop and the request path share, behind the control plane's one lock (see the module docs).
+#[derive(Debug)]
+struct State {
+    /// The decisions.
+    core: Control,
+    /// The served deployments by key.
+    served: BTreeMap<String, Served>,
+    /// Replicas started and not yet ready, by id.
+    starting: HashMap<String, Starting>,
+    /// The newest cold start of each deployment (for its status).
+    last_cold_start: HashMap<String, ColdStartRecord>,
+    /// Each deployment's counters.
+    counters: HashMap<String, Counters>,
+    /// Where counters are written when they change (set once, before serving).
+    persister: Option<Persister>,
+    /// The nodes' `WorkerService` clients.
+    clients: WorkerClients,
+}
+
+impl State {
+    /// Changes a deployment's counters and queues them for the store.
+    fn count(&mut self, key: &str, f: impl FnOnce(&mut Counters)) {
+        let c = self.counters.entry(key.to_owned()).or_default();
+        f(c);
+        if let Some(p) = &self.persister {
+            p.counters(key.to_owned(), Some(c.clone()));
+        }
+    }
+
+    /// The replicas, as shown.
+    fn replicas(&self) -> impl Iterator<Item = ReplicaView> + '_ {
+        self.core.replicas().map(|(id, r)| ReplicaView {
+            id: id.to_owned(),
+            deployment: r.deployment.clone(),
+            node: r.node.clone(),
+            gpus: r.gpus.clone(),
+            ready: r.phase == Phase::Ready,
+        })
+    }
+
+    /// Each deployment's hold queue is "ready" while a ready replica has a free slot, and "failed" while its
+    /// starts fail and nothing is ready or starting.
+    fn refresh_holds(&self, now: f64) {
+        for (key, s) in &self.served {
+            let state = if self.core.has_free_slot(key) {
+                HoldState::Ready
+            } else if self.core.failing(key, now).is_some() {
+                HoldState::Failed
+            } else {
+                HoldState::Waiting
+            };
+            s.hold.set_state(state);
+        }
+    }
+}
+
+/// The control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    state: Mutex<State>,
+    registry: Registry,
+    wake: Notify,
+    origin: Instant,
+    config: ControlConfig,
+    /// Command ids handed out.
+    commands: AtomicU64,
+    metrics: Metrics,
+}
+
+fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
+    let mib = |b: u64| u32::try_from(b >> 20).unwrap_or(u32::MAX);
+    NodeInfo {
+        name: n.name.clone(),
+        // An agent that does not say gets room for 64 replicas' CPU and memory: GPUs are what is scarce.
+        cpu_milli: if n.cpu_milli == 0 { 64_000 } else { u32::try_from(n.cpu_milli).unwrap_or(u32::MAX) },
+        memory_mib: if n.host_memory_bytes == 0 { 64 * 1024 } else { mib(n.host_memory_bytes) },
+        gpu_model: n.gpus.first().map(|g| g.model.clone()).unwrap_or_default(),
+        gpu_memory_mib: n.gpus.first().map_or(0, |g| mib(g.memory_bytes)),
+        gpu_healthy: n.gpus.iter().map(|g| g.health != v1::GpuHealth::Unhealthy).collect(),
+        labels: n.labels.clone(),
+    }
+}
+
+fn cached_of(n: &crate::registry::NodeView) -> Vec<Cached> {
+    n.cached
+        .iter()
+        .filter_map(|m| {
+            let tier = match m.tier() {
+                v1::CacheTier::Gpu => CacheTier::Gpu(m.gpu_index.map_or(0, |g| 1u16.checked_shl(g).unwrap_or(0))),
+                v1::CacheTier::Host => CacheTier::HostRam,
+                v1::CacheTier::Disk => CacheTier::Disk,
+                _ => return None,
+            };
+            Some(Cached { model_uri: m.model_uri.clone(), tier })
+        })
+        .collect()
+}
+
+impl ControlPlane {
+    /// A control plane commanding agents through `registry`.
+    pub fn new(registry: Registry, config: ControlConfig) -> Arc<Self> {
+        let state = State {
+            core: Control::new(config.policy, config.cold.clone(), config.prices),
+            served: BTreeMap::new(),
+            starting: HashMap::new(),
+            last_cold_start: HashMap::new(),
+            counters: HashMap::new(),
+            persister: None,
+            clients: WorkerClients::default(),
+        };
+        Arc::new(Self {
+            state: Mutex::new(state),
+            registry,
+            wake: Notify::new(),
+            origin: Instant::now(),
+            config,
+            commands: AtomicU64::new(0),
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// The one lock (see the module docs): never held across an `.await`.
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the counters read back from the store (they go on counting from there) and the writer they go to
+    /// from now on. Call it once, before serving.
+    pub fn restore_counters(&self, counters: impl IntoIterator<Item = (String, Counters)>, persister: Persister) {
+        let mut state = self.state();
+        state.counters.extend(counters);
+        if state.persister.is_none() {
+            state.persister = Some(persister);
+        }
+    }
+
+    /// Seconds on the control loop's clock (the time the core's decisions use).
+    pub(crate) fn now(&self) -> f64 {
+        self.origin.elapsed().as_secs_f64()
+    }
+
+    /// The controller's metrics (the reconcilers count their errors there too).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Takes the whole set of a spec source: each of `served` is added or updated; each key of `unservable` (a
+    /// deployment the source declares but whose spec cannot be served) is withdrawn; every other deployment is
+    /// removed (its replicas stop).
+    pub fn apply(&self, served: impl IntoIterator<Item = ServedSpec>, unservable: &[String]) {
+        let mut seen: Vec<String> = unservable.to_vec();
+        for spec in served {
+            seen.push(spec.key.clone());
+            self.upsert(spec);
+        }
+        for key in unservable {
+            self.withdraw(key);
+        }
+        let gone: Vec<String> = self.state().served.keys().filter(|k| !seen.contains(k)).cloned().collect();
+        for key in gone {
+            self.remove(&key);
+        }
+    }
+
+    /// Adds or updates one deployment.
+    pub fn upsert(&self, spec: ServedSpec) {
+        let ServedSpec { key, version, core, source, gpu_memory_bytes } = spec;
+        let now = self.now();
+        let mut state = self.state();
+        let max_concurrency = core.max_concurrency;
+        state.core.upsert_deployment(&key, core, now);
+        let hold = state
+            .served
+            .get(&key)
+            .map(|s| Arc::clone(&s.hold))
+            .unwrap_or_else(|| Arc::new(HoldQueue::new(self.config.hold_capacity)));
+        let served = Served { version, source, gpu_memory_bytes, max_concurrency, hold, failed_file: None };
+        state.served.insert(key, served);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Stops serving a deployment whose spec cannot be served (its replicas stop); its counters and last cold
+    /// start stay, for when a valid spec comes back.
+    pub fn withdraw(&self, key: &str) {
+        let mut state = self.state();
+        state.core.remove_deployment(key);
+        state.served.remove(key);
+    }
+
+    /// Removes a deployment: its replicas stop, its counters are deleted.
+    pub fn remove(&self, key: &str) {
+        let mut state = self.state();
+        state.core.remove_deployment(key);
+        state.served.remove(key);
+        if state.counters.remove(key).is_some()
+            && let Some(p) = &state.persister
+        {
+            p.counters(key.to_owned(), None);
+        }
+        state.last_cold_start.remove(key);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// What the status of `key` shows, `None` if it is not served.
+    pub fn view(&self, key: &str) -> Option<DeploymentView> {
+        let state = self.state();
+        let status = state.core.status(key)?;
+        Some(DeploymentView {
+            desired: status.desired,
+            loading: status.starting,
+            ready: status.ready,
+            unschedulable: status.unschedulable,
+            failure: status.failure.map(|f| f.last),
+            placements: state.replicas().filter(|r| r.deployment == key).collect(),
+            last_cold_start: state.last_cold_start.get(key).cloned(),
+            counters: state.counters.get(key).cloned().unwrap_or_default(),
+        })
+    }
+
+    /// A deployment's counters (totals since it was created, across restarts).
+    pub fn counters(&self, key: &str) -> Counters {
+        self.state().counters.get(key).cloned().unwrap_or_default()
+    }
+
+    /// A deployment's state, `None` if unknown.
+    pub fn status(&self, deployment: &str) -> Option<DeploymentStatus> {
+        self.state().core.status(deployment)
+    }
+
+    /// Every deployment's state.
+    pub fn statuses(&self) -> Vec<(String, DeploymentStatus)> {
+        let state = self.state();
+        state.core.deployments().filter_map(|k| state.core.status(k).map(|s| (k.to_owned(), s))).collect()
+    }
+
+    /// Every replica.
+    pub fn replicas(&self) -> Vec<ReplicaView> {
+        self.state().replicas().collect()
+    }
+
+    /// GPU allocation, milli-GPU: (allocated, capacity).
+    pub fn gpu_milli(&self) -> (u64, u64) {
+        self.state().core.gpu_milli()
+    }
+
+    /// Cordons or uncordons a node (`GpuNode.spec.unschedulable`).
+    pub fn set_cordoned(&self, node: &str, cordoned: bool) {
+        self.state().core.set_cordoned(node, cordoned);
+        self.wake.notify_one();
+    }
+
+    /// Wakes the loop now.
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The loop; returns when `stop` turns true.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let changed = self.registry.changed();
+        loop {
+            self.step();
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = changed.notified() => {}
+                () = tokio::time::sleep(self.config.tick) => {}
+                _ = stop.changed() => {
+                    if *stop.borrow() { return; }
+                }
+            }
+        }
+    }
+
+    /// One pass: events in, silent agents lost, reconcile, commands out.
+    pub fn step(self: &Arc<Self>) {
+        let began = Instant::now();
+        let events = self.registry.take_events();
+        let lost = self.registry.sweep();
+        let changed_files = self.changed_model_files();
+        let now = self.now();
+        let mut actions = Vec::new();
+        {
+            let mut guard = self.state();
+            let state = &mut *guard;
+            for event in events {
+                self.absorb(state, event, now, &mut actions);
+            }
+            for key in &changed_files {
+                state.core.retry_now(key, now);
+            }
+            for node in lost {
+                let gone = state.core.node_lost(&node);
+                tracing::warn!(%node, replicas = gone.len(), "agent lost; its replicas will be placed elsewhere");
+                for r in gone {
+                    state.starting.remove(&r);
+                }
+            }
+            actions.extend(state.core.reconcile(now));
+            state.refresh_holds(now);
+            let decided = Instant::now();
+            for action in &actions {
+                if let Action::Start { replica, node, .. } = action {
+                    state.starting.insert(replica.clone(), Starting { decided, node: node.clone() });
+                }
+            }
+        }
+        for action in actions {
+            self.execute(action);
+        }
+        self.metrics.scheduling(began.elapsed().as_secs_f64());
+    }
+
+    /// The metrics page, with the gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let mut state = StateSnapshot::default();
+        let (statuses, (allocated, capacity)) = {
+            let s = self.state();
+            let statuses: Vec<(String, DeploymentStatus)> =
+                s.core.deployments().filter_map(|k| s.core.status(k).map(|st| (k.to_owned(), st))).collect();
+            (statuses, s.core.gpu_milli())
+        };
+        for (name, s) in statuses {
+            state.deployments.push(DeploymentGauges {
+                name,
+                desired: s.desired,
+                loading: s.starting,
+                ready: s.ready,
+                waiting: s.waiting,
+                in_flight: s.in_flight,
+            });
+        }
+        let (mut healthy, mut degraded, mut unhealthy, mut lost) = (0, 0, 0, 0);
+        for n in self.registry.nodes() {
+            if n.ready {
+                state.nodes.0 += 1;
+            } else {
+                state.nodes.1 += 1;
+            }
+            for g in &n.gpus {
+                match (n.ready, g.health) {
+                    (false, _) => lost += 1,
+                    (true, v1::GpuHealth::Unhealthy) => unhealthy += 1,
+                    (true, v1::GpuHealth::Degraded) => degraded += 1,
+                    (true, _) => healthy += 1,
+                }
+            }
+        }
+        state.gpus = vec![("healthy", healthy), ("degraded", degraded), ("unhealthy", unhealthy), ("lost", lost)];
+        state.gpu_allocated_ratio = if capacity == 0 { 0.0 } else { allocated as f64 / capacity as f64 };
+        self.metrics.set_state(&state);
+        self.metrics.render()
+    }
+
+    /// The deployments whose model file changed since their last failed start (the files are looked at with no
+    /// lock held).
+    fn changed_model_files(&self) -> Vec<String> {
+        let watched: Vec<(String, std::path::PathBuf, Option<FileStamp>)> = self
+            .state()
+            .served
+            .iter()
+            .filter_map(|(key, s)| {
+                let before = s.failed_file?;
+                Some((key.clone(), model_path(&s.source.uri)?.to_path_buf(), before))
+            })
+            .collect();
+        let changed: Vec<(String, Option<FileStamp>)> = watched
+            .into_iter()
+            .filter(|(_, path, before)| stamp(path) != *before)
+            .map(|(key, path, before)| {
+                tracing::info!(deployment = %key, path = %path.display(), "model file changed; retrying now");
+                (key, before)
+            })
+            .collect();
+        if !changed.is_empty() {
+            let mut state = self.state();
+            for (key, before) in &changed {
+                // Unless a new failure recorded the file again meanwhile.
+                if let Some(s) = state.served.get_mut(key)
+                    && s.failed_file == Some(*before)
+                {
+                    s.failed_file = None;
+                }
+            }
+        }
+        changed.into_iter().map(|(key, _)| key).collect()
+    }
+
+    /// Records a failed start: the core's backoff, metrics, counters, and the model file to watch.
+    fn start_failed(&self, state: &mut State, replica: &str, failure: StartFailure, now: f64, exited: bool) {
+        let reason = failure.reason.clone();
+        let gone = if exited {
+            state.core.replica_exited(replica, failure, now)
+        } else {
+            state.core.replica_failed(replica, failure, now).map(|r| (r, true))
+        };
+        state.starting.remove(replica);
+        // An exit after a long time serving is not a failure: the core just replaces it.
+        let Some((r, true)) = gone else { return };
+        self.metrics.failed_start(&r.deployment, &reason);
+        state.count(&r.deployment, |c| c.failed_starts += 1);
+        if let Some(s) = state.served.get_mut(&r.deployment) {
+            s.failed_file = model_path(&s.source.uri).map(stamp);
+        }
+    }
+
+    fn absorb(&self, state: &mut State, event: RegistryEvent, now: f64, actions: &mut Vec<Action>) {
+        match event {
+            RegistryEvent::Registered { node, running } => {
+                let Some(view) = self.registry.node(&node) else { return };
+                match state.core.node_up(&node_info(&view), &running) {
+                    Ok(stops) => actions.extend(stops),
+                    Err(e) => tracing::error!(%node, error = %e, "node not usable"),
+                }
+                state.core.set_cached(&node, cached_of(&view));
+            }
+            RegistryEvent::Disconnected { node } => {
+                tracing::warn!(%node, "agent disconnected; no new work there until it returns");
+                state.core.node_down(&node);
+            }
+            RegistryEvent::Cache { node } => {
+                if let Some(view) = self.registry.node(&node) {
+                    state.core.set_cached(&node, cached_of(&view));
+                }
+            }
+            RegistryEvent::GpuHealth { node, gpu, health } => {
+                state.core.gpu_health(&node, gpu, health != v1::GpuHealth::Unhealthy);
+            }
+            RegistryEvent::Worker { node, event } => match event.event {
+                Some(Event::Ready(ready)) => {
+                    if let Some(deployment) = state.core.replica_ready(&event.replica_id).map(str::to_owned)
+                        && let Some(s) = state.starting.remove(&event.replica_id)
+                    {
+                        let t = ready.timings.unwrap_or_default();
+                        let source = v1::CacheTier::try_from(ready.source_tier)
+                            .map(|t| t.as_str_name().trim_start_matches("CACHE_TIER_").to_lowercase())
+                            .unwrap_or_default();
+                        let record = ColdStartRecord {
+                            deployment,
+                            replica: event.replica_id.clone(),
+                            node: s.node,
+                            seconds: s.decided.elapsed().as_secs_f64(),
+                            phases_ms: [t.fetch_ms, t.read_ms, t.host_to_device_ms, t.init_ms],
+                            source,
+                            finished_at: std::time::SystemTime::now(),
+                        };
+                        state.count(&record.deployment, |c| c.cold_starts += 1);
+                        tracing::info!(replica = %record.replica, node = %record.node,
+                            seconds = record.seconds, "replica ready");
+                        self.metrics.cold_start(&record.deployment, &record.source, record.seconds, record.phases_ms);
+                        state.last_cold_start.insert(record.deployment.clone(), record);
+                    }
+                }
+                Some(Event::Failed(f)) => {
+                    tracing::warn!(%node, replica = %event.replica_id, reason = %f.reason, message = %f.message,
+                        retryable = f.retryable, "replica failed to start");
+                    let failure = StartFailure { reason: f.reason, message: f.message, retryable: f.retryable };
+                    self.start_failed(state, &event.replica_id, failure, now, false);
+                }
+                Some(Event::Exited(e)) => {
+                    let how = match (e.signal, e.exit_code) {
+                        (0, code) => format!("exit code {code}"),
+                        (signal, _) => format!("signal {signal}"),
+                    };
+                    let message = if e.message.is_empty() {
+                        format!("the replica exited ({how})")
+                    } else {
+                        format!("the replica exited ({how}): {}", e.message)
+                    };
+                    if state.core.replica(&event.replica_id).is_some() {
+                        tracing::warn!(%node, replica = %event.replica_id, %message, "replica exited on its own");
+                    }
+                    let failure = StartFailure { reason: "Exited".into(), message, retryable: true };
+                    self.start_failed(state, &event.replica_id, failure, now, true);
+                }
+                Some(Event::Loading(_)) | None => {}
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{MonotonicClock, RegistryConfig};
+
+    fn spec(key: &str) -> ServedSpec {
+        let md: kiln_k8s_api::model_deployment::ModelDeployment = serde_json::from_value(serde_json::json!({
+            "apiVersion": "kiln.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": { "name": "m" },
+            "spec": {
+                "model": { "uri": "file:///models/m.safetensors" },
+                "gpu": { "count": 1, "memoryPerGpu": "1Gi" },
+                "scaling": { "minReplicas": 0, "maxReplicas": 1 }
+            }
+        }))
+        .unwrap();
+        crate::spec::translate(key.into(), "1".into(), &md.spec).unwrap()
+    }
+
+    /// A spec source's whole set: served specs are added, an unservable one is withdrawn but keeps its counters
+    /// (they go on when it is fixed), a missing one is removed with its counters.
+    #[test]
+    fn apply_serves_withdraws_and_removes() {
+        let control = ControlPlane::new(
+            Registry::new(RegistryConfig::default(), MonotonicClock::system()),
+            ControlConfig::default(),
+        );
+        control.apply([spec("a/x"), spec("b/y")], &[]);
+        for key in ["a/x", "b/y"] {
+            control.state().count(key, |c| c.requests += 3);
+        }
+        assert!(control.view("a/x").is_some() && control.view("b/y").is_some());
+        control.apply([], &["a/x".to_owned()]);
+        assert!(control.view("a/x").is_none() && control.view("b/y").is_none());
+        assert_eq!(control.counters("a/x").requests, 3, "withdrawn: counters kept");
+        assert_eq!(control.counters("b/y").requests, 0, "removed: counters gone");
+        control.apply([spec("a/x")], &[]);
+        assert_eq!(control.view("a/x").unwrap().counters.requests, 3);
+    }
+}
