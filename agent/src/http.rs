@@ -116,7 +116,7 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
     if let Some(cache) = &state.cache {
         let report = cache.report();
         let (host, disk) = cache.capacities();
-        for (name, tier, capacity) in [("host_ram", Tier::Host, host), ("disk", Tier::Disk, disk)] {
+        for (name, tier, capacity) in [("host_ram", Tier::HostRam, host), ("disk", Tier::Disk, disk)] {
             let entries: Vec<_> = report.iter().filter(|e| e.tier == tier).collect();
             extra.cache.push((name, entries.len(), entries.iter().map(|e| e.size).sum(), capacity));
         }

@@ -17,9 +17,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use kiln_proto::v1::{
-    self, AckStatus, AgentMessage, Command, CommandAck, agent_message, agent_service_client::AgentServiceClient,
-    controller_message,
+use kiln_proto::{
+    convert,
+    v1::{
+        self, AckStatus, AgentMessage, Command, CommandAck, agent_message, agent_service_client::AgentServiceClient,
+        controller_message,
+    },
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -248,7 +251,7 @@ async fn session<H: CommandHandler>(
             }
             _ = heartbeat_tick.tick() => {
                 let beat =
-                    v1::Heartbeat { time: Some(register::timestamp(SystemTime::now())), workers: handler.worker_loads() };
+                    v1::Heartbeat { time: Some(convert::timestamp(SystemTime::now())), workers: handler.worker_loads() };
                 send(agent_message::Body::Heartbeat(beat)).await?;
             }
             change = health.recv() => match change {
@@ -341,9 +344,7 @@ async fn answer<H: CommandHandler>(
         log.record(&id, AckStatus::Accepted);
     }
     if let Some(deadline) = &command.deadline {
-        let deadline = SystemTime::UNIX_EPOCH
-            + Duration::new(deadline.seconds.max(0) as u64, deadline.nanos.clamp(0, 999_999_999) as u32);
-        if SystemTime::now() > deadline {
+        if SystemTime::now() > convert::system_time(deadline) {
             log.lock().await.record(&id, AckStatus::Rejected);
             return ack(AckStatus::Rejected, "deadline passed before the agent received the command".into());
         }

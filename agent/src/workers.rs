@@ -19,7 +19,10 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use kiln_proto::v1::{self, model_source::Runtime, worker_event::Event};
+use kiln_proto::{
+    convert,
+    v1::{self, model_source::Runtime, worker_event::Event},
+};
 use serde::Deserialize;
 use tokio::sync::broadcast;
 use tonic::{Request, Response, Status};
@@ -29,7 +32,6 @@ use crate::{
     gpu::sim::SimHandle,
     model::{DenseModel, load_bytes},
     process::{ProcessError, ProcessSpec, ProcessWorker},
-    register::timestamp,
 };
 
 /// Weights left in (simulated or real) GPU memory by a replica stopped with `keep_weights_resident`: a later start
@@ -153,7 +155,7 @@ impl Workers {
         let _ = self.events.send(v1::WorkerEvent {
             replica_id: replica_id.to_owned(),
             command_id: command_id.to_owned(),
-            time: Some(timestamp(SystemTime::now())),
+            time: Some(convert::timestamp(SystemTime::now())),
             event: Some(event),
         });
     }
@@ -394,7 +396,7 @@ impl Workers {
             self.sync_sim();
             let ready = v1::WorkerReady {
                 timings: Some(timings),
-                source_tier: v1::CacheTier::Gpu as i32,
+                source_tier: v1::CacheTier::from(Tier::Gpu) as i32,
                 gpu_memory_bytes: copy.bytes,
                 max_concurrency,
             };
@@ -428,6 +430,7 @@ impl Workers {
                     CacheError::Io { .. } | CacheError::Unsupported { .. } => ("ModelNotFound", true),
                     CacheError::Corrupt { .. } | CacheError::DigestMismatch { .. } => ("InvalidWeights", false),
                     CacheError::TooLarge { .. } => ("OutOfMemory", false),
+                    CacheError::NotACacheTier { .. } => ("Internal", false),
                 };
                 timings.fetch_ms = ms(fetch_began.elapsed());
                 timings.total_ms = ms(began.elapsed());
@@ -513,11 +516,7 @@ impl Workers {
         self.sync_sim();
         let ready = v1::WorkerReady {
             timings: Some(timings),
-            source_tier: match tier {
-                Tier::Host => v1::CacheTier::Host,
-                Tier::Disk if was_fetched => v1::CacheTier::Remote,
-                Tier::Disk => v1::CacheTier::Disk,
-            } as i32,
+            source_tier: v1::CacheTier::from(if was_fetched { Tier::Remote } else { tier }) as i32,
             gpu_memory_bytes: memory,
             max_concurrency,
         };

@@ -97,7 +97,7 @@ impl CommandHandler for Recorder {
 fn evict(id: &str, deadline: Option<SystemTime>) -> Command {
     Command {
         command_id: id.into(),
-        deadline: deadline.map(kiln_agent::register::timestamp),
+        deadline: deadline.map(kiln_proto::convert::timestamp),
         action: Some(command::Action::EvictModel(EvictModel { model_uri: "file:///m".into(), ..Default::default() })),
     }
 }
