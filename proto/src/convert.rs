@@ -179,11 +179,10 @@ mod tests {
         assert_eq!(optional_tier("t", 0), Ok(None));
         assert_eq!(required_tier("f", 0), Err(ConvertError::Unspecified { field: "f" }));
         let unknown = optional_tier("PrefetchModel.target_tier", 42).unwrap_err();
-        assert_eq!(unknown, ConvertError::UnknownEnumValue {
-            field: "PrefetchModel.target_tier",
-            enum_name: "CacheTier",
-            value: 42
-        });
+        assert_eq!(
+            unknown,
+            ConvertError::UnknownEnumValue { field: "PrefetchModel.target_tier", enum_name: "CacheTier", value: 42 }
+        );
         assert_eq!(unknown.to_string(), "PrefetchModel.target_tier: 42 is not a known CacheTier value");
     }
 

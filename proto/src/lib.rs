@@ -21,4 +21,3 @@ pub mod agent {
 pub use agent::v1;
 
 pub mod convert;
-

@@ -369,11 +369,9 @@ impl Registry {
         n.view.last_seen = now;
         n.view.ready = true;
         let event = match &message.body {
-            Some(agent_message::Body::GpuHealth(h)) => Some(RegistryEvent::GpuHealth {
-                node: node.to_owned(),
-                gpu: h.gpu_index,
-                health: h.health(),
-            }),
+            Some(agent_message::Body::GpuHealth(h)) => {
+                Some(RegistryEvent::GpuHealth { node: node.to_owned(), gpu: h.gpu_index, health: h.health() })
+            }
             Some(agent_message::Body::WorkerEvent(e)) => {
                 Some(RegistryEvent::Worker { node: node.to_owned(), event: e.clone() })
             }

@@ -17,8 +17,8 @@ use kiln_agent::{
     telemetry::Telemetry,
     workers::Workers,
 };
-use kiln_core::placement::CacheTier;
 use kiln_controller::registry::{AgentServer, MonotonicClock, Registry, RegistryConfig, succeeded};
+use kiln_core::placement::CacheTier;
 use kiln_proto::v1::{self, agent_service_server::AgentServiceServer, command, model_source::Runtime};
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
