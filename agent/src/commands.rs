@@ -106,13 +106,13 @@ impl CommandHandler for NodeCommands {
                 gpu_index: None,
                 last_used: Some(convert::timestamp(e.last_used.max(SystemTime::UNIX_EPOCH))),
             })
-            .chain(self.workers.resident_copies().into_iter().map(|(uri, gpu, bytes, since)| v1::CachedModel {
-                model_uri: uri,
+            .chain(self.workers.resident_copies().into_iter().map(|copy| v1::CachedModel {
+                model_uri: copy.uri,
                 digest: String::new(),
-                size_bytes: bytes,
-                tier: v1::CacheTier::Gpu as i32,
-                gpu_index: Some(gpu),
-                last_used: Some(convert::timestamp(since)),
+                size_bytes: copy.bytes,
+                tier: v1::CacheTier::from(Tier::Gpu) as i32,
+                gpu_index: Some(copy.gpu),
+                last_used: Some(convert::timestamp(copy.since)),
             }))
             .collect();
         Some(v1::CacheReport { models, host_capacity_bytes: host, disk_capacity_bytes: disk })

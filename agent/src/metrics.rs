@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::telemetry::{Health, Snapshot};
+use crate::{
+    telemetry::{Health, Snapshot},
+    workers::ReplicaMetrics,
+};
 
 /// Content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -26,8 +29,8 @@ type Series = Family<Labels, Gauge<f64, AtomicU64>>;
 /// What the workers and the weight cache add to the page.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
-    /// Per replica: id, deployment, ready, in flight, completed.
-    pub workers: Vec<(String, String, bool, u32, u64)>,
+    /// Per replica.
+    pub workers: Vec<ReplicaMetrics>,
     /// Per cache tier: name, entries, bytes, capacity.
     pub cache: Vec<(&'static str, usize, u64, u64)>,
 }
@@ -122,13 +125,13 @@ pub fn render_with(snapshot: &Snapshot, extra: &Extra) -> String {
     let cache_capacity = family("kiln_agent_cache_capacity_bytes", "Capacity of the weight cache, by tier.");
     let host = || ("Hostname", snapshot.node.clone());
     for phase in ["loading", "ready"] {
-        let n = extra.workers.iter().filter(|w| w.2 == (phase == "ready")).count();
+        let n = extra.workers.iter().filter(|w| w.ready == (phase == "ready")).count();
         replicas.get_or_create(&vec![host(), ("phase", phase.to_owned())]).set(n as f64);
     }
-    for (replica, deployment, _, flight, done) in &extra.workers {
-        let labels = vec![host(), ("replica", replica.clone()), ("deployment", deployment.clone())];
-        in_flight.get_or_create(&labels).set(f64::from(*flight));
-        completed.get_or_create(&labels).set(*done as f64);
+    for w in &extra.workers {
+        let labels = vec![host(), ("replica", w.replica.clone()), ("deployment", w.deployment.clone())];
+        in_flight.get_or_create(&labels).set(f64::from(w.in_flight));
+        completed.get_or_create(&labels).set(w.completed as f64);
     }
     for (tier, entries, bytes, capacity) in &extra.cache {
         let labels = vec![host(), ("tier", (*tier).to_owned())];

@@ -7,7 +7,9 @@
 //! and checked in, so building this crate needs no code generator; `cargo xtask codegen --check` and this crate's
 //! tests fail when it is stale.
 //!
-//! [`convert`] is the one place where protocol messages and enums become `kiln-core` domain types and back.
+//! [`convert`] is the one place where protocol messages and enums become `kiln-core` domain types and back. With
+//! the `testing` feature (dev-dependencies only), `testing` holds the scripted stub controller the agent and
+//! protocol tests share.
 
 /// `kiln.agent.v1`.
 pub mod agent {
@@ -21,3 +23,6 @@ pub mod agent {
 pub use agent::v1;
 
 pub mod convert;
+
+#[cfg(feature = "testing")]
+pub mod testing;
