@@ -343,11 +343,11 @@ async fn answer<H: CommandHandler>(
         }
         log.record(&id, AckStatus::Accepted);
     }
-    if let Some(deadline) = &command.deadline {
-        if SystemTime::now() > convert::system_time(deadline) {
-            log.lock().await.record(&id, AckStatus::Rejected);
-            return ack(AckStatus::Rejected, "deadline passed before the agent received the command".into());
-        }
+    if let Some(deadline) = &command.deadline
+        && SystemTime::now() > convert::system_time(deadline)
+    {
+        log.lock().await.record(&id, AckStatus::Rejected);
+        return ack(AckStatus::Rejected, "deadline passed before the agent received the command".into());
     }
     let (status, message) = handler.handle(command).await;
     log.lock().await.update(&id, status);

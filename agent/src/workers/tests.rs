@@ -1,6 +1,10 @@
 //! The replicas end to end in one process: native loads from the cache, failures that leave the others serving,
 //! warm starts from resident copies, and non-finite outputs.
 
+use std::time::Duration;
+
+use kiln_proto::v1::model_source::Runtime;
+
 use super::*;
 use crate::{cache::digest_of, model::example_model};
 
