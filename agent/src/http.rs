@@ -118,7 +118,8 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
         let (host, disk) = cache.capacities();
         for (name, tier, capacity) in [("host_ram", Tier::HostRam, host), ("disk", Tier::Disk, disk)] {
             let entries: Vec<_> = report.iter().filter(|e| e.tier == tier).collect();
-            extra.cache.push((name, entries.len(), entries.iter().map(|e| e.size).sum(), capacity));
+            let bytes = entries.iter().map(|e| e.size).sum();
+            extra.cache.push(metrics::CacheTierMetrics { tier: name, entries: entries.len(), bytes, capacity });
         }
     }
     let page = metrics::render_with(&state.telemetry.read(), &extra);

@@ -31,8 +31,21 @@ type Series = Family<Labels, Gauge<f64, AtomicU64>>;
 pub struct Extra {
     /// Per replica.
     pub workers: Vec<ReplicaMetrics>,
-    /// Per cache tier: name, entries, bytes, capacity.
-    pub cache: Vec<(&'static str, usize, u64, u64)>,
+    /// Per cache tier.
+    pub cache: Vec<CacheTierMetrics>,
+}
+
+/// One weight-cache tier, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTierMetrics {
+    /// The `tier` label, e.g. `host_ram`.
+    pub tier: &'static str,
+    /// Models held.
+    pub entries: usize,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Capacity, bytes.
+    pub capacity: u64,
 }
 
 /// The metrics page for `snapshot`.
@@ -133,11 +146,11 @@ pub fn render_with(snapshot: &Snapshot, extra: &Extra) -> String {
         in_flight.get_or_create(&labels).set(f64::from(w.in_flight));
         completed.get_or_create(&labels).set(w.completed as f64);
     }
-    for (tier, entries, bytes, capacity) in &extra.cache {
-        let labels = vec![host(), ("tier", (*tier).to_owned())];
-        cache_entries.get_or_create(&labels).set(*entries as f64);
-        cache_bytes.get_or_create(&labels).set(*bytes as f64);
-        cache_capacity.get_or_create(&labels).set(*capacity as f64);
+    for c in &extra.cache {
+        let labels = vec![host(), ("tier", c.tier.to_owned())];
+        cache_entries.get_or_create(&labels).set(c.entries as f64);
+        cache_bytes.get_or_create(&labels).set(c.bytes as f64);
+        cache_capacity.get_or_create(&labels).set(c.capacity as f64);
     }
 
     let mut out = String::new();

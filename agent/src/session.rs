@@ -17,6 +17,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use kiln_core::rng::Rng;
 use kiln_proto::{
     convert,
     v1::{
@@ -168,7 +169,7 @@ pub async fn run<H: CommandHandler>(
     let mut attempt = 0u32;
     // Jitter differs between agents (time and process id), so that a fleet does not reconnect in lockstep.
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let mut jitter = (now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)) | 1;
+    let mut jitter = Rng::new(now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32));
     loop {
         if *shutdown.borrow() {
             return;
@@ -189,11 +190,7 @@ pub async fn run<H: CommandHandler>(
                 note(format!("session error: {e}"));
             }
         }
-        // xorshift for the jitter: no need for a cryptographic source.
-        jitter ^= jitter << 13;
-        jitter ^= jitter >> 7;
-        jitter ^= jitter << 17;
-        let wait = config.backoff.wait(attempt, (jitter >> 11) as f64 / (1u64 << 53) as f64);
+        let wait = config.backoff.wait(attempt, jitter.unit());
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}

@@ -10,8 +10,8 @@ use super::{dense::dot, *};
 /// Layer 0: 2 -> 3 with bias; layer 1: 3 -> 2 with bias. All values are exact in f16 and bf16.
 fn hand_layers() -> Vec<LayerSpec> {
     vec![
-        (vec![1.0, -1.0, 2.0, 0.5, -1.0, -1.0], vec![0.5, -1.0, 0.0], 3, 2),
-        (vec![1.0, 2.0, -1.0, 0.5, -1.0, 1.0], vec![0.25, 0.0], 2, 3),
+        LayerSpec::new(vec![1.0, -1.0, 2.0, 0.5, -1.0, -1.0], vec![0.5, -1.0, 0.0], 3, 2),
+        LayerSpec::new(vec![1.0, 2.0, -1.0, 0.5, -1.0, 1.0], vec![0.25, 0.0], 2, 3),
     ]
 }
 
@@ -103,7 +103,7 @@ fn half_precision_round_trip() {
     let layers: Vec<LayerSpec> = f32_model
         .layers()
         .iter()
-        .map(|l| (l.weight().to_vec(), l.bias().unwrap().to_vec(), l.out_dim(), l.in_dim()))
+        .map(|l| LayerSpec::new(l.weight().to_vec(), l.bias().unwrap().to_vec(), l.out_dim(), l.in_dim()))
         .collect();
     let input: Vec<Vec<f32>> = (0..4).map(|r| (0..16).map(|c| ((r * 16 + c) as f32 * 0.37).sin()).collect()).collect();
     let exact = f32_model.forward(&input).unwrap();
@@ -118,7 +118,11 @@ fn half_precision_round_trip() {
         }
         let rounded: Vec<LayerSpec> = layers
             .iter()
-            .map(|(w, b, o, i)| (w.iter().map(|&v| round(v)).collect(), b.iter().map(|&v| round(v)).collect(), *o, *i))
+            .map(|l| LayerSpec {
+                weight: l.weight.iter().map(|&v| round(v)).collect(),
+                bias: l.bias.iter().map(|&v| round(v)).collect(),
+                ..l.clone()
+            })
             .collect();
         let pre_rounded = load_bytes(&write_model(&rounded, Activation::Relu, Dtype::F32)).unwrap();
         assert_eq!(pre_rounded.forward(&input).unwrap(), got, "{dtype:?}");
@@ -154,7 +158,7 @@ fn activation_values() {
 
     // Through a model: gelu/silu between layers.
     for (activation, f) in [(Activation::Gelu, 0.841_192f32), (Activation::Silu, 0.731_058_6)] {
-        let layers = vec![(vec![1.0], vec![], 1, 1), (vec![2.0], vec![0.5], 1, 1)];
+        let layers = vec![LayerSpec::new(vec![1.0], vec![], 1, 1), LayerSpec::new(vec![2.0], vec![0.5], 1, 1)];
         let model = load_bytes(&write_model(&layers, activation, Dtype::F32)).unwrap();
         let y = model.forward_one(&[1.0]).unwrap()[0];
         assert!(close(y, 2.0 * f + 0.5), "{activation}: {y}");
@@ -219,7 +223,8 @@ fn corrupt_framing() {
 
 #[test]
 fn shapes_must_chain() {
-    let layers = vec![(vec![0.0; 8 * 3], vec![], 8, 3), (vec![0.0; 4 * 7], vec![0.0; 4], 4, 7)];
+    let layers =
+        vec![LayerSpec::new(vec![0.0; 8 * 3], vec![], 8, 3), LayerSpec::new(vec![0.0; 4 * 7], vec![0.0; 4], 4, 7)];
     let err = err_text(&write_model(&layers, Activation::Relu, Dtype::F32));
     assert_eq!(err, "layers.1.weight: shape [4, 7] does not chain: previous layer outputs 8");
 }
@@ -301,9 +306,9 @@ fn wrong_input_length() {
 
 #[test]
 fn writer_rejects_malformed_layers() {
-    let bad_weight = try_write_model(&[(vec![1.0; 5], vec![], 2, 3)], Activation::Relu, Dtype::F32);
+    let bad_weight = try_write_model(&[LayerSpec::new(vec![1.0; 5], vec![], 2, 3)], Activation::Relu, Dtype::F32);
     assert!(matches!(bad_weight, Err(ModelError::WeightLength { len: 5, out: 2, inp: 3, .. })));
-    let bad_bias = try_write_model(&[(vec![1.0; 6], vec![1.0], 2, 3)], Activation::Relu, Dtype::F32);
+    let bad_bias = try_write_model(&[LayerSpec::new(vec![1.0; 6], vec![1.0], 2, 3)], Activation::Relu, Dtype::F32);
     assert!(matches!(bad_bias, Err(ModelError::BiasLength { len: 1, expected: 2, .. })));
 }
 

@@ -8,16 +8,32 @@ use safetensors::tensor::TensorView;
 
 use super::{ACTIVATION_KEY, Activation, Dtype, MAX_DIM, ModelError};
 
-/// One layer for [`write_model`]: `(weight, bias, out, in)`, the weight row-major with `out * in` values and the
-/// bias either empty (no bias tensor is written) or `out` values.
-pub type LayerSpec = (Vec<f32>, Vec<f32>, usize, usize);
+/// One layer for [`write_model`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSpec {
+    /// Row-major `[out, in]`: `out * in` values.
+    pub weight: Vec<f32>,
+    /// Empty (no bias tensor is written) or `out` values.
+    pub bias: Vec<f32>,
+    /// Output width.
+    pub out: usize,
+    /// Input width.
+    pub inp: usize,
+}
+
+impl LayerSpec {
+    /// A layer of `out` x `inp` weights (row-major) and `bias` (empty for none).
+    pub fn new(weight: Vec<f32>, bias: Vec<f32>, out: usize, inp: usize) -> Self {
+        Self { weight, bias, out, inp }
+    }
+}
 
 /// Serializes `layers` into a safetensors buffer in the native model format, storing tensors as `dtype` and the
 /// activation in the metadata. Each layer is checked on its own (weight length `out * in`, bias empty or `out`
 /// long); whether consecutive layers chain is left to the loader, so tests can write invalid models.
 pub fn try_write_model(layers: &[LayerSpec], activation: Activation, dtype: Dtype) -> Result<Vec<u8>, ModelError> {
     let mut encoded: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(layers.len() * 2);
-    for (i, (weight, bias, out, inp)) in layers.iter().enumerate() {
+    for (i, LayerSpec { weight, bias, out, inp }) in layers.iter().enumerate() {
         let tensor = format!("layers.{i}.weight");
         if out.checked_mul(*inp) != Some(weight.len()) {
             return Err(ModelError::WeightLength { tensor, len: weight.len(), out: *out, inp: *inp });
@@ -73,7 +89,7 @@ pub fn example_model(seed: u64, dims: &[usize]) -> Vec<u8> {
             let (inp, out) = (pair[0], pair[1]);
             let weight = (0..out * inp).map(|_| next_weight(&mut rng)).collect();
             let bias = (0..out).map(|_| next_weight(&mut rng)).collect();
-            (weight, bias, out, inp)
+            LayerSpec { weight, bias, out, inp }
         })
         .collect();
     write_model(&layers, Activation::Relu, Dtype::F32)

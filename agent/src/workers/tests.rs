@@ -97,12 +97,12 @@ async fn a_native_replica_loads_answers_and_a_truncated_one_fails_without_distur
 /// `WorkerService` the gateway gets the same status. An input beyond f32 is the caller's error.
 #[tokio::test]
 async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
-    use crate::model::{Activation, Dtype, write_model};
+    use crate::model::{Activation, Dtype, LayerSpec, write_model};
     use tokio_stream::wrappers::TcpListenerStream;
 
     let (workers, dir) = setup("overflow");
     // outputs: [x0, 3e38·x0 + 3e38·x1]
-    let layers = vec![(vec![1.0, 0.0, 3.0e38, 3.0e38], vec![], 2, 2)];
+    let layers = vec![LayerSpec::new(vec![1.0, 0.0, 3.0e38, 3.0e38], vec![], 2, 2)];
     let bytes = write_model(&layers, Activation::Identity, Dtype::F32);
     let path = dir.join("overflow.safetensors");
     std::fs::write(&path, &bytes).unwrap();
