@@ -21,13 +21,18 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-/// A cache tier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Tier {
-    /// Host RAM.
-    Host,
-    /// Local disk.
-    Disk,
+/// Where weights are held: the core's tier vocabulary. This cache holds [`Tier::HostRam`] and [`Tier::Disk`];
+/// [`Tier::Gpu`] copies belong to the worker runtimes and [`Tier::Remote`] is the model store.
+pub use kiln_core::autoscale::coldstart::Tier;
+
+/// The name of a tier in this module's messages.
+fn tier_title(tier: Tier) -> &'static str {
+    match tier {
+        Tier::Gpu => "Gpu",
+        Tier::HostRam => "Host",
+        Tier::Disk => "Disk",
+        Tier::Remote => "Remote",
+    }
 }
 
 /// Why a cache operation failed.
@@ -65,8 +70,16 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
+    /// A tier this cache does not hold ([`Tier::Gpu`] or [`Tier::Remote`]).
+    #[error("{uri}: the weight cache holds host RAM and disk copies, not {} ones", tier_title(*.tier))]
+    NotACacheTier {
+        /// The URI.
+        uri: String,
+        /// The tier asked for.
+        tier: Tier,
+    },
     /// The entry is larger than the tier.
-    #[error("{uri}: {size} bytes do not fit the {tier:?} tier ({capacity} bytes)")]
+    #[error("{uri}: {size} bytes do not fit the {} tier ({capacity} bytes)", tier_title(*.tier))]
     TooLarge {
         /// The URI.
         uri: String,
@@ -195,6 +208,9 @@ impl WeightCache {
     /// Fetches `uri` into `tier` (host RAM also keeps a disk copy when it fits), checking `expected_digest` when
     /// given; returns the entry. Already cached content is only touched.
     pub fn prefetch(&self, uri: &str, expected_digest: Option<&str>, tier: Tier) -> Result<Entry, CacheError> {
+        if matches!(tier, Tier::Gpu | Tier::Remote) {
+            return Err(CacheError::NotACacheTier { uri: uri.to_owned(), tier });
+        }
         if let Some(d) = expected_digest.filter(|d| !d.is_empty())
             && let Some(entry) = self.lookup(d, tier)
         {
@@ -223,11 +239,11 @@ impl WeightCache {
         } else if tier == Tier::Disk {
             return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.disk_capacity });
         }
-        if tier == Tier::Host {
+        if tier == Tier::HostRam {
             if size > self.host_capacity {
                 return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
             }
-            let entry = Entry { tier: Tier::Host, ..entry };
+            let entry = Entry { tier: Tier::HostRam, ..entry };
             self.store_host(entry.clone(), bytes.into());
             return Ok(entry);
         }
@@ -238,7 +254,7 @@ impl WeightCache {
         let mut s = self.lock();
         let now = SystemTime::now();
         match tier {
-            Tier::Host => s.host.iter_mut().find(|h| h.entry.digest == digest).map(|h| {
+            Tier::HostRam => s.host.iter_mut().find(|h| h.entry.digest == digest).map(|h| {
                 h.entry.last_used = now;
                 h.entry.clone()
             }),
@@ -246,6 +262,7 @@ impl WeightCache {
                 e.last_used = now;
                 e.clone()
             }),
+            Tier::Gpu | Tier::Remote => None,
         }
     }
 
@@ -297,7 +314,7 @@ impl WeightCache {
             let mut s = self.lock();
             if let Some(h) = s.host.iter_mut().find(|h| h.entry.digest == digest) {
                 h.entry.last_used = SystemTime::now();
-                return Some(Ok((Tier::Host, Arc::clone(&h.bytes))));
+                return Some(Ok((Tier::HostRam, Arc::clone(&h.bytes))));
             }
             if !s.disk.iter().any(|e| e.digest == digest) {
                 return None;
@@ -333,8 +350,12 @@ impl WeightCache {
         }
     }
 
-    /// Drops `digest_or_uri` from `tier` (both when `None`). Returns how many entries went.
+    /// Drops `digest_or_uri` from `tier` (host RAM and disk when `None`; nothing for a tier this cache does not
+    /// hold). Returns how many entries went.
     pub fn evict(&self, digest_or_uri: &str, tier: Option<Tier>) -> usize {
+        if matches!(tier, Some(Tier::Gpu | Tier::Remote)) {
+            return 0;
+        }
         let mut s = self.lock();
         let matches = |e: &Entry| e.digest == digest_or_uri || (!e.uri.is_empty() && e.uri == digest_or_uri);
         let mut gone = 0;
@@ -343,7 +364,7 @@ impl WeightCache {
             s.host.retain(|h| !matches(&h.entry));
             gone += before - s.host.len();
         }
-        if tier != Some(Tier::Host) {
+        if tier != Some(Tier::HostRam) {
             let (drop, keep): (Vec<Entry>, Vec<Entry>) =
                 std::mem::take(&mut s.disk).into_iter().partition(|e| matches(e));
             for e in &drop {
@@ -406,7 +427,7 @@ mod tests {
         let e0 = cache.prefetch(&files[0].0, Some(&digest_of(&files[0].1)), Tier::Disk).unwrap();
         assert_eq!((e0.size, e0.tier), (size, Tier::Disk));
         std::thread::sleep(std::time::Duration::from_millis(5));
-        cache.prefetch(&files[1].0, None, Tier::Host).unwrap();
+        cache.prefetch(&files[1].0, None, Tier::HostRam).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(5));
         cache.prefetch(&files[2].0, None, Tier::Disk).unwrap();
         // Disk holds two: the oldest (m0) went. Host holds m1.
@@ -414,7 +435,7 @@ mod tests {
         let on_disk: Vec<&str> = report.iter().filter(|e| e.tier == Tier::Disk).map(|e| e.uri.as_str()).collect();
         assert_eq!(on_disk.len(), 2);
         assert!(!on_disk.contains(&files[0].0.as_str()));
-        assert_eq!(cache.read(&digest_of(&files[1].1)).unwrap().unwrap().0, Tier::Host);
+        assert_eq!(cache.read(&digest_of(&files[1].1)).unwrap().unwrap().0, Tier::HostRam);
         assert_eq!(&*cache.read(&digest_of(&files[2].1)).unwrap().unwrap().1, files[2].1.as_slice());
         assert!(cache.read(&digest_of(&files[0].1)).is_none());
 

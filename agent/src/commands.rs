@@ -3,11 +3,13 @@
 
 use std::{sync::Arc, time::SystemTime};
 
-use kiln_proto::v1::{self, AckStatus, Command, command::Action};
+use kiln_proto::{
+    convert,
+    v1::{self, AckStatus, Command, command::Action},
+};
 
 use crate::{
     cache::{Tier, WeightCache},
-    register::timestamp,
     session::CommandHandler,
     telemetry::{Health, Telemetry},
     workers::Workers,
@@ -50,13 +52,14 @@ impl CommandHandler for NodeCommands {
     async fn handle(&self, command: Command) -> (AckStatus, String) {
         match command.action {
             Some(Action::PrefetchModel(p)) => {
-                let tier = match v1::CacheTier::try_from(p.target_tier).unwrap_or(v1::CacheTier::Unspecified) {
-                    v1::CacheTier::Host => Tier::Host,
-                    v1::CacheTier::Disk | v1::CacheTier::Unspecified => Tier::Disk,
-                    v1::CacheTier::Gpu | v1::CacheTier::Remote => {
+                let tier = match convert::optional_tier("PrefetchModel.target_tier", p.target_tier) {
+                    Ok(None | Some(Tier::Disk)) => Tier::Disk,
+                    Ok(Some(Tier::HostRam)) => Tier::HostRam,
+                    Ok(Some(Tier::Gpu | Tier::Remote)) => {
                         let why = "GPU copies are left by stopped replicas (keep_weights_resident), not prefetched";
                         return (AckStatus::Rejected, why.into());
                     }
+                    Err(e) => return (AckStatus::Rejected, e.to_string()),
                 };
                 let cache = Arc::clone(&self.cache);
                 let digest = (!p.digest.is_empty()).then_some(p.digest.clone());
@@ -69,17 +72,13 @@ impl CommandHandler for NodeCommands {
                 }
             }
             Some(Action::EvictModel(e)) => {
-                let tier = match v1::CacheTier::try_from(e.tier).unwrap_or(v1::CacheTier::Unspecified) {
-                    v1::CacheTier::Host => Some(Tier::Host),
-                    v1::CacheTier::Disk => Some(Tier::Disk),
-                    _ => None,
+                // Unspecified evicts from every tier: the cache's two and the idle GPU copies.
+                let tier = match convert::optional_tier("EvictModel.tier", e.tier) {
+                    Ok(tier) => tier,
+                    Err(why) => return (AckStatus::Rejected, why.to_string()),
                 };
                 let mut gone = self.cache.evict(&e.model_uri, tier);
-                let gpu_tier = matches!(
-                    v1::CacheTier::try_from(e.tier).unwrap_or(v1::CacheTier::Unspecified),
-                    v1::CacheTier::Gpu | v1::CacheTier::Unspecified
-                );
-                if gpu_tier {
+                if matches!(tier, None | Some(Tier::Gpu)) {
                     gone += self.workers.evict_resident(&e.model_uri, e.gpu_index);
                 }
                 (AckStatus::Done, format!("{gone} entries evicted"))
@@ -103,20 +102,17 @@ impl CommandHandler for NodeCommands {
                 model_uri: e.uri,
                 digest: e.digest,
                 size_bytes: e.size,
-                tier: match e.tier {
-                    Tier::Host => v1::CacheTier::Host,
-                    Tier::Disk => v1::CacheTier::Disk,
-                } as i32,
+                tier: v1::CacheTier::from(e.tier) as i32,
                 gpu_index: None,
-                last_used: Some(timestamp(e.last_used.max(SystemTime::UNIX_EPOCH))),
+                last_used: Some(convert::timestamp(e.last_used.max(SystemTime::UNIX_EPOCH))),
             })
-            .chain(self.workers.resident_copies().into_iter().map(|(uri, gpu, bytes, since)| v1::CachedModel {
-                model_uri: uri,
+            .chain(self.workers.resident_copies().into_iter().map(|copy| v1::CachedModel {
+                model_uri: copy.uri,
                 digest: String::new(),
-                size_bytes: bytes,
-                tier: v1::CacheTier::Gpu as i32,
-                gpu_index: Some(gpu),
-                last_used: Some(timestamp(since)),
+                size_bytes: copy.bytes,
+                tier: v1::CacheTier::from(Tier::Gpu) as i32,
+                gpu_index: Some(copy.gpu),
+                last_used: Some(convert::timestamp(copy.since)),
             }))
             .collect();
         Some(v1::CacheReport { models, host_capacity_bytes: host, disk_capacity_bytes: disk })

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use crate::{
     cache::{Tier, WeightCache},
-    gpu::sim::SimHandle,
+    gpu::sim::{SimError, SimHandle},
     metrics,
     telemetry::Telemetry,
     workers::Workers,
@@ -116,9 +116,10 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
     if let Some(cache) = &state.cache {
         let report = cache.report();
         let (host, disk) = cache.capacities();
-        for (name, tier, capacity) in [("host_ram", Tier::Host, host), ("disk", Tier::Disk, disk)] {
+        for (name, tier, capacity) in [("host_ram", Tier::HostRam, host), ("disk", Tier::Disk, disk)] {
             let entries: Vec<_> = report.iter().filter(|e| e.tier == tier).collect();
-            extra.cache.push((name, entries.len(), entries.iter().map(|e| e.size).sum(), capacity));
+            let bytes = entries.iter().map(|e| e.size).sum();
+            extra.cache.push(metrics::CacheTierMetrics { tier: name, entries: entries.len(), bytes, capacity });
         }
     }
     let page = metrics::render_with(&state.telemetry.read(), &extra);
@@ -182,59 +183,67 @@ struct LoadBody {
     in_flight: u32,
 }
 
-fn simulated(state: &AppState) -> Result<&SimHandle, (StatusCode, String)> {
-    state.sim.as_ref().ok_or((StatusCode::CONFLICT, "fault injection needs simulated GPUs (--simulate-gpus)\n".into()))
+/// Why an admin request failed; the response is its status and message.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The node's GPUs are real: there is nothing to inject into.
+    #[error("fault injection needs simulated GPUs (--simulate-gpus)")]
+    NotSimulated,
+    /// The simulated backend refused (e.g. no such GPU).
+    #[error(transparent)]
+    Sim(#[from] SimError),
 }
 
-fn outcome(result: Result<(), String>, what: String) -> (StatusCode, String) {
-    match result {
-        Ok(()) => (StatusCode::OK, format!("{what}\n")),
-        Err(e) => (StatusCode::NOT_FOUND, format!("{e}\n")),
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            AdminError::NotSimulated => StatusCode::CONFLICT,
+            AdminError::Sim(_) => StatusCode::NOT_FOUND,
+        };
+        (status, format!("{self}\n")).into_response()
     }
+}
+
+fn simulated(state: &AppState) -> Result<&SimHandle, AdminError> {
+    state.sim.as_ref().ok_or(AdminError::NotSimulated)
+}
+
+/// `what` as the answer when `result` is `Ok`.
+fn outcome(result: Result<(), SimError>, what: String) -> Result<String, AdminError> {
+    result?;
+    Ok(format!("{what}\n"))
 }
 
 async fn inject_xid(
     State(state): State<AppState>,
     Path(index): Path<u32>,
     Json(body): Json<XidBody>,
-) -> impl IntoResponse {
-    match simulated(&state) {
-        Ok(sim) => outcome(sim.inject_xid(index, body.xid), format!("Xid {} injected on GPU {index}", body.xid)),
-        Err(e) => e,
-    }
+) -> Result<String, AdminError> {
+    outcome(simulated(&state)?.inject_xid(index, body.xid), format!("Xid {} injected on GPU {index}", body.xid))
 }
 
 async fn inject_ecc(
     State(state): State<AppState>,
     Path(index): Path<u32>,
     Json(body): Json<EccBody>,
-) -> impl IntoResponse {
-    match simulated(&state) {
-        Ok(sim) => outcome(
-            sim.inject_ecc(index, body.corrected, body.uncorrected),
-            format!("{} corrected, {} uncorrected ECC errors on GPU {index}", body.corrected, body.uncorrected),
-        ),
-        Err(e) => e,
-    }
+) -> Result<String, AdminError> {
+    outcome(
+        simulated(&state)?.inject_ecc(index, body.corrected, body.uncorrected),
+        format!("{} corrected, {} uncorrected ECC errors on GPU {index}", body.corrected, body.uncorrected),
+    )
 }
 
-async fn reset(State(state): State<AppState>, Path(index): Path<u32>) -> impl IntoResponse {
-    match simulated(&state) {
-        Ok(sim) => outcome(sim.reset(index), format!("GPU {index} reset")),
-        Err(e) => e,
-    }
+async fn reset(State(state): State<AppState>, Path(index): Path<u32>) -> Result<String, AdminError> {
+    outcome(simulated(&state)?.reset(index), format!("GPU {index} reset"))
 }
 
 async fn set_load(
     State(state): State<AppState>,
     Path(index): Path<u32>,
     Json(body): Json<LoadBody>,
-) -> impl IntoResponse {
-    match simulated(&state) {
-        Ok(sim) => outcome(
-            sim.set_load(index, body.memory_used_bytes, body.in_flight),
-            format!("GPU {index}: {} bytes used, {} in flight", body.memory_used_bytes, body.in_flight),
-        ),
-        Err(e) => e,
-    }
+) -> Result<String, AdminError> {
+    outcome(
+        simulated(&state)?.set_load(index, body.memory_used_bytes, body.in_flight),
+        format!("GPU {index}: {} bytes used, {} in flight", body.memory_used_bytes, body.in_flight),
+    )
 }

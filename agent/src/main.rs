@@ -220,7 +220,7 @@ fn run(args: &Args) -> Result<()> {
                 let _ = stop.send(true);
             }
         });
-        node.serve(stopped).await
+        Ok(node.serve(stopped).await?)
     })
 }
 

@@ -15,7 +15,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::telemetry::{Health, Snapshot};
+use crate::{
+    telemetry::{Health, Snapshot},
+    workers::ReplicaMetrics,
+};
 
 /// Content type of [`render`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -26,10 +29,23 @@ type Series = Family<Labels, Gauge<f64, AtomicU64>>;
 /// What the workers and the weight cache add to the page.
 #[derive(Debug, Clone, Default)]
 pub struct Extra {
-    /// Per replica: id, deployment, ready, in flight, completed.
-    pub workers: Vec<(String, String, bool, u32, u64)>,
-    /// Per cache tier: name, entries, bytes, capacity.
-    pub cache: Vec<(&'static str, usize, u64, u64)>,
+    /// Per replica.
+    pub workers: Vec<ReplicaMetrics>,
+    /// Per cache tier.
+    pub cache: Vec<CacheTierMetrics>,
+}
+
+/// One weight-cache tier, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTierMetrics {
+    /// The `tier` label, e.g. `host_ram`.
+    pub tier: &'static str,
+    /// Models held.
+    pub entries: usize,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Capacity, bytes.
+    pub capacity: u64,
 }
 
 /// The metrics page for `snapshot`.
@@ -122,19 +138,19 @@ pub fn render_with(snapshot: &Snapshot, extra: &Extra) -> String {
     let cache_capacity = family("kiln_agent_cache_capacity_bytes", "Capacity of the weight cache, by tier.");
     let host = || ("Hostname", snapshot.node.clone());
     for phase in ["loading", "ready"] {
-        let n = extra.workers.iter().filter(|w| w.2 == (phase == "ready")).count();
+        let n = extra.workers.iter().filter(|w| w.ready == (phase == "ready")).count();
         replicas.get_or_create(&vec![host(), ("phase", phase.to_owned())]).set(n as f64);
     }
-    for (replica, deployment, _, flight, done) in &extra.workers {
-        let labels = vec![host(), ("replica", replica.clone()), ("deployment", deployment.clone())];
-        in_flight.get_or_create(&labels).set(f64::from(*flight));
-        completed.get_or_create(&labels).set(*done as f64);
+    for w in &extra.workers {
+        let labels = vec![host(), ("replica", w.replica.clone()), ("deployment", w.deployment.clone())];
+        in_flight.get_or_create(&labels).set(f64::from(w.in_flight));
+        completed.get_or_create(&labels).set(w.completed as f64);
     }
-    for (tier, entries, bytes, capacity) in &extra.cache {
-        let labels = vec![host(), ("tier", (*tier).to_owned())];
-        cache_entries.get_or_create(&labels).set(*entries as f64);
-        cache_bytes.get_or_create(&labels).set(*bytes as f64);
-        cache_capacity.get_or_create(&labels).set(*capacity as f64);
+    for c in &extra.cache {
+        let labels = vec![host(), ("tier", c.tier.to_owned())];
+        cache_entries.get_or_create(&labels).set(c.entries as f64);
+        cache_bytes.get_or_create(&labels).set(c.bytes as f64);
+        cache_capacity.get_or_create(&labels).set(c.capacity as f64);
     }
 
     let mut out = String::new();

@@ -4,19 +4,77 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result};
 use kiln_proto::v1;
 use tokio::sync::watch;
 
 use crate::{
-    cache::WeightCache,
+    cache::{CacheError, WeightCache},
     commands::NodeCommands,
-    gpu::{GpuBackend, nvml::NvmlGpus, sim::SimulatedGpus},
+    gpu::{
+        GpuBackend,
+        nvml::NvmlGpus,
+        sim::{SimError, SimulatedGpus},
+    },
     http::{self, AppState},
     session::{self, Backoff, SessionConfig},
     telemetry::Telemetry,
     workers::{WorkerApi, Workers},
 };
+
+/// Why an agent could not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The simulated GPU spec is invalid.
+    #[error("simulated GPUs")]
+    SimulatedGpus(#[source] SimError),
+    /// The GPU sampler thread could not start.
+    #[error("starting the GPU sampler")]
+    Sampler(#[source] std::io::Error),
+    /// The weight cache could not be opened.
+    #[error("opening the weight cache in {dir}")]
+    Cache {
+        /// The cache directory.
+        dir: PathBuf,
+        /// Cause.
+        #[source]
+        source: CacheError,
+    },
+    /// Reading, writing or generating the admin token failed (`what` says which, with the path).
+    #[error("{what}")]
+    AdminToken {
+        /// What was being done.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin token file exists but is empty.
+    #[error("{} is empty", .0.display())]
+    EmptyAdminToken(PathBuf),
+    /// A listener could not be bound.
+    #[error("binding the {what} address {addr}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A bound listener's address could not be read.
+    #[error("reading a bound listener's address")]
+    LocalAddr(#[source] std::io::Error),
+    /// The metrics or admin HTTP server failed.
+    #[error("{0} server")]
+    Http(&'static str, #[source] std::io::Error),
+    /// The `WorkerService` failed.
+    #[error("worker service")]
+    WorkerService(#[source] tonic::transport::Error),
+}
+
+/// Results of this module.
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
 
 /// How to run an agent.
 #[derive(Debug, Clone)]
@@ -76,20 +134,23 @@ fn admin_token(cache_dir: &std::path::Path) -> Result<(http::AdminToken, PathBuf
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = cache_dir.join("admin-token");
-    std::fs::create_dir_all(cache_dir).with_context(|| format!("creating {}", cache_dir.display()))?;
+    let failed = |what: String| move |source| NodeError::AdminToken { what, source };
+    std::fs::create_dir_all(cache_dir).map_err(failed(format!("creating {}", cache_dir.display())))?;
     match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
         Ok(mut file) => {
-            let token = http::AdminToken::generate().context("generating the admin token")?;
-            file.write_all(token.as_str().as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+            let token = http::AdminToken::generate().map_err(failed("generating the admin token".into()))?;
+            file.write_all(token.as_str().as_bytes()).map_err(failed(format!("writing {}", path.display())))?;
             Ok((token, path))
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(failed(format!("reading {}", path.display())))?;
             let token = http::AdminToken::new(&text);
-            anyhow::ensure!(!token.as_str().is_empty(), "{} is empty", path.display());
+            if token.as_str().is_empty() {
+                return Err(NodeError::EmptyAdminToken(path));
+            }
             Ok((token, path))
         }
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+        Err(e) => Err(failed(format!("creating {}", path.display()))(e)),
     }
 }
 
@@ -112,7 +173,7 @@ impl Node {
         let node = options.node.clone();
         let (backend, sim): (Box<dyn GpuBackend>, _) = match &options.simulate_gpus {
             Some(spec) => {
-                let gpus = SimulatedGpus::new(&node, spec).map_err(anyhow::Error::msg)?;
+                let gpus = SimulatedGpus::new(&node, spec).map_err(NodeError::SimulatedGpus)?;
                 let handle = gpus.handle();
                 (Box::new(gpus), Some(handle))
             }
@@ -120,7 +181,7 @@ impl Node {
                 Ok(gpus) => (Box::new(gpus), None),
                 Err(e) => {
                     tracing::warn!("NVML unavailable ({e}); simulating h100-80gb:8");
-                    let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(anyhow::Error::msg)?;
+                    let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(NodeError::SimulatedGpus)?;
                     let handle = gpus.handle();
                     (Box::new(gpus), Some(handle))
                 }
@@ -132,9 +193,9 @@ impl Node {
             let model = s.gpus.first().map(|g| g.info.name.clone()).unwrap_or_default();
             format!("node {node}, {} {} GPUs ({model})", s.gpus.len(), if s.simulated { "simulated" } else { "NVML" })
         };
-        telemetry.spawn_sampler(backend, options.sample_interval).context("starting the GPU sampler")?;
+        telemetry.spawn_sampler(backend, options.sample_interval).map_err(NodeError::Sampler)?;
         let cache = WeightCache::open(&options.cache_dir, options.disk_cache_size, options.host_cache_size)
-            .with_context(|| format!("opening the weight cache in {}", options.cache_dir.display()))?;
+            .map_err(|source| NodeError::Cache { dir: options.cache_dir.clone(), source })?;
         let cache = Arc::new(cache);
         let gpu_memory: Vec<u64> = telemetry.read().gpus.iter().map(|g| g.info.memory_total_bytes).collect();
         let workers = Workers::new(Arc::clone(&cache), sim.clone(), gpu_memory);
@@ -146,7 +207,7 @@ impl Node {
             cache: Some(Arc::clone(&commands.cache)),
         };
         let bind = |addr: SocketAddr, what: &'static str| async move {
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the {what} address {addr}"))
+            tokio::net::TcpListener::bind(addr).await.map_err(|source| NodeError::Bind { what, addr, source })
         };
         let (admin_token, admin_token_file) = admin_token(&options.cache_dir)?;
         let metrics = bind(options.metrics_addr, "metrics").await?;
@@ -154,9 +215,9 @@ impl Node {
         let worker = bind(options.worker_addr, "worker endpoint").await?;
         let addresses = NodeAddresses {
             summary,
-            metrics: metrics.local_addr()?,
-            admin: admin.local_addr()?,
-            workers: worker.local_addr()?,
+            metrics: metrics.local_addr().map_err(NodeError::LocalAddr)?,
+            admin: admin.local_addr().map_err(NodeError::LocalAddr)?,
+            workers: worker.local_addr().map_err(NodeError::LocalAddr)?,
             admin_token_file,
         };
         let listeners = [metrics, admin, worker];
@@ -184,9 +245,9 @@ impl Node {
         let public = axum::serve(metrics, http::public_router(self.state.clone()));
         let admin = axum::serve(admin, http::admin_router(self.state, self.admin_token));
         let result = tokio::select! {
-            r = public => r.context("metrics server"),
-            r = admin => r.context("admin server"),
-            r = worker_service => r.context("worker service"),
+            r = public => r.map_err(|e| NodeError::Http("metrics", e)),
+            r = admin => r.map_err(|e| NodeError::Http("admin", e)),
+            r = worker_service => r.map_err(NodeError::WorkerService),
             _ = stop.wait_for(|s| *s) => Ok(()),
         };
         let _ = stop_session.send(true);

@@ -1,27 +1,24 @@
 //! The agent's messages to the controller (`kiln.agent.v1`), built from its current state: the registration that
-//! opens every session, telemetry batches and health events.
+//! opens every session, telemetry batches and health events. Conversions between the protocol and `kiln-core`
+//! types are `kiln_proto::convert`'s; the agent's own GPU health converts here (`From<Health>`).
 
 use std::time::SystemTime;
 
-use kiln_proto::v1;
+use kiln_proto::{convert, v1};
 
 use crate::{
     gpu::GpuSample,
     telemetry::{Health, HealthChange, Snapshot},
 };
 
-fn health(h: Health) -> v1::GpuHealth {
-    match h {
-        Health::Healthy => v1::GpuHealth::Healthy,
-        Health::Degraded => v1::GpuHealth::Degraded,
-        Health::Unhealthy => v1::GpuHealth::Unhealthy,
+impl From<Health> for v1::GpuHealth {
+    fn from(health: Health) -> Self {
+        match health {
+            Health::Healthy => v1::GpuHealth::Healthy,
+            Health::Degraded => v1::GpuHealth::Degraded,
+            Health::Unhealthy => v1::GpuHealth::Unhealthy,
+        }
     }
-}
-
-/// `t` as a protobuf timestamp.
-pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
-    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 /// The registration for `snapshot` (workers and cache contents are added by their owners).
@@ -40,7 +37,7 @@ pub fn registration(snapshot: &Snapshot, agent_version: &str, worker_endpoint: &
                 uuid: g.info.uuid.clone(),
                 model: g.info.name.clone(),
                 memory_total_bytes: g.info.memory_total_bytes,
-                health: health(g.health) as i32,
+                health: v1::GpuHealth::from(g.health) as i32,
                 pci_bus_id: g.info.pci_bus_id.clone(),
                 compute_capability_major: g.info.compute_capability.0,
                 compute_capability_minor: g.info.compute_capability.1,
@@ -87,7 +84,7 @@ fn host_memory_bytes() -> Option<u64> {
 pub fn telemetry(snapshot: &Snapshot, at: SystemTime) -> v1::TelemetryBatch {
     let sample = |s: &GpuSample| v1::GpuSample {
         gpu_index: s.index,
-        time: Some(timestamp(at)),
+        time: Some(convert::timestamp(at)),
         sm_util_pct: s.sm_util_pct.unwrap_or_default(),
         mem_util_pct: s.mem_util_pct.unwrap_or_default(),
         memory_used_bytes: s.memory_used_bytes.unwrap_or_default(),
@@ -114,10 +111,10 @@ pub fn health_event(change: &HealthChange) -> v1::GpuHealthEvent {
     v1::GpuHealthEvent {
         gpu_index: change.index,
         uuid: change.uuid.clone(),
-        health: health(change.health) as i32,
+        health: v1::GpuHealth::from(change.health) as i32,
         xid: change.xid,
         reason: change.reason.clone(),
-        time: Some(timestamp(change.time)),
+        time: Some(convert::timestamp(change.time)),
     }
 }
 

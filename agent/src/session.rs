@@ -17,9 +17,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use kiln_proto::v1::{
-    self, AckStatus, AgentMessage, Command, CommandAck, agent_message, agent_service_client::AgentServiceClient,
-    controller_message,
+use kiln_core::rng::Rng;
+use kiln_proto::{
+    convert,
+    v1::{
+        self, AckStatus, AgentMessage, Command, CommandAck, agent_message, agent_service_client::AgentServiceClient,
+        controller_message,
+    },
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -165,7 +169,7 @@ pub async fn run<H: CommandHandler>(
     let mut attempt = 0u32;
     // Jitter differs between agents (time and process id), so that a fleet does not reconnect in lockstep.
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let mut jitter = (now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)) | 1;
+    let mut jitter = Rng::new(now.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32));
     loop {
         if *shutdown.borrow() {
             return;
@@ -186,11 +190,7 @@ pub async fn run<H: CommandHandler>(
                 note(format!("session error: {e}"));
             }
         }
-        // xorshift for the jitter: no need for a cryptographic source.
-        jitter ^= jitter << 13;
-        jitter ^= jitter >> 7;
-        jitter ^= jitter << 17;
-        let wait = config.backoff.wait(attempt, (jitter >> 11) as f64 / (1u64 << 53) as f64);
+        let wait = config.backoff.wait(attempt, jitter.unit());
         attempt = attempt.saturating_add(1);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -248,7 +248,7 @@ async fn session<H: CommandHandler>(
             }
             _ = heartbeat_tick.tick() => {
                 let beat =
-                    v1::Heartbeat { time: Some(register::timestamp(SystemTime::now())), workers: handler.worker_loads() };
+                    v1::Heartbeat { time: Some(convert::timestamp(SystemTime::now())), workers: handler.worker_loads() };
                 send(agent_message::Body::Heartbeat(beat)).await?;
             }
             change = health.recv() => match change {
@@ -340,13 +340,11 @@ async fn answer<H: CommandHandler>(
         }
         log.record(&id, AckStatus::Accepted);
     }
-    if let Some(deadline) = &command.deadline {
-        let deadline = SystemTime::UNIX_EPOCH
-            + Duration::new(deadline.seconds.max(0) as u64, deadline.nanos.clamp(0, 999_999_999) as u32);
-        if SystemTime::now() > deadline {
-            log.lock().await.record(&id, AckStatus::Rejected);
-            return ack(AckStatus::Rejected, "deadline passed before the agent received the command".into());
-        }
+    if let Some(deadline) = &command.deadline
+        && SystemTime::now() > convert::system_time(deadline)
+    {
+        log.lock().await.record(&id, AckStatus::Rejected);
+        return ack(AckStatus::Rejected, "deadline passed before the agent received the command".into());
     }
     let (status, message) = handler.handle(command).await;
     log.lock().await.update(&id, status);

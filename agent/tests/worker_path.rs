@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use kiln_agent::{
     cache::{WeightCache, digest_of},
@@ -15,54 +15,28 @@ use kiln_agent::{
     telemetry::Telemetry,
     workers::{WorkerApi, Workers},
 };
-use kiln_proto::v1::{
-    self, AgentMessage, ControllerMessage, Registered, agent_message,
-    agent_service_server::{AgentService, AgentServiceServer},
-    command, controller_message,
-    model_source::Runtime,
-    worker_event::Event,
-    worker_service_client::WorkerServiceClient,
-    worker_service_server::WorkerServiceServer,
+use kiln_proto::{
+    testing::StubController,
+    v1::{
+        self, Registered, agent_message, command, model_source::Runtime, worker_event::Event,
+        worker_service_client::WorkerServiceClient, worker_service_server::WorkerServiceServer,
+    },
 };
-use tokio::sync::{mpsc, watch};
-use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
 
 /// Registers the agent, then asks it to start one replica on the GPU it reported first.
-struct Controller {
-    seen: mpsc::UnboundedSender<AgentMessage>,
-    model_uri: String,
-    digest: String,
-}
-
-#[tonic::async_trait]
-impl AgentService for Controller {
-    type ConnectStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.unwrap();
-        let Some(agent_message::Body::Register(register)) = first.body.clone() else {
-            return Err(Status::failed_precondition("Register first"));
-        };
-        let seen = self.seen.clone();
-        let _ = seen.send(first);
-        tokio::spawn(async move {
-            while let Some(Ok(m)) = inbound.next().await {
-                let _ = seen.send(m);
-            }
-        });
+fn controller(model_uri: String, digest: String) -> StubController {
+    let registered = Registered { telemetry_interval_ms: 200, heartbeat_interval_ms: 200, ..Default::default() };
+    StubController::new(registered).commands(move |register, _| {
         let gpu = &register.gpus[0];
         let start = v1::StartWorker {
             replica_id: "mlp-0".into(),
             deployment: "demo/mlp".into(),
             generation: 1,
             model: Some(v1::ModelSource {
-                uri: self.model_uri.clone(),
-                digest: self.digest.clone(),
+                uri: model_uri.clone(),
+                digest: digest.clone(),
                 runtime: Some(Runtime::Native(v1::NativeRuntime::default())),
                 ..Default::default()
             }),
@@ -71,22 +45,12 @@ impl AgentService for Controller {
             gpu_memory_bytes: 1 << 20,
             max_concurrency: 8,
         };
-        let out = [
-            controller_message::Body::Registered(Registered {
-                telemetry_interval_ms: 200,
-                heartbeat_interval_ms: 200,
-                ..Default::default()
-            }),
-            controller_message::Body::Command(v1::Command {
-                command_id: "start-1".into(),
-                deadline: None,
-                action: Some(command::Action::StartWorker(start)),
-            }),
-        ];
-        let stream = tokio_stream::iter(out.into_iter().map(|b| Ok(ControllerMessage { body: Some(b) })))
-            .chain(tokio_stream::pending());
-        Ok(Response::new(Box::pin(stream)))
-    }
+        vec![v1::Command {
+            command_id: "start-1".into(),
+            deadline: None,
+            action: Some(command::Action::StartWorker(start)),
+        }]
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,16 +62,8 @@ async fn a_controller_starts_a_native_replica_and_the_gateway_gets_predictions()
     std::fs::write(&model, &bytes).unwrap();
 
     // The controller.
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    let controller =
-        Controller { seen: seen_tx, model_uri: format!("file://{}", model.display()), digest: digest_of(&bytes) };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let controller_addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(controller))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (controller, mut seen) = controller(format!("file://{}", model.display()), digest_of(&bytes)).inbox();
+    let (controller_addr, _server) = controller.serve_on_loopback().await.unwrap();
 
     // The agent: simulated GPUs, cache, workers, WorkerService, session.
     let mut gpus = SimulatedGpus::new("node-a", "h100-80gb:2").unwrap();

@@ -388,7 +388,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             let stop = stop.clone();
             agent = Some(tokio::spawn(async move {
                 if let Err(e) = node.serve(stop).await {
-                    tracing::error!("the local agent stopped: {e:#}");
+                    tracing::error!("the local agent stopped: {:#}", anyhow::Error::from(e));
                 }
             }));
         }
@@ -536,7 +536,7 @@ pub fn agent(args: &AgentArgs) -> Result<()> {
                 let _ = stop_tx.send(true);
             }
         });
-        node.serve(stop).await
+        Ok(node.serve(stop).await?)
     })
 }
 

@@ -3,44 +3,26 @@
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use std::pin::Pin;
-
-use kiln_proto::v1::{
-    self, AgentMessage, Command, ControllerMessage, Register, Registered, StartWorker, agent_message,
-    agent_service_client::AgentServiceClient,
-    agent_service_server::{AgentService, AgentServiceServer},
-    command, controller_message,
+use kiln_proto::{
+    testing::StubController,
+    v1::{
+        self, AgentMessage, Command, Register, Registered, StartWorker, agent_message,
+        agent_service_client::AgentServiceClient, command, controller_message,
+    },
 };
 use prost::Message;
-use tokio_stream::{Stream, StreamExt, wrappers::TcpListenerStream};
-use tonic::{Request, Response, Status, Streaming};
+use tokio_stream::StreamExt;
 
-/// Answers `Register` with `Registered`, then sends one `StartWorker` per GPU the agent reported.
-struct Controller;
-
-#[tonic::async_trait]
-impl AgentService for Controller {
-    type ConnectStream = Pin<Box<dyn Stream<Item = Result<ControllerMessage, Status>> + Send>>;
-
-    async fn connect(
-        &self,
-        request: Request<Streaming<AgentMessage>>,
-    ) -> Result<Response<Self::ConnectStream>, Status> {
-        let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("empty stream"))?;
-        let Some(agent_message::Body::Register(register)) = first.body else {
-            return Err(Status::failed_precondition("the first message must be Register"));
-        };
-        let mut out = vec![ControllerMessage {
-            body: Some(controller_message::Body::Registered(Registered {
-                telemetry_interval_ms: 1000,
-                heartbeat_interval_ms: 5000,
-                orphaned_replica_ids: vec![],
-            })),
-        }];
-        for gpu in &register.gpus {
-            out.push(ControllerMessage {
-                body: Some(controller_message::Body::Command(Command {
+/// Answers `Register` with `Registered`, then sends one `StartWorker` per GPU the agent reported and ends.
+fn controller() -> StubController {
+    let registered =
+        Registered { telemetry_interval_ms: 1000, heartbeat_interval_ms: 5000, orphaned_replica_ids: vec![] };
+    StubController::new(registered)
+        .commands(|register, _| {
+            register
+                .gpus
+                .iter()
+                .map(|gpu| Command {
                     command_id: format!("cmd-{}", gpu.index),
                     deadline: None,
                     action: Some(command::Action::StartWorker(StartWorker {
@@ -49,11 +31,10 @@ impl AgentService for Controller {
                         gpu_uuids: vec![gpu.uuid.clone()],
                         ..Default::default()
                     })),
-                })),
-            });
-        }
-        Ok(Response::new(Box::pin(tokio_stream::iter(out.into_iter().map(Ok)))))
-    }
+                })
+                .collect()
+        })
+        .end_after_commands()
 }
 
 fn register(node: &str, gpus: u32) -> AgentMessage {
@@ -78,16 +59,10 @@ fn register(node: &str, gpus: u32) -> AgentMessage {
     }
 }
 
-/// Serves `Controller` on an ephemeral loopback port; returns a connected client and the server task.
+/// Serves the controller on an ephemeral loopback port; returns a connected client and the server task.
 async fn serve_on_loopback()
 -> (AgentServiceClient<tonic::transport::Channel>, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(Controller))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let (addr, server) = controller().serve_on_loopback().await.unwrap();
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     (AgentServiceClient::new(channel), server)
 }

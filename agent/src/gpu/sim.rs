@@ -46,6 +46,23 @@ const KINDS: [Kind; 7] = [
     Kind { spec: "t4-16gb", name: "Tesla T4", memory_mib: 15_360, compute_capability: (7, 5), tdp_w: 70 },
 ];
 
+/// What the simulated backend refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimError {
+    /// The spec is not `<gpu>-<memory>gb:<count>`.
+    #[error("{0:?}: expected <gpu>-<memory>gb:<count>, e.g. h100-80gb:8")]
+    BadSpec(String),
+    /// The spec asks for no GPU or more than a node holds.
+    #[error("{0:?}: 1 to 16 GPUs per node")]
+    Count(String),
+    /// There is no GPU with this index.
+    #[error("no GPU {0}")]
+    NoGpu(u32),
+}
+
+/// Results of this module.
+pub type Result<T, E = SimError> = std::result::Result<T, E>;
+
 /// A parsed `--simulate-gpus` spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SimSpec {
@@ -62,12 +79,12 @@ pub struct SimSpec {
 }
 
 /// Parses `<kind>:<count>`, e.g. `h100-80gb:8`; an unknown `<name>-<N>gb` kind gets N GiB and a generic name.
-pub fn parse_spec(spec: &str) -> Result<SimSpec, String> {
-    let bad = || format!("{spec:?}: expected <gpu>-<memory>gb:<count>, e.g. h100-80gb:8");
+pub fn parse_spec(spec: &str) -> Result<SimSpec> {
+    let bad = || SimError::BadSpec(spec.to_owned());
     let (kind, count) = spec.split_once(':').ok_or_else(bad)?;
     let count: u32 = count.parse().map_err(|_| bad())?;
     if count == 0 || count > 16 {
-        return Err(format!("{spec:?}: 1 to 16 GPUs per node"));
+        return Err(SimError::Count(spec.to_owned()));
     }
     let kind = kind.to_ascii_lowercase();
     if let Some(k) = KINDS.iter().find(|k| k.spec == kind) {
@@ -149,7 +166,7 @@ fn lock(state: &Mutex<SimState>) -> MutexGuard<'_, SimState> {
 
 impl SimulatedGpus {
     /// GPUs of `spec` (`h100-80gb:8`) on node `node`.
-    pub fn new(node: &str, spec: &str) -> Result<Self, String> {
+    pub fn new(node: &str, spec: &str) -> Result<Self> {
         let spec = parse_spec(spec)?;
         let inventory = (0..spec.count)
             .map(|i| GpuInfo {
@@ -183,18 +200,18 @@ impl SimHandle {
     }
 
     /// Sets what workers hold on GPU `index`: memory and requests in flight.
-    pub fn set_load(&self, index: u32, memory_used_bytes: u64, in_flight: u32) -> Result<(), String> {
+    pub fn set_load(&self, index: u32, memory_used_bytes: u64, in_flight: u32) -> Result<()> {
         let mut s = lock(&self.state);
-        let gpu = s.gpus.get_mut(index as usize).ok_or_else(|| format!("no GPU {index}"))?;
+        let gpu = s.gpus.get_mut(index as usize).ok_or(SimError::NoGpu(index))?;
         gpu.memory_used = memory_used_bytes;
         gpu.in_flight = in_flight;
         Ok(())
     }
 
     /// Reports Xid `xid` on GPU `index` (79 also makes the GPU unreadable until [`SimHandle::reset`]).
-    pub fn inject_xid(&self, index: u32, xid: u32) -> Result<(), String> {
+    pub fn inject_xid(&self, index: u32, xid: u32) -> Result<()> {
         let mut s = lock(&self.state);
-        let gpu = s.gpus.get_mut(index as usize).ok_or_else(|| format!("no GPU {index}"))?;
+        let gpu = s.gpus.get_mut(index as usize).ok_or(SimError::NoGpu(index))?;
         if xid == 79 {
             gpu.lost = true;
         }
@@ -206,18 +223,18 @@ impl SimHandle {
     }
 
     /// Adds ECC errors on GPU `index`.
-    pub fn inject_ecc(&self, index: u32, corrected: u64, uncorrected: u64) -> Result<(), String> {
+    pub fn inject_ecc(&self, index: u32, corrected: u64, uncorrected: u64) -> Result<()> {
         let mut s = lock(&self.state);
-        let gpu = s.gpus.get_mut(index as usize).ok_or_else(|| format!("no GPU {index}"))?;
+        let gpu = s.gpus.get_mut(index as usize).ok_or(SimError::NoGpu(index))?;
         gpu.ecc_corrected += corrected;
         gpu.ecc_uncorrected += uncorrected;
         Ok(())
     }
 
     /// Resets GPU `index`: readable again, and the agent observes the recovery.
-    pub fn reset(&self, index: u32) -> Result<(), String> {
+    pub fn reset(&self, index: u32) -> Result<()> {
         let mut s = lock(&self.state);
-        let gpu = s.gpus.get_mut(index as usize).ok_or_else(|| format!("no GPU {index}"))?;
+        let gpu = s.gpus.get_mut(index as usize).ok_or(SimError::NoGpu(index))?;
         gpu.lost = false;
         s.events.push(GpuEvent::Recovered { index });
         Ok(())

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use kiln_core::placement::CacheTier as PlacementTier;
 use kiln_proto::v1::{
     self, AckStatus, AgentMessage, CommandAck, ControllerMessage, Registered, agent_message,
     agent_service_server::AgentService, controller_message, worker_event::Event,
@@ -76,6 +77,21 @@ pub struct NodeView {
     pub labels: Vec<(String, String)>,
     /// When the agent was last heard from.
     pub last_seen: Instant,
+}
+
+impl NodeView {
+    /// What the agent last reported in its cache, as the placement engine's hints (through
+    /// `kiln_proto::convert`): host-RAM and disk copies, and idle GPU copies as the mask of their GPU. An entry with
+    /// no placement counterpart (in the remote store, unspecified, a GPU copy without its index) is no hint.
+    pub fn cache_hints(&self) -> Vec<kiln_core::control::Cached> {
+        self.cached
+            .iter()
+            .filter_map(|m| {
+                let tier = PlacementTier::try_from(m).ok()?;
+                Some(kiln_core::control::Cached { model_uri: m.model_uri.clone(), tier })
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -308,17 +324,16 @@ impl Registry {
                     uuid: g.uuid.clone(),
                     model: g.model.clone(),
                     memory_bytes: g.memory_total_bytes,
-                    health: v1::GpuHealth::try_from(g.health).unwrap_or(v1::GpuHealth::Unspecified),
+                    health: g.health(),
                 })
                 .collect(),
             replicas: register
                 .workers
                 .iter()
                 .map(|w| {
-                    let phase = v1::WorkerPhase::try_from(w.phase).unwrap_or(v1::WorkerPhase::Unspecified);
                     (
                         w.replica_id.clone(),
-                        ReplicaView { deployment: w.deployment.clone(), phase, in_flight: w.in_flight },
+                        ReplicaView { deployment: w.deployment.clone(), phase: w.phase(), in_flight: w.in_flight },
                     )
                 })
                 .collect(),
@@ -354,11 +369,9 @@ impl Registry {
         n.view.last_seen = now;
         n.view.ready = true;
         let event = match &message.body {
-            Some(agent_message::Body::GpuHealth(h)) => Some(RegistryEvent::GpuHealth {
-                node: node.to_owned(),
-                gpu: h.gpu_index,
-                health: v1::GpuHealth::try_from(h.health).unwrap_or(v1::GpuHealth::Unspecified),
-            }),
+            Some(agent_message::Body::GpuHealth(h)) => {
+                Some(RegistryEvent::GpuHealth { node: node.to_owned(), gpu: h.gpu_index, health: h.health() })
+            }
             Some(agent_message::Body::WorkerEvent(e)) => {
                 Some(RegistryEvent::Worker { node: node.to_owned(), event: e.clone() })
             }
@@ -368,7 +381,7 @@ impl Registry {
         match message.body {
             Some(agent_message::Body::GpuHealth(h)) => {
                 if let Some(g) = n.view.gpus.iter_mut().find(|g| g.index == h.gpu_index) {
-                    g.health = v1::GpuHealth::try_from(h.health).unwrap_or(v1::GpuHealth::Unspecified);
+                    g.health = h.health();
                 }
             }
             Some(agent_message::Body::WorkerEvent(e)) => match e.event {
@@ -443,8 +456,8 @@ impl AgentService for AgentServer {
         let config = registry.config;
         let registered = ControllerMessage {
             body: Some(controller_message::Body::Registered(Registered {
-                telemetry_interval_ms: config.telemetry_interval.as_millis() as u32,
-                heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u32,
+                telemetry_interval_ms: u32::try_from(config.telemetry_interval.as_millis()).unwrap_or(u32::MAX),
+                heartbeat_interval_ms: u32::try_from(config.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
                 orphaned_replica_ids: Vec::new(),
             })),
         };
@@ -466,8 +479,5 @@ impl AgentService for AgentServer {
 
 /// Whether `ack` means the command took effect (now or as events follow).
 pub fn succeeded(ack: &CommandAck) -> bool {
-    matches!(
-        AckStatus::try_from(ack.status).unwrap_or(AckStatus::Unspecified),
-        AckStatus::Accepted | AckStatus::Done | AckStatus::AlreadyDone
-    )
+    matches!(ack.status(), AckStatus::Accepted | AckStatus::Done | AckStatus::AlreadyDone)
 }

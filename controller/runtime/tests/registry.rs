@@ -18,6 +18,7 @@ use kiln_agent::{
     workers::Workers,
 };
 use kiln_controller::registry::{AgentServer, MonotonicClock, Registry, RegistryConfig, succeeded};
+use kiln_core::placement::CacheTier;
 use kiln_proto::v1::{self, agent_service_server::AgentServiceServer, command, model_source::Runtime};
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -113,6 +114,25 @@ async fn the_registry_tracks_a_real_agent_and_notices_when_it_goes_silent() {
     })
     .await;
     assert!(registry.command("nowhere", start(0, "c3"), Duration::from_secs(1)).await.is_err());
+
+    // A prefetch into host RAM: the cache report that follows reads as placement hints (host RAM and disk copies).
+    let prefetch = v1::Command {
+        command_id: "c5".into(),
+        deadline: None,
+        action: Some(command::Action::PrefetchModel(v1::PrefetchModel {
+            model_uri: format!("file://{}", model.display()),
+            digest: digest_of(&bytes),
+            target_tier: v1::CacheTier::Host as i32,
+            ..Default::default()
+        })),
+    };
+    let ack = registry.command("gpu-node-1", prefetch, Duration::from_secs(5)).await.unwrap();
+    assert!(succeeded(&ack), "{ack:?}");
+    eventually("host RAM and disk hints", || {
+        let hints = registry.node("gpu-node-1").unwrap().cache_hints();
+        [CacheTier::HostRam, CacheTier::Disk].iter().all(|t| hints.iter().any(|h| h.tier == *t))
+    })
+    .await;
 
     // Silence past the grace period: the node is lost (the agent is stopped, and the clock moves on).
     assert!(registry.sweep().is_empty());

@@ -414,6 +414,29 @@ pub enum CacheTier {
     Remote,
 }
 
+impl From<kiln_core::autoscale::coldstart::Tier> for CacheTier {
+    fn from(tier: kiln_core::autoscale::coldstart::Tier) -> Self {
+        use kiln_core::autoscale::coldstart::Tier;
+        match tier {
+            Tier::Gpu => CacheTier::Gpu,
+            Tier::HostRam => CacheTier::Host,
+            Tier::Disk => CacheTier::Disk,
+            Tier::Remote => CacheTier::Remote,
+        }
+    }
+}
+
+impl From<CacheTier> for kiln_core::autoscale::coldstart::Tier {
+    fn from(tier: CacheTier) -> Self {
+        match tier {
+            CacheTier::Gpu => Self::Gpu,
+            CacheTier::Host => Self::HostRam,
+            CacheTier::Disk => Self::Disk,
+            CacheTier::Remote => Self::Remote,
+        }
+    }
+}
+
 /// Cumulative counters.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]

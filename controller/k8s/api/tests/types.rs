@@ -192,3 +192,13 @@ fn object_names_must_be_dns_subdomains() {
     let err = validator.validate(&bad).unwrap_err().to_string();
     assert!(err.contains("metadata.name: Invalid value: \"My_Rental\": a lowercase RFC 1123 subdomain"), "{err}");
 }
+
+#[test]
+fn cache_tiers_convert_to_and_from_the_core_tier() {
+    use kiln_core::autoscale::coldstart::Tier;
+    let pairs = [(Tier::Gpu, CacheTier::Gpu), (Tier::HostRam, CacheTier::Host), (Tier::Disk, CacheTier::Disk)];
+    for (core, api) in pairs.into_iter().chain([(Tier::Remote, CacheTier::Remote)]) {
+        assert_eq!(CacheTier::from(core), api);
+        assert_eq!(Tier::from(api), core);
+    }
+}

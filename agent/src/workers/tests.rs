@@ -1,0 +1,168 @@
+//! The replicas end to end in one process: native loads from the cache, failures that leave the others serving,
+//! warm starts from resident copies, and non-finite outputs.
+
+use std::time::Duration;
+
+use kiln_proto::v1::model_source::Runtime;
+
+use super::*;
+use crate::{cache::digest_of, model::example_model};
+
+fn setup(name: &str) -> (Arc<Workers>, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("kiln-workers-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 30, 1 << 30).unwrap());
+    (Workers::new(cache, None, vec![80 << 30; 8]), dir)
+}
+
+fn start(replica: &str, uri: &str, digest: &str) -> v1::StartWorker {
+    v1::StartWorker {
+        replica_id: replica.into(),
+        deployment: "ns/m".into(),
+        model: Some(v1::ModelSource {
+            uri: uri.into(),
+            digest: digest.into(),
+            runtime: Some(Runtime::Native(v1::NativeRuntime::default())),
+            ..Default::default()
+        }),
+        max_concurrency: 2,
+        gpu_indexes: vec![0],
+        gpu_uuids: vec!["GPU-0".into()],
+        ..Default::default()
+    }
+}
+
+async fn until_done(events: &mut broadcast::Receiver<v1::WorkerEvent>, replica: &str) -> Event {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap();
+        if e.replica_id == replica && matches!(e.event, Some(Event::Ready(_) | Event::Failed(_))) {
+            return e.event.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_native_replica_loads_answers_and_a_truncated_one_fails_without_disturbing_it() {
+    let (workers, dir) = setup("native");
+    let bytes = example_model(7, &[4, 8, 3]);
+    let good = dir.join("good.safetensors");
+    std::fs::write(&good, &bytes).unwrap();
+    let mut events = workers.subscribe();
+    let (status, _) = workers.start("c1", start("r1", &format!("file://{}", good.display()), &digest_of(&bytes)));
+    assert_eq!(status, v1::AckStatus::Accepted);
+    let Event::Ready(ready) = until_done(&mut events, "r1").await else { panic!("r1 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Remote as i32, "fetched into the cache on a miss");
+    assert_eq!(ready.max_concurrency, 2);
+    let (out, _) = workers.predict("r1", br#"{"input": [0.1, 0.2, 0.3, 0.4]}"#).await.unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(out["output"].as_array().unwrap().len(), 3);
+    let err = workers.predict("r1", br#"{"input": [1.0]}"#).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // A truncated file: the start fails with a clear event, r1 keeps serving.
+    let bad = dir.join("bad.safetensors");
+    std::fs::write(&bad, &bytes[..bytes.len() - 10]).unwrap();
+    workers.start("c2", start("r2", &format!("file://{}", bad.display()), ""));
+    let Event::Failed(f) = until_done(&mut events, "r2").await else { panic!("r2 should fail") };
+    assert_eq!(f.reason, "InvalidWeights");
+    assert!(!f.retryable);
+    assert!(f.message.contains("not a valid safetensors file"), "{}", f.message);
+    assert!(workers.predict("r1", br#"{"input": [[0,0,0,0]]}"#).await.is_ok());
+    assert_eq!(workers.predict("r2", b"{}").await.unwrap_err().code(), tonic::Code::Unavailable);
+
+    // The same replica twice is not started twice; stopping it is idempotent.
+    assert_eq!(workers.start("c3", start("r1", "file:///x", "")).0, v1::AckStatus::AlreadyDone);
+    let stop = v1::StopWorker { replica_id: "r1".into(), grace_period_ms: 100, keep_weights_resident: true };
+    assert_eq!(workers.stop(&stop).await.0, v1::AckStatus::Done);
+    assert_eq!(workers.stop(&stop).await.0, v1::AckStatus::AlreadyDone);
+    assert!(workers.running().is_empty());
+    assert_eq!(workers.resident_copies().len(), 1, "the weights stayed resident");
+
+    // The same model again on the same GPU: a warm start from the resident copy.
+    let uri = format!("file://{}", good.display());
+    workers.start("c4", start("r4", &uri, &digest_of(&bytes)));
+    let Event::Ready(ready) = until_done(&mut events, "r4").await else { panic!("r4 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Gpu as i32);
+    assert!(workers.resident_copies().is_empty());
+    assert!(workers.predict("r4", br#"{"input": [1, 2, 3, 4]}"#).await.is_ok());
+    // Evicting a model's resident copies.
+    workers.stop(&v1::StopWorker { replica_id: "r4".into(), keep_weights_resident: true, ..Default::default() }).await;
+    assert_eq!(workers.evict_resident(&uri, Some(0)), 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A model whose weights overflow f32 (3e38 · 1 + 3e38 · 2 = inf):
+/// the prediction fails with INTERNAL naming the output index, instead of succeeding with `null`s; over the
+/// `WorkerService` the gateway gets the same status. An input beyond f32 is the caller's error.
+#[tokio::test]
+async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
+    use crate::model::{Activation, Dtype, LayerSpec, write_model};
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    let (workers, dir) = setup("overflow");
+    // outputs: [x0, 3e38·x0 + 3e38·x1]
+    let layers = vec![LayerSpec::new(vec![1.0, 0.0, 3.0e38, 3.0e38], vec![], 2, 2)];
+    let bytes = write_model(&layers, Activation::Identity, Dtype::F32);
+    let path = dir.join("overflow.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let mut events = workers.subscribe();
+    workers.start("c1", start("r1", &format!("file://{}", path.display()), &digest_of(&bytes)));
+    let Event::Ready(_) = until_done(&mut events, "r1").await else { panic!("r1 failed") };
+
+    // In range: an answer.
+    let (out, _) = workers.predict("r1", br#"{"input": [1.0, 0.0]}"#).await.unwrap();
+    let out: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let values: Vec<f32> = serde_json::from_value(out["output"].clone()).unwrap();
+    assert_eq!(values, [1.0, 3.0e38]);
+    // Overflow: a failure naming the index.
+    let err = workers.predict("r1", br#"{"input": [1.0, 2.0]}"#).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Internal);
+    assert_eq!(
+        err.message(),
+        "the model produced a non-finite value (inf) at output index 1: NaN or infinity, e.g. from a numeric overflow"
+    );
+    // In a batch, the row too; the counter of completed predictions leaves failures out.
+    let err = workers.predict("r1", br#"{"input": [[1, 0], [0, -2], [0, 1]]}"#).await.unwrap_err();
+    assert!(err.message().contains("(-inf) at output row 1, index 1"), "{}", err.message());
+    // An input beyond f32 is invalid input, not a model failure.
+    let err = workers.predict("r1", br#"{"input": [1e39, 0]}"#).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("input index 0 is out of the range of a 32-bit float"), "{}", err.message());
+
+    // Over gRPC, as the gateway calls it.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(Arc::clone(&workers))))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut client = v1::worker_service_client::WorkerServiceClient::new(channel);
+    let request = |input: &[u8]| v1::PredictRequest {
+        replica_id: "r1".into(),
+        input: input.to_vec(),
+        content_type: "application/json".into(),
+        ..Default::default()
+    };
+    let status = client.predict(request(br#"{"input": [1.0, 2.0]}"#)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(status.message().contains("non-finite value (inf) at output index 1"), "{}", status.message());
+    let ok = client.predict(request(br#"{"input": [1.0, 0.0]}"#)).await.unwrap().into_inner();
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&ok.output).unwrap()["output"][0], 1.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[tokio::test]
+async fn a_process_port_above_65535_is_refused() {
+    let (workers, dir) = setup("port");
+    let mut s = start("p1", "file:///x", "");
+    let process = v1::ProcessRuntime { command: vec!["true".into()], port: 70_000, ..Default::default() };
+    s.model.as_mut().unwrap().runtime = Some(v1::model_source::Runtime::Process(process));
+    let (status, message) = workers.start("c1", s);
+    assert_eq!(status, v1::AckStatus::Rejected, "{message}");
+    assert!(message.contains("70000"), "{message}");
+    assert!(workers.running().is_empty());
+    std::fs::remove_dir_all(&dir).ok();
+}
