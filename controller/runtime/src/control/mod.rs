@@ -49,10 +49,13 @@ use std::{
 
 use kiln_core::{
     autoscale::coldstart::ColdStartModel,
-    control::{Action, Cached, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
-    placement::{CacheTier, Policy},
+    control::{Action, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
+    placement::Policy,
 };
-use kiln_proto::v1::{self, worker_event::Event};
+use kiln_proto::{
+    convert,
+    v1::{self, worker_event::Event},
+};
 use tokio::sync::{Notify, watch};
 
 use self::routing::WorkerClients;
@@ -214,21 +217,6 @@ fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
         gpu_healthy: n.gpus.iter().map(|g| g.health != v1::GpuHealth::Unhealthy).collect(),
         labels: n.labels.clone(),
     }
-}
-
-fn cached_of(n: &crate::registry::NodeView) -> Vec<Cached> {
-    n.cached
-        .iter()
-        .filter_map(|m| {
-            let tier = match m.tier() {
-                v1::CacheTier::Gpu => CacheTier::Gpu(m.gpu_index.map_or(0, |g| 1u16.checked_shl(g).unwrap_or(0))),
-                v1::CacheTier::Host => CacheTier::HostRam,
-                v1::CacheTier::Disk => CacheTier::Disk,
-                _ => return None,
-            };
-            Some(Cached { model_uri: m.model_uri.clone(), tier })
-        })
-        .collect()
 }
 
 impl ControlPlane {
@@ -547,7 +535,7 @@ impl ControlPlane {
                     Ok(stops) => actions.extend(stops),
                     Err(e) => tracing::error!(%node, error = %e, "node not usable"),
                 }
-                state.core.set_cached(&node, cached_of(&view));
+                state.core.set_cached(&node, view.cache_hints());
             }
             RegistryEvent::Disconnected { node } => {
                 tracing::warn!(%node, "agent disconnected; no new work there until it returns");
@@ -555,7 +543,7 @@ impl ControlPlane {
             }
             RegistryEvent::Cache { node } => {
                 if let Some(view) = self.registry.node(&node) {
-                    state.core.set_cached(&node, cached_of(&view));
+                    state.core.set_cached(&node, view.cache_hints());
                 }
             }
             RegistryEvent::GpuHealth { node, gpu, health } => {
@@ -567,9 +555,8 @@ impl ControlPlane {
                         && let Some(s) = state.starting.remove(&event.replica_id)
                     {
                         let t = ready.timings.unwrap_or_default();
-                        let source = v1::CacheTier::try_from(ready.source_tier)
-                            .map(|t| t.as_str_name().trim_start_matches("CACHE_TIER_").to_lowercase())
-                            .unwrap_or_default();
+                        let source =
+                            convert::optional_tier("WorkerReady.source_tier", ready.source_tier).ok().flatten();
                         let record = ColdStartRecord {
                             deployment,
                             replica: event.replica_id.clone(),
@@ -582,7 +569,8 @@ impl ControlPlane {
                         state.count(&record.deployment, |c| c.cold_starts += 1);
                         tracing::info!(replica = %record.replica, node = %record.node,
                             seconds = record.seconds, "replica ready");
-                        self.metrics.cold_start(&record.deployment, &record.source, record.seconds, record.phases_ms);
+                        let source = record.source.map_or("unspecified", convert::tier_name);
+                        self.metrics.cold_start(&record.deployment, source, record.seconds, record.phases_ms);
                         state.last_cold_start.insert(record.deployment.clone(), record);
                     }
                 }

@@ -58,8 +58,8 @@ pub struct ColdStartRecord {
     pub seconds: f64,
     /// The agent's load phases, ms: fetch, read, host-to-device, init.
     pub phases_ms: [u64; 4],
-    /// Where the weights came from.
-    pub source: String,
+    /// Where the weights came from; `None` when the worker did not say (a process model server).
+    pub source: Option<kiln_core::autoscale::coldstart::Tier>,
     /// When the replica became ready.
     pub finished_at: SystemTime,
 }

@@ -15,7 +15,7 @@ use kiln_k8s_api::{
         ModelDeploymentStatus, ReplicaCounts, ReplicaPlacement, ReplicaState,
     },
 };
-use kiln_proto::v1;
+use kiln_proto::{convert, v1};
 
 use crate::{
     control::{DeploymentView, ReplicaView},
@@ -57,15 +57,6 @@ fn condition(
         message,
         observed_generation: generation,
         last_transition_time: since,
-    }
-}
-
-fn tier(source: &str) -> CacheTier {
-    match source {
-        "gpu" => CacheTier::Gpu,
-        "host" => CacheTier::Host,
-        "disk" => CacheTier::Disk,
-        _ => CacheTier::Remote,
     }
 }
 
@@ -159,7 +150,7 @@ pub fn deployment_status(
                 duration: seconds_text(ms),
                 duration_ms: ms,
                 node: record.node.clone(),
-                source: tier(&record.source),
+                source: record.source.map_or(CacheTier::Remote, CacheTier::from),
                 phases: names
                     .into_iter()
                     .zip(record.phases_ms)
@@ -332,12 +323,7 @@ pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNode
             .iter()
             .map(|m| CachedModel {
                 uri: m.model_uri.clone(),
-                tier: match m.tier() {
-                    v1::CacheTier::Gpu => CacheTier::Gpu,
-                    v1::CacheTier::Host => CacheTier::Host,
-                    v1::CacheTier::Disk => CacheTier::Disk,
-                    _ => CacheTier::Remote,
-                },
+                tier: convert::required_tier("CachedModel.tier", m.tier).map_or(CacheTier::Remote, CacheTier::from),
                 size_bytes: i64::try_from(m.size_bytes).unwrap_or(i64::MAX),
                 gpu: m.gpu_index.map(|g| i32::try_from(g).unwrap_or(i32::MAX)),
             })
@@ -414,7 +400,7 @@ mod tests {
             node: "node-a".into(),
             seconds,
             phases_ms: [10, 200, 900, 40],
-            source: "disk".into(),
+            source: Some(kiln_core::autoscale::coldstart::Tier::Disk),
             finished_at: std::time::SystemTime::from(at(100)),
         }
     }
