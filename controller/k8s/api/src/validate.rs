@@ -256,7 +256,21 @@ impl Validator {
         walker.check_root(&kind.schema, &defaulted);
         if errors.is_empty() {
             let old = old.map(|o| cel::apply_defaults(&kind.schema, o));
-            if let Err(failures) = self.cel.validate(&kind.schema, &defaulted, old.as_ref()) {
+            // kube's CEL engine can panic on values far outside any real range (its quantity comparison
+            // overflows on exponents like `1e99999`); such an object is refused, never a crash of the caller.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.cel.validate(&kind.schema, &defaulted, old.as_ref())
+            }));
+            let Ok(result) = result else {
+                errors.push(FieldError {
+                    path: "spec".to_owned(),
+                    message: "spec: Invalid value: the validation rules could not be evaluated (a value is out of \
+                              range)"
+                        .to_owned(),
+                });
+                return Err(Invalid { resource, name, errors });
+            };
+            if let Err(failures) = result {
                 for failure in failures.iter() {
                     let path = failure.field_path.trim_start_matches('.').to_owned();
                     let body = cel_failure_body(value_at(&defaulted, &path), &failure.message);

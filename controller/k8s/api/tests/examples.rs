@@ -132,3 +132,18 @@ fn examples_deserialize_into_the_rust_types() {
         }
     }
 }
+
+/// A quantity far outside any real range (kube's CEL quantity comparison overflows on it) is refused with a
+/// message, not a panic of the validator's caller.
+#[test]
+fn a_quantity_out_of_any_range_is_refused_not_a_crash() {
+    let validator = Validator::default();
+    for size in ["1e99999", "9e9999999999"] {
+        let md = serde_json::json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "ModelDeployment", "metadata": { "name": "m" },
+            "spec": { "model": { "uri": "file:///m", "size": size }, "gpu": { "memoryPerGpu": "1Gi" } }
+        });
+        let message = validator.validate(&md).unwrap_err().to_string();
+        assert!(message.contains("spec"), "{size}: {message}");
+    }
+}
