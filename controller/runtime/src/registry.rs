@@ -188,6 +188,23 @@ pub enum CommandError {
     },
 }
 
+impl CommandError {
+    /// A short stable label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::NotConnected(_) => "not_connected",
+            Self::Timeout { .. } => "timeout",
+        }
+    }
+
+    /// Whether sending the command again may succeed: both are states of the connection, not of the command.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::NotConnected(_) | Self::Timeout { .. } => true,
+        }
+    }
+}
+
 /// A monotonic clock, injected: the system's in production, a hand-moved one in tests.
 #[derive(Clone)]
 pub struct MonotonicClock(Arc<dyn Fn() -> Instant + Send + Sync>);

@@ -119,7 +119,7 @@ pub fn expected_errors(text: &str) -> Vec<ExpectedError<'_>> {
 pub struct Validator {
     kinds: Vec<Kind>,
     /// Every `pattern` in the schemas, compiled once (`Err` keeps a pattern that does not compile).
-    patterns: HashMap<String, Result<Regex, String>>,
+    patterns: HashMap<String, Result<Regex, regex::Error>>,
     cel: cel::Validator,
 }
 
@@ -320,11 +320,11 @@ fn check_name(object: &Value, errors: &mut Vec<FieldError>) {
     }
 }
 
-fn collect_patterns(schema: &Value, out: &mut HashMap<String, Result<Regex, String>>) {
+fn collect_patterns(schema: &Value, out: &mut HashMap<String, Result<Regex, regex::Error>>) {
     match schema {
         Value::Object(map) => {
             if let Some(pattern) = map.get("pattern").and_then(Value::as_str) {
-                out.entry(pattern.to_owned()).or_insert_with(|| Regex::new(pattern).map_err(|e| e.to_string()));
+                out.entry(pattern.to_owned()).or_insert_with(|| Regex::new(pattern));
             }
             map.values().for_each(|v| collect_patterns(v, out));
         }
@@ -335,7 +335,7 @@ fn collect_patterns(schema: &Value, out: &mut HashMap<String, Result<Regex, Stri
 
 struct SchemaWalker<'a> {
     errors: &'a mut Vec<FieldError>,
-    patterns: &'a HashMap<String, Result<Regex, String>>,
+    patterns: &'a HashMap<String, Result<Regex, regex::Error>>,
 }
 
 impl SchemaWalker<'_> {

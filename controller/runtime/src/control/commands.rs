@@ -55,12 +55,12 @@ impl ControlPlane {
             let result = this.registry.command(&node, command, this.config.command_timeout).await;
             let failed = match result {
                 Ok(ack) if succeeded(&ack) => None,
-                Ok(ack) => Some(("StartRefused", format!("the agent refused: {}", ack.message))),
-                Err(e) => Some(("AgentUnreachable", e.to_string())),
+                Ok(ack) => Some(("StartRefused", format!("the agent refused: {}", ack.message), true)),
+                Err(e) => Some(("AgentUnreachable", e.to_string(), e.is_retryable())),
             };
-            if let (Some((reason, message)), Some(replica)) = (failed, replica) {
+            if let (Some((reason, message, retryable)), Some(replica)) = (failed, replica) {
                 tracing::warn!(%replica, %node, %reason, error = %message, "start failed");
-                let failure = StartFailure { reason: reason.into(), message, retryable: true };
+                let failure = StartFailure { reason: reason.into(), message, retryable };
                 let now = this.now();
                 this.start_failed(&mut this.state(), &replica, failure, now, false);
                 this.wake.notify_one();
