@@ -18,4 +18,3 @@ pub mod money;
 pub mod placement;
 pub mod rental;
 pub mod rng;
-pub mod sim;

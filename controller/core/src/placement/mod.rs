@@ -29,9 +29,7 @@
 //! between equally good nodes are broken uniformly at random with the engine's seeded RNG, as the Kubernetes
 //! scheduler does.
 
-pub mod experiment;
 pub mod frag;
-pub mod openb;
 mod policy;
 
 use std::collections::HashMap;

@@ -12,17 +12,17 @@ use anyhow::{Context, Result, bail};
 use kiln_core::{
     autoscale::keepalive::{Costs, Policy as KeepAlivePolicy},
     placement::Policy,
-    sim::{
-        serving::{
-            DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, keepalive_costs, oracle_timers,
-            simulate,
-        },
-        traces,
+};
+use kiln_sim::{
+    serving::{
+        DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, keepalive_costs, oracle_timers,
+        simulate,
     },
+    traces,
 };
 use serde_json::{Value, json};
 
-use crate::report;
+use super::report;
 
 /// Options of `kiln simulate serving`.
 #[derive(Debug, clap::Args)]

@@ -28,11 +28,7 @@ use std::{
     collections::{BinaryHeap, VecDeque},
 };
 
-use super::{
-    arrivals::Arrivals,
-    traces::{TraceRequest, Window},
-};
-use crate::{
+use kiln_core::{
     autoscale::{
         Scaler, ScalingConfig,
         coldstart::{ColdStartModel, Tier},
@@ -43,6 +39,11 @@ use crate::{
         Policy, Request, Workload,
     },
     rng::Rng,
+};
+
+use crate::{
+    arrivals::Arrivals,
+    traces::{TraceRequest, Window},
 };
 
 const GB: f64 = 1e9;
@@ -71,7 +72,7 @@ impl FleetSpec {
         let memory: u64 = memory.parse().map_err(|_| bad())?;
         let gpus: u8 = gpus.parse().map_err(|_| bad())?;
         let nodes: u32 = nodes.parse().map_err(|_| bad())?;
-        if memory == 0 || gpus == 0 || usize::from(gpus) > crate::placement::MAX_GPUS_PER_NODE || nodes == 0 {
+        if memory == 0 || gpus == 0 || usize::from(gpus) > kiln_core::placement::MAX_GPUS_PER_NODE || nodes == 0 {
             return Err(format!("fleet {spec:?}: memory, GPUs per node (1..=16) and nodes must be positive"));
         }
         Ok(Self { gpu_model: model.to_owned(), gpu_memory_bytes: memory * 1_000_000_000, gpus_per_node: gpus, nodes })

@@ -1,7 +1,7 @@
 //! The simulator on hand-made arrival sequences.
 
 use super::*;
-use crate::autoscale::keepalive::AdaptiveConfig;
+use kiln_core::autoscale::keepalive::AdaptiveConfig;
 
 const GBYTES: u64 = 1_000_000_000;
 
@@ -90,7 +90,7 @@ fn a_client_busier_than_its_target_never_scales_to_zero() {
 
 #[test]
 fn the_same_seed_gives_the_same_run() {
-    let w = |rate| Window { start_s: 0.0, rate, pattern: crate::sim::traces::Pattern::Gamma(0.3) };
+    let w = |rate| Window { start_s: 0.0, rate, pattern: crate::traces::Pattern::Gamma(0.3) };
     let windows: Vec<Window> =
         (0..288).map(|i| Window { start_s: f64::from(i) * 600.0, ..w(if i % 7 == 0 { 0.05 } else { 0.0 }) }).collect();
     let deps: Vec<DeploymentSpec> =
