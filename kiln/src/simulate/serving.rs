@@ -166,7 +166,7 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let fleet = FleetSpec::parse(&args.fleet).map_err(anyhow::Error::msg)?;
+    let fleet = FleetSpec::parse(&args.fleet)?;
     let choices: Vec<(String, Choice)> =
         args.keep_alive.iter().map(|s| parse_choice(s).map(|c| (s.clone(), c))).collect::<Result<_>>()?;
     let deployments = load_deployments(args)?;

@@ -62,6 +62,9 @@ pub struct Scaler {
     /// Concurrency now and since when.
     level: f64,
     since: f64,
+    /// Latest time a non-zero level was credited: every bucket after the one holding it is zero, so a window that
+    /// starts after that bucket averages to zero without reading the ring.
+    busy_until: f64,
     /// While panicking: until when, and the most replicas wanted during the panic (no scale-down before it ends).
     panic_until: f64,
     panic_peak: u32,
@@ -78,6 +81,7 @@ impl Scaler {
             head: (now / BUCKET_S).floor() as i64,
             level: 0.0,
             since: now,
+            busy_until: f64::NEG_INFINITY,
             panic_until: f64::NEG_INFINITY,
             panic_peak: 0,
         }
@@ -106,6 +110,7 @@ impl Scaler {
         }
         self.head = self.head.max(now_bucket);
         if self.level != 0.0 {
+            self.busy_until = now;
             let mut t = self.since.max((now_bucket - n + 1) as f64 * BUCKET_S);
             while t < now {
                 let b = (t / BUCKET_S).floor() as i64;
@@ -121,6 +126,9 @@ impl Scaler {
     fn average(&self, now: f64, window: f64) -> f64 {
         let n = self.ring.len() as i64;
         let start = now - window;
+        if start >= ((self.busy_until / BUCKET_S).floor() + 1.0) * BUCKET_S {
+            return 0.0;
+        }
         let mut sum = 0.0;
         let last = (now / BUCKET_S).floor() as i64;
         let first = (start / BUCKET_S).floor() as i64;
