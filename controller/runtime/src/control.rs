@@ -379,7 +379,7 @@ impl ControlPlane {
             desired: status.desired,
             loading: status.starting,
             ready: status.ready,
-            unschedulable: status.unschedulable,
+            unschedulable: status.unschedulable.map(|u| u.to_string()),
             failure: status.failure.map(|f| (f.last.reason, f.last.message)),
             placements,
             last_cold_start,
