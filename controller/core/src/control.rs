@@ -1,8 +1,8 @@
 //! The control loop's decisions, without I/O: which replicas to start where, which to stop, and which replica
 //! takes the next request. The controller runtime feeds it what it hears (deployments from manifests or the
 //! API server, agents registering and going silent, replicas becoming ready or exiting, requests arriving and
-//! finishing) and carries out the [`Action`]s it returns; the placement engine and the autoscaler inside are the
-//! same code `kiln simulate` replays traces through.
+//! finishing) and carries out the [`Action`]s it returns. `kiln simulate serving` (the `kiln-sim` crate) drives
+//! this same state on a virtual clock, so its figures are this code's decisions.
 //!
 //! Time is seconds on the caller's monotonic clock (`f64`), as in [`crate::autoscale`].
 //!

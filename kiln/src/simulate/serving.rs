@@ -1,5 +1,5 @@
-//! `kiln simulate serving`: keep-alive policies compared on real traces, through the serving simulator of the
-//! pure core (the real placement engine, scaler and keep-alive code on a virtual clock).
+//! `kiln simulate serving`: keep-alive policies compared on real traces, through the serving simulator of
+//! `kiln-sim` (the controller's control loop, `kiln_core::control::Control`, on a virtual clock).
 
 use std::{
     fs,
