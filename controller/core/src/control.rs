@@ -15,7 +15,8 @@
 //!   the [`KeepAlive`] plan's `unload_after` (a fixed timer, or the adaptive policy's cost-based choice, capped by
 //!   the deployment's `keepAlive.duration`), then all stop; when the plan pre-warms (a deployment whose requests
 //!   come back at a regular interval), one replica is started again a load time before the predicted arrival and
-//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only.
+//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only; while
+//!   nothing is in flight or waiting it only scales down (its averages lag behind a demand that is gone).
 //!
 //! Where: the placement engine, with the deployment's other replicas as the spread hint and the nodes that cache
 //! its weights as the cache hint. A node that goes silent is unschedulable and its replicas are gone; the next
@@ -408,6 +409,14 @@ impl Default for Prices {
     }
 }
 
+/// A deployment's replica count must change: from `current` to `want`, stopping with `stop_reason`.
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    current: u32,
+    want: u32,
+    stop_reason: StopReason,
+}
+
 #[derive(Debug)]
 struct Deployment {
     spec: DeploymentSpec,
@@ -448,8 +457,8 @@ pub struct Control {
     connected: std::collections::HashSet<String>,
     cached: HashMap<NodeId, Vec<Cached>>,
     deployments: BTreeMap<String, Deployment>,
-    /// The deployments' keys, in order (what `reconcile` walks).
-    keys: Vec<String>,
+    /// A deployment was removed since the last reconcile: its replicas are to be stopped.
+    removed: bool,
     replicas: BTreeMap<String, Replica>,
     cold: ColdStartModel,
     prices: Prices,
@@ -471,7 +480,7 @@ impl Control {
             connected: std::collections::HashSet::new(),
             cached: HashMap::new(),
             deployments: BTreeMap::new(),
-            keys: Vec::new(),
+            removed: false,
             replicas: BTreeMap::new(),
             cold,
             prices,
@@ -519,7 +528,6 @@ impl Control {
                     healthy_since: None,
                 };
                 self.deployments.insert(key.to_owned(), deployment);
-                self.keys = self.deployments.keys().cloned().collect();
                 self.refresh_workload();
             }
         }
@@ -528,7 +536,7 @@ impl Control {
     /// Removes a deployment; its replicas stop at the next reconcile.
     pub fn remove_deployment(&mut self, key: &str) {
         if self.deployments.remove(key).is_some() {
-            self.keys = self.deployments.keys().cloned().collect();
+            self.removed = true;
             self.refresh_workload();
         }
     }
@@ -838,12 +846,13 @@ impl Control {
     /// The decisions due at `now`: replicas to start (placed) and to stop.
     pub fn reconcile(&mut self, now: f64) -> Vec<Action> {
         let mut actions = Vec::new();
-        // Replicas of deleted deployments, and on unhealthy GPUs.
+        // Replicas of deleted deployments (only a removal makes one), and on unhealthy GPUs.
+        let removed = std::mem::take(&mut self.removed);
         let doomed: Vec<(String, StopReason)> = self
             .replicas
             .iter()
             .filter_map(|(id, r)| {
-                if !self.deployments.contains_key(&r.deployment) {
+                if removed && !self.deployments.contains_key(&r.deployment) {
                     return Some((id.clone(), StopReason::Deleted));
                 }
                 let unhealthy = self.engine.cluster().node(r.node_id).unhealthy;
@@ -855,62 +864,83 @@ impl Control {
                 actions.push(Action::Stop { replica: id, deployment: r.deployment, node: r.node, reason });
             }
         }
-        let keys = std::mem::take(&mut self.keys);
-        for key in &keys {
-            self.reconcile_one(key, now, &mut actions);
+        // Decide every deployment's count first (no decision depends on another deployment's), then place and stop
+        // in key order.
+        for (key, change) in self.decide(now) {
+            self.carry_out(&key, change, now, &mut actions);
         }
-        self.keys = keys;
         actions
     }
 
-    fn reconcile_one(&mut self, key: &str, now: f64, actions: &mut Vec<Action>) {
-        let Some(d) = self.deployments.get_mut(key) else { return };
-        let current = d.replicas;
-        let config = *d.scaler.config();
-        let max = config.max_replicas.max(config.min_replicas);
-        let mut want = d.scaler.desired(now, current);
-        if d.waiting > 0 {
-            // Requests no replica can take now: enough replicas for all of them, at once.
-            want = want.max(d.demand().div_ceil(d.spec.max_concurrency.max(1))).min(max);
-        }
-        let mut stop_reason = StopReason::ScaledDown;
-        if d.demand() == 0 {
-            let idle = d.idle.map(|(since, plan)| {
-                let idle_for = now - since;
-                // A pre-warm starts a load early enough to be ready at the predicted arrival.
-                let load_s = self.cold.expected(d.spec.weights_bytes, Tier::HostRam);
-                let prewarm = plan.prewarm.is_some_and(|(ready_at, until)| {
-                    idle_for >= (ready_at - load_s).max(plan.unload_after) && idle_for < until
+    /// How many replicas each deployment wants now; the deployments whose count must change, in key order.
+    fn decide(&mut self, now: f64) -> Vec<(String, Change)> {
+        let mut changes = Vec::new();
+        for (key, d) in &mut self.deployments {
+            let current = d.replicas;
+            let config = *d.scaler.config();
+            let max = config.max_replicas.max(config.min_replicas);
+            let mut want = d.scaler.desired(now, current);
+            if d.waiting > 0 {
+                // Requests no replica can take now: enough replicas for all of them, at once.
+                want = want.max(d.demand().div_ceil(d.spec.max_concurrency.max(1))).min(max);
+            }
+            let mut stop_reason = StopReason::ScaledDown;
+            if d.demand() == 0 {
+                let idle = d.idle.map(|(since, plan)| {
+                    let idle_for = now - since;
+                    // A pre-warm starts a load early enough to be ready at the predicted arrival.
+                    let load_s = self.cold.expected(d.spec.weights_bytes, Tier::HostRam);
+                    let prewarm = plan.prewarm.is_some_and(|(ready_at, until)| {
+                        idle_for >= (ready_at - load_s).max(plan.unload_after) && idle_for < until
+                    });
+                    (prewarm, idle_for >= plan.unload_after)
                 });
-                (prewarm, idle_for >= plan.unload_after)
-            });
-            match idle {
-                Some((true, _)) => want = want.max(1).max(config.min_replicas),
-                Some((false, true)) => {
-                    want = config.min_replicas;
-                    stop_reason = StopReason::KeepAliveExpired;
+                match idle {
+                    // A pre-warm: one replica (the averages may still want more; nothing would use them).
+                    Some((true, _)) => want = want.min(current).max(1).max(config.min_replicas),
+                    Some((false, true)) => {
+                        want = config.min_replicas;
+                        stop_reason = StopReason::KeepAliveExpired;
+                    }
+                    // Idle, within the keep-alive: keep what runs (at least one), never scale to zero yet, and start
+                    // nothing: the averages lag behind a demand that is gone, and a start would serve no one (the
+                    // next request scales up at once).
+                    _ => want = want.min(current).max(current.min(1)).max(config.min_replicas),
                 }
-                // Idle, within the keep-alive: keep what runs (at least one), never scale to zero yet.
-                _ => want = want.max(current.min(1)).max(config.min_replicas),
+            }
+            d.desired = want;
+            if d.consecutive_failures > 0 {
+                let ready = self.replicas.values().any(|r| r.deployment == *key && r.phase == Phase::Ready);
+                match (ready, d.healthy_since) {
+                    (false, _) => d.healthy_since = None,
+                    (true, None) => d.healthy_since = Some(now),
+                    (true, Some(since)) if now - since >= BACKOFF_RESET_S => {
+                        d.consecutive_failures = 0;
+                        d.healthy_since = None;
+                    }
+                    (true, Some(_)) => {}
+                }
+            }
+            if want > current && now < d.retry_at {
+                // In start backoff: no new start yet (what runs keeps running).
+                continue;
+            }
+            if want > current {
+                changes.push((key.clone(), Change { current, want, stop_reason }));
+            } else {
+                d.unschedulable = None;
+                if want < current {
+                    changes.push((key.clone(), Change { current, want, stop_reason }));
+                }
             }
         }
-        d.desired = want;
-        if d.consecutive_failures > 0 {
-            let ready = self.replicas.values().any(|r| r.deployment == key && r.phase == Phase::Ready);
-            match (ready, d.healthy_since) {
-                (false, _) => d.healthy_since = None,
-                (true, None) => d.healthy_since = Some(now),
-                (true, Some(since)) if now - since >= BACKOFF_RESET_S => {
-                    d.consecutive_failures = 0;
-                    d.healthy_since = None;
-                }
-                (true, Some(_)) => {}
-            }
-        }
-        if want > current && now < d.retry_at {
-            // In start backoff: no new start yet (what runs keeps running).
-            return;
-        }
+        changes
+    }
+
+    /// Starts or stops replicas of `key` to go from `change.current` to `change.want`.
+    fn carry_out(&mut self, key: &str, change: Change, now: f64, actions: &mut Vec<Action>) {
+        let Change { current, want, stop_reason } = change;
+        let Some(d) = self.deployments.get(key) else { return };
         if want > current {
             let spec = d.spec.clone();
             let request = self.request_for(&spec);
@@ -928,30 +958,25 @@ impl Control {
             if let Some(d) = self.deployments.get_mut(key) {
                 d.unschedulable = None;
             }
-        } else {
-            if let Some(d) = self.deployments.get_mut(key) {
-                d.unschedulable = None;
-            }
-            if want < current {
-                // Idle replicas only, starting ones first (they serve no one yet), then the newest.
-                let mut idle: Vec<(&String, &Replica)> =
-                    self.replicas.iter().filter(|(_, r)| r.deployment == key && r.in_flight == 0).collect();
-                idle.sort_by(|a, b| {
-                    (a.1.phase == Phase::Ready)
-                        .cmp(&(b.1.phase == Phase::Ready))
-                        .then(b.1.started_at.total_cmp(&a.1.started_at))
-                });
-                let chosen: Vec<String> =
-                    idle.into_iter().take((current - want) as usize).map(|(id, _)| id.clone()).collect();
-                for id in chosen {
-                    if let Some(r) = self.replica_gone(&id) {
-                        actions.push(Action::Stop {
-                            replica: id,
-                            deployment: r.deployment,
-                            node: r.node,
-                            reason: stop_reason,
-                        });
-                    }
+        } else if want < current {
+            // Idle replicas only, starting ones first (they serve no one yet), then the newest.
+            let mut idle: Vec<(&String, &Replica)> =
+                self.replicas.iter().filter(|(_, r)| r.deployment == key && r.in_flight == 0).collect();
+            idle.sort_by(|a, b| {
+                (a.1.phase == Phase::Ready)
+                    .cmp(&(b.1.phase == Phase::Ready))
+                    .then(b.1.started_at.total_cmp(&a.1.started_at))
+            });
+            let chosen: Vec<String> =
+                idle.into_iter().take((current - want) as usize).map(|(id, _)| id.clone()).collect();
+            for id in chosen {
+                if let Some(r) = self.replica_gone(&id) {
+                    actions.push(Action::Stop {
+                        replica: id,
+                        deployment: r.deployment,
+                        node: r.node,
+                        reason: stop_reason,
+                    });
                 }
             }
         }

@@ -482,3 +482,31 @@ fn the_unschedulable_reason_names_the_resource_that_binds() {
     assert!(why.contains("1 node(s) lack free CPU (most free: 0 CPU of the 1 CPU needed)"), "{why}");
     assert!(!why.contains("GPU ("), "GPUs are free: {why}");
 }
+
+#[test]
+fn an_idle_deployment_is_not_scaled_up_by_averages_that_lag_behind_its_demand() {
+    let mut c = control();
+    let mut s = spec(4, 600.0);
+    s.max_concurrency = 8;
+    c.upsert_deployment("ns/m", s, 0.0);
+    for _ in 0..6 {
+        c.arrive("ns/m", 0.0);
+    }
+    let started = starts(&c.reconcile(0.0));
+    assert_eq!(started.len(), 1, "one replica takes all six");
+    let id = started[0].0.clone();
+    c.replica_ready(&id);
+    for _ in 0..6 {
+        assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    }
+    for _ in 0..6 {
+        c.finish("ns/m", &id, 5.0);
+    }
+    // Six in flight for 4 s of the 6 s panic window: the averages want two replicas, but nothing is left to serve.
+    assert!(starts(&c.reconcile(5.5)).is_empty(), "no start while nothing is in flight or waiting");
+    assert_eq!(c.status("ns/m").unwrap().desired, 1);
+    // The next request scales up at once.
+    c.arrive("ns/m", 6.0);
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    assert!(!starts(&c.reconcile(6.0)).is_empty(), "demand again: the averages decide");
+}
