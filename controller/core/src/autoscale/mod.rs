@@ -211,6 +211,20 @@ mod tests {
     }
 
     #[test]
+    fn a_window_past_the_last_busy_second_averages_to_zero() {
+        let mut s = scaler();
+        s.observe(50.0, 20.0);
+        s.observe(60.5, 0.0);
+        // The busy bucket [60, 61) is inside a window starting at 60.9, and outside one starting at 61.
+        s.advance(66.9);
+        // The bucket holds 0.5 s at 20; a tenth of it is inside the window (pro rata).
+        assert!((s.average(66.9, 6.0) - 20.0 * 0.5 * 0.1 / 6.0).abs() < 1e-9);
+        s.advance(67.0);
+        assert_eq!(s.average(67.0, 6.0), 0.0);
+        assert!(s.average(67.0, 60.0) > 0.0, "the stable window still holds the burst");
+    }
+
+    #[test]
     fn averages_are_time_weighted() {
         let mut s = scaler();
         s.observe(0.0, 0.0);
