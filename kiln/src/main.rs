@@ -12,8 +12,6 @@ mod bench;
 mod client;
 mod controller;
 mod listener;
-mod report;
-mod serving;
 mod simulate;
 mod up;
 
@@ -90,7 +88,7 @@ enum Simulation {
     /// GPU allocation under the placement policies, on the Alibaba GPU cluster trace (the FGD paper's experiment).
     Placement(simulate::PlacementArgs),
     /// Cold starts, latency and GPU cost under keep-alive policies, on serving traces.
-    Serving(serving::ServingArgs),
+    Serving(simulate::ServingArgs),
 }
 
 fn main() -> ExitCode {
@@ -119,7 +117,7 @@ fn main() -> ExitCode {
         Command::Simulate { what: Simulation::Placement(args) } => {
             simulate::placement(&args).map(|()| ExitCode::SUCCESS)
         }
-        Command::Simulate { what: Simulation::Serving(args) } => serving::serving(&args).map(|()| ExitCode::SUCCESS),
+        Command::Simulate { what: Simulation::Serving(args) } => simulate::serving(&args).map(|()| ExitCode::SUCCESS),
         Command::Crdgen { out } => crdgen_cmd(out.as_deref()),
         Command::Validate { files } => validate_cmd(&files),
     };

@@ -161,7 +161,7 @@ impl WebhookArgs {
 }
 
 pub(crate) fn seconds(s: &str) -> Result<Duration, String> {
-    kiln_core::autoscale::keepalive::parse_duration(s).map(Duration::from_secs_f64)
+    kiln_core::autoscale::keepalive::parse_duration(s).map(Duration::from_secs_f64).map_err(|e| e.to_string())
 }
 
 /// One API key.

@@ -1,8 +1,8 @@
 //! The control loop's decisions, without I/O: which replicas to start where, which to stop, and which replica
 //! takes the next request. The controller runtime feeds it what it hears (deployments from manifests or the
 //! API server, agents registering and going silent, replicas becoming ready or exiting, requests arriving and
-//! finishing) and carries out the [`Action`]s it returns; the placement engine and the autoscaler inside are the
-//! same code `kiln simulate` replays traces through.
+//! finishing) and carries out the [`Action`]s it returns. `kiln simulate serving` (the `kiln-sim` crate) drives
+//! this same state on a virtual clock, so its figures are this code's decisions.
 //!
 //! Time is seconds on the caller's monotonic clock (`f64`), as in [`crate::autoscale`].
 //!
@@ -15,7 +15,8 @@
 //!   the [`KeepAlive`] plan's `unload_after` (a fixed timer, or the adaptive policy's cost-based choice, capped by
 //!   the deployment's `keepAlive.duration`), then all stop; when the plan pre-warms (a deployment whose requests
 //!   come back at a regular interval), one replica is started again a load time before the predicted arrival and
-//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only.
+//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only; while
+//!   nothing is in flight or waiting it only scales down (its averages lag behind a demand that is gone).
 //!
 //! Where: the placement engine, with the deployment's other replicas as the spread hint and the nodes that cache
 //! its weights as the cache hint. A node that goes silent is unschedulable and its replicas are gone; the next
@@ -50,11 +51,161 @@ use crate::{
         keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
     },
     placement::{
-        CacheHint, CacheTier, Cluster, GpuDemand, Hints, ModelSet, NodeId, NodeSpec, Placement, PlacementEngine,
-        Policy, Request, Unplaceable, Workload,
+        CacheHint, CacheTier, Cluster, ClusterError, GpuDemand, Hints, MAX_GPUS_PER_NODE, MILLI_PER_GPU, ModelSet,
+        NodeId, NodeSpec, Placement, PlacementEngine, Policy, Request, Unplaceable, Workload,
     },
     rng::Rng,
 };
+
+/// Errors of the control loop's inputs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// A node reports more GPUs than a node may have.
+    #[error("too many GPUs")]
+    TooManyGpus {
+        /// GPUs reported.
+        count: usize,
+    },
+    /// The placement engine cannot take the node.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// Result of the control loop's fallible inputs.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a deployment's replica cannot be placed now. `Display` is the message status conditions and events show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unschedulable {
+    /// Nodes that could hold it lack room now; `shortfall` says which resource binds on how many nodes.
+    #[error("no schedulable node has room for a replica ({needs}): {shortfall}")]
+    NoRoom {
+        /// What one replica needs, in words.
+        needs: String,
+        /// Which resource keeps it off each node, summed over the fleet.
+        shortfall: Shortfall,
+    },
+    /// No node has registered.
+    #[error("no GPU node has registered yet; a replica needs {needs}")]
+    NoNodes {
+        /// What one replica needs, in words.
+        needs: String,
+    },
+    /// No node of the cluster could ever hold it (too large, or no node of an allowed GPU model).
+    #[error("no node could ever hold a replica ({needs}): {why}")]
+    Impossible {
+        /// What one replica needs, in words.
+        needs: String,
+        /// The placement engine's reason.
+        why: String,
+    },
+}
+
+impl Unschedulable {
+    /// The resource that binds, when nodes lack room.
+    pub fn binding(&self) -> Option<Resource> {
+        match self {
+            Unschedulable::NoRoom { shortfall, .. } => shortfall.binding(),
+            _ => None,
+        }
+    }
+}
+
+/// A resource that keeps a replica off a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// Free GPU (a share or whole GPUs).
+    Gpu,
+    /// Free CPU.
+    Cpu,
+    /// Free host memory.
+    Memory,
+    /// The node's GPU model, or its GPU memory.
+    GpuModel,
+    /// The node is cordoned or disconnected.
+    Schedulable,
+}
+
+/// Which resource keeps a request off each node, summed over the fleet. `Display`: "2 node(s) lack free CPU (most
+/// free: 0.5 CPU of the 1 CPU needed); 1 node(s) cordoned or disconnected".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Shortfall {
+    /// Nodes known.
+    pub nodes: u32,
+    /// Nodes without the free GPU the request needs.
+    pub gpu: u32,
+    /// Most free milli-GPU on one GPU of a node that could hold the request.
+    pub most_free_gpu_milli: u16,
+    /// Nodes without the free CPU.
+    pub cpu: u32,
+    /// Most free CPU on one node, millicores.
+    pub most_free_cpu_milli: u32,
+    /// CPU the request needs, millicores.
+    pub cpu_needed_milli: u32,
+    /// Nodes without the free host memory.
+    pub memory: u32,
+    /// Most free host memory on one node, MiB.
+    pub most_free_memory_mib: u32,
+    /// Host memory the request needs, MiB.
+    pub memory_needed_mib: u32,
+    /// Nodes of another GPU model or with too little GPU memory.
+    pub model: u32,
+    /// Nodes cordoned or disconnected.
+    pub unschedulable: u32,
+}
+
+impl Shortfall {
+    /// The first resource (GPU, CPU, host memory, GPU model, schedulability) that keeps the request off a node.
+    pub fn binding(&self) -> Option<Resource> {
+        [
+            (self.gpu, Resource::Gpu),
+            (self.cpu, Resource::Cpu),
+            (self.memory, Resource::Memory),
+            (self.model, Resource::GpuModel),
+            (self.unschedulable, Resource::Schedulable),
+        ]
+        .into_iter()
+        .find(|(n, _)| *n > 0)
+        .map(|(_, r)| r)
+    }
+}
+
+impl std::fmt::Display for Shortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if self.gpu > 0 {
+            parts.push(format!(
+                "{} node(s) lack free GPU (most free on one GPU: {:.2} GPU)",
+                self.gpu,
+                f64::from(self.most_free_gpu_milli) / 1000.0
+            ));
+        }
+        if self.cpu > 0 {
+            parts.push(format!(
+                "{} node(s) lack free CPU (most free: {} of the {} needed)",
+                self.cpu,
+                cpus(self.most_free_cpu_milli),
+                cpus(self.cpu_needed_milli)
+            ));
+        }
+        if self.memory > 0 {
+            parts.push(format!(
+                "{} node(s) lack free host memory (most free: {} MiB of the {} MiB needed)",
+                self.memory, self.most_free_memory_mib, self.memory_needed_mib
+            ));
+        }
+        if self.model > 0 {
+            parts.push(format!("{} node(s) have another GPU model or too little GPU memory", self.model));
+        }
+        if self.unschedulable > 0 {
+            parts.push(format!("{} node(s) cordoned or disconnected", self.unschedulable));
+        }
+        if parts.is_empty() {
+            parts.push(format!("{} node(s) known", self.nodes));
+        }
+        f.write_str(&parts.join("; "))
+    }
+}
 
 /// What the controller needs to know of one deployment.
 #[derive(Debug, Clone, PartialEq)]
@@ -238,7 +389,7 @@ pub struct DeploymentStatus {
     /// Requests waiting for a slot.
     pub waiting: u32,
     /// Why the last placement failed, while replicas are missing.
-    pub unschedulable: Option<String>,
+    pub unschedulable: Option<Unschedulable>,
     /// Start failures, while the deployment has not had a replica ready since the last one.
     pub failure: Option<FailureState>,
 }
@@ -258,6 +409,14 @@ impl Default for Prices {
     }
 }
 
+/// A deployment's replica count must change: from `current` to `want`, stopping with `stop_reason`.
+#[derive(Debug, Clone, Copy)]
+struct Change {
+    current: u32,
+    want: u32,
+    stop_reason: StopReason,
+}
+
 #[derive(Debug)]
 struct Deployment {
     spec: DeploymentSpec,
@@ -269,7 +428,9 @@ struct Deployment {
     /// Since when nothing is in flight or waiting, and the keep-alive plan made then.
     idle: Option<(f64, Plan)>,
     desired: u32,
-    unschedulable: Option<String>,
+    /// Replicas placed (starting or ready).
+    replicas: u32,
+    unschedulable: Option<Unschedulable>,
     /// The last start failure; cleared when a replica becomes ready.
     failure: Option<StartFailure>,
     /// Consecutive failed starts (the backoff's exponent); reset after a replica has been ready a while.
@@ -296,9 +457,13 @@ pub struct Control {
     connected: std::collections::HashSet<String>,
     cached: HashMap<NodeId, Vec<Cached>>,
     deployments: BTreeMap<String, Deployment>,
+    /// A deployment was removed since the last reconcile: its replicas are to be stopped.
+    removed: bool,
     replicas: BTreeMap<String, Replica>,
     cold: ColdStartModel,
     prices: Prices,
+    /// Mean life of an idle copy in GPU memory, seconds, as the keep-alive weighs it.
+    copy_lifetime_s: f64,
     next_replica: u64,
     /// Jitter of the start backoff.
     rng: Rng,
@@ -315,9 +480,11 @@ impl Control {
             connected: std::collections::HashSet::new(),
             cached: HashMap::new(),
             deployments: BTreeMap::new(),
+            removed: false,
             replicas: BTreeMap::new(),
             cold,
             prices,
+            copy_lifetime_s: 0.0,
             next_replica: 0,
             rng: Rng::new(0x6b69_6c6e_6661_696c),
         }
@@ -344,6 +511,7 @@ impl Control {
                 self.refresh_workload();
             }
             None => {
+                let replicas = self.replicas.values().filter(|r| r.deployment == key).count() as u32;
                 let deployment = Deployment {
                     scaler: Scaler::new(spec.scaling, now),
                     keep: KeepAlive::new(spec.keep_alive),
@@ -352,6 +520,7 @@ impl Control {
                     waiting: 0,
                     idle: None,
                     desired: 0,
+                    replicas,
                     unschedulable: None,
                     failure: None,
                     consecutive_failures: 0,
@@ -367,6 +536,7 @@ impl Control {
     /// Removes a deployment; its replicas stop at the next reconcile.
     pub fn remove_deployment(&mut self, key: &str) {
         if self.deployments.remove(key).is_some() {
+            self.removed = true;
             self.refresh_workload();
         }
     }
@@ -395,7 +565,7 @@ impl Control {
     /// An agent registered (or re-registered): the node takes work. `running`: the replica ids its agent reports.
     /// Returns stops for replicas the controller does not know; replicas the controller placed there that the
     /// agent does not report are gone (their slots are freed, and replacements placed at the next reconcile).
-    pub fn node_up(&mut self, info: &NodeInfo, running: &[String]) -> Result<Vec<Action>, String> {
+    pub fn node_up(&mut self, info: &NodeInfo, running: &[String]) -> Result<Vec<Action>> {
         let id = match self.nodes.get(&info.name) {
             Some(&id) => id,
             None => {
@@ -403,12 +573,13 @@ impl Control {
                     name: info.name.clone(),
                     cpu_milli: info.cpu_milli,
                     memory_mib: info.memory_mib,
-                    gpu_count: u8::try_from(info.gpu_healthy.len()).map_err(|_| "too many GPUs".to_owned())?,
+                    gpu_count: u8::try_from(info.gpu_healthy.len())
+                        .map_err(|_| Error::TooManyGpus { count: info.gpu_healthy.len() })?,
                     gpu_model: info.gpu_model.clone(),
                     gpu_memory_mib: info.gpu_memory_mib,
                     labels: info.labels.clone(),
                 };
-                let id = self.engine.add_node(&spec).map_err(|e| e.to_string())?;
+                let id = self.engine.add_node(&spec)?;
                 self.nodes.insert(info.name.clone(), id);
                 // A new GPU model may make a deployment's model list resolvable.
                 self.refresh_workload();
@@ -480,11 +651,44 @@ impl Control {
         }
     }
 
-    /// What a node caches now (replaces what it reported before).
+    /// What a node caches now (replaces what it reported before). Idle copies in GPU memory (`CacheTier::Gpu`) of
+    /// a deployment's model also tell the placement engine how much of each GPU's free memory they hold (a replica's
+    /// share on that node's GPUs): free for placement, but overwriting them is weighed.
     pub fn set_cached(&mut self, node: &str, cached: Vec<Cached>) {
-        if let Some(&id) = self.nodes.get(node) {
-            self.cached.insert(id, cached);
+        let Some(&id) = self.nodes.get(node) else { return };
+        let cluster = self.engine.cluster();
+        let t = cluster.node_type(cluster.node(id).type_id);
+        let (gpus, gpu_memory_mib) = (usize::from(t.gpu_count), t.gpu_memory_mib);
+        let mut milli = [0u32; MAX_GPUS_PER_NODE];
+        for c in &cached {
+            let CacheTier::Gpu(mask) = c.tier else { continue };
+            let per_gpu = self
+                .deployments
+                .values()
+                .find(|d| d.spec.model_uri == c.model_uri)
+                .and_then(|d| d.spec.gpu.resolve(gpu_memory_mib))
+                .map_or(0, |g| match g {
+                    GpuDemand::Share(m) => u32::from(m),
+                    GpuDemand::Whole(_) => u32::from(MILLI_PER_GPU),
+                    _ => 0,
+                });
+            for (g, m) in milli.iter_mut().enumerate().take(gpus) {
+                if mask & (1 << g) != 0 {
+                    *m += per_gpu;
+                }
+            }
         }
+        for (g, m) in milli.iter().enumerate().take(gpus) {
+            self.engine.set_cached(id, g, (*m).min(u32::from(MILLI_PER_GPU)) as u16);
+        }
+        self.cached.insert(id, cached);
+    }
+
+    /// The mean time an idle copy of weights survives in GPU memory before other work overwrites it, seconds, as
+    /// the caller measured it: the keep-alive weighs restarts from such copies (warm hits) against cold starts with
+    /// it. Until it is set, every restart counts as a cold start (0).
+    pub fn set_idle_copy_lifetime(&mut self, seconds: f64) {
+        self.copy_lifetime_s = seconds.max(0.0);
     }
 
     /// A replica is ready to serve. Returns its deployment, or `None` if it is not known (stopped meanwhile).
@@ -561,6 +765,9 @@ impl Control {
     pub fn replica_gone(&mut self, replica: &str) -> Option<Replica> {
         let r = self.replicas.remove(replica)?;
         self.engine.release(&r.request, &r.placement);
+        if let Some(d) = self.deployments.get_mut(&r.deployment) {
+            d.replicas = d.replicas.saturating_sub(1);
+        }
         Some(r)
     }
 
@@ -627,7 +834,9 @@ impl Control {
         let Some(d) = self.deployments.get_mut(deployment) else { return };
         d.scaler.observe(now, f64::from(d.demand()));
         if d.demand() == 0 && d.idle.is_none() {
-            let costs = costs(&d.spec, &self.cold, &self.prices);
+            let share = gpu_share(d.spec.gpu, self.engine.cluster());
+            let costs =
+                Costs { copy_lifetime_s: self.copy_lifetime_s, ..costs(&d.spec, share, &self.cold, &self.prices) };
             let mut plan = d.keep.plan(&costs, None);
             plan.unload_after = plan.unload_after.min(d.spec.keep_alive_cap_s);
             d.idle = Some((now, plan));
@@ -637,12 +846,13 @@ impl Control {
     /// The decisions due at `now`: replicas to start (placed) and to stop.
     pub fn reconcile(&mut self, now: f64) -> Vec<Action> {
         let mut actions = Vec::new();
-        // Replicas of deleted deployments, and on unhealthy GPUs.
+        // Replicas of deleted deployments (only a removal makes one), and on unhealthy GPUs.
+        let removed = std::mem::take(&mut self.removed);
         let doomed: Vec<(String, StopReason)> = self
             .replicas
             .iter()
             .filter_map(|(id, r)| {
-                if !self.deployments.contains_key(&r.deployment) {
+                if removed && !self.deployments.contains_key(&r.deployment) {
                     return Some((id.clone(), StopReason::Deleted));
                 }
                 let unhealthy = self.engine.cluster().node(r.node_id).unhealthy;
@@ -654,61 +864,83 @@ impl Control {
                 actions.push(Action::Stop { replica: id, deployment: r.deployment, node: r.node, reason });
             }
         }
-        let keys: Vec<String> = self.deployments.keys().cloned().collect();
-        for key in keys {
-            self.reconcile_one(&key, now, &mut actions);
+        // Decide every deployment's count first (no decision depends on another deployment's), then place and stop
+        // in key order.
+        for (key, change) in self.decide(now) {
+            self.carry_out(&key, change, now, &mut actions);
         }
         actions
     }
 
-    fn reconcile_one(&mut self, key: &str, now: f64, actions: &mut Vec<Action>) {
-        let current = self.replicas.values().filter(|r| r.deployment == key).count() as u32;
-        let Some(d) = self.deployments.get_mut(key) else { return };
-        let config = *d.scaler.config();
-        let max = config.max_replicas.max(config.min_replicas);
-        let mut want = d.scaler.desired(now, current);
-        if d.waiting > 0 {
-            // Requests no replica can take now: enough replicas for all of them, at once.
-            want = want.max(d.demand().div_ceil(d.spec.max_concurrency.max(1))).min(max);
-        }
-        let mut stop_reason = StopReason::ScaledDown;
-        if d.demand() == 0 {
-            let idle = d.idle.map(|(since, plan)| {
-                let idle_for = now - since;
-                // A pre-warm starts a load early enough to be ready at the predicted arrival.
-                let load_s = costs(&d.spec, &self.cold, &self.prices).load_s;
-                let prewarm = plan.prewarm.is_some_and(|(ready_at, until)| {
-                    idle_for >= (ready_at - load_s).max(plan.unload_after) && idle_for < until
+    /// How many replicas each deployment wants now; the deployments whose count must change, in key order.
+    fn decide(&mut self, now: f64) -> Vec<(String, Change)> {
+        let mut changes = Vec::new();
+        for (key, d) in &mut self.deployments {
+            let current = d.replicas;
+            let config = *d.scaler.config();
+            let max = config.max_replicas.max(config.min_replicas);
+            let mut want = d.scaler.desired(now, current);
+            if d.waiting > 0 {
+                // Requests no replica can take now: enough replicas for all of them, at once.
+                want = want.max(d.demand().div_ceil(d.spec.max_concurrency.max(1))).min(max);
+            }
+            let mut stop_reason = StopReason::ScaledDown;
+            if d.demand() == 0 {
+                let idle = d.idle.map(|(since, plan)| {
+                    let idle_for = now - since;
+                    // A pre-warm starts a load early enough to be ready at the predicted arrival.
+                    let load_s = self.cold.expected(d.spec.weights_bytes, Tier::HostRam);
+                    let prewarm = plan.prewarm.is_some_and(|(ready_at, until)| {
+                        idle_for >= (ready_at - load_s).max(plan.unload_after) && idle_for < until
+                    });
+                    (prewarm, idle_for >= plan.unload_after)
                 });
-                (prewarm, idle_for >= plan.unload_after)
-            });
-            match idle {
-                Some((true, _)) => want = want.max(1).max(config.min_replicas),
-                Some((false, true)) => {
-                    want = config.min_replicas;
-                    stop_reason = StopReason::KeepAliveExpired;
+                match idle {
+                    // A pre-warm: one replica (the averages may still want more; nothing would use them).
+                    Some((true, _)) => want = want.min(current).max(1).max(config.min_replicas),
+                    Some((false, true)) => {
+                        want = config.min_replicas;
+                        stop_reason = StopReason::KeepAliveExpired;
+                    }
+                    // Idle, within the keep-alive: keep what runs (at least one), never scale to zero yet, and start
+                    // nothing: the averages lag behind a demand that is gone, and a start would serve no one (the
+                    // next request scales up at once).
+                    _ => want = want.min(current).max(current.min(1)).max(config.min_replicas),
                 }
-                // Idle, within the keep-alive: keep what runs (at least one), never scale to zero yet.
-                _ => want = want.max(current.min(1)).max(config.min_replicas),
+            }
+            d.desired = want;
+            if d.consecutive_failures > 0 {
+                let ready = self.replicas.values().any(|r| r.deployment == *key && r.phase == Phase::Ready);
+                match (ready, d.healthy_since) {
+                    (false, _) => d.healthy_since = None,
+                    (true, None) => d.healthy_since = Some(now),
+                    (true, Some(since)) if now - since >= BACKOFF_RESET_S => {
+                        d.consecutive_failures = 0;
+                        d.healthy_since = None;
+                    }
+                    (true, Some(_)) => {}
+                }
+            }
+            if want > current && now < d.retry_at {
+                // In start backoff: no new start yet (what runs keeps running).
+                continue;
+            }
+            if want > current {
+                changes.push((key.clone(), Change { current, want, stop_reason }));
+            } else {
+                d.unschedulable = None;
+                if want < current {
+                    changes.push((key.clone(), Change { current, want, stop_reason }));
+                }
             }
         }
-        d.desired = want;
-        if d.consecutive_failures > 0 {
-            let ready = self.replicas.values().any(|r| r.deployment == key && r.phase == Phase::Ready);
-            match (ready, d.healthy_since) {
-                (false, _) => d.healthy_since = None,
-                (true, None) => d.healthy_since = Some(now),
-                (true, Some(since)) if now - since >= BACKOFF_RESET_S => {
-                    d.consecutive_failures = 0;
-                    d.healthy_since = None;
-                }
-                (true, Some(_)) => {}
-            }
-        }
-        if want > current && now < d.retry_at {
-            // In start backoff: no new start yet (what runs keeps running).
-            return;
-        }
+        changes
+    }
+
+    /// Starts or stops replicas of `key` to go from `change.current` to `change.want`.
+    fn carry_out(&mut self, key: &str, change: Change, now: f64, actions: &mut Vec<Action>) {
+        let Change { current, want, stop_reason } = change;
+        let Some(d) = self.deployments.get(key) else { return };
         if want > current {
             let spec = d.spec.clone();
             let request = self.request_for(&spec);
@@ -726,36 +958,37 @@ impl Control {
             if let Some(d) = self.deployments.get_mut(key) {
                 d.unschedulable = None;
             }
-        } else {
-            if let Some(d) = self.deployments.get_mut(key) {
-                d.unschedulable = None;
-            }
-            if want < current {
-                // Idle replicas only, starting ones first (they serve no one yet), then the newest.
-                let mut idle: Vec<(&String, &Replica)> =
-                    self.replicas.iter().filter(|(_, r)| r.deployment == key && r.in_flight == 0).collect();
-                idle.sort_by(|a, b| {
-                    (a.1.phase == Phase::Ready)
-                        .cmp(&(b.1.phase == Phase::Ready))
-                        .then(b.1.started_at.total_cmp(&a.1.started_at))
-                });
-                let chosen: Vec<String> =
-                    idle.into_iter().take((current - want) as usize).map(|(id, _)| id.clone()).collect();
-                for id in chosen {
-                    if let Some(r) = self.replica_gone(&id) {
-                        actions.push(Action::Stop {
-                            replica: id,
-                            deployment: r.deployment,
-                            node: r.node,
-                            reason: stop_reason,
-                        });
-                    }
+        } else if want < current {
+            // Idle replicas only, starting ones first (they serve no one yet), then the newest.
+            let mut idle: Vec<(&String, &Replica)> =
+                self.replicas.iter().filter(|(_, r)| r.deployment == key && r.in_flight == 0).collect();
+            idle.sort_by(|a, b| {
+                (a.1.phase == Phase::Ready)
+                    .cmp(&(b.1.phase == Phase::Ready))
+                    .then(b.1.started_at.total_cmp(&a.1.started_at))
+            });
+            let chosen: Vec<String> =
+                idle.into_iter().take((current - want) as usize).map(|(id, _)| id.clone()).collect();
+            for id in chosen {
+                if let Some(r) = self.replica_gone(&id) {
+                    actions.push(Action::Stop {
+                        replica: id,
+                        deployment: r.deployment,
+                        node: r.node,
+                        reason: stop_reason,
+                    });
                 }
             }
         }
     }
 
-    fn start(&mut self, key: &str, spec: &DeploymentSpec, request: &Request, now: f64) -> Result<Action, String> {
+    fn start(
+        &mut self,
+        key: &str,
+        spec: &DeploymentSpec,
+        request: &Request,
+        now: f64,
+    ) -> Result<Action, Unschedulable> {
         let colocated: Vec<NodeId> =
             self.replicas.values().filter(|r| r.deployment == key).map(|r| r.node_id).collect();
         let cached: Vec<CacheHint> = self
@@ -767,17 +1000,11 @@ impl Control {
             .collect();
         let placement = self.engine.place_with(request, &Hints { cached: &cached, colocated: &colocated }).map_err(
             |e| match e {
-                Unplaceable::NoFit => format!(
-                    "no schedulable node has room for a replica ({}): {}",
-                    describe(spec),
-                    self.shortfall(request)
-                ),
-                Unplaceable::Impossible(_) if self.nodes.is_empty() => {
-                    format!("no GPU node has registered yet; a replica needs {}", describe(spec))
+                Unplaceable::NoFit => {
+                    Unschedulable::NoRoom { needs: describe(spec), shortfall: self.shortfall(request) }
                 }
-                Unplaceable::Impossible(why) => {
-                    format!("no node could ever hold a replica ({}): {why}", describe(spec))
-                }
+                Unplaceable::Impossible(_) if self.nodes.is_empty() => Unschedulable::NoNodes { needs: describe(spec) },
+                Unplaceable::Impossible(why) => Unschedulable::Impossible { needs: describe(spec), why },
             },
         )?;
         let node = self.engine.cluster().name(placement.node).to_owned();
@@ -789,6 +1016,9 @@ impl Control {
         });
         self.next_replica += 1;
         let replica = format!("{}-{:x}", key.replace('/', "."), self.next_replica);
+        if let Some(d) = self.deployments.get_mut(key) {
+            d.replicas += 1;
+        }
         self.replicas.insert(
             replica.clone(),
             Replica {
@@ -837,6 +1067,12 @@ impl Control {
         Some(status)
     }
 
+    /// Why the last placement of a replica of `deployment` failed, while replicas are missing (what
+    /// [`DeploymentStatus::unschedulable`] says, without counting replicas).
+    pub fn unschedulable(&self, deployment: &str) -> Option<&Unschedulable> {
+        self.deployments.get(deployment)?.unschedulable.as_ref()
+    }
+
     /// Whether `deployment` has a ready replica with a free slot.
     pub fn has_free_slot(&self, deployment: &str) -> bool {
         let Some(d) = self.deployments.get(deployment) else { return false };
@@ -854,13 +1090,17 @@ impl Control {
 impl Control {
     /// Which resource keeps `request` off each node, summed over the fleet: "2 node(s) lack free CPU (most free:
     /// 0.5 of the 1 CPU needed), 1 is cordoned or disconnected".
-    fn shortfall(&self, request: &Request) -> String {
+    fn shortfall(&self, request: &Request) -> Shortfall {
         let cluster = self.engine.cluster();
-        let (mut off, mut model, mut gpu, mut cpu, mut memory) = (0, 0, 0, 0, 0);
-        let (mut best_cpu, mut best_mem, mut best_gpu_milli) = (0u32, 0u32, 0u16);
+        let mut out = Shortfall {
+            nodes: cluster.len() as u32,
+            cpu_needed_milli: request.cpu_milli,
+            memory_needed_mib: request.memory_mib,
+            ..Shortfall::default()
+        };
         for id in 0..cluster.len() as NodeId {
             if !self.engine.is_schedulable(id) {
-                off += 1;
+                out.unschedulable += 1;
                 continue;
             }
             let node = cluster.node(id);
@@ -868,7 +1108,7 @@ impl Control {
             let demand = request.gpu.resolve(t.gpu_memory_mib);
             let wants_gpu = !matches!(demand, Some(GpuDemand::None));
             if demand.is_none() || (wants_gpu && !request.models.contains(t.model)) {
-                model += 1;
+                out.model += 1;
                 continue;
             }
             let usable: Vec<u16> = (0..usize::from(t.gpu_count)).map(|i| node.usable(i)).collect();
@@ -877,43 +1117,14 @@ impl Control {
                 Some(GpuDemand::Whole(k)) => usable.iter().filter(|&&f| f == 1000).count() >= usize::from(k),
                 _ => true,
             };
-            best_gpu_milli = best_gpu_milli.max(usable.iter().copied().max().unwrap_or(0));
-            best_cpu = best_cpu.max(node.cpu_free);
-            best_mem = best_mem.max(node.mem_free);
-            gpu += u32::from(!gpu_ok);
-            cpu += u32::from(node.cpu_free < request.cpu_milli);
-            memory += u32::from(node.mem_free < request.memory_mib);
+            out.most_free_gpu_milli = out.most_free_gpu_milli.max(usable.iter().copied().max().unwrap_or(0));
+            out.most_free_cpu_milli = out.most_free_cpu_milli.max(node.cpu_free);
+            out.most_free_memory_mib = out.most_free_memory_mib.max(node.mem_free);
+            out.gpu += u32::from(!gpu_ok);
+            out.cpu += u32::from(node.cpu_free < request.cpu_milli);
+            out.memory += u32::from(node.mem_free < request.memory_mib);
         }
-        let mut parts = Vec::new();
-        if gpu > 0 {
-            parts.push(format!(
-                "{gpu} node(s) lack free GPU (most free on one GPU: {:.2} GPU)",
-                f64::from(best_gpu_milli) / 1000.0
-            ));
-        }
-        if cpu > 0 {
-            parts.push(format!(
-                "{cpu} node(s) lack free CPU (most free: {} of the {} needed)",
-                cpus(best_cpu),
-                cpus(request.cpu_milli)
-            ));
-        }
-        if memory > 0 {
-            parts.push(format!(
-                "{memory} node(s) lack free host memory (most free: {best_mem} MiB of the {} MiB needed)",
-                request.memory_mib
-            ));
-        }
-        if model > 0 {
-            parts.push(format!("{model} node(s) have another GPU model or too little GPU memory"));
-        }
-        if off > 0 {
-            parts.push(format!("{off} node(s) cordoned or disconnected"));
-        }
-        if parts.is_empty() {
-            parts.push(format!("{} node(s) known", cluster.len()));
-        }
-        parts.join("; ")
+        out
     }
 }
 
@@ -932,14 +1143,23 @@ fn describe(spec: &DeploymentSpec) -> String {
     format!("{gpu}, {} and {} MiB of host memory", cpus(spec.cpu_milli), spec.memory_mib)
 }
 
-/// The keep-alive's costs for one replica of `spec`: its GPU share idle, against a load from host RAM.
-fn costs(spec: &DeploymentSpec, cold: &ColdStartModel, prices: &Prices) -> Costs {
-    let gpus = match spec.gpu {
-        GpuDemand::None => 0.0,
-        GpuDemand::Share(m) => f64::from(m) / 1000.0,
-        GpuDemand::Whole(k) => f64::from(k),
-        GpuDemand::Memory(mib) => f64::from(mib) / (80.0 * 1024.0),
-    };
+/// The GPUs (fractional for a share) one replica with demand `gpu` holds: a `Memory` demand resolved on the largest
+/// GPUs of `cluster` (80 GiB when no node is known).
+fn gpu_share(gpu: GpuDemand, cluster: &Cluster) -> f64 {
+    let largest = (0..cluster.len() as NodeId)
+        .map(|id| cluster.node_type(cluster.node(id).type_id).gpu_memory_mib)
+        .max()
+        .unwrap_or(80 * 1024);
+    match gpu.resolve(largest) {
+        Some(GpuDemand::Share(m)) => f64::from(m) / f64::from(MILLI_PER_GPU),
+        Some(GpuDemand::Whole(k)) => f64::from(k),
+        _ => 0.0,
+    }
+}
+
+/// The keep-alive's costs for one replica of `spec` holding `gpus` GPUs: its GPU share idle, against a load from
+/// host RAM.
+fn costs(spec: &DeploymentSpec, gpus: f64, cold: &ColdStartModel, prices: &Prices) -> Costs {
     Costs::for_replica(
         gpus,
         cold.expected(spec.weights_bytes, Tier::HostRam),

@@ -2,8 +2,9 @@
 //!
 //! This crate owns the placement engine (which node and GPUs a replica or rental gets), the autoscaler (how many
 //! replicas a deployment needs and how long an idle one stays warm), the control loop's decisions (`control`), the
-//! rentals' lifecycle (`rental`), money and metering (`money`, `billing`) and the discrete-event simulator that
-//! replays traces through them.
+//! rentals' lifecycle (`rental`) and money and metering (`money`, `billing`): what the controller runs. The research
+//! harness that replays traces through it (the serving simulator, the trace parsers, the placement experiment) is
+//! the `kiln-sim` crate.
 //!
 //! What it must not touch: no I/O, no async runtime, no Kubernetes, gRPC or HTTP types. Inputs are plain data
 //! and a time passed in (seconds on the caller's clock); outputs are plans that the adapters (reconcilers, gRPC server,
@@ -18,4 +19,3 @@ pub mod money;
 pub mod placement;
 pub mod rental;
 pub mod rng;
-pub mod sim;

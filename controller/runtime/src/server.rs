@@ -353,7 +353,7 @@ async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
                 "replicas": { "desired": s.desired, "loading": s.starting, "ready": s.ready },
                 "inFlight": s.in_flight,
                 "waiting": s.waiting,
-                "unschedulable": s.unschedulable,
+                "unschedulable": s.unschedulable.map(|u| u.to_string()),
                 "degraded": s.failure.map(|f| json!({
                     "reason": f.last.reason,
                     "message": f.last.message,

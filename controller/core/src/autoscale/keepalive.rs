@@ -95,6 +95,37 @@ impl Default for AdaptiveConfig {
     }
 }
 
+/// Errors parsing a keep-alive policy or a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// Neither `fixed:<duration>` nor `adaptive`.
+    #[error("unknown keep-alive policy {0:?}; expected fixed:<duration> or adaptive")]
+    UnknownPolicy(String),
+    /// `fixed:` with a bad duration.
+    #[error("keep-alive {spec:?}: {source}")]
+    Fixed {
+        /// The policy as given.
+        spec: String,
+        /// What is wrong with its duration.
+        #[source]
+        source: Box<ParseError>,
+    },
+    /// The number of a duration does not parse.
+    #[error("{0:?} is not a duration like 90s, 10m or 1h")]
+    NotADuration(String),
+    /// A duration's unit is not one of ms, s, m, h, d.
+    #[error("{input:?}: unknown unit {unit:?} (ms, s, m, h, d)")]
+    UnknownUnit {
+        /// The duration as given.
+        input: String,
+        /// Its unit.
+        unit: String,
+    },
+    /// A negative or non-finite duration.
+    #[error("{0:?} must be a non-negative duration")]
+    Negative(String),
+}
+
 /// A keep-alive policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Policy {
@@ -106,34 +137,36 @@ pub enum Policy {
 
 impl Policy {
     /// Parses `fixed:<duration>` (`90s`, `10m`, `1h`, `600`) or `adaptive`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, ParseError> {
         if spec == "adaptive" {
             return Ok(Policy::Adaptive(AdaptiveConfig::default()));
         }
         let Some(duration) = spec.strip_prefix("fixed:") else {
-            return Err(format!("unknown keep-alive policy {spec:?}; expected fixed:<duration> or adaptive"));
+            return Err(ParseError::UnknownPolicy(spec.to_owned()));
         };
-        parse_duration(duration).map(Policy::Fixed).map_err(|e| format!("keep-alive {spec:?}: {e}"))
+        parse_duration(duration)
+            .map(Policy::Fixed)
+            .map_err(|e| ParseError::Fixed { spec: spec.to_owned(), source: Box::new(e) })
     }
 }
 
 /// Parses `90`, `90s`, `10m`, `1h`, `1.5h` into seconds.
-pub fn parse_duration(s: &str) -> Result<f64, String> {
+pub fn parse_duration(s: &str) -> Result<f64, ParseError> {
     let (number, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
         Some((i, _)) => s.split_at(i),
         None => (s, "s"),
     };
-    let value: f64 = number.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
+    let value: f64 = number.parse().map_err(|_| ParseError::NotADuration(s.to_owned()))?;
     let scale = match unit {
         "ms" => 1e-3,
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
         "d" => 86400.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h, d)")),
+        _ => return Err(ParseError::UnknownUnit { input: s.to_owned(), unit: unit.to_owned() }),
     };
     if !(value.is_finite() && value >= 0.0) {
-        return Err(format!("{s:?} must be a non-negative duration"));
+        return Err(ParseError::Negative(s.to_owned()));
     }
     Ok(value * scale)
 }
@@ -441,8 +474,16 @@ mod tests {
         assert_eq!(Policy::parse("fixed:1.5h"), Ok(Policy::Fixed(5400.0)));
         assert_eq!(Policy::parse("fixed:90"), Ok(Policy::Fixed(90.0)));
         assert!(matches!(Policy::parse("adaptive"), Ok(Policy::Adaptive(_))));
-        assert!(Policy::parse("fixed:ten").unwrap_err().contains("not a duration"));
-        assert!(Policy::parse("fixed:10y").unwrap_err().contains("unknown unit"));
-        assert!(Policy::parse("lru").unwrap_err().contains("expected fixed:<duration> or adaptive"));
+        assert_eq!(
+            Policy::parse("fixed:ten").unwrap_err().to_string(),
+            r#"keep-alive "fixed:ten": "ten" is not a duration like 90s, 10m or 1h"#
+        );
+        assert!(Policy::parse("fixed:10y").unwrap_err().to_string().contains("unknown unit"));
+        assert_eq!(
+            Policy::parse("lru").unwrap_err(),
+            ParseError::UnknownPolicy("lru".into()),
+            "expected fixed:<duration> or adaptive"
+        );
+        assert_eq!(parse_duration("-1s"), Err(ParseError::Negative("-1s".into())));
     }
 }

@@ -62,6 +62,9 @@ pub struct Scaler {
     /// Concurrency now and since when.
     level: f64,
     since: f64,
+    /// Latest time a non-zero level was credited: every bucket after the one holding it is zero, so a window that
+    /// starts after that bucket averages to zero without reading the ring.
+    busy_until: f64,
     /// While panicking: until when, and the most replicas wanted during the panic (no scale-down before it ends).
     panic_until: f64,
     panic_peak: u32,
@@ -78,6 +81,7 @@ impl Scaler {
             head: (now / BUCKET_S).floor() as i64,
             level: 0.0,
             since: now,
+            busy_until: f64::NEG_INFINITY,
             panic_until: f64::NEG_INFINITY,
             panic_peak: 0,
         }
@@ -106,6 +110,7 @@ impl Scaler {
         }
         self.head = self.head.max(now_bucket);
         if self.level != 0.0 {
+            self.busy_until = now;
             let mut t = self.since.max((now_bucket - n + 1) as f64 * BUCKET_S);
             while t < now {
                 let b = (t / BUCKET_S).floor() as i64;
@@ -121,6 +126,9 @@ impl Scaler {
     fn average(&self, now: f64, window: f64) -> f64 {
         let n = self.ring.len() as i64;
         let start = now - window;
+        if start >= ((self.busy_until / BUCKET_S).floor() + 1.0) * BUCKET_S {
+            return 0.0;
+        }
         let mut sum = 0.0;
         let last = (now / BUCKET_S).floor() as i64;
         let first = (start / BUCKET_S).floor() as i64;
@@ -200,6 +208,20 @@ mod tests {
         assert_eq!(s.desired(10.0, 2), 2);
         s.observe(10.0, 1000.0);
         assert_eq!(s.desired(20.0, 2), 3);
+    }
+
+    #[test]
+    fn a_window_past_the_last_busy_second_averages_to_zero() {
+        let mut s = scaler();
+        s.observe(50.0, 20.0);
+        s.observe(60.5, 0.0);
+        // The busy bucket [60, 61) is inside a window starting at 60.9, and outside one starting at 61.
+        s.advance(66.9);
+        // The bucket holds 0.5 s at 20; a tenth of it is inside the window (pro rata).
+        assert!((s.average(66.9, 6.0) - 20.0 * 0.5 * 0.1 / 6.0).abs() < 1e-9);
+        s.advance(67.0);
+        assert_eq!(s.average(67.0, 6.0), 0.0);
+        assert!(s.average(67.0, 60.0) > 0.0, "the stable window still holds the burst");
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub enum BillingError {
     /// A meter input is not well formed (end before start, a share outside 1..=1000 milli-GPU, zero window).
     #[error("invalid meter input: {0}")]
     InvalidInput(String),
+    /// A ratio (a lending share) below 0 or above 1.
+    #[error("{0:?} is not between 0 and 1")]
+    RatioOutOfRange(String),
     /// Money parsing or arithmetic failed.
     #[error(transparent)]
     Money(#[from] MoneyError),

@@ -31,9 +31,9 @@ impl Ratio {
     }
 
     /// Parses a decimal in `0..=1` with at most 6 decimals (`"0.5"`, `"1"`, `"0.125"`).
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        let ppm = parse_fixed(s, 6).map_err(|e| e.to_string())?;
-        u32::try_from(ppm).ok().and_then(Ratio::from_ppm).ok_or_else(|| format!("{s:?} is not between 0 and 1"))
+    pub fn parse(s: &str) -> Result<Self> {
+        let ppm = parse_fixed(s, 6)?;
+        u32::try_from(ppm).ok().and_then(Ratio::from_ppm).ok_or_else(|| BillingError::RatioOutOfRange(s.to_owned()))
     }
 }
 
@@ -78,7 +78,7 @@ impl GpuPrice {
         Ok(GpuPrice {
             serverless_per_gpu_second: price("serverless price per GPU-second", serverless_per_gpu_second)?,
             rental_per_gpu_hour: price("rental price per GPU-hour", rental_per_gpu_hour)?,
-            lending_share: Ratio::parse(lending_share).map_err(|e| invalid("lending share", e))?,
+            lending_share: Ratio::parse(lending_share).map_err(|e| invalid("lending share", e.to_string()))?,
         })
     }
 }

@@ -218,7 +218,7 @@ fn an_unschedulable_deployment_says_why_and_is_retried() {
     c.upsert_deployment("ns/big", s, 0.0);
     c.arrive("ns/big", 0.0);
     assert!(c.reconcile(0.0).is_empty());
-    let why = c.status("ns/big").unwrap().unschedulable.unwrap();
+    let why = c.status("ns/big").unwrap().unschedulable.unwrap().to_string();
     assert!(why.contains("4 whole GPU(s)"), "{why}");
     c.node_up(&node("c", 8), &[]).unwrap();
     assert_eq!(starts(&c.reconcile(1.0)), vec![(starts_name(&c), "c".to_owned())]);
@@ -229,7 +229,7 @@ fn an_unschedulable_deployment_says_why_and_is_retried() {
     c.upsert_deployment("ns/b200", s, 0.0);
     c.arrive("ns/b200", 0.0);
     assert!(c.reconcile(2.0).is_empty());
-    let why = c.status("ns/b200").unwrap().unschedulable.unwrap();
+    let why = c.status("ns/b200").unwrap().unschedulable.unwrap().to_string();
     assert!(why.contains("b200"), "{why}");
 }
 
@@ -471,7 +471,42 @@ fn the_unschedulable_reason_names_the_resource_that_binds() {
         c.arrive("ns/m", 0.0);
     }
     c.reconcile(0.0);
-    let why = c.status("ns/m").unwrap().unschedulable.expect("two 1-CPU replicas fill a 2-CPU node");
+    let reason = c.status("ns/m").unwrap().unschedulable.expect("two 1-CPU replicas fill a 2-CPU node");
+    assert_eq!(reason.binding(), Some(Resource::Cpu));
+    let why = reason.to_string();
+    assert_eq!(
+        why,
+        "no schedulable node has room for a replica (8192 MiB of GPU memory, 1 CPU and 1024 MiB of host memory): \
+         1 node(s) lack free CPU (most free: 0 CPU of the 1 CPU needed)"
+    );
     assert!(why.contains("1 node(s) lack free CPU (most free: 0 CPU of the 1 CPU needed)"), "{why}");
     assert!(!why.contains("GPU ("), "GPUs are free: {why}");
+}
+
+#[test]
+fn an_idle_deployment_is_not_scaled_up_by_averages_that_lag_behind_its_demand() {
+    let mut c = control();
+    let mut s = spec(4, 600.0);
+    s.max_concurrency = 8;
+    c.upsert_deployment("ns/m", s, 0.0);
+    for _ in 0..6 {
+        c.arrive("ns/m", 0.0);
+    }
+    let started = starts(&c.reconcile(0.0));
+    assert_eq!(started.len(), 1, "one replica takes all six");
+    let id = started[0].0.clone();
+    c.replica_ready(&id);
+    for _ in 0..6 {
+        assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    }
+    for _ in 0..6 {
+        c.finish("ns/m", &id, 5.0);
+    }
+    // Six in flight for 4 s of the 6 s panic window: the averages want two replicas, but nothing is left to serve.
+    assert!(starts(&c.reconcile(5.5)).is_empty(), "no start while nothing is in flight or waiting");
+    assert_eq!(c.status("ns/m").unwrap().desired, 1);
+    // The next request scales up at once.
+    c.arrive("ns/m", 6.0);
+    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    assert!(!starts(&c.reconcile(6.0)).is_empty(), "demand again: the averages decide");
 }

@@ -30,10 +30,8 @@
 //! scheduler does.
 
 mod cluster;
-pub mod experiment;
 pub mod frag;
 mod hints;
-pub mod openb;
 mod policy;
 mod request;
 

@@ -334,7 +334,7 @@ impl ControlPlane {
             desired: status.desired,
             loading: status.starting,
             ready: status.ready,
-            unschedulable: status.unschedulable,
+            unschedulable: status.unschedulable.map(|u| u.to_string()),
             failure: status.failure.map(|f| f.last),
             placements: state.replicas().filter(|r| r.deployment == key).collect(),
             last_cold_start: state.last_cold_start.get(key).cloned(),

@@ -1,17 +1,15 @@
-//! Fuzzing of the trace parsers (`sim::traces::{parse_servegen, parse_azure}`, `placement::openb::{parse_nodes,
-//! parse_pods}`) with proptest: arbitrary text, and real-looking files (the shapes of `../shared/data`) with cells
-//! replaced by hostile tokens, lines dropped, duplicated or cut. Properties: no panic; a parse either succeeds with
+//! Fuzzing of the trace parsers (`traces::{parse_servegen, parse_azure}`, `openb::{parse_nodes, parse_pods}`) with
+//! proptest: arbitrary text, and real-looking files (the shapes of `../shared/data`) with cells replaced by hostile
+//! tokens, lines dropped, duplicated or cut. Properties: no panic; a parse either succeeds with
 //! sane values or fails with an error naming the file, a line of the text and a field.
 //!
 //! CI runs a bounded number of cases per target (256). Run longer locally (release mode is ~10x faster):
-//! `KILN_FUZZ_CASES=200000 cargo test --release -p kiln-core --test fuzz_traces`.
+//! `KILN_FUZZ_CASES=200000 cargo test --release -p kiln-sim --test fuzz_traces`.
 
-use kiln_core::{
-    placement::{
-        Cluster,
-        openb::{TraceError, parse_nodes, parse_pods},
-    },
-    sim::traces::{parse_azure, parse_servegen},
+use kiln_core::placement::Cluster;
+use kiln_sim::{
+    openb::{TraceError, parse_nodes, parse_pods},
+    traces::{parse_azure, parse_servegen},
 };
 use proptest::prelude::*;
 

@@ -7,7 +7,7 @@
 
 use std::fmt::{self, Write};
 
-use kiln_core::sim::serving::{Outcome, Series};
+use kiln_sim::serving::{Outcome, Series};
 
 /// One policy's run, for the report.
 #[derive(Debug, Clone, Copy)]
@@ -520,7 +520,7 @@ fn escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use kiln_core::sim::serving::GpuSeconds;
+    use kiln_sim::serving::GpuSeconds;
 
     use super::*;
 

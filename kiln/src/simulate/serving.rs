@@ -1,5 +1,5 @@
-//! `kiln simulate serving`: keep-alive policies compared on real traces, through the serving simulator of the
-//! pure core (the real placement engine, scaler and keep-alive code on a virtual clock).
+//! `kiln simulate serving`: keep-alive policies compared on real traces, through the serving simulator of
+//! `kiln-sim` (the controller's control loop, `kiln_core::control::Control`, on a virtual clock).
 
 use std::{
     fs,
@@ -12,17 +12,17 @@ use anyhow::{Context, Result, bail};
 use kiln_core::{
     autoscale::keepalive::{Costs, Policy as KeepAlivePolicy},
     placement::Policy,
-    sim::{
-        serving::{
-            DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, keepalive_costs, oracle_timers,
-            simulate,
-        },
-        traces,
+};
+use kiln_sim::{
+    serving::{
+        DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, keepalive_costs, oracle_timers,
+        simulate,
     },
+    traces,
 };
 use serde_json::{Value, json};
 
-use crate::report;
+use super::report;
 
 /// Options of `kiln simulate serving`.
 #[derive(Debug, clap::Args)]
@@ -166,7 +166,7 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    let fleet = FleetSpec::parse(&args.fleet).map_err(anyhow::Error::msg)?;
+    let fleet = FleetSpec::parse(&args.fleet)?;
     let choices: Vec<(String, Choice)> =
         args.keep_alive.iter().map(|s| parse_choice(s).map(|c| (s.clone(), c))).collect::<Result<_>>()?;
     let deployments = load_deployments(args)?;

@@ -1,48 +1,59 @@
-//! The serving simulator: a discrete-event simulation on a virtual clock that replays request traces through the
-//! real placement engine ([`PlacementEngine`]), the real scaler ([`Scaler`]) and the real keep-alive policies
-//! ([`KeepAlive`]) — the code the controller runs — with per-node weight caches.
+//! The serving simulator: a discrete-event simulation on a virtual clock that drives the controller's own control
+//! loop ([`Control`]) the way the controller runtime does, with the agents' side simulated — as raft-rs's test
+//! harness drives the real `RawNode`. Every decision (which replica serves a request, when replicas start and stop,
+//! scale from zero, burst scale-out, keep-alive, pre-warm, placement with spread and cache hints) is `Control`'s;
+//! this module keeps the world: the fleet, the weight caches, load and service times, and the accounting.
+//!
+//! # The loop
+//! Events in, actions out, on the runtime's schedule:
+//! - an arrival is [`Control::arrive`] then [`Control::route`]; a request routed to no replica waits in its
+//!   deployment's queue and wakes the loop at once ([`Control::reconcile`]), as the gateway's hold does;
+//! - a finished load is [`Control::replica_ready`]; the waiting requests are routed, then the loop reconciles (a
+//!   worker event wakes the runtime's loop);
+//! - a finished request is [`Control::finish`]; a waiting request takes the freed slot (no reconcile: the runtime
+//!   does not wake on a finish);
+//! - the loop also reconciles every `reconcile_every_s` (the runtime's tick, 0.5 s);
+//! - `Action::Start` loads a replica on the node and GPUs `Control` chose, `Action::Stop` stops one; each time a
+//!   node's caches change, what it caches is reported with [`Control::set_cached`], and the measured lifetime of
+//!   idle copies in GPU memory with [`Control::set_idle_copy_lifetime`].
 //!
 //! # Model
 //! - A fleet of identical GPU nodes; one deployment per trace client, with a model of a given size. A replica
 //!   holds the GPU share its weights need (`GpuDemand::Memory`: a fraction of one GPU, whole GPUs past one GPU's
-//!   memory), placed by the engine with spreading and cache hints.
-//! - A request is served by the least-loaded ready replica with a free slot (`max_concurrency` per replica),
-//!   otherwise it waits in the deployment's queue. Service time follows from the model's size: a decode step
-//!   reads the weights once (`max(10 ms, bytes / (2 TB/s x GPUs))` per generated token, prefill 100x faster per
-//!   token, 50 ms overhead); ServeGen clients carry no token counts, so they use 1,024 prompt and 256 generated
-//!   tokens.
-//! - Every arrival and completion updates the scaler; when it wants more replicas than exist they start at once
-//!   (scale-from-zero is event-driven). A replica left idle while others of its deployment exist is removed once
-//!   the stable window no longer needs it (checked every 30 s); the last one follows the keep-alive plan.
-//! - Loads take [`ColdStartModel`] time from the best tier the chosen node has: an idle copy in that GPU's memory
-//!   (left behind when the deployment scaled to zero, evicted as soon as the GPU's memory is needed), host RAM
-//!   (LRU, `host_cache_bytes` per node), local disk (LRU, `disk_cache_bytes`), else the remote store.
+//!   memory), 4 CPUs and 32 GiB of host memory.
+//! - Service time follows from the model's size: a decode step reads the weights once (`max(10 ms, bytes / (2 TB/s
+//!   x GPUs))` per generated token, prefill 100x faster per token, 50 ms overhead); ServeGen clients carry no
+//!   token counts, so they use 1,024 prompt and 256 generated tokens.
+//! - Loads take [`ColdStartModel`] time from the best tier the chosen node has: an idle copy in those GPUs' memory
+//!   (left behind when a ready replica stopped, evicted as soon as the GPU's memory is needed), host RAM (LRU,
+//!   `host_cache_bytes` per node), local disk (LRU, `disk_cache_bytes`), else the remote store. A replica stopped
+//!   while it loads leaves no copy.
 //! - A request is a *cold start* when it arrives while its deployment has no ready replica and waits for a load
-//!   from host RAM, disk or the remote store; when the replica it waits for comes back from an idle copy still in
-//!   GPU memory (a fraction of a second) it is a *warm hit* instead. GPU-seconds are weighted by the share of a GPU a replica holds: *busy* while it has requests in flight,
-//!   *idle-warm* while loaded with none, *loading* while it loads. Idle copies left in GPU memory cost nothing:
-//!   scaling to zero releases the GPU for billing.
+//!   from host RAM, disk or the remote store; when a replica coming back from an idle copy still in GPU memory (a
+//!   fraction of a second) is loading for it, it is a *warm hit* instead. A start decided while the deployment has
+//!   nothing in flight or waiting is a *pre-warm*. GPU-seconds are weighted by the share of a GPU a replica holds:
+//!   *busy* while it has requests in flight, *idle-warm* while loaded with none, *loading* while it loads. Idle
+//!   copies left in GPU memory cost nothing: scaling to zero releases the GPU for billing.
 
 use std::{
     cmp::Ordering,
-    collections::{BinaryHeap, VecDeque},
+    collections::{BinaryHeap, HashMap, VecDeque},
 };
 
-use super::{
+use kiln_core::{
+    autoscale::{
+        ScalingConfig,
+        coldstart::{ColdStartModel, Tier},
+        keepalive::{Costs, Policy as KeepAlivePolicy},
+    },
+    control::{self, Action, Cached, Control, NodeInfo, Prices, Route},
+    placement::{CacheTier, GpuDemand, MILLI_PER_GPU, NodeSpec, Policy},
+    rng::Rng,
+};
+
+use crate::{
     arrivals::Arrivals,
     traces::{TraceRequest, Window},
-};
-use crate::{
-    autoscale::{
-        Scaler, ScalingConfig,
-        coldstart::{ColdStartModel, Tier},
-        keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
-    },
-    placement::{
-        CacheHint, CacheTier, Cluster, GpuDemand, Hints, MILLI_PER_GPU, NodeId, NodeSpec, Placement, PlacementEngine,
-        Policy, Request, Workload,
-    },
-    rng::Rng,
 };
 
 const GB: f64 = 1e9;
@@ -61,18 +72,29 @@ pub struct FleetSpec {
     pub nodes: u32,
 }
 
+/// Why a fleet spec does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FleetError {
+    /// Not of the form `<gpu>-<memory>gb:<gpus per node>x<nodes>`.
+    #[error("fleet {0:?}: expected <gpu>-<memory>gb:<gpus per node>x<nodes>, e.g. h100-80gb:8x16")]
+    Syntax(String),
+    /// A zero, or more GPUs per node than a node may have.
+    #[error("fleet {0:?}: memory, GPUs per node (1..=16) and nodes must be positive")]
+    OutOfRange(String),
+}
+
 impl FleetSpec {
     /// Parses `<model>-<N>gb:<gpus per node>x<nodes>`.
-    pub fn parse(spec: &str) -> Result<Self, String> {
-        let bad = || format!("fleet {spec:?}: expected <gpu>-<memory>gb:<gpus per node>x<nodes>, e.g. h100-80gb:8x16");
+    pub fn parse(spec: &str) -> Result<Self, FleetError> {
+        let bad = || FleetError::Syntax(spec.to_owned());
         let (model, shape) = spec.split_once(':').ok_or_else(bad)?;
         let (gpus, nodes) = shape.split_once('x').ok_or_else(bad)?;
         let memory = model.rsplit_once('-').and_then(|(_, m)| m.strip_suffix("gb")).ok_or_else(bad)?;
         let memory: u64 = memory.parse().map_err(|_| bad())?;
         let gpus: u8 = gpus.parse().map_err(|_| bad())?;
         let nodes: u32 = nodes.parse().map_err(|_| bad())?;
-        if memory == 0 || gpus == 0 || usize::from(gpus) > crate::placement::MAX_GPUS_PER_NODE || nodes == 0 {
-            return Err(format!("fleet {spec:?}: memory, GPUs per node (1..=16) and nodes must be positive"));
+        if memory == 0 || gpus == 0 || usize::from(gpus) > kiln_core::placement::MAX_GPUS_PER_NODE || nodes == 0 {
+            return Err(FleetError::OutOfRange(spec.to_owned()));
         }
         Ok(Self { gpu_model: model.to_owned(), gpu_memory_bytes: memory * 1_000_000_000, gpus_per_node: gpus, nodes })
     }
@@ -142,6 +164,8 @@ pub struct SimConfig {
     pub sample_every_s: f64,
     /// Leave the weights in GPU memory as an evictable copy when a replica stops (false: every restart loads).
     pub idle_gpu_copies: bool,
+    /// How often the control loop reconciles without an event, seconds (the controller runtime's tick).
+    pub reconcile_every_s: f64,
 }
 
 impl Default for SimConfig {
@@ -160,6 +184,7 @@ impl Default for SimConfig {
             placement: Policy::Kiln,
             sample_every_s: 600.0,
             idle_gpu_copies: true,
+            reconcile_every_s: 0.5,
         }
     }
 }
@@ -212,7 +237,8 @@ pub struct Outcome {
     pub demand_loads: [u64; 4],
     /// Loads started by a pre-warm.
     pub prewarms: u64,
-    /// Replica starts the fleet had no room for at the time (retried when room was freed).
+    /// Times a deployment with requests waiting found the fleet without room for the replica it needed (counted
+    /// when it starts; the control loop retries at each reconcile).
     pub unschedulable: u64,
     /// Latency percentiles (queueing + load + service), ms: p50, p95, p99.
     pub latency_ms: [f64; 3],
@@ -226,7 +252,7 @@ pub struct Outcome {
     pub idle_gaps: Vec<Vec<f64>>,
     /// Per deployment, in deployment order.
     pub per_deployment: Vec<DeploymentOutcome>,
-    /// Events processed.
+    /// Events processed (arrivals, loads, completions, ticks, samples).
     pub events: u64,
     /// Mean lifetime of an idle copy in GPU memory before eviction, as measured in the run, seconds.
     pub copy_lifetime_s: f64,
@@ -313,10 +339,7 @@ enum Kind {
     Arrival { dep: u32 },
     Ready { replica: u32, epoch: u32 },
     Done { replica: u32, epoch: u32, arrived: f64 },
-    Unload { dep: u32, round: u32 },
-    PrewarmStart { dep: u32, round: u32 },
-    PrewarmEnd { dep: u32, round: u32 },
-    ScaleDown { replica: u32, epoch: u32 },
+    Tick,
     Sample,
 }
 
@@ -352,15 +375,18 @@ enum State {
     Stopped,
 }
 
+/// A replica as its node's agent runs it.
 #[derive(Debug, Clone)]
 struct Replica {
+    /// `Control`'s id.
+    id: String,
     dep: u32,
-    /// Started by a pre-warm and not used yet: it stays until the pre-warm window ends.
-    prewarmed: bool,
+    node: usize,
+    /// GPUs it holds (a bitmask of indexes) and the milli-GPU on each.
+    gpus_mask: u16,
+    milli: u16,
     /// Where its weights came from.
     tier: Tier,
-    placement: Placement,
-    request: Request,
     state: State,
     epoch: u32,
     in_flight: u32,
@@ -378,22 +404,26 @@ struct Waiting {
 
 #[derive(Debug)]
 struct Dep {
+    /// `Control`'s key, also the model's URI in cache reports.
+    key: String,
     bytes: u64,
-    request: Request,
-    scaler: Scaler,
-    keep: KeepAlive,
-    costs: Costs,
     replicas: Vec<u32>,
     queue: VecDeque<Waiting>,
     in_flight: u32,
     idle_since: Option<f64>,
-    round: u32,
     arrivals: Option<Arrivals>,
     requests: Vec<TraceRequest>,
     cursor: usize,
     next_tokens: (u32, u32),
-    wants_room: bool,
+    /// Whether `Control` last said it had no room for a replica.
+    unschedulable: bool,
     gaps: Vec<f64>,
+}
+
+impl Dep {
+    fn idle(&self) -> bool {
+        self.in_flight == 0 && self.queue.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -479,7 +509,6 @@ impl Latencies {
         0.1 * Self::STEP.powf(self.counts.len() as f64)
     }
 }
-
 /// Service time of one request, seconds.
 fn service_s(bytes: u64, gpus: f64, context: u32, generated: u32) -> f64 {
     let per_token = (bytes as f64 / (2e12 * gpus.max(1.0))).max(0.010);
@@ -488,21 +517,24 @@ fn service_s(bytes: u64, gpus: f64, context: u32, generated: u32) -> f64 {
 
 const SERVEGEN_CONTEXT: u32 = 1024;
 const SERVEGEN_GENERATED: u32 = 256;
-/// How often an idle surplus replica checks whether it is still needed, seconds.
-const SCALE_DOWN_CHECK_S: f64 = 30.0;
 
 /// The simulator state for one run.
 struct Sim<'a> {
     config: &'a SimConfig,
     fleet: &'a FleetSpec,
     end_s: f64,
-    engine: PlacementEngine,
+    control: Control,
+    node_names: Vec<String>,
+    node_ids: HashMap<String, usize>,
     deps: Vec<Dep>,
     replicas: Vec<Replica>,
+    by_id: HashMap<String, u32>,
     free_slots: Vec<u32>,
     heap: BinaryHeap<Event>,
     seq: u64,
     rng: Rng,
+    /// Milli-GPU held by live replicas, per node and GPU.
+    gpu_used: Vec<Vec<u32>>,
     gpu_copies: Vec<Vec<IdleCopy>>,
     host: Vec<Lru>,
     disk: Vec<Lru>,
@@ -516,6 +548,25 @@ struct Sim<'a> {
 
 /// Prior for the idle-copy lifetime estimate: one eviction per this many copy-seconds before any is seen.
 const COPY_LIFETIME_PRIOR_S: f64 = 3600.0;
+/// CPU (millicores) and host memory (MiB) of one replica.
+const REPLICA_CPU_MILLI: u32 = 4_000;
+const REPLICA_MEMORY_MIB: u32 = 32 * 1024;
+
+/// The control loop's view of deployment `i` of a run.
+fn control_spec(config: &SimConfig, key: &str, bytes: u64, keep_alive: KeepAlivePolicy) -> control::DeploymentSpec {
+    control::DeploymentSpec {
+        cpu_milli: REPLICA_CPU_MILLI,
+        memory_mib: REPLICA_MEMORY_MIB,
+        gpu: GpuDemand::Memory(((bytes / MIB) as u32).max(1)),
+        gpu_models: Vec::new(),
+        scaling: config.scaling,
+        keep_alive,
+        keep_alive_cap_s: f64::INFINITY,
+        model_uri: key.to_owned(),
+        weights_bytes: bytes,
+        max_concurrency: config.max_concurrency,
+    }
+}
 
 /// Runs one simulation. `progress` is called with the fraction of simulated time done, about every 1%.
 pub fn simulate(
@@ -526,14 +577,27 @@ pub fn simulate(
     progress: &mut dyn FnMut(f64),
 ) -> Outcome {
     let end_s = config.days * 86_400.0;
-    let cluster = Cluster::new(&fleet.nodes()).expect("a fleet within the engine's limits");
-    let replica_requests: Vec<Request> = deployments
-        .iter()
-        .map(|d| Request::new(4_000, 32 * 1024, GpuDemand::Memory(((d.weights_bytes / MIB) as u32).max(1))))
-        .collect();
-    let workload = Workload::from_requests(&replica_requests);
-    let engine = PlacementEngine::new(cluster, config.placement, workload, config.seed);
-    let n = fleet.nodes as usize;
+    let prices = Prices { gpu_usd_per_hour: config.gpu_usd_per_hour, wait_usd_per_s: config.wait_usd_per_s };
+    let mut control = Control::new(config.placement, config.cold.clone(), prices);
+    let nodes = fleet.nodes();
+    for n in &nodes {
+        let info = NodeInfo {
+            name: n.name.clone(),
+            cpu_milli: n.cpu_milli,
+            memory_mib: n.memory_mib,
+            gpu_model: n.gpu_model.clone(),
+            gpu_memory_mib: n.gpu_memory_mib,
+            gpu_healthy: vec![true; usize::from(n.gpu_count)],
+            labels: Vec::new(),
+        };
+        // A fleet spec is checked by `FleetSpec::parse` (at most 16 GPUs per node): a node is always usable.
+        if control.node_up(&info, &[]).is_err() {
+            debug_assert!(false, "node {} refused", n.name);
+        }
+    }
+    let node_names: Vec<String> = nodes.iter().map(|n| n.name.clone()).collect();
+    let node_ids = node_names.iter().enumerate().map(|(i, n)| (n.clone(), i)).collect();
+    let n = nodes.len();
     let deps = deployments
         .iter()
         .enumerate()
@@ -542,6 +606,8 @@ pub fn simulate(
                 KeepAliveChoice::Uniform(p) => *p,
                 KeepAliveChoice::PerDeployment(timers) => KeepAlivePolicy::Fixed(timers.get(i).copied().unwrap_or(0.0)),
             };
+            let key = format!("sim/{i:06}");
+            control.upsert_deployment(&key, control_spec(config, &key, d.weights_bytes, policy), 0.0);
             let rng = Rng::new(config.seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i as u64 + 1)));
             let (arrivals, requests) = match &d.source {
                 Source::Windows(w) => (Some(Arrivals::new(w.clone(), config.rate_scale, end_s, rng)), Vec::new()),
@@ -552,21 +618,17 @@ pub fn simulate(
                 }
             };
             Dep {
+                key,
                 bytes: d.weights_bytes,
-                request: replica_requests[i],
-                scaler: Scaler::new(config.scaling, 0.0),
-                keep: KeepAlive::new(policy),
-                costs: keepalive_costs(config, fleet, d.weights_bytes),
                 replicas: Vec::new(),
                 queue: VecDeque::new(),
                 in_flight: 0,
                 idle_since: None,
-                round: 0,
                 arrivals,
                 requests,
                 cursor: 0,
                 next_tokens: (SERVEGEN_CONTEXT, SERVEGEN_GENERATED),
-                wants_room: false,
+                unschedulable: false,
                 gaps: Vec::new(),
             }
         })
@@ -575,13 +637,17 @@ pub fn simulate(
         config,
         fleet,
         end_s,
-        engine,
+        control,
+        node_names,
+        node_ids,
         deps,
         replicas: Vec::new(),
+        by_id: HashMap::new(),
         free_slots: Vec::new(),
         heap: BinaryHeap::new(),
         seq: 0,
         rng: Rng::new(config.seed.wrapping_add(1)),
+        gpu_used: vec![vec![0; usize::from(fleet.gpus_per_node)]; n],
         gpu_copies: vec![Vec::new(); n],
         host: vec![Lru { capacity: config.host_cache_bytes, ..Lru::default() }; n],
         disk: vec![Lru { capacity: config.disk_cache_bytes, ..Lru::default() }; n],
@@ -591,10 +657,13 @@ pub fn simulate(
         copy_seconds: 0.0,
         copy_evictions: 0,
     };
+    let lifetime = sim.copy_lifetime();
+    sim.control.set_idle_copy_lifetime(lifetime);
     for dep in 0..sim.deps.len() as u32 {
         sim.schedule_next_arrival(dep);
     }
     sim.push(0.0, Kind::Sample);
+    sim.push(0.0, Kind::Tick);
     let mut next_report = 0.0;
     while let Some(event) = sim.heap.pop() {
         if event.t > end_s {
@@ -642,32 +711,37 @@ impl Sim<'_> {
                 }
             }
             Kind::Done { replica, epoch, arrived } => self.done(now, replica, epoch, arrived),
-            Kind::Unload { dep, round } => {
-                if self.deps[dep as usize].round == round && self.is_idle(dep) {
-                    self.stop_idle_replicas(now, dep);
+            Kind::Tick => {
+                self.reconcile(now);
+                let next = now + self.config.reconcile_every_s.max(1e-3);
+                if next <= self.end_s {
+                    self.push(next, Kind::Tick);
                 }
             }
-            Kind::PrewarmStart { dep, round } => {
-                if self.deps[dep as usize].round == round
-                    && self.deps[dep as usize].replicas.is_empty()
-                    && self.start_replica(now, dep, true)
-                {
-                    self.out.prewarms += 1;
-                }
-            }
-            Kind::PrewarmEnd { dep, round } => {
-                if self.deps[dep as usize].round == round && self.is_idle(dep) {
-                    self.stop_idle_replicas(now, dep);
-                }
-            }
-            Kind::ScaleDown { replica, epoch } => self.scale_down_check(now, replica, epoch),
             Kind::Sample => self.sample(now),
         }
     }
 
-    fn is_idle(&self, dep: u32) -> bool {
-        let d = &self.deps[dep as usize];
-        d.in_flight == 0 && d.queue.is_empty()
+    /// The control loop's pass: its actions carried out as the agents would.
+    fn reconcile(&mut self, now: f64) {
+        for action in self.control.reconcile(now) {
+            match action {
+                Action::Start { replica, deployment, node, gpus, milli_per_gpu, .. } => {
+                    self.start_replica(now, replica, &deployment, &node, &gpus, milli_per_gpu);
+                }
+                Action::Stop { replica, .. } => self.stop(now, &replica),
+            }
+        }
+        for dep in 0..self.deps.len() {
+            if self.deps[dep].queue.is_empty() {
+                continue;
+            }
+            let now_unschedulable = self.control.unschedulable(&self.deps[dep].key).is_some();
+            if now_unschedulable && !self.deps[dep].unschedulable {
+                self.out.unschedulable += 1;
+            }
+            self.deps[dep].unschedulable = now_unschedulable;
+        }
     }
 
     fn arrival(&mut self, now: f64, dep: u32) {
@@ -676,21 +750,26 @@ impl Sim<'_> {
         let (context, generated) = self.deps[dep as usize].next_tokens;
         self.schedule_next_arrival(dep);
         let d = &mut self.deps[dep as usize];
-        if d.in_flight == 0 && d.queue.is_empty() {
-            if let Some(since) = d.idle_since.take() {
-                d.keep.record_idle(now - since);
-                d.gaps.push(now - since);
-            }
-            // Whatever the keep-alive planned is void now.
-            d.round += 1;
+        if d.idle()
+            && let Some(since) = d.idle_since.take()
+        {
+            d.gaps.push(now - since);
         }
         let ready = d.replicas.iter().any(|&r| self.replicas[r as usize].state == State::Ready);
+        let key = d.key.clone();
+        self.control.arrive(&key, now);
         let waiting = Waiting { arrived: now, context, generated };
-        match self.free_replica(dep) {
-            Some(r) => self.serve(now, r, waiting),
-            None => self.deps[dep as usize].queue.push_back(waiting),
+        match self.control.route(&key) {
+            Route::Replica { replica, .. } => {
+                let r = self.slot(&replica);
+                self.serve(now, r, waiting);
+            }
+            Route::Wait | Route::Unknown => {
+                self.deps[dep as usize].queue.push_back(waiting);
+                // The gateway's hold wakes the control loop at once.
+                self.reconcile(now);
+            }
         }
-        self.autoscale(now, dep);
         if !ready {
             // It waits for a load: a warm hit when a replica is coming back from an idle copy in GPU memory.
             let warm = self.deps[dep as usize].replicas.iter().any(|&r| {
@@ -707,24 +786,18 @@ impl Sim<'_> {
         }
     }
 
-    /// The ready replica of `dep` with the fewest requests in flight, if one has a free slot.
-    fn free_replica(&self, dep: u32) -> Option<u32> {
-        self.deps[dep as usize]
-            .replicas
-            .iter()
-            .copied()
-            .filter(|&r| {
-                let r = &self.replicas[r as usize];
-                r.state == State::Ready && r.in_flight < self.config.max_concurrency
-            })
-            .min_by_key(|&r| self.replicas[r as usize].in_flight)
+    /// The slot of the replica `Control` calls `id`.
+    fn slot(&self, id: &str) -> u32 {
+        match self.by_id.get(id) {
+            Some(&slot) => slot,
+            None => unreachable!("Control routed to replica {id}, which the simulator never started"),
+        }
     }
 
     fn serve(&mut self, now: f64, replica: u32, w: Waiting) {
         self.account(now, replica);
         let r = &mut self.replicas[replica as usize];
         r.in_flight += 1;
-        r.prewarmed = false;
         let (dep, epoch, gpus) = (r.dep, r.epoch, r.gpus);
         let d = &mut self.deps[dep as usize];
         d.in_flight += 1;
@@ -732,58 +805,15 @@ impl Sim<'_> {
         self.push(t, Kind::Done { replica, epoch, arrived: w.arrived });
     }
 
-    /// Feeds the scaler the deployment's concurrency and starts the replicas it wants beyond the current ones.
-    /// Scaling down is not decided here (see `scale_down_check` and the keep-alive plan). While the replicas
-    /// carry no more than their target, no window can want more of them than when the concurrency was last
-    /// higher, so the windows are only evaluated above the target.
-    fn autoscale(&mut self, now: f64, dep: u32) {
-        let d = &mut self.deps[dep as usize];
-        let level = f64::from(d.in_flight) + d.queue.len() as f64;
-        d.scaler.observe(now, level);
-        let current = d.replicas.len() as u32;
-        if current > 0 && level <= f64::from(current) * d.scaler.config().target_concurrency {
-            return;
-        }
-        let want = d.scaler.desired(now, current);
-        for _ in current..want {
-            if !self.start_replica(now, dep, false) {
-                break;
-            }
-        }
-    }
-
-    /// Starts a replica of `dep`; false if the fleet has no room (it is retried when room is freed).
-    fn start_replica(&mut self, now: f64, dep: u32, prewarm: bool) -> bool {
-        let d = &self.deps[dep as usize];
-        let request = d.request;
-        let colocated: Vec<NodeId> = d.replicas.iter().map(|&r| self.replicas[r as usize].placement.node).collect();
-        let mut cached: Vec<CacheHint> = Vec::new();
-        for node in 0..self.fleet.nodes as usize {
-            let tier = if let Some(c) = self.gpu_copies[node].iter().find(|c| c.dep == dep) {
-                Some(CacheTier::Gpu(c.gpus))
-            } else if self.host[node].contains(dep) {
-                Some(CacheTier::HostRam)
-            } else if self.disk[node].contains(dep) {
-                Some(CacheTier::Disk)
-            } else {
-                None
-            };
-            if let Some(tier) = tier {
-                cached.push(CacheHint { node: node as NodeId, tier });
-            }
-        }
-        let placement = match self.engine.place_with(&request, &Hints { cached: &cached, colocated: &colocated }) {
-            Ok(p) => p,
-            Err(_) => {
-                self.out.unschedulable += 1;
-                self.deps[dep as usize].wants_room = true;
-                return false;
-            }
+    /// Carries out `Action::Start`: the agent loads the weights from the best tier on the node.
+    fn start_replica(&mut self, now: f64, id: String, key: &str, node: &str, gpus: &[u32], milli: u16) {
+        let (Some(&node), Some(dep)) = (self.node_ids.get(node), self.dep_of(key)) else {
+            unreachable!("Control started {id} of {key} on {node}, which the simulator does not know");
         };
-        let node = placement.node as usize;
+        let mask = gpus.iter().fold(0u16, |m, &g| m | (1 << g));
         let bytes = self.deps[dep as usize].bytes;
         // The tier the weights come from on that node.
-        let tier = match self.gpu_copies[node].iter().position(|c| c.dep == dep && c.gpus == placement.gpus) {
+        let tier = match self.gpu_copies[node].iter().position(|c| c.dep == dep && c.gpus == mask) {
             Some(i) => {
                 let copy = self.gpu_copies[node].swap_remove(i);
                 self.copy_seconds += now - copy.since;
@@ -795,28 +825,36 @@ impl Sim<'_> {
         };
         self.host[node].touch(dep, bytes, now);
         self.disk[node].touch(dep, bytes, now);
-        self.evict_copies_for(now, node, placement);
-        self.sync_cached(node);
+        for &g in gpus {
+            self.gpu_used[node][g as usize] += u32::from(milli);
+        }
+        self.evict_copies_for(now, node, mask);
+        // Copies reused or evicted: the lifetime the keep-alive weighs follows what the run has seen.
+        let lifetime = self.copy_lifetime();
+        self.control.set_idle_copy_lifetime(lifetime);
+        self.report_cached(node);
         let load_s = self.config.cold.sample(bytes, tier, &mut self.rng);
-        if !prewarm {
+        if self.deps[dep as usize].idle() {
+            self.out.prewarms += 1;
+        } else {
             self.out.demand_loads[tier as usize] += 1;
         }
-        let gpus = placement.gpus.count_ones() as f64;
-        let share = gpus * f64::from(placement.milli_per_gpu) / f64::from(MILLI_PER_GPU);
+        let share = gpus.len() as f64 * f64::from(milli) / f64::from(MILLI_PER_GPU);
         let replica = Replica {
+            id: id.clone(),
             dep,
-            prewarmed: prewarm,
+            node,
+            gpus_mask: mask,
+            milli,
             tier,
-            placement,
-            request,
             state: State::Loading,
             epoch: 0,
             in_flight: 0,
             share,
-            gpus,
+            gpus: gpus.len() as f64,
             since: now,
         };
-        let id = match self.free_slots.pop() {
+        let slot = match self.free_slots.pop() {
             Some(slot) => {
                 let epoch = self.replicas[slot as usize].epoch + 1;
                 self.replicas[slot as usize] = Replica { epoch, ..replica };
@@ -827,16 +865,22 @@ impl Sim<'_> {
                 self.replicas.len() as u32 - 1
             }
         };
-        self.deps[dep as usize].replicas.push(id);
-        let epoch = self.replicas[id as usize].epoch;
-        self.push(now + load_s, Kind::Ready { replica: id, epoch });
-        true
+        self.by_id.insert(id, slot);
+        self.deps[dep as usize].replicas.push(slot);
+        let epoch = self.replicas[slot as usize].epoch;
+        self.push(now + load_s, Kind::Ready { replica: slot, epoch });
     }
 
-    /// Evicts idle GPU copies that no longer fit beside what is allocated on the GPUs `placement` uses.
-    fn evict_copies_for(&mut self, now: f64, node: usize, placement: Placement) {
-        for g in placement.gpu_indexes() {
-            let used = u32::from(MILLI_PER_GPU - self.engine.cluster().node(node as NodeId).gpu_free[g]);
+    /// The deployment with `Control`'s key `key` (keys are `sim/<index>`).
+    fn dep_of(&self, key: &str) -> Option<u32> {
+        let i: u32 = key.strip_prefix("sim/")?.parse().ok()?;
+        ((i as usize) < self.deps.len()).then_some(i)
+    }
+
+    /// Evicts idle GPU copies that no longer fit beside what live replicas hold on the GPUs of `mask`.
+    fn evict_copies_for(&mut self, now: f64, node: usize, mask: u16) {
+        for g in (0..usize::from(self.fleet.gpus_per_node)).filter(|g| mask & (1 << g) != 0) {
+            let used = self.gpu_used[node][g];
             loop {
                 let idle: u32 =
                     self.gpu_copies[node].iter().filter(|c| c.gpus & (1 << g) != 0).map(|c| u32::from(c.milli)).sum();
@@ -848,8 +892,8 @@ impl Sim<'_> {
                     .enumerate()
                     .filter(|(_, c)| c.gpus & (1 << g) != 0)
                     .min_by(|a, b| a.1.since.total_cmp(&b.1.since))
-                    .map(|(i, _)| i)
-                    .expect("idle > 0 means a copy");
+                    .map(|(i, _)| i);
+                let Some(oldest) = oldest else { break };
                 let copy = self.gpu_copies[node].swap_remove(oldest);
                 self.copy_seconds += now - copy.since;
                 self.copy_evictions += 1;
@@ -857,13 +901,19 @@ impl Sim<'_> {
         }
     }
 
-    /// Tells the placement engine how much of each GPU's free memory on `node` holds idle copies.
-    fn sync_cached(&mut self, node: usize) {
-        for g in 0..usize::from(self.fleet.gpus_per_node) {
-            let milli: u32 =
-                self.gpu_copies[node].iter().filter(|c| c.gpus & (1 << g) != 0).map(|c| u32::from(c.milli)).sum();
-            self.engine.set_cached(node as NodeId, g, milli.min(u32::from(MILLI_PER_GPU)) as u16);
+    /// The node's agent reports what it caches: idle copies in GPU memory, host RAM and disk.
+    fn report_cached(&mut self, node: usize) {
+        let mut cached: Vec<Cached> = Vec::new();
+        for c in &self.gpu_copies[node] {
+            cached.push(Cached { model_uri: self.deps[c.dep as usize].key.clone(), tier: CacheTier::Gpu(c.gpus) });
         }
+        for &(dep, _, _) in &self.host[node].entries {
+            cached.push(Cached { model_uri: self.deps[dep as usize].key.clone(), tier: CacheTier::HostRam });
+        }
+        for &(dep, _, _) in &self.disk[node].entries {
+            cached.push(Cached { model_uri: self.deps[dep as usize].key.clone(), tier: CacheTier::Disk });
+        }
+        self.control.set_cached(&self.node_names[node], cached);
     }
 
     /// Credits a replica's GPU share since its last change to the state it was in.
@@ -886,17 +936,19 @@ impl Sim<'_> {
         self.account(now, replica);
         self.replicas[replica as usize].state = State::Ready;
         let dep = self.replicas[replica as usize].dep;
+        let id = self.replicas[replica as usize].id.clone();
+        self.control.replica_ready(&id);
         self.drain_queue(now, dep);
-        // A pre-warmed replica with nothing to do waits for its window's end (the plan that started it).
-        if self.replicas[replica as usize].in_flight == 0 && !self.replicas[replica as usize].prewarmed {
-            self.became_idle(now, replica);
-        }
+        // The agent's worker event wakes the control loop.
+        self.reconcile(now);
     }
 
+    /// Routes waiting requests while `Control` finds a replica with a free slot.
     fn drain_queue(&mut self, now: f64, dep: u32) {
         while !self.deps[dep as usize].queue.is_empty() {
-            let Some(r) = self.free_replica(dep) else { break };
-            let w = self.deps[dep as usize].queue.pop_front().expect("not empty");
+            let Route::Replica { replica, .. } = self.control.route(&self.deps[dep as usize].key) else { break };
+            let r = self.slot(&replica);
+            let Some(w) = self.deps[dep as usize].queue.pop_front() else { break };
             self.serve(now, r, w);
         }
     }
@@ -908,10 +960,12 @@ impl Sim<'_> {
         let dep = self.replicas[replica as usize].dep;
         self.replicas[replica as usize].in_flight -= 1;
         self.deps[dep as usize].in_flight -= 1;
+        let id = self.replicas[replica as usize].id.clone();
+        self.control.finish(&self.deps[dep as usize].key, &id, now);
         self.drain_queue(now, dep);
-        self.autoscale(now, dep);
-        if self.replicas[replica as usize].in_flight == 0 {
-            self.became_idle(now, replica);
+        let d = &mut self.deps[dep as usize];
+        if d.idle() {
+            d.idle_since = Some(now);
         }
     }
 
@@ -925,94 +979,28 @@ impl Sim<'_> {
         }
     }
 
-    /// A ready replica has nothing in flight.
-    fn became_idle(&mut self, now: f64, replica: u32) {
-        let lifetime = self.copy_lifetime();
-        let dep = self.replicas[replica as usize].dep;
-        let others = self.deps[dep as usize].replicas.len() > 1;
-        if others {
-            let epoch = self.replicas[replica as usize].epoch;
-            self.push(now + SCALE_DOWN_CHECK_S, Kind::ScaleDown { replica, epoch });
-        }
-        if !self.is_idle(dep) {
-            return;
-        }
-        let d = &mut self.deps[dep as usize];
-        d.idle_since = Some(now);
-        d.round += 1;
-        let round = d.round;
-        let costs = Costs { copy_lifetime_s: lifetime, ..d.costs };
-        let plan: Plan = d.keep.plan(&costs, None);
-        if plan.unload_after.is_finite() {
-            self.push(now + plan.unload_after, Kind::Unload { dep, round });
-        }
-        if let Some((ready_at, until)) = plan.prewarm {
-            let start = (ready_at - costs.load_s).max(plan.unload_after);
-            self.push(now + start, Kind::PrewarmStart { dep, round });
-            self.push(now + until, Kind::PrewarmEnd { dep, round });
-        }
-    }
-
-    fn scale_down_check(&mut self, now: f64, replica: u32, epoch: u32) {
-        let r = &self.replicas[replica as usize];
-        if r.epoch != epoch || r.state != State::Ready || r.in_flight > 0 {
-            return;
-        }
-        let dep = r.dep;
-        let d = &mut self.deps[dep as usize];
-        let current = d.replicas.len() as u32;
-        if current <= 1 {
-            return;
-        }
-        let level = f64::from(d.in_flight) + d.queue.len() as f64;
-        d.scaler.observe(now, level);
-        if d.scaler.desired(now, current) < current {
-            self.stop(now, replica);
-        } else {
-            self.push(now + SCALE_DOWN_CHECK_S, Kind::ScaleDown { replica, epoch });
-        }
-    }
-
-    fn stop_idle_replicas(&mut self, now: f64, dep: u32) {
-        let idle: Vec<u32> = self.deps[dep as usize]
-            .replicas
-            .iter()
-            .copied()
-            .filter(|&r| self.replicas[r as usize].state == State::Ready && self.replicas[r as usize].in_flight == 0)
-            .collect();
-        for r in idle {
-            self.stop(now, r);
-        }
-    }
-
-    /// Stops an idle replica: releases its GPUs and leaves its weights there as an idle, evictable copy.
-    fn stop(&mut self, now: f64, replica: u32) {
+    /// Carries out `Action::Stop`: a ready replica leaves its weights in GPU memory as an idle, evictable copy.
+    fn stop(&mut self, now: f64, id: &str) {
+        let Some(replica) = self.by_id.remove(id) else {
+            unreachable!("Control stopped replica {id}, which the simulator never started");
+        };
         self.account(now, replica);
         let r = &mut self.replicas[replica as usize];
+        debug_assert_eq!(r.in_flight, 0, "Control stops idle replicas only");
+        let was_ready = r.state == State::Ready;
         r.state = State::Stopped;
         r.epoch += 1;
-        let (dep, placement, request) = (r.dep, r.placement, r.request);
-        self.engine.release(&request, &placement);
-        if self.config.idle_gpu_copies {
-            let bytes = self.deps[dep as usize].bytes;
-            self.gpu_copies[placement.node as usize].push(IdleCopy {
-                dep,
-                gpus: placement.gpus,
-                milli: placement.milli_per_gpu,
-                bytes,
-                since: now,
-            });
-            self.sync_cached(placement.node as usize);
+        let (dep, node, mask, milli) = (r.dep, r.node, r.gpus_mask, r.milli);
+        for g in (0..usize::from(self.fleet.gpus_per_node)).filter(|g| mask & (1 << g) != 0) {
+            self.gpu_used[node][g] -= u32::from(milli);
         }
+        if self.config.idle_gpu_copies && was_ready {
+            let bytes = self.deps[dep as usize].bytes;
+            self.gpu_copies[node].push(IdleCopy { dep, gpus: mask, milli, bytes, since: now });
+        }
+        self.report_cached(node);
         self.deps[dep as usize].replicas.retain(|&x| x != replica);
         self.free_slots.push(replica);
-        // Room was freed: deployments that could not start a replica try again.
-        for other in 0..self.deps.len() as u32 {
-            if self.deps[other as usize].wants_room {
-                self.deps[other as usize].wants_room = false;
-                self.autoscale(now, other);
-            }
-        }
     }
 
     fn sample(&mut self, now: f64) {

@@ -9,8 +9,10 @@
 //!
 //! Timing is the caller's business (the core reads no clock): `decisions` lets it compute decisions per second.
 
-use super::{Cluster, GpuDemand, Measure, PlacementEngine, Policy, Request, Workload};
-use crate::rng::Rng;
+use kiln_core::{
+    placement::{Cluster, GpuDemand, Measure, PlacementEngine, Policy, Request, Workload},
+    rng::Rng,
+};
 
 /// Arrived-demand marks reported in summaries, in percent of GPU capacity.
 pub const REPORTED_MARKS: [u32; 5] = [90, 95, 100, 110, 130];
@@ -131,7 +133,7 @@ pub fn median_at(runs: &[SeedRun], mark: u32, series: impl Fn(&SeedRun) -> &[f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::NodeSpec;
+    use kiln_core::placement::NodeSpec;
 
     fn pod(gpu: GpuDemand) -> Request {
         Request::new(1000, 1024, gpu)

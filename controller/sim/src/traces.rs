@@ -1,7 +1,7 @@
 //! Request traces for the serving simulator, parsed from text (the caller reads the files): ServeGen per-client
 //! rate series and the Azure LLM inference trace. Every error names the file, the line and the field.
 
-pub use crate::placement::openb::TraceError;
+pub use crate::openb::TraceError;
 
 /// Inter-arrival distribution within a window.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -10,8 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kiln_core::placement::{
-    Cluster, Policy, Workload,
+use kiln_core::placement::{Cluster, Policy, Workload};
+use kiln_sim::{
     experiment::{REPORTED_MARKS, SeedRun, median_at, run_seed},
     openb,
 };

@@ -3,8 +3,8 @@
 //! rate on average, bursts keep their shape, and a client with a rate of one request per day still gets one
 //! request per day (a window-by-window draw would lose the gaps longer than a window).
 
-use super::traces::{Pattern, Window};
-use crate::rng::Rng;
+use crate::traces::{Pattern, Window};
+use kiln_core::rng::Rng;
 
 /// Window length of the ServeGen trace, seconds.
 pub const WINDOW_S: f64 = 600.0;

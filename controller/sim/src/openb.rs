@@ -2,7 +2,7 @@
 //! the pod lists. Takes the file's text and name (the caller reads the file); every error names the file, the line
 //! and the field.
 
-use super::{Cluster, GpuDemand, MILLI_PER_GPU, ModelSet, NodeSpec, Request};
+use kiln_core::placement::{Cluster, GpuDemand, MAX_GPUS_PER_NODE, MILLI_PER_GPU, ModelSet, NodeSpec, Request};
 
 /// A parse error, naming where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -80,7 +80,7 @@ pub fn parse_nodes(file: &str, text: &str) -> Result<Vec<NodeSpec>, TraceError> 
     let mut nodes = Vec::with_capacity(csv.rows.len());
     for (line, row) in &csv.rows {
         let gpu_count: u8 = csv.number(*line, row, "gpu")?;
-        if usize::from(gpu_count) > super::MAX_GPUS_PER_NODE {
+        if usize::from(gpu_count) > MAX_GPUS_PER_NODE {
             return Err(csv.error(*line, "gpu", format!("{gpu_count} GPUs; at most 16 per node are supported")));
         }
         let name = csv.cell(row, "sn").unwrap_or_default();
