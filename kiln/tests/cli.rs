@@ -97,7 +97,8 @@ fn simulate_placement_writes_the_json_the_experiment_promises_and_names_bad_rows
     fs::write(
         &pods,
         "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n\
-         a,8000,16384,1,1000,\nb,4000,8192,1,500,\nc,2000,4096,0,0,\nd,16000,65536,8,1000,G0\ne,6000,8192,2,1000,G1|G2\n",
+         a,8000,16384,1,1000,\nb,4000,8192,1,500,\nc,2000,4096,0,0,\nd,16000,65536,8,1000,G0\ne,6000,8192,2,1000,G1|G2\n\
+         f,100000,16384,1,1000,G1\n",
     )
     .unwrap();
     let out = kiln(&[
@@ -119,7 +120,12 @@ fn simulate_placement_writes_the_json_the_experiment_promises_and_names_bad_rows
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("GPU allocation ratio"), "{table}");
+    assert!(!table.contains("(paper)"), "no published figures here, so no column says paper: {table}");
+    // Pod f wants more CPU than any node has: counted as unscheduled, not an abort.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("1 pod(s) no node could ever hold") && stderr.contains("line(s) 7"), "{stderr}");
     let value: serde_json::Value = serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(value["unschedulable_pods"], 1);
     let policies = value["policies"].as_array().unwrap();
     let names: Vec<&str> = policies.iter().map(|p| p["policy"].as_str().unwrap()).collect();
     assert_eq!(names, ["fgd", "kiln", "bestfit"]);

@@ -98,12 +98,25 @@ pub fn parse_nodes(file: &str, text: &str) -> Result<Vec<NodeSpec>, TraceError> 
     Ok(nodes)
 }
 
+/// A pod list as requests, in file order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodList {
+    /// Every pod of the file, those no node could ever hold included (they arrive and stay unscheduled, as in the
+    /// paper's simulator).
+    pub pods: Vec<Request>,
+    /// The file lines of the pods no node of the cluster could ever hold (too many GPUs, CPU or memory for any node
+    /// of an allowed GPU model).
+    pub infeasible_lines: Vec<usize>,
+}
+
 /// Parses a pod list into requests for `cluster` (whose model names resolve `gpu_spec`). Columns:
 /// `cpu_milli,memory_mib,num_gpu,gpu_milli` and optionally `gpu_spec` ('|'-separated allowed models, empty = any).
-/// A pod no node of the cluster could ever hold is an error.
-pub fn parse_pods(file: &str, text: &str, cluster: &Cluster) -> Result<Vec<Request>, TraceError> {
+/// A malformed row is an error; a well-formed pod no node could ever hold is kept and named in
+/// [`PodList::infeasible_lines`].
+pub fn parse_pods(file: &str, text: &str, cluster: &Cluster) -> Result<PodList, TraceError> {
     let csv = Csv::parse(file, text, &["cpu_milli", "memory_mib", "num_gpu", "gpu_milli"])?;
     let mut pods = Vec::with_capacity(csv.rows.len());
+    let mut infeasible_lines = Vec::new();
     for (line, row) in &csv.rows {
         let line = *line;
         let num_gpu: u8 = csv.number(line, row, "num_gpu")?;
@@ -139,11 +152,11 @@ pub fn parse_pods(file: &str, text: &str, cluster: &Cluster) -> Result<Vec<Reque
             ..Request::new(csv.number(line, row, "cpu_milli")?, csv.number(line, row, "memory_mib")?, gpu)
         };
         if !cluster.could_ever_hold(&request) {
-            return Err(csv.error(line, "row", format!("no node could ever hold this pod: {request:?}")));
+            infeasible_lines.push(line);
         }
         pods.push(request);
     }
-    Ok(pods)
+    Ok(PodList { pods, infeasible_lines })
 }
 
 #[cfg(test)]
@@ -168,6 +181,8 @@ mod tests {
             &c,
         )
         .unwrap();
+        assert!(pods.infeasible_lines.is_empty());
+        let pods = pods.pods;
         assert_eq!(pods[0].gpu, GpuDemand::None);
         assert_eq!(pods[1].gpu, GpuDemand::Share(460));
         assert_eq!(pods[2].gpu, GpuDemand::Whole(8));
@@ -184,13 +199,16 @@ mod tests {
             ("a,1,1,2,500,\n", "pods.csv:2: gpu_milli: 500 with num_gpu 2"),
             ("a,1,1,1,500,H100\n", "pods.csv:2: gpu_spec: GPU model \"H100\" is not in the node list"),
             ("a,1,1,1,500\n", "pods.csv:2: row: 5 fields, the header has 6"),
-            ("a,1,1,16,1000,\n", "pods.csv:2: row: no node could ever hold this pod"),
             ("a,1,1,0,0,\nb,1,1,-1,0,\n", "pods.csv:3: num_gpu: \"-1\" is not"),
         ];
         for (rows, want) in cases {
             let err = parse_pods("pods.csv", &format!("{header}{rows}"), &c).unwrap_err().to_string();
             assert!(err.starts_with(want), "want {want:?}, got {err:?}");
         }
+        // Well-formed but more than any node holds: kept, and named.
+        let list =
+            parse_pods("pods.csv", &format!("{header}a,1,1,1,500,\nb,1,1,16,1000,\nc,1,9999999,0,0,\n"), &c).unwrap();
+        assert_eq!((list.pods.len(), list.infeasible_lines), (3, vec![3, 4]));
         let err = parse_nodes("nodes.csv", "sn,cpu_milli,memory_mib,gpu\nn0,1,1,1\n").unwrap_err();
         assert_eq!(err.to_string(), "nodes.csv:1: model: missing column (header has: sn, cpu_milli, memory_mib, gpu)");
         let err = parse_nodes("nodes.csv", "sn,cpu_milli,memory_mib,gpu,model\nn0,1,1,17,A\n").unwrap_err();

@@ -178,7 +178,25 @@ fn check_openb(nodes_text: &str, pods_text: &str) {
     // A node list that parses may still not make a cluster (no nodes, duplicate names): that is an error too.
     let Ok(cluster) = Cluster::new(&nodes) else { return };
     match parse_pods("pods.csv", pods_text, &cluster) {
-        Ok(pods) => assert!(pods.iter().all(|p| cluster.could_ever_hold(p))),
+        Ok(list) => {
+            // Exactly the pods no node could ever hold are named, and a run over them places none of those.
+            let infeasible = list.pods.iter().filter(|p| !cluster.could_ever_hold(p)).count();
+            assert_eq!(infeasible, list.infeasible_lines.len());
+            let workload = kiln_core::placement::Workload::from_requests(&list.pods);
+            let run = kiln_sim::experiment::run_seed(
+                &cluster,
+                &list.pods,
+                &workload,
+                kiln_core::placement::Policy::Kiln,
+                1,
+                1.0,
+            );
+            let arrived = kiln_sim::experiment::arrival_order(&list.pods, cluster.gpu_capacity_milli().max(1), 1, 1.0);
+            assert!(run.placed as usize <= arrived.len());
+            if infeasible == list.pods.len() {
+                assert_eq!(run.placed, 0, "only pods no node could hold arrived");
+            }
+        }
         Err(e) => check_error(&e, "pods.csv", pods_text),
     }
 }

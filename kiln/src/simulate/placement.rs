@@ -90,7 +90,18 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
     let nodes_text = fs::read_to_string(&args.nodes).with_context(|| format!("reading {nodes_name}"))?;
     let pods_text = fs::read_to_string(&args.pods).with_context(|| format!("reading {pods_name}"))?;
     let cluster = Cluster::new(&openb::parse_nodes(&nodes_name, &nodes_text)?)?;
-    let pods = openb::parse_pods(&pods_name, &pods_text, &cluster)?;
+    let list = openb::parse_pods(&pods_name, &pods_text, &cluster)?;
+    let pods = list.pods;
+    if !list.infeasible_lines.is_empty() {
+        let shown: Vec<String> = list.infeasible_lines.iter().take(10).map(usize::to_string).collect();
+        eprintln!(
+            "{} pod(s) no node could ever hold (counted as unscheduled, as in the paper's simulator): {pods_name} \
+             line(s) {}{}",
+            list.infeasible_lines.len(),
+            shown.join(", "),
+            if list.infeasible_lines.len() > shown.len() { ", ..." } else { "" }
+        );
+    }
     let workload = Workload::from_requests(&pods);
     let workload_name = args.pods.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     let expected_dir = args.expected.clone().or_else(|| {
@@ -130,7 +141,8 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
 
     print_table(&results, &published, &workload_name);
     if let Some(path) = &args.json {
-        let json = to_json(&results, &published, &workload_name, &nodes_name, &pods_name, args.inflation);
+        let mut json = to_json(&results, &published, &workload_name, &nodes_name, &pods_name, args.inflation);
+        json["unschedulable_pods"] = json!(list.infeasible_lines.len());
         fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
@@ -176,8 +188,10 @@ fn to_json(
 fn print_table(results: &[(Policy, Vec<SeedRun>, f64)], published: &BTreeMap<String, Vec<f64>>, workload: &str) {
     println!("GPU allocation ratio (%), median over seeds, by arrived GPU demand (% of capacity) -- {workload}");
     print!("{:<11}", "policy");
+    // "(paper)" only where a published figure is shown beside Kiln's.
+    let any_published = results.iter().any(|(p, ..)| p.artifact_name().is_some_and(|n| published.contains_key(n)));
     for m in REPORTED_MARKS {
-        print!(" {:>15}", format!("{m}% (paper)"));
+        print!(" {:>15}", if any_published { format!("{m}% (paper)") } else { format!("{m}%") });
     }
     println!(" {:>9} {:>11}", "frag@100", "decisions/s");
     for (policy, runs, rate) in results {
