@@ -214,6 +214,27 @@ fn simulate_serving_is_deterministic_and_names_bad_trace_rows() {
     let html = fs::read_to_string(dir.join("report.html")).unwrap();
     assert_eq!(html.matches("<svg").count(), 4);
 
+    // Past the traces' end: a warning with their real length, and the report says what was simulated.
+    let out = kiln(&[
+        "simulate",
+        "serving",
+        "--servegen",
+        traces.to_str().unwrap(),
+        "--fleet",
+        "h100-80gb:8x2",
+        "--days",
+        "2",
+        "--keep-alive",
+        "fixed:90s",
+        "--json",
+        dir.join("c.json").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--days 2 goes past the traces, which hold 1.00 days"), "{stderr}");
+    let json = fs::read_to_string(dir.join("c.json")).unwrap();
+    assert!(json.contains("2 days (the traces hold 1.00 days: the rest has no requests)"), "{json}");
+
     // A malformed window: the error names the file, the line and the field.
     fs::write(traces.join("chunk-3-trace.csv"), "0,0,0,,0,0\n600,fast,0,,0,0\n").unwrap();
     let out = kiln(&["simulate", "serving", "--servegen", traces.to_str().unwrap(), "--keep-alive", "adaptive"]);

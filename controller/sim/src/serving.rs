@@ -124,6 +124,21 @@ pub enum Source {
     Requests(Vec<TraceRequest>),
 }
 
+impl Source {
+    /// How long the trace lasts, seconds from its start: the last request, or the end of the last window (windows
+    /// are evenly spaced; a single window is taken to last an hour).
+    pub fn span_s(&self) -> f64 {
+        match self {
+            Self::Requests(requests) => requests.iter().map(|r| r.at_s).fold(0.0, f64::max),
+            Self::Windows(windows) => match windows.as_slice() {
+                [] => 0.0,
+                [only] => only.start_s + 3600.0,
+                [.., before, last] => last.start_s + (last.start_s - before.start_s).max(0.0),
+            },
+        }
+    }
+}
+
 /// One deployment.
 #[derive(Debug, Clone)]
 pub struct DeploymentSpec {

@@ -182,6 +182,19 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
         ..SimConfig::default()
     };
     config.scaling.target_concurrency = (0.7 * f64::from(args.concurrency)).max(1.0);
+    // What the traces hold: simulating past it adds only idle time, so say so.
+    let span_days = deployments.iter().map(|d| d.source.span_s()).fold(0.0, f64::max) / 86_400.0;
+    let covered = if args.days > span_days * 1.01 {
+        eprintln!(
+            "warning: --days {} goes past the traces, which hold {span_days:.2} days; the last {:.2} days simulated \
+             have no requests",
+            args.days,
+            args.days - span_days
+        );
+        format!(" (the traces hold {span_days:.2} days: the rest has no requests)")
+    } else {
+        String::new()
+    };
     eprintln!(
         "{} deployments, fleet {} ({} GPUs), {} days, rate scale {}, seed {}",
         deployments.len(),
@@ -227,7 +240,7 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
         format!("traces: {} deployments", deployments.len()),
         format!("fleet {} ({} GPUs), placement {}", args.fleet, fleet.gpus(), args.placement),
         format!(
-            "model sizes {:?} GB, {} days, rate scale {}, seed {}",
+            "model sizes {:?} GB, {} days{covered}, rate scale {}, seed {}",
             args.model_sizes, args.days, args.rate_scale, args.seed
         ),
         format!(
