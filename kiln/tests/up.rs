@@ -74,7 +74,7 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
         assert_eq!(answer["metrics"]["cold_start"], false, "warm now: {answer}");
         assert_eq!(answer["output"], first["output"], "the same model, the same input, the same output");
     }
-    let (status, deployments) = http(&addr, "GET", "/v1/deployments", &[("Authorization", auth.as_str())], "");
+    let (status, deployments) = http(&addr, "GET", "/kiln/v1/deployments", &[("Authorization", auth.as_str())], "");
     assert_eq!(status, 200);
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");

@@ -33,6 +33,10 @@
 //! stop work already sent to a replica. The gateway's metrics are recorded by its backend (the control plane). The
 //! handlers are in `routes`.
 
+mod account;
+mod catalog;
+mod listing;
+mod models;
 mod response;
 mod routes;
 
@@ -52,7 +56,11 @@ use axum::{
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-pub use self::routes::{RequestError, WebhookSubscription};
+pub use self::{
+    catalog::{Catalog, DeploymentInfo, EmptyCatalog, sku},
+    listing::PAGE_SIZE,
+    routes::{RequestError, WebhookSubscription},
+};
 use self::{
     response::PredictionResponse,
     routes::{cancel, create, fetch, problem, stream, webhook_secret},
@@ -412,6 +420,8 @@ pub struct Gateway<B> {
     pub limits: crate::limits::TenantLimits,
     /// Where predictions are written on each transition (`None`: kept in memory only).
     pub persister: Option<Persister>,
+    /// The deployments and hardware the Replicate-shaped listings describe ([`EmptyCatalog`] unless set).
+    pub catalog: Arc<dyn Catalog>,
     drain: Drain,
 }
 
@@ -427,6 +437,7 @@ impl<B: Backend> Gateway<B> {
             webhooks: crate::webhook::Webhooks::default(),
             limits: crate::limits::TenantLimits::new(crate::limits::LimitConfig::default()),
             persister: None,
+            catalog: Arc::new(EmptyCatalog),
             drain: Drain {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 in_flight: Arc::new(watch::channel(0).0),
@@ -557,10 +568,18 @@ impl<B: Backend> Gateway<B> {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/deployments/{namespace}/{name}/predictions", post(create::<B>))
+            .route("/v1/models/{namespace}/{name}/predictions", post(create::<B>))
+            .route("/v1/models/{owner}/{name}", get(models::model::<B>).fallback(models::fallback))
+            .route("/v1/deployments", get(listing::deployments::<B>).fallback(models::fallback))
+            .route("/v1/deployments/{owner}/{name}", get(listing::deployment::<B>).fallback(models::fallback))
+            .route("/v1/predictions", get(listing::predictions::<B>).fallback(models::fallback))
+            .route("/v1/hardware", get(account::hardware::<B>))
+            .route("/v1/account", get(account::account::<B>))
             .route("/v1/predictions/{id}", get(fetch::<B>))
             .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
             .route("/v1/predictions/{id}/stream", get(stream::<B>))
             .route("/v1/webhooks/default/secret", get(webhook_secret::<B>))
+            .fallback(models::fallback)
             .with_state(Arc::clone(self))
     }
 

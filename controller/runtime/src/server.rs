@@ -1,6 +1,7 @@
 //! The controller process without a cluster: the manifest directory as the spec source, the agent registry's
-//! `AgentService` on one address, and the gateway (predictions API, `GET /v1/deployments`, `/metrics`,
-//! `/healthz`) on another. `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
+//! `AgentService` on one address, and the gateway (the Replicate-shaped API, Kiln's own listing at
+//! `GET /kiln/v1/deployments`, `/metrics`, `/healthz`) on another; the gateway's [`Catalog`] is the control plane's
+//! deployments and the registry's GPUs ([`FleetCatalog`]). `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
 //!
 //! State: prediction records and deployment counters go to [`ServerOptions::store`] (redb in the state directory
 //! for `kiln up` and `kiln controller`) and are read back by [`Server::bind`]. Shutdown ([`Server::serve`]): when
@@ -31,7 +32,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::{
     connections::HttpLimits,
     control::{ControlConfig, ControlPlane},
-    gateway::{Caller, Gateway},
+    gateway::{Caller, Catalog, DeploymentInfo, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
     spec::Rejected,
@@ -165,6 +166,7 @@ impl Server {
             );
             g.webhooks.secret = Some(secret);
             g.persister = Some(persister.clone());
+            g.catalog = Arc::new(FleetCatalog::new(Arc::clone(&control), registry.clone()));
         }
         let restored = gateway.restore(snapshot.predictions);
         if restored != Default::default() || snapshot.unreadable > 0 {
@@ -231,7 +233,7 @@ impl Server {
         let health = Arc::clone(&self.gateway);
         let router = self.gateway.router().merge(
             Router::new()
-                .route("/v1/deployments", get(deployments))
+                .route("/kiln/v1/deployments", get(deployments))
                 .route("/metrics", get(metrics_page))
                 .route(
                     "/healthz",
@@ -322,7 +324,7 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
     }
 }
 
-/// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key
+/// `GET /kiln/v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key
 /// sees its namespace's deployments only; an operator's sees the fleet (every namespace, the nodes, every invalid
 /// manifest); no key, nothing.
 async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -418,4 +420,72 @@ async fn internal_metrics(State(shared): State<Arc<Shared>>) -> impl IntoRespons
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         shared.control.metrics_text(),
     )
+}
+
+/// The gateway's [`Catalog`] in a controller process: the deployments the control plane serves (their specs,
+/// versions and counters) and the GPU models of the registered nodes.
+#[derive(Debug)]
+pub struct FleetCatalog {
+    control: Arc<ControlPlane>,
+    registry: Registry,
+    /// Per deployment: the version last seen, when it was first seen, and its release number.
+    releases: Mutex<std::collections::HashMap<String, (String, std::time::SystemTime, u64)>>,
+}
+
+impl FleetCatalog {
+    /// The catalog of `control`'s deployments on `registry`'s nodes.
+    pub fn new(control: Arc<ControlPlane>, registry: Registry) -> Self {
+        Self { control, registry, releases: Mutex::default() }
+    }
+
+    /// The release of `key` at `version`: the spec generation where the version is one (Kubernetes), else counted
+    /// here from 1 (the manifest directory's versions are hashes); released when this process first saw it.
+    fn release(&self, key: &str, version: &str) -> (u64, std::time::SystemTime) {
+        let mut releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::SystemTime::now();
+        let entry = releases.entry(key.to_owned()).or_insert_with(|| (version.to_owned(), now, 0));
+        if entry.2 == 0 || entry.0 != version {
+            let number = version.parse::<u64>().ok().filter(|n| *n > 0).unwrap_or(entry.2 + 1);
+            *entry = (version.to_owned(), now, number);
+        }
+        (entry.2, entry.1)
+    }
+}
+
+impl Catalog for FleetCatalog {
+    fn deployments(&self) -> Vec<DeploymentInfo> {
+        let nodes = self.registry.nodes();
+        let replicas = self.control.replicas();
+        let node_model =
+            |name: &str| nodes.iter().find(|n| n.name == name).and_then(|n| n.gpus.first()).map(|g| &g.model);
+        let mut fleet: Vec<&String> = nodes.iter().flat_map(|n| n.gpus.iter().map(|g| &g.model)).collect();
+        fleet.sort();
+        fleet.dedup();
+        let only = if fleet.len() == 1 { fleet.first().copied() } else { None };
+        self.control
+            .statuses()
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let (spec, version) = self.control.spec(&key)?;
+                let placed = replicas.iter().filter(|r| r.deployment == key).find_map(|r| node_model(&r.node));
+                let gpu_model = spec.gpu_models.first().or(placed).or(only).cloned();
+                let (release, released_at) = self.release(&key, &version);
+                let run_count = self.control.counters(&key).requests;
+                Some(DeploymentInfo {
+                    key,
+                    version,
+                    release,
+                    released_at,
+                    gpu_model,
+                    min_instances: spec.scaling.min_replicas,
+                    max_instances: spec.scaling.max_replicas,
+                    run_count,
+                })
+            })
+            .collect()
+    }
+
+    fn gpu_models(&self) -> Vec<String> {
+        self.registry.nodes().into_iter().flat_map(|n| n.gpus.into_iter().map(|g| g.model)).collect()
+    }
 }
