@@ -156,3 +156,75 @@ print("webhook", headers["webhook-signature"].startswith("v1,"), '"succeeded"' i
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The rest of Replicate's API through the official Python client: `run`, models, predictions list (followed past
+/// one page with `replicate.paginate`), get and cancel, deployments get and list, hardware, account, and a clear
+/// error for what is not supported. Runs as the test above does.
+#[test]
+#[ignore = "needs Python with replicate 1.0.7: KILN_REPLICATE_PYTHON=<python> cargo nextest run -p kiln --test up \
+            --run-ignored only (.ci/run does)"]
+fn the_official_replicate_python_client_runs_lists_and_describes() {
+    let python = std::env::var("KILN_REPLICATE_PYTHON")
+        .expect("set KILN_REPLICATE_PYTHON to a python with the `replicate` package (replicate==1.0.7)");
+    let dir = std::env::temp_dir().join(format!("kiln-up-replicate-api-{}", std::process::id()));
+    let (up, text) = start(&dir);
+    let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let script = r#"
+import sys, time, replicate
+client = replicate.Client(api_token=sys.argv[1], base_url=sys.argv[2])
+x = {"x": [0.5, -1.0, 2.0, 0.25]}
+for attempt in range(50):
+    try:
+        output = client.run("default/mlp-demo", input=x)  # POST /v1/models/default/mlp-demo/predictions
+        break
+    except replicate.exceptions.ReplicateError as e:  # the manifest directory is read within a second
+        if attempt == 49:
+            raise
+        time.sleep(0.2)
+print("run", len(output))
+
+model = client.models.get("default/mlp-demo")
+print("model", model.owner, model.name, model.visibility, model.run_count >= 1, model.latest_version)
+
+created = [client.models.predictions.create("default/mlp-demo", input={"x": [i, 0, 0, 0]}) for i in range(105)]
+pages = list(replicate.paginate(client.predictions.list))
+ids = [p.id for page in pages for p in page]
+print("list", len(pages), len(ids) == len(set(ids)), {p.id for p in created} <= set(ids), ids[0] == created[-1].id)
+
+p = client.predictions.get(created[0].id)
+p.wait()
+print("get", p.status, len(p.output))
+p = client.deployments.predictions.create("default/mlp-demo", input=x)
+p.cancel()
+p.reload()
+print("cancel", p.status in ("canceled", "succeeded") or (p.status, p.error))
+
+d = client.deployments.get("default/mlp-demo")
+c = d.current_release.configuration
+print("deployment", d.owner, d.name, d.current_release.model, c.hardware.startswith("gpu-"), c.min_instances, c.max_instances)
+page = client.deployments.list()
+print("deployments", [f"{d.owner}/{d.name}" for d in page.results], page.next)
+print("hardware", all(h.sku.startswith("gpu-") and h.name for h in client.hardware.list()))
+a = client.accounts.current()
+print("account", a.type, a.username)
+try:
+    model.versions.list()
+except replicate.exceptions.ReplicateError as e:
+    print("versions", e.status, "model versions" in e.detail)
+try:
+    client.trainings.list()
+except replicate.exceptions.ReplicateError as e:
+    print("trainings", e.status, "trainings" in e.detail)
+"#;
+    let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let expected = "run 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
+                    cancel True\ndeployment default mlp-demo default/mlp-demo True 0 4\n\
+                    deployments ['default/mlp-demo'] None\nhardware True\naccount organization default\n\
+                    versions 501 True\ntrainings 501 True";
+    assert_eq!(stdout.trim(), expected);
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}

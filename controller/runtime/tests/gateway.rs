@@ -693,3 +693,25 @@ async fn the_rest_of_replicates_api_models_listings_hardware_account_and_what_is
     let (status, _, body) = call("GET", "/v1/nothing".into(), Some("key-demo"), None, "").await.unwrap();
     assert_eq!((status, &body["detail"]), (404, &json!("GET /v1/nothing is not an endpoint of this API")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canceled_prediction_stays_canceled_whenever_its_run_begins_or_ends() {
+    let addr = serve(Duration::from_secs(5), 64, Duration::from_millis(300)).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (status, _, p) = post(&addr, None, format!(r#"{{"input": {{"i": {i}}}}}"#)).await;
+        assert_eq!(status, 201);
+        let id = p["id"].as_str().unwrap().to_owned();
+        let (a, path) = (addr.clone(), format!("/v1/predictions/{id}/cancel"));
+        let (status, _, canceled) =
+            tokio::task::spawn_blocking(move || http(&a, "POST", &path, Some("key-demo"), None, "")).await.unwrap();
+        assert_eq!((status, &canceled["status"]), (200, &json!("canceled")), "{canceled}");
+        ids.push(id);
+    }
+    // Past the cold start: the runs that began have ended, and none of them changed a canceled prediction.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for id in ids {
+        let (_, _, p) = get(&addr, &id).await;
+        assert_eq!((&p["status"], &p["output"]), (&json!("canceled"), &Value::Null), "{p}");
+    }
+}

@@ -204,16 +204,16 @@ pub(super) async fn create<B: Backend>(
         let _in_flight = in_flight;
         // Copies only for the store and a webhook, used outside the lock.
         let persisted = runner.persister.is_some();
-        let started = runner.lock().map.get_mut(&task_id).map(|p| {
+        // One canceled (or cut off by a shutdown) before this task ran stays so, and is not run.
+        let started = runner.lock().map.get_mut(&task_id).filter(|p| !p.finished()).map(|p| {
             p.status = PredictionStatus::Processing;
             p.started_at = Some(SystemTime::now());
             (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
         });
-        if let Some((record, webhook)) = started {
-            runner.persist_record(record);
-            if let Some(p) = webhook {
-                runner.notify_webhook(&p, "start");
-            }
+        let Some((record, webhook)) = started else { return };
+        runner.persist_record(record);
+        if let Some(p) = webhook {
+            runner.notify_webhook(&p, "start");
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
         let mut store = runner.lock();
