@@ -3,7 +3,16 @@
 //!
 //! - `POST /v1/deployments/{namespace}/{name}/predictions` with `{"input": {...}}`: with `Prefer: wait` (or
 //!   `wait=N` seconds, at most 60) answers when done (200), otherwise 201 with the prediction to poll.
-//! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`.
+//!   `POST /v1/models/{namespace}/{name}/predictions` is the same (a model is a deployment, its namespace the owner:
+//!   `replicate.run("namespace/name", ...)` goes there).
+//! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel` (a prediction canceled before its run began is
+//!   not run).
+//! - The rest of Replicate's API, described through a [`Catalog`] (the deployments and the fleet's GPU models):
+//!   `GET /v1/predictions` (newest first, cursor pages of [`PAGE_SIZE`]), `GET /v1/deployments` and
+//!   `GET /v1/deployments/{owner}/{name}` (`listing`), `GET /v1/models/{owner}/{name}` (`models`),
+//!   `GET /v1/hardware` and `GET /v1/account` (`account`); the parts of Replicate's API it does not serve (model
+//!   versions, trainings, files, collections, changing deployments) answer 501 naming them, any other path a JSON 404
+//!   (`models::fallback`).
 //! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` ([`PredictionStatus`]: `starting`,
 //!   `processing`, `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/
 //!   `started_at`/`completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics`
@@ -31,7 +40,7 @@
 //! to finish; what is left then fails ([`SHUTDOWN_ERROR`]: 503 with `Retry-After` for a client waiting on it, the
 //! `completed` webhook for the others). Canceling marks the prediction canceled and drops its result; it does not
 //! stop work already sent to a replica. The gateway's metrics are recorded by its backend (the control plane). The
-//! handlers are in `routes`.
+//! predictions handlers are in `routes`.
 
 mod account;
 mod catalog;
