@@ -158,8 +158,8 @@ print("webhook", headers["webhook-signature"].startswith("v1,"), '"succeeded"' i
 }
 
 /// The rest of Replicate's API through the official Python client: `run`, models, predictions list (followed past
-/// one page with `replicate.paginate`), get and cancel, deployments get and list, hardware, account, and a clear
-/// error for what is not supported. Runs as the test above does.
+/// one page with `replicate.paginate`), get and cancel, deployments get, list, create (a manifest in `kiln up`'s
+/// directory), update, delete, hardware, account, and a clear error for what is not supported. Runs as the test above does.
 #[test]
 #[ignore = "needs Python with replicate 1.0.7: KILN_REPLICATE_PYTHON=<python> cargo nextest run -p kiln --test up \
             --run-ignored only (.ci/run does)"]
@@ -208,6 +208,24 @@ print("deployments", [f"{d.owner}/{d.name}" for d in page.results], page.next)
 print("hardware", all(h.sku.startswith("gpu-") and h.name for h in client.hardware.list()))
 a = client.accounts.current()
 print("account", a.type, a.username)
+sku = client.hardware.list()[0].sku
+d = client.deployments.create(name="mlp-copy", model="default/mlp-demo", version="any", hardware=sku,
+                              min_instances=0, max_instances=2)
+c = d.current_release.configuration
+print("create", d.owner, d.name, c.hardware == sku, c.min_instances, c.max_instances)
+d = client.deployments.update("default", "mlp-copy", max_instances=3)
+print("update", d.current_release.configuration.max_instances)
+out = client.run("default/mlp-copy", input=x)
+print("run copy", len(out))
+try:
+    client.deployments.update("default", "mlp-copy", min_instances=5)
+except replicate.exceptions.ReplicateError as e:
+    print("invalid", e.status, "minReplicas" in e.detail)
+print("delete", client.deployments.delete("default", "mlp-copy"))
+try:
+    client.deployments.get("default/mlp-copy")
+except replicate.exceptions.ReplicateError as e:
+    print("deleted", e.status)
 try:
     model.versions.list()
 except replicate.exceptions.ReplicateError as e:
@@ -223,6 +241,8 @@ except replicate.exceptions.ReplicateError as e:
     let expected = "run 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
                     cancel True\ndeployment default mlp-demo default/mlp-demo True 0 4\n\
                     deployments ['default/mlp-demo'] None\nhardware True\naccount organization default\n\
+                    create default mlp-copy True 0 2\nupdate 3\nrun copy 2\ninvalid 422 True\ndelete True\n\
+                    deleted 404\n\
                     versions 501 True\ntrainings 501 True";
     assert_eq!(stdout.trim(), expected);
     drop(up);

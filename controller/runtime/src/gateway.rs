@@ -44,6 +44,7 @@
 
 mod account;
 mod catalog;
+mod changes;
 mod listing;
 mod models;
 mod response;
@@ -66,7 +67,8 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 pub use self::{
-    catalog::{Catalog, DeploymentInfo, EmptyCatalog, sku},
+    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, sku},
+    changes::SERVED_WITHIN,
     listing::PAGE_SIZE,
     routes::{RequestError, WebhookSubscription},
 };
@@ -579,8 +581,17 @@ impl<B: Backend> Gateway<B> {
             .route("/v1/deployments/{namespace}/{name}/predictions", post(create::<B>))
             .route("/v1/models/{namespace}/{name}/predictions", post(create::<B>))
             .route("/v1/models/{owner}/{name}", get(models::model::<B>).fallback(models::fallback))
-            .route("/v1/deployments", get(listing::deployments::<B>).fallback(models::fallback))
-            .route("/v1/deployments/{owner}/{name}", get(listing::deployment::<B>).fallback(models::fallback))
+            .route(
+                "/v1/deployments",
+                get(listing::deployments::<B>).post(changes::create::<B>).fallback(models::fallback),
+            )
+            .route(
+                "/v1/deployments/{owner}/{name}",
+                get(listing::deployment::<B>)
+                    .patch(changes::update::<B>)
+                    .delete(changes::delete::<B>)
+                    .fallback(models::fallback),
+            )
             .route("/v1/predictions", get(listing::predictions::<B>).fallback(models::fallback))
             .route("/v1/hardware", get(account::hardware::<B>))
             .route("/v1/account", get(account::account::<B>))

@@ -32,7 +32,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::{
     connections::HttpLimits,
     control::{ControlConfig, ControlPlane},
-    gateway::{Caller, Catalog, DeploymentInfo, Gateway},
+    gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway, sku},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
     spec::Rejected,
@@ -166,7 +166,9 @@ impl Server {
             );
             g.webhooks.secret = Some(secret);
             g.persister = Some(persister.clone());
-            g.catalog = Arc::new(FleetCatalog::new(Arc::clone(&control), registry.clone()));
+            let mut catalog = FleetCatalog::new(Arc::clone(&control), registry.clone());
+            catalog.manifests = options.manifests.clone();
+            g.catalog = Arc::new(catalog);
         }
         let restored = gateway.restore(snapshot.predictions);
         if restored != Default::default() || snapshot.unreadable > 0 {
@@ -423,11 +425,15 @@ async fn internal_metrics(State(shared): State<Arc<Shared>>) -> impl IntoRespons
 }
 
 /// The gateway's [`Catalog`] in a controller process: the deployments the control plane serves (their specs,
-/// versions and counters) and the GPU models of the registered nodes.
+/// versions and counters) and the GPU models of the registered nodes. With a manifest directory, deployment changes
+/// are written there as `ModelDeployment` manifests, checked first as `kiln apply` checks them
+/// ([`FleetCatalog::change`]); without one (Kubernetes mode) they are refused as unsupported.
 #[derive(Debug)]
 pub struct FleetCatalog {
     control: Arc<ControlPlane>,
     registry: Registry,
+    /// The manifest directory deployment changes are written to, if any.
+    pub manifests: Option<PathBuf>,
     /// Per deployment: the version last seen, when it was first seen, and its release number.
     releases: Mutex<std::collections::HashMap<String, (String, std::time::SystemTime, u64)>>,
 }
@@ -435,7 +441,7 @@ pub struct FleetCatalog {
 impl FleetCatalog {
     /// The catalog of `control`'s deployments on `registry`'s nodes.
     pub fn new(control: Arc<ControlPlane>, registry: Registry) -> Self {
-        Self { control, registry, releases: Mutex::default() }
+        Self { control, registry, manifests: None, releases: Mutex::default() }
     }
 
     /// The release of `key` at `version`: the spec generation where the version is one (Kubernetes), else counted
@@ -488,4 +494,109 @@ impl Catalog for FleetCatalog {
     fn gpu_models(&self) -> Vec<String> {
         self.registry.nodes().into_iter().flat_map(|n| n.gpus.into_iter().map(|g| g.model)).collect()
     }
+
+    /// Writes the change into the manifest directory: a create copies the spec of the deployment `model` names
+    /// (in the same namespace) into `<namespace>-<name>.yaml` with the scaling and hardware asked for; an update
+    /// rewrites the deployment's manifest, a delete removes it, either only where that file holds this deployment
+    /// alone (409 otherwise: edit it by hand). The result is validated as `kiln apply` validates (an update also
+    /// against its transition rules) before anything is written.
+    fn change(&self, namespace: &str, change: &DeploymentChange) -> Result<(), ChangeError> {
+        let Some(dir) = &self.manifests else {
+            return Err(ChangeError::Unsupported("Kubernetes mode (use kubectl apply)"));
+        };
+        let validator = Validator::default();
+        let io = |e: std::io::Error| ChangeError::Io(format!("manifest directory {}: {e}", dir.display()));
+        let set = load_dir(dir, &validator).map_err(io)?;
+        let key = crate::spec::key(namespace, &change.name);
+        let existing = set.deployments.get(&key);
+        // The one file that holds this deployment and nothing else, for an update or delete.
+        let own_file = || -> Result<PathBuf, ChangeError> {
+            let d = existing.ok_or_else(|| ChangeError::NotFound(key.clone()))?;
+            let text = crate::manifests::read_manifest(&d.file, crate::manifests::MAX_MANIFEST_BYTES)
+                .map_err(|e| ChangeError::Io(format!("{}: {e}", d.file.display())))?;
+            let documents = serde_yaml::Deserializer::from_str(&text)
+                .map(<serde_json::Value as serde::Deserialize>::deserialize)
+                .filter(|doc| !matches!(doc, Ok(serde_json::Value::Null)))
+                .count();
+            if documents != 1 {
+                return Err(ChangeError::Conflict(format!(
+                    "{key} is one of {documents} documents in {}: change it there",
+                    d.file.display()
+                )));
+            }
+            Ok(d.file.clone())
+        };
+        let (file, old, template) = match change.kind {
+            ChangeKind::Delete => {
+                let file = own_file()?;
+                return std::fs::remove_file(&file).map_err(|e| ChangeError::Io(format!("{}: {e}", file.display())));
+            }
+            ChangeKind::Update => {
+                let d = existing.ok_or_else(|| ChangeError::NotFound(key.clone()))?;
+                (own_file()?, Some(to_value(&d.resource)?), to_value(&d.resource)?)
+            }
+            ChangeKind::Create => {
+                if existing.is_some() {
+                    return Err(ChangeError::Conflict(format!("deployment {key} exists already")));
+                }
+                let model = change.model.as_deref().unwrap_or_default();
+                let source = match model.split_once('/') {
+                    Some((ns, _)) if ns != namespace => {
+                        return Err(ChangeError::Invalid(format!(
+                            "model {model}: a deployment copies one of its own namespace ({namespace})"
+                        )));
+                    }
+                    Some(_) => model.to_owned(),
+                    None => crate::spec::key(namespace, model),
+                };
+                let d = set.deployments.get(&source).ok_or_else(|| {
+                    ChangeError::Invalid(format!(
+                        "model {model}: no deployment {source} to copy (a model here is a deployment; write a \
+                         ModelDeployment for a new model source)"
+                    ))
+                })?;
+                let file = dir.join(format!("{namespace}-{}.yaml", change.name));
+                if file.exists() {
+                    return Err(ChangeError::Conflict(format!("{} exists already", file.display())));
+                }
+                (file, None, to_value(&d.resource)?)
+            }
+        };
+        let mut object = template;
+        object["metadata"] = serde_json::json!({ "name": change.name, "namespace": namespace });
+        if let Some(fields) = object.as_object_mut() {
+            fields.remove("status");
+        }
+        if let Some(n) = change.min_instances {
+            object["spec"]["scaling"]["minReplicas"] = n.into();
+        }
+        if let Some(n) = change.max_instances {
+            object["spec"]["scaling"]["maxReplicas"] = n.into();
+        }
+        if let Some(hardware) = &change.hardware {
+            let mut models = self.gpu_models();
+            models.sort();
+            models.dedup();
+            let Some(model) = models.iter().find(|m| sku(m) == *hardware) else {
+                let skus: Vec<String> = models.iter().map(|m| sku(m)).collect();
+                return Err(ChangeError::Invalid(format!(
+                    "hardware {hardware} is not in this fleet (GET /v1/hardware: {})",
+                    skus.join(", ")
+                )));
+            };
+            object["spec"]["gpu"]["models"] = serde_json::json!([model]);
+        }
+        validator.validate_update(&object, old.as_ref()).map_err(|e| ChangeError::Invalid(e.to_string()))?;
+        let text = serde_yaml::to_string(&object).map_err(|e| ChangeError::Io(e.to_string()))?;
+        let text = format!("# Written by the gateway (Replicate's deployments API).\n{text}");
+        // Written beside the file under a name the directory's reader skips, then renamed over it.
+        let partial = file.with_extension("partial");
+        let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, &file));
+        written.map_err(|e| ChangeError::Io(format!("{}: {e}", file.display())))
+    }
+}
+
+/// A resource as JSON.
+fn to_value(resource: &kiln_k8s_api::model_deployment::ModelDeployment) -> Result<serde_json::Value, ChangeError> {
+    serde_json::to_value(resource).map_err(|e| ChangeError::Io(e.to_string()))
 }

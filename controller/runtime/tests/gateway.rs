@@ -690,6 +690,31 @@ async fn the_rest_of_replicates_api_models_listings_hardware_account_and_what_is
         assert_eq!(status, 501, "{method} {path}: {body}");
         assert!(body["detail"].as_str().unwrap().contains(what), "{body}");
     }
+    // A spec source that cannot be changed through the API (here, the fake's) says so.
+    let (status, _, body) = call(
+        "POST",
+        "/v1/deployments".into(),
+        Some("key-demo"),
+        None,
+        r#"{"name": "copy", "model": "demo/echo", "version": "v1", "hardware": "gpu-h200", "min_instances": 0, "max_instances": 1}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 501, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("not supported"), "{body}");
+    let (status, _, _) =
+        call("PATCH", "/v1/deployments/other/m".into(), Some("key-demo"), None, r#"{"max_instances": 1}"#)
+            .await
+            .unwrap();
+    assert_eq!(status, 403, "another namespace's");
+    let (status, _, body) =
+        call("POST", "/v1/deployments".into(), Some("key-op"), None, r#"{"name": "x", "model": "demo/echo"}"#)
+            .await
+            .unwrap();
+    assert_eq!(status, 403, "an operator key belongs to no namespace: {body}");
+    let (status, _, body) =
+        call("POST", "/v1/deployments".into(), Some("key-demo"), None, r#"{"model": "demo/echo"}"#).await.unwrap();
+    assert_eq!((status, &body["detail"]), (400, &json!("name is required")));
     let (status, _, body) = call("GET", "/v1/nothing".into(), Some("key-demo"), None, "").await.unwrap();
     assert_eq!((status, &body["detail"]), (404, &json!("GET /v1/nothing is not an endpoint of this API")));
 }

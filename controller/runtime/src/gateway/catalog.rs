@@ -1,7 +1,8 @@
 //! What the Replicate-shaped API describes beside predictions: the deployments (as Replicate's models and
 //! deployments) and the fleet's GPU models (as Replicate's hardware), through the [`Catalog`] trait the process
-//! that serves the gateway implements (`crate::server`). No HTTP here; the handlers are in `listing`, `models` and
-//! `account`.
+//! that serves the gateway implements (`crate::server`), and the changes to deployments it can make
+//! ([`DeploymentChange`], refused with a [`ChangeError`]). No HTTP here; the handlers are in `listing`, `models`,
+//! `changes` and `account`.
 
 use std::time::SystemTime;
 
@@ -44,6 +45,60 @@ pub trait Catalog: Send + Sync + std::fmt::Debug + 'static {
     }
     /// The GPU models of the fleet's nodes (product names as NVML gives them), in any order, repeats allowed.
     fn gpu_models(&self) -> Vec<String>;
+    /// Creates, updates or deletes a deployment of `namespace` in the spec source (blocking: files are written).
+    /// Returns once the change is written; the control plane serves it when the spec source is read again.
+    fn change(&self, namespace: &str, change: &DeploymentChange) -> Result<(), ChangeError> {
+        let _ = (namespace, change);
+        Err(ChangeError::Unsupported("this gateway's spec source"))
+    }
+}
+
+/// A change to a deployment, as Replicate's deployments API asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentChange {
+    /// The deployment's name (in the caller's namespace).
+    pub name: String,
+    /// Create, update or delete.
+    pub kind: ChangeKind,
+    /// For a create: the deployment (`owner/name` or a name in the same namespace) whose spec the new one copies.
+    pub model: Option<String>,
+    /// A hardware SKU of the fleet ([`sku`]): the GPU model the deployment is constrained to.
+    pub hardware: Option<String>,
+    /// `scaling.minReplicas`.
+    pub min_instances: Option<u32>,
+    /// `scaling.maxReplicas`.
+    pub max_instances: Option<u32>,
+}
+
+/// What a [`DeploymentChange`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// `POST /v1/deployments`.
+    Create,
+    /// `PATCH /v1/deployments/{owner}/{name}`.
+    Update,
+    /// `DELETE /v1/deployments/{owner}/{name}`.
+    Delete,
+}
+
+/// Why a deployment change was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ChangeError {
+    /// The spec source cannot be changed through the API (501).
+    #[error("changing deployments through the API is not supported by {0}: write the ModelDeployment instead")]
+    Unsupported(&'static str),
+    /// No such deployment (404).
+    #[error("deployment {0} not found")]
+    NotFound(String),
+    /// It exists already, or its manifest holds more than it (409).
+    #[error("{0}")]
+    Conflict(String),
+    /// The resulting `ModelDeployment` is not valid, or the request is not (422; the apiserver's message).
+    #[error("{0}")]
+    Invalid(String),
+    /// The manifest could not be read or written (500).
+    #[error("{0}")]
+    Io(String),
 }
 
 /// A catalog with no deployments and no GPUs (a gateway not given one).

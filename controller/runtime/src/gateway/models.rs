@@ -63,14 +63,6 @@ fn unsupported(method: &Method, path: &str) -> Option<(&'static str, &'static st
         ["v1", "files", ..] => ("the files API", "pass inputs inline in the prediction's JSON (data: URLs)"),
         ["v1", "collections", ..] => ("collections", "list deployments with GET /v1/deployments"),
         ["v1", "search", ..] => ("search", "list deployments with GET /v1/deployments"),
-        ["v1", "deployments"] if method == Method::POST => (
-            "creating deployments through this API",
-            "write a ModelDeployment (kubectl apply, or kiln apply under kiln up)",
-        ),
-        ["v1", "deployments", _, _] if method == Method::PATCH || method == Method::DELETE => (
-            "changing deployments through this API",
-            "change the ModelDeployment (kubectl apply, or kiln apply under kiln up)",
-        ),
         _ => return None,
     })
 }
