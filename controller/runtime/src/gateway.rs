@@ -10,9 +10,10 @@
 //! - The rest of Replicate's API, described through a [`Catalog`] (the deployments and the fleet's GPU models):
 //!   `GET /v1/predictions` (newest first, cursor pages of [`PAGE_SIZE`]), `GET /v1/deployments` and
 //!   `GET /v1/deployments/{owner}/{name}` (`listing`), `GET /v1/models/{owner}/{name}` (`models`),
-//!   `GET /v1/hardware` and `GET /v1/account` (`account`); the parts of Replicate's API it does not serve (model
-//!   versions, trainings, files, collections, changing deployments) answer 501 naming them, any other path a JSON 404
-//!   (`models::fallback`).
+//!   `GET /v1/hardware` and `GET /v1/account` (`account`); `POST /v1/deployments`, `PATCH` and `DELETE
+//!   /v1/deployments/{owner}/{name}` (`changes`, carried out by the catalog's spec source). The parts of Replicate's
+//!   API it does not serve (model versions, trainings, files, collections) answer 501 naming them, any other path a
+//!   JSON 404 (`models::fallback`).
 //! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` ([`PredictionStatus`]: `starting`,
 //!   `processing`, `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/
 //!   `started_at`/`completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics`
