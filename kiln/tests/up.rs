@@ -248,3 +248,106 @@ except replicate.exceptions.ReplicateError as e:
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Replicate's official JavaScript client (npm `replicate`) against `kiln up`: `run`, models, predictions list
+/// (followed past one page with `paginate`), get and cancel, deployments get, list, create, update and delete,
+/// hardware, account, a signed webhook checked with the client's `validateWebhook`, and the 501s. Runs when
+/// `KILN_REPLICATE_JS` names a directory whose `node_modules` holds `replicate` (`.ci/run` sets one up); fails
+/// when run without one.
+#[test]
+#[ignore = "needs node and npm replicate 1.4.0: KILN_REPLICATE_JS=<dir with node_modules/replicate> cargo nextest run \
+            -p kiln --test up --run-ignored only (.ci/run does)"]
+fn the_official_replicate_javascript_client_runs_lists_describes_and_changes() {
+    let modules = std::env::var("KILN_REPLICATE_JS")
+        .expect("set KILN_REPLICATE_JS to a directory with node_modules/replicate (npm install replicate@1.4.0)");
+    let dir = std::env::temp_dir().join(format!("kiln-up-replicate-js-{}", std::process::id()));
+    let (up, text) = start(&dir);
+    let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let script = r#"
+const Replicate = require("replicate");
+const { validateWebhook } = Replicate;
+const http = require("http");
+const [key, base] = process.argv.slice(1);
+const replicate = new Replicate({ auth: key, baseUrl: `${base}/v1` });
+const x = { x: [0.5, -1.0, 2.0, 0.25] };
+const status = async (f) => { try { await f(); return "ok"; } catch (e) { return e.response ? e.response.status : String(e); } };
+(async () => {
+  let output;
+  for (let attempt = 0; ; attempt++) {
+    try { output = await replicate.run("default/mlp-demo", { input: x }); break; }
+    catch (e) { if (attempt === 49) throw e; await new Promise((r) => setTimeout(r, 200)); }
+  }
+  console.log("run", output.length);
+  const model = await replicate.models.get("default", "mlp-demo");
+  console.log("model", model.owner, model.name, model.visibility, model.run_count >= 1);
+
+  const created = [];
+  for (let i = 0; i < 105; i++) {
+    created.push(await replicate.predictions.create({ model: "default/mlp-demo", input: { x: [i, 0, 0, 0] } }));
+  }
+  const ids = [];
+  let pages = 0;
+  for await (const page of replicate.paginate(replicate.predictions.list)) { pages++; ids.push(...page.map((p) => p.id)); }
+  console.log("list", pages, new Set(ids).size === ids.length, created.every((p) => ids.includes(p.id)), ids[0] === created[104].id);
+  const got = await replicate.wait(await replicate.predictions.get(created[0].id), { interval: 50 });
+  console.log("get", got.status, got.output.length);
+  const p = await replicate.deployments.predictions.create("default", "mlp-demo", { input: x });
+  const canceled = await replicate.predictions.cancel(p.id);
+  console.log("cancel", ["canceled", "succeeded"].includes(canceled.status) || canceled.status);
+
+  const d = await replicate.deployments.get("default", "mlp-demo");
+  const c = d.current_release.configuration;
+  console.log("deployment", d.owner, d.name, c.hardware.startsWith("gpu-"), c.min_instances, c.max_instances);
+  const list = await replicate.deployments.list();
+  console.log("deployments", list.results.map((d) => `${d.owner}/${d.name}`).join(","), list.next);
+  const hardware = await replicate.hardware.list();
+  console.log("hardware", hardware.every((h) => h.sku.startsWith("gpu-") && h.name));
+  const account = await replicate.accounts.current();
+  console.log("account", account.type, account.username);
+
+  const sku = hardware[0].sku;
+  let copy = await replicate.deployments.create({ name: "js-copy", model: "default/mlp-demo", version: "any", hardware: sku, min_instances: 0, max_instances: 2 });
+  console.log("create", copy.owner, copy.name, copy.current_release.configuration.hardware === sku);
+  copy = await replicate.deployments.update("default", "js-copy", { max_instances: 3 });
+  console.log("update", copy.current_release.configuration.max_instances);
+  console.log("delete", await replicate.deployments.delete("default", "js-copy"));
+  console.log("deleted", await status(() => replicate.deployments.get("default", "js-copy")));
+
+  // A signed webhook, checked with the client's validateWebhook and the namespace's secret.
+  const secret = (await replicate.webhooks.default.secret.get()).key;
+  const hook = await new Promise((resolve) => {
+    const server = http.createServer((req, res) => {
+      let body = "";
+      req.on("data", (c) => (body += c));
+      req.on("end", () => { res.end("ok"); server.close(); resolve({ headers: req.headers, body }); });
+    });
+    server.listen(0, "127.0.0.1", async () => {
+      await replicate.deployments.predictions.create("default", "mlp-demo", {
+        input: x, webhook: `http://127.0.0.1:${server.address().port}/hook`, webhook_events_filter: ["completed"],
+      });
+    });
+  });
+  console.log("webhook", await validateWebhook({ headers: hook.headers, body: hook.body }, secret), hook.body.includes('"succeeded"'));
+  console.log("versions", await status(() => replicate.models.versions.list("default", "mlp-demo")));
+  console.log("trainings", await status(() => replicate.trainings.list()));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#;
+    let out = Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .arg(&key)
+        .arg(&base)
+        .env("NODE_PATH", std::path::Path::new(&modules).join("node_modules"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let expected = "run 2\nmodel default mlp-demo private true\nlist 2 true true true\nget succeeded 2\ncancel true\n\
+                    deployment default mlp-demo true 0 4\ndeployments default/mlp-demo null\nhardware true\n\
+                    account organization default\ncreate default js-copy true\nupdate 3\ndelete true\n\
+                    deleted 404\nwebhook true true\nversions 501\ntrainings 501";
+    assert_eq!(stdout.trim(), expected);
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
