@@ -563,7 +563,10 @@ impl Catalog for FleetCatalog {
             }
         };
         let mut object = template;
-        object["metadata"] = serde_json::json!({ "name": change.name, "namespace": namespace });
+        if change.kind == ChangeKind::Create {
+            // A new object: its own name, nothing else of the copied one's metadata.
+            object["metadata"] = serde_json::json!({ "name": change.name, "namespace": namespace });
+        }
         if let Some(fields) = object.as_object_mut() {
             fields.remove("status");
         }

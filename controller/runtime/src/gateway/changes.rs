@@ -34,6 +34,21 @@ enum BodyError {
     Field { field: &'static str, what: &'static str, value: Value },
     #[error("{0} is required")]
     Missing(&'static str),
+    #[error("name {0:?} is not a Kubernetes object name (lowercase letters, digits, '-' and '.', at most 253)")]
+    Name(String),
+}
+
+/// Whether `name` is a DNS-1123 subdomain, as a `ModelDeployment`'s name must be (so it is also safe in a file
+/// name: no `/`, no `..`).
+fn valid_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 fn text(body: &Value, field: &'static str) -> Result<Option<String>, BodyError> {
@@ -72,6 +87,9 @@ fn parse(kind: ChangeKind, name: Option<String>, body: &[u8]) -> Result<Deployme
             .map(|n| n.rsplit('/').next().unwrap_or_default().to_owned())
             .ok_or(BodyError::Missing("name"))?,
     };
+    if !valid_name(&name) {
+        return Err(BodyError::Name(name));
+    }
     let model = text(&body, "model")?;
     if kind == ChangeKind::Create && model.is_none() {
         return Err(BodyError::Missing("model"));
@@ -227,5 +245,10 @@ mod tests {
             "max_instances must be a whole number, not -1"
         );
         assert!(error(ChangeKind::Create, b"[]").starts_with("the body is not a JSON object"));
+        for bad in ["..", "a..b", "A", "-a", "a_b", "", "ns/"] {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": bad, "model": "m" })).unwrap();
+            assert!(error(ChangeKind::Create, &body).starts_with("name "), "{bad:?}");
+        }
+        assert!(valid_name("mlp-demo.v2") && valid_name(&"a".repeat(63)) && !valid_name(&"a".repeat(64)));
     }
 }

@@ -44,7 +44,8 @@ struct Window<T> {
 }
 
 /// The page of `items` (in any order) that `cursor` asks for, in ascending `key` order: the first `size` after
-/// the cursor, or the last `size` before it; the first page without one.
+/// the cursor, or the last `size` before it; the first page without one. Linear in the items (a selection, then a
+/// sort of the page only).
 fn window<T, K: Ord>(items: Vec<T>, key: impl Fn(&T) -> &K, cursor: Option<&Cursor<K>>, size: usize) -> Window<T> {
     let (mut chosen, mut before_cursor, mut after_cursor) = (Vec::new(), false, false);
     for item in items {
@@ -55,14 +56,19 @@ fn window<T, K: Ord>(items: Vec<T>, key: impl Fn(&T) -> &K, cursor: Option<&Curs
             _ => chosen.push(item),
         }
     }
-    chosen.sort_unstable_by(|a, b| key(a).cmp(key(b)));
     let n = chosen.len();
     let (start, end) = match cursor {
         Some(Cursor::Before(_)) => (n.saturating_sub(size), n),
         _ => (0, n.min(size)),
     };
+    if start > 0 {
+        chosen.select_nth_unstable_by(start, |a, b| key(a).cmp(key(b)));
+    } else if end < n {
+        chosen.select_nth_unstable_by(end, |a, b| key(a).cmp(key(b)));
+    }
     chosen.truncate(end);
     chosen.drain(..start);
+    chosen.sort_unstable_by(|a, b| key(a).cmp(key(b)));
     Window { items: chosen, more_before: before_cursor || start > 0, more_after: after_cursor || end < n }
 }
 
@@ -72,7 +78,7 @@ fn cursor_param(uri: &Uri) -> Option<&str> {
 }
 
 /// Parses a cursor's text: `a` or `b`, then the key as `parse` reads it.
-fn parse_cursor<K>(text: &str, parse: impl Fn(&str) -> Option<K>) -> Option<Cursor<K>> {
+fn parse_cursor<'a, K>(text: &'a str, parse: impl Fn(&'a str) -> Option<K>) -> Option<Cursor<K>> {
     let (kind, rest) = text.split_at_checked(1)?;
     match kind {
         "a" => parse(rest).map(Cursor::After),
@@ -100,19 +106,19 @@ fn bad_cursor(text: &str) -> Response {
     problem(StatusCode::BAD_REQUEST, format!("cursor {text:?} is not one this gateway gave out"))
 }
 
-/// A prediction's place in the listing: newest first, ties by id.
-type PredictionKey = Reverse<(SystemTime, String)>;
+/// A prediction's place in the listing: newest first, ties by id (borrowed from the prediction, or from a cursor).
+type PredictionKey<'a> = Reverse<(SystemTime, &'a str)>;
 
-fn write_prediction_key(k: &PredictionKey) -> String {
+fn write_prediction_key(k: &PredictionKey<'_>) -> String {
     let (at, id) = &k.0;
     format!("{}-{id}", at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos())
 }
 
-fn read_prediction_key(text: &str) -> Option<PredictionKey> {
+fn read_prediction_key(text: &str) -> Option<PredictionKey<'_>> {
     let (nanos, id) = text.split_once('-')?;
     let nanos: u64 = nanos.parse().ok()?;
     let valid = !id.is_empty() && id.bytes().all(|c| c.is_ascii_alphanumeric());
-    valid.then(|| Reverse((SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos), id.to_owned())))
+    valid.then(|| Reverse((SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos), id)))
 }
 
 /// The first of a pair (a listing's key, computed once per item).
@@ -146,13 +152,13 @@ pub(super) async fn predictions<B: Backend>(
             None => return bad_cursor(text),
         },
     };
-    let key = first::<PredictionKey, &super::Prediction>;
+    let key = first::<PredictionKey<'_>, &super::Prediction>;
     let store = gw.lock();
-    let visible: Vec<(PredictionKey, &super::Prediction)> = store
+    let visible: Vec<(PredictionKey<'_>, &super::Prediction)> = store
         .map
         .values()
         .filter(|p| can_see(&caller, p.model.split_once('/').map_or(p.model.as_str(), |(ns, _)| ns)))
-        .map(|p| (Reverse((p.created_at, p.id.clone())), p))
+        .map(|p| (Reverse((p.created_at, p.id.as_str())), p))
         .collect();
     let window = window(visible, key, cursor.as_ref(), PAGE_SIZE);
     let results: Vec<Value> =
@@ -292,7 +298,7 @@ mod tests {
     #[test]
     fn cursors_read_back_what_was_written_and_refuse_anything_else() {
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::new(1_764_072_000, 123);
-        let k = Reverse((at, "abc234".to_owned()));
+        let k = Reverse((at, "abc234"));
         let text = format!("a{}", write_prediction_key(&k));
         assert_eq!(parse_cursor(&text, read_prediction_key), Some(Cursor::After(k)));
         for bad in ["", "x1-a", "a", "a1", "a1-", "ax-abc", "a1-a/b", "b1-a b"] {
