@@ -157,7 +157,7 @@ print("webhook", headers["webhook-signature"].startswith("v1,"), '"succeeded"' i
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The rest of Replicate's API through the official Python client: `run`, models, predictions list (followed past
+/// The rest of Replicate's API through the official Python client: `run`, `stream`, models, predictions list (followed past
 /// one page with `replicate.paginate`), get and cancel, deployments get, list, create (a manifest in `kiln up`'s
 /// directory), update, delete, hardware, account, and a clear error for what is not supported. Runs as the test above does.
 #[test]
@@ -171,7 +171,7 @@ fn the_official_replicate_python_client_runs_lists_and_describes() {
     let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
     let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
     let script = r#"
-import sys, time, replicate
+import json, sys, time, replicate
 client = replicate.Client(api_token=sys.argv[1], base_url=sys.argv[2])
 x = {"x": [0.5, -1.0, 2.0, 0.25]}
 for attempt in range(50):
@@ -183,6 +183,8 @@ for attempt in range(50):
             raise
         time.sleep(0.2)
 print("run", len(output))
+events = list(client.stream("default/mlp-demo", input=x))
+print("stream", [e.event.value for e in events], len(json.loads(str(events[0]))))
 
 model = client.models.get("default/mlp-demo")
 print("model", model.owner, model.name, model.visibility, model.run_count >= 1, model.latest_version)
@@ -238,7 +240,7 @@ except replicate.exceptions.ReplicateError as e:
     let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let expected = "run 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
+    let expected = "run 2\nstream ['output', 'done'] 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
                     cancel True\ndeployment default mlp-demo default/mlp-demo True 0 4\n\
                     deployments ['default/mlp-demo'] None\nhardware True\naccount organization default\n\
                     create default mlp-copy True 0 2\nupdate 3\nrun copy 2\ninvalid 422 True\ndelete True\n\

@@ -459,8 +459,8 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     .await
     .unwrap();
     assert!(raw.contains("text/event-stream"), "{raw}");
-    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}").expect("an output event");
-    let done = raw.find("event: done").expect("a done event");
+    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}\nid: 0\n").expect("an output event");
+    let done = raw.find("event: done\ndata: {}\nid: 1\n").expect("a done event");
     assert!(output < done, "{raw}");
 
     // Malformed webhook settings are refused before anything runs.

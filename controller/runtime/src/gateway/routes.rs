@@ -302,7 +302,7 @@ pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>
 }
 
 /// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
-/// or `error`, then `done`. Outputs are produced whole, so there is one `output` event.
+/// or `error`, then `done`, each with an `id`. Outputs are produced whole, so there is one `output` event.
 pub(super) async fn stream<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path(id): Path<String>,
@@ -322,15 +322,19 @@ pub(super) async fn stream<B: Backend>(
         notified.await;
     }
     let p = gw.lock().map.get(&id).cloned();
+    // Each event has an id, as Replicate's do (the Python client drops an event without one).
     let mut events = Vec::new();
     match p {
         Some(p) if p.status == PredictionStatus::Succeeded => {
-            events.push(Event::default().event("output").data(p.output.to_string()));
+            events.push(Event::default().event("output").data(p.output.to_string()).id("0"));
         }
-        Some(p) => events.push(Event::default().event("error").data(p.error.unwrap_or_else(|| p.status.to_string()))),
-        None => events.push(Event::default().event("error").data("the prediction expired")),
+        Some(p) => {
+            let error = p.error.unwrap_or_else(|| p.status.to_string());
+            events.push(Event::default().event("error").data(error).id("0"));
+        }
+        None => events.push(Event::default().event("error").data("the prediction expired").id("0")),
     }
-    events.push(Event::default().event("done").data("{}"));
+    events.push(Event::default().event("done").data("{}").id("1"));
     Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
 }
 
