@@ -1,7 +1,7 @@
 //! `kiln apply -f FILE` and `kiln get`: conveniences for the manifest-directory mode of `kiln up`.
 //! `apply` checks every document as the API server would and, only if all are valid, writes the file into the
 //! watched directory (the controller picks it up within a second); `get` prints what the gateway's
-//! `GET /v1/deployments` says.
+//! `GET /kiln/v1/deployments` says.
 
 use std::{
     fs,
@@ -86,14 +86,14 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET /v1/deployments HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+        "GET /kiln/v1/deployments HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
     )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response.split_whitespace().nth(1).unwrap_or_default().to_owned();
     if status != "200" {
         let body = response.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or_default();
-        bail!("GET /v1/deployments: HTTP {status}: {body}");
+        bail!("GET /kiln/v1/deployments: HTTP {status}: {body}");
     }
     let body = response.split_once("\r\n\r\n").map(|(_, b)| b).context("a malformed HTTP response")?;
     let state: Value = serde_json::from_str(body).context("the gateway's answer is not JSON")?;

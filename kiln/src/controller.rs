@@ -30,7 +30,7 @@ use kube::{
 /// `kiln controller` options.
 #[derive(Debug, clap::Args)]
 pub struct ControllerArgs {
-    /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
+    /// The gateway: predictions API, `GET /kiln/v1/deployments`, `/metrics`.
     #[arg(long, default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Limits of the gateway's listener.

@@ -42,7 +42,7 @@ enum Command {
         #[arg(long, default_value = "kiln-manifests")]
         manifests: PathBuf,
     },
-    /// Show the deployments and nodes of a running `kiln up` (its gateway's `GET /v1/deployments`).
+    /// Show the deployments and nodes of a running `kiln up` (its gateway's `GET /kiln/v1/deployments`).
     Get {
         /// The gateway.
         #[arg(long, default_value = "127.0.0.1:8080")]

@@ -34,7 +34,7 @@ pub struct UpArgs {
     /// predictions and counters that survive a restart (`predictions.redb`).
     #[arg(long, default_value = ".kiln")]
     pub state_dir: PathBuf,
-    /// The gateway: predictions API, `GET /v1/deployments`, `/metrics`.
+    /// The gateway: predictions API, `GET /kiln/v1/deployments`, `/metrics`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Limits of the gateway's listener.
@@ -322,7 +322,7 @@ fn keys_in(given: Option<&Path>, state: &Path) -> Result<(PathBuf, Vec<ApiKey>)>
         let operator = ApiKey { namespace: kiln_controller::gateway::OPERATOR.into(), key: random_key()? };
         let text = format!(
             "# API keys of the predictions API: each reaches the deployments of one namespace. The key of namespace\n\
-             # \"*\" is an operator's: it lists every namespace (GET /v1/deployments, kiln get) and reads /metrics,\n\
+             # \"*\" is an operator's: it lists every namespace (GET /kiln/v1/deployments, kiln get) and reads /metrics,\n\
              # and runs no predictions.\n{}",
             serde_yaml::to_string(&vec![tenant, operator])?
         );
@@ -397,7 +397,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
         let _ = writeln!(banner, "kiln up: {agent_line}");
         let _ = writeln!(
             banner,
-            "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/v1/deployments)"
+            "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/kiln/v1/deployments)"
         );
         let _ = writeln!(banner, "  metrics           http://{http}/metrics (controller and gateway; an operator key)");
         if let Some(m) = agent_metrics {

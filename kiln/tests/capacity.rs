@@ -25,7 +25,7 @@ fn manifest(name: &str, model: &Path, memory_per_gpu: &str) -> String {
 }
 
 fn state(addr: &str, auth: &str) -> Value {
-    let (status, _, body) = http(addr, "GET", "/v1/deployments", &[("Authorization", auth)], "");
+    let (status, _, body) = http(addr, "GET", "/kiln/v1/deployments", &[("Authorization", auth)], "");
     assert_eq!(status, 200, "{body}");
     serde_json::from_str(&body).unwrap()
 }

@@ -147,7 +147,7 @@ impl Cluster {
     }
 
     fn state(&self) -> Value {
-        let (status, _, body) = http(&self.http, "GET", "/v1/deployments", &[("Authorization", OPERATOR)], "");
+        let (status, _, body) = http(&self.http, "GET", "/kiln/v1/deployments", &[("Authorization", OPERATOR)], "");
         assert_eq!(status, 200, "{body}");
         serde_json::from_str(&body).unwrap()
     }
@@ -291,9 +291,9 @@ fn full_queues_bad_keys_and_invalid_manifests_get_clear_answers() {
 
     // The fleet's state is an operator's: no key, 401; a tenant's key lists its own namespace only, no nodes; the
     // metrics need an operator key.
-    assert_eq!(http(&c.http, "GET", "/v1/deployments", &[], "").0, 401);
+    assert_eq!(http(&c.http, "GET", "/kiln/v1/deployments", &[], "").0, 401);
     let (status, _, listing) =
-        http(&c.http, "GET", "/v1/deployments", &[("Authorization", "Bearer other-key-0123456789abcdef")], "");
+        http(&c.http, "GET", "/kiln/v1/deployments", &[("Authorization", "Bearer other-key-0123456789abcdef")], "");
     let other: Value = serde_json::from_str(&listing).unwrap();
     assert_eq!(status, 200, "{listing}");
     assert_eq!(
@@ -301,7 +301,7 @@ fn full_queues_bad_keys_and_invalid_manifests_get_clear_answers() {
         (0, 0),
         "{other}"
     );
-    let (_, _, listing) = http(&c.http, "GET", "/v1/deployments", &[("Authorization", AUTH)], "");
+    let (_, _, listing) = http(&c.http, "GET", "/kiln/v1/deployments", &[("Authorization", AUTH)], "");
     let mine: Value = serde_json::from_str(&listing).unwrap();
     assert!(mine["deployments"].as_array().unwrap().iter().all(|d| d["name"].as_str().unwrap().starts_with("e2e/")));
     assert_eq!(mine["deployments"].as_array().unwrap().len(), 2, "{mine}");

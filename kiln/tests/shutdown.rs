@@ -71,7 +71,7 @@ impl Up {
     }
 
     fn slow(&self) -> Value {
-        let (_, _, all) = self.request("GET", "/v1/deployments", None, "");
+        let (_, _, all) = self.request("GET", "/kiln/v1/deployments", None, "");
         all["deployments"]
             .as_array()
             .and_then(|d| d.iter().find(|d| d["name"] == "default/slow").cloned())

@@ -74,7 +74,7 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
         assert_eq!(answer["metrics"]["cold_start"], false, "warm now: {answer}");
         assert_eq!(answer["output"], first["output"], "the same model, the same input, the same output");
     }
-    let (status, deployments) = http(&addr, "GET", "/v1/deployments", &[("Authorization", auth.as_str())], "");
+    let (status, deployments) = http(&addr, "GET", "/kiln/v1/deployments", &[("Authorization", auth.as_str())], "");
     assert_eq!(status, 200);
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
@@ -153,6 +153,203 @@ print("webhook", headers["webhook-signature"].startswith("v1,"), '"succeeded"' i
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.trim(), "succeeded 2 True\nwebhook True True");
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The rest of Replicate's API through the official Python client: `run`, `stream`, models, predictions list (followed past
+/// one page with `replicate.paginate`), get and cancel, deployments get, list, create (a manifest in `kiln up`'s
+/// directory), update, delete, hardware, account, and a clear error for what is not supported. Runs as the test above does.
+#[test]
+#[ignore = "needs Python with replicate 1.0.7: KILN_REPLICATE_PYTHON=<python> cargo nextest run -p kiln --test up \
+            --run-ignored only (.ci/run does)"]
+fn the_official_replicate_python_client_runs_lists_and_describes() {
+    let python = std::env::var("KILN_REPLICATE_PYTHON")
+        .expect("set KILN_REPLICATE_PYTHON to a python with the `replicate` package (replicate==1.0.7)");
+    let dir = std::env::temp_dir().join(format!("kiln-up-replicate-api-{}", std::process::id()));
+    let (up, text) = start(&dir);
+    let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let script = r#"
+import json, sys, time, replicate
+client = replicate.Client(api_token=sys.argv[1], base_url=sys.argv[2])
+x = {"x": [0.5, -1.0, 2.0, 0.25]}
+for attempt in range(50):
+    try:
+        output = client.run("default/mlp-demo", input=x)  # POST /v1/models/default/mlp-demo/predictions
+        break
+    except replicate.exceptions.ReplicateError as e:  # the manifest directory is read within a second
+        if attempt == 49:
+            raise
+        time.sleep(0.2)
+print("run", len(output))
+events = list(client.stream("default/mlp-demo", input=x))
+print("stream", [e.event.value for e in events], len(json.loads(str(events[0]))))
+
+model = client.models.get("default/mlp-demo")
+print("model", model.owner, model.name, model.visibility, model.run_count >= 1, model.latest_version)
+
+created = [client.models.predictions.create("default/mlp-demo", input={"x": [i, 0, 0, 0]}) for i in range(105)]
+pages = list(replicate.paginate(client.predictions.list))
+ids = [p.id for page in pages for p in page]
+print("list", len(pages), len(ids) == len(set(ids)), {p.id for p in created} <= set(ids), ids[0] == created[-1].id)
+
+p = client.predictions.get(created[0].id)
+p.wait()
+print("get", p.status, len(p.output))
+p = client.deployments.predictions.create("default/mlp-demo", input=x)
+p.cancel()
+p.reload()
+print("cancel", p.status in ("canceled", "succeeded") or (p.status, p.error))
+
+d = client.deployments.get("default/mlp-demo")
+c = d.current_release.configuration
+print("deployment", d.owner, d.name, d.current_release.model, c.hardware.startswith("gpu-"), c.min_instances, c.max_instances)
+page = client.deployments.list()
+print("deployments", [f"{d.owner}/{d.name}" for d in page.results], page.next)
+print("hardware", all(h.sku.startswith("gpu-") and h.name for h in client.hardware.list()))
+a = client.accounts.current()
+print("account", a.type, a.username)
+sku = client.hardware.list()[0].sku
+d = client.deployments.create(name="mlp-copy", model="default/mlp-demo", version="any", hardware=sku,
+                              min_instances=0, max_instances=2)
+c = d.current_release.configuration
+print("create", d.owner, d.name, c.hardware == sku, c.min_instances, c.max_instances)
+d = client.deployments.update("default", "mlp-copy", max_instances=3)
+print("update", d.current_release.configuration.max_instances)
+out = client.run("default/mlp-copy", input=x)
+print("run copy", len(out))
+try:
+    client.deployments.update("default", "mlp-copy", min_instances=5)
+except replicate.exceptions.ReplicateError as e:
+    print("invalid", e.status, "minReplicas" in e.detail)
+print("delete", client.deployments.delete("default", "mlp-copy"))
+try:
+    client.deployments.get("default/mlp-copy")
+except replicate.exceptions.ReplicateError as e:
+    print("deleted", e.status)
+try:
+    model.versions.list()
+except replicate.exceptions.ReplicateError as e:
+    print("versions", e.status, "model versions" in e.detail)
+try:
+    client.trainings.list()
+except replicate.exceptions.ReplicateError as e:
+    print("trainings", e.status, "trainings" in e.detail)
+"#;
+    let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let expected = "run 2\nstream ['output', 'done'] 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
+                    cancel True\ndeployment default mlp-demo default/mlp-demo True 0 4\n\
+                    deployments ['default/mlp-demo'] None\nhardware True\naccount organization default\n\
+                    create default mlp-copy True 0 2\nupdate 3\nrun copy 2\ninvalid 422 True\ndelete True\n\
+                    deleted 404\n\
+                    versions 501 True\ntrainings 501 True";
+    assert_eq!(stdout.trim(), expected);
+    drop(up);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Replicate's official JavaScript client (npm `replicate`) against `kiln up`: `run`, models, predictions list
+/// (followed past one page with `paginate`), get and cancel, deployments get, list, create, update and delete,
+/// hardware, account, a signed webhook checked with the client's `validateWebhook`, and the 501s. Runs when
+/// `KILN_REPLICATE_JS` names a directory whose `node_modules` holds `replicate` (`.ci/run` sets one up); fails
+/// when run without one.
+#[test]
+#[ignore = "needs node and npm replicate 1.4.0: KILN_REPLICATE_JS=<dir with node_modules/replicate> cargo nextest run \
+            -p kiln --test up --run-ignored only (.ci/run does)"]
+fn the_official_replicate_javascript_client_runs_lists_describes_and_changes() {
+    let modules = std::env::var("KILN_REPLICATE_JS")
+        .expect("set KILN_REPLICATE_JS to a directory with node_modules/replicate (npm install replicate@1.4.0)");
+    let dir = std::env::temp_dir().join(format!("kiln-up-replicate-js-{}", std::process::id()));
+    let (up, text) = start(&dir);
+    let base = text.split("predictions API").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+    let script = r#"
+const Replicate = require("replicate");
+const { validateWebhook } = Replicate;
+const http = require("http");
+const [key, base] = process.argv.slice(1);
+const replicate = new Replicate({ auth: key, baseUrl: `${base}/v1` });
+const x = { x: [0.5, -1.0, 2.0, 0.25] };
+const status = async (f) => { try { await f(); return "ok"; } catch (e) { return e.response ? e.response.status : String(e); } };
+(async () => {
+  let output;
+  for (let attempt = 0; ; attempt++) {
+    try { output = await replicate.run("default/mlp-demo", { input: x }); break; }
+    catch (e) { if (attempt === 49) throw e; await new Promise((r) => setTimeout(r, 200)); }
+  }
+  console.log("run", output.length);
+  const model = await replicate.models.get("default", "mlp-demo");
+  console.log("model", model.owner, model.name, model.visibility, model.run_count >= 1);
+
+  const created = [];
+  for (let i = 0; i < 105; i++) {
+    created.push(await replicate.predictions.create({ model: "default/mlp-demo", input: { x: [i, 0, 0, 0] } }));
+  }
+  const ids = [];
+  let pages = 0;
+  for await (const page of replicate.paginate(replicate.predictions.list)) { pages++; ids.push(...page.map((p) => p.id)); }
+  console.log("list", pages, new Set(ids).size === ids.length, created.every((p) => ids.includes(p.id)), ids[0] === created[104].id);
+  const got = await replicate.wait(await replicate.predictions.get(created[0].id), { interval: 50 });
+  console.log("get", got.status, got.output.length);
+  const p = await replicate.deployments.predictions.create("default", "mlp-demo", { input: x });
+  const canceled = await replicate.predictions.cancel(p.id);
+  console.log("cancel", ["canceled", "succeeded"].includes(canceled.status) || canceled.status);
+
+  const d = await replicate.deployments.get("default", "mlp-demo");
+  const c = d.current_release.configuration;
+  console.log("deployment", d.owner, d.name, c.hardware.startsWith("gpu-"), c.min_instances, c.max_instances);
+  const list = await replicate.deployments.list();
+  console.log("deployments", list.results.map((d) => `${d.owner}/${d.name}`).join(","), list.next);
+  const hardware = await replicate.hardware.list();
+  console.log("hardware", hardware.every((h) => h.sku.startsWith("gpu-") && h.name));
+  const account = await replicate.accounts.current();
+  console.log("account", account.type, account.username);
+
+  const sku = hardware[0].sku;
+  let copy = await replicate.deployments.create({ name: "js-copy", model: "default/mlp-demo", version: "any", hardware: sku, min_instances: 0, max_instances: 2 });
+  console.log("create", copy.owner, copy.name, copy.current_release.configuration.hardware === sku);
+  copy = await replicate.deployments.update("default", "js-copy", { max_instances: 3 });
+  console.log("update", copy.current_release.configuration.max_instances);
+  console.log("delete", await replicate.deployments.delete("default", "js-copy"));
+  console.log("deleted", await status(() => replicate.deployments.get("default", "js-copy")));
+
+  // A signed webhook, checked with the client's validateWebhook and the namespace's secret.
+  const secret = (await replicate.webhooks.default.secret.get()).key;
+  const hook = await new Promise((resolve) => {
+    const server = http.createServer((req, res) => {
+      let body = "";
+      req.on("data", (c) => (body += c));
+      req.on("end", () => { res.end("ok"); server.close(); resolve({ headers: req.headers, body }); });
+    });
+    server.listen(0, "127.0.0.1", async () => {
+      await replicate.deployments.predictions.create("default", "mlp-demo", {
+        input: x, webhook: `http://127.0.0.1:${server.address().port}/hook`, webhook_events_filter: ["completed"],
+      });
+    });
+  });
+  console.log("webhook", await validateWebhook({ headers: hook.headers, body: hook.body }, secret), hook.body.includes('"succeeded"'));
+  console.log("versions", await status(() => replicate.models.versions.list("default", "mlp-demo")));
+  console.log("trainings", await status(() => replicate.trainings.list()));
+})().catch((e) => { console.error(e); process.exit(1); });
+"#;
+    let out = Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .arg(&key)
+        .arg(&base)
+        .env("NODE_PATH", std::path::Path::new(&modules).join("node_modules"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let expected = "run 2\nmodel default mlp-demo private true\nlist 2 true true true\nget succeeded 2\ncancel true\n\
+                    deployment default mlp-demo true 0 4\ndeployments default/mlp-demo null\nhardware true\n\
+                    account organization default\ncreate default js-copy true\nupdate 3\ndelete true\n\
+                    deleted 404\nwebhook true true\nversions 501\ntrainings 501";
+    assert_eq!(stdout.trim(), expected);
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1043,6 +1043,11 @@ impl Control {
         })
     }
 
+    /// A deployment's spec, as last upserted.
+    pub fn spec(&self, deployment: &str) -> Option<&DeploymentSpec> {
+        self.deployments.get(deployment).map(|d| &d.spec)
+    }
+
     /// A deployment's state.
     pub fn status(&self, deployment: &str) -> Option<DeploymentStatus> {
         let d = self.deployments.get(deployment)?;

@@ -3,7 +3,17 @@
 //!
 //! - `POST /v1/deployments/{namespace}/{name}/predictions` with `{"input": {...}}`: with `Prefer: wait` (or
 //!   `wait=N` seconds, at most 60) answers when done (200), otherwise 201 with the prediction to poll.
-//! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel`.
+//!   `POST /v1/models/{namespace}/{name}/predictions` is the same (a model is a deployment, its namespace the owner:
+//!   `replicate.run("namespace/name", ...)` goes there).
+//! - `GET /v1/predictions/{id}`, `POST /v1/predictions/{id}/cancel` (a prediction canceled before its run began is
+//!   not run).
+//! - The rest of Replicate's API, described through a [`Catalog`] (the deployments and the fleet's GPU models):
+//!   `GET /v1/predictions` (newest first, cursor pages of [`PAGE_SIZE`]), `GET /v1/deployments` and
+//!   `GET /v1/deployments/{owner}/{name}` (`listing`), `GET /v1/models/{owner}/{name}` (`models`),
+//!   `GET /v1/hardware` and `GET /v1/account` (`account`); `POST /v1/deployments`, `PATCH` and `DELETE
+//!   /v1/deployments/{owner}/{name}` (`changes`, carried out by the catalog's spec source). The parts of Replicate's
+//!   API it does not serve (model versions, trainings, files, collections) answer 501 naming them, any other path a
+//!   JSON 404 (`models::fallback`).
 //! - A prediction has `id`, `model` (`namespace/name`), `version`, `status` ([`PredictionStatus`]: `starting`,
 //!   `processing`, `succeeded`, `failed`, `canceled`), `input`, `output`, `error`, `logs`, `created_at`/
 //!   `started_at`/`completed_at`, `urls` (`get`, `cancel`, and `stream` when asked for) and `metrics`
@@ -31,8 +41,13 @@
 //! to finish; what is left then fails ([`SHUTDOWN_ERROR`]: 503 with `Retry-After` for a client waiting on it, the
 //! `completed` webhook for the others). Canceling marks the prediction canceled and drops its result; it does not
 //! stop work already sent to a replica. The gateway's metrics are recorded by its backend (the control plane). The
-//! handlers are in `routes`.
+//! predictions handlers are in `routes`.
 
+mod account;
+mod catalog;
+mod changes;
+mod listing;
+mod models;
 mod response;
 mod routes;
 
@@ -52,7 +67,12 @@ use axum::{
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-pub use self::routes::{RequestError, WebhookSubscription};
+pub use self::{
+    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, sku},
+    changes::SERVED_WITHIN,
+    listing::PAGE_SIZE,
+    routes::{RequestError, WebhookSubscription},
+};
 use self::{
     response::PredictionResponse,
     routes::{cancel, create, fetch, problem, stream, webhook_secret},
@@ -412,6 +432,8 @@ pub struct Gateway<B> {
     pub limits: crate::limits::TenantLimits,
     /// Where predictions are written on each transition (`None`: kept in memory only).
     pub persister: Option<Persister>,
+    /// The deployments and hardware the Replicate-shaped listings describe ([`EmptyCatalog`] unless set).
+    pub catalog: Arc<dyn Catalog>,
     drain: Drain,
 }
 
@@ -427,6 +449,7 @@ impl<B: Backend> Gateway<B> {
             webhooks: crate::webhook::Webhooks::default(),
             limits: crate::limits::TenantLimits::new(crate::limits::LimitConfig::default()),
             persister: None,
+            catalog: Arc::new(EmptyCatalog),
             drain: Drain {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 in_flight: Arc::new(watch::channel(0).0),
@@ -557,10 +580,27 @@ impl<B: Backend> Gateway<B> {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/v1/deployments/{namespace}/{name}/predictions", post(create::<B>))
+            .route("/v1/models/{namespace}/{name}/predictions", post(create::<B>))
+            .route("/v1/models/{owner}/{name}", get(models::model::<B>).fallback(models::fallback))
+            .route(
+                "/v1/deployments",
+                get(listing::deployments::<B>).post(changes::create::<B>).fallback(models::fallback),
+            )
+            .route(
+                "/v1/deployments/{owner}/{name}",
+                get(listing::deployment::<B>)
+                    .patch(changes::update::<B>)
+                    .delete(changes::delete::<B>)
+                    .fallback(models::fallback),
+            )
+            .route("/v1/predictions", get(listing::predictions::<B>).fallback(models::fallback))
+            .route("/v1/hardware", get(account::hardware::<B>))
+            .route("/v1/account", get(account::account::<B>))
             .route("/v1/predictions/{id}", get(fetch::<B>))
             .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
             .route("/v1/predictions/{id}/stream", get(stream::<B>))
             .route("/v1/webhooks/default/secret", get(webhook_secret::<B>))
+            .fallback(models::fallback)
             .with_state(Arc::clone(self))
     }
 

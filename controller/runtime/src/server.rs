@@ -1,6 +1,7 @@
 //! The controller process without a cluster: the manifest directory as the spec source, the agent registry's
-//! `AgentService` on one address, and the gateway (predictions API, `GET /v1/deployments`, `/metrics`,
-//! `/healthz`) on another. `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
+//! `AgentService` on one address, and the gateway (the Replicate-shaped API, Kiln's own listing at
+//! `GET /kiln/v1/deployments`, `/metrics`, `/healthz`) on another; the gateway's [`Catalog`] is the control plane's
+//! deployments and the registry's GPUs ([`FleetCatalog`]). `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
 //!
 //! State: prediction records and deployment counters go to [`ServerOptions::store`] (redb in the state directory
 //! for `kiln up` and `kiln controller`) and are read back by [`Server::bind`]. Shutdown ([`Server::serve`]): when
@@ -31,7 +32,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::{
     connections::HttpLimits,
     control::{ControlConfig, ControlPlane},
-    gateway::{Caller, Gateway},
+    gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway, sku},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
     spec::Rejected,
@@ -165,6 +166,9 @@ impl Server {
             );
             g.webhooks.secret = Some(secret);
             g.persister = Some(persister.clone());
+            let mut catalog = FleetCatalog::new(Arc::clone(&control), registry.clone());
+            catalog.manifests = options.manifests.clone();
+            g.catalog = Arc::new(catalog);
         }
         let restored = gateway.restore(snapshot.predictions);
         if restored != Default::default() || snapshot.unreadable > 0 {
@@ -231,7 +235,7 @@ impl Server {
         let health = Arc::clone(&self.gateway);
         let router = self.gateway.router().merge(
             Router::new()
-                .route("/v1/deployments", get(deployments))
+                .route("/kiln/v1/deployments", get(deployments))
                 .route("/metrics", get(metrics_page))
                 .route(
                     "/healthz",
@@ -322,7 +326,7 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
     }
 }
 
-/// `GET /v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key
+/// `GET /kiln/v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key
 /// sees its namespace's deployments only; an operator's sees the fleet (every namespace, the nodes, every invalid
 /// manifest); no key, nothing.
 async fn deployments(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
@@ -418,4 +422,184 @@ async fn internal_metrics(State(shared): State<Arc<Shared>>) -> impl IntoRespons
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         shared.control.metrics_text(),
     )
+}
+
+/// The gateway's [`Catalog`] in a controller process: the deployments the control plane serves (their specs,
+/// versions and counters) and the GPU models of the registered nodes. With a manifest directory, deployment changes
+/// are written there as `ModelDeployment` manifests, checked first as `kiln apply` checks them
+/// ([`FleetCatalog::change`]); without one (Kubernetes mode) they are refused as unsupported.
+#[derive(Debug)]
+pub struct FleetCatalog {
+    control: Arc<ControlPlane>,
+    registry: Registry,
+    /// The manifest directory deployment changes are written to, if any.
+    pub manifests: Option<PathBuf>,
+    /// Per deployment: the version last seen, when it was first seen, and its release number.
+    releases: Mutex<std::collections::HashMap<String, (String, std::time::SystemTime, u64)>>,
+}
+
+impl FleetCatalog {
+    /// The catalog of `control`'s deployments on `registry`'s nodes.
+    pub fn new(control: Arc<ControlPlane>, registry: Registry) -> Self {
+        Self { control, registry, manifests: None, releases: Mutex::default() }
+    }
+
+    /// The release of `key` at `version`: the spec generation where the version is one (Kubernetes), else counted
+    /// here from 1 (the manifest directory's versions are hashes); released when this process first saw it.
+    fn release(&self, key: &str, version: &str) -> (u64, std::time::SystemTime) {
+        let mut releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::SystemTime::now();
+        let entry = releases.entry(key.to_owned()).or_insert_with(|| (version.to_owned(), now, 0));
+        if entry.2 == 0 || entry.0 != version {
+            let number = version.parse::<u64>().ok().filter(|n| *n > 0).unwrap_or(entry.2 + 1);
+            *entry = (version.to_owned(), now, number);
+        }
+        (entry.2, entry.1)
+    }
+}
+
+impl Catalog for FleetCatalog {
+    fn deployments(&self) -> Vec<DeploymentInfo> {
+        let nodes = self.registry.nodes();
+        let replicas = self.control.replicas();
+        let node_model =
+            |name: &str| nodes.iter().find(|n| n.name == name).and_then(|n| n.gpus.first()).map(|g| &g.model);
+        let mut fleet: Vec<&String> = nodes.iter().flat_map(|n| n.gpus.iter().map(|g| &g.model)).collect();
+        fleet.sort();
+        fleet.dedup();
+        let only = if fleet.len() == 1 { fleet.first().copied() } else { None };
+        self.control
+            .statuses()
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let (spec, version) = self.control.spec(&key)?;
+                let placed = replicas.iter().filter(|r| r.deployment == key).find_map(|r| node_model(&r.node));
+                let gpu_model = spec.gpu_models.first().or(placed).or(only).cloned();
+                let (release, released_at) = self.release(&key, &version);
+                let run_count = self.control.counters(&key).requests;
+                Some(DeploymentInfo {
+                    key,
+                    version,
+                    release,
+                    released_at,
+                    gpu_model,
+                    min_instances: spec.scaling.min_replicas,
+                    max_instances: spec.scaling.max_replicas,
+                    run_count,
+                })
+            })
+            .collect()
+    }
+
+    fn gpu_models(&self) -> Vec<String> {
+        self.registry.nodes().into_iter().flat_map(|n| n.gpus.into_iter().map(|g| g.model)).collect()
+    }
+
+    /// Writes the change into the manifest directory: a create copies the spec of the deployment `model` names
+    /// (in the same namespace) into `<namespace>-<name>.yaml` with the scaling and hardware asked for; an update
+    /// rewrites the deployment's manifest, a delete removes it, either only where that file holds this deployment
+    /// alone (409 otherwise: edit it by hand). The result is validated as `kiln apply` validates (an update also
+    /// against its transition rules) before anything is written.
+    fn change(&self, namespace: &str, change: &DeploymentChange) -> Result<(), ChangeError> {
+        let Some(dir) = &self.manifests else {
+            return Err(ChangeError::Unsupported("Kubernetes mode (use kubectl apply)"));
+        };
+        let validator = Validator::default();
+        let io = |e: std::io::Error| ChangeError::Io(format!("manifest directory {}: {e}", dir.display()));
+        let set = load_dir(dir, &validator).map_err(io)?;
+        let key = crate::spec::key(namespace, &change.name);
+        let existing = set.deployments.get(&key);
+        // The one file that holds this deployment and nothing else, for an update or delete.
+        let own_file = || -> Result<PathBuf, ChangeError> {
+            let d = existing.ok_or_else(|| ChangeError::NotFound(key.clone()))?;
+            let text = crate::manifests::read_manifest(&d.file, crate::manifests::MAX_MANIFEST_BYTES)
+                .map_err(|e| ChangeError::Io(format!("{}: {e}", d.file.display())))?;
+            let documents = serde_yaml::Deserializer::from_str(&text)
+                .map(<serde_json::Value as serde::Deserialize>::deserialize)
+                .filter(|doc| !matches!(doc, Ok(serde_json::Value::Null)))
+                .count();
+            if documents != 1 {
+                return Err(ChangeError::Conflict(format!(
+                    "{key} is one of {documents} documents in {}: change it there",
+                    d.file.display()
+                )));
+            }
+            Ok(d.file.clone())
+        };
+        let (file, old, template) = match change.kind {
+            ChangeKind::Delete => {
+                let file = own_file()?;
+                return std::fs::remove_file(&file).map_err(|e| ChangeError::Io(format!("{}: {e}", file.display())));
+            }
+            ChangeKind::Update => {
+                let d = existing.ok_or_else(|| ChangeError::NotFound(key.clone()))?;
+                (own_file()?, Some(to_value(&d.resource)?), to_value(&d.resource)?)
+            }
+            ChangeKind::Create => {
+                if existing.is_some() {
+                    return Err(ChangeError::Conflict(format!("deployment {key} exists already")));
+                }
+                let model = change.model.as_deref().unwrap_or_default();
+                let source = match model.split_once('/') {
+                    Some((ns, _)) if ns != namespace => {
+                        return Err(ChangeError::Invalid(format!(
+                            "model {model}: a deployment copies one of its own namespace ({namespace})"
+                        )));
+                    }
+                    Some(_) => model.to_owned(),
+                    None => crate::spec::key(namespace, model),
+                };
+                let d = set.deployments.get(&source).ok_or_else(|| {
+                    ChangeError::Invalid(format!(
+                        "model {model}: no deployment {source} to copy (a model here is a deployment; write a \
+                         ModelDeployment for a new model source)"
+                    ))
+                })?;
+                let file = dir.join(format!("{namespace}-{}.yaml", change.name));
+                if file.exists() {
+                    return Err(ChangeError::Conflict(format!("{} exists already", file.display())));
+                }
+                (file, None, to_value(&d.resource)?)
+            }
+        };
+        let mut object = template;
+        if change.kind == ChangeKind::Create {
+            // A new object: its own name, nothing else of the copied one's metadata.
+            object["metadata"] = serde_json::json!({ "name": change.name, "namespace": namespace });
+        }
+        if let Some(fields) = object.as_object_mut() {
+            fields.remove("status");
+        }
+        if let Some(n) = change.min_instances {
+            object["spec"]["scaling"]["minReplicas"] = n.into();
+        }
+        if let Some(n) = change.max_instances {
+            object["spec"]["scaling"]["maxReplicas"] = n.into();
+        }
+        if let Some(hardware) = &change.hardware {
+            let mut models = self.gpu_models();
+            models.sort();
+            models.dedup();
+            let Some(model) = models.iter().find(|m| sku(m) == *hardware) else {
+                let skus: Vec<String> = models.iter().map(|m| sku(m)).collect();
+                return Err(ChangeError::Invalid(format!(
+                    "hardware {hardware} is not in this fleet (GET /v1/hardware: {})",
+                    skus.join(", ")
+                )));
+            };
+            object["spec"]["gpu"]["models"] = serde_json::json!([model]);
+        }
+        validator.validate_update(&object, old.as_ref()).map_err(|e| ChangeError::Invalid(e.to_string()))?;
+        let text = serde_yaml::to_string(&object).map_err(|e| ChangeError::Io(e.to_string()))?;
+        let text = format!("# Written by the gateway (Replicate's deployments API).\n{text}");
+        // Written beside the file under a name the directory's reader skips, then renamed over it.
+        let partial = file.with_extension("partial");
+        let written = std::fs::write(&partial, text).and_then(|()| std::fs::rename(&partial, &file));
+        written.map_err(|e| ChangeError::Io(format!("{}: {e}", file.display())))
+    }
+}
+
+/// A resource as JSON.
+fn to_value(resource: &kiln_k8s_api::model_deployment::ModelDeployment) -> Result<serde_json::Value, ChangeError> {
+    serde_json::to_value(resource).map_err(|e| ChangeError::Io(e.to_string()))
 }

@@ -1,6 +1,7 @@
 //! The predictions API over a fake backend whose one deployment starts cold: sync and async predictions,
 //! cold-start metrics, auth, 404/400, a full hold queue (429) and a cold start past the deadline (504); a
-//! shutdown's drain; predictions and webhooks across a restart (through a store).
+//! shutdown's drain; predictions and webhooks across a restart (through a store); the rest of Replicate's API
+//! (models, listings with pagination, hardware, account, what is not supported).
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -13,7 +14,10 @@ use std::{
 
 use kiln_controller::{
     control::HoldQueue,
-    gateway::{Backend, Gateway, Outcome, PredictError, RESTART_ERROR, Restored, SHUTDOWN_ERROR},
+    gateway::{
+        Backend, Catalog, DeploymentInfo, Gateway, Outcome, PAGE_SIZE, PredictError, RESTART_ERROR, Restored,
+        SHUTDOWN_ERROR,
+    },
     limits::{LimitConfig, TenantLimits},
     prediction::{FailureKind, PredictionStatus::Failed},
     store::{MemoryStore, Persister, PredictionRecord, PredictionStore},
@@ -455,8 +459,8 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     .await
     .unwrap();
     assert!(raw.contains("text/event-stream"), "{raw}");
-    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}").expect("an output event");
-    let done = raw.find("event: done").expect("a done event");
+    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}\nid: 0\n").expect("an output event");
+    let done = raw.find("event: done\ndata: {}\nid: 1\n").expect("a done event");
     assert!(output < done, "{raw}");
 
     // Malformed webhook settings are refused before anything runs.
@@ -544,4 +548,195 @@ async fn a_namespace_over_its_rate_gets_429_with_retry_after() {
     // The other namespace is not held back by demo's limit (404: the fake backend has no deployment there).
     assert_eq!(statuses, [201, 201, 201, 429, 404], "{answers:?}");
     assert!(answers[3].1.to_lowercase().contains("retry-after: 2"), "{}", answers[3].1);
+}
+
+/// `demo/echo` and, to show tenants apart, `other/m`, on H100s.
+#[derive(Debug)]
+struct FakeCatalog;
+
+impl Catalog for FakeCatalog {
+    fn deployments(&self) -> Vec<DeploymentInfo> {
+        let info = |key: &str, run_count| DeploymentInfo {
+            key: key.to_owned(),
+            version: "v1".into(),
+            release: 3,
+            released_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_072_000),
+            gpu_model: Some("NVIDIA H100 80GB HBM3".into()),
+            min_instances: 0,
+            max_instances: 2,
+            run_count,
+        };
+        vec![info("other/m", 0), info("demo/echo", 7)]
+    }
+    fn gpu_models(&self) -> Vec<String> {
+        vec!["NVIDIA H100 80GB HBM3".into(), "NVIDIA H200".into(), "NVIDIA H100 80GB HBM3".into()]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rest_of_replicates_api_models_listings_hardware_account_and_what_is_not_supported() {
+    let fake = Fake { queue: Arc::new(HoldQueue::new(8)), cold: Duration::ZERO };
+    let keys = [
+        ("key-demo".to_owned(), "demo".to_owned()),
+        ("key-other".to_owned(), "other".to_owned()),
+        ("key-op".to_owned(), "*".to_owned()),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut gateway = Gateway::new(fake, keys, &format!("http://{addr}"));
+    Arc::get_mut(&mut gateway).unwrap().catalog = Arc::new(FakeCatalog);
+    let router = gateway.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let call = |method: &'static str, path: String, key: Option<&'static str>, prefer, body: &'static str| {
+        let a = addr.clone();
+        tokio::task::spawn_blocking(move || http(&a, method, &path, key, prefer, body))
+    };
+
+    // A model is a deployment: its predictions endpoint runs it, as the deployments' does.
+    let (status, _, p) = call(
+        "POST",
+        "/v1/models/demo/echo/predictions".into(),
+        Some("key-demo"),
+        Some("wait"),
+        r#"{"input": {"x": 1}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!((status, &p["status"], &p["output"]["echo"]["x"]), (200, &json!("succeeded"), &json!(1)), "{p}");
+    let (status, _, _) =
+        call("POST", "/v1/models/demo/echo/predictions".into(), Some("key-other"), None, r#"{"input": {}}"#)
+            .await
+            .unwrap();
+    assert_eq!(status, 403, "a tenant runs its own namespace's only");
+    let (status, _, model) = call("GET", "/v1/models/demo/echo".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        (&model["owner"], &model["name"], &model["run_count"], &model["visibility"], &model["latest_version"]),
+        (&json!("demo"), &json!("echo"), &json!(7), &json!("private"), &Value::Null)
+    );
+    assert_eq!(call("GET", "/v1/models/demo/nope".into(), Some("key-demo"), None, "").await.unwrap().0, 404);
+    assert_eq!(call("GET", "/v1/models/other/m".into(), Some("key-demo"), None, "").await.unwrap().0, 403);
+
+    // More predictions than one page: newest first, each once, forward with `next` and back with `previous`.
+    for i in 0..PAGE_SIZE + 20 {
+        let body: &'static str = Box::leak(format!(r#"{{"input": {{"i": {i}}}}}"#).into_boxed_str());
+        let (status, _, _) =
+            call("POST", "/v1/deployments/demo/echo/predictions".into(), Some("key-demo"), None, body).await.unwrap();
+        assert_eq!(status, 201);
+    }
+    let (status, _, first) = call("GET", "/v1/predictions".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(status, 200, "{first}");
+    let results = first["results"].as_array().unwrap();
+    assert_eq!((results.len(), &first["previous"]), (PAGE_SIZE, &Value::Null));
+    let created: Vec<&str> = results.iter().map(|p| p["created_at"].as_str().unwrap()).collect();
+    assert!(created.windows(2).all(|w| w[0] >= w[1]), "newest first");
+    assert_eq!(results[0]["input"]["i"], PAGE_SIZE + 19, "the newest first");
+    let next = first["next"].as_str().unwrap().strip_prefix(&format!("http://{addr}")).unwrap().to_owned();
+    let (_, _, second) = call("GET", next, Some("key-demo"), None, "").await.unwrap();
+    let rest = second["results"].as_array().unwrap();
+    assert_eq!((rest.len(), &second["next"]), (21, &Value::Null), "20 more and the model-run one");
+    let mut ids: Vec<&str> = results.iter().chain(rest).map(|p| p["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), PAGE_SIZE + 21, "each once");
+    let previous = second["previous"].as_str().unwrap().strip_prefix(&format!("http://{addr}")).unwrap().to_owned();
+    let (_, _, back) = call("GET", previous, Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(back["results"], first["results"]);
+    let (_, _, theirs) = call("GET", "/v1/predictions".into(), Some("key-other"), None, "").await.unwrap();
+    assert_eq!(theirs, json!({ "previous": null, "next": null, "results": [] }), "a tenant sees its own");
+    let (_, _, all) = call("GET", "/v1/predictions".into(), Some("key-op"), None, "").await.unwrap();
+    assert_eq!(all["results"].as_array().unwrap().len(), PAGE_SIZE, "an operator sees all");
+    let (status, _, bad) = call("GET", "/v1/predictions?cursor=zz".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(status, 400, "{bad}");
+    assert_eq!(call("GET", "/v1/predictions".into(), None, None, "").await.unwrap().0, 401);
+
+    // Deployments in Replicate's shape.
+    let (status, _, d) = call("GET", "/v1/deployments/demo/echo".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(status, 200);
+    let release = json!({
+        "number": 3, "model": "demo/echo", "version": "v1", "created_at": "2025-11-25T12:00:00.000000Z",
+        "created_by": { "type": "organization", "username": "demo", "name": "demo", "github_url": null },
+        "configuration": { "hardware": "gpu-h100-80gb-hbm3", "min_instances": 0, "max_instances": 2 }
+    });
+    assert_eq!(d, json!({ "owner": "demo", "name": "echo", "current_release": release }));
+    let (_, _, list) = call("GET", "/v1/deployments".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(list, json!({ "previous": null, "next": null, "results": [d] }));
+    let (_, _, list) = call("GET", "/v1/deployments".into(), Some("key-op"), None, "").await.unwrap();
+    let names: Vec<&str> = list["results"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["echo", "m"], "every namespace, by owner/name");
+    assert_eq!(call("GET", "/v1/deployments/other/m".into(), Some("key-demo"), None, "").await.unwrap().0, 403);
+
+    // Hardware and account.
+    let (_, _, hardware) = call("GET", "/v1/hardware".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!(
+        hardware,
+        json!([
+            { "name": "NVIDIA H100 80GB HBM3", "sku": "gpu-h100-80gb-hbm3" },
+            { "name": "NVIDIA H200", "sku": "gpu-h200" }
+        ])
+    );
+    let (_, _, account) = call("GET", "/v1/account".into(), Some("key-other"), None, "").await.unwrap();
+    assert_eq!(account, json!({ "type": "organization", "username": "other", "name": "other", "github_url": null }));
+
+    // What is not supported says so.
+    for (method, path, what) in [
+        ("GET", "/v1/models/demo/echo/versions", "model versions"),
+        ("POST", "/v1/predictions", "predictions of a model version"),
+        ("POST", "/v1/trainings", "trainings"),
+        ("GET", "/v1/files", "the files API"),
+        ("GET", "/v1/collections", "collections"),
+    ] {
+        let (status, _, body) = call(method, path.into(), Some("key-demo"), None, "{}").await.unwrap();
+        assert_eq!(status, 501, "{method} {path}: {body}");
+        assert!(body["detail"].as_str().unwrap().contains(what), "{body}");
+    }
+    // A spec source that cannot be changed through the API (here, the fake's) says so.
+    let (status, _, body) = call(
+        "POST",
+        "/v1/deployments".into(),
+        Some("key-demo"),
+        None,
+        r#"{"name": "copy", "model": "demo/echo", "version": "v1", "hardware": "gpu-h200", "min_instances": 0, "max_instances": 1}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 501, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("not supported"), "{body}");
+    let (status, _, _) =
+        call("PATCH", "/v1/deployments/other/m".into(), Some("key-demo"), None, r#"{"max_instances": 1}"#)
+            .await
+            .unwrap();
+    assert_eq!(status, 403, "another namespace's");
+    let (status, _, body) =
+        call("POST", "/v1/deployments".into(), Some("key-op"), None, r#"{"name": "x", "model": "demo/echo"}"#)
+            .await
+            .unwrap();
+    assert_eq!(status, 403, "an operator key belongs to no namespace: {body}");
+    let (status, _, body) =
+        call("POST", "/v1/deployments".into(), Some("key-demo"), None, r#"{"model": "demo/echo"}"#).await.unwrap();
+    assert_eq!((status, &body["detail"]), (400, &json!("name is required")));
+    let (status, _, body) = call("GET", "/v1/nothing".into(), Some("key-demo"), None, "").await.unwrap();
+    assert_eq!((status, &body["detail"]), (404, &json!("GET /v1/nothing is not an endpoint of this API")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canceled_prediction_stays_canceled_whenever_its_run_begins_or_ends() {
+    let addr = serve(Duration::from_secs(5), 64, Duration::from_millis(300)).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let (status, _, p) = post(&addr, None, format!(r#"{{"input": {{"i": {i}}}}}"#)).await;
+        assert_eq!(status, 201);
+        let id = p["id"].as_str().unwrap().to_owned();
+        let (a, path) = (addr.clone(), format!("/v1/predictions/{id}/cancel"));
+        let (status, _, canceled) =
+            tokio::task::spawn_blocking(move || http(&a, "POST", &path, Some("key-demo"), None, "")).await.unwrap();
+        assert_eq!((status, &canceled["status"]), (200, &json!("canceled")), "{canceled}");
+        ids.push(id);
+    }
+    // Past the cold start: the runs that began have ended, and none of them changed a canceled prediction.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for id in ids {
+        let (_, _, p) = get(&addr, &id).await;
+        assert_eq!((&p["status"], &p["output"]), (&json!("canceled"), &Value::Null), "{p}");
+    }
 }

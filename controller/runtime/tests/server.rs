@@ -89,7 +89,7 @@ async fn special_manifest_files_are_listed_as_invalid_and_the_gateway_keeps_its_
     let state = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let (status, state) = get(addr, "/v1/deployments");
+            let (status, state) = get(addr, "/kiln/v1/deployments");
             assert_eq!(status, 200);
             if state["invalid"].as_array().is_some_and(|i| i.len() == 3) || Instant::now() > deadline {
                 break state;

@@ -352,6 +352,12 @@ impl ControlPlane {
         self.state().core.status(deployment)
     }
 
+    /// A deployment's spec and version as served, `None` if it is not served.
+    pub fn spec(&self, key: &str) -> Option<(kiln_core::control::DeploymentSpec, String)> {
+        let state = self.state();
+        Some((state.core.spec(key)?.clone(), state.served.get(key)?.version.clone()))
+    }
+
     /// Every deployment's state.
     pub fn statuses(&self) -> Vec<(String, DeploymentStatus)> {
         let state = self.state();

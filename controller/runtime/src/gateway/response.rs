@@ -80,7 +80,7 @@ fn kib(bytes: usize) -> String {
 /// A time as RFC 3339 in UTC with microseconds (`2025-11-25T12:00:00.123456Z`, truncated, as Replicate writes
 /// them).
 #[derive(Debug, Clone, Copy)]
-struct Rfc3339(SystemTime);
+pub(super) struct Rfc3339(pub(super) SystemTime);
 
 impl std::fmt::Display for Rfc3339 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -204,16 +204,16 @@ pub(super) async fn create<B: Backend>(
         let _in_flight = in_flight;
         // Copies only for the store and a webhook, used outside the lock.
         let persisted = runner.persister.is_some();
-        let started = runner.lock().map.get_mut(&task_id).map(|p| {
+        // One canceled (or cut off by a shutdown) before this task ran stays so, and is not run.
+        let started = runner.lock().map.get_mut(&task_id).filter(|p| !p.finished()).map(|p| {
             p.status = PredictionStatus::Processing;
             p.started_at = Some(SystemTime::now());
             (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
         });
-        if let Some((record, webhook)) = started {
-            runner.persist_record(record);
-            if let Some(p) = webhook {
-                runner.notify_webhook(&p, "start");
-            }
+        let Some((record, webhook)) = started else { return };
+        runner.persist_record(record);
+        if let Some(p) = webhook {
+            runner.notify_webhook(&p, "start");
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
         let mut store = runner.lock();
@@ -302,7 +302,7 @@ pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>
 }
 
 /// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
-/// or `error`, then `done`. Outputs are produced whole, so there is one `output` event.
+/// or `error`, then `done`, each with an `id`. Outputs are produced whole, so there is one `output` event.
 pub(super) async fn stream<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path(id): Path<String>,
@@ -322,15 +322,19 @@ pub(super) async fn stream<B: Backend>(
         notified.await;
     }
     let p = gw.lock().map.get(&id).cloned();
+    // Each event has an id, as Replicate's do (the Python client drops an event without one).
     let mut events = Vec::new();
     match p {
         Some(p) if p.status == PredictionStatus::Succeeded => {
-            events.push(Event::default().event("output").data(p.output.to_string()));
+            events.push(Event::default().event("output").data(p.output.to_string()).id("0"));
         }
-        Some(p) => events.push(Event::default().event("error").data(p.error.unwrap_or_else(|| p.status.to_string()))),
-        None => events.push(Event::default().event("error").data("the prediction expired")),
+        Some(p) => {
+            let error = p.error.unwrap_or_else(|| p.status.to_string());
+            events.push(Event::default().event("error").data(error).id("0"));
+        }
+        None => events.push(Event::default().event("error").data("the prediction expired").id("0")),
     }
-    events.push(Event::default().event("done").data("{}"));
+    events.push(Event::default().event("done").data("{}").id("1"));
     Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
 }
 
