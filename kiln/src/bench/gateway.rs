@@ -593,7 +593,7 @@ async fn sweep(options: &Options, rig: &Rig, paths: &[Path3]) -> Result<()> {
             let added = match once(rig, path, rate, options.sweep_seconds, options.connections).await {
                 Ok(run) => run.latency[2] - direct.latency[2],
                 Err(e) => {
-                    line.push_str(&format!("; {}: {e}", path.label()));
+                    line.push_str(&format!("; {e}"));
                     f64::INFINITY
                 }
             };
