@@ -281,6 +281,9 @@ const status = async (f) => { try { await f(); return "ok"; } catch (e) { return
     catch (e) { if (attempt === 49) throw e; await new Promise((r) => setTimeout(r, 200)); }
   }
   console.log("run", output.length);
+  const events = [];
+  for await (const event of replicate.stream("default/mlp-demo", { input: x })) { events.push(event.event); }
+  console.log("stream", events.join(","));
   const model = await replicate.models.get("default", "mlp-demo");
   console.log("model", model.owner, model.name, model.visibility, model.run_count >= 1);
 
@@ -345,7 +348,7 @@ const status = async (f) => { try { await f(); return "ok"; } catch (e) { return
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let expected = "run 2\nmodel default mlp-demo private true\nlist 2 true true true\nget succeeded 2\ncancel true\n\
+    let expected = "run 2\nstream output,done\nmodel default mlp-demo private true\nlist 2 true true true\nget succeeded 2\ncancel true\n\
                     deployment default mlp-demo true 0 4\ndeployments default/mlp-demo null\nhardware true\n\
                     account organization default\ncreate default js-copy true\nupdate 3\ndelete true\n\
                     deleted 404\nwebhook true true\nversions 501\ntrainings 501";

@@ -28,9 +28,9 @@
 //!   from it.
 //! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`; a
 //!   [`WebhookSubscription`]) POSTs the prediction to a URL, retried with backoff and signed with a secret per
-//!   namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`); `"stream": true` adds
-//!   `urls.stream`, server-sent events (`output`, or `error`, then `done`; outputs come whole, so there is one
-//!   `output` event).
+//!   namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`). Every prediction has
+//!   `urls.stream` (as Replicate's now do; `"stream": true` is accepted and kept): server-sent events (`output`, or
+//!   `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
 //! Finished predictions stay readable for an hour (at most the newest 100,000). With a [`Persister`] each prediction
 //! is written to the store on every transition (created, started, finished, expired) and [`Gateway::restore`] reads
@@ -199,6 +199,8 @@ struct Prediction {
     done: Arc<Notify>,
     webhook: Option<WebhookSubscription>,
     stream: bool,
+    /// The capability in `urls.stream` ([`crate::webhook::Secret::stream_token`]); `None` without a secret.
+    stream_token: Option<String>,
     /// Sizes of an input and output that were over the store's limits (restored records, and inputs of finished
     /// predictions).
     dropped: (Option<usize>, Option<usize>),
@@ -242,6 +244,7 @@ impl Prediction {
             done: Arc::new(Notify::new()),
             webhook: None,
             stream: false,
+            stream_token: None,
             dropped: (None, None),
             kept_bytes: 0,
         }
@@ -312,6 +315,7 @@ impl Prediction {
             done: Arc::new(Notify::new()),
             webhook: r.webhook.map(|url| WebhookSubscription { url, events: r.webhook_events_filter }),
             stream: r.stream,
+            stream_token: None,
             dropped: (r.input_dropped_bytes, r.output_dropped_bytes),
             kept_bytes: 0,
         }
@@ -488,6 +492,7 @@ impl<B: Backend> Gateway<B> {
         let mut expired = Vec::new();
         for r in records {
             let mut p = Prediction::from_record(r);
+            p.stream_token = self.webhooks.secret.as_ref().map(|s| s.stream_token(&p.id));
             if p.finished() {
                 let at = p.completed_at.unwrap_or(p.created_at);
                 if now.duration_since(at).unwrap_or_default() >= RETENTION {

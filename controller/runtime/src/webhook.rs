@@ -370,6 +370,24 @@ impl Secret {
         Self { text: format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(&key)), key }
     }
 
+    /// The capability in a prediction's `urls.stream`: HMAC-SHA256(key, "kiln stream token v1" NUL id), 128 bits as
+    /// hex. Clients open that URL without the API key (Replicate's stream URLs are capabilities too); it is stable
+    /// across restarts and replicas that share the secret.
+    pub fn stream_token(&self, prediction_id: &str) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(b"kiln stream token v1\0");
+        mac.update(prediction_id.as_bytes());
+        mac.finalize().into_bytes()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Whether `token` is [`Secret::stream_token`] of `prediction_id`, compared in constant time.
+    pub fn stream_token_matches(&self, prediction_id: &str, token: &str) -> bool {
+        let want = self.stream_token(prediction_id);
+        want.len() == token.len() && want.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+
     /// The `webhook-signature` value for a delivery.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
         use base64::Engine as _;

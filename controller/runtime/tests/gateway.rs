@@ -445,23 +445,35 @@ async fn webhooks_are_retried_until_delivered_and_streams_end_with_done() {
     assert_ne!(sign(other), signature, "another tenant's secret does not");
     assert_ne!(sign(MASTER), signature, "nor does the master");
 
-    // The stream of a finished prediction: its output, then done.
-    let a = addr.clone();
+    // The stream of a finished prediction: its output, then done; opened with the key, or with the URL's
+    // capability token alone (as Replicate's stream URLs are), never with a wrong token.
     let path = stream_url.trim_start_matches(&format!("http://{addr}")).to_owned();
-    let raw = tokio::task::spawn_blocking(move || {
-        let mut s = TcpStream::connect(&a).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: {a}\r\nAuthorization: Bearer key-demo\r\nConnection: close\r\n\r\n")
-            .unwrap();
-        let mut response = String::new();
-        s.read_to_string(&mut response).unwrap();
-        response
+    assert!(path.starts_with(&format!("/v1/predictions/{id}/stream?token=")), "{stream_url}");
+    let bare = path.split('?').next().unwrap().to_owned();
+    let forged = format!("{}0", &path[..path.len() - 1]);
+    let forged = if forged == path { format!("{}1", &path[..path.len() - 1]) } else { forged };
+    let a = addr.clone();
+    let [with_key, with_token, bare_no_key, forged_no_key] = tokio::task::spawn_blocking(move || {
+        [(path.clone(), true), (path, false), (bare, false), (forged, false)].map(|(path, key)| {
+            let mut s = TcpStream::connect(&a).unwrap();
+            let auth = if key { "Authorization: Bearer key-demo\r\n" } else { "" };
+            write!(s, "GET {path} HTTP/1.1\r\nHost: {a}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+            let mut response = String::new();
+            s.read_to_string(&mut response).unwrap();
+            response
+        })
     })
     .await
     .unwrap();
-    assert!(raw.contains("text/event-stream"), "{raw}");
-    let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}\nid: 0\n").expect("an output event");
-    let done = raw.find("event: done\ndata: {}\nid: 1\n").expect("a done event");
-    assert!(output < done, "{raw}");
+    for raw in [&with_key, &with_token] {
+        assert!(raw.contains("text/event-stream"), "{raw}");
+        let output = raw.find("event: output\ndata: {\"echo\":{\"x\":3}}\nid: 0\n").expect("an output event");
+        let done = raw.find("event: done\ndata: {}\nid: 1\n").expect("a done event");
+        assert!(output < done, "{raw}");
+    }
+    for raw in [&bare_no_key, &forged_no_key] {
+        assert!(raw.starts_with("HTTP/1.1 401"), "{raw}");
+    }
 
     // Malformed webhook settings are refused before anything runs.
     let a = addr.clone();

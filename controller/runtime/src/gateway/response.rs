@@ -36,20 +36,26 @@ pub(super) struct PredictionResponse<'a> {
     output_dropped: Option<String>,
 }
 
-/// A prediction's `urls`: where to read it, cancel it, and (when asked for) stream it.
+/// A prediction's `urls`: where to read it, cancel it and stream it. Every prediction can be streamed (its output
+/// as server-sent events once produced), so `stream` is always there, as Replicate's is now (clients such as the
+/// JavaScript `replicate.stream` only stream when they find it), with a capability token: like Replicate's stream
+/// URLs it is opened without the API key.
 #[derive(Debug, Serialize)]
 struct Urls {
     get: String,
     cancel: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream: Option<String>,
+    stream: String,
 }
 
 impl<'a> PredictionResponse<'a> {
     /// The JSON of `p`, its URLs under `base`.
     pub(super) fn new(p: &'a Prediction, base: &str) -> Self {
         let get = format!("{base}/v1/predictions/{}", p.id);
-        let urls = Urls { cancel: format!("{get}/cancel"), stream: p.stream.then(|| format!("{get}/stream")), get };
+        let stream = match &p.stream_token {
+            Some(token) => format!("{get}/stream?token={token}"),
+            None => format!("{get}/stream"),
+        };
+        let urls = Urls { cancel: format!("{get}/cancel"), stream, get };
         Self {
             id: &p.id,
             model: &p.model,
@@ -126,7 +132,10 @@ mod tests {
         let base = Prediction::new("abc".into(), "ns/m".into(), "v1".into(), json!({ "x": 1 }));
         let base = Prediction { created_at: t, ..base };
         let shape = |p: &Prediction| serde_json::to_value(PredictionResponse::new(p, "http://g")).unwrap();
-        let urls = json!({ "cancel": "http://g/v1/predictions/abc/cancel", "get": "http://g/v1/predictions/abc" });
+        let urls = json!({
+            "cancel": "http://g/v1/predictions/abc/cancel", "get": "http://g/v1/predictions/abc",
+            "stream": "http://g/v1/predictions/abc/stream"
+        });
         let starting = json!({
             "completed_at": null, "created_at": "2025-11-25T12:00:00.123456Z", "error": null, "id": "abc",
             "input": { "x": 1 }, "logs": "", "metrics": {}, "model": "ns/m", "output": null, "started_at": null,

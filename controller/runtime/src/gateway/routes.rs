@@ -184,8 +184,12 @@ pub(super) async fn create<B: Backend>(
         }
     };
     let id = new_id();
-    let prediction =
-        Prediction { webhook, stream, ..Prediction::new(id.clone(), model.clone(), version, input.clone()) };
+    let prediction = Prediction {
+        webhook,
+        stream,
+        stream_token: gw.webhooks.secret.as_ref().map(|s| s.stream_token(&id)),
+        ..Prediction::new(id.clone(), model.clone(), version, input.clone())
+    };
     let done = Arc::clone(&prediction.done);
     gw.persist(&prediction);
     let expired = {
@@ -302,18 +306,26 @@ pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>
 }
 
 /// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
-/// or `error`, then `done`, each with an `id`. Outputs are produced whole, so there is one `output` event.
+/// or `error`, then `done`, each with an `id`. Outputs are produced whole, so there is one `output` event. Opened
+/// with the prediction's `token` (the capability in its `urls.stream`) or with a key of its namespace.
 pub(super) async fn stream<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
     use axum::response::sse::{Event, Sse};
-    let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    let token = uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
+    let by_token = match (token, &gw.webhooks.secret) {
+        (Some(token), Some(secret)) => secret.stream_token_matches(&id, token),
+        _ => false,
     };
+    let caller = gw.namespace_of(&headers);
+    if !by_token && caller.is_none() {
+        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+    }
     let done = match gw.lock().map.get(&id) {
-        Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Arc::clone(&p.done),
+        Some(p) if by_token || p.model.split('/').next() == caller.as_deref() => Arc::clone(&p.done),
         _ => return problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
     };
     let notified = done.notified();
