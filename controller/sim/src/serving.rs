@@ -34,6 +34,10 @@
 //!   nothing in flight or waiting is a *pre-warm*. GPU-seconds are weighted by the share of a GPU a replica holds:
 //!   *busy* while it has requests in flight, *idle-warm* while loaded with none, *loading* while it loads. Idle
 //!   copies left in GPU memory cost nothing: scaling to zero releases the GPU for billing.
+//! - *Busy* is the time a replica has at least one request in flight, not the sum of service times: a replica
+//!   serves up to `max_concurrency` requests side by side in the time of one, so requests that waited together for
+//!   a load, or that share one replica rather than two, keep the GPU busy for less time. Busy GPU-seconds therefore
+//!   move a little with the keep-alive (which sets how often requests wait together and how many replicas live).
 //! - The cost a keep-alive trades off is the GPU bill (all GPU-seconds at `gpu_usd_per_hour`) plus the waiting:
 //!   the seconds requests that found no ready replica waited for a load, at `wait_usd_per_s`.
 

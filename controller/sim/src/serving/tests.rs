@@ -208,3 +208,22 @@ fn waiting_for_a_load_is_counted_and_valued_at_the_wait_price() {
     assert!((out.gpu_cost_usd - (g.busy + g.idle_warm + g.loading) * 2.5 / 3600.0).abs() < 1e-9);
     assert_eq!(out.per_deployment[0].gpu_seconds, g);
 }
+
+#[test]
+fn busy_time_is_the_time_a_replica_serves_so_requests_that_waited_for_the_same_load_share_it() {
+    // Busy GPU-seconds are the time a replica has at least one request in flight (a batch costs what one request
+    // does), not the sum of service times: requests that wait together for a load start together and overlap, so
+    // the same requests keep a GPU busy for less time under a keep-alive that makes them wait. A 16 GB model (0.2 of
+    // a GPU); a pair half a second apart, long after a first request.
+    let deps = [dep("pair", 16, requests([100.0, 3000.0, 3000.5]))];
+    let config = SimConfig { days: 0.1, idle_gpu_copies: false, ..SimConfig::default() };
+    let s = service_s(16 * GBYTES, 1.0, 1024, 256);
+    // Kept warm: the pair is served at once, half a second apart.
+    let warm = run_with(config.clone(), &deps, "fixed:1h");
+    assert_eq!(warm.cold_starts, 1);
+    assert!((warm.gpu_seconds.busy - 0.2 * (s + s + 0.5)).abs() < 1e-6, "{:?}", warm.gpu_seconds);
+    // Scaled to zero: both wait for the load and are served side by side.
+    let cold = run_with(config, &deps, "fixed:0s");
+    assert_eq!(cold.cold_starts, 3);
+    assert!((cold.gpu_seconds.busy - 0.2 * (s + s)).abs() < 1e-6, "{:?}", cold.gpu_seconds);
+}
