@@ -200,9 +200,15 @@ fn simulate_serving_is_deterministic_and_names_bad_trace_rows() {
     let policies = json["policies"].as_array().unwrap();
     assert_eq!(policies.len(), 4);
     for p in policies {
-        for key in ["policy", "requests", "cold_starts", "cold_start_rate", "cost_usd"] {
+        for key in ["policy", "requests", "cold_starts", "cold_start_rate", "gpu_cost_usd", "wait_cost_usd"] {
             assert!(!p[key].is_null(), "{key} missing in {p}");
         }
+        let cost = |p: &serde_json::Value, key: &str| p[key].as_f64().unwrap();
+        assert!((cost(p, "total_cost_usd") - cost(p, "gpu_cost_usd") - cost(p, "wait_cost_usd")).abs() < 1e-6);
+        let deployments = p["deployments"].as_array().unwrap();
+        assert!(!deployments.is_empty());
+        let sum: f64 = deployments.iter().map(|d| cost(d, "total_cost_usd")).sum();
+        assert!((sum - cost(p, "total_cost_usd")).abs() < 1e-6, "{sum} vs {p}");
         for key in ["p50", "p95", "p99"] {
             assert!(p["latency_ms"][key].as_f64().unwrap() > 0.0);
         }

@@ -34,6 +34,12 @@
 //!   nothing in flight or waiting is a *pre-warm*. GPU-seconds are weighted by the share of a GPU a replica holds:
 //!   *busy* while it has requests in flight, *idle-warm* while loaded with none, *loading* while it loads. Idle
 //!   copies left in GPU memory cost nothing: scaling to zero releases the GPU for billing.
+//! - *Busy* is the time a replica has at least one request in flight, not the sum of service times: a replica
+//!   serves up to `max_concurrency` requests side by side in the time of one, so requests that waited together for
+//!   a load, or that share one replica rather than two, keep the GPU busy for less time. Busy GPU-seconds therefore
+//!   move a little with the keep-alive (which sets how often requests wait together and how many replicas live).
+//! - The cost a keep-alive trades off is the GPU bill (all GPU-seconds at `gpu_usd_per_hour`) plus the waiting:
+//!   the seconds requests that found no ready replica waited for a load, at `wait_usd_per_s`.
 
 use std::{
     cmp::Ordering,
@@ -259,8 +265,15 @@ pub struct Outcome {
     pub latency_ms: [f64; 3],
     /// GPU-seconds, share-weighted.
     pub gpu_seconds: GpuSeconds,
-    /// Cost of the GPU-seconds, dollars.
-    pub cost_usd: f64,
+    /// Seconds requests spent waiting for a load: from the arrival of each request that found its deployment with
+    /// no ready replica (a cold start or a warm hit) to the start of its service (or the end of the run).
+    pub wait_s: f64,
+    /// The GPU bill: the GPU-seconds at `gpu_usd_per_hour`, dollars.
+    pub gpu_cost_usd: f64,
+    /// The waiting: `wait_s` at `wait_usd_per_s`, dollars.
+    pub wait_cost_usd: f64,
+    /// What the keep-alive trades off: `gpu_cost_usd + wait_cost_usd`, dollars.
+    pub total_cost_usd: f64,
     /// Time series.
     pub series: Series,
     /// Idle times each deployment saw (for the oracle), seconds.
@@ -280,8 +293,16 @@ pub struct DeploymentOutcome {
     pub requests: u64,
     /// Cold starts.
     pub cold_starts: u64,
-    /// Idle-warm GPU-seconds.
-    pub idle_warm: f64,
+    /// Its replicas' GPU-seconds, share-weighted.
+    pub gpu_seconds: GpuSeconds,
+    /// Seconds its requests waited for a load (as [`Outcome::wait_s`]).
+    pub wait_s: f64,
+    /// Its GPU bill, dollars.
+    pub gpu_cost_usd: f64,
+    /// Its requests' waiting, dollars.
+    pub wait_cost_usd: f64,
+    /// `gpu_cost_usd + wait_cost_usd`, dollars.
+    pub total_cost_usd: f64,
 }
 
 impl Outcome {
@@ -312,11 +333,83 @@ pub fn keepalive_costs(config: &SimConfig, fleet: &FleetSpec, bytes: u64) -> Cos
     )
 }
 
-/// The best fixed timer per deployment in hindsight: for each, over its actual idle gaps, the timer `T` (from 0 and
+/// The fixed timers, seconds, that [`hindsight_oracle`] runs for every deployment, besides [`modelled_timers`].
+pub const ORACLE_CANDIDATES_S: [f64; 8] = [0.0, 30.0, 90.0, 180.0, 300.0, 600.0, 1800.0, 3600.0];
+
+/// The best fixed timer per deployment in hindsight, under the objective the keep-alive trades off: each run of
+/// `runs` gives every deployment a fixed timer (`timers`, in deployment order) and the outcome it measured; for each
+/// deployment, the timer of the run where its [`DeploymentOutcome::total_cost_usd`] was lowest (the first such run
+/// on a tie). A deployment no run covers gets 0.
+pub fn oracle_timers(runs: &[(Vec<f64>, &Outcome)]) -> Vec<f64> {
+    let deployments = runs.iter().map(|(timers, o)| timers.len().min(o.per_deployment.len())).max().unwrap_or(0);
+    (0..deployments)
+        .map(|i| {
+            let mut best = (f64::INFINITY, 0.0);
+            for (timers, outcome) in runs {
+                if let (Some(&t), Some(d)) = (timers.get(i), outcome.per_deployment.get(i))
+                    && d.total_cost_usd < best.0
+                {
+                    best = (d.total_cost_usd, t);
+                }
+            }
+            best.1
+        })
+        .collect()
+}
+
+/// Rounds of [`hindsight_oracle`] that re-select timers from every run made so far.
+pub const ORACLE_ROUNDS: usize = 2;
+
+/// The hindsight oracle: the cheapest assignment of a fixed timer to each deployment it finds, in total cost, with
+/// its run. It runs every deployment under each fixed timer of [`ORACLE_CANDIDATES_S`] and under
+/// [`modelled_timers`] (fitted to the idle gaps and the idle copies' lifetime the 600 s run saw); then, for
+/// [`ORACLE_ROUNDS`] rounds, it runs the per-deployment choice of [`oracle_timers`] over all runs so far. Deployments
+/// share the fleet (GPU memory for idle copies, caches, load times), so a combination of per-deployment bests can
+/// cost more than its parts did: the oracle returns the cheapest run of all, never costlier than a fixed timer it
+/// tried. `progress` sees the fraction of the runs done.
+pub fn hindsight_oracle(
+    config: &SimConfig,
+    fleet: &FleetSpec,
+    deployments: &[DeploymentSpec],
+    progress: &mut dyn FnMut(f64),
+) -> (Vec<f64>, Outcome) {
+    let total = (ORACLE_CANDIDATES_S.len() + 1 + ORACLE_ROUNDS) as f64;
+    let mut runs: Vec<(Vec<f64>, Outcome)> = Vec::new();
+    let mut run = |timers: Vec<f64>, runs: &mut Vec<(Vec<f64>, Outcome)>| {
+        let done = runs.len() as f64;
+        let choice = KeepAliveChoice::PerDeployment(timers.clone());
+        let outcome = simulate(config, fleet, deployments, &choice, &mut |f| progress((done + f) / total));
+        runs.push((timers, outcome));
+    };
+    for t in ORACLE_CANDIDATES_S {
+        run(vec![t; deployments.len()], &mut runs);
+    }
+    let probe =
+        runs.iter().find(|(t, _)| t.first() == Some(&600.0)).map(|(_, o)| (o.idle_gaps.clone(), o.copy_lifetime_s));
+    if let Some((gaps, lifetime)) = probe {
+        let costs: Vec<Costs> = deployments
+            .iter()
+            .map(|d| Costs { copy_lifetime_s: lifetime, ..keepalive_costs(config, fleet, d.weights_bytes) })
+            .collect();
+        run(modelled_timers(&gaps, &costs), &mut runs);
+    }
+    for _ in 0..ORACLE_ROUNDS {
+        let timers = oracle_timers(&runs.iter().map(|(t, o)| (t.clone(), o)).collect::<Vec<_>>());
+        if runs.iter().any(|(t, _)| *t == timers) {
+            break;
+        }
+        run(timers, &mut runs);
+    }
+    progress(1.0);
+    runs.into_iter().min_by(|a, b| a.1.total_cost_usd.total_cmp(&b.1.total_cost_usd)).unwrap_or_default()
+}
+
+/// The fixed timer per deployment that a cost model fitted to idle gaps finds best: for each, over its idle gaps,
+/// the timer `T` (from 0 and
 /// the log-spaced grid of the keep-alive histogram, 0.5 s to 48 h) that minimises
 /// `idle_cost x Σ min(gap, T) + Σ_{gap > T} restart(gap - T)`, where a restart after `u` seconds unloaded costs a
 /// warm hit if the idle copy survived (probability `exp(-u / copy_lifetime_s)`) and a cold start otherwise.
-pub fn oracle_timers(gaps: &[Vec<f64>], costs: &[Costs]) -> Vec<f64> {
+pub fn modelled_timers(gaps: &[Vec<f64>], costs: &[Costs]) -> Vec<f64> {
     let mut grid = vec![0.0];
     let mut t = 0.5;
     while t <= 48.0 * 3600.0 {
@@ -415,6 +508,8 @@ struct Waiting {
     arrived: f64,
     context: u32,
     generated: u32,
+    /// It found its deployment with no ready replica: its wait is a wait for a load.
+    for_load: bool,
 }
 
 #[derive(Debug)]
@@ -773,7 +868,7 @@ impl Sim<'_> {
         let ready = d.replicas.iter().any(|&r| self.replicas[r as usize].state == State::Ready);
         let key = d.key.clone();
         self.control.arrive(&key, now);
-        let waiting = Waiting { arrived: now, context, generated };
+        let waiting = Waiting { arrived: now, context, generated, for_load: !ready };
         match self.control.route(&key) {
             Route::Replica { replica, .. } => {
                 let r = self.slot(&replica);
@@ -811,6 +906,10 @@ impl Sim<'_> {
 
     fn serve(&mut self, now: f64, replica: u32, w: Waiting) {
         self.account(now, replica);
+        if w.for_load {
+            let dep = self.replicas[replica as usize].dep;
+            self.out.per_deployment[dep as usize].wait_s += now - w.arrived;
+        }
         let r = &mut self.replicas[replica as usize];
         r.in_flight += 1;
         let (dep, epoch, gpus) = (r.dep, r.epoch, r.gpus);
@@ -935,13 +1034,11 @@ impl Sim<'_> {
     fn account(&mut self, now: f64, replica: u32) {
         let r = &mut self.replicas[replica as usize];
         let gpu_s = r.share * (now - r.since);
+        let dep = &mut self.out.per_deployment[r.dep as usize].gpu_seconds;
         match r.state {
-            State::Loading => self.out.gpu_seconds.loading += gpu_s,
-            State::Ready if r.in_flight > 0 => self.out.gpu_seconds.busy += gpu_s,
-            State::Ready => {
-                self.out.gpu_seconds.idle_warm += gpu_s;
-                self.out.per_deployment[r.dep as usize].idle_warm += gpu_s;
-            }
+            State::Loading => dep.loading += gpu_s,
+            State::Ready if r.in_flight > 0 => dep.busy += gpu_s,
+            State::Ready => dep.idle_warm += gpu_s,
             State::Stopped => {}
         }
         r.since = now;
@@ -1043,8 +1140,27 @@ impl Sim<'_> {
         }
         self.out.latency_ms =
             [self.latencies.quantile(0.50), self.latencies.quantile(0.95), self.latencies.quantile(0.99)];
-        let g = self.out.gpu_seconds;
-        self.out.cost_usd = (g.busy + g.idle_warm + g.loading) / 3600.0 * self.config.gpu_usd_per_hour;
+        // Requests still waiting for a load at the end waited until then.
+        for (d, out) in self.deps.iter().zip(&mut self.out.per_deployment) {
+            out.wait_s += d.queue.iter().filter(|w| w.for_load).map(|w| end - w.arrived).sum::<f64>();
+        }
+        let (gpu_usd_per_s, wait_usd_per_s) = (self.config.gpu_usd_per_hour / 3600.0, self.config.wait_usd_per_s);
+        let (mut g, mut wait_s) = (GpuSeconds::default(), 0.0);
+        for d in &mut self.out.per_deployment {
+            let s = d.gpu_seconds;
+            d.gpu_cost_usd = (s.busy + s.idle_warm + s.loading) * gpu_usd_per_s;
+            d.wait_cost_usd = d.wait_s * wait_usd_per_s;
+            d.total_cost_usd = d.gpu_cost_usd + d.wait_cost_usd;
+            g.busy += s.busy;
+            g.idle_warm += s.idle_warm;
+            g.loading += s.loading;
+            wait_s += d.wait_s;
+        }
+        self.out.gpu_seconds = g;
+        self.out.wait_s = wait_s;
+        self.out.gpu_cost_usd = (g.busy + g.idle_warm + g.loading) * gpu_usd_per_s;
+        self.out.wait_cost_usd = wait_s * wait_usd_per_s;
+        self.out.total_cost_usd = self.out.gpu_cost_usd + self.out.wait_cost_usd;
         self.out.idle_gaps = self.deps.iter_mut().map(|d| std::mem::take(&mut d.gaps)).collect();
         self.out.copy_lifetime_s = self.copy_lifetime();
     }

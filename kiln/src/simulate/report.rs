@@ -20,7 +20,7 @@ pub struct Run<'a> {
 
 /// A self-contained HTML page (no external scripts, styles, fonts or images): a header with `title` and the
 /// `settings` lines (each shown as-is, escaped), a table of every run (policy, requests, cold starts, cold-start
-/// rate %, p50/p95/p99 latency ms, GPU-seconds busy/idle-warm/loading, cost USD), and inline SVG plots:
+/// rate %, p50/p95/p99 latency ms, GPU-seconds busy/idle-warm/loading, cost USD: GPU, wait, total), and inline SVG plots:
 /// (1) replicas over time, (2) cold starts per sample interval over time, (3) GPU memory holding weights (GB) over
 /// time — one coloured line per policy with a legend, x axis in hours, y axis with a few labelled ticks —
 /// and (4) a scatter of the trade-off: x = idle-warm GPU-hours, y = cold starts, one labelled point per policy.
@@ -136,9 +136,12 @@ fn write_table(out: &mut String, runs: &[Run<'_>]) -> fmt::Result {
         out,
         "<tr><th rowspan=\"2\">policy</th><th rowspan=\"2\">requests</th><th rowspan=\"2\">warm hits</th><th rowspan=\"2\">cold starts</th>\
          <th rowspan=\"2\">cold-start rate %</th><th colspan=\"3\">latency ms</th><th colspan=\"3\">GPU-seconds</th>\
-         <th rowspan=\"2\">cost USD</th></tr>"
+         <th colspan=\"3\">cost USD</th></tr>"
     )?;
-    writeln!(out, "<tr><th>p50</th><th>p95</th><th>p99</th><th>busy</th><th>idle-warm</th><th>loading</th></tr>")?;
+    writeln!(
+        out,
+        "<tr><th>p50</th><th>p95</th><th>p99</th><th>busy</th><th>idle-warm</th><th>loading</th><th>GPU</th><th>wait</th><th>total</th></tr>"
+    )?;
     writeln!(out, "</thead>")?;
     writeln!(out, "<tbody>")?;
     for (i, run) in runs.iter().enumerate() {
@@ -150,7 +153,7 @@ fn write_table(out: &mut String, runs: &[Run<'_>]) -> fmt::Result {
              <td class=\"n\">{requests}</td><td class=\"n\">{warm}</td><td class=\"n\">{cold}</td><td class=\"n\">{rate}</td>\
              <td class=\"n\">{p50}</td><td class=\"n\">{p95}</td><td class=\"n\">{p99}</td>\
              <td class=\"n\">{busy}</td><td class=\"n\">{idle}</td><td class=\"n\">{loading}</td>\
-             <td class=\"n\">{cost}</td></tr>",
+             <td class=\"n\">{gpu_cost}</td><td class=\"n\">{wait_cost}</td><td class=\"n\">{total_cost}</td></tr>",
             colour = colour(i),
             policy = escape(run.policy),
             requests = o.requests,
@@ -163,7 +166,9 @@ fn write_table(out: &mut String, runs: &[Run<'_>]) -> fmt::Result {
             busy = cell(o.gpu_seconds.busy, 0),
             idle = cell(o.gpu_seconds.idle_warm, 0),
             loading = cell(o.gpu_seconds.loading, 0),
-            cost = cell(o.cost_usd, 2),
+            gpu_cost = cell(o.gpu_cost_usd, 2),
+            wait_cost = cell(o.wait_cost_usd, 2),
+            total_cost = cell(o.total_cost_usd, 2),
         )?;
     }
     writeln!(out, "</tbody>")?;
@@ -534,7 +539,10 @@ mod tests {
             unschedulable: 0,
             latency_ms: [120.0, 950.5, 20_000.25],
             gpu_seconds: GpuSeconds { busy: 3600.0, idle_warm, loading: 42.0 },
-            cost_usd: 12.345,
+            wait_s: 10.0,
+            gpu_cost_usd: 12.345,
+            wait_cost_usd: 5.0,
+            total_cost_usd: 17.345,
             series,
             idle_gaps: Vec::new(),
             per_deployment: Vec::new(),
@@ -581,6 +589,7 @@ mod tests {
         assert!(page.contains("<td class=\"n\">950.5</td>"));
         assert!(page.contains("<td class=\"n\">36000</td>"));
         assert!(page.contains("<td class=\"n\">12.35</td>") || page.contains("<td class=\"n\">12.34</td>"));
+        assert!(page.contains("<td class=\"n\">5.00</td>") && page.contains("<th>wait</th><th>total</th>"));
         // One line per policy in each of the three line plots, coloured from the palette.
         assert_eq!(page.matches("<polyline fill=\"none\" stroke=\"#1f77b4\"").count(), 3);
         assert_eq!(page.matches("<polyline fill=\"none\" stroke=\"#d62728\"").count(), 3);
@@ -652,7 +661,8 @@ mod tests {
     fn non_finite_values_never_reach_the_page() {
         let mut bad = outcome(5, 2, f64::INFINITY, series(4, 1));
         bad.latency_ms = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY];
-        bad.cost_usd = f64::NAN;
+        bad.gpu_cost_usd = f64::NAN;
+        bad.total_cost_usd = f64::INFINITY;
         bad.gpu_seconds.busy = f64::NAN;
         bad.series.gpu_memory_gb = vec![f64::NAN, f64::INFINITY, 1.0, -0.0];
         bad.series.t_s[0] = f64::NAN;

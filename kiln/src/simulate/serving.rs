@@ -9,15 +9,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kiln_core::{
-    autoscale::keepalive::{Costs, Policy as KeepAlivePolicy},
-    placement::Policy,
-};
+use kiln_core::{autoscale::keepalive::Policy as KeepAlivePolicy, placement::Policy};
 use kiln_sim::{
-    serving::{
-        DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, keepalive_costs, oracle_timers,
-        simulate,
-    },
+    serving::{DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, hindsight_oracle, simulate},
     traces,
 };
 use serde_json::{Value, json};
@@ -207,31 +201,15 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
 
     let mut results: Vec<(String, Outcome, f64)> = Vec::new();
     for (name, choice) in &choices {
-        let keep_alive = match choice {
-            Choice::Policy(p) => KeepAliveChoice::Uniform(*p),
-            Choice::Oracle => {
-                // Idle gaps depend on arrivals and service, hardly on the policy: take them from a run already
-                // made, or from a fixed:600s run.
-                // Idle copies' lifetime too, so that the oracle weighs warm hits as the run saw them.
-                let (gaps, lifetime) = match results.first() {
-                    Some((_, outcome, _)) => (outcome.idle_gaps.clone(), outcome.copy_lifetime_s),
-                    None => {
-                        let mut bar = progress_bar("oracle (gaps)", args.quiet);
-                        let probe = KeepAliveChoice::Uniform(KeepAlivePolicy::Fixed(600.0));
-                        let o = simulate(&config, &fleet, &deployments, &probe, &mut bar);
-                        (o.idle_gaps, o.copy_lifetime_s)
-                    }
-                };
-                let costs: Vec<_> = deployments
-                    .iter()
-                    .map(|d| Costs { copy_lifetime_s: lifetime, ..keepalive_costs(&config, &fleet, d.weights_bytes) })
-                    .collect();
-                KeepAliveChoice::PerDeployment(oracle_timers(&gaps, &costs))
-            }
-        };
-        let mut bar = progress_bar(name, args.quiet);
         let start = Instant::now();
-        let outcome = simulate(&config, &fleet, &deployments, &keep_alive, &mut bar);
+        let outcome = match choice {
+            Choice::Policy(p) => {
+                let mut bar = progress_bar(name, args.quiet);
+                simulate(&config, &fleet, &deployments, &KeepAliveChoice::Uniform(*p), &mut bar)
+            }
+            // The cheapest fixed timer per deployment found in hindsight, under the total cost.
+            Choice::Oracle => hindsight_oracle(&config, &fleet, &deployments, &mut progress_bar(name, args.quiet)).1,
+        };
         results.push((name.clone(), outcome, start.elapsed().as_secs_f64()));
     }
 
@@ -249,7 +227,8 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
         ),
     ];
     if let Some(path) = &args.json {
-        let json = to_json(&results, &settings);
+        let names: Vec<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
+        let json = to_json(&results, &names, &settings);
         fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
@@ -266,7 +245,7 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
 
 fn print_table(results: &[(String, Outcome, f64)]) {
     println!(
-        "{:<13} {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>11}",
+        "{:<13} {:>9} {:>8} {:>8} {:>7} {:>9} {:>9} {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11}",
         "keep-alive",
         "requests",
         "warm hits",
@@ -279,13 +258,15 @@ fn print_table(results: &[(String, Outcome, f64)]) {
         "idle GPU-s",
         "load GPU-s",
         "prewarms",
-        "cost $",
+        "GPU $",
+        "wait $",
+        "total $",
         "sim req/s"
     );
     for (name, o, seconds) in results {
         let g = o.gpu_seconds;
         println!(
-            "{:<13} {:>9} {:>8} {:>8} {:>7.3} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>9.0} {:>9} {:>9.2} {:>11.0}",
+            "{:<13} {:>9} {:>8} {:>8} {:>7.3} {:>9.0} {:>9.0} {:>9.0} {:>11.0} {:>11.0} {:>9.0} {:>9} {:>9.2} {:>9.2} {:>9.2} {:>11.0}",
             name,
             o.requests,
             o.warm_hits,
@@ -298,17 +279,42 @@ fn print_table(results: &[(String, Outcome, f64)]) {
             g.idle_warm,
             g.loading,
             o.prewarms,
-            o.cost_usd,
+            o.gpu_cost_usd,
+            o.wait_cost_usd,
+            o.total_cost_usd,
             o.requests as f64 / seconds.max(1e-9)
         );
     }
 }
 
-/// The JSON report: no wall-clock figures, so the same seed gives the same bytes.
-fn to_json(results: &[(String, Outcome, f64)], settings: &[String]) -> Value {
+/// The JSON report: no wall-clock figures, so the same seed gives the same bytes. Costs in dollars: `gpu_cost_usd`
+/// (the GPU bill), `wait_cost_usd` (requests' waiting for loads, `wait_s`, at `--wait-usd-per-s`) and their sum
+/// `total_cost_usd`, per policy and per deployment (in `deployments`, in trace order).
+fn to_json(results: &[(String, Outcome, f64)], names: &[&str], settings: &[String]) -> Value {
     let policies: Vec<Value> = results
         .iter()
         .map(|(name, o, _)| {
+            let deployments: Vec<Value> = o
+                .per_deployment
+                .iter()
+                .zip(names)
+                .map(|(d, name)| {
+                    json!({
+                        "name": name,
+                        "requests": d.requests,
+                        "cold_starts": d.cold_starts,
+                        "gpu_seconds": {
+                            "busy": d.gpu_seconds.busy,
+                            "idle_warm": d.gpu_seconds.idle_warm,
+                            "loading": d.gpu_seconds.loading,
+                        },
+                        "wait_s": d.wait_s,
+                        "gpu_cost_usd": d.gpu_cost_usd,
+                        "wait_cost_usd": d.wait_cost_usd,
+                        "total_cost_usd": d.total_cost_usd,
+                    })
+                })
+                .collect();
             json!({
                 "policy": name,
                 "requests": o.requests,
@@ -321,7 +327,10 @@ fn to_json(results: &[(String, Outcome, f64)], settings: &[String]) -> Value {
                     "idle_warm": o.gpu_seconds.idle_warm,
                     "loading": o.gpu_seconds.loading,
                 },
-                "cost_usd": o.cost_usd,
+                "wait_s": o.wait_s,
+                "gpu_cost_usd": o.gpu_cost_usd,
+                "wait_cost_usd": o.wait_cost_usd,
+                "total_cost_usd": o.total_cost_usd,
                 "prewarms": o.prewarms,
                 "demand_loads_by_tier": {
                     "gpu": o.demand_loads[0],
@@ -330,6 +339,7 @@ fn to_json(results: &[(String, Outcome, f64)], settings: &[String]) -> Value {
                     "remote": o.demand_loads[3],
                 },
                 "unschedulable": o.unschedulable,
+                "deployments": deployments,
             })
         })
         .collect();

@@ -109,7 +109,7 @@ fn the_same_seed_gives_the_same_run() {
 }
 
 #[test]
-fn the_oracle_picks_the_cheapest_timer_in_hindsight() {
+fn the_modelled_timers_are_the_cheapest_on_the_idle_gaps() {
     let c = Costs {
         idle_per_s: 1.0,
         cold_penalty: 100.0,
@@ -119,13 +119,13 @@ fn the_oracle_picks_the_cheapest_timer_in_hindsight() {
         copy_lifetime_s: 0.0,
     };
     // Gaps of 10 s are worth covering (10 < 100), gaps of 1000 s are not.
-    let timers = oracle_timers(&[vec![10.0, 10.0, 1000.0, 1000.0], vec![1000.0], vec![]], &[c, c, c]);
+    let timers = modelled_timers(&[vec![10.0, 10.0, 1000.0, 1000.0], vec![1000.0], vec![]], &[c, c, c]);
     assert!(timers[0] >= 10.0 && timers[0] < 12.0, "{timers:?}");
     assert_eq!(timers[1], 0.0);
     assert_eq!(timers[2], 0.0);
     // With idle copies that outlive the gaps, a restart is a cheap warm hit: no timer is worth it.
     let lasting = Costs { copy_lifetime_s: 1e6, ..c };
-    assert_eq!(oracle_timers(&[vec![10.0, 10.0, 1000.0]], &[lasting]), vec![0.0]);
+    assert_eq!(modelled_timers(&[vec![10.0, 10.0, 1000.0]], &[lasting]), vec![0.0]);
 }
 
 #[test]
@@ -165,4 +165,65 @@ fn a_burst_at_zero_gets_enough_replicas_for_every_waiting_request_at_once() {
     assert_eq!((out.requests, out.cold_starts, out.warm_hits), (40, 40, 0));
     assert_eq!(out.demand_loads.iter().sum::<u64>(), 3, "{:?}", out.demand_loads);
     assert_eq!(out.series.replicas.last(), Some(&0), "back to zero after the keep-alive");
+}
+
+#[test]
+fn the_oracle_keeps_per_deployment_the_timer_whose_run_cost_it_least_in_total() {
+    let outcome = |totals: &[f64]| Outcome {
+        per_deployment: totals.iter().map(|&t| DeploymentOutcome { total_cost_usd: t, ..Default::default() }).collect(),
+        ..Outcome::default()
+    };
+    let (short, long, mixed) = (outcome(&[5.0, 9.0, 1.0]), outcome(&[7.0, 3.0, 1.0]), outcome(&[6.0, 2.0, 4.0]));
+    let runs = [(vec![30.0; 3], &short), (vec![600.0; 3], &long), (vec![90.0, 45.0, 10.0], &mixed)];
+    assert_eq!(oracle_timers(&runs), vec![30.0, 45.0, 30.0], "a tie goes to the first run");
+    assert!(oracle_timers(&[]).is_empty());
+}
+
+#[test]
+fn the_hindsight_oracle_costs_no_more_in_total_than_any_fixed_timer_it_tried() {
+    let calls = (0..40).map(|i| 100.0 + f64::from(i * i) * 37.0);
+    let deps = [dep("uneven", 40, requests(calls))];
+    let config = SimConfig { days: 1.0, ..SimConfig::default() };
+    let (timers, oracle) = hindsight_oracle(&config, &fleet(), &deps, &mut |_| {});
+    assert_eq!(oracle, simulate(&config, &fleet(), &deps, &KeepAliveChoice::PerDeployment(timers), &mut |_| {}));
+    for t in ORACLE_CANDIDATES_S {
+        let fixed = simulate(&config, &fleet(), &deps, &KeepAliveChoice::PerDeployment(vec![t]), &mut |_| {});
+        assert!(oracle.total_cost_usd <= fixed.total_cost_usd + 1e-9, "{t} s: {fixed:?} vs {oracle:?}");
+    }
+    // The three figures add up, per deployment and in all.
+    assert!((oracle.total_cost_usd - oracle.gpu_cost_usd - oracle.wait_cost_usd).abs() < 1e-9);
+    assert_eq!(oracle.per_deployment[0].total_cost_usd, oracle.total_cost_usd);
+}
+
+#[test]
+fn waiting_for_a_load_is_counted_and_valued_at_the_wait_price() {
+    // The hand-made trace of `a_tiny_trace_counts...`: the request at 100 waits 8.4 s for the remote load, the one
+    // at 104 waits 4.4 s, the one at 5000 waits 0.3 s for the restart from the idle copy.
+    let deps = [dep("hand", 16, requests([100.0, 104.0, 5000.0]))];
+    let config = SimConfig { days: 0.1, wait_usd_per_s: 2.0, ..SimConfig::default() };
+    let out = run_with(config, &deps, "fixed:600s");
+    assert!((out.wait_s - (8.4 + 4.4 + 0.3)).abs() < 0.05, "{}", out.wait_s);
+    assert!((out.wait_cost_usd - 2.0 * out.wait_s).abs() < 1e-9);
+    let g = out.gpu_seconds;
+    assert!((out.gpu_cost_usd - (g.busy + g.idle_warm + g.loading) * 2.5 / 3600.0).abs() < 1e-9);
+    assert_eq!(out.per_deployment[0].gpu_seconds, g);
+}
+
+#[test]
+fn busy_time_is_the_time_a_replica_serves_so_requests_that_waited_for_the_same_load_share_it() {
+    // Busy GPU-seconds are the time a replica has at least one request in flight (a batch costs what one request
+    // does), not the sum of service times: requests that wait together for a load start together and overlap, so
+    // the same requests keep a GPU busy for less time under a keep-alive that makes them wait. A 16 GB model (0.2 of
+    // a GPU); a pair half a second apart, long after a first request.
+    let deps = [dep("pair", 16, requests([100.0, 3000.0, 3000.5]))];
+    let config = SimConfig { days: 0.1, idle_gpu_copies: false, ..SimConfig::default() };
+    let s = service_s(16 * GBYTES, 1.0, 1024, 256);
+    // Kept warm: the pair is served at once, half a second apart.
+    let warm = run_with(config.clone(), &deps, "fixed:1h");
+    assert_eq!(warm.cold_starts, 1);
+    assert!((warm.gpu_seconds.busy - 0.2 * (s + s + 0.5)).abs() < 1e-6, "{:?}", warm.gpu_seconds);
+    // Scaled to zero: both wait for the load and are served side by side.
+    let cold = run_with(config, &deps, "fixed:0s");
+    assert_eq!(cold.cold_starts, 3);
+    assert!((cold.gpu_seconds.busy - 0.2 * (s + s)).abs() < 1e-6, "{:?}", cold.gpu_seconds);
 }
