@@ -3,14 +3,15 @@
 //! 1. shuffle the pod list with the seed;
 //! 2. append random copies of pods until the total requested GPU would pass `inflation` x the cluster's GPU
 //!    capacity (stopping before the pod that would pass it);
-//! 3. place each pod once, in order, greedily; a pod that fits nowhere is dropped (no retry, no preemption);
+//! 3. place each pod once, in order, greedily; a pod that fits nowhere is dropped (no retry, no preemption); ties
+//!    between equally good nodes are broken as [`tie_break`] says;
 //! 4. after each pod, record the GPU allocation ratio (allocated milli-GPU / capacity) and the cluster's expected
 //!    fragmentation against the cumulative *arrived* GPU demand, as a percentage of capacity (0, 1, ... 130).
 //!
 //! Timing is the caller's business (the core reads no clock): `decisions` lets it compute decisions per second.
 
 use kiln_core::{
-    placement::{Cluster, GpuDemand, Measure, PlacementEngine, Policy, Request, Workload},
+    placement::{Cluster, GpuDemand, Measure, PlacementEngine, Policy, Request, TieBreak, Workload},
     rng::Rng,
 };
 
@@ -65,6 +66,7 @@ pub fn run_seed(
     let order = arrival_order(pods, capacity, seed, inflation);
     let max_mark = (inflation * 100.0).round() as usize;
     let mut engine = PlacementEngine::new(cluster.clone(), policy, workload.clone(), seed);
+    engine.set_tie_break(tie_break(policy));
     let mut alloc_pct = Vec::with_capacity(max_mark + 1);
     let mut frag_pct = Vec::with_capacity(max_mark + 1);
     let mut arrived = 0u64;
@@ -86,6 +88,16 @@ pub fn run_seed(
         frag_pct.push(pct(fgd_fragmentation(engine.cluster(), workload)));
     }
     SeedRun { seed, alloc_pct, frag_pct, decisions: engine.decisions(), placed }
+}
+
+/// How the experiment breaks ties for `policy`: `fgd` and `bestfit`, which score in the paper's whole points, take
+/// the paper's simulator's fixed node order ([`TieBreak::NodeOrder`]); the others keep Kiln's random choice (their
+/// scores are not the paper's points, and `kiln` breaks its own ties).
+pub fn tie_break(policy: Policy) -> TieBreak {
+    match policy {
+        Policy::Fgd | Policy::BestFit => TieBreak::NodeOrder,
+        _ => TieBreak::Random,
+    }
 }
 
 /// The cluster's fragmented GPU (milli) under FGD's measure, whatever measure the policy itself uses, so that
