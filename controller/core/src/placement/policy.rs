@@ -15,10 +15,8 @@
 //!
 //! `bestfit` and `fgd` score as the paper's simulator does, in whole points out of 100 (`bestfit`: 100 x (1 - the
 //! average above); `fgd`: 100 x sigmoid(-increase / 1000 milli-GPU)), so choices within a point of each other tie;
-//! how ties are broken is the engine's [`super::TieBreak`]. The point matters: on a list where every GPU pod is a
-//! share (the artifact's `gpushare100`), exact FGD gradients with random tie-breaking leave 81.3% of the GPUs
-//! allocated at 100% arrived demand, the paper's scoring 86.6%: CPU-only pods raise no request kind's fragment on
-//! any node with CPU to spare, so they tie everywhere, and spread at random they strand the GPUs of idle nodes.
+//! how ties are broken is the engine's [`super::TieBreak`] (the FGD experiment in `kiln-sim` takes the paper's node
+//! order for both).
 //!
 //! `kiln` is Kiln's default; see [`Policy::Kiln`].
 
