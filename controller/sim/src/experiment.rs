@@ -101,10 +101,11 @@ pub fn run_seed(
 /// the paper's simulator's fixed node order ([`TieBreak::NodeOrder`]); the others keep Kiln's random choice (their
 /// scores are not the paper's points, and `kiln` breaks its own ties).
 ///
-/// The order matters most where CPU binds. On the share-only variant (the artifact's `gpushare100`, seeds 42-51)
-/// `fgd` allocates 81.05% of the GPUs at 100% arrived demand with random ties and 86.54% with the paper's order
-/// (published: 86.64%): a CPU-only pod raises no request kind's fragment on any node with CPU to spare, so it ties
-/// on every such node; spread at random, CPU-only pods use up the CPU of idle nodes and strand their GPUs.
+/// The order matters most where CPU binds. On the share-only variant (the artifact's `gpushare100`, seeds 42-51),
+/// `fgd` with exact gradients over every kind and random ties allocates 81.05% of the GPUs at 100% arrived demand;
+/// with the paper's points, typical pods and node order, 86.47% (published: 86.64%). A CPU-only pod raises no
+/// request kind's fragment on any node with CPU to spare, so it ties on every such node; spread at random,
+/// CPU-only pods use up the CPU of idle nodes and strand their GPUs.
 pub fn tie_break(policy: Policy) -> TieBreak {
     match policy {
         Policy::Fgd | Policy::BestFit => TieBreak::NodeOrder,
