@@ -14,6 +14,7 @@ use kiln_core::placement::{Cluster, Policy, Workload};
 use kiln_sim::{
     experiment::{REPORTED_MARKS, SeedRun, median_at, run_seed},
     openb,
+    variant::Variant,
 };
 use serde_json::{Value, json};
 
@@ -38,6 +39,11 @@ pub struct PlacementArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Run on a variant generated from the pod list instead of the list itself: `share-only` (every GPU pod a
+    /// fractional share, as the artifact's `gpushare100`; compared with that list's published medians). The
+    /// variant is drawn once, with seed 0, and shared by every run seed.
+    #[arg(long)]
+    pub variant: Option<Variant>,
     /// Directory of the FGD artifact's results (derived_median_gpu_alloc_pct_by_arrival.csv); by default
     /// `fgd-expected-results` next to the pod list's directory, when present.
     #[arg(long)]
@@ -91,7 +97,10 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
     let pods_text = fs::read_to_string(&args.pods).with_context(|| format!("reading {pods_name}"))?;
     let cluster = Cluster::new(&openb::parse_nodes(&nodes_name, &nodes_text)?)?;
     let list = openb::parse_pods(&pods_name, &pods_text, &cluster)?;
-    let pods = list.pods;
+    let pods = match args.variant {
+        Some(variant) => variant.apply(&list.pods, 0)?,
+        None => list.pods,
+    };
     if !list.infeasible_lines.is_empty() {
         let shown: Vec<String> = list.infeasible_lines.iter().take(10).map(usize::to_string).collect();
         eprintln!(
@@ -103,7 +112,10 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
         );
     }
     let workload = Workload::from_requests(&pods);
-    let workload_name = args.pods.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let workload_name = match args.variant {
+        Some(variant) => variant.artifact_workload().to_owned(),
+        None => args.pods.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
     let expected_dir = args.expected.clone().or_else(|| {
         let dir = args.pods.parent()?.parent()?.join("fgd-expected-results");
         dir.exists().then_some(dir)
@@ -143,6 +155,7 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
     if let Some(path) = &args.json {
         let mut json = to_json(&results, &published, &workload_name, &nodes_name, &pods_name, args.inflation);
         json["unschedulable_pods"] = json!(list.infeasible_lines.len());
+        json["variant"] = json!(args.variant.map(Variant::name));
         fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());

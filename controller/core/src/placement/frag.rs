@@ -76,6 +76,53 @@ impl Workload {
         workload
     }
 
+    /// The mix the FGD paper's simulator assumes for `requests` (its "typical pods"): request kinds told apart by
+    /// CPU, GPU demand and allowed GPU models only (memory is neither part of a kind nor checked when the measure
+    /// asks whether a kind fits), the most popular first (equal counts: larger CPU, then larger GPU demand first), as
+    /// many as cover `threshold_pct` percent of the requests, their popularity renormalised over those kept. The
+    /// paper's experiments keep 95%: rare kinds, such as the few gangs asking for most of a node's CPU or a scarce
+    /// GPU model, do not count.
+    pub fn typical<'a>(requests: impl IntoIterator<Item = &'a Request>, threshold_pct: f64) -> Self {
+        let mut counts: Vec<(Request, u64)> = Vec::new();
+        let mut index: std::collections::HashMap<Request, usize> = std::collections::HashMap::new();
+        let mut total = 0u64;
+        for r in requests {
+            let r = Request { memory_mib: 0, ..*r };
+            total += 1;
+            match index.get(&r) {
+                Some(&i) => counts[i].1 += 1,
+                None => {
+                    index.insert(r, counts.len());
+                    counts.push((r, 1));
+                }
+            }
+        }
+        let gpu_key = |gpu: GpuDemand| match gpu {
+            GpuDemand::None => (0, 0),
+            GpuDemand::Share(m) => (u32::from(m), 1),
+            GpuDemand::Whole(k) => (u32::from(MILLI_PER_GPU), u32::from(k)),
+            GpuDemand::Memory(mib) => (mib, 0),
+        };
+        counts.sort_by(|(a, ca), (b, cb)| {
+            cb.cmp(ca)
+                .then(b.cpu_milli.cmp(&a.cpu_milli))
+                .then(gpu_key(b.gpu).cmp(&gpu_key(a.gpu)))
+                .then(b.models.0.cmp(&a.models.0))
+        });
+        let wanted = threshold_pct / 100.0 * total as f64;
+        let mut kept = 0u64;
+        let mut kinds = 0;
+        while (kept as f64) < wanted && kinds < counts.len() {
+            kept += counts[kinds].1;
+            kinds += 1;
+        }
+        let mut workload = Self::default();
+        for (r, count) in &counts[..kinds] {
+            workload.add(r, *count as f64 / kept.max(1) as f64);
+        }
+        workload
+    }
+
     /// Adds a request kind with popularity `weight`.
     pub fn add(&mut self, request: &Request, weight: f64) {
         let models = if request.gpu == GpuDemand::None { ModelSet::ANY } else { request.models };
@@ -226,6 +273,27 @@ mod tests {
         // Full node: nothing free, nothing fragmented.
         assert_eq!(workload.node_frag(0, 0, 0, 0, &[0, 0]), 0.0);
         assert_eq!(workload.kinds(), 2);
+    }
+
+    #[test]
+    fn typical_kinds_ignore_memory_and_keep_the_most_popular_covering_the_threshold() {
+        let share = Request::new(4000, 1000, GpuDemand::Share(500));
+        let share_more_memory = Request { memory_mib: 99_999, ..share };
+        let gang = req(64_000, GpuDemand::Whole(8));
+        let mut requests = vec![share; 18];
+        requests.push(share_more_memory);
+        requests.push(gang);
+        // 19 of 20 requests are one kind once memory is ignored: 95% is covered without the gang.
+        let typical = Workload::typical(&requests, 95.0);
+        assert_eq!(typical.kinds(), 1);
+        // A node whose memory is used up still counts as fitting the share kind: no fragment.
+        assert_eq!(typical.node_frag(0, 0, 8000, 0, &[1000]), 0.0);
+        // Without the gang, a node broken for gangs is no fragment either.
+        assert_eq!(typical.node_frag(0, 0, 64_000, 0, &[1000; 7]), 0.0);
+        // At 100% every kind counts, weighted over all requests.
+        let all = Workload::typical(&requests, 100.0);
+        assert_eq!(all.kinds(), 2);
+        assert!((all.node_frag(0, 0, 64_000, 0, &[1000; 7]) - 7000.0 / 20.0).abs() < 1e-9);
     }
 
     #[test]

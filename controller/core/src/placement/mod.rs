@@ -27,7 +27,7 @@
 //! signature and scores each group once per distinct request, caching the result; placing or releasing updates one
 //! node and moves it between two groups (O(GPUs) plus a hash), with no rebuild of anything cluster-wide. Ties
 //! between equally good nodes are broken uniformly at random with the engine's seeded RNG, as the Kubernetes
-//! scheduler does.
+//! scheduler does, or, with [`TieBreak::NodeOrder`], by a fixed seeded node order, as the FGD paper's simulator does.
 
 mod cluster;
 pub mod frag;
@@ -106,7 +106,7 @@ impl Candidate {
     }
 }
 
-/// The best candidates seen so far in a decision, with ties kept for a uniform random pick.
+/// The best candidates seen so far in a decision, with ties kept for the tie-break.
 #[derive(Default)]
 struct Best {
     score: f64,
@@ -129,6 +129,19 @@ impl Best {
     }
 }
 
+/// How the engine chooses among equally good candidates.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum TieBreak {
+    /// Uniformly at random with the engine's seeded RNG, as the Kubernetes scheduler does.
+    #[default]
+    Random,
+    /// The node first in a fixed order, a random permutation of the nodes drawn once from the seed, as in the FGD
+    /// paper's simulator (its scheduler takes the lexicographically smallest node name among equal scores, and the
+    /// names carry a random per-seed prefix). Equally good choices then keep landing on the same nodes: work
+    /// consolidates instead of spreading over idle ones.
+    NodeOrder,
+}
+
 /// Places requests on a cluster with one policy, keeping per-node state up to date on place and release.
 #[derive(Debug)]
 pub struct PlacementEngine {
@@ -147,12 +160,18 @@ pub struct PlacementEngine {
     active_pos: Vec<Option<u32>>,
     cache: HashMap<(u32, Request), Option<Eval>>,
     decisions: u64,
+    seed: u64,
+    tie_break: TieBreak,
+    /// Each node's place in the tie-break order ([`TieBreak::NodeOrder`] only; empty otherwise).
+    rank: Vec<u32>,
 }
 
 /// Score cache entries kept before the cache is cleared (bounds memory on long runs).
 const CACHE_LIMIT: usize = 4_000_000;
 /// Empty groups tolerated beyond twice the live ones before they are dropped.
 const GROUP_SLACK: usize = 4096;
+/// Mixed into the seed for the tie-break order's own generator.
+const TIE_ORDER_SALT: u64 = 0x7E1E_B4EA_C0DE_0001;
 
 impl PlacementEngine {
     /// An engine over `cluster`. `workload` is the request mix the fragmentation measure (and so `fgd` and `kiln`)
@@ -179,6 +198,9 @@ impl PlacementEngine {
             active_pos: Vec::new(),
             cache: HashMap::new(),
             decisions: 0,
+            seed,
+            tie_break: TieBreak::Random,
+            rank: Vec::new(),
         };
         for node in 0..n as NodeId {
             engine.join_group(node);
@@ -192,6 +214,27 @@ impl PlacementEngine {
         let measure = if self.policy == Policy::Kiln { frag::Measure::Kiln } else { frag::Measure::Fgd };
         self.workload = workload.with_measure(measure);
         self.cache.clear();
+    }
+
+    /// Sets how ties between equally good candidates are broken ([`TieBreak::Random`] by default). The node order
+    /// of [`TieBreak::NodeOrder`] is drawn from the engine's seed by a generator of its own, so the random draws
+    /// of everything else stay as they were.
+    pub fn set_tie_break(&mut self, tie_break: TieBreak) {
+        self.tie_break = tie_break;
+        self.rank.clear();
+        if tie_break == TieBreak::NodeOrder {
+            let mut order: Vec<u32> = (0..self.cluster.len() as u32).collect();
+            Rng::new(self.seed ^ TIE_ORDER_SALT).shuffle(&mut order);
+            self.rank = vec![0; order.len()];
+            for (place, node) in order.into_iter().enumerate() {
+                self.rank[node as usize] = place as u32;
+            }
+        }
+    }
+
+    /// How ties are broken.
+    pub fn tie_break(&self) -> TieBreak {
+        self.tie_break
     }
 
     /// Sets how much fragmentation `kiln` trades for a warm cache.
@@ -222,6 +265,9 @@ impl PlacementEngine {
     /// Adds an empty, schedulable node (an agent registered).
     pub fn add_node(&mut self, spec: &NodeSpec) -> Result<NodeId, ClusterError> {
         let node = self.cluster.add_node(spec)?;
+        if self.tie_break == TieBreak::NodeOrder {
+            self.rank.push(node);
+        }
         self.node_group.push(None);
         self.node_pos.push(0);
         self.schedulable.push(true);
@@ -371,34 +417,9 @@ impl PlacementEngine {
                 })
             });
         }
-        let mut k = self.rng.below(best.weight as u64) as usize;
-        let candidate = *best
-            .ties
-            .iter()
-            .find(|c| {
-                if k < c.weight() {
-                    true
-                } else {
-                    k -= c.weight();
-                    false
-                }
-            })
-            .unwrap_or(&best.ties[0]);
-        let (node, choice) = match candidate {
-            Candidate::Node { node, choice } => (node, choice),
-            Candidate::Group { group, choice, .. } => {
-                let members = &self.groups[group as usize].members;
-                let node = if hinted.is_empty() {
-                    members[k]
-                } else {
-                    *members
-                        .iter()
-                        .filter(|n| hinted.binary_search(n).is_err())
-                        .nth(k)
-                        .expect("k is below the group's eligible count")
-                };
-                (node, choice)
-            }
+        let (node, choice) = match self.tie_break {
+            TieBreak::Random => self.pick_at_random(&best, &hinted),
+            TieBreak::NodeOrder => self.pick_first_in_order(&best, &hinted),
         };
         let preferred = hints
             .cached
@@ -413,6 +434,57 @@ impl PlacementEngine {
         self.cluster.apply(request, &placement);
         self.join_group(node);
         Ok(placement)
+    }
+
+    /// A tied candidate drawn uniformly, each node of a group counting once.
+    fn pick_at_random(&mut self, best: &Best, hinted: &[NodeId]) -> (NodeId, GpuChoice) {
+        let mut k = self.rng.below(best.weight as u64) as usize;
+        let candidate = *best
+            .ties
+            .iter()
+            .find(|c| {
+                if k < c.weight() {
+                    true
+                } else {
+                    k -= c.weight();
+                    false
+                }
+            })
+            .unwrap_or(&best.ties[0]);
+        match candidate {
+            Candidate::Node { node, choice } => (node, choice),
+            Candidate::Group { group, choice, .. } => {
+                let members = &self.groups[group as usize].members;
+                let node = if hinted.is_empty() {
+                    members[k]
+                } else {
+                    *members
+                        .iter()
+                        .filter(|n| hinted.binary_search(n).is_err())
+                        .nth(k)
+                        .expect("k is below the group's eligible count")
+                };
+                (node, choice)
+            }
+        }
+    }
+
+    /// The tied node first in the tie-break order.
+    fn pick_first_in_order(&self, best: &Best, hinted: &[NodeId]) -> (NodeId, GpuChoice) {
+        let rank = |n: &NodeId| self.rank.get(*n as usize).copied().unwrap_or(u32::MAX);
+        best.ties
+            .iter()
+            .filter_map(|c| match *c {
+                Candidate::Node { node, choice } => Some((node, choice)),
+                Candidate::Group { group, choice, .. } => self.groups[group as usize]
+                    .members
+                    .iter()
+                    .filter(|n| hinted.binary_search(n).is_err())
+                    .min_by_key(|n| rank(n))
+                    .map(|&node| (node, choice)),
+            })
+            .min_by_key(|(node, _)| rank(node))
+            .expect("a tied candidate has an eligible node")
     }
 
     /// Returns a placement's resources. `request` must be the one `placement` was made for.

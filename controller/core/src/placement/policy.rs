@@ -8,10 +8,15 @@
 //!   (they most likely hold only requests of that size), then empty GPUs, then any GPU that fits.
 //! - `packing`: fills used GPUs before used nodes before idle nodes: a share goes to a partly used GPU if one fits,
 //!   otherwise to a node that already has work, and only then to an idle node.
-//! - `bestfit`: the node left with the least free resources (CPU and GPU normalised and summed); the
-//!   best-fitting GPU.
+//! - `bestfit`: the node left with the least free resources: CPU and GPU left, each divided by the largest node's
+//!   (128 cores, 8 GPUs, as in the paper's simulator), averaged; the best-fitting GPU.
 //! - `fgd`: fragmentation gradient descent: the node and GPUs whose use increases the expected fragmentation of the
 //!   cluster (see [`super::frag`]) the least.
+//!
+//! `bestfit` and `fgd` score as the paper's simulator does, in whole points out of 100 (`bestfit`: 100 x (1 - the
+//! average above); `fgd`: 100 x sigmoid(-increase / 1000 milli-GPU)), so choices within a point of each other tie;
+//! how ties are broken is the engine's [`super::TieBreak`] (the FGD experiment in `kiln-sim` takes the paper's node
+//! order for both).
 //!
 //! `kiln` is Kiln's default; see [`Policy::Kiln`].
 
@@ -125,12 +130,12 @@ pub(super) fn evaluate(
     let eval = match policy {
         Policy::Random => Eval { score: 0.0, choice: random_choice(request) },
         Policy::DotProd => Eval { score: dot_product(sig, node_type, request), choice: best_fit_gpu(sig, request) },
-        Policy::BestFit => Eval { score: -residual(sig, node_type, request), choice: best_fit_gpu(sig, request) },
+        Policy::BestFit => Eval { score: best_fit_points(sig, request), choice: best_fit_gpu(sig, request) },
         Policy::Packing => packing(sig, request),
         Policy::Clustering => clustering(sig, request),
         Policy::Fgd => {
             let (delta, choice) = fragmentation_gradient(sig, frag_before, node_type, request, workload, 0.0);
-            Eval { score: -delta, choice }
+            Eval { score: fgd_points(delta), choice }
         }
         Policy::Kiln => {
             // Shares weigh evictions GPU by GPU inside the gradient; gangs (and a share on a whole free GPU) after.
@@ -191,13 +196,30 @@ fn ratio(part: f64, whole: f64) -> f64 {
     if whole > 0.0 { part / whole } else { 0.0 }
 }
 
-/// CPU and GPU left free after placing, each as a fraction of capacity, summed (0 = full node). Memory is left
-/// out: it rarely binds on GPU nodes, and counting it made `bestfit` pack worse than the paper's (92.6 vs 92.9 at
-/// 100% arrived demand with it left out, 91.8 with it in).
+/// CPU and GPU left free after placing, each as a fraction of the node's capacity, summed (0 = full node): `kiln`'s
+/// tie-breaker. Memory is left out: it rarely binds on GPU nodes.
 fn residual(sig: &Signature, node_type: &NodeType, request: &Request) -> f64 {
     let gpu_cap = f64::from(node_type.gpu_count) * f64::from(MILLI_PER_GPU);
     ratio(f64::from(sig.cpu_free - request.cpu_milli), f64::from(node_type.cpu_milli))
         + ratio(gpu_free_total(sig) - request.gpu.milli() as f64, gpu_cap)
+}
+
+/// CPU (milli) and GPU (milli-GPU) of the largest node of the Alibaba trace, which the paper's `bestfit` divides
+/// by.
+const BEST_FIT_SPEC: (f64, f64) = (128_000.0, 8_000.0);
+
+/// The paper's `bestfit` score: 100 x (1 - the mean of CPU and GPU left after placing, each divided by
+/// [`BEST_FIT_SPEC`]), truncated to whole points (it can fall below 0 on a node larger than the spec).
+fn best_fit_points(sig: &Signature, request: &Request) -> f64 {
+    let cpu_left = f64::from(sig.cpu_free - request.cpu_milli) / BEST_FIT_SPEC.0;
+    let gpu_left = (gpu_free_total(sig) - request.gpu.milli() as f64) / BEST_FIT_SPEC.1;
+    (100.0 * (1.0 - 0.5 * (cpu_left + gpu_left))).trunc()
+}
+
+/// The paper's `fgd` score for an increase of `delta` milli-GPU in the node's expected fragmentation:
+/// 100 x sigmoid(-delta / 1000), truncated to whole points.
+fn fgd_points(delta: f64) -> f64 {
+    (100.0 / (1.0 + (delta / 1000.0).exp())).trunc()
 }
 
 fn dot_product(sig: &Signature, node_type: &NodeType, request: &Request) -> f64 {
@@ -325,4 +347,37 @@ pub(super) fn evaluate_on_gpu(
     let mem = sig.mem_free - request.memory_mib;
     let delta = workload.node_frag(node_type.model, node_type.gpu_memory_mib, cpu, mem, &after) - frag_before;
     Some(-delta - 1e-3 * residual(sig, node_type, request))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fgd_scores_in_whole_points_of_a_sigmoid() {
+        assert_eq!(fgd_points(0.0), 50.0);
+        // Within a point of each other: a tie.
+        assert_eq!(fgd_points(-10.0), fgd_points(-30.0));
+        assert!(fgd_points(-100.0) > fgd_points(0.0) && fgd_points(100.0) < fgd_points(0.0));
+        // Large drops saturate at 99, large rises at 0.
+        assert_eq!((fgd_points(-8000.0), fgd_points(-20_000.0), fgd_points(9000.0)), (99.0, 99.0, 0.0));
+    }
+
+    #[test]
+    fn best_fit_scores_what_is_left_against_the_largest_node_in_whole_points() {
+        let sig = |cpu_free, gpu_free: Vec<u16>| Signature {
+            type_id: 0,
+            cpu_free,
+            mem_free: 0,
+            gpu_cached: vec![0; gpu_free.len()],
+            gpu_free,
+        };
+        let share = Request::new(3152, 0, GpuDemand::Share(810));
+        // 64,000 - 3,152 milli-CPU and 1,000 - 810 milli-GPU left: 100 x (1 - (0.4754 + 0.0238) / 2) = 75.04.
+        assert_eq!(best_fit_points(&sig(64_000, vec![1000]), &share), 75.0);
+        // An empty node of the largest size, for a pod that takes nothing, scores 0.
+        assert_eq!(best_fit_points(&sig(128_000, vec![1000; 8]), &Request::new(0, 0, GpuDemand::None)), 0.0);
+        // Fuller nodes score higher.
+        assert!(best_fit_points(&sig(8_000, vec![1000]), &share) > best_fit_points(&sig(64_000, vec![1000]), &share));
+    }
 }

@@ -220,3 +220,41 @@ fn churn_does_not_grow_the_engine_without_bound() {
         assert_eq!(e.groups[g as usize].sig, Signature::of(e.cluster().node(n)));
     }
 }
+
+#[test]
+fn node_order_ties_keep_landing_on_one_node_where_random_ties_spread() {
+    // CPU-only pods on idle 8-GPU nodes raise no kind's fragment (every kind still fits), so `fgd` ties all nodes.
+    // The paper's simulator then takes one fixed node again and again; random tie-breaking spreads the pods and
+    // eats the CPU of nodes whose GPUs later need it.
+    let nodes: Vec<NodeSpec> = (0..16).map(|i| NodeSpec::new(format!("n{i}"), 96_000, 393_216, 8, "G2")).collect();
+    let cpu_pod = Request::new(8000, 1000, GpuDemand::None);
+    let mix = [cpu_pod, Request::new(3152, 5600, GpuDemand::Share(810))];
+    let nodes_used = |tie_break| {
+        let mut e = engine(Policy::Fgd, &nodes, &mix);
+        e.set_tie_break(tie_break);
+        assert_eq!(e.tie_break(), tie_break);
+        let mut used: Vec<NodeId> = (0..8).map(|_| e.place(&cpu_pod).unwrap().node).collect();
+        used.sort_unstable();
+        used.dedup();
+        used.len()
+    };
+    assert_eq!(nodes_used(TieBreak::NodeOrder), 1);
+    assert!(nodes_used(TieBreak::Random) > 1);
+}
+
+#[test]
+fn node_order_is_a_seeded_permutation_and_covers_added_nodes() {
+    let nodes: Vec<NodeSpec> = (0..8).map(|i| node(&format!("n{i}"), 1, "G")).collect();
+    let first = |seed: u64| {
+        let mut e = PlacementEngine::new(Cluster::new(&nodes).unwrap(), Policy::BestFit, Workload::default(), seed);
+        e.set_tie_break(TieBreak::NodeOrder);
+        e.place(&req(GpuDemand::None)).unwrap().node
+    };
+    assert_eq!(first(3), first(3), "same seed, same order");
+    assert!((0..16).map(first).collect::<std::collections::HashSet<_>>().len() > 1, "the order depends on the seed");
+    let mut e = engine(Policy::BestFit, &nodes[..1], &[]);
+    e.set_tie_break(TieBreak::NodeOrder);
+    let added = e.add_node(&node("late", 1, "G")).unwrap();
+    e.place(&req(GpuDemand::Whole(1))).unwrap();
+    assert_eq!(e.place(&req(GpuDemand::Whole(1))).unwrap().node, added);
+}
