@@ -134,7 +134,7 @@ pub(super) async fn create<B: Backend>(
     body: axum::body::Bytes,
 ) -> Response {
     let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+        return gw.unauthorized();
     };
     if caller != namespace {
         return problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {namespace}"));
@@ -286,7 +286,7 @@ pub(super) async fn fetch<B: Backend>(
     headers: HeaderMap,
 ) -> Response {
     let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+        return gw.unauthorized();
     };
     match gw.lock().map.get(&id) {
         Some(p) if p.model.split('/').next() == Some(caller.as_str()) => Json(p.response(&gw.base_url)).into_response(),
@@ -297,7 +297,7 @@ pub(super) async fn fetch<B: Backend>(
 /// `GET /v1/webhooks/default/secret`: the key the caller's namespace's webhooks are signed with (its own only).
 pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>, headers: HeaderMap) -> Response {
     let Some(namespace) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+        return gw.unauthorized();
     };
     match &gw.webhooks.secret {
         Some(secret) => Json(json!({ "key": secret.for_namespace(&namespace).as_str() })).into_response(),
@@ -322,7 +322,7 @@ pub(super) async fn stream<B: Backend>(
     };
     let caller = gw.namespace_of(&headers);
     if !by_token && caller.is_none() {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+        return gw.unauthorized();
     }
     let done = match gw.lock().map.get(&id) {
         Some(p) if by_token || p.model.split('/').next() == caller.as_deref() => Arc::clone(&p.done),
@@ -357,7 +357,7 @@ pub(super) async fn cancel<B: Backend>(
     headers: HeaderMap,
 ) -> Response {
     let Some(caller) = gw.namespace_of(&headers) else {
-        return problem(StatusCode::UNAUTHORIZED, "missing or unknown API key (Authorization: Bearer <key>)");
+        return gw.unauthorized();
     };
     let mut store = gw.lock();
     match store.map.get_mut(&id) {
