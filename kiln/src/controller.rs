@@ -17,11 +17,12 @@ use kiln_controller::{
         self,
         lease::LeaderElector,
         reconcile::{Context, error_policy, reconcile},
+        rentals::{reconcile_rental, rental_error_policy},
     },
     registry::RegistryConfig,
     server::{Server, ServerOptions},
 };
-use kiln_k8s_api::model_deployment::ModelDeployment;
+use kiln_k8s_api::{GpuRental, model_deployment::ModelDeployment};
 use kube::{
     Api, Client,
     runtime::{Controller, watcher},
@@ -119,6 +120,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
         })
         .await?;
         let ctx = Arc::new(Context::new(client.clone(), Arc::clone(&server.control), Some(identity.clone())));
+        let rental_ctx = Arc::clone(&ctx);
         let deployments: Api<ModelDeployment> = Api::all(client.clone());
         tokio::spawn(
             Controller::new(deployments, watcher::Config::default())
@@ -127,6 +129,17 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
                 .for_each(|result| async move {
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "reconcile");
+                    }
+                }),
+        );
+        let rentals: Api<GpuRental> = Api::all(client.clone());
+        tokio::spawn(
+            Controller::new(rentals, watcher::Config::default())
+                .shutdown_on_signal()
+                .run(reconcile_rental, rental_error_policy, rental_ctx)
+                .for_each(|result| async move {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "reconcile rental");
                     }
                 }),
         );

@@ -347,6 +347,8 @@ pub fn up(args: &UpArgs) -> Result<()> {
             registry: RegistryConfig { grace: args.agent_grace, ..RegistryConfig::default() },
             control: kiln_controller::control::ControlConfig {
                 hold_capacity: args.hold_capacity,
+                // A node that has not registered within the agents' grace is gone anyway.
+                rental_settle: args.agent_grace,
                 ..Default::default()
             },
             hold: args.hold,
@@ -356,6 +358,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             tenant_limits: args.limits.config(),
             store: open_store(&args.state_dir)?,
             shutdown_grace: args.shutdown_grace,
+            rental_records: Some(args.state_dir.join("rentals.json")),
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {

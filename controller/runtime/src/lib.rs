@@ -14,6 +14,7 @@ pub mod manifests;
 pub mod metrics;
 pub mod prediction;
 pub mod registry;
+pub mod rental_records;
 pub mod server;
 pub mod spec;
 pub mod store;

@@ -19,7 +19,7 @@ use std::{
     time::SystemTime,
 };
 
-use kiln_k8s_api::{model_deployment::ModelDeployment, validate::Validator};
+use kiln_k8s_api::{GpuRental, model_deployment::ModelDeployment, validate::Validator};
 use serde::Deserialize;
 
 use crate::spec::{self, Rejected, ServedSpec};
@@ -51,6 +51,26 @@ impl Deployment {
     }
 }
 
+/// A rental read from a manifest.
+#[derive(Debug, Clone)]
+pub struct RentalManifest {
+    /// Namespace (`default` when the manifest has none).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// The resource.
+    pub resource: GpuRental,
+    /// Where it came from.
+    pub file: PathBuf,
+}
+
+impl RentalManifest {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        spec::key(&self.namespace, &self.name)
+    }
+}
+
 /// A manifest that was left out, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestError {
@@ -73,6 +93,8 @@ impl std::fmt::Display for ManifestError {
 pub struct ManifestSet {
     /// Valid deployments by `namespace/name`.
     pub deployments: BTreeMap<String, Deployment>,
+    /// Valid rentals by `namespace/name`.
+    pub rentals: BTreeMap<String, RentalManifest>,
     /// Documents left out.
     pub errors: Vec<ManifestError>,
 }
@@ -281,11 +303,32 @@ pub fn load_dir(dir: &Path, validator: &Validator) -> io::Result<ManifestSet> {
                     break;
                 }
             };
-            if value.get("kind").and_then(|k| k.as_str()) != Some("ModelDeployment") {
-                continue; // other kinds (GpuRental, GpuNode) are not served from manifests
+            let kind = value.get("kind").and_then(|k| k.as_str());
+            if !matches!(kind, Some("ModelDeployment" | "GpuRental")) {
+                continue; // other kinds (GpuNode) come from the agents
             }
             if let Err(invalid) = validator.validate(&value) {
                 set.errors.push(error(invalid.to_string()));
+                continue;
+            }
+            if kind == Some("GpuRental") {
+                let resource: GpuRental = match serde_json::from_value(value.clone()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        set.errors.push(error(format!("does not read as a GpuRental: {e}")));
+                        continue;
+                    }
+                };
+                let name = resource.metadata.name.clone().unwrap_or_default();
+                let namespace = resource.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+                let rental = RentalManifest { namespace, name, resource, file: file.clone() };
+                let key = rental.key();
+                if let Some(first) = set.rentals.get(&key) {
+                    let message = format!("rental {key} is already defined in {}", first.file.display());
+                    set.errors.push(error(message));
+                    continue;
+                }
+                set.rentals.insert(key, rental);
                 continue;
             }
             let resource: ModelDeployment = match serde_json::from_value(value.clone()) {

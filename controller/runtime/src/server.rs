@@ -31,10 +31,11 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::{
     connections::HttpLimits,
-    control::{ControlConfig, ControlPlane},
+    control::{ControlConfig, ControlPlane, RentalStatusView, ServedRental},
     gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway, sku},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
+    rental_records::{RentalRecord, RentalRecords},
     spec::Rejected,
     store::{MemoryStore, Persister, PredictionStore},
 };
@@ -73,6 +74,9 @@ pub struct ServerOptions {
     pub store: Arc<dyn PredictionStore>,
     /// How long a shutdown lets predictions under way finish.
     pub shutdown_grace: Duration,
+    /// Where the manifest directory's rentals keep what their status would hold (`None`: nowhere; a restart starts
+    /// them afresh).
+    pub rental_records: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -93,6 +97,7 @@ impl Default for ServerOptions {
             http_limits: HttpLimits::default(),
             store: Arc::new(MemoryStore::default()),
             shutdown_grace: Duration::from_secs(30),
+            rental_records: None,
         }
     }
 }
@@ -215,7 +220,8 @@ impl Server {
         });
         tokio::spawn(Arc::clone(&self.control).run(stop.clone()));
         if let Some(dir) = self.options.manifests.clone() {
-            tokio::spawn(watch_manifests(Arc::clone(&shared), dir, self.options.watch_interval));
+            let records = self.options.rental_records.clone();
+            tokio::spawn(watch_manifests(Arc::clone(&shared), dir, records, self.options.watch_interval));
         }
         if let Some(listener) = self.metrics {
             let internal = Router::new()
@@ -236,6 +242,7 @@ impl Server {
         let router = self.gateway.router().merge(
             Router::new()
                 .route("/kiln/v1/deployments", get(deployments))
+                .route("/kiln/v1/rentals", get(rentals))
                 .route("/metrics", get(metrics_page))
                 .route(
                     "/healthz",
@@ -296,9 +303,18 @@ impl Server {
     }
 }
 
-async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
+async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, records_path: Option<PathBuf>, every: Duration) {
     let validator = Validator::default();
     let mut watcher = DirWatcher::default();
+    let mut records = match records_path.as_deref().map(RentalRecords::load) {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "rental records unreadable; rentals start afresh");
+            RentalRecords::default()
+        }
+        None => RentalRecords::default(),
+    };
+    let mut declared: Vec<String> = Vec::new();
     loop {
         match watcher.changed(&dir) {
             Ok(true) => match load_dir(&dir, &validator) {
@@ -313,7 +329,10 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
                     for Rejected { key, error } in &rejected {
                         tracing::error!(deployment = %key, "deployment left out: {error}");
                     }
-                    tracing::info!(deployments = count, dir = %dir.display(), "manifests loaded");
+                    declared = set.rentals.keys().cloned().collect();
+                    let rentals = served_rentals(&set, &mut records);
+                    shared.control.apply_rentals(rentals);
+                    tracing::info!(deployments = count, rentals = declared.len(), dir = %dir.display(), "manifests loaded");
                     *shared.manifest_errors.lock().unwrap_or_else(|p| p.into_inner()) = set.errors;
                     *shared.rejected.lock().unwrap_or_else(|p| p.into_inner()) = rejected;
                 }
@@ -322,8 +341,62 @@ async fn watch_manifests(shared: Arc<Shared>, dir: PathBuf, every: Duration) {
             Ok(false) => {}
             Err(e) => tracing::error!(dir = %dir.display(), error = %e, "watching the manifests"),
         }
+        if let Some(path) = &records_path
+            && records.update(&shared.control.rental_views(), &declared)
+            && let Err(e) = records.save(path)
+        {
+            tracing::error!(path = %path.display(), error = %e, "writing the rental records");
+        }
         tokio::time::sleep(every).await;
     }
+}
+
+/// The manifests' rentals for the control plane, each with its record (created when first seen: a manifest has no
+/// creation time unless it says one).
+fn served_rentals(set: &crate::manifests::ManifestSet, records: &mut RentalRecords) -> Vec<ServedRental> {
+    set.rentals
+        .values()
+        .map(|m| {
+            let key = m.key();
+            let created = m.resource.metadata.creation_timestamp.as_ref().map(|t| t.0.as_millisecond() as f64 / 1000.0);
+            let record = records.rentals.entry(key).or_insert_with(|| RentalRecord {
+                created_at: created.unwrap_or_else(crate::control::wall_now),
+                lifecycle: None,
+                gpus: Vec::new(),
+            });
+            let status = kiln_k8s_api::GpuRentalStatus {
+                lifecycle: record.lifecycle.clone(),
+                assigned_gpus: record
+                    .gpus
+                    .iter()
+                    .map(|(node, index)| kiln_k8s_api::gpu_rental::AssignedGpu {
+                        node: node.clone(),
+                        index: i32::try_from(*index).unwrap_or(0),
+                        uuid: String::new(),
+                    })
+                    .collect(),
+                ..Default::default()
+            };
+            crate::spec::translate_rental(&m.namespace, &m.name, &m.resource.spec, Some(&status), record.created_at)
+        })
+        .collect()
+}
+
+/// `GET /kiln/v1/rentals`: each rental's state (phase, why, GPUs held, delivery, end, GPU-hours billed, lent). A
+/// tenant's key sees its namespace's rentals; an operator's, all.
+async fn rentals(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    let tenant = match shared.gateway.caller(&headers) {
+        None => return shared.gateway.unauthorized(),
+        Some(Caller::Operator) => None,
+        Some(Caller::Tenant(ns)) => Some(format!("{ns}/")),
+    };
+    let items: Vec<RentalStatusView> = shared
+        .control
+        .rental_views()
+        .into_iter()
+        .filter(|v| tenant.as_ref().is_none_or(|p| v.key.starts_with(p.as_str())))
+        .collect();
+    Json(json!({ "rentals": items })).into_response()
 }
 
 /// `GET /kiln/v1/deployments`: each deployment's state, and the manifests that were left out and why. A tenant's key

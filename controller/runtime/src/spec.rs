@@ -150,7 +150,10 @@ pub fn translate(key: String, version: String, spec: &ModelDeploymentSpec) -> Re
         model_uri: spec.model.uri.clone(),
         weights_bytes,
         max_concurrency: target,
-        rental: None,
+        rental: spec.gpu.rental.as_ref().map(|r| match key.split_once('/') {
+            Some((namespace, _)) => format!("{namespace}/{r}"),
+            None => r.clone(),
+        }),
     };
     let runtime = match (spec.model.runtime, &spec.model.process) {
         (Runtime::Native, _) => model_source::Runtime::Native(v1::NativeRuntime { copy_streams: 4 }),
@@ -172,6 +175,50 @@ pub fn translate(key: String, version: String, spec: &ModelDeploymentSpec) -> Re
         runtime: Some(runtime),
     };
     Ok(ServedSpec { key, version, core, source, gpu_memory_bytes: per_gpu })
+}
+
+/// A `GpuRental` as the control plane takes it: the core's [`RentalSpec`] with times in seconds since the Unix epoch,
+/// when the object was created (`created_at`, from its `creationTimestamp` when the source has one), and the lifecycle
+/// its status recorded, for a controller that restarts (an unreadable record is logged and ignored: the rental then
+/// starts again from Pending).
+pub fn translate_rental(
+    namespace: &str,
+    name: &str,
+    spec: &kiln_k8s_api::GpuRentalSpec,
+    status: Option<&kiln_k8s_api::GpuRentalStatus>,
+    created_at: f64,
+) -> crate::control::ServedRental {
+    let seconds = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_millisecond() as f64 / 1000.0;
+    let core = kiln_core::rental::RentalSpec {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        gpu_model: spec.gpu_model.clone(),
+        gpu_count: u32::try_from(spec.count).unwrap_or(0),
+        start_time: spec.start_time.as_ref().map(seconds),
+        hours: spec.hours.map(|h| u32::try_from(h).unwrap_or(0)),
+        end_time: spec.end_time.as_ref().map(seconds),
+        cancel: spec.cancel,
+        lend_when_idle: spec.lend_when_idle,
+    };
+    let key = key(namespace, name);
+    let restored = status.and_then(|s| {
+        let text = s.lifecycle.as_deref()?;
+        match crate::control::lifecycle_from_json(text) {
+            Ok(state) => Some(kiln_core::control::RestoredRental {
+                state,
+                gpus: s
+                    .assigned_gpus
+                    .iter()
+                    .filter_map(|g| Some((g.node.clone(), u32::try_from(g.index).ok()?)))
+                    .collect(),
+            }),
+            Err(e) => {
+                tracing::warn!(rental = %key, error = %e, "ignoring the lifecycle in status");
+                None
+            }
+        }
+    });
+    crate::control::ServedRental { key, spec: core, created_at, restored }
 }
 
 #[cfg(test)]

@@ -190,6 +190,11 @@ pub struct GpuRequirement {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16), inner(length(min = 1, max = 128)))]
     pub models: Vec<String>,
+    /// A GpuRental of the same namespace whose GPUs alone the replicas run on (paid by the hour, not metered per
+    /// second). Unset: the serverless pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub rental: Option<String>,
 }
 
 fn default_gpu_count() -> i32 {

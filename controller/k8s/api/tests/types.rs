@@ -31,7 +31,7 @@ fn deployment() -> ModelDeployment {
                     startup_timeout: "15m".parse().unwrap(),
                 }),
             },
-            gpu: GpuRequirement { count: 2, memory_per_gpu: Quantity("80Gi".into()), models: vec![] },
+            gpu: GpuRequirement { count: 2, memory_per_gpu: Quantity("80Gi".into()), models: vec![], rental: None },
             scaling: Scaling {
                 min_replicas: 0,
                 max_replicas: 3,
@@ -124,7 +124,7 @@ fn crds_carry_names_scope_and_printer_columns_for_operators() {
 
     let rental = by_kind("GpuRental");
     assert_eq!(rental.spec.names.short_names, Some(vec!["rental".to_owned()]));
-    assert_eq!(columns("GpuRental"), ["Phase", "GPUs", "Model", "Ends", "Cost", "Age"]);
+    assert_eq!(columns("GpuRental"), ["Phase", "GPUs", "Model", "Start", "End", "Billed", "Amount", "Age"]);
 
     let node = by_kind("GpuNode");
     assert_eq!(node.spec.scope, "Cluster");

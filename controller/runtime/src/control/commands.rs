@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, atomic::Ordering};
 
-use kiln_core::control::{Action, StartFailure};
+use kiln_core::control::{Action, StartFailure, StopReason};
 use kiln_proto::v1::{self, command};
 
 use super::ControlPlane;
@@ -41,10 +41,15 @@ impl ControlPlane {
             }
             Action::Stop { replica, node, reason, .. } => {
                 tracing::info!(%replica, %node, ?reason, "stopping replica");
+                // A GPU that goes to a rental (or back to its owner) must be left empty: no idle copy of the weights.
+                let handed_over =
+                    matches!(reason, StopReason::Fenced | StopReason::Reclaimed | StopReason::RentalEnded);
+                let grace =
+                    if *reason == StopReason::Reclaimed { self.config.reclaim_notice } else { self.config.stop_grace };
                 let stop = v1::StopWorker {
                     replica_id: replica.clone(),
-                    grace_period_ms: self.config.stop_grace.as_millis() as u32,
-                    keep_weights_resident: true,
+                    grace_period_ms: u32::try_from(grace.as_millis()).unwrap_or(u32::MAX),
+                    keep_weights_resident: !handed_over,
                 };
                 (node.clone(), command::Action::StopWorker(stop), None)
             }

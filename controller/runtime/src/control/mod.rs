@@ -38,6 +38,7 @@
 //! - commands go out on tasks of their own, which take the lock again only to record a failed start.
 
 mod commands;
+mod rentals;
 mod routing;
 mod view;
 
@@ -58,8 +59,10 @@ use kiln_proto::{
 };
 use tokio::sync::{Notify, watch};
 
+pub(crate) use self::rentals::wall_now;
 use self::routing::WorkerClients;
 pub use self::{
+    rentals::{AssignedGpuView, RentalStatusView, ServedRental, lifecycle_from_json, lifecycle_to_json, phase_name},
     routing::{Held, HoldQueue, HoldState},
     view::{ColdStartRecord, DeploymentView, ReplicaView},
 };
@@ -87,6 +90,13 @@ pub struct ControlConfig {
     pub prices: Prices,
     /// Load-time model (the adaptive keep-alive's cold-start estimate).
     pub cold: ColdStartModel,
+    /// How long a serverless replica on a lent rented GPU gets to finish when the owner takes the GPU back.
+    pub reclaim_notice: Duration,
+    /// How long after start-up every node is expected to have registered: until then a Pending rental waits
+    /// instead of failing for a GPU model the fleet may still report.
+    pub rental_settle: Duration,
+    /// Rental lifecycle settings (fence lead, expiry warning, stop grace, longest rental).
+    pub rentals: kiln_core::rental::RentalConfig,
 }
 
 impl Default for ControlConfig {
@@ -99,6 +109,9 @@ impl Default for ControlConfig {
             stop_grace: Duration::from_secs(30),
             prices: Prices::default(),
             cold: ColdStartModel::default(),
+            reclaim_notice: Duration::from_secs(30),
+            rental_settle: Duration::from_secs(15),
+            rentals: kiln_core::rental::RentalConfig::default(),
         }
     }
 }
@@ -153,6 +166,10 @@ struct State {
     persister: Option<Persister>,
     /// The nodes' `WorkerService` clients.
     clients: WorkerClients,
+    /// Rental lifecycle events not yet taken by a status writer (bounded).
+    rental_events: Vec<(String, kiln_core::rental::RentalEvent)>,
+    /// The configured prices, for what rentals' status shows.
+    price_table: Option<kiln_core::billing::PriceTable>,
 }
 
 impl State {
@@ -230,7 +247,11 @@ impl ControlPlane {
             counters: HashMap::new(),
             persister: None,
             clients: WorkerClients::default(),
+            rental_events: Vec::new(),
+            price_table: None,
         };
+        let mut state = state;
+        state.core.set_rental_config(config.rentals);
         Arc::new(Self {
             state: Mutex::new(state),
             registry,
@@ -425,6 +446,10 @@ impl ControlPlane {
                     state.starting.remove(&r);
                 }
             }
+            let settled = now >= self.config.rental_settle.as_secs_f64();
+            let step = state.core.step_rentals(now, rentals::wall_now(), settled);
+            actions.extend(step.actions);
+            state.record_rental_events(step.events);
             actions.extend(state.core.reconcile(now));
             state.refresh_holds(now);
             let decided = Instant::now();

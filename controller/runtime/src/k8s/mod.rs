@@ -5,6 +5,7 @@
 
 pub mod lease;
 pub mod reconcile;
+pub mod rentals;
 pub mod status;
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};

@@ -337,6 +337,97 @@ pub fn gpu_node_status(node: &NodeView, busy: &[u32], now: Timestamp) -> GpuNode
     }
 }
 
+/// The status to write for a rental at `generation` from the control plane's view (`None`: the control plane does not
+/// know it yet — the status is left Pending with a message saying so), with the amount billed at
+/// `price_per_gpu_hour` when a price is known.
+pub fn rental_status(
+    generation: Option<i64>,
+    view: Option<&crate::control::RentalStatusView>,
+    price: Option<&kiln_core::billing::GpuPrice>,
+    currency: &str,
+    previous: Option<&kiln_k8s_api::GpuRentalStatus>,
+    now: Timestamp,
+) -> kiln_k8s_api::GpuRentalStatus {
+    use kiln_core::rental::RentalPhase as Core;
+    use kiln_k8s_api::gpu_rental::{AssignedGpu, RentalPhase};
+    let now = Time(whole_seconds(now));
+    let prev = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let Some(v) = view else {
+        return kiln_k8s_api::GpuRentalStatus {
+            observed_generation: generation,
+            phase: Some(RentalPhase::Pending),
+            message: Some("not yet seen by the control loop".into()),
+            ..previous.cloned().unwrap_or_default()
+        };
+    };
+    let phase = match v.phase {
+        Core::Pending => RentalPhase::Pending,
+        Core::Active => RentalPhase::Active,
+        Core::Expired => RentalPhase::Expired,
+        Core::Cancelled => RentalPhase::Cancelled,
+        Core::Failed => RentalPhase::Failed,
+    };
+    let time = |secs: f64| Timestamp::from_second(secs.floor() as i64).ok().map(Time);
+    let active = v.phase == Core::Active;
+    let mut conditions = vec![condition(
+        "Ready",
+        active,
+        if active { "Delivered" } else { crate::control::phase_name(v.phase) },
+        v.message.clone(),
+        generation,
+        prev,
+        &now,
+    )];
+    conditions.push(condition(
+        "Degraded",
+        v.degraded,
+        if v.degraded { "GpuLost" } else { "AllGpusHealthy" },
+        if v.degraded {
+            format!("fewer than {} healthy GPUs; the lost GPU-time is credited", v.count)
+        } else {
+            "every paid GPU is healthy".into()
+        },
+        generation,
+        prev,
+        &now,
+    ));
+    if active {
+        conditions.push(condition(
+            "ExpiringSoon",
+            v.expiring_soon,
+            if v.expiring_soon { "EndApproaching" } else { "NotYet" },
+            if v.expiring_soon { "the rental ends soon; work is stopped at the end".into() } else { String::new() },
+            generation,
+            prev,
+            &now,
+        ));
+    }
+    let amount = price.and_then(|p| p.rental_per_gpu_hour.checked_mul(i128::from(v.billed_gpu_hours)).ok());
+    kiln_k8s_api::GpuRentalStatus {
+        observed_generation: generation,
+        phase: Some(phase),
+        message: Some(v.message.clone()),
+        assigned_gpus: v
+            .gpus
+            .iter()
+            .map(|g| AssignedGpu {
+                node: g.node.clone(),
+                index: i32::try_from(g.index).unwrap_or(0),
+                uuid: g.uuid.clone(),
+            })
+            .collect(),
+        lent: v.lent,
+        lost_gpu_seconds: (v.lost_gpu_seconds > 0).then_some(v.lost_gpu_seconds),
+        lifecycle: Some(v.lifecycle.clone()),
+        start_time: v.delivered_at.and_then(time),
+        end_time: v.end_at.and_then(time),
+        billed_hours: v.billed_gpu_hours,
+        price_per_gpu_hour: price.map(|p| p.rental_per_gpu_hour.to_string()),
+        amount: amount.map(|a| format!("{a} {currency}")),
+        conditions,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
