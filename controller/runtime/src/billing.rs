@@ -83,7 +83,8 @@ pub struct BillingCounters {
 impl BillingCounters {
     /// Counts one record appended for the first time.
     fn count(&self, r: &UsageRecord) {
-        let labels = vec![("namespace".to_owned(), r.namespace.clone()), ("phase".to_owned(), r.kind.phase_name().into())];
+        let labels =
+            vec![("namespace".to_owned(), r.namespace.clone()), ("phase".to_owned(), r.kind.phase_name().into())];
         // Presentation only: the exact amounts are in the ledger.
         let units = r.amount.nanos() as f64 / 1e9;
         if units > 0.0 {

@@ -153,6 +153,8 @@ struct State {
     persister: Option<Persister>,
     /// The nodes' `WorkerService` clients.
     clients: WorkerClients,
+    /// Milli-GPU held by each replica this process started (from its `Start` action), for per-prediction figures.
+    shares: HashMap<String, u32>,
 }
 
 impl State {
@@ -230,6 +232,7 @@ impl ControlPlane {
             counters: HashMap::new(),
             persister: None,
             clients: WorkerClients::default(),
+            shares: HashMap::new(),
         };
         Arc::new(Self {
             state: Mutex::new(state),
@@ -429,10 +432,14 @@ impl ControlPlane {
             state.refresh_holds(now);
             let decided = Instant::now();
             for action in &actions {
-                if let Action::Start { replica, node, .. } = action {
+                if let Action::Start { replica, node, gpus, milli_per_gpu, .. } = action {
                     state.starting.insert(replica.clone(), Starting { decided, node: node.clone() });
+                    let share = u32::from(*milli_per_gpu) * u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+                    state.shares.insert(replica.clone(), share);
                 }
             }
+            let core = &state.core;
+            state.shares.retain(|replica, _| core.replica(replica).is_some());
         }
         for action in actions {
             self.execute(action);
