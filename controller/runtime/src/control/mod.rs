@@ -49,6 +49,7 @@ use std::{
 
 use kiln_core::{
     autoscale::coldstart::ColdStartModel,
+    billing::BillingError,
     control::{Action, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
     placement::Policy,
 };
@@ -64,6 +65,7 @@ pub use self::{
     view::{ColdStartRecord, DeploymentView, ReplicaView},
 };
 use crate::{
+    billing::{Billing, CLOSE_LAG_S},
     metrics::{DeploymentGauges, Metrics, StateSnapshot},
     registry::{Registry, RegistryEvent},
     spec::ServedSpec,
@@ -205,6 +207,10 @@ pub struct ControlPlane {
     /// Command ids handed out.
     commands: AtomicU64,
     metrics: Metrics,
+    /// Where GPU holding is metered (set once, before serving; unset: billing off).
+    billing: std::sync::OnceLock<Arc<Billing>>,
+    /// Seconds since the Unix epoch at `origin`: the loop's clock to the ledger's.
+    origin_epoch: f64,
 }
 
 fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
@@ -239,10 +245,39 @@ impl ControlPlane {
             registry,
             wake: Notify::new(),
             origin: Instant::now(),
+            origin_epoch: std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             config,
             commands: AtomicU64::new(0),
             metrics: Metrics::new(),
+            billing: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Meters GPU holding into `billing` from now on (call once, before serving; a second call is ignored).
+    pub fn set_billing(&self, billing: Arc<Billing>) {
+        let _ = self.billing.set(billing);
+    }
+
+    /// Seconds since the Unix epoch of `t` on the loop's clock.
+    fn epoch(&self, t: f64) -> f64 {
+        self.origin_epoch + t
+    }
+
+    /// The billing part of a pass: the fleet's GPU models checked for prices when agents changed, windows that
+    /// ended closed into the ledger. Runs without the state lock (the billing service has its own).
+    fn meter(&self, now: f64, fleet_changed: bool) {
+        let Some(billing) = self.billing.get() else { return };
+        if fleet_changed {
+            let nodes = self.registry.nodes();
+            billing.check_models(nodes.iter().flat_map(|n| n.gpus.iter().map(|g| g.model.as_str())));
+        }
+        match billing.close(self.epoch(now) - CLOSE_LAG_S) {
+            // A missing price is reported by the billing service once; the GPU-time stays in the meter.
+            Ok(_) | Err(BillingError::MissingPrice { .. }) => {}
+            Err(e) => tracing::error!(error = %e, "usage records could not be appended; they are kept and retried"),
+        }
     }
 
     /// The one lock (see the module docs): never held across an `.await`.
@@ -408,6 +443,7 @@ impl ControlPlane {
     pub fn step(self: &Arc<Self>) {
         let began = Instant::now();
         let events = self.registry.take_events();
+        let fleet_changed = !events.is_empty();
         let lost = self.registry.sweep();
         let changed_files = self.changed_model_files();
         let now = self.now();
@@ -444,6 +480,7 @@ impl ControlPlane {
         for action in actions {
             self.execute(action);
         }
+        self.meter(now, fleet_changed);
         self.metrics.scheduling(began.elapsed().as_secs_f64());
     }
 
