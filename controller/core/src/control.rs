@@ -44,16 +44,21 @@ pub const BACKOFF_RESET_S: f64 = 600.0;
 /// Wait after a failure the agent says no retry can fix, seconds (an hourly probe).
 pub const NON_RETRYABLE_RETRY_S: f64 = 3600.0;
 
+pub use held::HeldSpan;
+pub use rentals::{RentalStep, RentalView, RestoredRental};
+
 use crate::{
     autoscale::{
         Scaler, ScalingConfig,
         coldstart::{ColdStartModel, Tier},
         keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
     },
+    billing::ServerlessPhase,
     placement::{
         CacheHint, CacheTier, Cluster, ClusterError, GpuDemand, Hints, MAX_GPUS_PER_NODE, MILLI_PER_GPU, ModelSet,
         NodeId, NodeSpec, Placement, PlacementEngine, Policy, Request, Unplaceable, Workload,
     },
+    rental::RentalConfig,
     rng::Rng,
 };
 
@@ -97,6 +102,16 @@ pub enum Unschedulable {
         /// What one replica needs, in words.
         needs: String,
         /// The placement engine's reason.
+        why: String,
+    },
+    /// The deployment runs only on a rental's GPUs (`spec.gpu.rental`), and they cannot take a replica now.
+    #[error("a replica ({needs}) runs only on the GPUs of rental {rental}: {why}")]
+    Rental {
+        /// What one replica needs, in words.
+        needs: String,
+        /// The rental (`namespace/name`).
+        rental: String,
+        /// Why not now: the rental is not Active, or its GPUs have no room.
         why: String,
     },
 }
@@ -230,6 +245,8 @@ pub struct DeploymentSpec {
     pub weights_bytes: u64,
     /// Requests one replica serves at once.
     pub max_concurrency: u32,
+    /// The rental (`namespace/name`) whose GPUs alone its replicas run on; `None`: the serverless pool.
+    pub rental: Option<String>,
 }
 
 /// A node as its agent reported it.
@@ -275,6 +292,12 @@ pub enum StopReason {
     GpuUnhealthy,
     /// The gateway could not reach it.
     Unreachable,
+    /// Its GPU was taken for a rental (fenced before the rental's start).
+    Fenced,
+    /// It ran on a rented GPU lent to the serverless pool, and the rental's owner needs the GPU back.
+    Reclaimed,
+    /// It ran on a rental's GPUs and the rental ended (expired or cancelled) or gave the GPU back.
+    RentalEnded,
 }
 
 /// Why a replica failed to start (or exited before it had served a while), as its agent said.
@@ -354,6 +377,11 @@ pub struct Replica {
     pub in_flight: u32,
     /// When the start was decided.
     pub started_at: f64,
+    /// The rental whose GPUs it runs on, for a deployment pinned to one.
+    pub rental: Option<String>,
+    /// What it holds its GPU for now (metered), and since when.
+    held: ServerlessPhase,
+    held_since: f64,
     node_id: NodeId,
     request: Request,
     placement: Placement,
@@ -467,6 +495,20 @@ pub struct Control {
     next_replica: u64,
     /// Jitter of the start backoff.
     rng: Rng,
+    /// The latest time any input carried: what inputs without a time (a replica gone, a node lost) are stamped with.
+    clock: f64,
+    /// GPUs each node's agent reports unhealthy (bitmask): the truth, whatever the engine is told about GPUs set
+    /// aside for rentals.
+    unhealthy: HashMap<NodeId, u16>,
+    /// Rentals by key (`namespace/name`).
+    rentals: BTreeMap<String, rentals::Slot>,
+    /// GPUs set aside for a rental: (node, GPU index) -> rental key.
+    held_by: BTreeMap<(NodeId, u32), String>,
+    rental_config: RentalConfig,
+    /// Wall-clock seconds minus the loop's clock, as of the last rental step.
+    wall_offset: f64,
+    /// Spans of GPU holding closed since the last [`Control::take_held`].
+    spans: Vec<HeldSpan>,
 }
 
 impl Control {
@@ -487,12 +529,20 @@ impl Control {
             copy_lifetime_s: 0.0,
             next_replica: 0,
             rng: Rng::new(0x6b69_6c6e_6661_696c),
+            clock: f64::NEG_INFINITY,
+            unhealthy: HashMap::new(),
+            rentals: BTreeMap::new(),
+            held_by: BTreeMap::new(),
+            rental_config: RentalConfig::default(),
+            wall_offset: 0.0,
+            spans: Vec::new(),
         }
     }
 
     /// Adds or updates a deployment. Its replicas keep running; their count follows the new bounds from the next
     /// reconcile.
     pub fn upsert_deployment(&mut self, key: &str, spec: DeploymentSpec, now: f64) {
+        self.tick(now);
         match self.deployments.get_mut(key) {
             Some(d) if d.spec == spec => {}
             Some(d) => {
@@ -588,8 +638,10 @@ impl Control {
         };
         self.connected.insert(info.name.clone());
         self.engine.set_schedulable(id, !self.cordoned.contains(&info.name));
-        for (gpu, &healthy) in info.gpu_healthy.iter().enumerate() {
-            self.engine.set_gpu_healthy(id, gpu, healthy);
+        let mask = info.gpu_healthy.iter().enumerate().filter(|(_, h)| !**h).fold(0u16, |m, (g, _)| m | (1 << g));
+        self.unhealthy.insert(id, mask);
+        for gpu in 0..info.gpu_healthy.len() {
+            self.sync_gpu(id, gpu as u32);
         }
         let lost: Vec<String> = self
             .replicas
@@ -646,8 +698,42 @@ impl Control {
 
     /// A GPU's health changed. Replicas on an unhealthy GPU are stopped and replaced at the next reconcile.
     pub fn gpu_health(&mut self, node: &str, gpu: u32, healthy: bool) {
-        if let Some(&id) = self.nodes.get(node) {
-            self.engine.set_gpu_healthy(id, gpu as usize, healthy);
+        if let Some(&id) = self.nodes.get(node)
+            && gpu < 16
+        {
+            let mask = self.unhealthy.entry(id).or_default();
+            if healthy {
+                *mask &= !(1 << gpu);
+            } else {
+                *mask |= 1 << gpu;
+            }
+            self.sync_gpu(id, gpu);
+        }
+    }
+
+    /// Tells the placement engine whether general work may use a GPU: healthy, and not set aside for a rental
+    /// (unless the rental lends it).
+    fn sync_gpu(&mut self, node: NodeId, gpu: u32) {
+        let healthy = self.unhealthy.get(&node).is_none_or(|m| m & (1 << gpu) == 0);
+        let blocked = self.held_by.get(&(node, gpu)).is_some_and(|k| self.rentals.get(k).is_none_or(|s| !s.lent));
+        self.engine.set_gpu_healthy(node, gpu as usize, healthy && !blocked);
+    }
+
+    /// The GPU model of a node.
+    fn node_model(&self, node: NodeId) -> &str {
+        let cluster = self.engine.cluster();
+        cluster.models()[usize::from(cluster.node_type(cluster.node(node).type_id).model)].as_str()
+    }
+
+    /// Whether the agent reports a GPU healthy.
+    fn gpu_is_healthy(&self, node: NodeId, gpu: u32) -> bool {
+        self.unhealthy.get(&node).is_none_or(|m| m & (1 << gpu) == 0)
+    }
+
+    /// Moves the clock forward to `now` (never back).
+    fn tick(&mut self, now: f64) {
+        if now > self.clock {
+            self.clock = now;
         }
     }
 
@@ -692,7 +778,9 @@ impl Control {
     }
 
     /// A replica is ready to serve. Returns its deployment, or `None` if it is not known (stopped meanwhile).
-    pub fn replica_ready(&mut self, replica: &str) -> Option<&str> {
+    pub fn replica_ready(&mut self, replica: &str, now: f64) -> Option<&str> {
+        self.tick(now);
+        self.hold(replica, now, ServerlessPhase::IdleWarm);
         let r = self.replicas.get_mut(replica)?;
         r.phase = Phase::Ready;
         if let Some(d) = self.deployments.get_mut(&r.deployment) {
@@ -705,6 +793,7 @@ impl Control {
     /// freed and its deployment waits before the next start. Returns the replica, `None` if it is not known
     /// (stopped meanwhile: then nothing is counted).
     pub fn replica_failed(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<Replica> {
+        self.tick(now);
         let r = self.replica_gone(replica)?;
         let Some(d) = self.deployments.get_mut(&r.deployment) else { return Some(r) };
         d.consecutive_failures = d.consecutive_failures.saturating_add(1);
@@ -726,6 +815,7 @@ impl Control {
     /// one that exits sooner counts as a failed start (a crash loop backs off like one). Returns the replica and
     /// whether it counted as a failed start; `None` if it is not known.
     pub fn replica_exited(&mut self, replica: &str, failure: StartFailure, now: f64) -> Option<(Replica, bool)> {
+        self.tick(now);
         let r = self.replicas.get(replica)?;
         let served_long = r.phase == Phase::Ready && now - r.started_at >= BACKOFF_RESET_S;
         if served_long {
@@ -763,6 +853,8 @@ impl Control {
     /// A replica failed to start or exited: its slot is freed. Requests routed to it are still counted until
     /// [`Control::finish`].
     pub fn replica_gone(&mut self, replica: &str) -> Option<Replica> {
+        let now = self.clock;
+        self.close_span(replica, now);
         let r = self.replicas.remove(replica)?;
         self.engine.release(&r.request, &r.placement);
         if let Some(d) = self.deployments.get_mut(&r.deployment) {
@@ -783,6 +875,7 @@ impl Control {
 
     /// A request arrived for `deployment`: it waits until [`Control::route`] gives it a replica.
     pub fn arrive(&mut self, deployment: &str, now: f64) -> bool {
+        self.tick(now);
         let Some(d) = self.deployments.get_mut(deployment) else { return false };
         if d.demand() == 0
             && let Some((since, _)) = d.idle.take()
@@ -795,7 +888,8 @@ impl Control {
     }
 
     /// Routes one waiting request of `deployment` to the least-loaded ready replica with a free slot.
-    pub fn route(&mut self, deployment: &str) -> Route {
+    pub fn route(&mut self, deployment: &str, now: f64) -> Route {
+        self.tick(now);
         let Some(d) = self.deployments.get_mut(deployment) else { return Route::Unknown };
         let max = d.spec.max_concurrency.max(1);
         let best = self
@@ -807,13 +901,19 @@ impl Control {
         r.in_flight += 1;
         d.waiting = d.waiting.saturating_sub(1);
         d.in_flight += 1;
-        Route::Replica { replica: id.clone(), node: r.node.clone() }
+        let (id, node) = (id.clone(), r.node.clone());
+        self.hold(&id, now, ServerlessPhase::Busy);
+        Route::Replica { replica: id, node }
     }
 
     /// A routed request finished (or failed) on `replica`.
     pub fn finish(&mut self, deployment: &str, replica: &str, now: f64) {
+        self.tick(now);
         if let Some(r) = self.replicas.get_mut(replica) {
             r.in_flight = r.in_flight.saturating_sub(1);
+            if r.in_flight == 0 && r.phase == Phase::Ready {
+                self.hold(replica, now, ServerlessPhase::IdleWarm);
+            }
         }
         if let Some(d) = self.deployments.get_mut(deployment) {
             d.in_flight = d.in_flight.saturating_sub(1);
@@ -823,6 +923,7 @@ impl Control {
 
     /// A waiting request gave up (timed out or was refused) before it was routed.
     pub fn abandon(&mut self, deployment: &str, now: f64) {
+        self.tick(now);
         if let Some(d) = self.deployments.get_mut(deployment) {
             d.waiting = d.waiting.saturating_sub(1);
             self.settle(deployment, now);
@@ -837,16 +938,27 @@ impl Control {
             let share = gpu_share(d.spec.gpu, self.engine.cluster());
             let costs =
                 Costs { copy_lifetime_s: self.copy_lifetime_s, ..costs(&d.spec, share, &self.cold, &self.prices) };
-            let mut plan = d.keep.plan(&costs, None);
-            plan.unload_after = plan.unload_after.min(d.spec.keep_alive_cap_s);
+            // On a rental's GPUs that are not lent, idle time until the rental ends is paid for already.
+            let paid = d
+                .spec
+                .rental
+                .as_ref()
+                .and_then(|k| self.rentals.get(k))
+                .filter(|s| !s.rental.spec.lend_when_idle)
+                .and_then(|s| s.rental.state.end_ms)
+                .map(|end| (end as f64 / 1000.0 - self.wall_offset - now).max(0.0));
+            let mut plan = d.keep.plan(&costs, paid);
+            plan.unload_after = plan.unload_after.min(d.spec.keep_alive_cap_s.max(paid.unwrap_or(0.0)));
             d.idle = Some((now, plan));
         }
     }
 
     /// The decisions due at `now`: replicas to start (placed) and to stop.
     pub fn reconcile(&mut self, now: f64) -> Vec<Action> {
+        self.tick(now);
         let mut actions = Vec::new();
-        // Replicas of deleted deployments (only a removal makes one), and on unhealthy GPUs.
+        // Replicas of deleted deployments (only a removal makes one), on unhealthy GPUs, and on GPUs of a rental
+        // they may not use.
         let removed = std::mem::take(&mut self.removed);
         let doomed: Vec<(String, StopReason)> = self
             .replicas
@@ -855,8 +967,11 @@ impl Control {
                 if removed && !self.deployments.contains_key(&r.deployment) {
                     return Some((id.clone(), StopReason::Deleted));
                 }
-                let unhealthy = self.engine.cluster().node(r.node_id).unhealthy;
-                (r.placement.gpus & unhealthy != 0).then(|| (id.clone(), StopReason::GpuUnhealthy))
+                let unhealthy = self.unhealthy.get(&r.node_id).copied().unwrap_or(0);
+                if r.placement.gpus & unhealthy != 0 {
+                    return Some((id.clone(), StopReason::GpuUnhealthy));
+                }
+                self.rental_conflict(r).map(|reason| (id.clone(), reason))
             })
             .collect();
         for (id, reason) in doomed {
@@ -998,15 +1113,23 @@ impl Control {
                 entries.iter().filter(|c| c.model_uri == spec.model_uri).map(move |c| CacheHint { node, tier: c.tier })
             })
             .collect();
-        let placement = self.engine.place_with(request, &Hints { cached: &cached, colocated: &colocated }).map_err(
-            |e| match e {
-                Unplaceable::NoFit => {
-                    Unschedulable::NoRoom { needs: describe(spec), shortfall: self.shortfall(request) }
-                }
-                Unplaceable::Impossible(_) if self.nodes.is_empty() => Unschedulable::NoNodes { needs: describe(spec) },
-                Unplaceable::Impossible(why) => Unschedulable::Impossible { needs: describe(spec), why },
-            },
-        )?;
+        let placed = match &spec.rental {
+            Some(rental) => self.place_on_rental(rental, spec, request),
+            None => {
+                self.engine.place_with(request, &Hints { cached: &cached, colocated: &colocated }).map_err(
+                    |e| match e {
+                        Unplaceable::NoFit => {
+                            Unschedulable::NoRoom { needs: describe(spec), shortfall: self.shortfall(request) }
+                        }
+                        Unplaceable::Impossible(_) if self.nodes.is_empty() => {
+                            Unschedulable::NoNodes { needs: describe(spec) }
+                        }
+                        Unplaceable::Impossible(why) => Unschedulable::Impossible { needs: describe(spec), why },
+                    },
+                )
+            }
+        };
+        let placement = placed?;
         let node = self.engine.cluster().name(placement.node).to_owned();
         let gpus: Vec<u32> = placement.gpu_indexes().map(|g| g as u32).collect();
         let hit = cached.iter().filter(|h| h.node == placement.node).map(|h| h.tier).min_by_key(|t| match t {
@@ -1028,6 +1151,9 @@ impl Control {
                 phase: Phase::Starting,
                 in_flight: 0,
                 started_at: now,
+                rental: spec.rental.clone(),
+                held: ServerlessPhase::Loading,
+                held_since: now,
                 node_id: placement.node,
                 request: *request,
                 placement,
@@ -1174,5 +1300,9 @@ fn costs(spec: &DeploymentSpec, gpus: f64, cold: &ColdStartModel, prices: &Price
     )
 }
 
+mod held;
+#[cfg(test)]
+mod rental_tests;
+mod rentals;
 #[cfg(test)]
 mod tests;

@@ -150,6 +150,7 @@ pub fn translate(key: String, version: String, spec: &ModelDeploymentSpec) -> Re
         model_uri: spec.model.uri.clone(),
         weights_bytes,
         max_concurrency: target,
+        rental: None,
     };
     let runtime = match (spec.model.runtime, &spec.model.process) {
         (Runtime::Native, _) => model_source::Runtime::Native(v1::NativeRuntime { copy_streams: 4 }),

@@ -675,6 +675,7 @@ fn control_spec(config: &SimConfig, key: &str, bytes: u64, keep_alive: KeepAlive
         model_uri: key.to_owned(),
         weights_bytes: bytes,
         max_concurrency: config.max_concurrency,
+        rental: None,
     }
 }
 
@@ -869,7 +870,7 @@ impl Sim<'_> {
         let key = d.key.clone();
         self.control.arrive(&key, now);
         let waiting = Waiting { arrived: now, context, generated, for_load: !ready };
-        match self.control.route(&key) {
+        match self.control.route(&key, now) {
             Route::Replica { replica, .. } => {
                 let r = self.slot(&replica);
                 self.serve(now, r, waiting);
@@ -1049,7 +1050,7 @@ impl Sim<'_> {
         self.replicas[replica as usize].state = State::Ready;
         let dep = self.replicas[replica as usize].dep;
         let id = self.replicas[replica as usize].id.clone();
-        self.control.replica_ready(&id);
+        self.control.replica_ready(&id, now);
         self.drain_queue(now, dep);
         // The agent's worker event wakes the control loop.
         self.reconcile(now);
@@ -1058,7 +1059,7 @@ impl Sim<'_> {
     /// Routes waiting requests while `Control` finds a replica with a free slot.
     fn drain_queue(&mut self, now: f64, dep: u32) {
         while !self.deps[dep as usize].queue.is_empty() {
-            let Route::Replica { replica, .. } = self.control.route(&self.deps[dep as usize].key) else { break };
+            let Route::Replica { replica, .. } = self.control.route(&self.deps[dep as usize].key, now) else { break };
             let r = self.slot(&replica);
             let Some(w) = self.deps[dep as usize].queue.pop_front() else { break };
             self.serve(now, r, w);

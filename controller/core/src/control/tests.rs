@@ -12,6 +12,7 @@ fn spec(max_replicas: u32, keep_s: f64) -> DeploymentSpec {
         model_uri: "file:///m.safetensors".into(),
         weights_bytes: 1 << 30,
         max_concurrency: 2,
+        rental: None,
     }
 }
 
@@ -60,17 +61,17 @@ fn a_request_at_zero_starts_one_replica_at_once_and_is_routed_when_it_is_ready()
     c.upsert_deployment("ns/m", spec(4, 60.0), 0.0);
     assert!(c.reconcile(0.0).is_empty(), "minReplicas 0 and no traffic: nothing runs");
     assert!(c.arrive("ns/m", 1.0));
-    assert_eq!(c.route("ns/m"), Route::Wait);
+    assert_eq!(c.route("ns/m", 0.0), Route::Wait);
     let started = starts(&c.reconcile(1.0));
     assert_eq!(started.len(), 1, "the first waiting request starts a replica in the same reconcile");
     assert_eq!(c.status("ns/m").unwrap().starting, 1);
     assert!(c.reconcile(1.1).is_empty(), "a starting replica is not started twice");
-    assert_eq!(c.route("ns/m"), Route::Wait, "not ready yet");
-    assert_eq!(c.replica_ready(&started[0].0), Some("ns/m"));
-    assert_eq!(c.route("ns/m"), Route::Replica { replica: started[0].0.clone(), node: started[0].1.clone() });
+    assert_eq!(c.route("ns/m", 0.0), Route::Wait, "not ready yet");
+    assert_eq!(c.replica_ready(&started[0].0, 0.0), Some("ns/m"));
+    assert_eq!(c.route("ns/m", 0.0), Route::Replica { replica: started[0].0.clone(), node: started[0].1.clone() });
     let s = c.status("ns/m").unwrap();
     assert_eq!((s.ready, s.in_flight, s.waiting), (1, 1, 0));
-    assert_eq!(c.route("ns/unknown"), Route::Unknown);
+    assert_eq!(c.route("ns/unknown", 0.0), Route::Unknown);
     assert!(!c.arrive("ns/unknown", 1.0));
 }
 
@@ -80,23 +81,23 @@ fn a_burst_beyond_the_slots_scales_out_at_once_spread_over_nodes_and_within_the_
     c.upsert_deployment("ns/m", spec(3, 60.0), 0.0);
     c.arrive("ns/m", 0.0);
     let first = starts(&c.reconcile(0.0));
-    c.replica_ready(&first[0].0);
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    c.replica_ready(&first[0].0, 0.0);
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     // Nine more: two slots per replica, so five replicas would be needed; three is the maximum.
     for _ in 0..9 {
         c.arrive("ns/m", 0.5);
     }
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }), "the second slot of the first replica");
-    assert_eq!(c.route("ns/m"), Route::Wait);
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }), "the second slot of the first replica");
+    assert_eq!(c.route("ns/m", 0.0), Route::Wait);
     let more = starts(&c.reconcile(0.5));
     assert_eq!(more.len(), 2, "up to maxReplicas at once");
     let nodes: Vec<&str> = std::iter::once(first[0].1.as_str()).chain(more.iter().map(|(_, n)| n.as_str())).collect();
     assert!(nodes.contains(&"a") && nodes.contains(&"b"), "replicas spread over both nodes: {nodes:?}");
     for (r, _) in &more {
-        c.replica_ready(r);
+        c.replica_ready(r, 0.0);
     }
     let mut routed = 0;
-    while let Route::Replica { .. } = c.route("ns/m") {
+    while let Route::Replica { .. } = c.route("ns/m", 0.0) {
         routed += 1;
     }
     assert_eq!(routed, 4, "two free slots on each new replica");
@@ -113,11 +114,11 @@ fn least_loaded_ready_replica_takes_the_next_request() {
     }
     let started = starts(&c.reconcile(0.0));
     assert_eq!(started.len(), 2);
-    c.replica_ready(&started[0].0);
-    c.replica_ready(&started[1].0);
+    c.replica_ready(&started[0].0, 0.0);
+    c.replica_ready(&started[1].0, 0.0);
     let mut on: HashMap<String, u32> = HashMap::new();
     for _ in 0..3 {
-        let Route::Replica { replica, .. } = c.route("ns/m") else { panic!("a free slot") };
+        let Route::Replica { replica, .. } = c.route("ns/m", 0.0) else { panic!("a free slot") };
         *on.entry(replica).or_default() += 1;
     }
     let mut counts: Vec<u32> = on.values().copied().collect();
@@ -128,7 +129,7 @@ fn least_loaded_ready_replica_takes_the_next_request() {
     c.finish("ns/m", &busiest, 1.0);
     c.arrive("ns/m", 1.0);
     assert_eq!(
-        c.route("ns/m"),
+        c.route("ns/m", 0.0),
         Route::Replica { replica: busiest.clone(), node: c.replica(&busiest).unwrap().node.clone() }
     );
 }
@@ -139,8 +140,8 @@ fn an_idle_deployment_keeps_its_replica_for_the_keep_alive_then_scales_to_zero()
     c.upsert_deployment("ns/m", spec(2, 30.0), 0.0);
     c.arrive("ns/m", 0.0);
     let started = starts(&c.reconcile(0.0));
-    c.replica_ready(&started[0].0);
-    let Route::Replica { replica, .. } = c.route("ns/m") else { panic!("ready") };
+    c.replica_ready(&started[0].0, 0.0);
+    let Route::Replica { replica, .. } = c.route("ns/m", 0.0) else { panic!("ready") };
     c.finish("ns/m", &replica, 2.0);
     assert!(c.reconcile(20.0).is_empty(), "within the keep-alive the replica stays");
     assert!(c.reconcile(31.0).is_empty(), "30 s after it became idle, not after it started");
@@ -167,8 +168,8 @@ fn a_lost_node_frees_its_replicas_and_they_are_replaced_on_another_node() {
     c.arrive("ns/m", 0.0);
     let started = starts(&c.reconcile(0.0));
     let (replica, on) = started[0].clone();
-    c.replica_ready(&replica);
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    c.replica_ready(&replica, 0.0);
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     assert_eq!(c.node_lost(&on), vec![replica.clone()]);
     // The request on it fails at the gateway and is retried: still demand.
     c.finish("ns/m", &replica, 1.0);
@@ -271,8 +272,8 @@ fn adaptive_keep_alive_is_capped_by_the_deployment() {
     c.upsert_deployment("ns/m", s, 0.0);
     c.arrive("ns/m", 0.0);
     let (replica, _) = starts(&c.reconcile(0.0))[0].clone();
-    c.replica_ready(&replica);
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    c.replica_ready(&replica, 0.0);
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     c.finish("ns/m", &replica, 1.0);
     assert!(c.reconcile(5.5).is_empty(), "the break-even fallback alone would keep it much longer");
     assert_eq!(stops(&c.reconcile(6.5)), vec![(replica, StopReason::KeepAliveExpired)]);
@@ -324,10 +325,10 @@ fn a_periodic_deployment_is_released_then_prewarmed_before_its_next_request() {
         c.arrive("ns/big", t);
         for a in c.reconcile(t) {
             if let Action::Start { replica, .. } = a {
-                c.replica_ready(&replica);
+                c.replica_ready(&replica, 0.0);
             }
         }
-        let Route::Replica { replica, .. } = c.route("ns/big") else { panic!("ready at {t}") };
+        let Route::Replica { replica, .. } = c.route("ns/big", 0.0) else { panic!("ready at {t}") };
         last_finish = t + 1.0;
         c.finish("ns/big", &replica, last_finish);
         c.reconcile(last_finish + 0.5);
@@ -342,7 +343,7 @@ fn a_periodic_deployment_is_released_then_prewarmed_before_its_next_request() {
             match a {
                 Action::Start { replica, .. } => {
                     prewarmed_at.get_or_insert(now - last_finish);
-                    c.replica_ready(&replica);
+                    c.replica_ready(&replica, 0.0);
                 }
                 Action::Stop { reason, .. } => {
                     assert_eq!(reason, StopReason::KeepAliveExpired);
@@ -409,9 +410,9 @@ fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while
     assert!(c.failing("ns/m", retry_at).is_none(), "the backoff is over: the request waits for a retry");
     let r2 = starts(&c.reconcile(retry_at));
     assert_eq!(r2.len(), 1, "one retry");
-    c.replica_ready(&r2[0].0);
+    c.replica_ready(&r2[0].0, 0.0);
     assert!(c.status("ns/m").unwrap().failure.is_none(), "a ready replica: no longer degraded");
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     // A second failure soon after: the backoff continues (20 s), ...
     c.reconcile(20.0);
     let exited = StartFailure { reason: "Exited".into(), message: "exit code 1".into(), retryable: true };
@@ -422,7 +423,7 @@ fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while
     assert!((30.0 + 18.0..=30.0 + 22.0).contains(&f.retry_at), "{}", f.retry_at);
     // ... but after ten minutes of serving it starts again from 10 s.
     let r3 = starts(&c.reconcile(f.retry_at));
-    c.replica_ready(&r3[0].0);
+    c.replica_ready(&r3[0].0, 0.0);
     c.reconcile(f.retry_at + 1.0);
     c.reconcile(f.retry_at + 1.0 + BACKOFF_RESET_S);
     c.replica_failed(&r3[0].0, missing_file(), f.retry_at + 2.0 + BACKOFF_RESET_S);
@@ -430,7 +431,7 @@ fn a_retry_that_succeeds_clears_the_failure_and_the_backoff_resets_after_a_while
     assert_eq!(f.consecutive, 1);
     // A replica that exits after serving longer than that is replaced without a failure.
     let r4 = starts(&c.reconcile(f.retry_at));
-    c.replica_ready(&r4[0].0);
+    c.replica_ready(&r4[0].0, 0.0);
     let (_, counted) = c.replica_exited(&r4[0].0, exited, f.retry_at + BACKOFF_RESET_S + 1.0).unwrap();
     assert!(!counted);
     assert!(c.status("ns/m").unwrap().failure.is_none());
@@ -495,9 +496,9 @@ fn an_idle_deployment_is_not_scaled_up_by_averages_that_lag_behind_its_demand() 
     let started = starts(&c.reconcile(0.0));
     assert_eq!(started.len(), 1, "one replica takes all six");
     let id = started[0].0.clone();
-    c.replica_ready(&id);
+    c.replica_ready(&id, 0.0);
     for _ in 0..6 {
-        assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+        assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     }
     for _ in 0..6 {
         c.finish("ns/m", &id, 5.0);
@@ -507,6 +508,6 @@ fn an_idle_deployment_is_not_scaled_up_by_averages_that_lag_behind_its_demand() 
     assert_eq!(c.status("ns/m").unwrap().desired, 1);
     // The next request scales up at once.
     c.arrive("ns/m", 6.0);
-    assert!(matches!(c.route("ns/m"), Route::Replica { .. }));
+    assert!(matches!(c.route("ns/m", 0.0), Route::Replica { .. }));
     assert!(!starts(&c.reconcile(6.0)).is_empty(), "demand again: the averages decide");
 }

@@ -487,6 +487,51 @@ impl PlacementEngine {
             .expect("a tied candidate has an eligible node")
     }
 
+    /// Places `request` on `node` using only the GPUs in the bitmask `gpus`, whatever the node's schedulable and
+    /// health marks say: for work confined to GPUs set aside for it (a rental's own GPUs, which general placement
+    /// sees as unavailable), whose health the caller has checked. Among the allowed GPUs a share goes to the one with
+    /// the least free room that fits (best fit) and whole GPUs to the lowest free indexes; CPU and host memory must
+    /// fit on the node as usual.
+    pub fn place_on(&mut self, request: &Request, node: NodeId, gpus: u16) -> Result<Placement, Unplaceable> {
+        self.decisions += 1;
+        if node as usize >= self.cluster.len() {
+            return Err(Unplaceable::Impossible(format!("no node {node}")));
+        }
+        let state = self.cluster.node(node);
+        let Some(demand) = self.resolved(node, request) else {
+            return Err(Unplaceable::Impossible("the node's GPUs cannot hold the request".into()));
+        };
+        if state.cpu_free < request.cpu_milli || state.mem_free < request.memory_mib {
+            return Err(Unplaceable::NoFit);
+        }
+        let allowed = |i: &usize| gpus & (1 << i) != 0;
+        let (mask, milli) = match demand {
+            GpuDemand::None | GpuDemand::Memory(_) => (0u16, 0u16),
+            GpuDemand::Share(m) => {
+                let best = (0..state.gpu_free.len())
+                    .filter(allowed)
+                    .filter(|&i| state.gpu_free[i] >= m)
+                    .min_by_key(|&i| (state.gpu_free[i], state.cached[i], i))
+                    .ok_or(Unplaceable::NoFit)?;
+                (1 << best, m)
+            }
+            GpuDemand::Whole(k) => {
+                let free: Vec<usize> =
+                    (0..state.gpu_free.len()).filter(allowed).filter(|&i| state.gpu_free[i] == MILLI_PER_GPU).collect();
+                if free.len() < usize::from(k) {
+                    return Err(Unplaceable::NoFit);
+                }
+                (free.iter().take(usize::from(k)).fold(0u16, |mask, &i| mask | (1 << i)), MILLI_PER_GPU)
+            }
+        };
+        let placement = Placement { node, gpus: mask, milli_per_gpu: milli };
+        self.maybe_compact();
+        self.leave_group(node);
+        self.cluster.apply(request, &placement);
+        self.join_group(node);
+        Ok(placement)
+    }
+
     /// Returns a placement's resources. `request` must be the one `placement` was made for.
     pub fn release(&mut self, request: &Request, placement: &Placement) {
         self.maybe_compact();

@@ -601,7 +601,7 @@ impl ControlPlane {
             }
             RegistryEvent::Worker { node, event } => match event.event {
                 Some(Event::Ready(ready)) => {
-                    if let Some(deployment) = state.core.replica_ready(&event.replica_id).map(str::to_owned)
+                    if let Some(deployment) = state.core.replica_ready(&event.replica_id, now).map(str::to_owned)
                         && let Some(s) = state.starting.remove(&event.replica_id)
                     {
                         let t = ready.timings.unwrap_or_default();

@@ -190,9 +190,9 @@ impl ControlPlane {
             let route = {
                 let mut state = self.state();
                 let core = &mut state.core;
-                let route = core.route(deployment);
+                let now = self.now();
+                let route = core.route(deployment, now);
                 if route == Route::Wait {
-                    let now = self.now();
                     if let Some(f) = core.failing(deployment, now) {
                         let error = PredictError::SetupFailed {
                             deployment: deployment.to_owned(),
