@@ -49,8 +49,8 @@ use std::{
 
 use kiln_core::{
     autoscale::coldstart::ColdStartModel,
-    billing::BillingError,
-    control::{Action, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
+    billing::{BillingError, ReplicaInterval, meter::LentInterval},
+    control::{Action, Control, DeploymentStatus, HeldSpan, NodeInfo, Phase, Prices, StartFailure},
     placement::Policy,
 };
 use kiln_proto::{
@@ -213,6 +213,36 @@ pub struct ControlPlane {
     origin_epoch: f64,
 }
 
+/// What the meter takes of a span of GPU holding (times through `epoch`, the loop's clock to the Unix epoch's):
+/// the serverless interval billed to the deployment's namespace — none for a replica pinned to a rental, whose
+/// hours are paid — and, for a replica on a GPU lent by a rental, the interval credited to the rental's owner.
+fn metered(span: &HeldSpan, epoch: impl Fn(f64) -> f64) -> (Option<ReplicaInterval>, Option<LentInterval>) {
+    let (namespace, deployment) = span.deployment.split_once('/').unwrap_or(("", span.deployment.as_str()));
+    let (from, to) = (epoch(span.from), epoch(span.to));
+    let serverless = span.rental.is_none().then(|| ReplicaInterval {
+        replica: span.replica.clone(),
+        deployment: deployment.to_owned(),
+        namespace: namespace.to_owned(),
+        gpu_model: span.gpu_model.clone(),
+        share_milli: span.share_milli,
+        phase: span.phase,
+        from,
+        to,
+    });
+    let lent = span.lent_from.as_deref().map(|key| {
+        let (owner, rental) = key.split_once('/').unwrap_or(("", key));
+        LentInterval {
+            namespace: owner.to_owned(),
+            rental: rental.to_owned(),
+            gpu_model: span.gpu_model.clone(),
+            share_milli: span.share_milli,
+            from,
+            to,
+        }
+    });
+    (serverless, lent)
+}
+
 fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
     let mib = |b: u64| u32::try_from(b >> 20).unwrap_or(u32::MAX);
     NodeInfo {
@@ -267,11 +297,24 @@ impl ControlPlane {
 
     /// The billing part of a pass: the fleet's GPU models checked for prices when agents changed, windows that
     /// ended closed into the ledger. Runs without the state lock (the billing service has its own).
-    fn meter(&self, now: f64, fleet_changed: bool) {
+    fn meter(&self, now: f64, held: Vec<HeldSpan>, fleet_changed: bool) {
         let Some(billing) = self.billing.get() else { return };
         if fleet_changed {
             let nodes = self.registry.nodes();
             billing.check_models(nodes.iter().flat_map(|n| n.gpus.iter().map(|g| g.model.as_str())));
+        }
+        let (mut refused, mut first) = (0, None);
+        for span in &held {
+            let (serverless, lent) = metered(span, |t| self.epoch(t));
+            let results =
+                serverless.map(|iv| billing.observe(&iv)).into_iter().chain(lent.map(|iv| billing.observe_lent(&iv)));
+            for e in results.filter_map(Result::err) {
+                refused += 1;
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first {
+            tracing::error!(spans = refused, error = %e, "spans of GPU holding refused by the meter; not billed");
         }
         match billing.close(self.epoch(now) - CLOSE_LAG_S) {
             // A missing price is reported by the billing service once; the GPU-time stays in the meter.
@@ -448,6 +491,7 @@ impl ControlPlane {
         let changed_files = self.changed_model_files();
         let now = self.now();
         let mut actions = Vec::new();
+        let held;
         {
             let mut guard = self.state();
             let state = &mut *guard;
@@ -465,6 +509,8 @@ impl ControlPlane {
                 }
             }
             actions.extend(state.core.reconcile(now));
+            // Taken every pass, metered or not, so the core does not keep them.
+            held = state.core.take_held(now);
             state.refresh_holds(now);
             let decided = Instant::now();
             for action in &actions {
@@ -480,7 +526,7 @@ impl ControlPlane {
         for action in actions {
             self.execute(action);
         }
-        self.meter(now, fleet_changed);
+        self.meter(now, held, fleet_changed);
         self.metrics.scheduling(began.elapsed().as_secs_f64());
     }
 
@@ -691,5 +737,37 @@ mod tests {
         assert_eq!(control.counters("b/y").requests, 0, "removed: counters gone");
         control.apply([spec("a/x")], &[]);
         assert_eq!(control.view("a/x").unwrap().counters.requests, 3);
+    }
+
+    #[test]
+    fn held_spans_are_metered_by_namespace_with_rentals_paid_and_lenders_credited() {
+        use kiln_core::billing::ServerlessPhase;
+        let span = HeldSpan {
+            replica: "r1".into(),
+            deployment: "team-a/llm".into(),
+            node: "n1".into(),
+            gpu_model: "NVIDIA H100 80GB HBM3".into(),
+            share_milli: 500,
+            phase: ServerlessPhase::Busy,
+            from: 10.0,
+            to: 12.5,
+            rental: None,
+            lent_from: None,
+        };
+        let epoch = |t: f64| 1_000_000.0 + t;
+        let (serverless, lent) = metered(&span, epoch);
+        let iv = serverless.unwrap();
+        assert_eq!((iv.namespace.as_str(), iv.deployment.as_str()), ("team-a", "llm"));
+        assert_eq!((iv.from, iv.to, iv.share_milli), (1_000_010.0, 1_000_012.5, 500));
+        assert!(lent.is_none());
+        // Pinned to a rental: the hours are paid, nothing metered per second.
+        let pinned = HeldSpan { rental: Some("team-a/r".into()), ..span.clone() };
+        assert_eq!(metered(&pinned, epoch), (None, None));
+        // On a GPU lent by team-b's rental: the borrower pays, the owner is credited.
+        let borrowed = HeldSpan { lent_from: Some("team-b/block".into()), ..span };
+        let (serverless, lent) = metered(&borrowed, epoch);
+        assert_eq!(serverless.unwrap().namespace, "team-a");
+        let lent = lent.unwrap();
+        assert_eq!((lent.namespace.as_str(), lent.rental.as_str(), lent.share_milli), ("team-b", "block", 500));
     }
 }
