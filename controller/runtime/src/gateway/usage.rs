@@ -143,15 +143,20 @@ fn quote(s: &str) -> String {
 
 /// Whose usage the caller may read: `Ok(None)` every namespace (an operator without `namespace`), `Ok(Some(ns))`
 /// one, or the refusal.
-fn scope<B: Backend>(gw: &Gateway<B>, headers: &HeaderMap, asked: Option<&str>) -> Result<Option<String>, Response> {
+fn scope<B: Backend>(
+    gw: &Gateway<B>,
+    headers: &HeaderMap,
+    asked: Option<&str>,
+) -> Result<Option<String>, Box<Response>> {
     match (gw.caller(headers), asked) {
-        (None, _) => Err(gw.unauthorized()),
+        (None, _) => Err(Box::new(gw.unauthorized())),
         (Some(Caller::Operator), asked) => Ok(asked.map(str::to_owned)),
         (Some(Caller::Tenant(own)), None) => Ok(Some(own)),
         (Some(Caller::Tenant(own)), Some(asked)) if asked == own => Ok(Some(own)),
-        (Some(Caller::Tenant(_)), Some(asked)) => {
-            Err(problem(StatusCode::FORBIDDEN, format!("this API key does not give access to namespace {asked}")))
-        }
+        (Some(Caller::Tenant(_)), Some(asked)) => Err(Box::new(problem(
+            StatusCode::FORBIDDEN,
+            format!("this API key does not give access to namespace {asked}"),
+        ))),
     }
 }
 
@@ -163,17 +168,15 @@ fn billing_off() -> Response {
 }
 
 /// Takes the known parameters of `uri`, refusing unknown and repeated ones.
-fn known(uri: &Uri, names: &[&str]) -> Result<std::collections::BTreeMap<String, String>, Response> {
+fn known(uri: &Uri, names: &[&str]) -> Result<std::collections::BTreeMap<String, String>, Box<Response>> {
     let mut out = std::collections::BTreeMap::new();
-    for (k, v) in params(uri).map_err(|e| problem(StatusCode::BAD_REQUEST, e))? {
+    let bad = |detail: String| Box::new(problem(StatusCode::BAD_REQUEST, detail));
+    for (k, v) in params(uri).map_err(bad)? {
         if !names.contains(&k.as_str()) {
-            return Err(problem(
-                StatusCode::BAD_REQUEST,
-                format!("unknown parameter {k:?}; expected {}", names.join(", ")),
-            ));
+            return Err(bad(format!("unknown parameter {k:?}; expected {}", names.join(", "))));
         }
         if out.insert(k.clone(), v).is_some() {
-            return Err(problem(StatusCode::BAD_REQUEST, format!("parameter {k:?} given twice")));
+            return Err(bad(format!("parameter {k:?} given twice")));
         }
     }
     Ok(out)
@@ -187,11 +190,11 @@ pub(super) async fn usage<B: Backend>(
 ) -> Response {
     let p = match known(&uri, &["namespace", "from", "to", "group_by"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let namespace = match scope(&gw, &headers, p.get("namespace").map(String::as_str).filter(|n| !n.is_empty())) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(billing) = &gw.billing else { return billing_off() };
     let (month_from, month_to) = {
@@ -269,14 +272,14 @@ pub(super) async fn statement<B: Backend>(
 ) -> Response {
     let p = match known(&uri, &["namespace", "month"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let namespace = match scope(&gw, &headers, p.get("namespace").map(String::as_str).filter(|n| !n.is_empty())) {
         Ok(Some(n)) => n,
         Ok(None) => {
             return problem(StatusCode::BAD_REQUEST, "a statement is one namespace's: give namespace=<tenant>");
         }
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Some(billing) = &gw.billing else { return billing_off() };
     let (year, month) = match p.get("month").map(|m| parse_month(m)).transpose() {
