@@ -72,6 +72,11 @@ pub struct ControllerArgs {
     /// Keep the pod's terminationGracePeriodSeconds above it (the chart adds 15 s).
     #[arg(long, default_value = "30s", value_parser = crate::up::seconds)]
     pub shutdown_grace: Duration,
+    /// Prices of metering (YAML: `currency`, and per GPU model `serverlessPerGpuSecond`, `rentalPerGpuHour`,
+    /// `lendingShare`; the chart mounts `billing.prices` here). Without it nothing is metered and `/v1/usage`
+    /// answers 501.
+    #[arg(long, env = "KILN_PRICES")]
+    pub prices: Option<std::path::PathBuf>,
 }
 
 /// Runs until interrupted or the Lease is lost.
@@ -79,6 +84,14 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         let mut shutdown = crate::up::shutdown_signal()?;
+        // Read before waiting for the Lease, so a bad price file stops the controller at once.
+        let prices = match &args.prices {
+            Some(path) => Some(kiln_controller::billing::PriceFile::read(path)?),
+            None => {
+                tracing::warn!("no --prices: GPU usage is not metered and /v1/usage answers 501");
+                None
+            }
+        };
         let store = crate::up::open_store(&args.state_dir)?;
         let client =
             Client::try_default().await.context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
@@ -116,6 +129,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             tenant_limits: args.limits.config(),
             store,
             shutdown_grace: args.shutdown_grace,
+            prices,
             ..ServerOptions::default()
         })
         .await?;

@@ -55,6 +55,9 @@ enum Command {
         #[arg(long, default_value = ".kiln/api-keys.yaml")]
         keys_file: std::path::PathBuf,
     },
+    /// Show metered GPU usage and its cost (the gateway's `GET /v1/usage`), or a tenant's monthly statement
+    /// (`kiln usage statement --month 2026-11`).
+    Usage(client::UsageArgs),
     /// Run the controller against a Kubernetes cluster (in-cluster or kubeconfig), with leader election.
     Controller(controller::ControllerArgs),
     /// Run a node agent (the same agent as `kiln-agent`), connecting to a controller.
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Bench { what } => bench::run(&what).map(|()| ExitCode::SUCCESS),
         Command::Apply { file, manifests } => client::apply(&file, &manifests),
         Command::Get { server, key, keys_file } => client::get(&server, key, &keys_file),
+        Command::Usage(args) => client::usage(&args),
         Command::Controller(args) => {
             init_tracing();
             controller::controller(&args).map(|()| ExitCode::SUCCESS)

@@ -1,6 +1,7 @@
 //! `kiln up`: the whole system in one process on this machine — the controller (manifest-directory mode), the
 //! gateway, and a local agent (NVML GPUs, or simulated H100s where NVML finds none). On first run it writes an
-//! example deployment of a small native model (and the model), and an API key for the `default` namespace.
+//! example deployment of a small native model (and the model), an API key for the `default` namespace, and the
+//! prices of metering (`prices.yaml`).
 
 use std::{
     fmt::Write as _,
@@ -58,6 +59,10 @@ pub struct UpArgs {
     /// API keys file (YAML list of `{namespace, key}`); written with one key for `default` if absent.
     #[arg(long)]
     pub api_keys: Option<PathBuf>,
+    /// Prices of metering (YAML: `currency`, and per GPU model `serverlessPerGpuSecond`, `rentalPerGpuHour`,
+    /// `lendingShare`). Default: `<state-dir>/prices.yaml`, written with list prices on first run.
+    #[arg(long)]
+    pub prices: Option<PathBuf>,
     /// Silence after which an agent is lost and its replicas are placed elsewhere, e.g. `10s`.
     #[arg(long, default_value = "10s", value_parser = seconds)]
     pub agent_grace: Duration,
@@ -331,11 +336,24 @@ fn keys_in(given: Option<&Path>, state: &Path) -> Result<(PathBuf, Vec<ApiKey>)>
     Ok((path.clone(), read_keys(&path)?))
 }
 
+/// The price file given, or the state directory's (written with [`PriceFile::DEFAULT`] on first run), parsed.
+pub(crate) fn prices_in(given: Option<&Path>, state: &Path) -> Result<(PathBuf, kiln_core::billing::PriceTable)> {
+    use kiln_controller::billing::PriceFile;
+    let path = given.map_or_else(|| state.join("prices.yaml"), Path::to_path_buf);
+    if given.is_none() && !path.exists() {
+        fs::write(&path, PriceFile::DEFAULT).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let table = PriceFile::read(&path)?;
+    Ok((path, table))
+}
+
 /// Runs until interrupted.
 pub fn up(args: &UpArgs) -> Result<()> {
     private_dir(&args.state_dir)?;
     let example = if args.no_agent { None } else { first_run(&args.manifests, &args.state_dir)? };
     let (keys_file, keys) = keys(args)?;
+    let (prices_file, prices) = prices_in(args.prices.as_deref(), &args.state_dir)?;
+    let currency = prices.currency.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
     runtime.block_on(async {
         let options = ServerOptions {
@@ -359,6 +377,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             store: open_store(&args.state_dir)?,
             shutdown_grace: args.shutdown_grace,
             rental_records: Some(args.state_dir.join("rentals.json")),
+            prices: Some(prices),
             ..ServerOptions::default()
         };
         let server = Server::bind(options).await.with_context(|| {
@@ -407,6 +426,11 @@ pub fn up(args: &UpArgs) -> Result<()> {
             let _ = writeln!(banner, "                    http://{m}/metrics (GPUs, dcgm-exporter names)");
         }
         let _ = writeln!(banner, "  agents connect to http://{agents}");
+        let _ = writeln!(
+            banner,
+            "  usage             kiln usage, GET http://{http}/v1/usage (prices: {}, {currency})",
+            prices_file.display()
+        );
         let _ = match &example {
             Some(path) => writeln!(
                 banner,

@@ -180,3 +180,29 @@ fn the_chart_names_namespaces_and_grants_secrets_only_where_the_controller_reads
     let access = check(&render(&helm, &["apiKeys.clusterWide=true", "apiKeys.namespaces={team-a}"]));
     assert_eq!(access, SecretAccess { roles: BTreeSet::new(), cluster_wide: true, flag: None });
 }
+
+#[test]
+#[ignore = "needs helm 3: KILN_HELM=<helm> cargo nextest run -p kiln --test chart --run-ignored only (.ci/run does)"]
+fn the_charts_prices_are_a_config_map_the_controller_reads_with_prices() {
+    let helm = helm();
+    let objects = render(&helm, &[]);
+    let config = objects.iter().find(|o| kind(o) == "ConfigMap" && name(o) == "kiln-prices").expect("the prices");
+    let text = config["data"]["prices.yaml"].as_str().unwrap();
+    let table = kiln_controller::billing::PriceFile::parse(text, "billing.prices").unwrap();
+    assert!(table.get("NVIDIA H100 80GB HBM3").is_ok(), "{text}");
+    let controller = objects.iter().find(|o| kind(o) == "Deployment" && name(o) == "kiln-controller").unwrap();
+    let pod = &controller["spec"]["template"]["spec"];
+    let args: Vec<&str> =
+        pod["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(args.contains(&"--prices=/etc/kiln/prices/prices.yaml"), "{args:?}");
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["name"] == "prices" && m["mountPath"] == "/etc/kiln/prices"), "{mounts:?}");
+    check_controller_accepts(&args);
+
+    // Without prices: no ConfigMap and no flag (nothing metered).
+    let objects = render(&helm, &["billing.prices=null"]);
+    assert!(!objects.iter().any(|o| kind(o) == "ConfigMap"));
+    let controller = objects.iter().find(|o| kind(o) == "Deployment" && name(o) == "kiln-controller").unwrap();
+    let args = controller["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    assert!(!args.contains("--prices"), "{args}");
+}

@@ -1,5 +1,6 @@
 //! `kiln up` as the README's quick start runs it, on a fresh directory: it writes the example deployment, model and
-//! API key, prints a `curl` line, and that line gets a prediction (a cold start first, then warm).
+//! API key, prints a `curl` line, and that line gets a prediction (a cold start first, then warm); `kiln get` and
+//! `kiln usage` read it back.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -97,6 +98,25 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
     let row = table.lines().find(|l| l.starts_with("default/mlp-demo")).unwrap_or_else(|| panic!("{table}"));
     assert_eq!(row.split_whitespace().nth(1), Some("1"), "one ready replica: {table}");
+
+    // Metering: the prices file was written; a prediction shows its GPU share and what its time cost; `kiln usage`
+    // and its statement answer (a table, CSV).
+    assert!(dir.join(".kiln/prices.yaml").exists());
+    assert!(first["metrics"]["gpu_share"].as_f64().is_some_and(|s| s > 0.0), "{first}");
+    assert!(first["metrics"]["billed_amount"].is_string(), "{first}");
+    let kiln = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).current_dir(&dir).output().unwrap();
+        assert!(out.status.success(), "kiln {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let usage = kiln(&["usage", "--server", &addr, "--group-by", "phase"]);
+    assert!(usage.starts_with("namespace default, ") && usage.contains("AMOUNT (USD)"), "{usage}");
+    assert!(usage.lines().last().unwrap().starts_with("TOTAL"), "{usage}");
+    let statement = kiln(&["usage", "statement", "--server", &addr, "--csv"]);
+    assert_eq!(
+        statement.lines().next(),
+        Some("namespace,subject,kind,gpu_model,gpu_seconds,gpu_hours,amount,currency")
+    );
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -32,6 +32,10 @@
 //!   `urls.stream` (as Replicate's now do; `"stream": true` is accepted and kept): server-sent events (`output`, or
 //!   `error`, then `done`; outputs come whole, so there is one `output` event).
 //!
+//! - Usage (`usage`): `GET /v1/usage` (sums of the metered records by deployment, rental, phase or day) and
+//!   `GET /v1/usage/statement` (a tenant's monthly statement), JSON or CSV, from the [`crate::billing::Billing`]
+//!   service; a tenant's key reads its namespace's, an operator's any.
+//!
 //! Finished predictions stay readable for an hour (at most the newest 100,000). With a [`Persister`] each prediction
 //! is written to the store on every transition (created, started, finished, expired) and [`Gateway::restore`] reads
 //! them back after a restart: finished ones are served as before, one that was running is finished as failed
@@ -50,6 +54,7 @@ mod listing;
 mod models;
 mod response;
 mod routes;
+mod usage;
 
 use std::{
     collections::HashMap,
@@ -102,6 +107,18 @@ pub struct Outcome {
     pub queue_time: f64,
     /// The cold start this request waited for, seconds, if any.
     pub cold_start: Option<f64>,
+    /// The GPU the replica that ran it holds, when the backend knows it: the prediction's `metrics` then show the
+    /// share and what its `predict_time` costs at the serverless price.
+    pub gpu: Option<GpuUse>,
+}
+
+/// The GPU a replica holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuUse {
+    /// GPU model, as NVML names it (what prices are keyed by).
+    pub gpu_model: String,
+    /// Milli-GPU held: 1..=999 for a share of one GPU, 1000 × k for k whole GPUs.
+    pub share_milli: u32,
 }
 
 /// Why a prediction did not produce output.
@@ -438,6 +455,9 @@ pub struct Gateway<B> {
     pub persister: Option<Persister>,
     /// The deployments and hardware the Replicate-shaped listings describe ([`EmptyCatalog`] unless set).
     pub catalog: Arc<dyn Catalog>,
+    /// The billing service `/v1/usage` reads and finished predictions are priced by (`None`: billing off, no
+    /// prices configured).
+    pub billing: Option<Arc<crate::billing::Billing>>,
     drain: Drain,
 }
 
@@ -454,6 +474,7 @@ impl<B: Backend> Gateway<B> {
             limits: crate::limits::TenantLimits::new(crate::limits::LimitConfig::default()),
             persister: None,
             catalog: Arc::new(EmptyCatalog),
+            billing: None,
             drain: Drain {
                 draining: std::sync::atomic::AtomicBool::new(false),
                 in_flight: Arc::new(watch::channel(0).0),
@@ -605,6 +626,8 @@ impl<B: Backend> Gateway<B> {
             .route("/v1/predictions/{id}/cancel", post(cancel::<B>))
             .route("/v1/predictions/{id}/stream", get(stream::<B>))
             .route("/v1/webhooks/default/secret", get(webhook_secret::<B>))
+            .route("/v1/usage", get(usage::usage::<B>))
+            .route("/v1/usage/statement", get(usage::statement::<B>))
             .fallback(models::fallback)
             .with_state(Arc::clone(self))
     }

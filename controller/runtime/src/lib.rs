@@ -3,8 +3,9 @@
 //! the gateway's backend (`control`); the predictions API (`gateway`, `webhook`, `limits`, `connections`), a
 //! prediction's state as data (`prediction`) and what survives a restart (`store`); the spec port (`spec`: what the control plane serves, translated once from the
 //! `ModelDeployment` spec) and the spec sources that feed it (`manifests`, and `k8s`: reconciler, `GpuNode` objects,
-//! API keys, Lease); metrics (`metrics`); and the server that wires them into one process (`server`).
+//! API keys, Lease); metrics (`metrics`); the billing service (`billing`: prices, ledger, meter, the usage read side); and the server that wires them into one process (`server`).
 
+pub mod billing;
 pub mod connections;
 pub mod control;
 pub mod gateway;

@@ -16,6 +16,10 @@
 //! | `kiln_gpu_allocated_ratio` | | share of the fleet's GPU capacity held by replicas |
 //! | `kiln_nodes` | `ready` | nodes by readiness |
 //! | `kiln_reconcile_errors_total` | `category` | failed `ModelDeployment` reconciles, by category (`invalid_spec`, `apiserver`, `conflict`, `internal`) |
+//! | `kiln_billed_amount_total` | `namespace`, `phase` | amounts charged, currency units, counted once per usage record (`crate::billing`) |
+//! | `kiln_credited_amount_total` | `namespace`, `phase` | amounts credited (lent GPU-time, failures), currency units, as positive numbers |
+//! | `kiln_gpu_seconds_total` | `namespace`, `phase` | GPU-seconds metered (share-weighted; a rental hour is 3600 per GPU) |
+//! | `kiln_billing_unpriced_gpu_models` | `gpu_model` | 1 for a GPU model in use that has no price: its usage is not billed until one is set |
 
 use std::sync::atomic::AtomicU64;
 
@@ -54,6 +58,7 @@ pub struct Metrics {
     allocated: Gauge<f64, AtomicU64>,
     nodes: Family<Labels, Gauge>,
     reconcile_errors: Family<Labels, Counter>,
+    billing: crate::billing::BillingCounters,
 }
 
 impl Default for Metrics {
@@ -82,6 +87,7 @@ impl Metrics {
             allocated: Gauge::default(),
             nodes: Family::default(),
             reconcile_errors: Family::default(),
+            billing: crate::billing::BillingCounters::default(),
         };
         let mut m = m;
         let r = &mut m.registry;
@@ -99,7 +105,17 @@ impl Metrics {
         r.register("kiln_gpu_allocated_ratio", "Share of GPU capacity held by replicas", m.allocated.clone());
         r.register("kiln_nodes", "Nodes by readiness", m.nodes.clone());
         r.register("kiln_reconcile_errors", "Failed reconciles, by category", m.reconcile_errors.clone());
+        let b = &m.billing;
+        r.register("kiln_billed_amount", "Amounts charged, currency units", b.billed.clone());
+        r.register("kiln_credited_amount", "Amounts credited, currency units", b.credited.clone());
+        r.register("kiln_gpu_seconds", "GPU-seconds metered", b.gpu_seconds.clone());
+        r.register("kiln_billing_unpriced_gpu_models", "GPU models in use without a price", b.unpriced.clone());
         m
+    }
+
+    /// The billing counters, registered here (the billing service counts into them).
+    pub fn billing_counters(&self) -> crate::billing::BillingCounters {
+        self.billing.clone()
     }
 
     /// A prediction finished with `outcome` after `seconds`.

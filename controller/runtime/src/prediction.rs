@@ -119,6 +119,32 @@ pub struct RunMetrics {
     pub cold_start: bool,
     /// The cold start it waited for, seconds (`null` without one).
     pub cold_start_time: Option<f64>,
+    /// GPUs held by the replica that ran it (`0.5` for half a GPU, `2` for two), when the backend knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_share: Option<f64>,
+    /// What `predict_time` on that share costs at the serverless price of its GPU model, an exact decimal string
+    /// in the prices' currency (as Replicate's billing shows per prediction). The bill itself comes from the
+    /// meter (replica GPU-seconds by phase), not from the sum of these.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "money_text")]
+    pub billed_amount: Option<kiln_core::money::Money>,
+}
+
+/// An optional [`Money`](kiln_core::money::Money) as its exact decimal text (`"0.000125"`).
+mod money_text {
+    use kiln_core::money::Money;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(m: &Option<Money>, s: S) -> Result<S::Ok, S::Error> {
+        match m {
+            Some(m) => s.collect_str(m),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Money>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| Money::parse(&t).map_err(serde::de::Error::custom)).transpose()
+    }
 }
 
 /// A prediction's `metrics` object as the API shows it (and the store keeps it): the [`RunMetrics`] of one that
@@ -221,8 +247,20 @@ mod tests {
 
     #[test]
     fn metrics_have_the_api_shape_and_old_flags_read_back_as_the_failure() {
-        let run = RunMetrics { predict_time: 0.25, queue_time: 1.5, cold_start: true, cold_start_time: Some(1.25) };
+        let run = RunMetrics {
+            predict_time: 0.25,
+            queue_time: 1.5,
+            cold_start: true,
+            cold_start_time: Some(1.25),
+            gpu_share: None,
+            billed_amount: None,
+        };
         let warm = RunMetrics { cold_start: false, cold_start_time: None, ..run };
+        let priced = RunMetrics {
+            gpu_share: Some(0.5),
+            billed_amount: Some(kiln_core::money::Money::parse("0.000125").unwrap()),
+            ..warm
+        };
         let cases = [
             (Metrics::new(None, None), json!({})),
             (
@@ -232,6 +270,11 @@ mod tests {
             (
                 Metrics::new(Some(warm), None),
                 json!({ "predict_time": 0.25, "queue_time": 1.5, "cold_start": false, "cold_start_time": null }),
+            ),
+            (
+                Metrics::new(Some(priced), None),
+                json!({ "predict_time": 0.25, "queue_time": 1.5, "cold_start": false, "cold_start_time": null,
+                        "gpu_share": 0.5, "billed_amount": "0.000125" }),
             ),
         ];
         for (metrics, shape) in cases {

@@ -3,6 +3,9 @@
 //! `GET /kiln/v1/deployments`, `/metrics`, `/healthz`) on another; the gateway's [`Catalog`] is the control plane's
 //! deployments and the registry's GPUs ([`FleetCatalog`]). `kiln up` runs one with a local agent beside it; `kiln controller` runs one alone.
 //!
+//! Billing: with [`ServerOptions::prices`] the control loop meters GPU holding into a [`Billing`] service (an
+//! in-memory ledger for now) that the gateway's `/v1/usage` reads; without, nothing is metered.
+//!
 //! State: prediction records and deployment counters go to [`ServerOptions::store`] (redb in the state directory
 //! for `kiln up` and `kiln controller`) and are read back by [`Server::bind`]. Shutdown ([`Server::serve`]): when
 //! its `shutdown` signal turns true the gateway drains (new predictions 503, those under way get
@@ -30,6 +33,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 use crate::{
+    billing::Billing,
     connections::HttpLimits,
     control::{ControlConfig, ControlPlane, RentalStatusView, ServedRental},
     gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway, sku},
@@ -77,6 +81,8 @@ pub struct ServerOptions {
     /// Where the manifest directory's rentals keep what their status would hold (`None`: nowhere; a restart starts
     /// them afresh).
     pub rental_records: Option<PathBuf>,
+    /// Prices of metering (`None`: billing off — nothing is metered and `/v1/usage` answers 501).
+    pub prices: Option<kiln_core::billing::PriceTable>,
 }
 
 impl Default for ServerOptions {
@@ -98,6 +104,7 @@ impl Default for ServerOptions {
             store: Arc::new(MemoryStore::default()),
             shutdown_grace: Duration::from_secs(30),
             rental_records: None,
+            prices: None,
         }
     }
 }
@@ -159,6 +166,13 @@ impl Server {
         let snapshot = options.store.load().map_err(std::io::Error::other)?;
         let persister = Persister::spawn(Arc::clone(&options.store))?;
         control.restore_counters(snapshot.counters, persister.clone());
+        let billing = options.prices.clone().map(|prices| {
+            let ledger = Box::new(kiln_core::billing::MemoryLedger::new());
+            Arc::new(Billing::new(prices, ledger, control.metrics().billing_counters()))
+        });
+        if let Some(b) = &billing {
+            control.set_billing(Arc::clone(b));
+        }
         let http_addr = http.local_addr()?;
         let mut gateway = Gateway::new(Arc::clone(&control), options.api_keys.clone(), &format!("http://{http_addr}"));
         if let Some(g) = Arc::get_mut(&mut gateway) {
@@ -174,6 +188,7 @@ impl Server {
             let mut catalog = FleetCatalog::new(Arc::clone(&control), registry.clone());
             catalog.manifests = options.manifests.clone();
             g.catalog = Arc::new(catalog);
+            g.billing = billing;
         }
         let restored = gateway.restore(snapshot.predictions);
         if restored != Default::default() || snapshot.unreadable > 0 {

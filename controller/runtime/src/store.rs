@@ -514,7 +514,14 @@ mod tests {
     use std::time::Duration;
 
     fn record(id: &str, status: PredictionStatus) -> PredictionRecord {
-        let run = RunMetrics { predict_time: 0.01, queue_time: 0.5, cold_start: true, cold_start_time: Some(0.49) };
+        let run = RunMetrics {
+            predict_time: 0.01,
+            queue_time: 0.5,
+            cold_start: true,
+            cold_start_time: Some(0.49),
+            gpu_share: None,
+            billed_amount: None,
+        };
         PredictionRecord {
             id: id.into(),
             model: "ns/m".into(),

@@ -44,7 +44,13 @@ impl Backend for Echo {
     }
 
     async fn predict(&self, _: &str, input: Value, _: Duration) -> Result<Outcome, PredictError> {
-        Ok(Outcome { output: json!({ "echo": input }), predict_time: 0.0, queue_time: 0.0, cold_start: None })
+        Ok(Outcome {
+            output: json!({ "echo": input }),
+            predict_time: 0.0,
+            queue_time: 0.0,
+            cold_start: None,
+            gpu: None,
+        })
     }
 }
 

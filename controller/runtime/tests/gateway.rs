@@ -15,7 +15,7 @@ use std::{
 use kiln_controller::{
     control::HoldQueue,
     gateway::{
-        Backend, Catalog, DeploymentInfo, Gateway, Outcome, PAGE_SIZE, PredictError, RESTART_ERROR, Restored,
+        Backend, Catalog, DeploymentInfo, Gateway, GpuUse, Outcome, PAGE_SIZE, PredictError, RESTART_ERROR, Restored,
         SHUTDOWN_ERROR,
     },
     limits::{LimitConfig, TenantLimits},
@@ -51,6 +51,7 @@ impl Backend for Fake {
                 predict_time: 0.001,
                 queue_time: waited.as_secs_f64(),
                 cold_start: was_cold.then_some(waited.as_secs_f64()),
+                gpu: None,
             }),
             Err(None) => Err(PredictError::Overloaded { deployment: deployment.into(), retry_after_s: 2 }),
             Err(Some(waited)) => {
@@ -751,4 +752,175 @@ async fn a_canceled_prediction_stays_canceled_whenever_its_run_begins_or_ends() 
         let (_, _, p) = get(&addr, &id).await;
         assert_eq!((&p["status"], &p["output"]), (&json!("canceled"), &Value::Null), "{p}");
     }
+}
+
+/// A GET with an optional `Accept`: status and body text.
+fn get_text(addr: &str, path: &str, key: Option<&str>, accept: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        head.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    if let Some(a) = accept {
+        head.push_str(&format!("Accept: {a}\r\n"));
+    }
+    write!(s, "{head}\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.split_whitespace().nth(1).unwrap().parse().unwrap(), body.to_owned())
+}
+
+/// Runs on a quarter of an H100 for 1.5 s, as a control plane that started the replica would say.
+struct Priced;
+
+impl Backend for Priced {
+    fn version(&self, deployment: &str) -> Option<String> {
+        (deployment == "demo/echo").then(|| "v1".to_owned())
+    }
+
+    async fn predict(&self, _: &str, input: Value, _: Duration) -> Result<Outcome, PredictError> {
+        Ok(Outcome {
+            output: input,
+            predict_time: 1.5,
+            queue_time: 0.0,
+            cold_start: None,
+            gpu: Some(GpuUse { gpu_model: "NVIDIA H100 80GB HBM3".into(), share_milli: 250 }),
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reads_back_as_json_csv_and_statements_and_a_tenant_reads_only_its_own() {
+    use kiln_controller::billing::{Billing, PriceFile};
+    use kiln_core::{
+        billing::{ReplicaInterval, ServerlessPhase},
+        money::Money,
+    };
+    let prices = PriceFile::parse(
+        "currency: USD\ngpus:\n  \"NVIDIA H100 80GB HBM3\":\n    serverlessPerGpuSecond: \"0.001\"\n    \
+         rentalPerGpuHour: \"3.60\"\n    lendingShare: \"0.5\"\n",
+        "test",
+    )
+    .unwrap();
+    let billing = Arc::new(Billing::in_memory(prices));
+    // 2026-11-26T08:00:00Z: demo's deployment busy on half a GPU for 90 s then idle 30 s; other's loading 60 s.
+    let t0 = 1_795_680_000.0;
+    let span = |ns: &str, dep: &str, share, phase, from: f64, to: f64| ReplicaInterval {
+        replica: format!("{dep}-0"),
+        deployment: dep.into(),
+        namespace: ns.into(),
+        gpu_model: "NVIDIA H100 80GB HBM3".into(),
+        share_milli: share,
+        phase,
+        from: t0 + from,
+        to: t0 + to,
+    };
+    billing.observe(&span("demo", "echo", 500, ServerlessPhase::Busy, 0.0, 90.0)).unwrap();
+    billing.observe(&span("demo", "echo", 500, ServerlessPhase::IdleWarm, 90.0, 120.0)).unwrap();
+    billing.observe(&span("other", "m", 1000, ServerlessPhase::Loading, 0.0, 60.0)).unwrap();
+    billing.close(t0 + 120.0).unwrap();
+
+    let keys = [
+        ("key-demo".to_owned(), "demo".to_owned()),
+        ("key-other".to_owned(), "other".to_owned()),
+        ("key-op".to_owned(), "*".to_owned()),
+    ];
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut gateway = Gateway::new(Priced, keys, &format!("http://{addr}"));
+    Arc::get_mut(&mut gateway).unwrap().billing = Some(Arc::clone(&billing));
+    let router = gateway.router();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let call = |path: &str, key: Option<&'static str>, accept: Option<&'static str>| {
+        let (a, p) = (addr.clone(), path.to_owned());
+        tokio::task::spawn_blocking(move || get_text(&a, &p, key, accept))
+    };
+    let money = |v: &Value| Money::parse(v.as_str().unwrap()).unwrap();
+    let range = "from=2026-11-01&to=2026-11-30";
+
+    // JSON by phase: 0.5 GPU × 90 s × $0.001 = $0.045 busy, 0.5 × 30 s = $0.015 idle-warm.
+    let (status, body) = call(&format!("/v1/usage?{range}&group_by=phase"), Some("key-demo"), None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let usage: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&usage["namespace"], &usage["currency"]), (&json!("demo"), &json!("USD")));
+    let groups = usage["groups"].as_array().unwrap();
+    assert_eq!(groups.iter().map(|g| g["key"].as_str().unwrap()).collect::<Vec<_>>(), ["busy", "idle-warm"]);
+    assert_eq!(
+        (money(&groups[0]["amount"]), &groups[0]["gpu_seconds"]),
+        (Money::parse("0.045").unwrap(), &json!("45"))
+    );
+    let sum = Money::sum(groups.iter().map(|g| money(&g["amount"]))).unwrap();
+    assert_eq!(money(&usage["total"]["amount"]), sum);
+    assert_eq!(sum, Money::parse("0.06").unwrap());
+
+    // CSV: a header, a row per group, the total.
+    let (status, csv) =
+        call(&format!("/v1/usage?{range}&group_by=deployment"), Some("key-demo"), Some("text/csv")).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(
+        csv.lines().collect::<Vec<_>>(),
+        [
+            "deployment,records,gpu_seconds,gpu_hours,charges,credits,amount,currency",
+            "\"echo\",3,60,0,0.06,0.00,0.06,USD",
+            "\"TOTAL\",3,60,0,0.06,0.00,0.06,USD",
+        ]
+    );
+
+    // The statement: its total is the sum of its line items, in JSON and in CSV.
+    let (status, body) = call("/v1/usage/statement?month=2026-11", Some("key-demo"), None).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let statement: Value = serde_json::from_str(&body).unwrap();
+    let items = statement["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2, "{statement}");
+    assert_eq!(money(&statement["total"]), Money::sum(items.iter().map(|i| money(&i["amount"]))).unwrap());
+    assert_eq!(money(&statement["total"]), sum, "the statement adds up to /v1/usage's total");
+    let (_, csv) = call("/v1/usage/statement?month=2026-11", Some("key-demo"), Some("text/csv")).await.unwrap();
+    assert_eq!(csv.lines().last().unwrap(), "\"demo\",,total,,,,0.06,USD");
+    let (_, october) = call("/v1/usage/statement?month=2026-10", Some("key-demo"), None).await.unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&october).unwrap()["total"], json!("0.00"));
+
+    // Tenant B cannot read A's usage: asking is a 403 that says nothing of it, and its own shows only its own.
+    for path in [format!("/v1/usage?{range}&namespace=demo"), "/v1/usage/statement?namespace=demo&month=2026-11".into()]
+    {
+        let (status, body) = call(&path, Some("key-other"), None).await.unwrap();
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(!body.contains("0.06") && !body.contains("echo"), "{body}");
+    }
+    let (_, body) = call(&format!("/v1/usage?{range}"), Some("key-other"), None).await.unwrap();
+    let theirs: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(theirs["groups"].as_array().unwrap().len(), 1, "{theirs}");
+    assert_eq!((&theirs["groups"][0]["key"], &theirs["total"]["amount"]), (&json!("deployment/m"), &json!("0.06")));
+
+    // An operator reads everything, or any one namespace; a statement needs one.
+    let (_, body) = call(&format!("/v1/usage?{range}&group_by=namespace"), Some("key-op"), None).await.unwrap();
+    let all: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((&all["namespace"], &all["total"]["amount"]), (&Value::Null, &json!("0.12")));
+    let (status, _) = call("/v1/usage/statement?namespace=demo&month=2026-11", Some("key-op"), None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(call("/v1/usage/statement?month=2026-11", Some("key-op"), None).await.unwrap().0, 400);
+
+    // Bad requests say what is wrong.
+    for (path, says) in [
+        ("/v1/usage?group_by=week", "group_by=\\\"week\\\""),
+        ("/v1/usage?from=yesterday", "RFC 3339"),
+        ("/v1/usage?from=2026-11-02&to=2026-11-01T00:00:00Z", "before from"),
+        ("/v1/usage?namespce=demo", "unknown parameter"),
+        ("/v1/usage/statement?month=2026-13", "not a month"),
+    ] {
+        let (status, body) = call(path, Some("key-demo"), None).await.unwrap();
+        assert_eq!(status, 400, "{path}");
+        assert!(body.contains(says), "{path}: {body}");
+    }
+    assert_eq!(call("/v1/usage", None, None).await.unwrap().0, 401);
+
+    // A finished prediction shows its GPU share and what its predict_time costs: 0.25 × 1.5 s × $0.001.
+    let a = addr.clone();
+    let (status, _, p) = tokio::task::spawn_blocking(move || {
+        http(&a, "POST", "/v1/deployments/demo/echo/predictions", Some("key-demo"), Some("wait"), r#"{"input": {}}"#)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{p}");
+    assert_eq!((&p["metrics"]["gpu_share"], &p["metrics"]["billed_amount"]), (&json!(0.25), &json!("0.000375")), "{p}");
 }

@@ -79,6 +79,8 @@ pub struct RentalStep {
     pub events: Vec<(String, RentalEvent)>,
     /// Replicas to stop now (fenced, reclaimed, or their rental ended).
     pub actions: Vec<Action>,
+    /// Rentals forgotten at this step (deleted, and now in a final phase), as they ended: their last bill.
+    pub forgotten: Vec<(String, Rental)>,
 }
 
 impl Control {
@@ -192,7 +194,9 @@ impl Control {
             self.update_lending(&key, &mut out.actions);
             if self.rentals.get(&key).is_some_and(|s| s.deleted && s.rental.phase().is_terminal()) {
                 self.release_gpus(&key);
-                self.rentals.remove(&key);
+                if let Some(slot) = self.rentals.remove(&key) {
+                    out.forgotten.push((key.clone(), slot.rental));
+                }
             }
         }
         out

@@ -50,7 +50,8 @@ use std::{
 
 use kiln_core::{
     autoscale::coldstart::ColdStartModel,
-    control::{Action, Control, DeploymentStatus, NodeInfo, Phase, Prices, StartFailure},
+    billing::{BillingError, ReplicaInterval, meter::LentInterval},
+    control::{Action, Control, DeploymentStatus, HeldSpan, NodeInfo, Phase, Prices, StartFailure},
     placement::Policy,
 };
 use kiln_proto::{
@@ -67,6 +68,7 @@ pub use self::{
     view::{ColdStartRecord, DeploymentView, ReplicaView},
 };
 use crate::{
+    billing::{Billing, CLOSE_LAG_S},
     metrics::{DeploymentGauges, Metrics, StateSnapshot},
     registry::{Registry, RegistryEvent},
     spec::ServedSpec,
@@ -168,8 +170,10 @@ struct State {
     clients: WorkerClients,
     /// Rental lifecycle events not yet taken by a status writer (bounded).
     rental_events: Vec<(String, kiln_core::rental::RentalEvent)>,
-    /// The configured prices, for what rentals' status shows.
-    price_table: Option<kiln_core::billing::PriceTable>,
+    /// Each rental's bill as last appended: (GPU-hours billed, credit spans, phase).
+    rental_billed: HashMap<String, (i64, usize, kiln_core::rental::RentalPhase)>,
+    /// Milli-GPU held by each replica this process started (from its `Start` action), for per-prediction figures.
+    shares: HashMap<String, u32>,
 }
 
 impl State {
@@ -220,6 +224,40 @@ pub struct ControlPlane {
     /// Command ids handed out.
     commands: AtomicU64,
     metrics: Metrics,
+    /// Where GPU holding is metered (set once, before serving; unset: billing off).
+    billing: std::sync::OnceLock<Arc<Billing>>,
+    /// Seconds since the Unix epoch at `origin`: the loop's clock to the ledger's.
+    origin_epoch: f64,
+}
+
+/// What the meter takes of a span of GPU holding (times through `epoch`, the loop's clock to the Unix epoch's):
+/// the serverless interval billed to the deployment's namespace — none for a replica pinned to a rental, whose
+/// hours are paid — and, for a replica on a GPU lent by a rental, the interval credited to the rental's owner.
+fn metered(span: &HeldSpan, epoch: impl Fn(f64) -> f64) -> (Option<ReplicaInterval>, Option<LentInterval>) {
+    let (namespace, deployment) = span.deployment.split_once('/').unwrap_or(("", span.deployment.as_str()));
+    let (from, to) = (epoch(span.from), epoch(span.to));
+    let serverless = span.rental.is_none().then(|| ReplicaInterval {
+        replica: span.replica.clone(),
+        deployment: deployment.to_owned(),
+        namespace: namespace.to_owned(),
+        gpu_model: span.gpu_model.clone(),
+        share_milli: span.share_milli,
+        phase: span.phase,
+        from,
+        to,
+    });
+    let lent = span.lent_from.as_deref().map(|key| {
+        let (owner, rental) = key.split_once('/').unwrap_or(("", key));
+        LentInterval {
+            namespace: owner.to_owned(),
+            rental: rental.to_owned(),
+            gpu_model: span.gpu_model.clone(),
+            share_milli: span.share_milli,
+            from,
+            to,
+        }
+    });
+    (serverless, lent)
 }
 
 fn node_info(n: &crate::registry::NodeView) -> NodeInfo {
@@ -248,7 +286,8 @@ impl ControlPlane {
             persister: None,
             clients: WorkerClients::default(),
             rental_events: Vec::new(),
-            price_table: None,
+            rental_billed: HashMap::new(),
+            shares: HashMap::new(),
         };
         let mut state = state;
         state.core.set_rental_config(config.rentals);
@@ -257,10 +296,52 @@ impl ControlPlane {
             registry,
             wake: Notify::new(),
             origin: Instant::now(),
+            origin_epoch: std::time::SystemTime::now()
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             config,
             commands: AtomicU64::new(0),
             metrics: Metrics::new(),
+            billing: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Meters GPU holding into `billing` from now on (call once, before serving; a second call is ignored).
+    pub fn set_billing(&self, billing: Arc<Billing>) {
+        let _ = self.billing.set(billing);
+    }
+
+    /// Seconds since the Unix epoch of `t` on the loop's clock.
+    fn epoch(&self, t: f64) -> f64 {
+        self.origin_epoch + t
+    }
+
+    /// The billing part of a pass: the fleet's GPU models checked for prices when agents changed, windows that
+    /// ended closed into the ledger. Runs without the state lock (the billing service has its own).
+    fn meter(&self, now: f64, held: Vec<HeldSpan>, fleet_changed: bool) {
+        let Some(billing) = self.billing.get() else { return };
+        if fleet_changed {
+            let nodes = self.registry.nodes();
+            billing.check_models(nodes.iter().flat_map(|n| n.gpus.iter().map(|g| g.model.as_str())));
+        }
+        let (mut refused, mut first) = (0, None);
+        for span in &held {
+            let (serverless, lent) = metered(span, |t| self.epoch(t));
+            let results =
+                serverless.map(|iv| billing.observe(&iv)).into_iter().chain(lent.map(|iv| billing.observe_lent(&iv)));
+            for e in results.filter_map(Result::err) {
+                refused += 1;
+                first.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first {
+            tracing::error!(spans = refused, error = %e, "spans of GPU holding refused by the meter; not billed");
+        }
+        match billing.close(self.epoch(now) - CLOSE_LAG_S) {
+            // A missing price is reported by the billing service once; the GPU-time stays in the meter.
+            Ok(_) | Err(BillingError::MissingPrice { .. }) => {}
+            Err(e) => tracing::error!(error = %e, "usage records could not be appended; they are kept and retried"),
+        }
     }
 
     /// The one lock (see the module docs): never held across an `.await`.
@@ -426,10 +507,13 @@ impl ControlPlane {
     pub fn step(self: &Arc<Self>) {
         let began = Instant::now();
         let events = self.registry.take_events();
+        let fleet_changed = !events.is_empty();
         let lost = self.registry.sweep();
         let changed_files = self.changed_model_files();
         let now = self.now();
         let mut actions = Vec::new();
+        let held;
+        let mut to_bill = Vec::new();
         {
             let mut guard = self.state();
             let state = &mut *guard;
@@ -447,20 +531,42 @@ impl ControlPlane {
                 }
             }
             let settled = now >= self.config.rental_settle.as_secs_f64();
-            let step = state.core.step_rentals(now, rentals::wall_now(), settled);
+            let wall = self.epoch(now);
+            let step = state.core.step_rentals(now, wall, settled);
             actions.extend(step.actions);
             state.record_rental_events(step.events);
+            if self.billing.get().is_some() {
+                to_bill = state.rentals_to_bill(wall, step.forgotten);
+            }
             actions.extend(state.core.reconcile(now));
+            // Taken every pass, metered or not, so the core does not keep them.
+            held = state.core.take_held(now);
             state.refresh_holds(now);
             let decided = Instant::now();
             for action in &actions {
-                if let Action::Start { replica, node, .. } = action {
+                if let Action::Start { replica, node, gpus, milli_per_gpu, .. } = action {
                     state.starting.insert(replica.clone(), Starting { decided, node: node.clone() });
+                    let share = u32::from(*milli_per_gpu) * u32::try_from(gpus.len()).unwrap_or(u32::MAX);
+                    state.shares.insert(replica.clone(), share);
                 }
             }
+            let core = &state.core;
+            state.shares.retain(|replica, _| core.replica(replica).is_some());
         }
         for action in actions {
             self.execute(action);
+        }
+        self.meter(now, held, fleet_changed);
+        if let Some(billing) = self.billing.get() {
+            let wall = self.epoch(now);
+            for rental in &to_bill {
+                if let Err(e) = billing.append_rental(rental, wall) {
+                    tracing::error!(rental = %rental.spec.name, namespace = %rental.spec.namespace, error = %e,
+                        "rental usage could not be appended; retried at the next pass");
+                    let key = crate::spec::key(&rental.spec.namespace, &rental.spec.name);
+                    self.state().rental_billed.remove(&key);
+                }
+            }
         }
         self.metrics.scheduling(began.elapsed().as_secs_f64());
     }
@@ -672,5 +778,37 @@ mod tests {
         assert_eq!(control.counters("b/y").requests, 0, "removed: counters gone");
         control.apply([spec("a/x")], &[]);
         assert_eq!(control.view("a/x").unwrap().counters.requests, 3);
+    }
+
+    #[test]
+    fn held_spans_are_metered_by_namespace_with_rentals_paid_and_lenders_credited() {
+        use kiln_core::billing::ServerlessPhase;
+        let span = HeldSpan {
+            replica: "r1".into(),
+            deployment: "team-a/llm".into(),
+            node: "n1".into(),
+            gpu_model: "NVIDIA H100 80GB HBM3".into(),
+            share_milli: 500,
+            phase: ServerlessPhase::Busy,
+            from: 10.0,
+            to: 12.5,
+            rental: None,
+            lent_from: None,
+        };
+        let epoch = |t: f64| 1_000_000.0 + t;
+        let (serverless, lent) = metered(&span, epoch);
+        let iv = serverless.unwrap();
+        assert_eq!((iv.namespace.as_str(), iv.deployment.as_str()), ("team-a", "llm"));
+        assert_eq!((iv.from, iv.to, iv.share_milli), (1_000_010.0, 1_000_012.5, 500));
+        assert!(lent.is_none());
+        // Pinned to a rental: the hours are paid, nothing metered per second.
+        let pinned = HeldSpan { rental: Some("team-a/r".into()), ..span.clone() };
+        assert_eq!(metered(&pinned, epoch), (None, None));
+        // On a GPU lent by team-b's rental: the borrower pays, the owner is credited.
+        let borrowed = HeldSpan { lent_from: Some("team-b/block".into()), ..span };
+        let (serverless, lent) = metered(&borrowed, epoch);
+        assert_eq!(serverless.unwrap().namespace, "team-a");
+        let lent = lent.unwrap();
+        assert_eq!((lent.namespace.as_str(), lent.rental.as_str(), lent.share_milli), ("team-b", "block", 500));
     }
 }

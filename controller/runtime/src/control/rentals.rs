@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use kiln_core::{
     control::RestoredRental,
-    rental::{CreditSpan, RentalEvent, RentalPhase, RentalSpec, RentalState},
+    rental::{CreditSpan, Rental, RentalEvent, RentalPhase, RentalSpec, RentalState},
 };
 use serde::{Deserialize, Serialize};
 
@@ -164,6 +164,27 @@ pub fn lifecycle_from_json(text: &str) -> Result<RentalState, String> {
 }
 
 impl State {
+    /// The rentals whose bill changed since the last call (started hours, credits, phase), and those forgotten at
+    /// this step: what to append to the ledger.
+    pub(super) fn rentals_to_bill(&mut self, wall: f64, forgotten: Vec<(String, Rental)>) -> Vec<Rental> {
+        let mut out = Vec::new();
+        let keys: Vec<String> = self.core.rental_keys().map(str::to_owned).collect();
+        for key in keys {
+            let Some(v) = self.core.rental(&key) else { continue };
+            let r = v.rental;
+            let mark = (r.billed_gpu_hours(wall), r.credit_spans().len(), r.phase());
+            if self.rental_billed.get(&key) != Some(&mark) {
+                self.rental_billed.insert(key, mark);
+                out.push(r.clone());
+            }
+        }
+        for (key, r) in forgotten {
+            self.rental_billed.remove(&key);
+            out.push(r);
+        }
+        out
+    }
+
     /// Logs the lifecycle's events and keeps them for the status writers.
     pub(super) fn record_rental_events(&mut self, events: Vec<(String, RentalEvent)>) {
         for (key, event) in events {
@@ -270,19 +291,14 @@ impl ControlPlane {
         mine.into_iter().map(|(_, e)| e).collect()
     }
 
-    /// Sets the prices rentals' status shows (the billing configuration).
-    pub fn set_price_table(&self, prices: kiln_core::billing::PriceTable) {
-        self.state().price_table = Some(prices);
-    }
-
-    /// The price of a GPU model, when prices are configured and name it.
+    /// The price of a GPU model, when billing is on and prices name it.
     pub fn gpu_price(&self, model: &str) -> Option<kiln_core::billing::GpuPrice> {
-        self.state().price_table.as_ref()?.get(model).ok().cloned()
+        self.billing.get()?.prices().get(model).ok().cloned()
     }
 
     /// The currency of the configured prices (`USD` when none are).
     pub fn currency(&self) -> String {
-        self.state().price_table.as_ref().map_or_else(|| "USD".to_owned(), |p| p.currency.clone())
+        self.billing.get().map_or_else(|| "USD".to_owned(), |b| b.prices().currency.clone())
     }
 }
 

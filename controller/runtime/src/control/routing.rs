@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use super::ControlPlane;
-use crate::gateway::{Backend, Outcome, PredictError};
+use crate::gateway::{Backend, GpuUse, Outcome, PredictError};
 
 /// Requests held for one deployment while it has no ready replica: bounded, woken together when a replica is
 /// ready.
@@ -259,6 +259,7 @@ impl ControlPlane {
                         predict_time,
                         queue_time,
                         cold_start: cold.then_some(queue_time),
+                        gpu: self.gpu_use(&replica, &node),
                     });
                 }
                 Err(s) if s.code() == tonic::Code::InvalidArgument => {
@@ -302,6 +303,15 @@ impl ControlPlane {
             .filter(|e| !e.is_empty())
             .ok_or_else(|| PredictError::Failed(format!("node {node} has no worker endpoint")))?;
         self.state().clients.get(&endpoint)
+    }
+
+    /// The GPU `replica` on `node` holds: its share as its start decided it, the model its node's agent reports.
+    /// `None` for a replica this process did not start (adopted from an agent after a restart): its share is not
+    /// known here.
+    fn gpu_use(&self, replica: &str, node: &str) -> Option<GpuUse> {
+        let share_milli = *self.state().shares.get(replica)?;
+        let gpu_model = self.registry.node(node)?.gpus.first()?.model.clone();
+        Some(GpuUse { gpu_model, share_milli })
     }
 
     /// Releases a routed request's slot and wakes a held request if one is now free.

@@ -148,8 +148,14 @@ mod tests {
         done.started_at = Some(t);
         done.completed_at = Some(t + Duration::from_micros(1500));
         done.output = json!([1.5, 2]);
-        done.run =
-            Some(RunMetrics { predict_time: 0.25, queue_time: 1.5, cold_start: true, cold_start_time: Some(1.25) });
+        done.run = Some(RunMetrics {
+            predict_time: 0.25,
+            queue_time: 1.5,
+            cold_start: true,
+            cold_start_time: Some(1.25),
+            gpu_share: None,
+            billed_amount: None,
+        });
         done.stream = true;
         done.dropped = (Some(70_000), Some(2_000_000));
         let succeeded = json!({
@@ -167,7 +173,14 @@ mod tests {
             "version": "v1"
         });
         assert_eq!(shape(&done), succeeded);
-        done.run = Some(RunMetrics { predict_time: 0.25, queue_time: 0.0, cold_start: false, cold_start_time: None });
+        done.run = Some(RunMetrics {
+            predict_time: 0.25,
+            queue_time: 0.0,
+            cold_start: false,
+            cold_start_time: None,
+            gpu_share: None,
+            billed_amount: None,
+        });
         let warm = shape(&done);
         assert_eq!(
             warm["metrics"],

@@ -15,7 +15,7 @@ use axum::{
 };
 use serde_json::{Value, json};
 
-use super::{Backend, Gateway, InFlight, Prediction, SHUTDOWN_ERROR, SHUTDOWN_RETRY_AFTER_S};
+use super::{Backend, Gateway, InFlight, Outcome, Prediction, SHUTDOWN_ERROR, SHUTDOWN_RETRY_AFTER_S};
 use crate::{
     prediction::{FailureKind, PredictionStatus, RunMetrics},
     webhook::WebhookError,
@@ -220,6 +220,13 @@ pub(super) async fn create<B: Backend>(
             runner.notify_webhook(&p, "start");
         }
         let result = runner.backend.predict(&model, input, runner.hold).await;
+        // Priced outside the prediction lock (the billing service has its own).
+        let billed = match (&result, &runner.billing) {
+            (Ok(Outcome { gpu: Some(g), predict_time, .. }), Some(billing)) => {
+                billing.prediction_amount(&g.gpu_model, g.share_milli, *predict_time).ok()
+            }
+            _ => None,
+        };
         let mut store = runner.lock();
         let Some(p) = store.map.get_mut(&task_id) else { return };
         if p.finished() {
@@ -237,6 +244,8 @@ pub(super) async fn create<B: Backend>(
                     queue_time: o.queue_time,
                     cold_start: o.cold_start.is_some(),
                     cold_start_time: o.cold_start,
+                    gpu_share: o.gpu.as_ref().map(|g| f64::from(g.share_milli) / 1000.0),
+                    billed_amount: billed,
                 });
             }
             Err(e) => p.fail(e.kind(), e.to_string(), now),
