@@ -422,3 +422,171 @@ fn a_deployment_whose_model_is_missing_fails_fast_backs_off_and_recovers_when_th
     let d = c.deployment("e2e/missing");
     assert!(d["degraded"].is_null(), "{d:#}");
 }
+
+/// `secs` since the Unix epoch as RFC 3339 (UTC, whole seconds).
+fn rfc3339(secs: u64) -> String {
+    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
+    // H. Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
+}
+
+const WHOLE: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: whole
+  namespace: e2e
+spec:
+  model:
+    uri: file://MODEL
+    runtime: native
+  gpu:
+    count: 1
+    memoryPerGpu: 60Gi
+  scaling:
+    minReplicas: 2
+    maxReplicas: 2
+"#;
+
+const RENTAL: &str = r#"
+apiVersion: kiln.dev/v1alpha1
+kind: GpuRental
+metadata:
+  name: train
+  namespace: e2e
+spec:
+  gpuModel: NVIDIA H100 80GB HBM3
+  count: 2
+  endTime: END
+---
+apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: mine
+  namespace: e2e
+spec:
+  model:
+    uri: file://MODEL
+    runtime: native
+  gpu:
+    count: 1
+    memoryPerGpu: 1Gi
+    rental: train
+"#;
+
+#[test]
+fn a_rental_takes_gpus_serverless_work_used_a_pinned_deployment_serves_on_them_and_they_come_back_at_the_end() {
+    let c = Cluster::start("rental");
+    let model = c.dir.join("slow.safetensors");
+    let manifest = |text: &str| text.replace("MODEL", model.to_str().unwrap());
+    let placed = |d: &Value| -> Vec<(String, u64)> {
+        d["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|p| {
+                p["gpus"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| (p["node"].as_str().unwrap().to_owned(), g.as_u64().unwrap()))
+            })
+            .collect()
+    };
+    // Two serverless replicas of three quarters of a GPU each, spread over the two nodes (one GPU of each).
+    std::fs::write(c.dir.join("manifests/whole.yaml"), manifest(WHOLE)).unwrap();
+    let s = c.wait_for("two whole-GPU replicas", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| d["name"] == "e2e/whole" && d["replicas"]["ready"] == 2)
+    });
+    let whole = s["deployments"].as_array().unwrap().iter().find(|d| d["name"] == "e2e/whole").unwrap().clone();
+    let before = placed(&whole);
+    assert_eq!(nodes_of(&whole), ["node-a", "node-b"], "spread: {whole:#}");
+
+    // A rental of 2 GPUs ending in 40 s: two GPUs of one node, so one of the serverless replicas must move.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    std::fs::write(c.dir.join("manifests/rental.yaml"), manifest(RENTAL).replace("END", &rfc3339(now + 40))).unwrap();
+    let rentals = |auth: &str| -> Value {
+        let (status, _, body) = http(&c.http, "GET", "/kiln/v1/rentals", &[("Authorization", auth)], "");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rental = loop {
+        let r = rentals(AUTH)["rentals"][0].clone();
+        if r["phase"] == "Active" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the rental never became Active: {r:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rented: Vec<(String, u64)> = rental["gpus"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| (g["node"].as_str().unwrap().to_owned(), g["index"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(rented.len(), 2, "{rental:#}");
+    assert_eq!(rented[0].0, rented[1].0, "one node when the GPUs fit on one: {rental:#}");
+    assert!(
+        rental["gpus"].as_array().unwrap().iter().all(|g| g["uuid"].as_str().is_some_and(|u| u.starts_with("GPU-")))
+    );
+    assert!(
+        before.iter().any(|g| rented.contains(g)),
+        "the rental took a GPU a serverless replica held: {before:?} {rented:?}"
+    );
+    // The serverless deployment keeps its two replicas, none on the rented GPUs: the one there moved.
+    c.wait_for("the serverless replica moved off the rented GPUs", |s| {
+        s["deployments"].as_array().unwrap().iter().any(|d| {
+            d["name"] == "e2e/whole" && d["replicas"]["ready"] == 2 && placed(d).iter().all(|g| !rented.contains(g))
+        })
+    });
+    // Another tenant sees no rental; the owner's pinned deployment serves on the rented GPUs.
+    assert_eq!(rentals("Bearer other-key-0123456789abcdef")["rentals"].as_array().unwrap().len(), 0);
+    let (status, _, p) = c.predict("e2e/mine", AUTH, &batch(), true);
+    assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
+    let mine = c.deployment("e2e/mine");
+    assert!(!placed(&mine).is_empty() && placed(&mine).iter().all(|g| rented.contains(g)), "{mine:#} {rented:?}");
+
+    // At the end: Expired, the pinned replica stopped, the GPUs back in the pool.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let r = rentals(AUTH)["rentals"][0].clone();
+        if r["phase"] == "Expired" {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "the rental never expired: {r:#}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(ended["gpus"].as_array().unwrap().len(), 0, "{ended:#}");
+    assert_eq!(ended["billed_gpu_hours"], 2, "2 GPUs × 1 started hour: {ended:#}");
+    c.wait_for("the pinned replica stopped", |s| {
+        s["deployments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "e2e/mine" && d["placements"] == serde_json::json!([]))
+    });
+    // The bill: the rental's 2 GPU-hours, as usage and as the statement, which add up.
+    let (status, _, usage) = http(&c.http, "GET", "/v1/usage?group_by=rental", &[("Authorization", AUTH)], "");
+    assert_eq!(status, 200, "{usage}");
+    let usage: Value = serde_json::from_str(&usage).unwrap();
+    let train = usage["groups"].as_array().unwrap().iter().find(|g| g["key"] == "train").cloned();
+    assert_eq!(train.as_ref().map(|t| t["gpu_hours"].clone()), Some(serde_json::json!(2)), "{usage:#}");
+    let (status, _, statement) = http(&c.http, "GET", "/v1/usage/statement", &[("Authorization", AUTH)], "");
+    assert_eq!(status, 200, "{statement}");
+    let statement: Value = serde_json::from_str(&statement).unwrap();
+    assert_eq!(statement["total"], usage["total"]["amount"], "{statement:#} {usage:#}");
+    // Another tenant cannot read this namespace's usage.
+    let (status, _, _) =
+        http(&c.http, "GET", "/v1/usage?namespace=e2e", &[("Authorization", "Bearer other-key-0123456789abcdef")], "");
+    assert_eq!(status, 403);
+}
