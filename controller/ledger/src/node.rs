@@ -169,6 +169,8 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     /// Snapshots this process made.
     pub snapshots_made: u64,
+    /// Snapshots this process received from a leader and installed.
+    pub snapshots_installed: u64,
     /// Proposals waiting for their entry to be applied.
     pub pending_proposals: usize,
 }
@@ -193,6 +195,7 @@ pub struct Node<S: LogStore> {
     events: Vec<Event>,
     snapshot_index: u64,
     snapshots_made: u64,
+    snapshots_installed: u64,
     was_leader: bool,
 }
 
@@ -247,6 +250,7 @@ impl<S: LogStore> Node<S> {
             events: Vec::new(),
             snapshot_index,
             snapshots_made: 0,
+            snapshots_installed: 0,
             was_leader: false,
         })
     }
@@ -365,6 +369,7 @@ impl<S: LogStore> Node<S> {
             log: (self.raw.store().first_index().unwrap_or(0), self.raw.store().last_index().unwrap_or(0)),
             snapshot_index: self.snapshot_index,
             snapshots_made: self.snapshots_made,
+            snapshots_installed: self.snapshots_installed,
             pending_proposals: self.pending.len(),
         }
     }
@@ -454,6 +459,7 @@ impl<S: LogStore> Node<S> {
         }
         self.state = state;
         self.snapshot_index = index;
+        self.snapshots_installed += 1;
         let covered: Vec<u64> = self.pending.range(..=index).map(|(i, _)| *i).collect();
         for i in covered {
             if let Some(p) = self.pending.remove(&i) {
