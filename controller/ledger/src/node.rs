@@ -51,6 +51,10 @@ pub struct NodeConfig {
     pub election_tick: usize,
     /// Ticks between a leader's heartbeats.
     pub heartbeat_tick: usize,
+    /// A fixed election timeout in ticks (at least `election_tick`) instead of raft's random one in
+    /// `election_tick..2 * election_tick`, which comes from a thread-local RNG: the simulator draws it from its
+    /// seed so that runs repeat exactly.
+    pub fixed_election_timeout: Option<usize>,
     /// Take a snapshot (and compact the log) after this many applied entries.
     pub snapshot_every: u64,
     /// Entries kept before a snapshot's index when compacting, so that a follower slightly behind catches up from
@@ -69,6 +73,7 @@ impl NodeConfig {
             id,
             election_tick: 10,
             heartbeat_tick: 3,
+            fixed_election_timeout: None,
             snapshot_every: 1000,
             compact_margin: 100,
             max_size_per_msg: 1 << 20,
@@ -226,7 +231,7 @@ impl<S: LogStore> Node<S> {
                 meta.index
             )));
         }
-        let raft_cfg = raft::Config {
+        let mut raft_cfg = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_tick,
             heartbeat_tick: cfg.heartbeat_tick,
@@ -237,6 +242,10 @@ impl<S: LogStore> Node<S> {
             pre_vote: true,
             ..raft::Config::default()
         };
+        if let Some(t) = cfg.fixed_election_timeout {
+            raft_cfg.min_election_tick = t.max(cfg.election_tick);
+            raft_cfg.max_election_tick = raft_cfg.min_election_tick + 1;
+        }
         let snapshot_index = meta.index;
         let raw = RawNode::new(&raft_cfg, store, logger)?;
         Ok(Node {
@@ -409,10 +418,10 @@ impl<S: LogStore> Node<S> {
         // 3. Messages that must follow the write.
         self.outbox.extend(ready.take_persisted_messages());
         for rs in ready.take_read_states() {
-            if let Ok(bytes) = <[u8; 8]>::try_from(&rs.request_ctx[..]) {
-                if let Some(slot) = self.reads.get_mut(&u64::from_le_bytes(bytes)) {
-                    *slot = Some(rs.index);
-                }
+            if let Ok(bytes) = <[u8; 8]>::try_from(&rs.request_ctx[..])
+                && let Some(slot) = self.reads.get_mut(&u64::from_le_bytes(bytes))
+            {
+                *slot = Some(rs.index);
             }
         }
         if crash == Some(CrashPoint::BeforeApply) {
@@ -502,8 +511,7 @@ impl<S: LogStore> Node<S> {
             return Ok(());
         }
         let stored = self.raw.store().stored_snapshot();
-        let mut snap = Snapshot::default();
-        snap.data = self.state.snapshot().into();
+        let mut snap = Snapshot { data: self.state.snapshot().into(), ..Snapshot::default() };
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = self.state.applied_term();

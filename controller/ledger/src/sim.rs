@@ -63,6 +63,17 @@ pub struct SimConfig {
     pub snapshot_every: u64,
     /// Entries kept before a snapshot when compacting.
     pub compact_margin: u64,
+    /// Bugs to inject, to check that the checker catches them.
+    pub bugs: Bugs,
+}
+
+/// Deliberate bugs, off by default: a run with one on should report violations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bugs {
+    /// Every replica's disk ignores fsync: a crash loses everything, votes and acknowledged entries included.
+    pub lying_fsync: bool,
+    /// Clients give a resent batch fresh record ids, as a client that makes ids at send time would.
+    pub fresh_ids_on_retry: bool,
 }
 
 impl SimConfig {
@@ -74,7 +85,7 @@ impl SimConfig {
             fault_steps: 600,
             heal_steps: 3000,
             clients: 3,
-            batches_per_client: 12,
+            batches_per_client: 20,
             records_per_batch: 4,
             drop: 100,
             duplicate: 50,
@@ -84,6 +95,7 @@ impl SimConfig {
             client_timeout: 40,
             snapshot_every: 16,
             compact_margin: 4,
+            bugs: Bugs::default(),
         }
     }
 }
@@ -178,8 +190,9 @@ struct Sim {
     logger: slog::Logger,
 }
 
-fn node_config(cfg: &SimConfig, id: u64) -> NodeConfig {
+fn node_config(cfg: &SimConfig, id: u64, rng: &mut Rng) -> NodeConfig {
     NodeConfig {
+        fixed_election_timeout: Some(10 + rng.below(10) as usize),
         snapshot_every: cfg.snapshot_every,
         compact_margin: cfg.compact_margin,
         max_size_per_msg: 16 * 1024,
@@ -191,7 +204,18 @@ fn node_config(cfg: &SimConfig, id: u64) -> NodeConfig {
 /// Runs one simulation; see the module docs.
 pub fn simulate(cfg: SimConfig) -> SimReport {
     let mut sim = Sim::new(cfg);
-    sim.run();
+    // raft-rs panics on some broken invariants (e.g. a commit index past a follower's log after lost writes):
+    // such a panic is a finding of this run, not the end of the test binary.
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sim.run()));
+    if let Err(panic) = run {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        sim.report.steps = sim.now;
+        sim.report.violations.push(format!("step {}: panic: {what}", sim.now));
+    }
     sim.report
 }
 
@@ -204,7 +228,8 @@ impl Sim {
             .iter()
             .map(|&id| {
                 let disk = MemStore::new_disk(&voters);
-                let node = Node::open(node_config(&cfg, id), MemStore::open(disk.clone()), &logger)
+                disk.lock().unwrap_or_else(|p| p.into_inner()).lies_about_sync = cfg.bugs.lying_fsync;
+                let node = Node::open(node_config(&cfg, id, &mut rng), MemStore::open(disk.clone()), &logger)
                     .unwrap_or_else(|e| panic!("a fresh replica opens: {e}"));
                 Replica { id, disk, node: Some(node), incarnation: 0, down_until: 0, crash_at: None }
             })
@@ -442,7 +467,7 @@ impl Sim {
     }
 
     fn restart(&mut self, i: usize) {
-        let cfg = node_config(&self.cfg, self.replicas[i].id);
+        let cfg = node_config(&self.cfg, self.replicas[i].id, &mut self.rng);
         let store = MemStore::open(self.replicas[i].disk.clone());
         match Node::open(cfg, store, &self.logger) {
             Ok(node) => {
@@ -472,7 +497,7 @@ impl Sim {
             {
                 self.clients[c].attempt = None;
                 self.clients[c].leader_hint = None;
-                self.report.retries += 1;
+                self.retry(c);
             }
             let client = &self.clients[c];
             if client.attempt.is_some() || client.next >= client.batches.len() {
@@ -544,11 +569,11 @@ impl Sim {
                         Ok(other) => self.violation(format!("unexpected outcome for an append: {other:?}")),
                         Err(crate::ProposalError::NotLeader { leader }) => {
                             self.clients[c].leader_hint = leader;
-                            self.report.retries += 1;
+                            self.retry(c);
                         }
                         Err(_) => {
                             self.clients[c].leader_hint = None;
-                            self.report.retries += 1;
+                            self.retry(c);
                         }
                     }
                 }
@@ -575,6 +600,29 @@ impl Sim {
                     self.report.reads_checked += 1;
                 }
             }
+        }
+    }
+
+    /// The client will send its current batch again: with the same ids, unless the fresh-ids bug is on.
+    fn retry(&mut self, c: usize) {
+        self.report.retries += 1;
+        if !self.cfg.bugs.fresh_ids_on_retry {
+            return;
+        }
+        let client = &mut self.clients[c];
+        let Some(batch) = client.batches.get_mut(client.next) else { return };
+        for r in batch.iter_mut() {
+            *r = UsageRecord::new(
+                &client.source,
+                &r.namespace,
+                r.subject.clone(),
+                r.kind,
+                &r.gpu_model,
+                r.quantity,
+                r.amount,
+                r.start_ms,
+                r.end_ms + 1,
+            );
         }
     }
 

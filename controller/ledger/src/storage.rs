@@ -152,6 +152,8 @@ pub struct MemDisk {
     synced: LogImage,
     /// Synced writes so far (the simulator's fsync count).
     pub syncs: u64,
+    /// A broken disk whose fsync does nothing (to check that the simulator notices lost writes).
+    pub lies_about_sync: bool,
 }
 
 impl MemDisk {
@@ -161,7 +163,9 @@ impl MemDisk {
     }
 
     fn sync(&mut self) {
-        self.synced = self.current.clone();
+        if !self.lies_about_sync {
+            self.synced = self.current.clone();
+        }
         self.syncs += 1;
     }
 }
@@ -177,7 +181,7 @@ impl MemStore {
     /// A fresh disk for a group with these voters.
     pub fn new_disk(voters: &[u64]) -> Arc<Mutex<MemDisk>> {
         let image = LogImage { snapshot: initial_snapshot(voters), ..LogImage::default() };
-        Arc::new(Mutex::new(MemDisk { current: image.clone(), synced: image, syncs: 0 }))
+        Arc::new(Mutex::new(MemDisk { current: image.clone(), synced: image, syncs: 0, lies_about_sync: false }))
     }
 
     /// A store on `disk`.
@@ -530,19 +534,11 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8; 16].into();
-        e
+        Entry { index, term, data: vec![index as u8; 16].into(), ..Entry::default() }
     }
 
     fn hs(term: u64, vote: u64, commit: u64) -> HardState {
-        let mut h = HardState::default();
-        h.term = term;
-        h.vote = vote;
-        h.commit = commit;
-        h
+        HardState { term, vote, commit, ..HardState::default() }
     }
 
     fn snapshot_at(index: u64, term: u64, data: &[u8]) -> Snapshot {
