@@ -10,6 +10,7 @@
 //!   ready handling in raft-rs's required order, snapshots and compaction.
 //! - [`local`] — [`local::LocalLedger`]: a one-replica group on disk behind the core's
 //!   [`Ledger`](kiln_core::billing::Ledger) trait, the drop-in replacement for `MemoryLedger`.
+//! - [`loopback`] — replicas wired together in one process, for tests and benchmarks on raft-engine.
 //! - [`sim`] — a deterministic, seeded simulator of 3 or 5 replicas with a faulty network and crashes at every step
 //!   of the loop, and the checker of the ledger's invariants.
 //!
@@ -18,6 +19,7 @@
 
 mod codec;
 pub mod local;
+pub mod loopback;
 pub mod node;
 pub mod sim;
 pub mod state;
