@@ -39,6 +39,9 @@ pub enum LedgerError {
     /// raft-engine failed to read or write.
     #[error("raft-engine: {0}")]
     Engine(#[from] raft_engine::Error),
+    /// The store's directory could not be created.
+    #[error("log directory: {0}")]
+    Io(#[from] std::io::Error),
     /// The store's contents break an invariant (an append outside the log, a snapshot above the commit index).
     #[error("log storage: {0}")]
     Storage(String),

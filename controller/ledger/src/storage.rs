@@ -339,6 +339,7 @@ impl EngineStore {
     /// Opens (or creates) the store in `dir`. A new store starts with the static membership `voters`; an existing
     /// one keeps what it stored (and `voters` is ignored).
     pub fn open(dir: &Path, voters: &[u64]) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
         let cfg = raft_engine::Config { dir: dir.to_string_lossy().into_owned(), ..raft_engine::Config::default() };
         let engine = Arc::new(Engine::open(cfg)?);
         let hard_state = engine.get_message::<HardState>(GROUP, KEY_HARD_STATE)?.unwrap_or_default();
