@@ -1,6 +1,8 @@
 //! Three replicas on raft-engine directories, in one process: replication, restart from disk, a replica that was
 //! down catching up from a snapshot, and compaction keeping the log bounded.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use std::path::Path;
 
 use kiln_core::billing::{Quantity, ServerlessPhase, Subject, UsageKind, UsageRecord};

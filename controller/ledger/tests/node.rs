@@ -1,6 +1,8 @@
 //! The driver loop's answers to callers, on in-memory stores: proposals at a follower, a superseded proposal,
 //! ReadIndex reads.
 
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
 use kiln_ledger::loopback::LoopbackGroup;
 use kiln_ledger::{Command, Event, MemStore, Node, NodeConfig, Outcome, ProposalError};
 
