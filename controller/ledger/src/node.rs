@@ -391,6 +391,19 @@ impl<S: LogStore> Node<S> {
     /// Runs the loop once, stopping at `crash` as a process killed there would (for the simulator). Messages
     /// queued before the stop are still in [`Node::take_messages`]: they were sent before the crash.
     pub fn handle_ready_until(&mut self, crash: Option<CrashPoint>) -> Result<Handled> {
+        self.run_ready(crash, None)
+    }
+
+    /// Runs the loop once, handing the messages that may go before the synced write to `send` as soon as they
+    /// exist (so that followers write in parallel with the leader), and the rest at the end. Nothing is left in
+    /// [`Node::take_messages`].
+    pub fn handle_ready_sending(&mut self, send: &mut dyn FnMut(Vec<Message>)) -> Result<Handled> {
+        let handled = self.run_ready(None, Some(&mut *send))?;
+        send(self.take_messages());
+        Ok(handled)
+    }
+
+    fn run_ready(&mut self, crash: Option<CrashPoint>, early: Option<&mut dyn FnMut(Vec<Message>)>) -> Result<Handled> {
         if !self.raw.has_ready() {
             return Ok(Handled::Idle);
         }
@@ -400,6 +413,11 @@ impl<S: LogStore> Node<S> {
         }
         // 1. Messages that may go before the write.
         self.outbox.extend(ready.take_messages());
+        if let Some(send) = early
+            && !self.outbox.is_empty()
+        {
+            send(std::mem::take(&mut self.outbox));
+        }
         if crash == Some(CrashPoint::BeforeSyncedWrite) {
             return Ok(Handled::Crashed);
         }
@@ -519,6 +537,7 @@ impl<S: LogStore> Node<S> {
         let store = self.raw.mut_store();
         store.save_snapshot(snap)?;
         store.compact((applied + 1).saturating_sub(self.cfg.compact_margin))?;
+        store.reclaim()?;
         self.snapshot_index = applied;
         self.snapshots_made += 1;
         Ok(())

@@ -60,6 +60,12 @@ pub trait LogStore: raft::Storage {
     /// which is harmless.
     fn compact(&mut self, to: u64) -> Result<()>;
 
+    /// Frees space that compaction made obsolete (raft-engine deletes whole log files nothing refers to). The
+    /// node calls it after each compaction.
+    fn reclaim(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// The stored snapshot (index 0 and no data before the first one is made).
     fn stored_snapshot(&self) -> Snapshot;
 
@@ -513,6 +519,10 @@ impl LogStore for EngineStore {
             self.engine.compact_to(GROUP, to);
         }
         Ok(())
+    }
+
+    fn reclaim(&mut self) -> Result<()> {
+        self.purge()
     }
 
     fn stored_snapshot(&self) -> Snapshot {
