@@ -7,7 +7,7 @@
 //! yields a byte-identical [`LedgerState::snapshot`] on every replica.
 //!
 //! # Semantics
-//! - Records are keyed by id with exactly the core's [`Ledger`](kiln_core::billing::Ledger) rules: an `Append`
+//! - Records are keyed by id with exactly the core's [`Ledger`] rules: an `Append`
 //!   batch is all or nothing; a record equal to the one stored under its id is [`Appended::Duplicate`], a different
 //!   one under the same id rejects the whole batch with [`BillingError::Conflict`]. The set of applied ids is the
 //!   record map itself, kept in the state and its snapshots for ever — never a time-limited cache — so a batch
