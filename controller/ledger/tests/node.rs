@@ -86,3 +86,33 @@ fn an_entry_replaced_by_a_new_leader_is_answered_superseded() {
     assert_eq!(back.state().value("kept"), Some(&b"v"[..]));
     assert_eq!(back.status().pending_proposals, 0, "nothing left hanging");
 }
+
+#[test]
+fn a_leader_sends_appends_before_its_own_synced_write() {
+    use raft::Storage;
+    use raft::eraftpb::MessageType;
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let disks: Vec<_> = (1..=3).map(|_| MemStore::new_disk(&[1, 2, 3])).collect();
+    let mut g = LoopbackGroup::new((1..=3u64).map(|id| {
+        let cfg = NodeConfig { fixed_election_timeout: Some(10 + id as usize * 3), ..NodeConfig::new(id) };
+        Node::open(cfg, MemStore::open(disks[id as usize - 1].clone()), &logger).unwrap()
+    }));
+    let leader = g.elect(100).unwrap();
+    g.pump(100).unwrap();
+    let disk = disks[leader as usize - 1].clone();
+    let node = g.nodes.get_mut(&leader).unwrap();
+    let before = MemStore::open(disk.clone()).last_index().unwrap();
+    node.propose(&put("x"));
+    // Each call of `send`: the message types, and the leader's durable last index at that moment.
+    let mut sent: Vec<(Vec<MessageType>, u64)> = Vec::new();
+    let mut record = |msgs: Vec<raft::eraftpb::Message>| {
+        let durable = MemStore::open(disk.clone()).last_index().unwrap();
+        sent.push((msgs.iter().map(|m| m.get_msg_type()).collect(), durable));
+    };
+    node.handle_ready_sending(&mut record).unwrap();
+    assert!(node.take_messages().is_empty(), "everything went through `send`");
+    let (first_types, durable_then) = &sent[0];
+    assert!(first_types.contains(&MessageType::MsgAppend), "appends go out first: {sent:?}");
+    assert_eq!(*durable_then, before, "... before the leader's own write");
+    assert_eq!(MemStore::open(disk).last_index().unwrap(), before + 1, "then the entry is durable");
+}
