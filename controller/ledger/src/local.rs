@@ -28,11 +28,12 @@ pub struct LocalLedger {
 
 impl LocalLedger {
     /// Opens (or creates) the ledger in `dir`; appends are numbered as batches of `source`, continuing after the
-    /// last number that source has in the ledger.
+    /// last number that source has in the ledger. `cfg` tunes snapshots (its id is ignored: the replica is 1).
     pub fn open(dir: &Path, source: &str, cfg: Option<NodeConfig>) -> Result<Self> {
         let store = EngineStore::open(dir, &[SELF_ID])?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        let mut node = Node::open(cfg.unwrap_or_else(|| NodeConfig::new(SELF_ID)), store, &logger)?;
+        let cfg = NodeConfig { id: SELF_ID, ..cfg.unwrap_or_else(|| NodeConfig::new(SELF_ID)) };
+        let mut node = Node::open(cfg, store, &logger)?;
         node.campaign()?;
         for _ in 0..16 {
             node.handle_ready()?;

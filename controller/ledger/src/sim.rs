@@ -9,6 +9,8 @@
 //! every client's batches are acknowledged and every replica has applied the same log. [`SimReport::violations`]
 //! lists every broken invariant:
 //! - every acknowledged record is in the converged state, exactly once, unchanged; nothing else is;
+//! - a batch carrying a record that conflicts with an acknowledged one (same id, other contents) is refused whole,
+//!   and nothing of it is stored;
 //! - the state's running totals and its `Ledger` totals equal the model's;
 //! - all replicas hold byte-identical snapshots of the state;
 //! - a restarted replica never has an applied index above its commit index;
@@ -57,6 +59,8 @@ pub struct SimConfig {
     pub crash: u32,
     /// Per step: a partition starts (when none is in force).
     pub partition: u32,
+    /// Per batch: a client adds a record conflicting with an acknowledged one (the batch must be refused whole).
+    pub conflict: u32,
     /// Steps a client waits for an answer before resending.
     pub client_timeout: u64,
     /// The replicas' snapshot threshold (entries).
@@ -92,6 +96,7 @@ impl SimConfig {
             max_delay: 4,
             crash: 8,
             partition: 10,
+            conflict: 50,
             client_timeout: 40,
             snapshot_every: 16,
             compact_margin: 4,
@@ -127,6 +132,8 @@ pub struct SimReport {
     pub snapshots_made: u64,
     /// Snapshots installed from a leader.
     pub snapshots_installed: u64,
+    /// Batches refused whole for a conflicting record, as they must be.
+    pub conflicts_refused: u64,
     /// ReadIndex reads answered and checked.
     pub reads_checked: u64,
     /// The converged applied index.
@@ -157,6 +164,10 @@ struct Client {
     next: usize,
     attempt: Option<Attempt>,
     leader_hint: Option<u64>,
+    /// A record conflicting with an acknowledged one (same id, another amount) sent with the current batch.
+    conflict: Option<UsageRecord>,
+    /// Whether the current batch was already considered for a conflict.
+    conflict_tried: bool,
 }
 
 struct PendingRead {
@@ -258,7 +269,15 @@ impl Sim {
                             .collect()
                     })
                     .collect();
-                Client { source, batches, next: 0, attempt: None, leader_hint: None }
+                Client {
+                    source,
+                    batches,
+                    next: 0,
+                    attempt: None,
+                    leader_hint: None,
+                    conflict: None,
+                    conflict_tried: false,
+                }
             })
             .collect();
         let report = SimReport { seed: cfg.seed, ..SimReport::default() };
@@ -503,6 +522,17 @@ impl Sim {
             if client.attempt.is_some() || client.next >= client.batches.len() {
                 continue;
             }
+            // Now and then, a batch carries a record that conflicts with an acknowledged one: the whole batch
+            // must be refused, and nothing of it stored.
+            if !client.conflict_tried && !self.acked.is_empty() {
+                self.clients[c].conflict_tried = true;
+                if self.chance(self.cfg.conflict) {
+                    let mut r = self.acked[self.rng.below(self.acked.len() as u64) as usize].clone();
+                    r.amount = Money::from_nanos(r.amount.nanos() + 1);
+                    self.clients[c].conflict = Some(r);
+                }
+            }
+            let client = &self.clients[c];
             let live: Vec<u64> = self.replicas.iter().filter(|r| r.node.is_some()).map(|r| r.id).collect();
             if live.is_empty() {
                 continue;
@@ -514,7 +544,7 @@ impl Sim {
             let cmd = Command::Append {
                 source: client.source.clone(),
                 seq: client.next as u64 + 1,
-                records: client.batches[client.next].clone(),
+                records: client.batches[client.next].iter().chain(client.conflict.as_ref()).cloned().collect(),
             };
             let ti = self.index_of(target);
             let incarnation = self.replicas[ti].incarnation;
@@ -547,6 +577,17 @@ impl Sim {
                     };
                     self.clients[c].attempt = None;
                     match result {
+                        Ok(Outcome::Appended { .. }) if self.clients[c].conflict.is_some() => {
+                            self.violation("a batch with a conflicting record was accepted".to_string());
+                        }
+                        Ok(Outcome::Rejected { error, .. }) => {
+                            if self.clients[c].conflict.take().is_none()
+                                || !matches!(error, kiln_core::billing::BillingError::Conflict { .. })
+                            {
+                                self.violation(format!("a batch was refused: {error}"));
+                            }
+                            self.report.conflicts_refused += 1;
+                        }
                         Ok(Outcome::Appended { results, .. }) => {
                             let batch = self.clients[c].batches[self.clients[c].next].clone();
                             if results.len() != batch.len() {
@@ -563,6 +604,7 @@ impl Sim {
                                 self.acked.push(r);
                             }
                             self.clients[c].next += 1;
+                            self.clients[c].conflict_tried = false;
                             self.clients[c].leader_hint = Some(replica);
                             self.report.acked_batches += 1;
                         }

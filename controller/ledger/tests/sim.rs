@@ -37,6 +37,7 @@ fn assert_faults_happened(reports: &[SimReport]) {
     assert!(sum(reports, |r| r.snapshots_made) > 0);
     assert!(sum(reports, |r| r.snapshots_installed) > 0, "some replica caught up from a snapshot");
     assert!(sum(reports, |r| r.reads_checked) > 0);
+    assert!(sum(reports, |r| r.conflicts_refused) > 0, "conflicting batches were sent and refused");
     let cfg = SimConfig::new(0, 3);
     let expected = (cfg.clients * cfg.batches_per_client * cfg.records_per_batch) as u64;
     assert!(reports.iter().all(|r| r.acked_records == expected), "every batch was acknowledged in every run");
@@ -77,17 +78,17 @@ fn injected_bugs_are_caught() {
 #[test]
 fn three_replicas_hundreds_of_seeds() {
     let t = Instant::now();
-    let reports = run_seeds(0..200, 3);
+    let reports = run_seeds(0..160, 3);
     assert_faults_happened(&reports);
-    eprintln!("3 replicas: 200 seeds in {:?}", t.elapsed());
+    eprintln!("3 replicas: 160 seeds in {:?}", t.elapsed());
 }
 
 #[test]
 fn five_replicas_hundreds_of_seeds() {
     let t = Instant::now();
-    let reports = run_seeds(1000..1100, 5);
+    let reports = run_seeds(1000..1090, 5);
     assert_faults_happened(&reports);
-    eprintln!("5 replicas: 100 seeds in {:?}", t.elapsed());
+    eprintln!("5 replicas: 90 seeds in {:?}", t.elapsed());
 }
 
 #[test]
