@@ -14,6 +14,22 @@
 //! - [`sim`] — a deterministic, seeded simulator of 3 or 5 replicas with a faulty network and crashes at every step
 //!   of the loop, and the checker of the ledger's invariants.
 //!
+//! # Using it in place of `MemoryLedger`
+//! ```
+//! use kiln_core::billing::{Appended, Ledger, Quantity, Query, ServerlessPhase, Subject, UsageKind, UsageRecord};
+//! use kiln_core::money::Money;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let mut ledger = kiln_ledger::LocalLedger::open(dir.path(), "meter", None).unwrap();
+//! let record = UsageRecord::new(
+//!     "meter", "team-a", Subject::Deployment("llama".into()), UsageKind::Serverless(ServerlessPhase::Busy),
+//!     "H100", Quantity::MicroGpuSeconds(1_000_000), Money::from_nanos(2_500_000), 0, 1_000,
+//! );
+//! assert_eq!(ledger.append(record.clone()).unwrap(), Appended::New); // committed and synced on return
+//! assert_eq!(ledger.append(record).unwrap(), Appended::Duplicate); // a retry counts once
+//! assert_eq!(ledger.total(&Query::namespace("team-a")).unwrap().amount, Money::from_nanos(2_500_000));
+//! ```
+//!
 //! What it must not touch: Kubernetes, HTTP, an async runtime or a real clock; the transport between replicas is
 //! the caller's (a later stage adds gRPC).
 
