@@ -309,46 +309,47 @@ impl LedgerState {
             }
             Command::Append { source, seq, records } => {
                 let seq = self.sources.entry(source).or_default().observe(seq);
-                if let Err(error) = self.check_batch(&records) {
-                    return Outcome::Rejected { error, seq };
-                }
-                let mut results = Vec::with_capacity(records.len());
+                let results = match self.check_batch(&records) {
+                    Ok(results) => results,
+                    Err(error) => return Outcome::Rejected { error, seq },
+                };
                 // Totals of the keys this batch touches, committed only if every addition succeeds.
                 let mut totals: BTreeMap<TotalsKey, Totals> = BTreeMap::new();
-                let mut added = std::collections::BTreeSet::new();
-                for r in &records {
-                    if self.records.contains_key(&r.id) || !added.insert(&r.id) {
-                        results.push(Appended::Duplicate);
-                        continue;
-                    }
+                for (r, _) in records.iter().zip(&results).filter(|(_, a)| **a == Appended::New) {
                     let key = TotalsKey::of(r);
                     let current = self.totals.get(&key).copied().unwrap_or_default();
                     if let Err(error) = totals.entry(key).or_insert(current).add(r) {
                         return Outcome::Rejected { error, seq };
                     }
-                    results.push(Appended::New);
                 }
                 self.totals.extend(totals);
-                for r in records {
-                    self.records.entry(r.id.clone()).or_insert(r);
+                for (r, _) in records.into_iter().zip(&results).filter(|(_, a)| **a == Appended::New) {
+                    self.records.insert(r.id.clone(), r);
                 }
                 Outcome::Appended { results, seq }
             }
         }
     }
 
-    /// The core's `append_all` checks: every record well formed, none conflicting with a stored record or with
-    /// another record of the batch.
-    fn check_batch(&self, records: &[UsageRecord]) -> std::result::Result<(), BillingError> {
+    /// The core's `append_all` checks — every record well formed, none conflicting with a stored record or with
+    /// another record of the batch — and each record's answer: new, or an equal copy of one stored or earlier in
+    /// the batch.
+    fn check_batch(&self, records: &[UsageRecord]) -> std::result::Result<Vec<Appended>, BillingError> {
         let mut batch: BTreeMap<&RecordId, &UsageRecord> = BTreeMap::new();
+        let mut results = Vec::with_capacity(records.len());
         for r in records {
             r.validate()?;
-            let earlier = batch.insert(&r.id, r).or_else(|| self.records.get(&r.id));
-            if earlier.is_some_and(|e| e != r) {
-                return Err(BillingError::Conflict { id: r.id.to_string() });
+            let earlier = match batch.insert(&r.id, r) {
+                Some(e) => Some(e),
+                None => self.records.get(&r.id),
+            };
+            match earlier {
+                Some(e) if e != r => return Err(BillingError::Conflict { id: r.id.to_string() }),
+                Some(_) => results.push(Appended::Duplicate),
+                None => results.push(Appended::New),
             }
         }
-        Ok(())
+        Ok(results)
     }
 
     /// The deterministic serialization of the whole state (the snapshot's data).
