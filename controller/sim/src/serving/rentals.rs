@@ -83,7 +83,7 @@ pub struct RentalPlan {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum RentalPlanError {
     /// A rental's spec is invalid for the fleet (zero GPUs, unknown model, too long, ...).
-    #[error("rental {index} ({namespace}/{name}): {source}")]
+    #[error("rental {index} ({namespace}/{name}): {error}")]
     Spec {
         /// Position in the calendar, from 1.
         index: usize,
@@ -92,7 +92,7 @@ pub enum RentalPlanError {
         /// Name.
         name: String,
         /// Why.
-        source: RentalSpecError,
+        error: RentalSpecError,
     },
     /// Created before the trace starts, or cancelled before it is created.
     #[error("rental {index} ({namespace}/{name}): {why}")]
@@ -150,12 +150,12 @@ impl RentalPlan {
             {
                 return Err(times(format!("cancelled at {c} s, before it is created at {created_at_s} s")));
             }
-            rental::validate(&spec, start_epoch_s + created_at_s, &config, &core_fleet).map_err(|source| {
+            rental::validate(&spec, start_epoch_s + created_at_s, &config, &core_fleet).map_err(|error| {
                 RentalPlanError::Spec {
                     index: i + 1,
                     namespace: spec.namespace.clone(),
                     name: spec.name.clone(),
-                    source,
+                    error,
                 }
             })?;
             let id = (spec.namespace.clone(), spec.name.clone());
