@@ -397,7 +397,8 @@ fn print_rentals(results: &[(String, Outcome, f64)]) {
             by.into_iter().map(|(p, n)| format!("{n} {p}")).collect()
         };
         println!(
-            "{name}: rentals {}; lent {:.1} GPU-h earned owners ${}; {} requests in flight on stopped replicas;              cold starts after fences {}, after reclaims {}",
+            "{name}: rentals {}; lent {:.1} GPU-h earned owners ${}; {} requests in flight on stopped replicas; cold \
+             starts after fences {}, after reclaims {}",
             phases.join(", "),
             r.lent_gpu_s / 3600.0,
             r.revenue.lending_credits.checked_neg().unwrap_or(Money::ZERO).round_dp(2),
