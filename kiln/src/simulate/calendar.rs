@@ -255,7 +255,8 @@ mod tests {
         );
         assert_eq!(
             error(&format!(
-                "{ONE}, start: 1h, hours: 3}}\n- {{namespace: a, name: r, gpuModel: h100-80gb, count: 1, start: 2h, hours: 1}}"
+                "{ONE}, start: 1h, hours: 3}}\n\
+                 - {{namespace: a, name: r, gpuModel: h100-80gb, count: 1, start: 2h, hours: 1}}"
             )),
             "rental a/r overlaps another rental of the same name"
         );
