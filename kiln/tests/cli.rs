@@ -253,6 +253,73 @@ fn simulate_serving_is_deterministic_and_names_bad_trace_rows() {
 }
 
 #[test]
+fn simulate_serving_with_rentals_reports_revenue_fences_and_lending() {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-rentals-{}", std::process::id()));
+    let traces = dir.join("servegen");
+    fs::create_dir_all(&traces).unwrap();
+    // One busy client for six hours on two one-GPU nodes.
+    let rows: String = (0..36).map(|w| format!("{},0.2,2.0,Gamma,0.25,1.0\n", w * 600)).collect();
+    fs::write(traces.join("chunk-0-trace.csv"), rows).unwrap();
+    // A GPU rented at once for 3 h, lent as the calendar says, and one fenced at 50 min for 4 h from 1 h (the
+    // trace starts at 2026-01-01T00:00:00Z by default).
+    let calendar = dir.join("calendar.yaml");
+    fs::write(
+        &calendar,
+        "rentals:\n\
+         - {namespace: t, name: lender, gpuModel: h100-80gb, count: 1, hours: 3, lendWhenIdle: true}\n\
+         - {namespace: t, name: fenced, gpuModel: h100-80gb, count: 1, start: 2026-01-01T01:00:00Z, hours: 4}\n",
+    )
+    .unwrap();
+    let run = |lending: &str| {
+        let json = dir.join(format!("{lending}.json"));
+        let out = kiln(&[
+            "simulate",
+            "serving",
+            "--servegen",
+            traces.to_str().unwrap(),
+            "--fleet",
+            "h100-80gb:1x2",
+            "--model-sizes",
+            "16",
+            "--days",
+            "0.25",
+            "--keep-alive",
+            "fixed:600s",
+            "--rentals",
+            calendar.to_str().unwrap(),
+            "--rental-usd-per-gpu-hour",
+            "3.10",
+            "--lending",
+            lending,
+            "--json",
+            json.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(stdout.contains("rental $") && stdout.contains("cold starts after fences"), "{stdout}");
+        let json: serde_json::Value = serde_json::from_slice(&fs::read(json).unwrap()).unwrap();
+        json["policies"][0]["rentals"].clone()
+    };
+    let on = run("calendar");
+    // 3 GPU-hours lent + 4 fenced, exactly, at $3.10.
+    assert_eq!(on["revenue"]["rental_hours"], "21.70", "{on}");
+    assert_eq!(on["stops"]["fenced"], 1, "{on}");
+    assert!(on["lending_earned"] != "0.00", "{on}");
+    assert_eq!(on["rentals"][0]["key"], "t/lender");
+    let off = run("off");
+    assert_eq!(off["revenue"]["rental_hours"], "21.70");
+    assert_eq!((off["lending_earned"].as_str(), off["gpu_seconds"]["lent"].as_f64()), (Some("0.00"), Some(0.0)));
+    // A bad calendar is refused whole, naming the rental.
+    fs::write(&calendar, "rentals:\n- {namespace: t, name: x, gpuModel: a100, count: 1, hours: 1}\n").unwrap();
+    let out =
+        kiln(&["simulate", "serving", "--servegen", traces.to_str().unwrap(), "--rentals", calendar.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("rental 1 (t/x): no GPU of model \"a100\" in the fleet"), "{stderr}");
+    fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn apply_puts_only_valid_manifests_into_the_watched_directory() {
     let dir = std::env::temp_dir().join(format!("kiln-cli-apply-{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);

@@ -52,7 +52,7 @@ use kiln_core::{
         coldstart::{ColdStartModel, Tier},
         keepalive::{Costs, Policy as KeepAlivePolicy},
     },
-    control::{self, Action, Cached, Control, NodeInfo, Prices, Route},
+    control::{self, Action, Cached, Control, NodeInfo, Prices, Route, StopReason},
     placement::{CacheTier, GpuDemand, MILLI_PER_GPU, NodeSpec, Policy},
     rng::Rng,
 };
@@ -61,6 +61,10 @@ use crate::{
     arrivals::Arrivals,
     traces::{TraceRequest, Window},
 };
+
+pub mod rentals;
+
+pub use rentals::{PlannedRental, RentalLine, RentalOutcome, RentalPlan, RentalPlanError, Revenue};
 
 const GB: f64 = 1e9;
 const MIB: u64 = 1024 * 1024;
@@ -187,6 +191,9 @@ pub struct SimConfig {
     pub idle_gpu_copies: bool,
     /// How often the control loop reconciles without an event, seconds (the controller runtime's tick).
     pub reconcile_every_s: f64,
+    /// Rentals replayed beside the trace, with the prices that bill them ([`rentals`]); `None`: no rentals and no
+    /// metering.
+    pub rentals: Option<RentalPlan>,
 }
 
 impl Default for SimConfig {
@@ -206,6 +213,7 @@ impl Default for SimConfig {
             sample_every_s: 600.0,
             idle_gpu_copies: true,
             reconcile_every_s: 0.5,
+            rentals: None,
         }
     }
 }
@@ -284,6 +292,8 @@ pub struct Outcome {
     pub events: u64,
     /// Mean lifetime of an idle copy in GPU memory before eviction, as measured in the run, seconds.
     pub copy_lifetime_s: f64,
+    /// Rentals, revenue and utilisation, when the run had rentals ([`SimConfig::rentals`]).
+    pub rentals: Option<RentalOutcome>,
 }
 
 /// One deployment's share of an [`Outcome`].
@@ -444,11 +454,29 @@ pub fn modelled_timers(gaps: &[Vec<f64>], costs: &[Costs]) -> Vec<f64> {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
-    Arrival { dep: u32 },
-    Ready { replica: u32, epoch: u32 },
-    Done { replica: u32, epoch: u32, arrived: f64 },
+    Arrival {
+        dep: u32,
+    },
+    Ready {
+        replica: u32,
+        epoch: u32,
+    },
+    Done {
+        replica: u32,
+        epoch: u32,
+        dep: u32,
+        arrived: f64,
+    },
     Tick,
     Sample,
+    /// A rental of the plan is created (index in [`RentalPlan::rentals`]).
+    RentalCreated {
+        rental: u32,
+    },
+    /// A rental of the plan is cancelled.
+    RentalCancelled {
+        rental: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -654,6 +682,8 @@ struct Sim<'a> {
     /// Idle copies' observed lifetimes: seconds observed, and how many were evicted (the rest were reused).
     copy_seconds: f64,
     copy_evictions: u64,
+    /// Rentals and metering, when the plan has them.
+    rentals: Option<rentals::RentalSim>,
 }
 
 /// Prior for the idle-copy lifetime estimate: one eviction per this many copy-seconds before any is seen.
@@ -767,7 +797,19 @@ pub fn simulate(
         cold_in_sample: 0,
         copy_seconds: 0.0,
         copy_evictions: 0,
+        rentals: None,
     };
+    if let Some(plan) = &config.rentals {
+        sim.rentals = Some(rentals::RentalSim::new(plan, deployments.len()));
+        for i in 0..plan.rentals.len() {
+            let r = &plan.rentals[i];
+            let cancel_at = r.cancel_at_s;
+            sim.push(r.created_at_s.max(0.0), Kind::RentalCreated { rental: i as u32 });
+            if let Some(t) = cancel_at {
+                sim.push(t.max(0.0), Kind::RentalCancelled { rental: i as u32 });
+            }
+        }
+    }
     let lifetime = sim.copy_lifetime();
     sim.control.set_idle_copy_lifetime(lifetime);
     for dep in 0..sim.deps.len() as u32 {
@@ -788,6 +830,9 @@ pub fn simulate(
         sim.handle(event.t, event.kind);
     }
     sim.finish();
+    if sim.rentals.is_some() {
+        sim.finish_rentals();
+    }
     progress(1.0);
     sim.out
 }
@@ -821,15 +866,23 @@ impl Sim<'_> {
                     self.ready(now, replica);
                 }
             }
-            Kind::Done { replica, epoch, arrived } => self.done(now, replica, epoch, arrived),
+            Kind::Done { replica, epoch, dep, arrived } => self.done(now, replica, epoch, dep, arrived),
             Kind::Tick => {
+                if self.rentals.is_some() {
+                    self.step_rentals(now);
+                }
                 self.reconcile(now);
+                if self.rentals.is_some() {
+                    self.meter_if_due(now);
+                }
                 let next = now + self.config.reconcile_every_s.max(1e-3);
                 if next <= self.end_s {
                     self.push(next, Kind::Tick);
                 }
             }
             Kind::Sample => self.sample(now),
+            Kind::RentalCreated { rental } => self.rental_created(now, rental),
+            Kind::RentalCancelled { rental } => self.rental_cancelled(now, rental),
         }
     }
 
@@ -840,7 +893,7 @@ impl Sim<'_> {
                 Action::Start { replica, deployment, node, gpus, milli_per_gpu, .. } => {
                     self.start_replica(now, replica, &deployment, &node, &gpus, milli_per_gpu);
                 }
-                Action::Stop { replica, .. } => self.stop(now, &replica),
+                Action::Stop { replica, reason, .. } => self.stop(now, &replica, reason),
             }
         }
         for dep in 0..self.deps.len() {
@@ -892,6 +945,9 @@ impl Sim<'_> {
             } else {
                 self.out.cold_starts += 1;
                 self.out.per_deployment[dep as usize].cold_starts += 1;
+                if let Some(r) = &mut self.rentals {
+                    r.cold_start(dep);
+                }
                 self.cold_in_sample += 1;
             }
         }
@@ -917,7 +973,7 @@ impl Sim<'_> {
         let d = &mut self.deps[dep as usize];
         d.in_flight += 1;
         let t = now + service_s(d.bytes, gpus, w.context, w.generated);
-        self.push(t, Kind::Done { replica, epoch, arrived: w.arrived });
+        self.push(t, Kind::Done { replica, epoch, dep, arrived: w.arrived });
     }
 
     /// Carries out `Action::Start`: the agent loads the weights from the best tier on the node.
@@ -1049,6 +1105,9 @@ impl Sim<'_> {
         self.account(now, replica);
         self.replicas[replica as usize].state = State::Ready;
         let dep = self.replicas[replica as usize].dep;
+        if let Some(r) = &mut self.rentals {
+            r.replica_ready(dep);
+        }
         let id = self.replicas[replica as usize].id.clone();
         self.control.replica_ready(&id, now);
         self.drain_queue(now, dep);
@@ -1066,9 +1125,21 @@ impl Sim<'_> {
         }
     }
 
-    fn done(&mut self, now: f64, replica: u32, epoch: u32, arrived: f64) {
-        debug_assert_eq!(self.replicas[replica as usize].epoch, epoch, "a replica with work is never stopped");
+    fn done(&mut self, now: f64, replica: u32, epoch: u32, dep: u32, arrived: f64) {
         self.latencies.record((now - arrived) * 1000.0);
+        if self.replicas[replica as usize].epoch != epoch {
+            // A replica a rental took away (fenced or reclaimed) finishes what it had in flight in its grace.
+            debug_assert!(self.rentals.is_some(), "without rentals a replica with work is never stopped");
+            self.deps[dep as usize].in_flight -= 1;
+            // `Control` forgot the replica; the deployment's count of requests in flight goes down.
+            self.control.finish(&self.deps[dep as usize].key, "", now);
+            self.drain_queue(now, dep);
+            let d = &mut self.deps[dep as usize];
+            if d.idle() {
+                d.idle_since = Some(now);
+            }
+            return;
+        }
         self.account(now, replica);
         let dep = self.replicas[replica as usize].dep;
         self.replicas[replica as usize].in_flight -= 1;
@@ -1093,21 +1164,28 @@ impl Sim<'_> {
     }
 
     /// Carries out `Action::Stop`: a ready replica leaves its weights in GPU memory as an idle, evictable copy.
-    fn stop(&mut self, now: f64, id: &str) {
+    /// A replica a rental takes away (fenced, reclaimed) may have requests in flight: they finish in its grace
+    /// ([`Sim::done`]), its GPU share is free at once (as in `Control`'s books), and it leaves no copy behind.
+    fn stop(&mut self, now: f64, id: &str, reason: StopReason) {
         let Some(replica) = self.by_id.remove(id) else {
             unreachable!("Control stopped replica {id}, which the simulator never started");
         };
         self.account(now, replica);
+        let by_rental = matches!(reason, StopReason::Fenced | StopReason::Reclaimed | StopReason::RentalEnded);
         let r = &mut self.replicas[replica as usize];
-        debug_assert_eq!(r.in_flight, 0, "Control stops idle replicas only");
+        debug_assert!(by_rental || r.in_flight == 0, "Control stops idle replicas only");
         let was_ready = r.state == State::Ready;
         r.state = State::Stopped;
         r.epoch += 1;
+        let in_flight = std::mem::take(&mut r.in_flight);
         let (dep, node, mask, milli) = (r.dep, r.node, r.gpus_mask, r.milli);
         for g in (0..usize::from(self.fleet.gpus_per_node)).filter(|g| mask & (1 << g) != 0) {
             self.gpu_used[node][g] -= u32::from(milli);
         }
-        if self.config.idle_gpu_copies && was_ready {
+        if by_rental {
+            self.rental_stop(dep, reason, in_flight);
+        }
+        if self.config.idle_gpu_copies && was_ready && !by_rental {
             let bytes = self.deps[dep as usize].bytes;
             self.gpu_copies[node].push(IdleCopy { dep, gpus: mask, milli, bytes, since: now });
         }

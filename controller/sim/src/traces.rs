@@ -148,7 +148,7 @@ pub fn parse_azure(file: &str, text: &str) -> Result<Vec<TraceRequest>, TraceErr
 }
 
 /// Seconds since 1970 of `YYYY-MM-DD HH:MM:SS[.frac]` (UTC, proleptic Gregorian; years 0 to 9999).
-fn parse_timestamp(s: &str) -> Option<f64> {
+pub fn parse_timestamp(s: &str) -> Option<f64> {
     let (date, time) = s.split_once(' ')?;
     let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
     let (y, m, day) = (d.next()??, d.next()??, d.next()??);

@@ -3,6 +3,7 @@
 //! `report` rendering its HTML page. This module reads the files, prints and writes the results; the simulations
 //! themselves are pure functions of `kiln-sim`.
 
+pub mod calendar;
 pub mod placement;
 pub mod report;
 pub mod serving;

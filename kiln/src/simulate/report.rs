@@ -548,6 +548,7 @@ mod tests {
             per_deployment: Vec::new(),
             events: requests * 2,
             copy_lifetime_s: 0.0,
+            rentals: None,
         }
     }
 

@@ -9,14 +9,22 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use kiln_core::{autoscale::keepalive::Policy as KeepAlivePolicy, placement::Policy};
+use kiln_core::{
+    autoscale::keepalive::Policy as KeepAlivePolicy,
+    billing::{GpuPrice, PriceTable},
+    money::Money,
+    placement::Policy,
+};
 use kiln_sim::{
-    serving::{DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, hindsight_oracle, simulate},
+    serving::{
+        DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, RentalOutcome, RentalPlan, SimConfig, Source,
+        hindsight_oracle, simulate,
+    },
     traces,
 };
 use serde_json::{Value, json};
 
-use super::report;
+use super::{calendar, report};
 
 /// Options of `kiln simulate serving`.
 #[derive(Debug, clap::Args)]
@@ -70,6 +78,23 @@ pub struct ServingArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// A rental calendar (YAML, see `examples/rentals/calendar-2d.yaml`) replayed beside the trace through the
+    /// controller's rental and billing code; the report adds revenue, utilisation and the cold starts fences cost.
+    #[arg(long)]
+    pub rentals: Option<PathBuf>,
+    /// With --rentals: the rental price per GPU-hour, dollars (billed per started hour). The serverless price per
+    /// GPU-second is --gpu-usd-per-hour / 3600.
+    #[arg(long, default_value = "2.00")]
+    pub rental_usd_per_gpu_hour: String,
+    /// With --rentals: the share of the serverless price a rental's owner is credited for lent GPU-seconds.
+    #[arg(long, default_value = "0.5")]
+    pub lending_share: String,
+    /// With --rentals: lend idle rented GPUs to serverless work: off, on (every rental), or as the calendar says.
+    #[arg(long, value_enum, default_value = "calendar")]
+    pub lending: calendar::Lending,
+    /// With --rentals: the wall-clock time of the trace's start (RFC 3339), for the calendar's absolute times.
+    #[arg(long, default_value = "2026-01-01T00:00:00Z")]
+    pub trace_start: String,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +201,9 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
         ..SimConfig::default()
     };
     config.scaling.target_concurrency = (0.7 * f64::from(args.concurrency)).max(1.0);
+    if let Some(path) = &args.rentals {
+        config.rentals = Some(rental_plan(args, path, &fleet)?);
+    }
     // What the traces hold: simulating past it adds only idle time, so say so.
     let span_days = deployments.iter().map(|d| d.source.span_s()).fold(0.0, f64::max) / 86_400.0;
     let covered = if args.days > span_days * 1.01 {
@@ -214,6 +242,9 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
     }
 
     print_table(&results);
+    if config.rentals.is_some() {
+        print_rentals(&results);
+    }
     let settings = vec![
         format!("traces: {} deployments", deployments.len()),
         format!("fleet {} ({} GPUs), placement {}", args.fleet, fleet.gpus(), args.placement),
@@ -226,6 +257,18 @@ pub fn serving(args: &ServingArgs) -> Result<()> {
             args.gpu_usd_per_hour, args.wait_usd_per_s, args.concurrency
         ),
     ];
+    let mut settings = settings;
+    if let (Some(path), Some(plan)) = (&args.rentals, &config.rentals) {
+        settings.push(format!(
+            "rentals {} ({} rentals, lending {:?}), trace start {}, ${}/GPU-hour rented, lending share {}",
+            path.display(),
+            plan.rentals.len(),
+            args.lending,
+            args.trace_start,
+            args.rental_usd_per_gpu_hour,
+            args.lending_share
+        ));
+    }
     if let Some(path) = &args.json {
         let names: Vec<&str> = deployments.iter().map(|d| d.name.as_str()).collect();
         let json = to_json(&results, &names, &settings);
@@ -287,6 +330,141 @@ fn print_table(results: &[(String, Outcome, f64)]) {
     }
 }
 
+/// The plan of `--rentals`: the calendar, checked against the fleet, with the prices of the flags.
+fn rental_plan(args: &ServingArgs, path: &Path, fleet: &FleetSpec) -> Result<RentalPlan> {
+    let start = calendar::parse_rfc3339(&args.trace_start)
+        .ok_or_else(|| anyhow::anyhow!("--trace-start {:?} is not an RFC 3339 time", args.trace_start))?;
+    if !(args.gpu_usd_per_hour.is_finite() && args.gpu_usd_per_hour >= 0.0) {
+        bail!("--gpu-usd-per-hour must not be negative");
+    }
+    let per_hour = Money::parse(&args.gpu_usd_per_hour.to_string()).context("--gpu-usd-per-hour")?;
+    let per_second = per_hour.mul_div(1, 3600).context("--gpu-usd-per-hour")?;
+    let price =
+        GpuPrice::parse(&fleet.gpu_model, &per_second.to_string(), &args.rental_usd_per_gpu_hour, &args.lending_share)
+            .context("prices")?;
+    let prices = PriceTable::new("USD").with(fleet.gpu_model.clone(), price);
+    calendar::load(path, fleet, start, prices, args.lending)
+}
+
+fn print_rentals(results: &[(String, Outcome, f64)]) {
+    println!();
+    println!(
+        "{:<13} {:>11} {:>10} {:>10} {:>10} {:>10} {:>11} {:>7} {:>8} {:>7} {:>7} {:>9} {:>11} {:>10}",
+        "rentals",
+        "serverless$",
+        "(busy)",
+        "(idle)",
+        "(loading)",
+        "rental $",
+        "lending $",
+        "total $",
+        "busy%",
+        "rented%",
+        "paid%",
+        "fenced",
+        "reclaimed",
+        "cold after"
+    );
+    for (name, o, _) in results {
+        let Some(r) = &o.rentals else { continue };
+        let v = &r.revenue;
+        let usd = |m: Money| m.round_dp(2).to_string();
+        println!(
+            "{:<13} {:>11} {:>10} {:>10} {:>10} {:>10} {:>11} {:>7} {:>8.2} {:>7.2} {:>7.2} {:>9} {:>11} {:>10}",
+            name,
+            usd(v.serverless),
+            usd(v.serverless_busy),
+            usd(v.serverless_idle_warm),
+            usd(v.serverless_loading),
+            usd(v.rental_hours),
+            usd(v.lending_credits),
+            usd(v.total),
+            100.0 * r.busy_utilisation(),
+            100.0 * r.rented_share(),
+            100.0 * r.paid_share(),
+            r.fenced_stops,
+            r.reclaimed_stops,
+            r.cold_starts_after_fence + r.cold_starts_after_reclaim
+        );
+    }
+    for (name, o, _) in results {
+        let Some(r) = &o.rentals else { continue };
+        let phases: Vec<String> = {
+            let mut by: std::collections::BTreeMap<&str, u32> = std::collections::BTreeMap::new();
+            for line in &r.rentals {
+                *by.entry(line.phase.as_str()).or_default() += 1;
+            }
+            by.into_iter().map(|(p, n)| format!("{n} {p}")).collect()
+        };
+        println!(
+            "{name}: rentals {}; lent {:.1} GPU-h earned owners ${}; {} requests in flight on stopped replicas; cold \
+             starts after fences {}, after reclaims {}",
+            phases.join(", "),
+            r.lent_gpu_s / 3600.0,
+            r.revenue.lending_credits.checked_neg().unwrap_or(Money::ZERO).round_dp(2),
+            r.in_flight_at_stops,
+            r.cold_starts_after_fence,
+            r.cold_starts_after_reclaim
+        );
+        if let Some(e) = &r.billing_error {
+            eprintln!("warning: {name}: billing failed: {e}");
+        }
+    }
+}
+
+/// The `rentals` object of a policy in the JSON report: amounts as exact decimal strings in `currency`.
+fn rentals_json(r: &RentalOutcome) -> Value {
+    let m = |m: Money| Value::String(m.to_string());
+    let v = &r.revenue;
+    let lines: Vec<Value> = r
+        .rentals
+        .iter()
+        .map(|l| {
+            json!({
+                "key": l.key,
+                "gpus": l.gpus,
+                "lend_when_idle": l.lend_when_idle,
+                "phase": l.phase,
+                "reason": l.reason,
+                "delivered_s": l.delivered_s,
+                "billed_gpu_hours": l.billed_gpu_hours,
+                "billed": m(l.billed),
+                "lent_gpu_s": l.lent_gpu_s,
+                "lending_earned": m(l.lending_earned),
+            })
+        })
+        .collect();
+    let s = r.serverless_gpu_s;
+    json!({
+        "currency": r.currency,
+        "revenue": {
+            "serverless": {
+                "loading": m(v.serverless_loading),
+                "busy": m(v.serverless_busy),
+                "idle_warm": m(v.serverless_idle_warm),
+                "total": m(v.serverless),
+            },
+            "rental_hours": m(v.rental_hours),
+            "lending_credits": m(v.lending_credits),
+            "failure_credits": m(v.failure_credits),
+            "total": m(v.total),
+        },
+        "gpu_seconds": {
+            "fleet": r.fleet_gpu_s,
+            "serverless": {"busy": s.busy, "idle_warm": s.idle_warm, "loading": s.loading},
+            "rented": r.rented_gpu_s,
+            "lent": r.lent_gpu_s,
+        },
+        "utilisation": {"busy": r.busy_utilisation(), "rented_share": r.rented_share(), "paid_share": r.paid_share()},
+        "stops": {"fenced": r.fenced_stops, "reclaimed": r.reclaimed_stops, "requests_in_flight": r.in_flight_at_stops},
+        "cold_starts_after": {"fence": r.cold_starts_after_fence, "reclaim": r.cold_starts_after_reclaim},
+        "lending_earned": m(v.lending_credits.checked_neg().unwrap_or(Money::ZERO)),
+        "records": r.records,
+        "billing_error": r.billing_error,
+        "rentals": lines,
+    })
+}
+
 /// The JSON report: no wall-clock figures, so the same seed gives the same bytes. Costs in dollars: `gpu_cost_usd`
 /// (the GPU bill), `wait_cost_usd` (requests' waiting for loads, `wait_s`, at `--wait-usd-per-s`) and their sum
 /// `total_cost_usd`, per policy and per deployment (in `deployments`, in trace order).
@@ -315,7 +493,7 @@ fn to_json(results: &[(String, Outcome, f64)], names: &[&str], settings: &[Strin
                     })
                 })
                 .collect();
-            json!({
+            let mut policy = json!({
                 "policy": name,
                 "requests": o.requests,
                 "cold_starts": o.cold_starts,
@@ -340,7 +518,11 @@ fn to_json(results: &[(String, Outcome, f64)], names: &[&str], settings: &[Strin
                 },
                 "unschedulable": o.unschedulable,
                 "deployments": deployments,
-            })
+            });
+            if let Some(r) = &o.rentals {
+                policy["rentals"] = rentals_json(r);
+            }
+            policy
         })
         .collect();
     json!({"settings": settings, "policies": policies})
