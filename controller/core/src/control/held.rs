@@ -72,13 +72,28 @@ impl Control {
         }
     }
 
-    /// The rental whose GPUs (in `gpus`, a bitmask on `node`) a replica not pinned to it runs on.
+    /// The rental lending the GPUs (in `gpus`, a bitmask on `node`) a replica not pinned to it runs on.
     fn lender(&self, node: NodeId, gpus: u16, pinned: Option<&str>) -> Option<String> {
         (0..16u32)
             .filter(|g| gpus & (1 << g) != 0)
             .filter_map(|g| self.held_by.get(&(node, g)))
-            .find(|k| Some(k.as_str()) != pinned)
+            .find(|k| Some(k.as_str()) != pinned && self.rentals.get(*k).is_some_and(|s| s.lent))
             .cloned()
+    }
+
+    /// Closes, at the loop's clock, the open spans of replicas on any of `gpus`: before the GPUs change hands, so
+    /// that what was lent (or not) is metered as it was.
+    pub(super) fn close_spans_on(&mut self, gpus: &[(NodeId, u32)]) {
+        let now = self.clock;
+        let on: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| gpus.iter().any(|&(n, g)| r.node_id == n && r.placement.gpus & (1 << g) != 0))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in on {
+            self.close_span(&id, now);
+        }
     }
 
     /// Every span of GPU holding closed since the last call, after closing the open ones at `now` (they go on from

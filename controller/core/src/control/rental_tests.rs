@@ -158,6 +158,10 @@ fn a_future_rental_fences_its_gpus_a_lead_time_before_and_bills_from_delivery() 
     let fenced = stopped(&actions);
     assert_eq!(fenced.len(), 1, "{actions:?}");
     assert_eq!(fenced[0].1, StopReason::Fenced);
+    // The fenced replica's GPU-time was its own deployment's, not lent by the rental.
+    let spans = c.take_held(H - 600.0);
+    assert!(spans.iter().any(|s| s.replica == fenced[0].0 && s.to == H - 600.0), "{spans:?}");
+    assert!(spans.iter().all(|s| s.lent_from.is_none()), "{spans:?}");
     let view = c.rental("t/r").unwrap();
     assert_eq!(view.gpus.len(), 2);
     let rented_node = view.gpus[0].0.clone();
@@ -236,6 +240,10 @@ fn an_idle_rental_lends_its_gpus_and_takes_them_back_when_its_owner_needs_them()
     c.arrive("t/pinned", 20.0);
     let (_, actions) = tick(&mut c, 20.0);
     assert_eq!(stopped(&actions), vec![(borrower[0].clone(), StopReason::Reclaimed)]);
+    // The borrower's last span runs to the reclaim, lent.
+    let spans = c.take_held(20.0);
+    let last = spans.iter().filter(|s| s.replica == borrower[0]).map(|s| (s.to, s.lent_from.clone())).last();
+    assert_eq!(last, Some((20.0, Some("t/r".to_owned()))), "{spans:?}");
     let owner = started(&actions);
     assert_eq!(owner.len(), 1, "{actions:?}");
     assert!(owner[0].0.starts_with("t.pinned"));

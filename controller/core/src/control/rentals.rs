@@ -250,6 +250,9 @@ impl Control {
 
     /// Returns every GPU of the rental to the pool.
     fn release_gpus(&mut self, key: &str) {
+        let Some(slot) = self.rentals.get(key) else { return };
+        let held = slot.gpus.clone();
+        self.close_spans_on(&held);
         let Some(slot) = self.rentals.get_mut(key) else { return };
         let gpus = std::mem::take(&mut slot.gpus);
         slot.fencing = false;
@@ -348,6 +351,15 @@ impl Control {
                 }
             }
         }
+        // The serverless replicas there stop first (their GPU-time up to now is theirs), then the GPUs are held.
+        let doomed: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.rental.as_deref() != Some(key))
+            .filter(|(_, r)| chosen.iter().any(|&(n, g)| r.node_id == n && r.placement.gpus & (1 << g) != 0))
+            .map(|(id, _)| id.clone())
+            .collect();
+        self.stop_all(doomed, StopReason::Fenced, actions);
         for &(n, g) in &chosen {
             self.held_by.insert((n, g), key.to_owned());
             self.sync_gpu(n, g);
@@ -357,14 +369,6 @@ impl Control {
             slot.unplaced = None;
             slot.wanted.clear();
         }
-        let doomed: Vec<String> = self
-            .replicas
-            .iter()
-            .filter(|(_, r)| r.rental.as_deref() != Some(key))
-            .filter(|(_, r)| chosen.iter().any(|&(n, g)| r.node_id == n && r.placement.gpus & (1 << g) != 0))
-            .map(|(id, _)| id.clone())
-            .collect();
-        self.stop_all(doomed, StopReason::Fenced, actions);
     }
 
     /// Whether a deployment pinned to the rental wants GPU now: a replica, a request, or a minimum.
@@ -387,13 +391,8 @@ impl Control {
             return;
         }
         let gpus = slot.gpus.clone();
-        if let Some(slot) = self.rentals.get_mut(key) {
-            slot.lent = want;
-        }
-        for &(n, g) in &gpus {
-            self.sync_gpu(n, g);
-        }
         if !want {
+            // The borrowers stop while the GPUs are still lent: their time up to now is credited to the owner.
             let borrowers: Vec<String> = self
                 .replicas
                 .iter()
@@ -402,6 +401,12 @@ impl Control {
                 .map(|(id, _)| id.clone())
                 .collect();
             self.stop_all(borrowers, StopReason::Reclaimed, actions);
+        }
+        if let Some(slot) = self.rentals.get_mut(key) {
+            slot.lent = want;
+        }
+        for &(n, g) in &gpus {
+            self.sync_gpu(n, g);
         }
     }
 

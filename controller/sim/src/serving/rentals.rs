@@ -469,14 +469,8 @@ impl Sim<'_> {
         let start = rs.start;
         for s in spans {
             let (from, to) = (start + s.from, start + s.to);
-            // `Control` names the rental whose GPU the span ended on; a span closed by a fence ends on a GPU the
-            // rental has just taken without lending it. Lent time is time on a lending rental's GPU after delivery.
-            let lent_from = s.lent_from.as_deref().filter(|owner| {
-                self.control.rental(owner).is_some_and(|v| {
-                    v.rental.spec.lend_when_idle
-                        && v.rental.state.delivered_ms.is_some_and(|d| (d as f64) <= (from * 1000.0).round())
-                })
-            });
+            // `Control` names the rental that lent the GPU the span ran on (only while it lends).
+            let lent_from = s.lent_from.as_deref();
             if let Some(owner) = lent_from {
                 let (namespace, name) = plan
                     .rentals
