@@ -83,6 +83,9 @@ pub struct ServerOptions {
     pub rental_records: Option<PathBuf>,
     /// Prices of metering (`None`: billing off — nothing is metered and `/v1/usage` answers 501).
     pub prices: Option<kiln_core::billing::PriceTable>,
+    /// Where usage records are kept: a one-replica raft ledger on disk (`kiln_ledger::LocalLedger`), so that
+    /// what was metered survives a restart; `None`: in memory only.
+    pub ledger_dir: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -105,6 +108,7 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             rental_records: None,
             prices: None,
+            ledger_dir: None,
         }
     }
 }
@@ -166,10 +170,22 @@ impl Server {
         let snapshot = options.store.load().map_err(std::io::Error::other)?;
         let persister = Persister::spawn(Arc::clone(&options.store))?;
         control.restore_counters(snapshot.counters, persister.clone());
-        let billing = options.prices.clone().map(|prices| {
-            let ledger = Box::new(kiln_core::billing::MemoryLedger::new());
-            Arc::new(Billing::new(prices, ledger, control.metrics().billing_counters()))
-        });
+        let billing = match options.prices.clone() {
+            Some(prices) => {
+                let ledger: Box<dyn kiln_core::billing::Ledger + Send> = match &options.ledger_dir {
+                    Some(dir) => {
+                        std::fs::create_dir_all(dir)?;
+                        let local = kiln_ledger::LocalLedger::open(dir, "controller", None).map_err(|e| {
+                            std::io::Error::other(format!("opening the usage ledger in {}: {e}", dir.display()))
+                        })?;
+                        Box::new(local)
+                    }
+                    None => Box::new(kiln_core::billing::MemoryLedger::new()),
+                };
+                Some(Arc::new(Billing::new(prices, ledger, control.metrics().billing_counters())))
+            }
+            None => None,
+        };
         if let Some(b) = &billing {
             control.set_billing(Arc::clone(b));
         }
