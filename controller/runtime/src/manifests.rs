@@ -434,6 +434,37 @@ spec:
         fs::remove_dir_all(&d).ok();
     }
 
+    /// Rentals are read beside deployments: a valid one is kept (its spec as written), one that breaks a CEL rule is
+    /// reported with the apiserver's message, and a second definition of a rental's name is refused.
+    #[test]
+    fn rentals_are_read_and_checked_like_deployments() {
+        let d = dir("rentals");
+        let rental = "apiVersion: kiln.dev/v1alpha1\nkind: GpuRental\nmetadata:\n  name: train\n  namespace: t\n\
+                      spec:\n  gpuModel: H100\n  count: 2\n  hours: 3\n  lendWhenIdle: true\n";
+        fs::write(d.join("a.yaml"), format!("{VALID}---\n{rental}")).unwrap();
+        let both = rental
+            .replace("name: train", "name: both")
+            .replace("hours: 3", "hours: 3\n  endTime: \"2026-12-01T00:00:00Z\"");
+        fs::write(d.join("b.yaml"), both).unwrap();
+        fs::write(d.join("c.yaml"), rental).unwrap();
+        let set = load_dir(&d, &Validator::default()).unwrap();
+        assert_eq!(set.deployments.keys().collect::<Vec<_>>(), vec!["demo/mlp"]);
+        assert_eq!(set.rentals.keys().collect::<Vec<_>>(), vec!["t/train"]);
+        let train = &set.rentals["t/train"].resource.spec;
+        assert_eq!((train.count, train.hours, train.lend_when_idle), (2, Some(3), true));
+        let messages: Vec<String> = set.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(
+            messages[0].contains("b.yaml") && messages[0].contains("set exactly one of hours or endTime"),
+            "{messages:?}"
+        );
+        assert!(
+            messages[1].contains("c.yaml") && messages[1].contains("rental t/train is already defined"),
+            "{messages:?}"
+        );
+        fs::remove_dir_all(&d).ok();
+    }
+
     /// A FIFO, symlinks to a device and to a directory, a symlink loop, a socket and a file over the limit beside a
     /// valid manifest: each is listed with why, none is read (a FIFO read would block this test forever, `/dev/zero`
     /// would fill memory), and the valid manifest is served.

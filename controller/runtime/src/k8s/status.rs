@@ -433,6 +433,65 @@ mod tests {
     use super::*;
     use crate::control::ColdStartRecord;
 
+    /// An Active rental's status: phase, GPUs, times, billed hours and amount, conditions; applied onto the object it
+    /// describes, the whole stays valid against the CRD (schema and CEL rules, as the apiserver checks a status
+    /// patch); Degraded and ExpiringSoon follow the view, and the lifecycle reads back.
+    #[test]
+    fn an_active_rentals_status_is_exact_and_valid_against_the_crd() {
+        use kiln_core::{billing::GpuPrice, rental::RentalPhase as Core};
+        let view = crate::control::RentalStatusView {
+            key: "t/train".into(),
+            phase: Core::Active,
+            message: "2 GPUs of H100 delivered; billing started".into(),
+            gpu_model: "H100".into(),
+            count: 2,
+            gpus: vec![crate::control::AssignedGpuView { node: "node-a".into(), index: 1, uuid: "GPU-1".into() }],
+            delivered_at: Some(1_795_680_000.4),
+            end_at: Some(1_795_687_200.0),
+            billed_gpu_hours: 2,
+            degraded: true,
+            expiring_soon: false,
+            lent: false,
+            lost_gpu_seconds: 0,
+            lifecycle: r#"{"phase":"Active"}"#.into(),
+        };
+        let price = GpuPrice::parse("H100", "0.001", "2.50", "0.5").unwrap();
+        let now = Timestamp::from_second(1_795_680_100).unwrap();
+        let status = rental_status(Some(3), Some(&view), Some(&price), "USD", None, now);
+        assert_eq!(status.phase, Some(kiln_k8s_api::gpu_rental::RentalPhase::Active));
+        assert_eq!(status.billed_hours, 2);
+        assert_eq!(status.amount.as_deref(), Some("5.00 USD"));
+        assert_eq!(status.price_per_gpu_hour.as_deref(), Some("2.50"));
+        assert_eq!(status.start_time, Some(Time(Timestamp::from_second(1_795_680_000).unwrap())));
+        assert_eq!(status.assigned_gpus[0].uuid, "GPU-1");
+        let cond = |t: &str| status.conditions.iter().find(|c| c.type_ == t).map(|c| c.status.as_str());
+        assert_eq!(
+            (cond("Ready"), cond("Degraded"), cond("ExpiringSoon")),
+            (Some("True"), Some("True"), Some("False"))
+        );
+
+        let validator = kiln_k8s_api::validate::Validator::default();
+        let object = serde_json::json!({
+            "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuRental",
+            "metadata": { "name": "train", "namespace": "t" },
+            "spec": { "gpuModel": "H100", "count": 2, "hours": 2 },
+        });
+        let live = validator.validate_apply(&object, None).unwrap();
+        let patch = serde_json::json!({ "apiVersion": "kiln.dev/v1alpha1", "kind": "GpuRental",
+                                        "metadata": { "name": "train", "namespace": "t" }, "status": status });
+        validator.validate_status_apply(&patch, &live).unwrap();
+        // Written again a minute later with nothing changed, the conditions keep their transition times.
+        let later = rental_status(
+            Some(3),
+            Some(&view),
+            Some(&price),
+            "USD",
+            Some(&status),
+            Timestamp::from_second(1_795_680_160).unwrap(),
+        );
+        assert_eq!(later, status);
+    }
+
     /// What a real apiserver answered to the `GpuNode` object patch without `spec`, reproduced offline; the patch
     /// sent now is accepted, owns nothing inside `spec`, and its status patch keeps the whole object valid.
     #[test]
