@@ -152,7 +152,45 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
             n["simulated"]
         );
     }
+    let body = gateway_get(server, "/kiln/v1/rentals", &key, "application/json")?;
+    let rentals: Value = serde_json::from_str(&body).context("the gateway's answer is not JSON")?;
+    let rentals = rentals["rentals"].as_array().cloned().unwrap_or_default();
+    if !rentals.is_empty() {
+        println!();
+        println!(
+            "{:<32} {:<10} {:>4} {:>5} {:<26} {:>8} {:<20}  NOTE",
+            "RENTAL", "PHASE", "GPUS", "HELD", "MODEL", "BILLED-H", "ENDS"
+        );
+        for r in &rentals {
+            let ends = r["end_at"].as_f64().map_or_else(|| "-".to_owned(), utc_time);
+            let mut note = r["message"].as_str().unwrap_or_default().to_owned();
+            for (flag, word) in [("degraded", "degraded"), ("expiring_soon", "expiring soon"), ("lent", "lent")] {
+                if r[flag] == true {
+                    note = format!("{word}; {note}");
+                }
+            }
+            println!(
+                "{:<32} {:<10} {:>4} {:>5} {:<26} {:>8} {:<20}  {}",
+                r["key"].as_str().unwrap_or_default(),
+                r["phase"].as_str().unwrap_or_default(),
+                r["count"],
+                r["gpus"].as_array().map_or(0, Vec::len),
+                r["gpu_model"].as_str().unwrap_or_default(),
+                r["billed_gpu_hours"],
+                ends,
+                note
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SSZ`.
+fn utc_time(secs: f64) -> String {
+    let secs = secs.floor() as i64;
+    let day = kiln_core::billing::utc_day(secs * 1000);
+    let rest = secs.rem_euclid(86_400);
+    format!("{day} {:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 /// `kiln usage`: metered GPU usage and what it costs, from the gateway's `GET /v1/usage`.

@@ -555,6 +555,14 @@ fn a_rental_takes_gpus_serverless_work_used_a_pinned_deployment_serves_on_them_a
     assert_eq!((status, p["status"].as_str()), (200, Some("succeeded")), "{p}");
     let mine = c.deployment("e2e/mine");
     assert!(!placed(&mine).is_empty() && placed(&mine).iter().all(|g| rented.contains(g)), "{mine:#} {rented:?}");
+    // `kiln get` lists it.
+    let get = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["get", "--server", &c.http, "--key", OPERATOR.trim_start_matches("Bearer ")])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&get.stdout);
+    let row = table.lines().find(|l| l.starts_with("e2e/train")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().take(4).collect::<Vec<_>>(), ["e2e/train", "Active", "2", "2"], "{table}");
 
     // At the end: Expired, the pinned replica stopped, the GPUs back in the pool.
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -242,7 +242,7 @@ fn an_idle_rental_lends_its_gpus_and_takes_them_back_when_its_owner_needs_them()
     assert_eq!(stopped(&actions), vec![(borrower[0].clone(), StopReason::Reclaimed)]);
     // The borrower's last span runs to the reclaim, lent.
     let spans = c.take_held(20.0);
-    let last = spans.iter().filter(|s| s.replica == borrower[0]).map(|s| (s.to, s.lent_from.clone())).last();
+    let last = spans.iter().filter(|s| s.replica == borrower[0]).map(|s| (s.to, s.lent_from.clone())).next_back();
     assert_eq!(last, Some((20.0, Some("t/r".to_owned()))), "{spans:?}");
     let owner = started(&actions);
     assert_eq!(owner.len(), 1, "{actions:?}");
