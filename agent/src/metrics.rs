@@ -48,6 +48,35 @@ pub struct CacheTierMetrics {
     pub capacity: u64,
 }
 
+/// Every metric family the page can hold (gauges all), whether or not it has a series now: what dashboards may
+/// query. A test renders a page with every family populated and checks it against this list.
+pub const FAMILIES: &[&str] = &[
+    "DCGM_FI_DEV_GPU_UTIL",
+    "DCGM_FI_DEV_MEM_COPY_UTIL",
+    "DCGM_FI_DEV_FB_USED",
+    "DCGM_FI_DEV_FB_FREE",
+    "DCGM_FI_DEV_GPU_TEMP",
+    "DCGM_FI_DEV_POWER_USAGE",
+    "DCGM_FI_DEV_POWER_MGMT_LIMIT",
+    "DCGM_FI_DEV_SM_CLOCK",
+    "DCGM_FI_DEV_XID_ERRORS",
+    "DCGM_FI_DEV_ECC_SBE_AGG_TOTAL",
+    "DCGM_FI_DEV_ECC_DBE_AGG_TOTAL",
+    "DCGM_FI_PROF_PCIE_TX_BYTES",
+    "DCGM_FI_PROF_PCIE_RX_BYTES",
+    "kiln_agent_gpu_health",
+    "kiln_agent_gpu_xid_events",
+    "kiln_agent_info",
+    "kiln_agent_gpu_samples",
+    "kiln_agent_gpu_sample_duration_seconds",
+    "kiln_agent_workers",
+    "kiln_agent_worker_in_flight",
+    "kiln_agent_worker_completed",
+    "kiln_agent_cache_entries",
+    "kiln_agent_cache_bytes",
+    "kiln_agent_cache_capacity_bytes",
+];
+
 /// The metrics page for `snapshot`.
 pub fn render(snapshot: &Snapshot) -> String {
     render_with(snapshot, &Extra::default())
@@ -57,6 +86,7 @@ pub fn render(snapshot: &Snapshot) -> String {
 pub fn render_with(snapshot: &Snapshot, extra: &Extra) -> String {
     let mut registry = Registry::default();
     let mut family = |name: &str, help: &str| {
+        debug_assert!(FAMILIES.contains(&name), "{name} is missing from FAMILIES");
         let f = Series::default();
         registry.register(name, help, f.clone());
         f
@@ -195,5 +225,29 @@ mod tests {
         assert!(line("kiln_agent_gpu_health").unwrap().ends_with(" 2.0"));
         assert!(line("kiln_agent_gpu_xid_events").unwrap().contains("xid=\"79\""));
         assert_eq!(line("DCGM_FI_DEV_FB_USED"), None, "a GPU off the bus cannot be read");
+    }
+
+    /// With every family populated (a worker, a cache tier, an Xid), the page's families are exactly [`FAMILIES`].
+    #[test]
+    fn the_family_list_is_exactly_what_the_page_holds() {
+        let mut gpus = SimulatedGpus::new("node-a", "h100-80gb:2").unwrap();
+        gpus.handle().inject_xid(1, 79).unwrap();
+        let t = Telemetry::new("node-a", &gpus);
+        t.tick(&mut gpus, true);
+        let extra = Extra {
+            workers: vec![ReplicaMetrics {
+                replica: "r".into(),
+                deployment: "ns/d".into(),
+                ready: true,
+                in_flight: 1,
+                completed: 2,
+            }],
+            cache: vec![CacheTierMetrics { tier: "disk", entries: 1, bytes: 2, capacity: 3 }],
+        };
+        let page = render_with(&t.read(), &extra);
+        let on_page: std::collections::BTreeSet<&str> =
+            page.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next()).collect();
+        let listed: std::collections::BTreeSet<&str> = FAMILIES.iter().copied().collect();
+        assert_eq!(on_page, listed);
     }
 }

@@ -199,10 +199,63 @@ fn the_charts_prices_are_a_config_map_the_controller_reads_with_prices() {
     assert!(mounts.iter().any(|m| m["name"] == "prices" && m["mountPath"] == "/etc/kiln/prices"), "{mounts:?}");
     check_controller_accepts(&args);
 
-    // Without prices: no ConfigMap and no flag (nothing metered).
+    // Without prices: no prices ConfigMap and no flag (nothing metered).
     let objects = render(&helm, &["billing.prices=null"]);
-    assert!(!objects.iter().any(|o| kind(o) == "ConfigMap"));
+    assert!(!objects.iter().any(|o| kind(o) == "ConfigMap" && o["data"]["prices.yaml"].is_string()));
     let controller = objects.iter().find(|o| kind(o) == "Deployment" && name(o) == "kiln-controller").unwrap();
     let args = controller["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(!args.contains("--prices"), "{args}");
+}
+
+/// The Grafana dashboards render as ConfigMaps carrying the sidecar's label, each holding its file byte for byte; the
+/// PodMonitors are off by default and, when on, select the controller's and the agents' pods and scrape a port
+/// those pods name `metrics`.
+#[test]
+#[ignore = "needs helm 3: KILN_HELM=<helm> cargo nextest run -p kiln --test chart --run-ignored only (.ci/run does)"]
+fn dashboards_render_as_labelled_config_maps_and_pod_monitors_select_pods_with_a_metrics_port() {
+    let helm = helm();
+    let objects = render(&helm, &[]);
+    let dashboards: Vec<&Value> = objects
+        .iter()
+        .filter(|o| kind(o) == "ConfigMap" && o["metadata"]["labels"]["grafana_dashboard"] == "1")
+        .collect();
+    let mut names: Vec<&str> = dashboards.iter().map(|o| name(o)).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["kiln-dashboard-billing", "kiln-dashboard-deployments", "kiln-dashboard-fleet"]);
+    for d in &dashboards {
+        let (key, text) = d["data"].as_object().unwrap().iter().next().unwrap();
+        let file = repo_root().join("charts/kiln/dashboards").join(key.trim_start_matches("kiln-"));
+        assert_eq!(text.as_str().unwrap().trim_end(), std::fs::read_to_string(&file).unwrap().trim_end(), "{key}");
+        let parsed: Value = serde_json::from_str(text.as_str().unwrap()).unwrap();
+        assert!(parsed["panels"].as_array().is_some_and(|p| !p.is_empty()), "{key}");
+    }
+    assert!(!objects.iter().any(|o| kind(o) == "PodMonitor"), "off by default");
+    assert!(
+        render(&helm, &["dashboards.enabled=false"])
+            .iter()
+            .all(|o| o["metadata"]["labels"]["grafana_dashboard"].is_null())
+    );
+
+    let objects = render(&helm, &["monitoring.podMonitors.enabled=true", "monitoring.podMonitors.labels.release=prom"]);
+    let monitors: Vec<&Value> = objects.iter().filter(|o| kind(o) == "PodMonitor").collect();
+    assert_eq!(monitors.len(), 2);
+    for m in monitors {
+        assert_eq!(m["metadata"]["labels"]["release"], "prom");
+        let wanted = m["spec"]["selector"]["matchLabels"].as_object().unwrap();
+        let port = m["spec"]["podMetricsEndpoints"][0]["port"].as_str().unwrap();
+        let pods: Vec<&Value> = objects
+            .iter()
+            .filter(|o| matches!(kind(o), "Deployment" | "DaemonSet"))
+            .filter(|o| wanted.iter().all(|(k, v)| &o["spec"]["template"]["metadata"]["labels"][k] == v))
+            .collect();
+        assert_eq!(pods.len(), 1, "{}: selects one workload", name(m));
+        let ports: Vec<&str> = pods[0]["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert!(ports.contains(&port), "{}: port {port} not in {ports:?}", name(m));
+    }
 }
