@@ -507,8 +507,9 @@ pub struct Control {
     rental_config: RentalConfig,
     /// Wall-clock seconds minus the loop's clock, as of the last rental step.
     wall_offset: f64,
-    /// Spans of GPU holding closed since the last [`Control::take_held`].
+    /// Spans of GPU holding closed since the last [`Control::take_held`] (kept only with metering on).
     spans: Vec<HeldSpan>,
+    metering: bool,
 }
 
 impl Control {
@@ -536,6 +537,7 @@ impl Control {
             rental_config: RentalConfig::default(),
             wall_offset: 0.0,
             spans: Vec::new(),
+            metering: false,
         }
     }
 

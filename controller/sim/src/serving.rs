@@ -720,6 +720,8 @@ pub fn simulate(
     let end_s = config.days * 86_400.0;
     let prices = Prices { gpu_usd_per_hour: config.gpu_usd_per_hour, wait_usd_per_s: config.wait_usd_per_s };
     let mut control = Control::new(config.placement, config.cold.clone(), prices);
+    // Spans of GPU holding are taken (and billed) only when rentals are simulated; otherwise none are kept.
+    control.set_metering(config.rentals.is_some());
     let nodes = fleet.nodes();
     for n in &nodes {
         let info = NodeInfo {

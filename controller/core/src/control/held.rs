@@ -36,6 +36,15 @@ pub struct HeldSpan {
 }
 
 impl Control {
+    /// Turns metering on or off (off by default): with it on, closed spans are kept until [`Control::take_held`]
+    /// takes them, so a caller that turns it on must take them regularly.
+    pub fn set_metering(&mut self, on: bool) {
+        self.metering = on;
+        if !on {
+            self.spans.clear();
+        }
+    }
+
     /// Closes the replica's open span at `now` and opens one in `phase` (a no-op when the phase is the same).
     pub(super) fn hold(&mut self, replica: &str, now: f64, phase: ServerlessPhase) {
         if self.replicas.get(replica).is_some_and(|r| r.held != phase) {
@@ -51,7 +60,7 @@ impl Control {
         let Some(r) = self.replicas.get(replica) else { return };
         let to = now.max(r.held_since);
         let share_milli = u32::from(r.placement.milli_per_gpu) * r.placement.gpus.count_ones();
-        if to > r.held_since && share_milli > 0 {
+        if self.metering && to > r.held_since && share_milli > 0 {
             let lent_from = self.lender(r.node_id, r.placement.gpus, r.rental.as_deref());
             let gpu_model = self.node_model(r.node_id).to_owned();
             self.spans.push(HeldSpan {

@@ -52,6 +52,7 @@ fn rental(count: u32, start: Option<f64>, hours: u32, lend: bool) -> RentalSpec 
 
 fn control(nodes: &[(&str, usize)]) -> Control {
     let mut c = Control::new(Policy::Kiln, ColdStartModel::default(), Prices::default());
+    c.set_metering(true);
     for (name, gpus) in nodes {
         c.node_up(&node(name, *gpus), &[]).unwrap();
     }

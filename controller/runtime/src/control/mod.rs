@@ -291,6 +291,8 @@ impl ControlPlane {
         };
         let mut state = state;
         state.core.set_rental_config(config.rentals);
+        // Every pass takes the spans (`step`), billing on or off.
+        state.core.set_metering(true);
         Arc::new(Self {
             state: Mutex::new(state),
             registry,
