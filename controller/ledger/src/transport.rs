@@ -96,6 +96,7 @@ enum Input {
 pub struct Replica {
     inputs: std_mpsc::Sender<Input>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
+    ended: std::sync::Arc<tokio::sync::Notify>,
     cfg: ReplicaConfig,
 }
 
@@ -119,10 +120,20 @@ impl Replica {
             outbound.insert(*peer, tx);
         }
         let tick = cfg.tick;
-        let thread = std::thread::Builder::new()
-            .name(format!("ledger-replica-{id}"))
-            .spawn(move || drive(node, rx, outbound, tick))?;
-        Ok(Replica { inputs, thread: Some(thread), cfg })
+        let ended = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = ended.clone();
+        let thread = std::thread::Builder::new().name(format!("ledger-replica-{id}")).spawn(move || {
+            let result = drive(node, rx, outbound, tick);
+            notify.notify_one();
+            result
+        })?;
+        Ok(Replica { inputs, thread: Some(thread), ended, cfg })
+    }
+
+    /// Completes when the driver thread has ended (stopped, or failed: [`Replica::stop`] then returns why). A
+    /// process running one replica exits then, and restarts from its directory.
+    pub async fn ended(&self) {
+        self.ended.notified().await;
     }
 
     /// The gRPC service of this replica, to add to a tonic server.
@@ -461,6 +472,7 @@ impl LedgerClient {
                 Err(e) => {
                     last = format!("{addr}: {}", e.message());
                     self.leader_hint = None;
+                    self.reconnect(&addr);
                 }
             }
             tokio::time::sleep(retry_every).await;
@@ -471,7 +483,19 @@ impl LedgerClient {
     /// The status of the replica at `addr`.
     pub async fn status(&mut self, addr: &str) -> std::result::Result<pb::StatusReply, tonic::Status> {
         let client = self.clients.get_mut(addr).ok_or_else(|| tonic::Status::not_found(addr.to_string()))?;
-        Ok(client.status(pb::StatusRequest {}).await?.into_inner())
+        let reply = client.status(pb::StatusRequest {}).await;
+        if reply.is_err() {
+            self.reconnect(addr);
+        }
+        Ok(reply?.into_inner())
+    }
+
+    /// A fresh channel to `addr` after a failure, so that a replica restarted at the same address is reached on
+    /// a new connection.
+    fn reconnect(&mut self, addr: &str) {
+        if let Ok(ep) = endpoint(addr) {
+            self.clients.insert(addr.to_string(), LedgerServiceClient::new(ep.connect_lazy()));
+        }
     }
 }
 

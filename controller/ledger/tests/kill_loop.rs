@@ -94,7 +94,8 @@ fn record(seq: u64, i: i64) -> UsageRecord {
 #[derive(Default)]
 struct Acks {
     ids: BTreeSet<RecordId>,
-    times: Vec<Instant>,
+    /// When each acknowledgement came, and from which replica.
+    times: Vec<(Instant, String)>,
     last_seq: u64,
 }
 
@@ -168,7 +169,7 @@ async fn kill_loop(kills: usize) {
                 assert_eq!(reply.new_records.len(), ids.len());
                 let mut a = acks.lock().unwrap();
                 a.ids.extend(ids);
-                a.times.push(Instant::now());
+                a.times.push((Instant::now(), client.leader_hint.clone().unwrap_or_default()));
                 a.last_seq = seq;
             }
         })
@@ -180,15 +181,24 @@ async fn kill_loop(kills: usize) {
         let leader = find_leader(&mut control, &cluster, Duration::from_secs(20)).await.expect("a leader");
         let killed_at = Instant::now();
         cluster.kill(leader);
-        let next = loop {
-            if let Some(t) = acks.lock().unwrap().times.iter().rev().find(|t| **t > killed_at) {
-                break *t;
+        // The first write committed after the kill: acknowledged after it by another replica (an answer of the
+        // killed leader that was already on its way does not count).
+        let killed_addr = cluster.peers[&leader].clone();
+        let first = loop {
+            let found = acks
+                .lock()
+                .unwrap()
+                .times
+                .iter()
+                .filter(|(t, from)| *t > killed_at && *from != killed_addr)
+                .map(|(t, _)| *t)
+                .min();
+            if let Some(t) = found {
+                break t;
             }
             assert!(killed_at.elapsed() < Duration::from_secs(30), "kill {k}: no write committed within 30 s");
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        // The first acknowledgement after the kill.
-        let first = acks.lock().unwrap().times.iter().copied().filter(|t| *t > killed_at).min().unwrap_or(next);
         gaps.push(first - killed_at);
         cluster.spawn(leader);
         assert!(
