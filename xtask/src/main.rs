@@ -9,7 +9,7 @@
 //! `cargo xtask codegen [--check]`: the one command that regenerates every generated file in the repository.
 //!
 //! - `crds/*.yaml` and `charts/kiln/crds/*.yaml`: the CustomResourceDefinitions, from `kiln-k8s-api`'s Rust types.
-//! - `proto/src/gen/*.rs`: Rust code for the agent protocol, from `proto/proto/**/*.proto`, compiled with `protox`
+//! - `proto/src/gen/*.rs`: Rust code for the agent and ledger protocols, from `proto/proto/**/*.proto`, compiled with `protox`
 //!   (a pure-Rust protobuf compiler, so no system `protoc`) and `tonic-prost-build`.
 //!
 //! With `--check`, nothing is written; the command fails and lists the stale files when any differs from what it
@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 /// The protobuf sources, relative to `proto/proto`.
-const PROTOS: &[&str] = &["kiln/agent/v1/agent.proto"];
+const PROTOS: &[&str] = &["kiln/agent/v1/agent.proto", "kiln/ledger/v1/ledger.proto"];
 
 fn main() -> Result<ExitCode> {
     let args: Vec<String> = std::env::args().skip(1).collect();

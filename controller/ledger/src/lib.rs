@@ -11,6 +11,9 @@
 //! - [`local`] — [`local::LocalLedger`]: a one-replica group on disk behind the core's
 //!   [`Ledger`](kiln_core::billing::Ledger) trait, the drop-in replacement for `MemoryLedger`.
 //! - [`loopback`] — replicas wired together in one process, for tests and benchmarks on raft-engine.
+//! - [`transport`] — the ledger between processes: a replica driven by a real clock with raft messages over gRPC
+//!   (`kiln.ledger.v1.LedgerService`), `Append` answered once applied, and the client that follows redirects. The
+//!   `ledger-node` binary runs one replica with it.
 //! - [`sim`] — a deterministic, seeded simulator of 3 or 5 replicas with a faulty network and crashes at every step
 //!   of the loop, and the checker of the ledger's invariants.
 //!
@@ -30,8 +33,8 @@
 //! assert_eq!(ledger.total(&Query::namespace("team-a")).unwrap().amount, Money::from_nanos(2_500_000));
 //! ```
 //!
-//! What it must not touch: Kubernetes, HTTP, an async runtime or a real clock; the transport between replicas is
-//! the caller's (a later stage adds gRPC).
+//! What it must not touch: Kubernetes or HTTP. Only [`transport`] (and the binary) know an async runtime, sockets
+//! and a real clock; everything else is driven by its caller.
 
 mod codec;
 pub mod local;
@@ -40,6 +43,7 @@ pub mod node;
 pub mod sim;
 pub mod state;
 pub mod storage;
+pub mod transport;
 
 pub use local::LocalLedger;
 pub use node::{CrashPoint, Event, Handled, Node, NodeConfig, NodeStatus, ProposalError, ProposalId, ReadId};

@@ -1,0 +1,136 @@
+//! Three replicas in one process, each behind its own gRPC server on loopback: appends are answered once applied,
+//! a follower redirects to the leader, a conflicting batch is refused, a resend is a duplicate, and a replica
+//! stopped and started again on its directory catches up.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] functions
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use kiln_core::billing::{Quantity, ServerlessPhase, Subject, UsageKind, UsageRecord};
+use kiln_core::money::Money;
+use kiln_ledger::Command;
+use kiln_ledger::transport::{ClientError, LedgerClient, Replica, ReplicaConfig, parse_peer};
+use kiln_proto::ledger::v1 as pb;
+use kiln_proto::ledger::v1::ledger_service_client::LedgerServiceClient;
+
+struct Running {
+    replica: Replica,
+    server: tokio::task::JoinHandle<()>,
+}
+
+async fn start(dir: &Path, id: u64, peers: &BTreeMap<u64, String>) -> Running {
+    let mut cfg = ReplicaConfig::new(id, dir.join(format!("r{id}")), peers.clone());
+    cfg.tick = Duration::from_millis(20);
+    let replica = Replica::start(cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind(&peers[&id]).await.unwrap();
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let service = replica.service();
+    let server = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await;
+    });
+    Running { replica, server }
+}
+
+fn batch(seq: u64, amount: i128) -> Command {
+    let records = (0..3)
+        .map(|i| {
+            let start = (seq as i64 * 3 + i) * 1_000;
+            UsageRecord::new(
+                "meter",
+                "ns",
+                Subject::Deployment("d".into()),
+                UsageKind::Serverless(ServerlessPhase::Busy),
+                "H100",
+                Quantity::MicroGpuSeconds(1_000),
+                Money::from_nanos(amount),
+                start,
+                start + 1_000,
+            )
+        })
+        .collect();
+    Command::Append { source: "meter".into(), seq, records }
+}
+
+async fn leader(client: &mut LedgerClient, peers: &BTreeMap<u64, String>) -> u64 {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(20) {
+        for (id, addr) in peers {
+            if let Ok(s) = client.status(addr).await
+                && s.is_leader
+            {
+                return *id;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no leader elected");
+}
+
+#[test]
+fn peers_parse() {
+    assert_eq!(parse_peer("2=10.0.0.2:7400").unwrap(), (2, "10.0.0.2:7400".to_string()));
+    assert!(parse_peer("0=a:1").is_err());
+    assert!(parse_peer("x=a:1").is_err());
+    assert!(parse_peer("a:1").is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_are_applied_followers_redirect_and_a_restarted_replica_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: BTreeMap<u64, String> = (1..=3u64)
+        .map(|id| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            (id, format!("127.0.0.1:{port}"))
+        })
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(dir.path(), id, &peers).await);
+    }
+    let mut client = LedgerClient::new(peers.clone()).unwrap();
+    let lead = leader(&mut client, &peers).await;
+    let (deadline, retry) = (Duration::from_secs(10), Duration::from_millis(10));
+
+    let reply = client.append(&batch(1, 5), deadline, retry).await.unwrap();
+    assert_eq!(reply.new_records, vec![true; 3]);
+    let again = client.append(&batch(1, 5), deadline, retry).await.unwrap();
+    assert_eq!(again.new_records, vec![false; 3], "a resend is a duplicate");
+    let conflict = client.append(&batch(1, 6), deadline, retry).await;
+    assert!(matches!(conflict, Err(ClientError::Rejected(_))), "{conflict:?}");
+
+    // A follower answers with the leader's address, and applies nothing itself.
+    let follower = (1..=3).find(|id| *id != lead).unwrap();
+    let ep = tonic::transport::Endpoint::from_shared(format!("http://{}", peers[&follower])).unwrap();
+    let mut raw = LedgerServiceClient::new(ep.connect().await.unwrap());
+    let r = raw.append(pb::AppendRequest { command: batch(2, 5).encode() }).await.unwrap().into_inner();
+    assert_eq!(r.status(), pb::AppendStatus::NotLeader);
+    assert_eq!((r.leader_id, r.leader_address.as_str()), (lead, peers[&lead].as_str()));
+
+    // A follower stopped while the group goes on, then started on its directory, catches up.
+    let down = nodes.remove(&follower).unwrap();
+    down.server.abort();
+    down.replica.stop().unwrap();
+    for seq in 2..=20 {
+        client.append(&batch(seq, 5), deadline, retry).await.unwrap();
+    }
+    nodes.insert(follower, start(dir.path(), follower, &peers).await);
+    let start = Instant::now();
+    loop {
+        let l = client.status(&peers[&lead]).await.unwrap();
+        let f = client.status(&peers[&follower]).await;
+        if let Ok(f) = f
+            && f.applied >= l.commit
+        {
+            assert_eq!((f.records, l.records), (60, 60));
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "the restarted replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (_, n) in nodes {
+        n.server.abort();
+        n.replica.stop().unwrap();
+    }
+}
