@@ -597,4 +597,14 @@ fn a_rental_takes_gpus_serverless_work_used_a_pinned_deployment_serves_on_them_a
     let (status, _, _) =
         http(&c.http, "GET", "/v1/usage?namespace=e2e", &[("Authorization", "Bearer other-key-0123456789abcdef")], "");
     assert_eq!(status, 403);
+    // The records went through the one-replica raft ledger on disk: it leads, has applied what it committed, and
+    // holds at least the rental's record. Its state is an operator's to read, and a metric.
+    let (status, _, ledger) = http(&c.http, "GET", "/kiln/v1/ledger", &[("Authorization", OPERATOR)], "");
+    assert_eq!(status, 200, "{ledger}");
+    let ledger: Value = serde_json::from_str(&ledger).unwrap();
+    assert_eq!((ledger["kind"].as_str(), ledger["leader"].as_u64()), (Some("raft"), Some(1)), "{ledger:#}");
+    assert_eq!(ledger["appliedIndex"], ledger["commitIndex"], "{ledger:#}");
+    assert!(ledger["records"].as_u64().unwrap() >= 1, "{ledger:#}");
+    assert_eq!(http(&c.http, "GET", "/kiln/v1/ledger", &[("Authorization", AUTH)], "").0, 403);
+    assert!(c.metrics().contains("kiln_ledger_status{field=\"records\"}"), "{}", c.metrics());
 }

@@ -123,6 +123,22 @@ impl Ledger for LocalLedger {
     fn query(&self, query: &Query) -> Vec<UsageRecord> {
         ReadView(self.node.state()).query(query)
     }
+
+    fn status(&self) -> Option<kiln_core::billing::LedgerStatus> {
+        let s = self.node.status();
+        Some(kiln_core::billing::LedgerStatus {
+            replica: s.id,
+            term: s.term,
+            leader: s.leader,
+            commit_index: s.commit,
+            applied_index: s.applied,
+            log: s.log,
+            snapshot_index: s.snapshot_index,
+            snapshots: s.snapshots_made + s.snapshots_installed,
+            records: self.node.state().len() as u64,
+            log_bytes: self.disk_usage() as u64,
+        })
+    }
 }
 
 #[cfg(test)]

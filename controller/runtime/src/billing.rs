@@ -46,7 +46,12 @@ use kiln_core::{
     money::{Money, secs_to_ms},
     rental::Rental,
 };
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::metrics::{
+    counter::Counter,
+    family::Family,
+    gauge::Gauge,
+    histogram::{Histogram, exponential_buckets},
+};
 use serde::Deserialize;
 
 /// Width of a metering window, seconds: serverless GPU-time is recorded per deployment, phase and minute.
@@ -68,7 +73,7 @@ pub type Result<T, E = BillingError> = std::result::Result<T, E>;
 type Labels = Vec<(String, String)>;
 
 /// The billing counters, registered in the controller's metrics (`Metrics::billing_counters`) or standalone.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BillingCounters {
     /// `kiln_billed_amount_total{namespace,phase}`.
     pub billed: Family<Labels, Counter<f64, AtomicU64>>,
@@ -78,6 +83,21 @@ pub struct BillingCounters {
     pub gpu_seconds: Family<Labels, Counter<f64, AtomicU64>>,
     /// `kiln_billing_unpriced_gpu_models{gpu_model}`: 1 while a used GPU model has no price.
     pub unpriced: Family<Labels, Gauge>,
+    /// `kiln_ledger_append_duration_seconds`: one batch appended to the ledger (committed: for the raft ledger, after
+    /// its synced write).
+    pub append_seconds: Histogram,
+}
+
+impl Default for BillingCounters {
+    fn default() -> Self {
+        Self {
+            billed: Family::default(),
+            credited: Family::default(),
+            gpu_seconds: Family::default(),
+            unpriced: Family::default(),
+            append_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+        }
+    }
 }
 
 impl BillingCounters {
@@ -254,7 +274,10 @@ impl Billing {
     }
 
     fn append_locked(&self, inner: &mut Inner, records: Vec<UsageRecord>) -> Result<usize> {
-        let appended = inner.ledger.append_all(records.clone())?;
+        let began = std::time::Instant::now();
+        let appended = inner.ledger.append_all(records.clone());
+        self.counters.append_seconds.observe(began.elapsed().as_secs_f64());
+        let appended = appended?;
         let mut new = 0;
         for (r, a) in records.iter().zip(appended) {
             if a == Appended::New {
@@ -284,6 +307,11 @@ impl Billing {
             }
         };
         self.append(records)
+    }
+
+    /// How the ledger's replicated group stands (`None` for an in-memory ledger).
+    pub fn ledger_status(&self) -> Option<kiln_core::billing::LedgerStatus> {
+        self.lock().ledger.status()
     }
 
     /// The records `query` selects, in id order.

@@ -58,6 +58,8 @@ pub struct Metrics {
     scheduling: Histogram,
     gpus: Family<Labels, Gauge>,
     allocated: Gauge<f64, AtomicU64>,
+    /// `kiln_ledger_status{field}`.
+    ledger: Family<Labels, Gauge<f64, AtomicU64>>,
     nodes: Family<Labels, Gauge>,
     reconcile_errors: Family<Labels, Counter>,
     billing: crate::billing::BillingCounters,
@@ -87,6 +89,7 @@ impl Metrics {
             scheduling: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
             gpus: Family::default(),
             allocated: Gauge::default(),
+            ledger: Family::default(),
             nodes: Family::default(),
             reconcile_errors: Family::default(),
             billing: crate::billing::BillingCounters::default(),
@@ -126,6 +129,19 @@ impl Metrics {
         reg!("kiln_credited_amount", "counter", "Amounts credited, currency units", b.credited.clone());
         reg!("kiln_gpu_seconds", "counter", "GPU-seconds metered", b.gpu_seconds.clone());
         reg!("kiln_billing_unpriced_gpu_models", "gauge", "GPU models in use without a price", b.unpriced.clone());
+        reg!(
+            "kiln_ledger_append_duration_seconds",
+            "histogram",
+            "One batch of usage records appended (committed) to the ledger",
+            b.append_seconds.clone()
+        );
+        reg!(
+            "kiln_ledger_status",
+            "gauge",
+            "The usage ledger's raft group as this replica sees it, by field (term, leader, commit_index, \
+             applied_index, log_first, log_last, snapshot_index, snapshots, records, log_bytes)",
+            m.ledger.clone()
+        );
         m.families = families;
         m
     }
@@ -192,6 +208,24 @@ impl Metrics {
             self.nodes.get_or_create(&labels(&[("ready", ready)])).set(n);
         }
         self.allocated.set(state.gpu_allocated_ratio);
+        self.ledger.clear();
+        if let Some(l) = &state.ledger {
+            let fields = [
+                ("term", l.term),
+                ("leader", l.leader.unwrap_or(0)),
+                ("commit_index", l.commit_index),
+                ("applied_index", l.applied_index),
+                ("log_first", l.log.0),
+                ("log_last", l.log.1),
+                ("snapshot_index", l.snapshot_index),
+                ("snapshots", l.snapshots),
+                ("records", l.records),
+                ("log_bytes", l.log_bytes),
+            ];
+            for (field, v) in fields {
+                self.ledger.get_or_create(&labels(&[("field", field)])).set(v as f64);
+            }
+        }
     }
 
     /// The OpenMetrics text.
@@ -214,6 +248,8 @@ pub struct StateSnapshot {
     pub nodes: (i64, i64),
     /// Share of GPU capacity allocated.
     pub gpu_allocated_ratio: f64,
+    /// The usage ledger's group, when it is a replicated one.
+    pub ledger: Option<kiln_core::billing::LedgerStatus>,
 }
 
 /// One deployment's gauges.

@@ -274,6 +274,7 @@ impl Server {
             Router::new()
                 .route("/kiln/v1/deployments", get(deployments))
                 .route("/kiln/v1/rentals", get(rentals))
+                .route("/kiln/v1/ledger", get(ledger))
                 .route("/metrics", get(metrics_page))
                 .route(
                     "/healthz",
@@ -411,6 +412,36 @@ fn served_rentals(set: &crate::manifests::ManifestSet, records: &mut RentalRecor
             crate::spec::translate_rental(&m.namespace, &m.name, &m.resource.spec, Some(&status), record.created_at)
         })
         .collect()
+}
+
+/// `GET /kiln/v1/ledger`: how the usage ledger stands (an operator's key): its kind, and for the raft ledger the
+/// group as this replica sees it — term, leader, commit and applied index, stored log, snapshots, records, bytes.
+async fn ledger(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    match shared.gateway.caller(&headers) {
+        None => return shared.gateway.unauthorized(),
+        Some(Caller::Tenant(_)) => {
+            return (axum::http::StatusCode::FORBIDDEN, "the ledger's state is an operator's: use an operator key\n")
+                .into_response();
+        }
+        Some(Caller::Operator) => {}
+    }
+    let body = match shared.control.ledger_status() {
+        None => json!({ "kind": "none", "detail": "billing is off (no prices configured): nothing is metered" }),
+        Some(None) => json!({ "kind": "memory", "detail": "records are kept in memory: a restart loses them" }),
+        Some(Some(s)) => json!({
+            "kind": "raft",
+            "replica": s.replica,
+            "term": s.term,
+            "leader": s.leader,
+            "commitIndex": s.commit_index,
+            "appliedIndex": s.applied_index,
+            "log": { "first": s.log.0, "last": s.log.1, "bytes": s.log_bytes },
+            "snapshotIndex": s.snapshot_index,
+            "snapshots": s.snapshots,
+            "records": s.records,
+        }),
+    };
+    Json(body).into_response()
 }
 
 /// `GET /kiln/v1/rentals`: each rental's state (phase, why, GPUs held, delivery, end, GPU-hours billed, lent). A

@@ -147,6 +147,32 @@ impl Totals {
     }
 }
 
+/// How a replicated ledger's group stands, as one replica sees it (raft's term, leader, commit and applied indexes,
+/// the stored log, snapshots): what a durable implementation can report; the in-memory one has nothing to say.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LedgerStatus {
+    /// This replica's id.
+    pub replica: u64,
+    /// Current term.
+    pub term: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// Highest log index known committed.
+    pub commit_index: u64,
+    /// Highest log index applied to the records.
+    pub applied_index: u64,
+    /// First and last index of the stored log.
+    pub log: (u64, u64),
+    /// Index of the stored snapshot.
+    pub snapshot_index: u64,
+    /// Snapshots made or installed by this process.
+    pub snapshots: u64,
+    /// Records held.
+    pub records: u64,
+    /// Bytes of log files on disk.
+    pub log_bytes: u64,
+}
+
 /// Where usage records are kept. Implementations keep the semantics in the module docs.
 pub trait Ledger {
     /// Appends `record` idempotently by its id.
@@ -157,6 +183,11 @@ pub trait Ledger {
 
     /// The records `query` selects, in id order.
     fn query(&self, query: &Query) -> Vec<UsageRecord>;
+
+    /// How the replicated group stands, for implementations that have one (`None`: an in-memory ledger).
+    fn status(&self) -> Option<LedgerStatus> {
+        None
+    }
 
     /// Appends every record or none: all are validated and checked for conflicts first.
     fn append_all(&mut self, records: Vec<UsageRecord>) -> Result<Vec<Appended>> {

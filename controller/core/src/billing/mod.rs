@@ -27,7 +27,7 @@ pub mod prices;
 pub mod statement;
 pub mod usage;
 
-pub use ledger::{Appended, GroupBy, Ledger, MemoryLedger, Query, Totals};
+pub use ledger::{Appended, GroupBy, Ledger, LedgerStatus, MemoryLedger, Query, Totals};
 pub use meter::{Meter, ReplicaInterval};
 pub use prices::{GpuPrice, PriceTable, Ratio};
 pub use statement::{LineItem, Statement};

@@ -313,6 +313,11 @@ impl ControlPlane {
         let _ = self.billing.set(billing);
     }
 
+    /// How the usage ledger stands: `None` without billing; `Some(None)` for an in-memory ledger.
+    pub fn ledger_status(&self) -> Option<Option<kiln_core::billing::LedgerStatus>> {
+        self.billing.get().map(|b| b.ledger_status())
+    }
+
     /// Seconds since the Unix epoch of `t` on the loop's clock.
     fn epoch(&self, t: f64) -> f64 {
         self.origin_epoch + t
@@ -610,6 +615,7 @@ impl ControlPlane {
         }
         state.gpus = vec![("healthy", healthy), ("degraded", degraded), ("unhealthy", unhealthy), ("lost", lost)];
         state.gpu_allocated_ratio = if capacity == 0 { 0.0 } else { allocated as f64 / capacity as f64 };
+        state.ledger = self.billing.get().and_then(|b| b.ledger_status());
         self.metrics.set_state(&state);
         self.metrics.render()
     }
