@@ -172,6 +172,10 @@ struct State {
     rental_events: Vec<(String, kiln_core::rental::RentalEvent)>,
     /// Each rental's bill as last appended: (GPU-hours billed, credit spans, phase).
     rental_billed: HashMap<String, (i64, usize, kiln_core::rental::RentalPhase)>,
+    /// Forgotten rentals whose last bill could not be appended: offered again every pass.
+    rental_unbilled: Vec<kiln_core::rental::Rental>,
+    /// The last error appending each rental's bill (logged once until it changes or succeeds).
+    rental_bill_errors: HashMap<String, String>,
     /// Milli-GPU held by each replica this process started (from its `Start` action), for per-prediction figures.
     shares: HashMap<String, u32>,
 }
@@ -287,6 +291,8 @@ impl ControlPlane {
             clients: WorkerClients::default(),
             rental_events: Vec::new(),
             rental_billed: HashMap::new(),
+            rental_unbilled: Vec::new(),
+            rental_bill_errors: HashMap::new(),
             shares: HashMap::new(),
         };
         let mut state = state;
@@ -567,11 +573,25 @@ impl ControlPlane {
         if let Some(billing) = self.billing.get() {
             let wall = self.epoch(now);
             for rental in &to_bill {
-                if let Err(e) = billing.append_rental(rental, wall) {
-                    tracing::error!(rental = %rental.spec.name, namespace = %rental.spec.namespace, error = %e,
-                        "rental usage could not be appended; retried at the next pass");
-                    let key = crate::spec::key(&rental.spec.namespace, &rental.spec.name);
-                    self.state().rental_billed.remove(&key);
+                let key = crate::spec::key(&rental.spec.namespace, &rental.spec.name);
+                let result = billing.append_rental(rental, wall);
+                let mut state = self.state();
+                if let Err(e) = result {
+                    // Logged once per distinct error; retried every pass.
+                    let message = e.to_string();
+                    if state.rental_bill_errors.get(&key) != Some(&message) {
+                        tracing::error!(rental = %key, error = %message,
+                            "rental usage could not be appended; retried at every pass");
+                        state.rental_bill_errors.insert(key.clone(), message);
+                    }
+                    if state.core.rental(&key).is_some() {
+                        state.rental_billed.remove(&key);
+                    } else {
+                        // Forgotten by the core: this copy is the only one left.
+                        state.rental_unbilled.push(rental.clone());
+                    }
+                } else if state.rental_bill_errors.remove(&key).is_some() {
+                    tracing::info!(rental = %key, "rental usage appended after earlier failures");
                 }
             }
         }

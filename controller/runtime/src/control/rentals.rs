@@ -164,8 +164,8 @@ pub fn lifecycle_from_json(text: &str) -> Result<RentalState, String> {
 }
 
 impl State {
-    /// The rentals whose bill changed since the last call (started hours, credits, phase), and those forgotten at
-    /// this step: what to append to the ledger.
+    /// The rentals whose bill changed since the last call (started hours, credits, phase), those forgotten at this
+    /// step, and forgotten ones whose last bill failed before: what to append to the ledger.
     pub(super) fn rentals_to_bill(&mut self, wall: f64, forgotten: Vec<(String, Rental)>) -> Vec<Rental> {
         let mut out = Vec::new();
         let keys: Vec<String> = self.core.rental_keys().map(str::to_owned).collect();
@@ -182,6 +182,7 @@ impl State {
             self.rental_billed.remove(&key);
             out.push(r);
         }
+        out.append(&mut self.rental_unbilled);
         out
     }
 
