@@ -162,7 +162,10 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
             "RENTAL", "PHASE", "GPUS", "HELD", "MODEL", "BILLED-H", "ENDS"
         );
         for r in &rentals {
-            let ends = r["end_at"].as_f64().map_or_else(|| "-".to_owned(), utc_time);
+            let ends = r["end_at"]
+                .as_f64()
+                .and_then(|t| jiff::Timestamp::from_second(t.floor() as i64).ok())
+                .map_or_else(|| "-".to_owned(), |t| t.to_string());
             let mut note = r["message"].as_str().unwrap_or_default().to_owned();
             for (flag, word) in [("degraded", "degraded"), ("expiring_soon", "expiring soon"), ("lent", "lent")] {
                 if r[flag] == true {
@@ -183,14 +186,6 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Seconds since the Unix epoch as `YYYY-MM-DD HH:MM:SSZ`.
-fn utc_time(secs: f64) -> String {
-    let secs = secs.floor() as i64;
-    let day = kiln_core::billing::utc_day(secs * 1000);
-    let rest = secs.rem_euclid(86_400);
-    format!("{day} {:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
 }
 
 /// `kiln usage`: metered GPU usage and what it costs, from the gateway's `GET /v1/usage`.

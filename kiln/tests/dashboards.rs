@@ -133,7 +133,7 @@ fn metrics_in(expr: &str) -> BTreeSet<String> {
 fn registered() -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for &(name, kind) in kiln_controller::metrics::Metrics::new().families() {
-        match kind {
+        match kind.as_str() {
             "counter" => {
                 names.insert(format!("{name}_total"));
             }

@@ -423,22 +423,6 @@ fn a_deployment_whose_model_is_missing_fails_fast_backs_off_and_recovers_when_th
     assert!(d["degraded"].is_null(), "{d:#}");
 }
 
-/// `secs` since the Unix epoch as RFC 3339 (UTC, whole seconds).
-fn rfc3339(secs: u64) -> String {
-    let (days, rest) = ((secs / 86_400) as i64, secs % 86_400);
-    // H. Hinnant's civil-from-days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rest / 3600, rest % 3600 / 60, rest % 60)
-}
-
 const WHOLE: &str = r#"
 apiVersion: kiln.dev/v1alpha1
 kind: ModelDeployment
@@ -513,7 +497,11 @@ fn a_rental_takes_gpus_serverless_work_used_a_pinned_deployment_serves_on_them_a
 
     // A rental of 2 GPUs ending in 40 s: two GPUs of one node, so one of the serverless replicas must move.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    std::fs::write(c.dir.join("manifests/rental.yaml"), manifest(RENTAL).replace("END", &rfc3339(now + 40))).unwrap();
+    std::fs::write(
+        c.dir.join("manifests/rental.yaml"),
+        manifest(RENTAL).replace("END", &jiff::Timestamp::from_second(now as i64 + 40).unwrap().to_string()),
+    )
+    .unwrap();
     let rentals = |auth: &str| -> Value {
         let (status, _, body) = http(&c.http, "GET", "/kiln/v1/rentals", &[("Authorization", auth)], "");
         assert_eq!(status, 200, "{body}");

@@ -26,6 +26,7 @@ use std::sync::atomic::AtomicU64;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
+        MetricType, TypedMetric,
         counter::Counter,
         family::Family,
         gauge::Gauge,
@@ -45,7 +46,7 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 pub struct Metrics {
     registry: Registry,
     /// Every family registered: (name, kind).
-    families: Vec<(&'static str, &'static str)>,
+    families: Vec<(&'static str, MetricType)>,
     requests: Family<Labels, Counter>,
     latency: Family<Labels, Histogram>,
     queue: Family<Labels, Gauge>,
@@ -100,44 +101,38 @@ impl Metrics {
         let r = &mut m.registry;
         // Registers a family and records its name and kind (what dashboards may query: `Metrics::families`).
         macro_rules! reg {
-            ($name:literal, $kind:literal, $help:literal, $metric:expr) => {{
-                r.register($name, $help, $metric);
-                families.push(($name, $kind));
+            ($name:literal, $help:literal, $metric:expr) => {{
+                let metric = $metric;
+                families.push(($name, kind_of(&metric)));
+                r.register($name, $help, metric);
             }};
         }
-        reg!("kiln_gateway_requests", "counter", "Predictions run, by outcome", m.requests.clone());
-        reg!(
-            "kiln_gateway_request_duration_seconds",
-            "histogram",
-            "Prediction latency including holds",
-            m.latency.clone()
-        );
-        reg!("kiln_gateway_queue_depth", "gauge", "Requests held for a replica", m.queue.clone());
-        reg!("kiln_gateway_in_flight", "gauge", "Requests on replicas", m.in_flight.clone());
-        reg!("kiln_cold_starts", "counter", "Replicas started, by weight source", m.cold_starts.clone());
-        reg!("kiln_cold_start_duration_seconds", "histogram", "Start decision to ready", m.cold_start_seconds.clone());
-        reg!("kiln_cold_start_phase_seconds", "histogram", "Agent load phases", m.phases.clone());
-        reg!("kiln_failed_starts", "counter", "Starts refused or failed", m.failed_starts.clone());
-        reg!("kiln_replicas", "gauge", "Replicas by state", m.replicas.clone());
-        reg!("kiln_scheduling_duration_seconds", "histogram", "One control-loop pass", m.scheduling.clone());
-        reg!("kiln_gpus", "gauge", "GPUs by state", m.gpus.clone());
-        reg!("kiln_gpu_allocated_ratio", "gauge", "Share of GPU capacity held by replicas", m.allocated.clone());
-        reg!("kiln_nodes", "gauge", "Nodes by readiness", m.nodes.clone());
-        reg!("kiln_reconcile_errors", "counter", "Failed reconciles, by category", m.reconcile_errors.clone());
+        reg!("kiln_gateway_requests", "Predictions run, by outcome", m.requests.clone());
+        reg!("kiln_gateway_request_duration_seconds", "Prediction latency including holds", m.latency.clone());
+        reg!("kiln_gateway_queue_depth", "Requests held for a replica", m.queue.clone());
+        reg!("kiln_gateway_in_flight", "Requests on replicas", m.in_flight.clone());
+        reg!("kiln_cold_starts", "Replicas started, by weight source", m.cold_starts.clone());
+        reg!("kiln_cold_start_duration_seconds", "Start decision to ready", m.cold_start_seconds.clone());
+        reg!("kiln_cold_start_phase_seconds", "Agent load phases", m.phases.clone());
+        reg!("kiln_failed_starts", "Starts refused or failed", m.failed_starts.clone());
+        reg!("kiln_replicas", "Replicas by state", m.replicas.clone());
+        reg!("kiln_scheduling_duration_seconds", "One control-loop pass", m.scheduling.clone());
+        reg!("kiln_gpus", "GPUs by state", m.gpus.clone());
+        reg!("kiln_gpu_allocated_ratio", "Share of GPU capacity held by replicas", m.allocated.clone());
+        reg!("kiln_nodes", "Nodes by readiness", m.nodes.clone());
+        reg!("kiln_reconcile_errors", "Failed reconciles, by category", m.reconcile_errors.clone());
         let b = &m.billing;
-        reg!("kiln_billed_amount", "counter", "Amounts charged, currency units", b.billed.clone());
-        reg!("kiln_credited_amount", "counter", "Amounts credited, currency units", b.credited.clone());
-        reg!("kiln_gpu_seconds", "counter", "GPU-seconds metered", b.gpu_seconds.clone());
-        reg!("kiln_billing_unpriced_gpu_models", "gauge", "GPU models in use without a price", b.unpriced.clone());
+        reg!("kiln_billed_amount", "Amounts charged, currency units", b.billed.clone());
+        reg!("kiln_credited_amount", "Amounts credited, currency units", b.credited.clone());
+        reg!("kiln_gpu_seconds", "GPU-seconds metered", b.gpu_seconds.clone());
+        reg!("kiln_billing_unpriced_gpu_models", "GPU models in use without a price", b.unpriced.clone());
         reg!(
             "kiln_ledger_append_duration_seconds",
-            "histogram",
             "One batch of usage records appended (committed) to the ledger",
             b.append_seconds.clone()
         );
         reg!(
             "kiln_ledger_status",
-            "gauge",
             "The usage ledger's raft group as this replica sees it, by field (term, leader, commit_index, \
              applied_index, log_first, log_last, snapshot_index, snapshots, records, log_bytes)",
             m.ledger.clone()
@@ -146,10 +141,10 @@ impl Metrics {
         m
     }
 
-    /// Every metric family the controller registers, (name, kind `counter` | `gauge` | `histogram`), whether or not
-    /// it has a series yet: what dashboards may query (a counter is exported as `<name>_total`, a histogram as
-    /// `<name>_bucket`, `_sum`, `_count`).
-    pub fn families(&self) -> &[(&'static str, &'static str)] {
+    /// Every metric family the controller registers, with its type, whether or not it has a series yet: what
+    /// dashboards may query (a counter is exported as `<name>_total`, a histogram as `<name>_bucket`, `_sum`,
+    /// `_count`).
+    pub fn families(&self) -> &[(&'static str, MetricType)] {
         &self.families
     }
 
@@ -235,6 +230,11 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+/// The type a metric is exported as.
+fn kind_of<M: TypedMetric>(_: &M) -> MetricType {
+    M::TYPE
 }
 
 /// What the scrape-time gauges show.

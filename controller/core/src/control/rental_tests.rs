@@ -1,7 +1,7 @@
 //! Rentals and metering in the control loop, on hand-made timelines. The loop's clock and the wall clock differ by
 //! `WALL` so that a mix-up of the two shows.
 
-use super::*;
+use super::{tests::stops, *};
 use crate::rental::{RentalEvent, RentalPhase, RentalSpec};
 
 /// Wall-clock seconds at loop time 0 (2026-11-26T08:00:00Z).
@@ -81,16 +81,6 @@ fn started(actions: &[Action]) -> Vec<(String, String, Vec<u32>)> {
         .collect()
 }
 
-fn stopped(actions: &[Action]) -> Vec<(String, StopReason)> {
-    actions
-        .iter()
-        .filter_map(|a| match a {
-            Action::Stop { replica, reason, .. } => Some((replica.clone(), *reason)),
-            Action::Start { .. } => None,
-        })
-        .collect()
-}
-
 /// Requests arrive for `key` at `t` and its replicas are started and made ready; returns their ids.
 fn serve(c: &mut Control, key: &str, requests: usize, t: f64) -> Vec<String> {
     for _ in 0..requests {
@@ -150,13 +140,13 @@ fn a_future_rental_fences_its_gpus_a_lead_time_before_and_bills_from_delivery() 
     c.upsert_rental("t/r", rental(2, Some(WALL + H), 1, false), WALL, None);
     let (events, actions) = tick(&mut c, 60.0);
     assert!(events.iter().all(|e| !matches!(e, RentalEvent::Fence { .. })), "{events:?}");
-    assert!(stopped(&actions).is_empty());
+    assert!(stops(&actions).is_empty());
     assert!(c.rental("t/r").unwrap().rental.state.reason.contains("waiting for startTime"));
     // At the fence: both GPUs of one node are taken, the serverless replica there stops, and (both requests still in
     // flight) its deployment gets a replacement on the other node's free GPU.
     let (events, actions) = tick(&mut c, H - 600.0);
     assert!(events.iter().any(|e| matches!(e, RentalEvent::Fence { count: 2, .. })), "{events:?}");
-    let fenced = stopped(&actions);
+    let fenced = stops(&actions);
     assert_eq!(fenced.len(), 1, "{actions:?}");
     assert_eq!(fenced[0].1, StopReason::Fenced);
     // The fenced replica's GPU-time was its own deployment's, not lent by the rental.
@@ -219,7 +209,7 @@ fn a_pinned_deployment_runs_only_on_its_rental_and_stops_when_the_rental_ends() 
     let (events, actions) = tick(&mut c, H + 1.0);
     assert_eq!(phases(&events), vec![RentalPhase::Expired]);
     assert!(events.iter().any(|e| matches!(e, RentalEvent::StopWork { .. })));
-    assert_eq!(stopped(&actions), vec![(pinned[0].0.clone(), StopReason::RentalEnded)]);
+    assert_eq!(stops(&actions), vec![(pinned[0].0.clone(), StopReason::RentalEnded)]);
     assert_eq!(started(&actions).len(), 1, "the serverless request waiting for room: {actions:?}");
     assert!(c.rental("t/r").unwrap().gpus.is_empty());
 }
@@ -240,7 +230,7 @@ fn an_idle_rental_lends_its_gpus_and_takes_them_back_when_its_owner_needs_them()
     // The owner's request: lending stops, the borrower is reclaimed, the owner's replica starts on the GPU.
     c.arrive("t/pinned", 20.0);
     let (_, actions) = tick(&mut c, 20.0);
-    assert_eq!(stopped(&actions), vec![(borrower[0].clone(), StopReason::Reclaimed)]);
+    assert_eq!(stops(&actions), vec![(borrower[0].clone(), StopReason::Reclaimed)]);
     // The borrower's last span runs to the reclaim, lent.
     let spans = c.take_held(20.0);
     let last = spans.iter().filter(|s| s.replica == borrower[0]).map(|s| (s.to, s.lent_from.clone())).next_back();

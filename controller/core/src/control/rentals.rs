@@ -283,6 +283,13 @@ impl Control {
             }
             return;
         }
+        // Replicas on each GPU (what taking it would stop), counted once.
+        let mut on_gpu: std::collections::HashMap<(NodeId, u32), usize> = std::collections::HashMap::new();
+        for r in self.replicas.values() {
+            for g in (0..16u32).filter(|g| r.placement.gpus & (1 << g) != 0) {
+                *on_gpu.entry((r.node_id, g)).or_default() += 1;
+            }
+        }
         // Candidate GPUs per node, cheapest (fewest replicas to stop) first.
         let mut nodes: Vec<(&String, NodeId)> = self.nodes.iter().map(|(n, &id)| (n, id)).collect();
         nodes.sort_by_key(|&(_, id)| id);
@@ -296,9 +303,7 @@ impl Control {
                 if !self.gpu_is_healthy(id, g) || self.held_by.contains_key(&(id, g)) {
                     continue;
                 }
-                let cost =
-                    self.replicas.values().filter(|r| r.node_id == id && r.placement.gpus & (1 << g) != 0).count();
-                candidates.entry(id).or_default().push((cost, g));
+                candidates.entry(id).or_default().push((on_gpu.get(&(id, g)).copied().unwrap_or(0), g));
             }
         }
         for list in candidates.values_mut() {

@@ -45,7 +45,7 @@ fn starts(actions: &[Action]) -> Vec<(String, String)> {
         .collect()
 }
 
-fn stops(actions: &[Action]) -> Vec<(String, StopReason)> {
+pub(super) fn stops(actions: &[Action]) -> Vec<(String, StopReason)> {
     actions
         .iter()
         .filter_map(|a| match a {

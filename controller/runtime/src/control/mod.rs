@@ -304,9 +304,7 @@ impl ControlPlane {
             registry,
             wake: Notify::new(),
             origin: Instant::now(),
-            origin_epoch: std::time::SystemTime::now()
-                .duration_since(std::time::SystemTime::UNIX_EPOCH)
-                .map_or(0.0, |d| d.as_secs_f64()),
+            origin_epoch: rentals::wall_now(),
             config,
             commands: AtomicU64::new(0),
             metrics: Metrics::new(),

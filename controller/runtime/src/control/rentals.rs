@@ -243,7 +243,8 @@ impl ControlPlane {
             let state = self.state();
             let v = state.core.rental(key)?;
             let r = v.rental;
-            let now = wall_now();
+            // The loop's own wall clock, as the rentals were stepped with.
+            let now = self.epoch(self.now());
             RentalStatusView {
                 key: key.to_owned(),
                 phase: r.phase(),
