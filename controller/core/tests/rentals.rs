@@ -115,8 +115,13 @@ fn a_day_of_usage_bills_exactly_and_the_statement_adds_up() {
     let price = prices.get("H100").expect("priced");
     assert_eq!(rental.billed_amount(t, price), Ok(by_kind["rental-hours"].amount));
     assert_eq!(rental.credited(price), Ok(by_kind["credit"].amount));
-    let first_hour =
-        ledger.query(&rental_q).into_iter().filter(|r| r.kind == UsageKind::RentalHours).map(|r| r.start_ms).min();
+    let first_hour = ledger
+        .query(&rental_q)
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.kind == UsageKind::RentalHours)
+        .map(|r| r.start_ms)
+        .min();
     assert_eq!(first_hour, Some((delivered_at * 1000.0) as i64), "billing starts at delivery");
 
     // The deployment: half a GPU loading 30 s, busy 10 min, idle-warm 5 min at $0.0008 per GPU-second.

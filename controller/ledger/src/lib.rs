@@ -14,6 +14,8 @@
 //! - [`transport`] — the ledger between processes: a replica driven by a real clock with raft messages over gRPC
 //!   (`kiln.ledger.v1.LedgerService`), `Append` answered once applied, and the client that follows redirects. The
 //!   `ledger-node` binary runs one replica with it.
+//! - [`group`] — [`group::GroupLedger`]: the core's `Ledger` on one replica of a running group (appends committed
+//!   by a quorum, reads through ReadIndex), what a controller that leads the group bills into.
 //! - [`sim`] — a deterministic, seeded simulator of 3 or 5 replicas with a faulty network and crashes at every step
 //!   of the loop, and the checker of the ledger's invariants.
 //!
@@ -37,6 +39,7 @@
 //! and a real clock; everything else is driven by its caller.
 
 mod codec;
+pub mod group;
 pub mod local;
 pub mod loopback;
 pub mod node;
@@ -45,6 +48,7 @@ pub mod state;
 pub mod storage;
 pub mod transport;
 
+pub use group::GroupLedger;
 pub use local::LocalLedger;
 pub use node::{CrashPoint, Event, Handled, Node, NodeConfig, NodeStatus, ProposalError, ProposalId, ReadId};
 pub use state::{Command, LedgerState, Outcome, ReadView, SeqStatus, SourceProgress, TotalsKey};

@@ -116,11 +116,11 @@ impl Ledger for LocalLedger {
         }
     }
 
-    fn get(&self, id: &RecordId) -> Option<UsageRecord> {
-        self.node.state().record(id).cloned()
+    fn get(&self, id: &RecordId) -> kiln_core::billing::Result<Option<UsageRecord>> {
+        Ok(self.node.state().record(id).cloned())
     }
 
-    fn query(&self, query: &Query) -> Vec<UsageRecord> {
+    fn query(&self, query: &Query) -> kiln_core::billing::Result<Vec<UsageRecord>> {
         ReadView(self.node.state()).query(query)
     }
 
@@ -180,7 +180,7 @@ mod tests {
             assert!(ledger.node().status().log.0 > 1, "the log was compacted");
         }
         let ledger = LocalLedger::open(dir.path(), "meter", Some(cfg)).unwrap();
-        assert_eq!(ledger.query(&Query::all()), memory.query(&Query::all()));
+        assert_eq!(ledger.query(&Query::all()).unwrap(), memory.query(&Query::all()).unwrap());
         assert_eq!(
             ledger.sum(&Query::all(), GroupBy::Namespace).unwrap(),
             memory.sum(&Query::all(), GroupBy::Namespace).unwrap()

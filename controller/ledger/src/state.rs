@@ -431,12 +431,12 @@ impl Ledger for ReadView<'_> {
         })
     }
 
-    fn get(&self, id: &RecordId) -> Option<UsageRecord> {
-        self.0.records.get(id).cloned()
+    fn get(&self, id: &RecordId) -> kiln_core::billing::Result<Option<UsageRecord>> {
+        Ok(self.0.records.get(id).cloned())
     }
 
-    fn query(&self, query: &Query) -> Vec<UsageRecord> {
-        self.0.records.values().filter(|r| query.matches(r)).cloned().collect()
+    fn query(&self, query: &Query) -> kiln_core::billing::Result<Vec<UsageRecord>> {
+        Ok(self.0.records.values().filter(|r| query.matches(r)).cloned().collect())
     }
 }
 
@@ -495,7 +495,7 @@ mod tests {
         assert_eq!(state.len(), 2, "a rejected batch stores nothing");
 
         let view = ReadView(&state);
-        assert_eq!(view.query(&Query::all()), memory.query(&Query::all()));
+        assert_eq!(view.query(&Query::all()).unwrap(), memory.query(&Query::all()).unwrap());
         assert_eq!(view.sum(&Query::all(), GroupBy::Day).unwrap(), memory.sum(&Query::all(), GroupBy::Day).unwrap());
         let running: Totals = state.totals().values().fold(Totals::default(), |mut t, x| {
             t.records += x.records;

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::node::{Event, Handled, Node, NodeConfig, NodeStatus, ProposalError, ProposalId};
-use crate::state::{Command, Outcome};
+use crate::state::{Command, LedgerState, Outcome};
 use crate::storage::EngineStore;
 use crate::{LedgerError, Result};
 
@@ -78,13 +78,50 @@ pub struct ReplicaStatus {
     pub node: NodeStatus,
     /// Records in the applied state.
     pub records: u64,
+    /// Bytes of raft-engine files.
+    pub log_bytes: u64,
 }
 
-type ProposalReply = oneshot::Sender<std::result::Result<Outcome, ProposalError>>;
+type ProposalResult = std::result::Result<Outcome, ProposalError>;
 
-enum Input {
+/// Where a proposal's answer goes: an async caller (the gRPC service) or a blocking one (the [`GroupLedger`],
+/// behind the core's synchronous `Ledger` trait), which gives up at its deadline.
+///
+/// [`GroupLedger`]: crate::group::GroupLedger
+pub(crate) enum Reply {
+    Async(oneshot::Sender<ProposalResult>),
+    Blocking(std_mpsc::SyncSender<ProposalResult>, Instant),
+}
+
+impl Reply {
+    fn send(self, result: ProposalResult) {
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(result);
+            }
+            Reply::Blocking(tx, _) => {
+                let _ = tx.try_send(result);
+            }
+        }
+    }
+
+    /// True when nobody waits for the answer any more.
+    fn abandoned(&self, now: Instant) -> bool {
+        match self {
+            Reply::Async(tx) => tx.is_closed(),
+            Reply::Blocking(_, deadline) => now > *deadline,
+        }
+    }
+}
+
+/// A linearizable read of the applied state: run on the driver thread once a ReadIndex round confirmed this
+/// replica still leads and the state has applied up to the read index; given the reason instead when it cannot be.
+pub(crate) type ReadFn = Box<dyn FnOnce(std::result::Result<&LedgerState, ProposalError>) + Send>;
+
+pub(crate) enum Input {
     Raft(Vec<Message>),
-    Propose(Command, ProposalReply),
+    Propose(Command, Reply),
+    Read(ReadFn, Instant),
     Status(oneshot::Sender<ReplicaStatus>),
     Unreachable { to: u64, snapshot: bool },
     SnapshotSent { to: u64 },
@@ -95,6 +132,7 @@ enum Input {
 #[derive(Debug)]
 pub struct Replica {
     inputs: std_mpsc::Sender<Input>,
+    status: tokio::sync::watch::Receiver<ReplicaStatus>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
     ended: std::sync::Arc<tokio::sync::Notify>,
     cfg: ReplicaConfig,
@@ -122,12 +160,25 @@ impl Replica {
         let tick = cfg.tick;
         let ended = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = ended.clone();
+        let (status_tx, status) = tokio::sync::watch::channel(replica_status(&node));
         let thread = std::thread::Builder::new().name(format!("ledger-replica-{id}")).spawn(move || {
-            let result = drive(node, rx, outbound, tick);
+            let result = drive(node, rx, outbound, tick, &status_tx);
             notify.notify_one();
             result
         })?;
-        Ok(Replica { inputs, thread: Some(thread), ended, cfg })
+        Ok(Replica { inputs, status, thread: Some(thread), ended, cfg })
+    }
+
+    /// This replica's status, updated by the driver thread whenever it changes (term, leader, indexes, records):
+    /// the controller watches it to know whether it leads.
+    pub fn watch_status(&self) -> tokio::sync::watch::Receiver<ReplicaStatus> {
+        self.status.clone()
+    }
+
+    /// The core's `Ledger` on this replica: appends proposed here (so they succeed only while this replica leads)
+    /// and numbered as batches of `source`; reads through ReadIndex. Calls block up to `timeout`.
+    pub fn ledger(&self, source: &str, timeout: Duration) -> crate::group::GroupLedger {
+        crate::group::GroupLedger::new(self.inputs.clone(), self.status.clone(), source, timeout)
     }
 
     /// Completes when the driver thread has ended (stopped, or failed: [`Replica::stop`] then returns why). A
@@ -169,13 +220,23 @@ impl Drop for Replica {
 
 /// The driver loop (see the module docs). Returns when stopped or when the node fails (a storage error: the
 /// process should exit and restart from disk).
+fn replica_status(node: &Node<EngineStore>) -> ReplicaStatus {
+    ReplicaStatus {
+        node: node.status(),
+        records: node.state().len() as u64,
+        log_bytes: node.store().used_size() as u64,
+    }
+}
+
 fn drive(
     mut node: Node<EngineStore>,
     inputs: std_mpsc::Receiver<Input>,
     outbound: BTreeMap<u64, mpsc::UnboundedSender<Message>>,
     tick: Duration,
+    status: &tokio::sync::watch::Sender<ReplicaStatus>,
 ) -> Result<()> {
-    let mut waiting: BTreeMap<ProposalId, ProposalReply> = BTreeMap::new();
+    let mut waiting: BTreeMap<ProposalId, Reply> = BTreeMap::new();
+    let mut reads: BTreeMap<crate::node::ReadId, (ReadFn, Instant)> = BTreeMap::new();
     let mut next_tick = Instant::now() + tick;
     let mut send = |msgs: Vec<Message>| {
         for m in msgs {
@@ -202,9 +263,12 @@ fn drive(
                     let id = node.propose(&cmd);
                     waiting.insert(id, reply);
                 }
+                Input::Read(read, deadline) => {
+                    let id = node.read_index();
+                    reads.insert(id, (read, deadline));
+                }
                 Input::Status(reply) => {
-                    let records = node.state().len() as u64;
-                    let _ = reply.send(ReplicaStatus { node: node.status(), records });
+                    let _ = reply.send(replica_status(&node));
                 }
                 Input::Unreachable { to, snapshot } => {
                     node.report_unreachable(to);
@@ -225,14 +289,31 @@ fn drive(
         }
         while node.handle_ready_sending(&mut send)? == Handled::Done {}
         for event in node.take_events() {
-            if let Event::Proposal { id, result } = event
-                && let Some(reply) = waiting.remove(&id)
-            {
-                let _ = reply.send(result);
+            match event {
+                Event::Proposal { id, result } => {
+                    if let Some(reply) = waiting.remove(&id) {
+                        reply.send(result);
+                    }
+                }
+                Event::Read { id, result } => {
+                    if let Some((read, _)) = reads.remove(&id) {
+                        read(result.map(|_| node.state()));
+                    }
+                }
             }
         }
         // Callers that gave up (their deadline passed) no longer wait.
-        waiting.retain(|_, reply| !reply.is_closed());
+        let now = Instant::now();
+        waiting.retain(|_, reply| !reply.abandoned(now));
+        reads.retain(|_, (_, deadline)| now <= *deadline);
+        status.send_if_modified(|current| {
+            let fresh = replica_status(&node);
+            let changed = *current != fresh;
+            if changed {
+                *current = fresh;
+            }
+            changed
+        });
     }
 }
 
@@ -297,6 +378,7 @@ impl std::fmt::Debug for Input {
         f.write_str(match self {
             Input::Raft(_) => "Raft",
             Input::Propose(..) => "Propose",
+            Input::Read(..) => "Read",
             Input::Status(_) => "Status",
             Input::Unreachable { .. } => "Unreachable",
             Input::SnapshotSent { .. } => "SnapshotSent",
@@ -336,7 +418,7 @@ impl LedgerService for LedgerGrpc {
         let cmd = Command::decode(&request.into_inner().command)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
-        self.inputs.send(Input::Propose(cmd, tx)).map_err(|_| stopped())?;
+        self.inputs.send(Input::Propose(cmd, Reply::Async(tx))).map_err(|_| stopped())?;
         let answer = match tokio::time::timeout(self.append_timeout, rx).await {
             Ok(Ok(result)) => result,
             // The deadline passed, or the replica stopped with the proposal open: the outcome is unknown.

@@ -134,3 +134,100 @@ async fn appends_are_applied_followers_redirect_and_a_restarted_replica_catches_
         n.replica.stop().unwrap();
     }
 }
+
+fn record(i: i64, nanos: i128) -> UsageRecord {
+    UsageRecord::new(
+        "controller",
+        if i % 2 == 0 { "a" } else { "b" },
+        Subject::Deployment("d".into()),
+        UsageKind::Serverless(ServerlessPhase::Busy),
+        "H100",
+        Quantity::MicroGpuSeconds(1_000),
+        Money::from_nanos(nanos),
+        i * 60_000,
+        (i + 1) * 60_000,
+    )
+}
+
+/// The core's `Ledger` on the leading replica of a group: appends committed by the quorum, reads through ReadIndex;
+/// a follower's refuses both as unavailable; after the leader stops, the next leader's continues the numbering and
+/// reads every acknowledged record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_group_ledger_bills_through_whoever_leads() {
+    use kiln_core::billing::{Appended, BillingError, Ledger, Query};
+    let dir = tempfile::tempdir().unwrap();
+    let peers: BTreeMap<u64, String> = (1..=3u64)
+        .map(|id| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            (id, format!("127.0.0.1:{port}"))
+        })
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(dir.path(), id, &peers).await);
+    }
+    let mut client = LedgerClient::new(peers.clone()).unwrap();
+    let lead = leader(&mut client, &peers).await;
+    let timeout = Duration::from_secs(5);
+
+    let mut ledger = nodes[&lead].replica.ledger("controller", timeout);
+    let first: Vec<UsageRecord> = (0..4).map(|i| record(i, 10)).collect();
+    let results = tokio::task::block_in_place(|| ledger.append_all(first.clone())).unwrap();
+    assert_eq!(results, vec![Appended::New; 4]);
+    let again = tokio::task::block_in_place(|| ledger.append_all(first.clone())).unwrap();
+    assert_eq!(again, vec![Appended::Duplicate; 4], "a resend counts once");
+    let mut conflicting = record(0, 10);
+    conflicting.amount = Money::from_nanos(11);
+    let refused = tokio::task::block_in_place(|| ledger.append(conflicting));
+    assert!(matches!(refused, Err(BillingError::Conflict { .. })), "{refused:?}");
+    let total = tokio::task::block_in_place(|| ledger.total(&Query::namespace("a"))).unwrap();
+    assert_eq!(total.amount, Money::from_nanos(20));
+    let status = ledger.status().unwrap();
+    assert_eq!((status.replica, status.leader), (lead, Some(lead)));
+
+    let follower = (1..=3).find(|id| *id != lead).unwrap();
+    let mut on_follower = nodes[&follower].replica.ledger("controller", timeout);
+    let read = tokio::task::block_in_place(|| on_follower.query(&Query::all()));
+    assert!(matches!(read, Err(BillingError::Unavailable(_))), "a follower does not serve reads: {read:?}");
+    let write = tokio::task::block_in_place(|| on_follower.append(record(9, 1)));
+    assert!(matches!(write, Err(BillingError::Unavailable(_))), "nor appends: {write:?}");
+
+    // The leader goes away; whoever leads next bills on, numbering after the batches already in the state.
+    let gone = nodes.remove(&lead).unwrap();
+    gone.server.abort();
+    gone.replica.stop().unwrap();
+    let next = {
+        let start = Instant::now();
+        loop {
+            let found = nodes.iter().find(|(_, n)| {
+                let s = n.replica.watch_status().borrow().clone();
+                s.node.is_leader
+            });
+            if let Some((id, _)) = found {
+                break *id;
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "no new leader");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let mut ledger = nodes[&next].replica.ledger("controller", timeout);
+    let more: Vec<UsageRecord> = (4..6).map(|i| record(i, 10)).collect();
+    // Right after an election the leader may not have committed in its term yet: the caller retries.
+    let appended = loop {
+        match tokio::task::block_in_place(|| ledger.append_all(more.clone())) {
+            Err(BillingError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(appended, vec![Appended::New; 2]);
+    let all = tokio::task::block_in_place(|| ledger.query(&Query::all())).unwrap();
+    assert_eq!(all.len(), 6, "every acknowledged record, once");
+    let seq = tokio::task::block_in_place(|| ledger.read(|s| s.sources()["controller"].last_seq)).unwrap();
+    assert!(seq >= 4, "the numbering went on after the first leader's batches: {seq}");
+    let missing = tokio::task::block_in_place(|| ledger.read(|s| s.sources()["controller"].missing_count())).unwrap();
+    assert_eq!(missing, 0, "no gap in the source's numbering");
+    for (_, n) in nodes {
+        n.server.abort();
+        n.replica.stop().unwrap();
+    }
+}

@@ -315,7 +315,7 @@ impl Billing {
     }
 
     /// The records `query` selects, in id order.
-    pub fn records(&self, query: &Query) -> Vec<UsageRecord> {
+    pub fn records(&self, query: &Query) -> Result<Vec<UsageRecord>> {
         self.lock().ledger.query(query)
     }
 
@@ -624,7 +624,7 @@ mod tests {
         assert_eq!(all.groups["b"].amount, Money::parse("0.01").unwrap());
 
         // Appending the same records again is a no-op: counters do not move.
-        let again = billing.records(&Query::all());
+        let again = billing.records(&Query::all()).unwrap();
         assert_eq!(billing.append(again).unwrap(), 0);
         let text = metrics.render();
         assert!(text.contains(r#"kiln_billed_amount_total{namespace="a",phase="busy"} 0.015"#), "{text}");
@@ -640,7 +640,7 @@ mod tests {
         s.gpu_model = "NVIDIA B300".into();
         billing.observe(&s).unwrap();
         assert_eq!(billing.close(60.0), Err(BillingError::MissingPrice { model: "NVIDIA B300".into() }));
-        assert!(billing.records(&Query::all()).is_empty(), "nothing billed as zero");
+        assert!(billing.records(&Query::all()).unwrap().is_empty(), "nothing billed as zero");
         assert!(metrics.render().contains(r#"kiln_billing_unpriced_gpu_models{gpu_model="NVIDIA B300"} 1"#));
         assert_eq!(billing.check_models(["NVIDIA B300", H100, ""]), ["NVIDIA B300"]);
         assert!(billing.prediction_amount("NVIDIA B300", 1000, 1.0).is_err());

@@ -178,11 +178,12 @@ pub trait Ledger {
     /// Appends `record` idempotently by its id.
     fn append(&mut self, record: UsageRecord) -> Result<Appended>;
 
-    /// The record stored under `id`.
-    fn get(&self, id: &RecordId) -> Option<UsageRecord>;
+    /// The record stored under `id`. Fails only where the ledger cannot be read (a replicated ledger that lost
+    /// its leadership or its quorum), never for a missing record.
+    fn get(&self, id: &RecordId) -> Result<Option<UsageRecord>>;
 
-    /// The records `query` selects, in id order.
-    fn query(&self, query: &Query) -> Vec<UsageRecord>;
+    /// The records `query` selects, in id order. Fails only where the ledger cannot be read.
+    fn query(&self, query: &Query) -> Result<Vec<UsageRecord>>;
 
     /// How the replicated group stands, for implementations that have one (`None`: an in-memory ledger).
     fn status(&self) -> Option<LedgerStatus> {
@@ -194,7 +195,10 @@ pub trait Ledger {
         let mut batch: BTreeMap<RecordId, &UsageRecord> = BTreeMap::new();
         for r in &records {
             r.validate()?;
-            let earlier = batch.insert(r.id.clone(), r).cloned().or_else(|| self.get(&r.id));
+            let earlier = match batch.insert(r.id.clone(), r) {
+                Some(e) => Some(e.clone()),
+                None => self.get(&r.id)?,
+            };
             if earlier.is_some_and(|e| e != *r) {
                 return Err(BillingError::Conflict { id: r.id.to_string() });
             }
@@ -205,7 +209,7 @@ pub trait Ledger {
     /// Totals of the records `query` selects, per group.
     fn sum(&self, query: &Query, by: GroupBy) -> Result<BTreeMap<String, Totals>> {
         let mut groups: BTreeMap<String, Totals> = BTreeMap::new();
-        for r in self.query(query) {
+        for r in self.query(query)? {
             groups.entry(by.key(&r)).or_default().add(&r)?;
         }
         Ok(groups)
@@ -214,7 +218,7 @@ pub trait Ledger {
     /// Totals of all records `query` selects.
     fn total(&self, query: &Query) -> Result<Totals> {
         let mut t = Totals::default();
-        for r in self.query(query) {
+        for r in self.query(query)? {
             t.add(&r)?;
         }
         Ok(t)
@@ -257,12 +261,12 @@ impl Ledger for MemoryLedger {
         }
     }
 
-    fn get(&self, id: &RecordId) -> Option<UsageRecord> {
-        self.records.get(id).cloned()
+    fn get(&self, id: &RecordId) -> Result<Option<UsageRecord>> {
+        Ok(self.records.get(id).cloned())
     }
 
-    fn query(&self, query: &Query) -> Vec<UsageRecord> {
-        self.records.values().filter(|r| query.matches(r)).cloned().collect()
+    fn query(&self, query: &Query) -> Result<Vec<UsageRecord>> {
+        Ok(self.records.values().filter(|r| query.matches(r)).cloned().collect())
     }
 }
 
@@ -297,7 +301,7 @@ mod tests {
         let mut changed = r.clone();
         changed.amount = Money::from_nanos(1);
         assert_eq!(ledger.append(changed), Err(BillingError::Conflict { id: r.id.to_string() }));
-        assert_eq!(ledger.get(&r.id), Some(r), "the stored record is unchanged");
+        assert_eq!(ledger.get(&r.id).unwrap(), Some(r), "the stored record is unchanged");
     }
 
     #[test]
@@ -341,9 +345,13 @@ mod tests {
         );
         ledger.append(credit).unwrap();
 
-        assert_eq!(ledger.query(&Query::namespace("b")).len(), 1, "tenant b sees only its own record");
-        assert_eq!(ledger.query(&Query::namespace("a").subject(Subject::Deployment("d1".into()))).len(), 2);
-        assert_eq!(ledger.query(&Query::namespace("a").between(0, day)).len(), 3, "the period start decides the range");
+        assert_eq!(ledger.query(&Query::namespace("b")).unwrap().len(), 1, "tenant b sees only its own record");
+        assert_eq!(ledger.query(&Query::namespace("a").subject(Subject::Deployment("d1".into()))).unwrap().len(), 2);
+        assert_eq!(
+            ledger.query(&Query::namespace("a").between(0, day)).unwrap().len(),
+            3,
+            "the period start decides the range"
+        );
 
         let by_dep = ledger.sum(&Query::namespace("a"), GroupBy::Deployment).unwrap();
         assert_eq!(by_dep["d1"].amount, Money::from_nanos(400));

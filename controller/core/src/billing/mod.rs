@@ -83,6 +83,10 @@ pub enum BillingError {
     /// A meter input is not well formed (end before start, a share outside 1..=1000 milli-GPU, zero window).
     #[error("invalid meter input: {0}")]
     InvalidInput(String),
+    /// The ledger cannot be read or written now (a replicated ledger without a leader or a quorum, or one that
+    /// answered too late): nothing was changed by the failed call, and it may be retried.
+    #[error("the ledger is unavailable: {0}")]
+    Unavailable(String),
     /// A ratio (a lending share) below 0 or above 1.
     #[error("{0:?} is not between 0 and 1")]
     RatioOutOfRange(String),

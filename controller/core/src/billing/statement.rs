@@ -47,7 +47,7 @@ impl Statement {
     pub fn build(ledger: &dyn Ledger, namespace: &str, currency: &str, from_ms: i64, to_ms: i64) -> Result<Self> {
         let query = Query::namespace(namespace).between(from_ms, to_ms);
         let mut lines: BTreeMap<(Subject, UsageKind, String), Totals> = BTreeMap::new();
-        for r in ledger.query(&query) {
+        for r in ledger.query(&query)? {
             lines.entry((r.subject.clone(), r.kind, r.gpu_model.clone())).or_default().add(&r)?;
         }
         let items: Vec<LineItem> = lines

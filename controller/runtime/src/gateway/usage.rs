@@ -22,7 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use kiln_core::{
-    billing::{GroupBy, Query, Statement, Totals, month_bounds_ms, utc_day},
+    billing::{BillingError, GroupBy, Query, Statement, Totals, month_bounds_ms, utc_day},
     money::format_fixed,
 };
 use serde_json::{Value, json};
@@ -220,6 +220,7 @@ pub(super) async fn usage<B: Backend>(
     let query = Query { namespace: namespace.clone(), subject: None, from_ms: from, to_ms: to };
     let usage = match billing.usage(&query, by) {
         Ok(u) => u,
+        Err(e @ BillingError::Unavailable(_)) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     let currency = billing.currency();
@@ -288,6 +289,7 @@ pub(super) async fn statement<B: Backend>(
     };
     let s: Statement = match billing.statement(&namespace, year, month) {
         Ok(s) => s,
+        Err(e @ BillingError::Unavailable(_)) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     if wants_csv(&headers) {
