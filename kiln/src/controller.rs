@@ -1,17 +1,27 @@
 //! `kiln controller`: the controller against a Kubernetes API server (in-cluster, or the kubeconfig of
-//! `KUBECONFIG` / `~/.kube/config`). It competes for a Lease and acts only while it holds it: then it reconciles
-//! `ModelDeployment`s, serves agents and the gateway, writes `GpuNode` objects and reads API keys from Secrets
-//! labelled `kiln.dev/api-key=true` (in the namespaces of `--api-key-namespaces`, or in every namespace). Losing
-//! the Lease ends the process (a restart starts clean).
+//! `KUBECONFIG` / `~/.kube/config`). It acts only while it leads: then it reconciles `ModelDeployment`s and
+//! `GpuRental`s, serves agents and the gateway, writes `GpuNode` objects and reads API keys from Secrets labelled
+//! `kiln.dev/api-key=true` (in the namespaces of `--api-key-namespaces`, or in every namespace). Losing the
+//! leadership ends the process (a restart starts clean).
+//!
+//! Who leads:
+//! - With `--ledger-peer` (the chart's StatefulSet): the replicated usage ledger decides. Every replica runs one
+//!   raft replica of the ledger (`kiln_ledger::transport`, its log in `--state-dir`/ledger, peers on
+//!   `--ledger-listen`); the raft leader runs the control loop and bills into the group (appends committed by a
+//!   quorum). A new leader waits one election timeout in its term before acting: by then a deposed leader has
+//!   stepped down (raft's check-quorum), so two controllers do not act at once.
+//! - Without: a `coordination.k8s.io` Lease, as before (one replica or an active/standby pair).
 //!
 //! SIGTERM or SIGINT: the gateway drains (new predictions 503, those under way get `--shutdown-grace`), the
-//! prediction store is flushed, then the Lease is released so a standby takes over at once. Predictions and
-//! counters are kept in `--state-dir` (a volume in the chart) and read back when the process restarts there.
+//! prediction store is flushed, then the leadership is handed over (the Lease released, or the raft leadership
+//! transferred to an up-to-date follower) so a standby takes over at once. Predictions and counters are kept in
+//! `--state-dir` (a volume in the chart) and read back when the process restarts there.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
 use kiln_controller::{
     k8s::{
         self,
@@ -25,6 +35,7 @@ use kiln_controller::{
 use kiln_k8s_api::{GpuRental, model_deployment::ModelDeployment};
 use kube::{
     Api, Client,
+    api::{Patch, PatchParams},
     runtime::{Controller, watcher},
 };
 
@@ -77,6 +88,106 @@ pub struct ControllerArgs {
     /// answers 501.
     #[arg(long, env = "KILN_PRICES")]
     pub prices: Option<std::path::PathBuf>,
+    /// The replicated ledger's members, `ID=HOST:PORT` (comma-separated or repeated), this replica included:
+    /// leadership then comes from the ledger's raft group instead of the Lease. Static membership (see
+    /// ARCHITECTURE.md for replacing a member).
+    #[arg(long = "ledger-peer", env = "KILN_LEDGER_PEERS", value_delimiter = ',', value_parser = ledger_peer)]
+    pub ledger_peers: Vec<(u64, String)>,
+    /// This replica's id among `--ledger-peer`; default: the ordinal at the end of `--identity` (a StatefulSet pod
+    /// name, `kiln-controller-2`) plus one.
+    #[arg(long, env = "KILN_LEDGER_ID")]
+    pub ledger_id: Option<u64>,
+    /// Where the ledger's peers reach this replica (raft messages; also `Append` and `Status` for tools).
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    pub ledger_listen: SocketAddr,
+    /// Label this pod (`--identity` in `--lease-namespace`) `kiln.dev/role=leader` while it leads and `follower`
+    /// otherwise, for Services that select the leader (the chart's, with the ledger on).
+    #[arg(long)]
+    pub label_pod_role: bool,
+}
+
+/// Sets `kiln.dev/role` on this controller's pod.
+async fn label_pod(pods: &Api<Pod>, name: &str, role: &str) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({ "metadata": { "labels": { "kiln.dev/role": role } } });
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+}
+
+/// Labels this pod `role`, retrying until it works or `give_up` passes (the API server can be briefly away).
+async fn label_pod_until(pods: &Api<Pod>, name: &str, role: &str, give_up: Duration) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        match label_pod(pods, name, role).await {
+            Ok(()) => return Ok(()),
+            Err(e) if start.elapsed() >= give_up => {
+                return Err(e).with_context(|| format!("labelling pod {name} kiln.dev/role={role}"));
+            }
+            Err(e) => tracing::warn!(error = %e, pod = name, role, "could not label the pod; retrying"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn ledger_peer(s: &str) -> Result<(u64, String), String> {
+    kiln_ledger::transport::parse_peer(s)
+}
+
+/// The raft id of a StatefulSet pod: its ordinal plus one (raft ids are non-zero).
+fn id_from_identity(identity: &str) -> Option<u64> {
+    let (_, ordinal) = identity.rsplit_once('-')?;
+    ordinal.parse::<u64>().ok().map(|o| o + 1)
+}
+
+/// Whether this replica leads, from its ledger replica's status: true once it has led for `quiet` in one term
+/// (see the module docs), false from the moment it stops leading or the term changes.
+async fn raft_leadership(
+    mut status: tokio::sync::watch::Receiver<kiln_ledger::transport::ReplicaStatus>,
+    quiet: Duration,
+    leading: tokio::sync::watch::Sender<bool>,
+) {
+    loop {
+        let Ok(term) = status.wait_for(|s| s.node.is_leader).await.map(|s| s.node.term) else { return };
+        let deposed = |s: &kiln_ledger::transport::ReplicaStatus| !s.node.is_leader || s.node.term != term;
+        if tokio::time::timeout(quiet, status.wait_for(deposed)).await.is_ok() {
+            continue; // lost it within the quiet period: never acted
+        }
+        if leading.send(true).is_err() {
+            return;
+        }
+        let _ = status.wait_for(deposed).await;
+        let _ = leading.send(false);
+        return;
+    }
+}
+
+/// How this replica is elected (see the module docs).
+enum Election {
+    Lease(LeaderElector),
+    Raft { replica: kiln_ledger::transport::Replica, server: tokio::task::JoinHandle<()> },
+}
+
+impl Election {
+    /// Hands the leadership over after a clean shutdown.
+    async fn hand_over(self) {
+        match self {
+            Election::Lease(elector) => match elector.release().await {
+                Ok(true) => tracing::info!("released the kiln-controller Lease"),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not release the Lease; a standby takes over when it expires")
+                }
+            },
+            Election::Raft { replica, server } => {
+                match replica.transfer_leadership(Duration::from_secs(2)).await {
+                    Some(to) => tracing::info!(to, "handed the ledger's leadership over"),
+                    None => tracing::info!("no follower took the leadership over; the group elects one"),
+                }
+                server.abort();
+                if let Err(e) = tokio::task::spawn_blocking(move || replica.stop()).await.unwrap_or(Ok(())) {
+                    tracing::warn!(error = %e, "the ledger replica stopped with an error");
+                }
+            }
+        }
+    }
 }
 
 /// Runs until interrupted or the Lease is lost.
@@ -96,22 +207,40 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
         let client =
             Client::try_default().await.context("connecting to the Kubernetes API (in-cluster or kubeconfig)")?;
         let identity = args.identity.clone().unwrap_or_else(|| format!("kiln-controller-{}", std::process::id()));
-        let elector = LeaderElector::new(
-            client.clone(),
-            &args.lease_namespace,
-            "kiln-controller",
-            &identity,
-            args.lease_duration,
-        );
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &args.lease_namespace);
+        if args.label_pod_role {
+            // A pod that led before a crash may still carry the leader's label: only the leader may.
+            label_pod_until(&pods, &identity, "follower", Duration::from_secs(60)).await?;
+        }
         let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
-        tokio::spawn(elector.clone().run(leading_tx));
-        tracing::info!(%identity, namespace = %args.lease_namespace, "waiting for the kiln-controller Lease");
+        let mut usage_ledger = kiln_controller::server::UsageLedger::Memory;
+        let election = if args.ledger_peers.is_empty() {
+            let elector = LeaderElector::new(
+                client.clone(),
+                &args.lease_namespace,
+                "kiln-controller",
+                &identity,
+                args.lease_duration,
+            );
+            tokio::spawn(elector.clone().run(leading_tx));
+            tracing::info!(%identity, namespace = %args.lease_namespace, "waiting for the kiln-controller Lease");
+            Election::Lease(elector)
+        } else {
+            let (replica, server) = start_ledger_replica(args, &identity).await?;
+            let cfg = &replica.config().node;
+            let quiet = replica.config().tick * u32::try_from(cfg.election_tick).unwrap_or(10);
+            tokio::spawn(raft_leadership(replica.watch_status(), quiet, leading_tx));
+            usage_ledger =
+                kiln_controller::server::UsageLedger::Group(replica.ledger("controller", Duration::from_secs(5)));
+            tracing::info!(%identity, id = cfg.id, "waiting to lead the ledger's raft group");
+            Election::Raft { replica, server }
+        };
         tokio::select! {
             r = leading.wait_for(|l| *l) => { r.context("leader election stopped")?; }
             _ = shutdown.wait_for(|s| *s) => {
                 tracing::info!("stopped before leading");
-                // The elector may have won the Lease meanwhile: hand it over.
-                let _ = elector.release().await;
+                // The elector may have won meanwhile: hand it over.
+                election.hand_over().await;
                 return Ok(());
             }
         }
@@ -130,6 +259,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             store,
             shutdown_grace: args.shutdown_grace,
             prices,
+            ledger: usage_ledger,
             ..ServerOptions::default()
         })
         .await?;
@@ -174,6 +304,9 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             move |keys| gateway.set_keys(keys),
             Duration::from_secs(10),
         ));
+        if args.label_pod_role {
+            label_pod_until(&pods, &identity, "leader", Duration::from_secs(30)).await?;
+        }
         println!(
             "kiln controller: leading as {identity}; gateway http://{}, agents connect to {}",
             server.http_addr, server.agent_addr
@@ -183,14 +316,106 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
         let serving = server.serve(shutdown);
         tokio::select! {
             r = serving => r.context("serving")?,
-            _ = leading.wait_for(|l| !*l) => bail!("lost the kiln-controller Lease; exiting so a restart starts clean"),
+            _ = leading.wait_for(|l| !*l) => bail!("lost the leadership; exiting so a restart starts clean"),
         }
-        // Drained and flushed: a clean shutdown hands the Lease over at once.
-        match elector.release().await {
-            Ok(true) => tracing::info!("released the kiln-controller Lease"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "could not release the Lease; a standby takes over when it expires"),
+        // Drained and flushed: a clean shutdown hands the leadership over at once.
+        if args.label_pod_role
+            && let Err(e) = label_pod(&pods, &identity, "follower").await
+        {
+            tracing::warn!(error = %e, "could not label the pod a follower (it stops serving now anyway)");
         }
+        election.hand_over().await;
         Ok(())
     })
+}
+
+/// Starts this replica of the ledger group and its gRPC server on `--ledger-listen`.
+async fn start_ledger_replica(
+    args: &ControllerArgs,
+    identity: &str,
+) -> Result<(kiln_ledger::transport::Replica, tokio::task::JoinHandle<()>)> {
+    let id = match args.ledger_id.or_else(|| id_from_identity(identity)) {
+        Some(id) => id,
+        None => bail!("--ledger-peer needs --ledger-id, or an --identity ending in a StatefulSet ordinal (-0, -1, ..)"),
+    };
+    let peers: std::collections::BTreeMap<u64, String> = args.ledger_peers.iter().cloned().collect();
+    if peers.len() != args.ledger_peers.len() {
+        bail!("--ledger-peer names a replica id twice: {:?}", args.ledger_peers);
+    }
+    if !peers.contains_key(&id) {
+        bail!("this replica's ledger id {id} is not among --ledger-peer {:?}", peers.keys().collect::<Vec<_>>());
+    }
+    let dir = args.state_dir.join("ledger");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let replica = kiln_ledger::transport::Replica::start(kiln_ledger::transport::ReplicaConfig::new(id, &dir, peers))
+        .with_context(|| format!("opening the ledger replica in {}", dir.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.ledger_listen)
+        .await
+        .with_context(|| format!("binding the ledger's peer address {}", args.ledger_listen))?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let service = replica.service();
+    let server = tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await {
+            tracing::error!(error = %e, "the ledger's peer server stopped");
+        }
+    });
+    tracing::info!(id, listen = %args.ledger_listen, "ledger replica started");
+    Ok((replica, server))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_statefulset_pod_name_gives_the_raft_id() {
+        assert_eq!(id_from_identity("kiln-controller-0"), Some(1));
+        assert_eq!(id_from_identity("kiln-controller-2"), Some(3));
+        assert_eq!(id_from_identity("kiln-controller-7f9c"), None);
+        assert_eq!(id_from_identity("controller"), None);
+    }
+
+    fn status(id: u64, leader: bool, term: u64) -> kiln_ledger::transport::ReplicaStatus {
+        kiln_ledger::transport::ReplicaStatus {
+            node: kiln_ledger::NodeStatus {
+                id,
+                term,
+                leader: leader.then_some(id),
+                is_leader: leader,
+                commit: 0,
+                applied: 0,
+                log: (0, 0),
+                snapshot_index: 0,
+                snapshots_made: 0,
+                snapshots_installed: 0,
+                pending_proposals: 0,
+            },
+            records: 0,
+            log_bytes: 0,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_raft_leader_acts_after_a_quiet_period_and_stops_when_deposed() {
+        let (status_tx, status_rx) = tokio::sync::watch::channel(status(1, false, 1));
+        let (leading_tx, mut leading) = tokio::sync::watch::channel(false);
+        let quiet = Duration::from_secs(1);
+        let election = tokio::spawn(raft_leadership(status_rx, quiet, leading_tx));
+        // Elected, then deposed within the quiet period: never acts.
+        status_tx.send(status(1, true, 2)).unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        status_tx.send(status(1, false, 3)).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!*leading.borrow(), "a leader deposed within the quiet period does not act");
+        // Elected again and leading for the whole quiet period: acts.
+        status_tx.send(status(1, true, 4)).unwrap();
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert!(!*leading.borrow(), "not before the quiet period has passed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(*leading.borrow());
+        // A new term (even if leading again) ends it.
+        status_tx.send(status(1, true, 5)).unwrap();
+        leading.wait_for(|l| !*l).await.unwrap();
+        election.await.unwrap();
+    }
 }

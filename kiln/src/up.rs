@@ -377,7 +377,7 @@ pub fn up(args: &UpArgs) -> Result<()> {
             store: open_store(&args.state_dir)?,
             shutdown_grace: args.shutdown_grace,
             rental_records: Some(args.state_dir.join("rentals.json")),
-            ledger_dir: Some(args.state_dir.join("ledger")),
+            ledger: kiln_controller::server::UsageLedger::Local(args.state_dir.join("ledger")),
             prices: Some(prices),
             ..ServerOptions::default()
         };

@@ -127,7 +127,7 @@ fn check(objects: &[Value]) -> SecretAccess {
                 }
             }
         }
-        if kind == "Deployment" && name == "kiln-controller" {
+        if matches!(kind, "Deployment" | "StatefulSet") && name == "kiln-controller" {
             let args = object["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap();
             let args: Vec<&str> = args.iter().map(|a| a.as_str().unwrap()).collect();
             check_controller_accepts(&args);
@@ -149,6 +149,23 @@ fn check_controller_accepts(args: &[&str]) {
         "kiln rejects the chart's controller arguments {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The controller's workload: a StatefulSet with the ledger (the default), a Deployment without.
+fn controller_of(objects: &[Value]) -> &Value {
+    objects
+        .iter()
+        .find(|o| matches!(kind(o), "Deployment" | "StatefulSet") && name(o) == "kiln-controller")
+        .expect("the controller's workload")
+}
+
+fn args_of(workload: &Value) -> Vec<&str> {
+    workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
 }
 
 fn set(names: &[&str]) -> BTreeSet<String> {
@@ -190,7 +207,7 @@ fn the_charts_prices_are_a_config_map_the_controller_reads_with_prices() {
     let text = config["data"]["prices.yaml"].as_str().unwrap();
     let table = kiln_controller::billing::PriceFile::parse(text, "billing.prices").unwrap();
     assert!(table.get("NVIDIA H100 80GB HBM3").is_ok(), "{text}");
-    let controller = objects.iter().find(|o| kind(o) == "Deployment" && name(o) == "kiln-controller").unwrap();
+    let controller = controller_of(&objects);
     let pod = &controller["spec"]["template"]["spec"];
     let args: Vec<&str> =
         pod["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
@@ -202,7 +219,7 @@ fn the_charts_prices_are_a_config_map_the_controller_reads_with_prices() {
     // Without prices: no prices ConfigMap and no flag (nothing metered).
     let objects = render(&helm, &["billing.prices=null"]);
     assert!(!objects.iter().any(|o| kind(o) == "ConfigMap" && o["data"]["prices.yaml"].is_string()));
-    let controller = objects.iter().find(|o| kind(o) == "Deployment" && name(o) == "kiln-controller").unwrap();
+    let controller = controller_of(&objects);
     let args = controller["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
     assert!(!args.contains("--prices"), "{args}");
 }
@@ -245,7 +262,7 @@ fn dashboards_render_as_labelled_config_maps_and_pod_monitors_select_pods_with_a
         let port = m["spec"]["podMetricsEndpoints"][0]["port"].as_str().unwrap();
         let pods: Vec<&Value> = objects
             .iter()
-            .filter(|o| matches!(kind(o), "Deployment" | "DaemonSet"))
+            .filter(|o| matches!(kind(o), "Deployment" | "StatefulSet" | "DaemonSet"))
             .filter(|o| wanted.iter().all(|(k, v)| &o["spec"]["template"]["metadata"]["labels"][k] == v))
             .collect();
         assert_eq!(pods.len(), 1, "{}: selects one workload", name(m));
@@ -258,4 +275,73 @@ fn dashboards_render_as_labelled_config_maps_and_pod_monitors_select_pods_with_a
             .collect();
         assert!(ports.contains(&port), "{}: port {port} not in {ports:?}", name(m));
     }
+}
+
+/// By default the controller replicas are the ledger's raft group: a StatefulSet of 3 started in parallel, a
+/// PersistentVolumeClaim each for /var/lib/kiln (the raft log), a headless Service publishing not-ready peers, a
+/// `--ledger-peer` per replica naming its stable DNS name, Services that route to the pod labelled leader, and the
+/// right to label exactly those pods. With the ledger off: the Lease-elected Deployment.
+#[test]
+#[ignore = "needs helm 3: KILN_HELM=<helm> cargo nextest run -p kiln --test chart --run-ignored only (.ci/run does)"]
+fn the_ledger_group_is_a_statefulset_of_three_with_a_volume_each_and_headless_peers() {
+    let helm = helm();
+    let objects = render(&helm, &[]);
+    let sts = controller_of(&objects);
+    assert_eq!(kind(sts), "StatefulSet");
+    assert_eq!(sts["spec"]["replicas"], 3, "the defaults make a 3-replica group");
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    assert_eq!(sts["spec"]["serviceName"], "kiln-controller-peers");
+    let claims = sts["spec"]["volumeClaimTemplates"].as_array().unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0]["metadata"]["name"], "state");
+    assert_eq!(claims[0]["spec"]["resources"]["requests"]["storage"], "1Gi");
+    let pod = &sts["spec"]["template"]["spec"];
+    let mounts = pod["containers"][0]["volumeMounts"].as_array().unwrap();
+    assert!(mounts.iter().any(|m| m["name"] == "state" && m["mountPath"] == "/var/lib/kiln"), "{mounts:?}");
+    assert!(
+        !pod["volumes"].as_array().into_iter().flatten().any(|v| v["name"] == "state"),
+        "the state volume comes from the claim template"
+    );
+    let args = args_of(sts);
+    check_controller_accepts(&args);
+    let peers = args.iter().find_map(|a| a.strip_prefix("--ledger-peer=")).expect("--ledger-peer");
+    let peers: Vec<&str> = peers.split(',').collect();
+    assert_eq!(
+        peers,
+        (0..3)
+            .map(|i| format!("{}=kiln-controller-{i}.kiln-controller-peers.{RELEASE_NAMESPACE}.svc:7400", i + 1))
+            .collect::<Vec<_>>()
+    );
+    assert!(args.contains(&"--label-pod-role"), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("--lease-duration")), "no Lease with the ledger: {args:?}");
+
+    let headless = objects.iter().find(|o| kind(o) == "Service" && name(o) == "kiln-controller-peers").unwrap();
+    assert_eq!(headless["spec"]["clusterIP"], "None");
+    assert_eq!(headless["spec"]["publishNotReadyAddresses"], true);
+    assert_eq!(headless["spec"]["ports"][0]["port"], 7400);
+    for service in ["kiln-gateway", "kiln-agents"] {
+        let svc = objects.iter().find(|o| kind(o) == "Service" && name(o) == service).unwrap();
+        assert_eq!(svc["spec"]["selector"]["kiln.dev/role"], "leader", "{service} routes to the leader only");
+    }
+    let role = objects.iter().find(|o| kind(o) == "Role" && name(o) == "kiln-controller-role-label").unwrap();
+    assert_eq!(role["rules"][0]["resources"][0], "pods");
+    assert_eq!(
+        role["rules"][0]["resourceNames"],
+        serde_json::json!(["kiln-controller-0", "kiln-controller-1", "kiln-controller-2"])
+    );
+
+    let objects = render(&helm, &["controller.replicas=5"]);
+    let peers =
+        args_of(controller_of(&objects)).iter().find_map(|a| a.strip_prefix("--ledger-peer=")).unwrap().to_owned();
+    assert_eq!(peers.split(',').count(), 5);
+
+    let objects = render(&helm, &["controller.ledger.enabled=false", "controller.replicas=2"]);
+    let deployment = controller_of(&objects);
+    assert_eq!(kind(deployment), "Deployment");
+    let args = args_of(deployment);
+    check_controller_accepts(&args);
+    assert!(args.iter().any(|a| a.starts_with("--lease-duration=")), "{args:?}");
+    assert!(!objects.iter().any(|o| name(o) == "kiln-controller-peers"));
+    let gateway = objects.iter().find(|o| kind(o) == "Service" && name(o) == "kiln-gateway").unwrap();
+    assert!(gateway["spec"]["selector"]["kiln.dev/role"].is_null());
 }

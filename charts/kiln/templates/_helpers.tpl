@@ -20,3 +20,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Release.Namespace -}}
 {{- end -}}
 {{- end -}}
+
+{{- /* The ledger's raft group: ID=HOST:PORT for every controller replica, comma-separated. Replica i of the
+       StatefulSet is raft id i+1, reached by its stable name under the headless peers Service. */ -}}
+{{- define "kiln.ledgerPeers" -}}
+{{- $peers := list -}}
+{{- range $i := until (int .Values.controller.replicas) -}}
+{{- $peers = append $peers (printf "%d=%s-controller-%d.%s-controller-peers.%s.svc:%d" (add $i 1) $.Release.Name $i $.Release.Name $.Release.Namespace (int $.Values.controller.ledger.port)) -}}
+{{- end -}}
+{{- join "," $peers -}}
+{{- end -}}

@@ -23,8 +23,9 @@ use crate::node::ProposalError;
 use crate::state::{Command, LedgerState, Outcome, ReadView};
 use crate::transport::{Input, ReadFn, ReplicaStatus, Reply};
 
-/// The core's `Ledger` trait on a running [`Replica`](crate::transport::Replica) (see the module docs).
-#[derive(Debug)]
+/// The core's `Ledger` trait on a running [`Replica`](crate::transport::Replica) (see the module docs). Give each
+/// writer its own (a clone numbers its batches on its own, from the same starting point).
+#[derive(Debug, Clone)]
 pub struct GroupLedger {
     inputs: std_mpsc::Sender<Input>,
     status: watch::Receiver<ReplicaStatus>,

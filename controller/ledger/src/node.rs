@@ -365,6 +365,26 @@ impl<S: LogStore> Node<S> {
         self.raw.raft.state == StateRole::Leader
     }
 
+    /// Asks the most up-to-date follower to take the leadership over (a clean shutdown's handover: it campaigns at
+    /// once instead of after an election timeout). Returns it, or `None` when this replica does not lead or has no
+    /// follower.
+    pub fn transfer_leadership(&mut self) -> Option<u64> {
+        if !self.is_leader() {
+            return None;
+        }
+        let me = self.cfg.id;
+        let to = self
+            .raw
+            .raft
+            .prs()
+            .iter()
+            .filter(|(id, _)| **id != me)
+            .max_by_key(|(_, p)| p.matched)
+            .map(|(id, _)| *id)?;
+        self.raw.transfer_leader(to);
+        Some(to)
+    }
+
     /// Health figures.
     pub fn status(&self) -> NodeStatus {
         let log = &self.raw.raft.raft_log;

@@ -123,6 +123,7 @@ pub(crate) enum Input {
     Propose(Command, Reply),
     Read(ReadFn, Instant),
     Status(oneshot::Sender<ReplicaStatus>),
+    Transfer(oneshot::Sender<Option<u64>>),
     Unreachable { to: u64, snapshot: bool },
     SnapshotSent { to: u64 },
     Stop,
@@ -173,6 +174,23 @@ impl Replica {
     /// the controller watches it to know whether it leads.
     pub fn watch_status(&self) -> tokio::sync::watch::Receiver<ReplicaStatus> {
         self.status.clone()
+    }
+
+    /// How this replica runs.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// Hands the leadership to the most up-to-date follower and waits up to `wait` for it to lead; returns it, or
+    /// `None` when this replica did not lead, had no follower, or the follower did not take over in time (the
+    /// group then elects a leader after its election timeout, as after a crash).
+    pub async fn transfer_leadership(&self, wait: Duration) -> Option<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.inputs.send(Input::Transfer(tx)).ok()?;
+        let to = rx.await.ok()??;
+        let mut status = self.status.clone();
+        let took_over = tokio::time::timeout(wait, status.wait_for(|s| s.node.leader == Some(to))).await;
+        matches!(took_over, Ok(Ok(_))).then_some(to)
     }
 
     /// The core's `Ledger` on this replica: appends proposed here (so they succeed only while this replica leads)
@@ -269,6 +287,9 @@ fn drive(
                 }
                 Input::Status(reply) => {
                     let _ = reply.send(replica_status(&node));
+                }
+                Input::Transfer(reply) => {
+                    let _ = reply.send(node.transfer_leadership());
                 }
                 Input::Unreachable { to, snapshot } => {
                     node.report_unreachable(to);
@@ -380,6 +401,7 @@ impl std::fmt::Debug for Input {
             Input::Propose(..) => "Propose",
             Input::Read(..) => "Read",
             Input::Status(_) => "Status",
+            Input::Transfer(_) => "Transfer",
             Input::Unreachable { .. } => "Unreachable",
             Input::SnapshotSent { .. } => "SnapshotSent",
             Input::Stop => "Stop",

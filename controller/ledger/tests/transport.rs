@@ -192,8 +192,23 @@ async fn the_group_ledger_bills_through_whoever_leads() {
     let write = tokio::task::block_in_place(|| on_follower.append(record(9, 1)));
     assert!(matches!(write, Err(BillingError::Unavailable(_))), "nor appends: {write:?}");
 
-    // The leader goes away; whoever leads next bills on, numbering after the batches already in the state.
-    let gone = nodes.remove(&lead).unwrap();
+    // A clean handover: the most up-to-date follower leads at once.
+    let to = nodes[&lead].replica.transfer_leadership(Duration::from_secs(5)).await;
+    let to = to.expect("a follower took the leadership over");
+    assert_ne!(to, lead);
+    assert!(nodes[&to].replica.watch_status().borrow().node.is_leader);
+    assert_eq!(nodes[&lead].replica.transfer_leadership(Duration::from_secs(1)).await, None, "a follower has none");
+    let mut ledger = nodes[&to].replica.ledger("controller", timeout);
+    let appended = loop {
+        match tokio::task::block_in_place(|| ledger.append(record(8, 10))) {
+            Err(BillingError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other.unwrap(),
+        }
+    };
+    assert_eq!(appended, Appended::New);
+
+    // That leader goes away; whoever leads next bills on, numbering after the batches already in the state.
+    let gone = nodes.remove(&to).unwrap();
     gone.server.abort();
     gone.replica.stop().unwrap();
     let next = {
@@ -221,9 +236,9 @@ async fn the_group_ledger_bills_through_whoever_leads() {
     };
     assert_eq!(appended, vec![Appended::New; 2]);
     let all = tokio::task::block_in_place(|| ledger.query(&Query::all())).unwrap();
-    assert_eq!(all.len(), 6, "every acknowledged record, once");
+    assert_eq!(all.len(), 7, "every acknowledged record, once");
     let seq = tokio::task::block_in_place(|| ledger.read(|s| s.sources()["controller"].last_seq)).unwrap();
-    assert!(seq >= 4, "the numbering went on after the first leader's batches: {seq}");
+    assert!(seq >= 5, "the numbering went on after the earlier leaders' batches: {seq}");
     let missing = tokio::task::block_in_place(|| ledger.read(|s| s.sources()["controller"].missing_count())).unwrap();
     assert_eq!(missing, 0, "no gap in the source's numbering");
     for (_, n) in nodes {

@@ -83,9 +83,22 @@ pub struct ServerOptions {
     pub rental_records: Option<PathBuf>,
     /// Prices of metering (`None`: billing off — nothing is metered and `/v1/usage` answers 501).
     pub prices: Option<kiln_core::billing::PriceTable>,
-    /// Where usage records are kept: a one-replica raft ledger on disk (`kiln_ledger::LocalLedger`), so that
-    /// what was metered survives a restart; `None`: in memory only.
-    pub ledger_dir: Option<PathBuf>,
+    /// Where usage records are kept.
+    pub ledger: UsageLedger,
+}
+
+/// Where the billing service keeps usage records.
+#[derive(Debug, Clone, Default)]
+pub enum UsageLedger {
+    /// In memory only: a restart loses them.
+    #[default]
+    Memory,
+    /// A one-replica raft ledger in this directory (`kiln_ledger::LocalLedger`): what was metered survives a
+    /// restart (`kiln up`).
+    Local(PathBuf),
+    /// The replicated group this controller's replica belongs to (`kiln controller --ledger-peer`): appends are
+    /// committed by a quorum, and succeed only while this replica leads — as the controller acts only then.
+    Group(kiln_ledger::GroupLedger),
 }
 
 impl Default for ServerOptions {
@@ -108,7 +121,7 @@ impl Default for ServerOptions {
             shutdown_grace: Duration::from_secs(30),
             rental_records: None,
             prices: None,
-            ledger_dir: None,
+            ledger: UsageLedger::Memory,
         }
     }
 }
@@ -172,15 +185,16 @@ impl Server {
         control.restore_counters(snapshot.counters, persister.clone());
         let billing = match options.prices.clone() {
             Some(prices) => {
-                let ledger: Box<dyn kiln_core::billing::Ledger + Send> = match &options.ledger_dir {
-                    Some(dir) => {
+                let ledger: Box<dyn kiln_core::billing::Ledger + Send> = match &options.ledger {
+                    UsageLedger::Local(dir) => {
                         std::fs::create_dir_all(dir)?;
                         let local = kiln_ledger::LocalLedger::open(dir, "controller", None).map_err(|e| {
                             std::io::Error::other(format!("opening the usage ledger in {}: {e}", dir.display()))
                         })?;
                         Box::new(local)
                     }
-                    None => Box::new(kiln_core::billing::MemoryLedger::new()),
+                    UsageLedger::Group(group) => Box::new(group.clone()),
+                    UsageLedger::Memory => Box::new(kiln_core::billing::MemoryLedger::new()),
                 };
                 Some(Arc::new(Billing::new(prices, ledger, control.metrics().billing_counters())))
             }
