@@ -108,6 +108,15 @@ fn gateway_get(server: &str, path: &str, key: &str, accept: &str) -> Result<Stri
 
 /// Prints the deployments and nodes of the gateway at `server` (`host:port`), as `key` (else the operator key of
 /// `keys_file`, else its first key) may see them.
+/// A JSON value as a table cell: strings without quotes, null as `-` (`Value`'s `Display` ignores widths).
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
 pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCode> {
     let key = pick_key(key, keys_file)?;
     let body = gateway_get(server, "/kiln/v1/deployments", &key, "application/json")?;
@@ -129,11 +138,11 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
         println!(
             "{:<32} {:>7} {:>7} {:>7} {:>8} {:>7}  {}",
             d["name"].as_str().unwrap_or_default(),
-            d["replicas"]["ready"],
-            d["replicas"]["loading"],
-            d["replicas"]["desired"],
-            d["inFlight"],
-            d["waiting"],
+            cell(&d["replicas"]["ready"]),
+            cell(&d["replicas"]["loading"]),
+            cell(&d["replicas"]["desired"]),
+            cell(&d["inFlight"]),
+            cell(&d["waiting"]),
             note
         );
     }
@@ -147,9 +156,9 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
         println!(
             "{:<32} {:>6} {:>6} {:>10}",
             n["name"].as_str().unwrap_or_default(),
-            n["ready"],
-            n["gpus"],
-            n["simulated"]
+            cell(&n["ready"]),
+            cell(&n["gpus"]),
+            cell(&n["simulated"])
         );
     }
     let body = gateway_get(server, "/kiln/v1/rentals", &key, "application/json")?;
@@ -176,13 +185,41 @@ pub fn get(server: &str, key: Option<String>, keys_file: &Path) -> Result<ExitCo
                 "{:<32} {:<10} {:>4} {:>5} {:<26} {:>8} {:<20}  {}",
                 r["key"].as_str().unwrap_or_default(),
                 r["phase"].as_str().unwrap_or_default(),
-                r["count"],
+                cell(&r["count"]),
                 r["gpus"].as_array().map_or(0, Vec::len),
                 r["gpu_model"].as_str().unwrap_or_default(),
-                r["billed_gpu_hours"],
+                cell(&r["billed_gpu_hours"]),
                 ends,
                 note
             );
+        }
+    }
+    // The usage ledger is an operator's view: a tenant's key gets 403, and the section is left out.
+    if let Ok(body) = gateway_get(server, "/kiln/v1/ledger", &key, "application/json") {
+        let l: Value = serde_json::from_str(&body).context("the gateway's answer is not JSON")?;
+        println!();
+        match l["kind"].as_str() {
+            Some("raft") => {
+                println!(
+                    "{:<8} {:>7} {:>6} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
+                    "LEDGER", "REPLICA", "TERM", "LEADER", "COMMIT", "APPLIED", "RECORDS", "LOG-BYTES", "SNAPSHOTS"
+                );
+                println!(
+                    "{:<8} {:>7} {:>6} {:>6} {:>10} {:>10} {:>9} {:>10} {:>9}",
+                    "raft",
+                    cell(&l["replica"]),
+                    cell(&l["term"]),
+                    cell(&l["leader"]),
+                    cell(&l["commitIndex"]),
+                    cell(&l["appliedIndex"]),
+                    cell(&l["records"]),
+                    cell(&l["log"]["bytes"]),
+                    cell(&l["snapshots"])
+                );
+            }
+            _ => {
+                println!("LEDGER  {}: {}", l["kind"].as_str().unwrap_or("?"), l["detail"].as_str().unwrap_or_default())
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

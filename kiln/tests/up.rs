@@ -80,6 +80,16 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let deployments: serde_json::Value = serde_json::from_str(&deployments).unwrap();
     assert_eq!(deployments["deployments"][0]["name"], "default/mlp-demo");
     assert_eq!(deployments["deployments"][0]["replicas"]["ready"], 1, "{deployments}");
+    // With the operator key of the keys file `kiln up` wrote: the usage ledger's row, aligned with its header.
+    let get =
+        Command::new(env!("CARGO_BIN_EXE_kiln")).args(["get", "--server", &addr]).current_dir(&dir).output().unwrap();
+    let table = String::from_utf8_lossy(&get.stdout);
+    assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
+    let lines: Vec<&str> = table.lines().collect();
+    let at = lines.iter().position(|l| l.starts_with("raft ")).unwrap_or_else(|| panic!("the ledger's row: {table}"));
+    let fields: Vec<&str> = lines[at].split_whitespace().collect();
+    assert_eq!((fields[1], fields[3]), ("1", "1"), "kiln up's one-replica group leads itself: {table}");
+    assert_eq!(lines[at].len(), lines[at - 1].len(), "the row lines up with its header: {table}");
     // The keys file is re-read when it changes: the old key stops working, the new one works.
     let new_key = "default-rotated-0123456789";
     std::fs::write(dir.join(".kiln/api-keys.yaml"), format!("- namespace: default\n  key: {new_key}\n")).unwrap();
@@ -98,6 +108,7 @@ fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     assert!(get.status.success(), "{}", String::from_utf8_lossy(&get.stderr));
     let row = table.lines().find(|l| l.starts_with("default/mlp-demo")).unwrap_or_else(|| panic!("{table}"));
     assert_eq!(row.split_whitespace().nth(1), Some("1"), "one ready replica: {table}");
+    assert!(!table.contains("LEDGER"), "a tenant's key does not see the ledger: {table}");
 
     // Metering: the prices file was written; a prediction shows its GPU share and what its time cost; `kiln usage`
     // and its statement answer (a table, CSV).
