@@ -193,6 +193,15 @@ impl Replica {
         matches!(took_over, Ok(Ok(_))).then_some(to)
     }
 
+    /// Proposes `cmd` at this replica and answers once its entry is applied (committed by a quorum), or why not
+    /// (`NotLeader` at a follower; `Superseded`/`Unknown` after a leadership change: resend the same records).
+    pub async fn propose(&self, cmd: Command) -> std::result::Result<Outcome, ProposalError> {
+        let (tx, rx) = oneshot::channel();
+        let stopped = ProposalError::NotLeader { leader: None };
+        self.inputs.send(Input::Propose(cmd, Reply::Async(tx))).map_err(|_| stopped.clone())?;
+        rx.await.unwrap_or(Err(stopped))
+    }
+
     /// The core's `Ledger` on this replica: appends proposed here (so they succeed only while this replica leads)
     /// and numbered as batches of `source`; reads through ReadIndex. Calls block up to `timeout`.
     pub fn ledger(&self, source: &str, timeout: Duration) -> crate::group::GroupLedger {

@@ -4,6 +4,8 @@
 //! - `gateway` ([`gateway`]): what the gateway adds in latency and CPU per request at a fixed rate, beside nginx as a
 //!   reference proxy, each party in a process of its own; and the highest rate at which its added p99 stays under
 //!   1 ms.
+//! - `ledger` ([`ledger`]): the replicated usage ledger, three replicas on loopback gRPC: batched append
+//!   throughput and commit latency at a fixed rate, beside the disk's fsync latency.
 //! - `cold-start`: requests to deployments at zero replicas, one at a time; the figure is the time from the
 //!   request leaving the client to the stand-in agent receiving its `StartWorker` command.
 //! - `abuse`: normal traffic (open loop) while attackers hold slow-header connections and a request declaring a
@@ -11,6 +13,7 @@
 //!   traffic's latency and failures, and the growth of the process's RSS.
 
 pub mod gateway;
+pub mod ledger;
 
 use std::{
     collections::HashMap,
@@ -77,6 +80,8 @@ pub enum Bench {
         #[arg(long)]
         worker: SocketAddr,
     },
+    /// The replicated usage ledger on loopback: append throughput and commit latency, three replicas.
+    Ledger(ledger::LedgerArgs),
     /// From a request at zero replicas to the agent receiving `StartWorker`.
     ColdStart {
         /// Deployments, each started once from zero.
@@ -406,6 +411,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                 return gateway::run(&options).await;
             }
             Bench::Replica => return gateway::replica().await,
+            Bench::Ledger(args) => return ledger::run(args).await,
             Bench::GatewayServer { worker } => return gateway::gateway_server(*worker).await,
             Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
@@ -426,7 +432,7 @@ pub fn run(bench: &Bench) -> Result<()> {
             Bench::Abuse { rps, seconds, slow, big } => {
                 abuse(running.http, &running.control, *rps, *seconds, *slow, *big).await
             }
-            Bench::Gateway { .. } | Bench::Replica | Bench::GatewayServer { .. } => Ok(()),
+            Bench::Gateway { .. } | Bench::Replica | Bench::GatewayServer { .. } | Bench::Ledger(_) => Ok(()),
         };
         drop(running);
         let _ = std::fs::remove_dir_all(&dir);
