@@ -45,7 +45,8 @@ use crate::{cache::WeightCache, gpu::sim::SimHandle, model::DenseModel, process:
 struct Resident {
     uri: String,
     gpu: u32,
-    model: Arc<DenseModel>,
+    /// The CPU model (the CPU path), or `None` where the weights live only on the GPU (`cuda`).
+    model: Option<Arc<DenseModel>>,
     cuda: Option<Arc<crate::cuda::CudaModel>>,
     bytes: u64,
     since: SystemTime,
@@ -210,7 +211,7 @@ impl Workers {
                 replica_id: id.clone(),
                 deployment: r.deployment.clone(),
                 gpu_indexes: r.gpu_indexes.clone(),
-                phase: if r.model.is_some() || r.process.is_some() {
+                phase: if r.model.is_some() || r.gpu.is_some() || r.process.is_some() {
                     v1::WorkerPhase::Ready
                 } else {
                     v1::WorkerPhase::Loading
@@ -230,7 +231,7 @@ impl Workers {
             .map(|(id, r)| ReplicaMetrics {
                 replica: id.clone(),
                 deployment: r.deployment.clone(),
-                ready: r.model.is_some() || r.process.is_some(),
+                ready: r.model.is_some() || r.gpu.is_some() || r.process.is_some(),
                 in_flight: r.in_flight.load(Ordering::Relaxed),
                 completed: r.completed.load(Ordering::Relaxed),
             })
