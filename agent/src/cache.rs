@@ -592,13 +592,8 @@ impl WeightCache {
             self.dir.join(format!("fetch-{}-{}.partial", std::process::id(), FETCHES.fetch_add(1, Ordering::Relaxed)));
         let write_err = |source| CacheError::Io { what: format!("writing {}", tmp.display()), source };
         let written = (|| -> Result<(String, u64), CacheError> {
-            let mut out = fs::File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&tmp)
-                .map_err(write_err)?;
+            let mut out =
+                fs::File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(write_err)?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; CHUNK];
             let mut total = 0u64;
@@ -676,7 +671,8 @@ impl WeightCache {
             e.entry.uri.clone_from(&entry.uri);
             e.source = Some(source);
             if let Some(mtime_ns) = e.mtime_ns {
-                let sidecar = Sidecar { uri: e.entry.uri.clone(), size: e.entry.size, mtime_ns, source: e.source.clone() };
+                let sidecar =
+                    Sidecar { uri: e.entry.uri.clone(), size: e.entry.size, mtime_ns, source: e.source.clone() };
                 write_sidecar(&self.sidecar_of(&entry.digest), &sidecar);
             }
             return Ok(());
@@ -757,7 +753,11 @@ impl WeightCache {
                     // Adopted without a sidecar: hash it this once.
                     let (actual, _) = hash_file(&file, &self.counters.hashed_adopted, 0).map_err(io)?;
                     if actual != digest {
-                        return Err(CacheError::DigestMismatch { uri: what.clone(), expected: digest.to_owned(), actual });
+                        return Err(CacheError::DigestMismatch {
+                            uri: what.clone(),
+                            expected: digest.to_owned(),
+                            actual,
+                        });
                     }
                     check_safetensors_file(&what, &file, meta.len())?;
                     let mut s = self.lock();
@@ -826,7 +826,11 @@ impl WeightCache {
 
     /// Starts the background scrubber: every `every`, one disk entry is re-hashed at `rate` bytes per second at
     /// most, so a full pass over the cache costs bounded I/O. The thread ends when the cache is dropped.
-    pub fn spawn_scrubber(self: &Arc<Self>, every: Duration, rate: u64) -> std::io::Result<std::thread::JoinHandle<()>> {
+    pub fn spawn_scrubber(
+        self: &Arc<Self>,
+        every: Duration,
+        rate: u64,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let cache: Weak<Self> = Arc::downgrade(self);
         std::thread::Builder::new().name("kiln-cache-scrub".into()).spawn(move || {
             loop {

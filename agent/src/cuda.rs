@@ -207,7 +207,8 @@ impl Pipeline {
         let depth = 2 * streams.len();
         // SAFETY: the buffers' contents are unset; `upload` writes every byte it then copies (`Source::fill`
         // fills the chunk before the copy of that chunk is enqueued).
-        let buffers = (0..depth).map(|_| unsafe { ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err)).collect::<Result<_, _>>()?;
+        let buffers =
+            (0..depth).map(|_| unsafe { ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err)).collect::<Result<_, _>>()?;
         Ok(Self { streams, buffers, done: (0..depth).map(|_| None).collect(), next: 0 })
     }
 
@@ -484,6 +485,38 @@ mod tests {
         let gpu = gpu_model.forward(&batch).unwrap();
         for (a, b) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
             assert!((a - b).abs() <= 1e-3 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+    }
+
+    /// F16 and BF16 files streamed from disk through the pipeline (tensors larger than a staging buffer, so
+    /// buffers are reused) and widened on the GPU give the CPU path's answers.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: KILN_TEST_CUDA=1 cargo nextest run -p kiln-agent --run-ignored only cuda"]
+    fn streamed_half_precision_files_match_the_cpu_path() {
+        use crate::model::{Activation, Dtype, LayerSpec, write_model};
+        assert!(wanted() && available(), "set KILN_TEST_CUDA=1 on a machine with CUDA");
+        let w: Vec<f32> = (0..3000 * 2000).map(|i| ((i % 613) as f32 - 306.0) / 5000.0).collect();
+        let layers = [
+            LayerSpec::new(w, (0..3000).map(|i| i as f32 / 3000.0).collect(), 3000, 2000),
+            LayerSpec::new(vec![0.01; 7 * 3000], vec![], 7, 3000),
+        ];
+        let dir = std::env::temp_dir();
+        for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
+            let bytes = write_model(&layers, Activation::Gelu, dtype);
+            let path = dir.join(format!("kiln-cuda-{dtype:?}-{}.safetensors", std::process::id()));
+            std::fs::write(&path, &bytes).unwrap();
+            let weights = crate::cache::Weights::File { path: path.clone(), size: bytes.len() as u64 };
+            let (gpu_model, t) = CudaModel::load_weights(&weights, 0, 4).unwrap();
+            std::fs::remove_file(&path).ok();
+            println!("{dtype:?}: {t:?}");
+            let cpu = load_bytes(&bytes).unwrap();
+            assert_eq!(gpu_model.device_bytes(), cpu.param_bytes() as u64);
+            let batch: Vec<Vec<f32>> =
+                (0..4).map(|r| (0..2000).map(|c| ((r * 7 + c) as f32).cos()).collect()).collect();
+            let (a, b) = (cpu.forward(&batch).unwrap(), gpu_model.forward(&batch).unwrap());
+            for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+                assert!((x - y).abs() <= 1e-3 * (1.0 + x.abs()), "{dtype:?}: {x} vs {y}");
+            }
         }
     }
 

@@ -341,7 +341,11 @@ fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize) -> Result<()>
          first forward {:.3} s); bytes hashed by all {runs} hits: {}",
         r.hit_tier, r.cold_start_s, lookup, read, parse, convert, init, r.hit_hashed_bytes
     );
-    println!("raw read of the same file (1 MiB pread): {:.3} s = {:.2} GB/s", r.raw_read_s, gb / r.raw_read_s.max(1e-9));
+    println!(
+        "raw read of the same file (1 MiB pread): {:.3} s = {:.2} GB/s",
+        r.raw_read_s,
+        gb / r.raw_read_s.max(1e-9)
+    );
     println!("cold start / raw read: {:.2}x", r.ratio());
     Ok(())
 }

@@ -123,7 +123,12 @@ fn layout_of(activation: Activation, pending: &[PendingLayer], data_start: u64) 
     };
     let layers = pending
         .iter()
-        .map(|p| LayerLoc { out_dim: p.out_dim, in_dim: p.in_dim, weight: loc(&p.weight), bias: p.bias.as_ref().map(loc) })
+        .map(|p| LayerLoc {
+            out_dim: p.out_dim,
+            in_dim: p.in_dim,
+            weight: loc(&p.weight),
+            bias: p.bias.as_ref().map(loc),
+        })
         .collect();
     Layout { activation, layers }
 }
@@ -342,7 +347,6 @@ fn parse_name(name: &str) -> Option<(usize, Part)> {
 /// Validates a parsed header against a data section of `data_len` bytes, returning the activation and the layers'
 /// tensors in order.
 pub(crate) fn parse(metadata: &Metadata, data_len: usize) -> Result<(Activation, Vec<PendingLayer>), ModelError> {
-
     let activation = match metadata.metadata().as_ref().and_then(|m| m.get(ACTIVATION_KEY)) {
         None => Activation::default(),
         Some(value) => {

@@ -32,7 +32,9 @@ use std::{fmt, path::PathBuf};
 use safetensors::SafeTensorError;
 
 pub use dense::{DenseLayer, DenseModel};
-pub use format::{Dtype, LayerLoc, Layout, LoadTimings, TensorLoc, layout_of_bytes, load_bytes, load_file, read_layout};
+pub use format::{
+    Dtype, LayerLoc, Layout, LoadTimings, TensorLoc, layout_of_bytes, load_bytes, load_file, read_layout,
+};
 pub use write::{LayerSpec, example_model, try_write_model, write_model};
 
 /// Most layers a model may have.

@@ -101,10 +101,9 @@ impl Workers {
                 _ => crate::cuda::DEFAULT_COPY_STREAMS,
             };
             let (weights, ordinal) = (located.weights, start.gpu_indexes[0] as usize);
-            let loaded = tokio::task::spawn_blocking(move || {
-                crate::cuda::CudaModel::load_weights(&weights, ordinal, streams)
-            })
-            .await;
+            let loaded =
+                tokio::task::spawn_blocking(move || crate::cuda::CudaModel::load_weights(&weights, ordinal, streams))
+                    .await;
             match loaded {
                 Ok(Ok((cuda_model, t))) => {
                     timings.read_ms = phases.advance(t.read);
@@ -193,7 +192,7 @@ impl Workers {
 
 /// The reason and retryability of a CUDA failure at start: a missing or stub driver and an out-of-memory GPU do
 /// not go away by retrying the same start on the same node (the controller backs off instead of looping).
-fn cuda_failure(e: &crate::cuda::CudaError) -> (&'static str, bool) {
+pub(super) fn cuda_failure(e: &crate::cuda::CudaError) -> (&'static str, bool) {
     match e.kind() {
         crate::cuda::CudaErrorKind::Unavailable => ("CudaUnavailable", false),
         crate::cuda::CudaErrorKind::OutOfMemory => ("OutOfMemory", false),
