@@ -10,6 +10,7 @@ use std::{
 
 use half::{bf16, f16};
 use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors, tensor::Metadata};
+use zerocopy::IntoBytes;
 
 use super::{
     ACTIVATION_KEY, Activation, DenseLayer, DenseModel, HEADER_LEN_BYTES, MAX_DIM, MAX_FILE_BYTES, MAX_LAYERS,
@@ -211,6 +212,19 @@ pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     let largest = layout.layers.iter().map(|l| l.weight.bytes).max().unwrap_or(0);
     let mut chunk = vec![0u8; READ_CHUNK.min(largest.max(1))];
     let mut read_into = |t: &TensorLoc, timings: &mut LoadTimings| -> Result<Vec<f32>, ModelError> {
+        if t.dtype == Dtype::F32 {
+            // Straight into the layer's buffer: one copy, from the page cache (or the disk) into the model. The
+            // file's little-endian bytes are the values on a little-endian target; a big-endian one swaps them.
+            let mut out = vec![0f32; t.elements];
+            file.read_exact_at(out.as_mut_bytes(), t.offset).map_err(io_err)?;
+            lap(&mut timings.read);
+            if cfg!(target_endian = "big") {
+                out.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            }
+            lap(&mut timings.convert);
+            return Ok(out);
+        }
+        // F16 / BF16: a chunk at a time through a small buffer that stays in the CPU cache, widened on the way.
         let mut out = Vec::with_capacity(t.elements);
         let mut done = 0usize;
         while done < t.bytes {
