@@ -1018,6 +1018,32 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_adopted_without_a_sidecar_is_hashed_once_then_trusted() {
+        let dir = temp_dir("adopted");
+        let bytes = model(512, 0.5);
+        let src = dir.join("m.safetensors");
+        fs::write(&src, &bytes).unwrap();
+        let uri = format!("file://{}", src.display());
+        let digest = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20)
+            .unwrap()
+            .prefetch(&uri, None, Tier::Disk)
+            .unwrap()
+            .digest;
+        // An older agent's entry: no sidecar.
+        fs::remove_file(dir.join("cache").join(format!("{}.json", digest.replace(':', "-")))).unwrap();
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_adopted_bytes, bytes.len() as u64, "hashed on first use");
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_bytes(), bytes.len() as u64, "and not again");
+        // The sidecar it wrote makes the next restart free too.
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_bytes(), 0);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
     fn a_changed_source_file_is_fetched_again() {
         let dir = temp_dir("changed");
         let src = dir.join("m.safetensors");
