@@ -4,12 +4,23 @@
 //! comes from the device), and times reading it back; then it times copying the bytes from one host buffer into
 //! another. With CUDA, `kiln-agent bench-load` adds the host-to-device figures of [`crate::cuda`]: the loader's
 //! pinned, multi-stream path against one plain pinned copy.
+//!
+//! `kiln-agent bench-load --cold-start` ([`cold_start`]) builds a dense model file of about the given size, puts
+//! it in a weight cache, and cold-starts it through the CPU path from the disk cache with the page cache warm
+//! (cache lookup, chunked read straight into the model's buffers, one forward pass), against the raw read
+//! bandwidth of the same cached file: the ratio says how close a cold start is to the speed of reading the file.
 
 use std::{
     fs::{self, File},
     io::{Read, Write},
+    os::unix::fs::FileExt,
     path::Path,
     time::Instant,
+};
+
+use crate::{
+    cache::{Tier, WeightCache, Weights},
+    model::load_file,
 };
 
 /// Figures of one run.
@@ -69,6 +80,157 @@ pub fn run(dir: &Path, bytes: u64) -> std::io::Result<LoadBench> {
     result
 }
 
+/// Figures of [`cold_start`]: medians over the runs, seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColdStartBench {
+    /// Bytes of the model file.
+    pub bytes: u64,
+    /// Parameters.
+    pub params: usize,
+    /// The first start, fetching the file into the cache (stream, hash once, write).
+    pub miss_s: f64,
+    /// Bytes hashed by the miss.
+    pub miss_hashed_bytes: u64,
+    /// Bytes hashed by all the cold starts from the cache together (a hit hashes nothing).
+    pub hit_hashed_bytes: u64,
+    /// The source tier the hits reported.
+    pub hit_tier: Tier,
+    /// Cold start from the disk cache: lookup + read + parse + convert + first forward pass.
+    pub cold_start_s: f64,
+    /// Its phases (medians of each): cache lookup, read, parse, convert, first forward pass.
+    pub phases: [f64; 5],
+    /// Reading the same cached file with 1 MiB positioned reads, nothing else.
+    pub raw_read_s: f64,
+    /// Where CUDA is present: the same cold start through the GPU path (median total, with the phases of that run:
+    /// header read, CUDA init, streaming to the GPU, first forward pass), or why it failed.
+    pub gpu: Option<Result<(f64, crate::cuda::CudaLoadTimings, f64), String>>,
+}
+
+impl ColdStartBench {
+    /// Cold start over raw read: 1.0 is a start as fast as reading the file.
+    pub fn ratio(&self) -> f64 {
+        self.cold_start_s / self.raw_read_s.max(1e-9)
+    }
+}
+
+/// Writes a dense model of square `width` F32 layers, about `bytes` in all, into `path` (streamed: no copy of the
+/// model in memory); returns its parameter count.
+pub fn write_dense_model(path: &Path, bytes: u64, width: usize) -> std::io::Result<usize> {
+    let layer_bytes = (width * width * 4) as u64;
+    let layers = (bytes / layer_bytes).max(1) as usize;
+    let mut header = String::from(r#"{"__metadata__":{"activation":"identity"}"#);
+    for i in 0..layers {
+        let (start, end) = (i as u64 * layer_bytes, (i as u64 + 1) * layer_bytes);
+        header.push_str(&format!(
+            r#","layers.{i}.weight":{{"dtype":"F32","shape":[{width},{width}],"data_offsets":[{start},{end}]}}"#
+        ));
+    }
+    header.push('}');
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, File::create(path)?);
+    f.write_all(&(header.len() as u64).to_le_bytes())?;
+    f.write_all(header.as_bytes())?;
+    // Small values (|w| < 1/width) keep activations bounded through any number of identity layers.
+    let row: Vec<u8> =
+        (0..width).flat_map(|c| ((((c * 7919) % 255) as f32 - 127.0) / (128.0 * width as f32)).to_le_bytes()).collect();
+    for _ in 0..layers * width {
+        f.write_all(&row)?;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(layers * width * width)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Builds a model of about `bytes` in `dir`, caches it, and cold-starts it `runs` times from the disk cache
+/// through the CPU path (see the module docs). Everything it writes is removed.
+pub fn cold_start(dir: &Path, bytes: u64, runs: usize) -> anyhow::Result<ColdStartBench> {
+    use anyhow::Context;
+    let work = dir.join(format!("kiln-bench-coldstart-{}", std::process::id()));
+    fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let result = (|| {
+        let src = work.join("model.safetensors");
+        let params = write_dense_model(&src, bytes, 2048).context("writing the model")?;
+        let size = fs::metadata(&src)?.len();
+        let cache = WeightCache::open(&work.join("cache"), size * 2, 0)?;
+        let uri = format!("file://{}", src.display());
+        let started = Instant::now();
+        let first = cache.locate(&uri, None)?;
+        let miss_s = started.elapsed().as_secs_f64();
+        anyhow::ensure!(first.tier == Tier::Remote, "the first start should fetch, not hit {:?}", first.tier);
+        let miss_hashed_bytes = cache.stats().hashed_bytes();
+        let Weights::File { path: cached, .. } = first.weights else { anyhow::bail!("expected a disk entry") };
+        let raw_read = || -> std::io::Result<f64> {
+            let f = File::open(&cached)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let started = Instant::now();
+            let mut at = 0u64;
+            while at < size {
+                let n = (size - at).min(buf.len() as u64) as usize;
+                f.read_exact_at(&mut buf[..n], at)?;
+                std::hint::black_box(&buf);
+                at += n as u64;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        };
+        raw_read()?; // page cache warm
+        let (mut starts, mut reads, mut phases) = (Vec::new(), Vec::new(), vec![Vec::new(); 5]);
+        let mut hit_tier = Tier::Remote;
+        for _ in 0..runs.max(1) {
+            reads.push(raw_read()?);
+            let started = Instant::now();
+            let hit = cache.locate(&uri, None)?;
+            let lookup = started.elapsed();
+            hit_tier = hit.tier;
+            let Weights::File { path, .. } = &hit.weights else { anyhow::bail!("expected a disk entry") };
+            let (model, t) = load_file(path)?;
+            let before_init = started.elapsed();
+            let out = model.forward_one(&vec![1.0; model.input_dim()])?;
+            std::hint::black_box(out);
+            let total = started.elapsed();
+            starts.push(total.as_secs_f64());
+            let init = total - before_init;
+            for (series, d) in phases.iter_mut().zip([lookup, t.read, t.parse, t.convert, init]) {
+                series.push(d.as_secs_f64());
+            }
+            drop(model);
+        }
+        let phases: Vec<f64> = phases.into_iter().map(median).collect();
+        let gpu = crate::cuda::available().then(|| {
+            let mut runs_gpu = Vec::new();
+            for _ in 0..runs.max(1) {
+                let started = Instant::now();
+                let hit = cache.locate(&uri, None).map_err(|e| e.to_string())?;
+                let (model, t) =
+                    crate::cuda::CudaModel::load_weights(&hit.weights, 0, crate::cuda::DEFAULT_COPY_STREAMS)
+                        .map_err(|e| e.to_string())?;
+                let before = started.elapsed();
+                model.forward(&[vec![1.0; model.input_dim()]]).map_err(|e| e.to_string())?;
+                let total = started.elapsed();
+                runs_gpu.push((total.as_secs_f64(), t, (total - before).as_secs_f64()));
+            }
+            runs_gpu.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Ok(runs_gpu[runs_gpu.len() / 2])
+        });
+        Ok(ColdStartBench {
+            bytes: size,
+            params,
+            miss_s,
+            miss_hashed_bytes,
+            hit_hashed_bytes: cache.stats().hashed_bytes() - miss_hashed_bytes,
+            hit_tier,
+            cold_start_s: median(starts),
+            phases: [phases[0], phases[1], phases[2], phases[3], phases[4]],
+            raw_read_s: median(reads),
+            gpu,
+        })
+    })();
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +246,15 @@ mod tests {
             .flatten()
             .any(|e| e.file_name().to_string_lossy() == format!("kiln-bench-load-{}.bin", std::process::id()));
         assert!(!leftovers);
+    }
+
+    #[test]
+    fn a_cold_start_from_the_disk_cache_hashes_nothing_and_is_compared_with_a_raw_read() {
+        let r = cold_start(&std::env::temp_dir(), 4 << 20, 3).unwrap();
+        assert_eq!((r.hit_tier, r.hit_hashed_bytes), (Tier::Disk, 0));
+        assert_eq!(r.miss_hashed_bytes, r.bytes);
+        assert_eq!(r.params, 2048 * 2048);
+        assert!(r.cold_start_s > 0.0 && r.raw_read_s > 0.0 && r.ratio() > 0.0, "{r:?}");
+        assert!(!std::env::temp_dir().join(format!("kiln-bench-coldstart-{}", std::process::id())).exists());
     }
 }

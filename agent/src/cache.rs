@@ -3,10 +3,23 @@
 //! worker runtimes.) What it holds is reported to the controller, whose placement engine prefers nodes that avoid
 //! a cold load.
 //!
-//! Entries are keyed by the SHA-256 of the file (`sha256:<hex>`). A fetched file is checked against the digest the
-//! controller gave and must parse as safetensors (header and tensor bounds); one that fails is never cached. A disk
-//! entry is hashed again when it is read: a file corrupted or truncated on disk fails the read with a clear error
-//! and is evicted, never served.
+//! **Keys.** Entries are stored under the SHA-256 of their content (`sha256:<hex>`). A start finds its entry either
+//! by the digest the spec gives or, for a `file://` source without one, by the source's identity: canonical path,
+//! size, modification and change times, inode and device ([`SourceId`], one `stat`). A source file that changes
+//! (a new write changes its size, mtime or ctime; a replaced file has a new inode) no longer matches and is fetched
+//! again.
+//!
+//! **Hashing happens once**, when an entry is created: the source is streamed in chunks through SHA-256 into a
+//! temporary file (no whole-file buffer), checked against the expected digest and the safetensors framing (header
+//! and tensor bounds), then renamed into place. A hit hashes nothing: [`WeightCache::stats`] counts every byte
+//! hashed, by purpose, and tests read it. Each disk entry has a sidecar (`<digest>.json`) recording its source's
+//! identity and the cached file's own size and mtime, so the index survives a restart; an entry adopted without a
+//! sidecar (written by an older agent) is hashed once on its first use.
+//!
+//! **Integrity.** A hit checks the cached file's size and mtime against the sidecar (one `stat`): a file truncated,
+//! rewritten or replaced on disk is evicted and never served. Rot that keeps size and mtime (a flipped bit) is
+//! caught by the scrubber ([`WeightCache::spawn_scrubber`]), which re-hashes one entry at a time at a bounded rate
+//! and evicts the corrupt ones; the loader also re-validates the framing it reads.
 //!
 //! Sources: `file://` URIs (a path on the node, e.g. a shared file system). Object stores and registries are not
 //! reachable from this build; their URIs are refused with an error saying so.
@@ -14,16 +27,27 @@
 use std::{
     fs,
     io::{Read, Write},
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, MutexGuard},
-    time::SystemTime,
+    sync::{
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 /// Where weights are held: the core's tier vocabulary. This cache holds [`Tier::HostRam`] and [`Tier::Disk`];
 /// [`Tier::Gpu`] copies belong to the worker runtimes and [`Tier::Remote`] is the model store.
 pub use kiln_core::autoscale::coldstart::Tier;
+
+/// Bytes read and hashed per step when streaming a file.
+const CHUNK: usize = 8 << 20;
+
+/// Largest safetensors header accepted (the safetensors library's limit).
+const MAX_HEADER: u64 = 100_000_000;
 
 /// The name of a tier in this module's messages.
 fn tier_title(tier: Tier) -> &'static str {
@@ -62,7 +86,7 @@ pub enum CacheError {
         /// Computed.
         actual: String,
     },
-    /// The file is not a valid safetensors file (corrupt or truncated).
+    /// The file is not a valid safetensors file (corrupt or truncated), or a cached file changed on disk.
     #[error("{uri}: not a valid safetensors file: {reason}")]
     Corrupt {
         /// The URI or cache path.
@@ -107,6 +131,58 @@ pub struct Entry {
     pub last_used: SystemTime,
 }
 
+/// What identifies a source file without reading it: if none of these changed, neither did the content (short of
+/// a write that restores both times, which needs privileges and a deliberate `utimensat` for the ctime).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceId {
+    /// Canonical path (symlinks resolved).
+    pub path: PathBuf,
+    /// Bytes.
+    pub size: u64,
+    /// Modification time, ns since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, ns since the epoch (changes on every write, and cannot be set by `touch`).
+    pub ctime_ns: i64,
+    /// Inode.
+    pub ino: u64,
+    /// Device.
+    pub dev: u64,
+}
+
+impl SourceId {
+    fn of(path: &Path, meta: &fs::Metadata) -> Self {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        Self {
+            path: path.to_path_buf(),
+            size: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+/// A disk entry's sidecar: its source, and the cached file's size and mtime when written (the cheap check).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Sidecar {
+    uri: String,
+    size: u64,
+    mtime_ns: i64,
+    source: Option<SourceId>,
+}
+
+#[derive(Debug)]
+struct DiskEntry {
+    entry: Entry,
+    /// The cached file's mtime when written; `None` until the entry was hashed by this agent (adopted without a
+    /// sidecar): its first use then hashes it.
+    mtime_ns: Option<i64>,
+    source: Option<SourceId>,
+    /// When the scrubber last re-hashed it (`UNIX_EPOCH`: never).
+    scrubbed: SystemTime,
+}
+
 #[derive(Debug)]
 struct HostEntry {
     entry: Entry,
@@ -115,12 +191,111 @@ struct HostEntry {
 
 #[derive(Debug, Default)]
 struct State {
-    disk: Vec<Entry>,
+    disk: Vec<DiskEntry>,
     host: Vec<HostEntry>,
 }
 
+/// Weights as a cache hit hands them out: a file the loader reads straight into its own buffers, or bytes
+/// already in host RAM.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    /// A disk entry: its path and size.
+    File {
+        /// The cached file.
+        path: PathBuf,
+        /// Bytes.
+        size: u64,
+    },
+    /// A host-RAM entry.
+    Host(Arc<[u8]>),
+}
+
+impl Weights {
+    /// Bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Weights::File { size, .. } => *size,
+            Weights::Host(bytes) => bytes.len() as u64,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// All the bytes, read into memory (tests and tools; the loader reads files itself).
+    pub fn to_vec(&self) -> Result<Vec<u8>, CacheError> {
+        match self {
+            Weights::File { path, .. } => {
+                fs::read(path).map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })
+            }
+            Weights::Host(bytes) => Ok(bytes.to_vec()),
+        }
+    }
+}
+
 /// Weights read from the cache, and the tier they came from.
-pub type Cached = (Tier, Arc<[u8]>);
+pub type Cached = (Tier, Weights);
+
+/// Where a start's weights were found: the tier they came from ([`Tier::Remote`] when they were fetched from the
+/// source just now, into the disk cache), the entry's digest, and the weights.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The tier the weights came from.
+    pub tier: Tier,
+    /// `sha256:<hex>`.
+    pub digest: String,
+    /// The weights.
+    pub weights: Weights,
+}
+
+/// Counters of the cache's work since it opened. Bytes hashed are what a hit must not add to.
+#[derive(Debug, Default)]
+struct Counters {
+    hashed_fetch: AtomicU64,
+    hashed_adopted: AtomicU64,
+    hashed_scrub: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evicted_corrupt: AtomicU64,
+    scrubbed_entries: AtomicU64,
+}
+
+/// A snapshot of [`Counters`], for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Bytes hashed while fetching sources into the cache (once per entry created).
+    pub hashed_fetch_bytes: u64,
+    /// Bytes hashed on first use of entries adopted without a sidecar.
+    pub hashed_adopted_bytes: u64,
+    /// Bytes hashed by the background scrubber.
+    pub hashed_scrub_bytes: u64,
+    /// Starts served from the cache (either tier).
+    pub hits: u64,
+    /// Starts that fetched from the source.
+    pub misses: u64,
+    /// Entries evicted because they were corrupt or changed on disk.
+    pub evicted_corrupt: u64,
+    /// Entries the scrubber re-hashed.
+    pub scrubbed_entries: u64,
+}
+
+impl CacheStats {
+    /// Every byte hashed, for any purpose.
+    pub fn hashed_bytes(&self) -> u64 {
+        self.hashed_fetch_bytes + self.hashed_adopted_bytes + self.hashed_scrub_bytes
+    }
+}
+
+/// What one scrub step did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScrubOutcome {
+    /// The entry's content still matches its digest.
+    Verified(String),
+    /// The entry was corrupt (or unreadable) and is gone.
+    Evicted(String),
+}
 
 /// The weight cache of one node.
 #[derive(Debug)]
@@ -129,43 +304,81 @@ pub struct WeightCache {
     disk_capacity: u64,
     host_capacity: u64,
     state: Mutex<State>,
+    counters: Counters,
 }
 
 /// `sha256:<hex>` of `bytes`.
 pub fn digest_of(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    hex_digest(Sha256::digest(bytes).as_slice())
+}
+
+fn hex_digest(hash: &[u8]) -> String {
     let mut out = String::with_capacity(71);
     out.push_str("sha256:");
-    for b in hash.iter() {
+    for b in hash {
         out.push_str(&format!("{b:02x}"));
     }
     out
 }
 
-/// Reads a `file://` source's `path`: a regular file only (a device such as `/dev/zero` would be read forever, a
-/// FIFO would block), and no more than `limit` bytes (what the largest tier holds: a larger file cannot be cached).
-fn read_source(uri: &str, path: &str, limit: u64, tier: Tier) -> Result<Vec<u8>, CacheError> {
-    let io = |source| CacheError::Io { what: format!("reading {uri}"), source };
-    let not_regular = || io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file"));
-    // Checked before opening too: opening a FIFO blocks until a writer comes.
-    if !fs::metadata(path).map_err(io)?.is_file() {
-        return Err(not_regular());
+fn mtime_ns(meta: &fs::Metadata) -> i64 {
+    meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec())
+}
+
+/// Streams `file` (from its start) through SHA-256, `rate` bytes per second at most (0: unbounded), adding to
+/// `counter`; returns the digest and the bytes read.
+fn hash_file(mut file: &fs::File, counter: &AtomicU64, rate: u64) -> std::io::Result<(String, u64)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let (started, mut total) = (Instant::now(), 0u64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(total as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
     }
-    let file = fs::File::open(path).map_err(io)?;
-    let size = file.metadata().map_err(io)?;
-    if !size.is_file() {
-        return Err(not_regular());
+    Ok((hex_digest(hasher.finalize().as_slice()), total))
+}
+
+/// Checks the safetensors framing of `file` (`size` bytes) without reading its data: the header parses (the
+/// safetensors library checks that tensors' offsets are contiguous and match their shapes) and the data it
+/// describes exactly fills the rest of the file.
+fn check_safetensors_file(what: &str, file: &fs::File, size: u64) -> Result<(), CacheError> {
+    let corrupt = |reason: String| CacheError::Corrupt { uri: what.to_owned(), reason };
+    let io = |source| CacheError::Io { what: format!("reading {what}"), source };
+    let mut len = [0u8; 8];
+    if size < 8 {
+        return Err(corrupt(format!("{size} bytes, the header length alone needs 8")));
     }
-    let too_large = |size| CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: limit };
-    if size.len() > limit {
-        return Err(too_large(size.len()));
+    file.read_exact_at(&mut len, 0).map_err(io)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > MAX_HEADER || header_len > size - 8 {
+        return Err(corrupt(format!("the header declares {header_len} bytes but only {} follow", size - 8)));
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(size.len()).unwrap_or(0));
-    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
-    if bytes.len() as u64 > limit {
-        return Err(too_large(bytes.len() as u64));
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut header, 8).map_err(io)?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
+    let end = metadata
+        .offset_keys()
+        .iter()
+        .filter_map(|name| metadata.info(name).map(|info| info.data_offsets.1 as u64))
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header_len + end;
+    if expected != size {
+        return Err(corrupt(format!("the header describes {expected} bytes, the file has {size}")));
     }
-    Ok(bytes)
+    Ok(())
 }
 
 fn check_safetensors(uri: &str, bytes: &[u8]) -> Result<(), CacheError> {
@@ -175,7 +388,8 @@ fn check_safetensors(uri: &str, bytes: &[u8]) -> Result<(), CacheError> {
 }
 
 impl WeightCache {
-    /// A cache keeping disk entries in `dir` (created if needed; entries already there are adopted).
+    /// A cache keeping disk entries in `dir` (created if needed; entries already there are adopted, with their
+    /// sidecars; leftovers of interrupted fetches are removed).
     pub fn open(dir: &Path, disk_capacity: u64, host_capacity: u64) -> Result<Self, CacheError> {
         fs::create_dir_all(dir)
             .map_err(|source| CacheError::Io { what: format!("creating {}", dir.display()), source })?;
@@ -184,68 +398,248 @@ impl WeightCache {
             .map_err(|source| CacheError::Io { what: format!("reading {}", dir.display()), source })?;
         for item in listing.flatten() {
             let name = item.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".partial") {
+                let _ = fs::remove_file(item.path());
+                continue;
+            }
             let Some(hex) = name.strip_prefix("sha256-").and_then(|n| n.strip_suffix(".safetensors")) else { continue };
             let Ok(meta) = item.metadata() else { continue };
-            state.disk.push(Entry {
-                uri: String::new(),
-                digest: format!("sha256:{hex}"),
-                size: meta.len(),
-                tier: Tier::Disk,
-                last_used: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            let digest = format!("sha256:{hex}");
+            let sidecar: Option<Sidecar> =
+                fs::read(dir.join(format!("sha256-{hex}.json"))).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            // A sidecar that disagrees with the file is ignored: the entry is hashed on first use.
+            let sidecar = sidecar.filter(|s| s.size == meta.len() && s.mtime_ns == mtime_ns(&meta));
+            state.disk.push(DiskEntry {
+                entry: Entry {
+                    uri: sidecar.as_ref().map(|s| s.uri.clone()).unwrap_or_default(),
+                    digest,
+                    size: meta.len(),
+                    tier: Tier::Disk,
+                    last_used: meta.accessed().or_else(|_| meta.modified()).unwrap_or(SystemTime::UNIX_EPOCH),
+                },
+                mtime_ns: sidecar.as_ref().map(|s| s.mtime_ns),
+                source: sidecar.and_then(|s| s.source),
+                scrubbed: SystemTime::UNIX_EPOCH,
             });
         }
-        Ok(Self { dir: dir.to_owned(), disk_capacity, host_capacity, state: Mutex::new(state) })
+        Ok(Self {
+            dir: dir.to_owned(),
+            disk_capacity,
+            host_capacity,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn path_of(&self, digest: &str) -> PathBuf {
         self.dir.join(format!("{}.safetensors", digest.replace(':', "-")))
     }
 
+    fn sidecar_of(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{}.json", digest.replace(':', "-")))
+    }
+
+    /// The cache's counters since it opened.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            hashed_fetch_bytes: get(&c.hashed_fetch),
+            hashed_adopted_bytes: get(&c.hashed_adopted),
+            hashed_scrub_bytes: get(&c.hashed_scrub),
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            evicted_corrupt: get(&c.evicted_corrupt),
+            scrubbed_entries: get(&c.scrubbed_entries),
+        }
+    }
+
+    /// The identity of a `file://` source (one `stat`): a regular file only (a device such as `/dev/zero` would be
+    /// read forever, a FIFO would block).
+    fn source_id(uri: &str) -> Result<SourceId, CacheError> {
+        let Some(path) = uri.strip_prefix("file://") else {
+            return Err(CacheError::Unsupported { uri: uri.to_owned() });
+        };
+        let io = |source| CacheError::Io { what: format!("reading {uri}"), source };
+        let meta = fs::metadata(path).map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+        }
+        let canonical = fs::canonicalize(path).map_err(io)?;
+        Ok(SourceId::of(&canonical, &meta))
+    }
+
+    /// The digest of what is cached for `uri`: by `expected_digest` when given, else by the source's identity.
+    fn find(&self, expected_digest: Option<&str>, source: Option<&SourceId>) -> Option<String> {
+        let s = self.lock();
+        if let Some(d) = expected_digest {
+            let held = s.host.iter().any(|h| h.entry.digest == d) || s.disk.iter().any(|e| e.entry.digest == d);
+            return held.then(|| d.to_owned());
+        }
+        let source = source?;
+        s.disk.iter().find(|e| e.source.as_ref() == Some(source)).map(|e| e.entry.digest.clone())
+    }
+
+    /// Finds the weights of `uri` for a start: from host RAM or the disk cache when held (no hashing: a cheap
+    /// check of the cached file), else fetched from the source into the disk cache now ([`Tier::Remote`]). An
+    /// entry found corrupt is evicted and the source fetched again.
+    pub fn locate(&self, uri: &str, expected_digest: Option<&str>) -> Result<Located, CacheError> {
+        let expected = expected_digest.filter(|d| !d.is_empty());
+        let source = if expected.is_none() { Some(Self::source_id(uri)?) } else { None };
+        if let Some(digest) = self.find(expected, source.as_ref()) {
+            match self.read(&digest) {
+                Some(Ok((tier, weights))) => {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Located { tier, digest, weights });
+                }
+                Some(Err(e)) => tracing::warn!("{uri}: the cached copy was bad ({e}); fetching it again"),
+                None => {}
+            }
+        }
+        let entry = self.fetch(uri, expected, Tier::Disk)?;
+        self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        let weights = match self.read(&entry.digest) {
+            Some(Ok((_, weights))) => weights,
+            Some(Err(e)) => return Err(e),
+            None => return Err(CacheError::Unsupported { uri: uri.to_owned() }),
+        };
+        Ok(Located { tier: Tier::Remote, digest: entry.digest, weights })
+    }
+
     /// Fetches `uri` into `tier` (host RAM also keeps a disk copy when it fits), checking `expected_digest` when
-    /// given; returns the entry. Already cached content is only touched.
+    /// given; returns the entry. Already cached content is only touched (and, for host RAM, loaded from the disk
+    /// copy without hashing).
     pub fn prefetch(&self, uri: &str, expected_digest: Option<&str>, tier: Tier) -> Result<Entry, CacheError> {
         if matches!(tier, Tier::Gpu | Tier::Remote) {
             return Err(CacheError::NotACacheTier { uri: uri.to_owned(), tier });
         }
-        if let Some(d) = expected_digest.filter(|d| !d.is_empty())
-            && let Some(entry) = self.lookup(d, tier)
+        let expected = expected_digest.filter(|d| !d.is_empty());
+        if expected.is_none() && !uri.starts_with("file://") {
+            return Err(CacheError::Unsupported { uri: uri.to_owned() });
+        }
+        let source = if expected.is_none() { Some(Self::source_id(uri)?) } else { None };
+        if let Some(digest) = self.find(expected, source.as_ref())
+            && let Some(entry) = self.lookup(&digest, tier)
         {
             return Ok(entry);
         }
-        let Some(path) = uri.strip_prefix("file://") else {
-            return Err(CacheError::Unsupported { uri: uri.to_owned() });
-        };
-        let bytes = read_source(uri, path, self.disk_capacity.max(self.host_capacity), tier)?;
-        let digest = digest_of(&bytes);
-        if let Some(expected) = expected_digest.filter(|d| !d.is_empty())
-            && expected != digest
+        if tier == Tier::HostRam
+            && let Some(digest) = self.find(expected, source.as_ref())
+            && let Some(Ok((Tier::Disk, Weights::File { path, size }))) = self.read(&digest)
         {
-            return Err(CacheError::DigestMismatch {
-                uri: uri.to_owned(),
-                expected: expected.to_owned(),
-                actual: digest,
-            });
-        }
-        check_safetensors(uri, &bytes)?;
-        let size = bytes.len() as u64;
-        let now = SystemTime::now();
-        let entry = Entry { uri: uri.to_owned(), digest: digest.clone(), size, tier: Tier::Disk, last_used: now };
-        if size <= self.disk_capacity {
-            self.store_disk(&entry, &bytes)?;
-        } else if tier == Tier::Disk {
-            return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.disk_capacity });
-        }
-        if tier == Tier::HostRam {
             if size > self.host_capacity {
                 return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
             }
+            let bytes = fs::read(&path)
+                .map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })?;
+            let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: SystemTime::now() };
+            self.store_host(entry.clone(), bytes.into());
+            return Ok(entry);
+        }
+        self.fetch(uri, expected, tier)
+    }
+
+    /// Streams `uri` into the disk cache (hashing it on the way: the one time its content is hashed), or, when it
+    /// fits only host RAM and `tier` is host RAM, into memory.
+    fn fetch(&self, uri: &str, expected: Option<&str>, tier: Tier) -> Result<Entry, CacheError> {
+        let source = Self::source_id(uri)?;
+        let io = |source| CacheError::Io { what: format!("reading {uri}"), source };
+        let file = fs::File::open(&source.path).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() {
+            return Err(io(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+        }
+        let size = meta.len();
+        let limit = self.disk_capacity.max(self.host_capacity);
+        if size > limit {
+            return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: limit });
+        }
+        let check_digest = |actual: &str| match expected {
+            Some(expected) if expected != actual => Err(CacheError::DigestMismatch {
+                uri: uri.to_owned(),
+                expected: expected.to_owned(),
+                actual: actual.to_owned(),
+            }),
+            _ => Ok(()),
+        };
+        let now = SystemTime::now();
+        if size > self.disk_capacity {
+            if tier == Tier::Disk {
+                return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.disk_capacity });
+            }
+            // Host RAM only: read it once, hash the bytes in memory.
+            let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+            (&file).take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(io)?;
+            self.counters.hashed_fetch.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            let digest = digest_of(&bytes);
+            check_digest(&digest)?;
+            check_safetensors(uri, &bytes)?;
+            if bytes.len() as u64 > self.host_capacity {
+                let size = bytes.len() as u64;
+                return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
+            }
+            let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: now };
+            self.store_host(entry.clone(), bytes.into());
+            return Ok(entry);
+        }
+        // Stream source -> hash -> temporary file; check; rename into place.
+        static FETCHES: AtomicU64 = AtomicU64::new(0);
+        let tmp =
+            self.dir.join(format!("fetch-{}-{}.partial", std::process::id(), FETCHES.fetch_add(1, Ordering::Relaxed)));
+        let write_err = |source| CacheError::Io { what: format!("writing {}", tmp.display()), source };
+        let written = (|| -> Result<(String, u64), CacheError> {
+            let mut out =
+                fs::File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(write_err)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut total = 0u64;
+            let mut reader = (&file).take(self.disk_capacity.saturating_add(1));
+            loop {
+                let n = reader.read(&mut buf).map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                self.counters.hashed_fetch.fetch_add(n as u64, Ordering::Relaxed);
+                out.write_all(&buf[..n]).map_err(write_err)?;
+                total += n as u64;
+            }
+            if total > self.disk_capacity {
+                return Err(CacheError::TooLarge {
+                    uri: uri.to_owned(),
+                    size: total,
+                    tier: Tier::Disk,
+                    capacity: self.disk_capacity,
+                });
+            }
+            let digest = hex_digest(hasher.finalize().as_slice());
+            check_digest(&digest)?;
+            out.sync_all().map_err(write_err)?;
+            check_safetensors_file(uri, &out, total)?;
+            Ok((digest, total))
+        })();
+        let (digest, size) = match written {
+            Ok(done) => done,
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        let entry = Entry { uri: uri.to_owned(), digest: digest.clone(), size, tier: Tier::Disk, last_used: now };
+        self.store_disk(&entry, &tmp, source)?;
+        if tier == Tier::HostRam && size <= self.host_capacity {
+            let path = self.path_of(&digest);
+            let bytes = fs::read(&path)
+                .map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })?;
             let entry = Entry { tier: Tier::HostRam, ..entry };
             self.store_host(entry.clone(), bytes.into());
             return Ok(entry);
+        } else if tier == Tier::HostRam {
+            return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
         }
         Ok(entry)
     }
@@ -258,39 +652,55 @@ impl WeightCache {
                 h.entry.last_used = now;
                 h.entry.clone()
             }),
-            Tier::Disk => s.disk.iter_mut().find(|e| e.digest == digest).map(|e| {
-                e.last_used = now;
-                e.clone()
+            Tier::Disk => s.disk.iter_mut().find(|e| e.entry.digest == digest).map(|e| {
+                e.entry.last_used = now;
+                e.entry.clone()
             }),
             Tier::Gpu | Tier::Remote => None,
         }
     }
 
-    fn store_disk(&self, entry: &Entry, bytes: &[u8]) -> Result<(), CacheError> {
+    /// Moves the fetched file `tmp` into place as `entry` (evicting least-recently-used entries to make room) and
+    /// writes its sidecar. Content already cached under the digest only gains the source.
+    fn store_disk(&self, entry: &Entry, tmp: &Path, source: SourceId) -> Result<(), CacheError> {
         let path = self.path_of(&entry.digest);
         let mut s = self.lock();
-        if let Some(e) = s.disk.iter_mut().find(|e| e.digest == entry.digest) {
-            e.last_used = entry.last_used;
-            if e.uri.is_empty() {
-                e.uri.clone_from(&entry.uri);
+        if let Some(e) = s.disk.iter_mut().find(|e| e.entry.digest == entry.digest) {
+            let _ = fs::remove_file(tmp);
+            e.entry.last_used = entry.last_used;
+            e.entry.uri.clone_from(&entry.uri);
+            e.source = Some(source);
+            if let Some(mtime_ns) = e.mtime_ns {
+                let sidecar =
+                    Sidecar { uri: e.entry.uri.clone(), size: e.entry.size, mtime_ns, source: e.source.clone() };
+                write_sidecar(&self.sidecar_of(&entry.digest), &sidecar);
             }
             return Ok(());
         }
-        while s.disk.iter().map(|e| e.size).sum::<u64>() + entry.size > self.disk_capacity {
-            let Some(oldest) = (0..s.disk.len()).min_by_key(|&i| s.disk[i].last_used) else { break };
+        while s.disk.iter().map(|e| e.entry.size).sum::<u64>() + entry.size > self.disk_capacity {
+            let Some(oldest) = (0..s.disk.len()).min_by_key(|&i| s.disk[i].entry.last_used) else { break };
             let gone = s.disk.swap_remove(oldest);
-            let _ = fs::remove_file(self.path_of(&gone.digest));
+            let _ = fs::remove_file(self.path_of(&gone.entry.digest));
+            let _ = fs::remove_file(self.sidecar_of(&gone.entry.digest));
         }
-        // Write to a temporary name and rename: a crash never leaves a partial file under the final name.
-        let tmp = path.with_extension("partial");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
+        // Renamed into place: a crash never leaves a partial file under the final name.
+        let placed = fs::rename(tmp, &path).and_then(|()| fs::metadata(&path));
+        let meta = match placed {
+            Ok(meta) => meta,
+            Err(source) => {
+                let _ = fs::remove_file(tmp);
+                return Err(CacheError::Io { what: format!("writing {}", path.display()), source });
+            }
         };
-        write().map_err(|source| CacheError::Io { what: format!("writing {}", path.display()), source })?;
-        s.disk.push(entry.clone());
+        let sidecar =
+            Sidecar { uri: entry.uri.clone(), size: entry.size, mtime_ns: mtime_ns(&meta), source: Some(source) };
+        write_sidecar(&self.sidecar_of(&entry.digest), &sidecar);
+        s.disk.push(DiskEntry {
+            entry: entry.clone(),
+            mtime_ns: Some(sidecar.mtime_ns),
+            source: sidecar.source,
+            scrubbed: SystemTime::now(),
+        });
         Ok(())
     }
 
@@ -307,47 +717,128 @@ impl WeightCache {
         s.host.push(HostEntry { entry, bytes });
     }
 
-    /// The weights with `digest`, from host RAM or else from disk (verified; a corrupt disk entry is evicted and
-    /// the error returned); `None` when not cached.
+    /// The weights with `digest`, from host RAM or else from disk; `None` when not cached. A disk entry is checked
+    /// cheaply (its file's size and mtime against the sidecar; an entry adopted without one is hashed once): one
+    /// that fails is evicted and the error returned, never served.
     pub fn read(&self, digest: &str) -> Option<Result<Cached, CacheError>> {
-        {
+        let recorded = {
             let mut s = self.lock();
             if let Some(h) = s.host.iter_mut().find(|h| h.entry.digest == digest) {
                 h.entry.last_used = SystemTime::now();
-                return Some(Ok((Tier::HostRam, Arc::clone(&h.bytes))));
+                return Some(Ok((Tier::HostRam, Weights::Host(Arc::clone(&h.bytes)))));
             }
-            if !s.disk.iter().any(|e| e.digest == digest) {
-                return None;
-            }
-        }
+            let e = s.disk.iter().find(|e| e.entry.digest == digest)?;
+            (e.entry.size, e.mtime_ns)
+        };
         let path = self.path_of(digest);
-        let checked = fs::read(&path)
-            .map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })
-            .and_then(|bytes| {
-                let actual = digest_of(&bytes);
-                if actual != digest {
-                    return Err(CacheError::DigestMismatch {
-                        uri: path.display().to_string(),
-                        expected: digest.to_owned(),
-                        actual,
-                    });
+        let what = path.display().to_string();
+        let checked = (|| -> Result<(), CacheError> {
+            let io = |source| CacheError::Io { what: format!("reading {what}"), source };
+            let changed = |reason: String| CacheError::Corrupt { uri: what.clone(), reason };
+            let file = fs::File::open(&path).map_err(io)?;
+            let meta = file.metadata().map_err(io)?;
+            match recorded {
+                (size, Some(mtime)) => {
+                    if meta.len() != size || mtime_ns(&meta) != mtime {
+                        return Err(changed(format!(
+                            "changed on disk since it was cached ({} bytes, expected {size}; mtime {} ns, \
+                             expected {mtime})",
+                            meta.len(),
+                            mtime_ns(&meta)
+                        )));
+                    }
+                    Ok(())
                 }
-                check_safetensors(&path.display().to_string(), &bytes)?;
-                Ok(bytes)
-            });
+                (_, None) => {
+                    // Adopted without a sidecar: hash it this once.
+                    let (actual, _) = hash_file(&file, &self.counters.hashed_adopted, 0).map_err(io)?;
+                    if actual != digest {
+                        return Err(CacheError::DigestMismatch {
+                            uri: what.clone(),
+                            expected: digest.to_owned(),
+                            actual,
+                        });
+                    }
+                    check_safetensors_file(&what, &file, meta.len())?;
+                    let mut s = self.lock();
+                    if let Some(e) = s.disk.iter_mut().find(|e| e.entry.digest == digest) {
+                        e.mtime_ns = Some(mtime_ns(&meta));
+                        e.scrubbed = SystemTime::now();
+                        let sidecar = Sidecar {
+                            uri: e.entry.uri.clone(),
+                            size: meta.len(),
+                            mtime_ns: mtime_ns(&meta),
+                            source: e.source.clone(),
+                        };
+                        write_sidecar(&self.sidecar_of(digest), &sidecar);
+                    }
+                    Ok(())
+                }
+            }
+        })();
         match checked {
-            Ok(bytes) => {
-                if let Some(e) = self.lock().disk.iter_mut().find(|e| e.digest == digest) {
-                    e.last_used = SystemTime::now();
+            Ok(()) => {
+                if let Some(e) = self.lock().disk.iter_mut().find(|e| e.entry.digest == digest) {
+                    e.entry.last_used = SystemTime::now();
                 }
-                Some(Ok((Tier::Disk, bytes.into())))
+                Some(Ok((Tier::Disk, Weights::File { path, size: recorded.0 })))
             }
             Err(e) => {
                 tracing::warn!("evicting corrupt cache entry {digest}: {e}");
-                self.evict(digest, None);
+                self.counters.evicted_corrupt.fetch_add(1, Ordering::Relaxed);
+                self.evict(digest, Some(Tier::Disk));
                 Some(Err(e))
             }
         }
+    }
+
+    /// Re-hashes the disk entry scrubbed longest ago, reading at most `rate` bytes per second (0: unbounded); a
+    /// corrupt one is evicted. `None` when there are no disk entries.
+    pub fn scrub_once(&self, rate: u64) -> Option<ScrubOutcome> {
+        let digest = {
+            let s = self.lock();
+            s.disk.iter().min_by_key(|e| e.scrubbed)?.entry.digest.clone()
+        };
+        let path = self.path_of(&digest);
+        let result = fs::File::open(&path).and_then(|f| hash_file(&f, &self.counters.hashed_scrub, rate));
+        self.counters.scrubbed_entries.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok((actual, _)) if actual == digest => {
+                if let Some(e) = self.lock().disk.iter_mut().find(|e| e.entry.digest == digest) {
+                    e.scrubbed = SystemTime::now();
+                }
+                Some(ScrubOutcome::Verified(digest))
+            }
+            Ok((actual, _)) => {
+                tracing::warn!("scrub: cache entry {digest} now hashes to {actual}; evicting it");
+                self.counters.evicted_corrupt.fetch_add(1, Ordering::Relaxed);
+                self.evict(&digest, Some(Tier::Disk));
+                Some(ScrubOutcome::Evicted(digest))
+            }
+            Err(e) => {
+                tracing::warn!("scrub: cannot read cache entry {digest} ({e}); evicting it");
+                self.counters.evicted_corrupt.fetch_add(1, Ordering::Relaxed);
+                self.evict(&digest, Some(Tier::Disk));
+                Some(ScrubOutcome::Evicted(digest))
+            }
+        }
+    }
+
+    /// Starts the background scrubber: every `every`, one disk entry is re-hashed at `rate` bytes per second at
+    /// most, so a full pass over the cache costs bounded I/O. The thread ends when the cache is dropped.
+    pub fn spawn_scrubber(
+        self: &Arc<Self>,
+        every: Duration,
+        rate: u64,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let cache: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new().name("kiln-cache-scrub".into()).spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(cache) = cache.upgrade() else { return };
+                cache.scrub_once(rate);
+            }
+        })
     }
 
     /// Drops `digest_or_uri` from `tier` (host RAM and disk when `None`; nothing for a tier this cache does not
@@ -365,10 +856,11 @@ impl WeightCache {
             gone += before - s.host.len();
         }
         if tier != Some(Tier::HostRam) {
-            let (drop, keep): (Vec<Entry>, Vec<Entry>) =
-                std::mem::take(&mut s.disk).into_iter().partition(|e| matches(e));
+            let (drop, keep): (Vec<DiskEntry>, Vec<DiskEntry>) =
+                std::mem::take(&mut s.disk).into_iter().partition(|e| matches(&e.entry));
             for e in &drop {
-                let _ = fs::remove_file(self.path_of(&e.digest));
+                let _ = fs::remove_file(self.path_of(&e.entry.digest));
+                let _ = fs::remove_file(self.sidecar_of(&e.entry.digest));
             }
             gone += drop.len();
             s.disk = keep;
@@ -379,12 +871,24 @@ impl WeightCache {
     /// Everything cached, for the controller.
     pub fn report(&self) -> Vec<Entry> {
         let s = self.lock();
-        s.host.iter().map(|h| h.entry.clone()).chain(s.disk.iter().cloned()).collect()
+        s.host.iter().map(|h| h.entry.clone()).chain(s.disk.iter().map(|e| e.entry.clone())).collect()
     }
 
     /// Capacities: host, disk (bytes).
     pub fn capacities(&self) -> (u64, u64) {
         (self.host_capacity, self.disk_capacity)
+    }
+}
+
+/// Writes a sidecar; a failure only costs a hash on the next restart, so it is logged, not returned.
+fn write_sidecar(path: &Path, sidecar: &Sidecar) {
+    let tmp = path.with_extension("json.partial");
+    let written = serde_json::to_vec(sidecar)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| fs::write(&tmp, bytes))
+        .and_then(|()| fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!("writing {}: {e}", path.display());
     }
 }
 
@@ -436,7 +940,7 @@ mod tests {
         assert_eq!(on_disk.len(), 2);
         assert!(!on_disk.contains(&files[0].0.as_str()));
         assert_eq!(cache.read(&digest_of(&files[1].1)).unwrap().unwrap().0, Tier::HostRam);
-        assert_eq!(&*cache.read(&digest_of(&files[2].1)).unwrap().unwrap().1, files[2].1.as_slice());
+        assert_eq!(cache.read(&digest_of(&files[2].1)).unwrap().unwrap().1.to_vec().unwrap(), files[2].1);
         assert!(cache.read(&digest_of(&files[0].1)).is_none());
 
         let wrong = cache.prefetch(&files[0].0, Some("sha256:00"), Tier::Disk).unwrap_err();
@@ -470,9 +974,141 @@ mod tests {
         rotten.truncate(rotten.len() / 2);
         fs::write(&cached, rotten).unwrap();
         let err = cache.read(&entry.digest).unwrap().unwrap_err();
-        assert!(err.to_string().contains("does not match"), "{err}");
+        assert!(err.to_string().contains("changed on disk since it was cached"), "{err}");
         assert!(cache.read(&entry.digest).is_none(), "evicted, never served");
         assert!(!cached.exists());
+        assert_eq!(cache.stats().evicted_corrupt, 1);
+        // A start of the same source heals the cache: the source is fetched again.
+        let again = cache.locate(&format!("file://{}", good.display()), None).unwrap();
+        assert_eq!((again.tier, again.digest.as_str()), (Tier::Remote, entry.digest.as_str()));
+        assert_eq!(again.weights.to_vec().unwrap(), bytes);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_hit_hashes_nothing_even_after_a_restart_and_says_it_came_from_the_disk_cache() {
+        let dir = temp_dir("hit");
+        let bytes = model(4096, 0.25);
+        let src = dir.join("m.safetensors");
+        fs::write(&src, &bytes).unwrap();
+        let uri = format!("file://{}", src.display());
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        let first = cache.locate(&uri, None).unwrap();
+        assert_eq!(first.tier, Tier::Remote, "fetched from the source");
+        assert_eq!(cache.stats().hashed_bytes(), bytes.len() as u64, "hashed once, when the entry was created");
+        for _ in 0..3 {
+            let hit = cache.locate(&uri, None).unwrap();
+            assert_eq!((hit.tier, hit.digest.as_str()), (Tier::Disk, first.digest.as_str()));
+        }
+        // By digest too.
+        assert_eq!(cache.locate(&uri, Some(&first.digest)).unwrap().tier, Tier::Disk);
+        let stats = cache.stats();
+        assert_eq!((stats.hashed_bytes(), stats.hits, stats.misses), (bytes.len() as u64, 4, 1));
+        drop(cache);
+        // A restart keeps the index (the sidecar): still a disk hit, still nothing hashed.
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        let hit = cache.locate(&uri, None).unwrap();
+        assert_eq!((hit.tier, hit.weights.to_vec().unwrap()), (Tier::Disk, bytes.clone()));
+        assert_eq!(cache.stats().hashed_bytes(), 0);
+        // Host RAM from the disk copy: no hash either, and reported as host RAM afterwards.
+        cache.prefetch(&uri, None, Tier::HostRam).unwrap();
+        assert_eq!(cache.locate(&uri, None).unwrap().tier, Tier::HostRam);
+        assert_eq!(cache.stats().hashed_bytes(), 0);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn an_entry_adopted_without_a_sidecar_is_hashed_once_then_trusted() {
+        let dir = temp_dir("adopted");
+        let bytes = model(512, 0.5);
+        let src = dir.join("m.safetensors");
+        fs::write(&src, &bytes).unwrap();
+        let uri = format!("file://{}", src.display());
+        let digest = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20)
+            .unwrap()
+            .prefetch(&uri, None, Tier::Disk)
+            .unwrap()
+            .digest;
+        // An older agent's entry: no sidecar.
+        fs::remove_file(dir.join("cache").join(format!("{}.json", digest.replace(':', "-")))).unwrap();
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_adopted_bytes, bytes.len() as u64, "hashed on first use");
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_bytes(), bytes.len() as u64, "and not again");
+        // The sidecar it wrote makes the next restart free too.
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_bytes(), 0);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_changed_source_file_is_fetched_again() {
+        let dir = temp_dir("changed");
+        let src = dir.join("m.safetensors");
+        let uri = format!("file://{}", src.display());
+        let (old, new) = (model(256, 1.0), model(256, 2.0));
+        assert_eq!(old.len(), new.len());
+        fs::write(&src, &old).unwrap();
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
+        let first = cache.locate(&uri, None).unwrap();
+        assert_eq!(cache.locate(&uri, None).unwrap().tier, Tier::Disk);
+        // Same size, rewritten in place: the ctime (and mtime) moved.
+        std::thread::sleep(Duration::from_millis(20));
+        fs::write(&src, &new).unwrap();
+        let second = cache.locate(&uri, None).unwrap();
+        assert_eq!(second.tier, Tier::Remote, "re-fetched");
+        assert_ne!(second.digest, first.digest);
+        assert_eq!(second.weights.to_vec().unwrap(), new);
+        assert_eq!(cache.stats().hashed_fetch_bytes, 2 * old.len() as u64);
+        // Replaced by another file (a new inode) with the old content: fetched, and it is the old entry again.
+        let other = dir.join("other");
+        fs::write(&other, &old).unwrap();
+        fs::rename(&other, &src).unwrap();
+        let third = cache.locate(&uri, None).unwrap();
+        assert_eq!((third.tier, third.digest.as_str()), (Tier::Remote, first.digest.as_str()));
+        assert_eq!(cache.locate(&uri, None).unwrap().tier, Tier::Disk);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn the_scrubber_evicts_rot_the_cheap_check_cannot_see() {
+        let dir = temp_dir("scrub");
+        let bytes = model(1024, 3.0);
+        let src = dir.join("m.safetensors");
+        fs::write(&src, &bytes).unwrap();
+        let uri = format!("file://{}", src.display());
+        let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap());
+        let entry = cache.prefetch(&uri, None, Tier::Disk).unwrap();
+        assert_eq!(cache.scrub_once(0), Some(ScrubOutcome::Verified(entry.digest.clone())));
+        // A flipped bit, size and mtime kept.
+        let cached = dir.join("cache").join(format!("{}.safetensors", entry.digest.replace(':', "-")));
+        let mtime = fs::metadata(&cached).unwrap().modified().unwrap();
+        let mut rotten = fs::read(&cached).unwrap();
+        *rotten.last_mut().unwrap() ^= 0x40;
+        fs::write(&cached, &rotten).unwrap();
+        fs::File::options().write(true).open(&cached).unwrap().set_modified(mtime).unwrap();
+        assert!(cache.read(&entry.digest).unwrap().is_ok(), "the cheap check passes: this is the scrubber's job");
+        let before = cache.stats().hashed_scrub_bytes;
+        assert_eq!(cache.scrub_once(0), Some(ScrubOutcome::Evicted(entry.digest.clone())));
+        assert_eq!(cache.stats().hashed_scrub_bytes - before, bytes.len() as u64);
+        assert!(cache.read(&entry.digest).is_none(), "never served again");
+        assert!(!cached.exists());
+        assert_eq!(cache.scrub_once(0), None, "nothing left to scrub");
+        // The rate bound holds: 64 KiB at 1 MiB/s takes at least ~60 ms.
+        let small = model(16 << 10, 1.0);
+        fs::write(&src, &small).unwrap();
+        cache.prefetch(&uri, None, Tier::Disk).unwrap();
+        let started = Instant::now();
+        assert!(matches!(cache.scrub_once(1 << 20), Some(ScrubOutcome::Verified(_))));
+        assert!(started.elapsed() >= Duration::from_millis(55), "{:?}", started.elapsed());
+        // The background thread ends once the cache is gone.
+        let handle = cache.spawn_scrubber(Duration::from_millis(5), 0).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(cache.stats().scrubbed_entries >= 4);
+        drop(cache);
+        handle.join().unwrap();
         fs::remove_dir_all(&dir).ok();
     }
 }

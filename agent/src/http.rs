@@ -121,6 +121,7 @@ async fn metrics_page(State(state): State<AppState>) -> Response {
             let bytes = entries.iter().map(|e| e.size).sum();
             extra.cache.push(metrics::CacheTierMetrics { tier: name, entries: entries.len(), bytes, capacity });
         }
+        extra.cache_stats = Some(cache.stats());
     }
     let page = metrics::render_with(&state.telemetry.read(), &extra);
     ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], page).into_response()

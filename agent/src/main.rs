@@ -78,6 +78,13 @@ enum Command {
         /// Directory for the test file (on the disk the weight cache uses).
         #[arg(long, default_value = "/var/lib/kiln/cache")]
         dir: std::path::PathBuf,
+        /// Instead: build a model file of `--size`, cache it, and time cold starts through the CPU path from the
+        /// disk cache (page cache warm) against a raw read of the same file.
+        #[arg(long)]
+        cold_start: bool,
+        /// Cold starts to time (the median is printed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
     },
     /// A minimal model server for smoke tests of the process runtime: listens on `$PORT` (loopback), answers
     /// `GET /health` and echoes `POST /predictions` as `{"output": <input>, "gpus": "<CUDA_VISIBLE_DEVICES>"}`.
@@ -169,7 +176,8 @@ fn main() -> ExitCode {
         Some(Command::ResetGpu { gpu, admin, token }) => {
             token.read().and_then(|token| admin_post(*admin, &token, &format!("/admin/gpus/{gpu}/reset"), "{}"))
         }
-        Some(Command::BenchLoad { size, dir }) => bench_load(dir, *size),
+        Some(Command::BenchLoad { size, dir, cold_start: true, runs }) => bench_cold_start(dir, *size, *runs),
+        Some(Command::BenchLoad { size, dir, cold_start: false, .. }) => bench_load(dir, *size),
         Some(Command::EchoServer { exit_after }) => echo_server(*exit_after),
         None => run(&args),
     };
@@ -314,6 +322,42 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
         }
     } else {
         println!("host -> GPU: not measured (no CUDA driver library on this machine)");
+    }
+    Ok(())
+}
+
+fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let r = kiln_agent::bench::cold_start(dir, size, runs)?;
+    let gb = r.bytes as f64 / 1e9;
+    println!("model: {:.2} GB, {} parameters (F32), CPU path, page cache warm, median of {runs}", gb, r.params);
+    println!(
+        "first start (fetch into the disk cache, hashed once): {:.3} s, {} bytes hashed",
+        r.miss_s, r.miss_hashed_bytes
+    );
+    let [lookup, read, parse, convert, init] = r.phases;
+    println!(
+        "cold start from the {:?} cache: {:.3} s (lookup {:.4} s, read {:.3} s, parse {:.4} s, convert {:.3} s, \
+         first forward {:.3} s); bytes hashed by all {runs} hits: {}",
+        r.hit_tier, r.cold_start_s, lookup, read, parse, convert, init, r.hit_hashed_bytes
+    );
+    println!(
+        "raw read of the same file (1 MiB pread): {:.3} s = {:.2} GB/s",
+        r.raw_read_s,
+        gb / r.raw_read_s.max(1e-9)
+    );
+    println!("cold start / raw read: {:.2}x", r.ratio());
+    match &r.gpu {
+        None => println!("GPU path: not measured (no CUDA driver library on this machine)"),
+        Some(Err(e)) => println!("GPU path: failed: {e}"),
+        Some(Ok((total, t, first))) => println!(
+            "cold start from the disk cache onto GPU 0: {total:.3} s (header {:.4} s, CUDA init {:.3} s, \
+             streaming to the GPU {:.3} s = {:.2} GB/s, first forward {first:.4} s)",
+            t.read.as_secs_f64(),
+            t.init.as_secs_f64(),
+            t.host_to_device.as_secs_f64(),
+            gb / t.host_to_device.as_secs_f64().max(1e-9)
+        ),
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 
 use prometheus_client::{
     encoding::prometheus_text,
-    metrics::{family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -33,6 +33,8 @@ pub struct Extra {
     pub workers: Vec<ReplicaMetrics>,
     /// Per cache tier.
     pub cache: Vec<CacheTierMetrics>,
+    /// The weight cache's counters (bytes hashed by purpose, hits, misses, evictions of corrupt entries).
+    pub cache_stats: Option<crate::cache::CacheStats>,
 }
 
 /// One weight-cache tier, for metrics.
@@ -48,7 +50,7 @@ pub struct CacheTierMetrics {
     pub capacity: u64,
 }
 
-/// Every metric family the page can hold (gauges all), whether or not it has a series now: what dashboards may
+/// Every metric family the page can hold (gauges, and the cache's two counters), whether or not it has a series now: what dashboards may
 /// query. A test renders a page with every family populated and checks it against this list.
 pub const FAMILIES: &[&str] = &[
     "DCGM_FI_DEV_GPU_UTIL",
@@ -75,6 +77,8 @@ pub const FAMILIES: &[&str] = &[
     "kiln_agent_cache_entries",
     "kiln_agent_cache_bytes",
     "kiln_agent_cache_capacity_bytes",
+    "kiln_agent_cache_hashed_bytes_total",
+    "kiln_agent_cache_events_total",
 ];
 
 /// The metrics page for `snapshot`.
@@ -183,6 +187,38 @@ pub fn render_with(snapshot: &Snapshot, extra: &Extra) -> String {
         cache_capacity.get_or_create(&labels).set(c.capacity as f64);
     }
 
+    if let Some(stats) = &extra.cache_stats {
+        type Counters = Family<Labels, Counter<u64>>;
+        let hashed = Counters::default();
+        registry.register(
+            "kiln_agent_cache_hashed_bytes",
+            "Bytes the weight cache hashed, by purpose: fetch (once per entry created), adopted (first use of an \
+             entry without a sidecar), scrub (background integrity checks). A cache hit adds nothing.",
+            hashed.clone(),
+        );
+        let events = Counters::default();
+        registry.register(
+            "kiln_agent_cache_events",
+            "Weight cache events: hit, miss (fetched from the source), evicted_corrupt, scrubbed.",
+            events.clone(),
+        );
+        for (purpose, n) in [
+            ("fetch", stats.hashed_fetch_bytes),
+            ("adopted", stats.hashed_adopted_bytes),
+            ("scrub", stats.hashed_scrub_bytes),
+        ] {
+            hashed.get_or_create(&vec![host(), ("purpose", purpose.to_owned())]).inc_by(n);
+        }
+        for (event, n) in [
+            ("hit", stats.hits),
+            ("miss", stats.misses),
+            ("evicted_corrupt", stats.evicted_corrupt),
+            ("scrubbed", stats.scrubbed_entries),
+        ] {
+            events.get_or_create(&vec![host(), ("event", event.to_owned())]).inc_by(n);
+        }
+    }
+
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_text::encode(&mut out, &registry);
@@ -243,11 +279,17 @@ mod tests {
                 completed: 2,
             }],
             cache: vec![CacheTierMetrics { tier: "disk", entries: 1, bytes: 2, capacity: 3 }],
+            cache_stats: Some(crate::cache::CacheStats { hashed_fetch_bytes: 42, hits: 3, ..Default::default() }),
         };
         let page = render_with(&t.read(), &extra);
         let on_page: std::collections::BTreeSet<&str> =
             page.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split_whitespace().next()).collect();
         let listed: std::collections::BTreeSet<&str> = FAMILIES.iter().copied().collect();
         assert_eq!(on_page, listed);
+        assert!(
+            page.contains("kiln_agent_cache_hashed_bytes_total{Hostname=\"node-a\",purpose=\"fetch\"} 42"),
+            "{page}"
+        );
+        assert!(page.contains("kiln_agent_cache_events_total{Hostname=\"node-a\",event=\"hit\"} 3"), "{page}");
     }
 }

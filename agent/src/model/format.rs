@@ -3,16 +3,14 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read,
+    os::unix::fs::FileExt,
     path::Path,
     time::{Duration, Instant},
 };
 
 use half::{bf16, f16};
-use safetensors::{
-    Dtype as StDtype, SafeTensorError, SafeTensors,
-    tensor::{Metadata, TensorView},
-};
+use safetensors::{Dtype as StDtype, SafeTensorError, SafeTensors, tensor::Metadata};
+use zerocopy::IntoBytes;
 
 use super::{
     ACTIVATION_KEY, Activation, DenseLayer, DenseModel, HEADER_LEN_BYTES, MAX_DIM, MAX_FILE_BYTES, MAX_LAYERS,
@@ -50,14 +48,15 @@ impl Dtype {
     }
 }
 
-/// Wall-clock time spent in each phase of [`load_file`].
+/// Wall-clock time spent in each phase of [`load_file`]. The phases are consecutive intervals of one clock, so
+/// [`LoadTimings::total`] is the function's wall-clock time (less the nanoseconds of its last return).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LoadTimings {
-    /// Reading the file from disk into memory.
+    /// Reading the file: opening it, its header, and every chunk of tensor data (from the page cache or the disk).
     pub read: Duration,
     /// Parsing and validating the header (names, dtypes, shapes, limits).
     pub parse: Duration,
-    /// Converting the tensors to f32: the CPU stand-in for the host-to-device copy.
+    /// Converting the chunks read to f32 in the model's own buffers: the CPU stand-in for the host-to-device copy.
     pub convert: Duration,
 }
 
@@ -68,12 +67,88 @@ impl LoadTimings {
     }
 }
 
-/// Reads a model file into memory, then parses, validates and converts it as [`load_bytes`] does, timing each
-/// phase. Errors about the contents name the file.
-pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
+/// Bytes read per positioned read in [`load_file`]: small enough to stay in the CPU cache between being read and
+/// converted, large enough that the system call is cheap beside the copy. A multiple of every element size.
+const READ_CHUNK: usize = 1 << 20;
+
+/// Where one validated tensor's data lies in a model file, and its element type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TensorLoc {
+    /// Element type in the file.
+    pub dtype: Dtype,
+    /// Byte offset of the data from the start of the file.
+    pub offset: u64,
+    /// Bytes of data.
+    pub bytes: usize,
+    /// Elements.
+    pub elements: usize,
+}
+
+/// One layer of a [`Layout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerLoc {
+    /// Output width.
+    pub out_dim: usize,
+    /// Input width.
+    pub in_dim: usize,
+    /// The `[out, in]` weight.
+    pub weight: TensorLoc,
+    /// The `[out]` bias, when present.
+    pub bias: Option<TensorLoc>,
+}
+
+/// A model file's validated header: what a loader needs to read each tensor straight into its own buffers (host
+/// or device) without reading the file whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// The activation between layers.
+    pub activation: Activation,
+    /// The layers, input first.
+    pub layers: Vec<LayerLoc>,
+}
+
+fn dtype_of(d: StDtype) -> Dtype {
+    match d {
+        StDtype::F16 => Dtype::F16,
+        StDtype::BF16 => Dtype::BF16,
+        _ => Dtype::F32,
+    }
+}
+
+fn layout_of(activation: Activation, pending: &[PendingLayer], data_start: u64) -> Layout {
+    let loc = |t: &TensorRef| TensorLoc {
+        dtype: dtype_of(t.dtype),
+        offset: data_start + t.start as u64,
+        bytes: t.end - t.start,
+        elements: t.elements(),
+    };
+    let layers = pending
+        .iter()
+        .map(|p| LayerLoc {
+            out_dim: p.out_dim,
+            in_dim: p.in_dim,
+            weight: loc(&p.weight),
+            bias: p.bias.as_ref().map(loc),
+        })
+        .collect();
+    Layout { activation, layers }
+}
+
+/// The validated layout of a model held in memory (as [`load_bytes`] validates it); offsets are into `bytes`.
+pub fn layout_of_bytes(bytes: &[u8]) -> Result<Layout, ModelError> {
+    check_framing(bytes)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(ModelError::Safetensors)?;
+    let data_len = bytes.len() - HEADER_LEN_BYTES - header_len;
+    let (activation, pending) = parse(&metadata, data_len)?;
+    Ok(layout_of(activation, &pending, (HEADER_LEN_BYTES + header_len) as u64))
+}
+
+/// Reads and validates the header of the open model file `file` (at `path`, for messages): everything
+/// [`load_bytes`] checks, reading only the header. Returns the layout and the time spent reading and parsing.
+pub fn read_layout(file: &std::fs::File, path: &Path) -> Result<(Layout, Duration, Duration), ModelError> {
     let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let in_file = |source: ModelError| ModelError::File { path: path.to_path_buf(), source: Box::new(source) };
     let started = Instant::now();
-    let file = std::fs::File::open(path).map_err(io_err)?;
     let meta = file.metadata().map_err(io_err)?;
     if !meta.is_file() {
         // A device (/dev/zero reports size 0 and never ends) or a directory.
@@ -83,54 +158,148 @@ pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     if size > MAX_FILE_BYTES {
         return Err(ModelError::FileTooLarge { path: path.to_path_buf(), size, limit: MAX_FILE_BYTES });
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-    // At most one byte past the limit, should the file grow while it is read.
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io_err)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(ModelError::FileTooLarge {
-            path: path.to_path_buf(),
-            size: bytes.len() as u64,
-            limit: MAX_FILE_BYTES,
-        });
+    let size = size as usize; // at most MAX_FILE_BYTES, which fits a 64-bit usize
+    let mut len = [0u8; HEADER_LEN_BYTES];
+    if size < HEADER_LEN_BYTES {
+        return Err(in_file(ModelError::Truncated { len: size }));
     }
+    file.read_exact_at(&mut len, 0).map_err(io_err)?;
+    let declared = u64::from_le_bytes(len);
+    let available = size - HEADER_LEN_BYTES;
+    let header_len = usize::try_from(declared).ok().filter(|&n| n <= available);
+    let Some(header_len) = header_len else {
+        return Err(in_file(ModelError::HeaderBeyondEnd { declared, available }));
+    };
+    if header_len > MAX_HEADER_BYTES {
+        return Err(in_file(ModelError::Safetensors(SafeTensorError::HeaderTooLarge)));
+    }
+    let mut header = vec![0u8; header_len];
+    file.read_exact_at(&mut header, HEADER_LEN_BYTES as u64).map_err(io_err)?;
     let read = started.elapsed();
 
-    let (model, parse, convert) =
-        load_timed(&bytes).map_err(|source| ModelError::File { path: path.to_path_buf(), source: Box::new(source) })?;
-    Ok((model, LoadTimings { read, parse, convert }))
+    let data_len = available - header_len;
+    let data_start = (HEADER_LEN_BYTES + header_len) as u64;
+    let (activation, pending) = (|| {
+        check_header_framing(&header, data_len)?;
+        let metadata: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| ModelError::Safetensors(SafeTensorError::InvalidHeaderDeserialization(e)))?;
+        if data_end(&metadata) != data_len {
+            return Err(ModelError::Safetensors(SafeTensorError::MetadataIncompleteBuffer));
+        }
+        parse(&metadata, data_len)
+    })()
+    .map_err(in_file)?;
+    Ok((layout_of(activation, &pending, data_start), read, started.elapsed() - read))
+}
+
+/// Loads a model file: the header is read and validated first ([`read_layout`]), then each tensor is read in
+/// chunks with positioned reads straight into the layer's f32 buffer (converted on the way), with no copy of the
+/// whole file in memory. Validates exactly what [`load_bytes`] does; errors about the contents name the file.
+pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
+    let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let started = Instant::now();
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let opened = started.elapsed();
+    let (layout, read, parse) = read_layout(&file, path)?;
+    let mut timings = LoadTimings { read: opened + read, parse, convert: Duration::ZERO };
+    let mut mark = Instant::now();
+    timings.parse += (mark - started).saturating_sub(timings.read + timings.parse);
+    let mut lap = |into: &mut Duration| {
+        let now = Instant::now();
+        *into += now - mark;
+        mark = now;
+    };
+    let largest = layout.layers.iter().map(|l| l.weight.bytes).max().unwrap_or(0);
+    let mut chunk = vec![0u8; READ_CHUNK.min(largest.max(1))];
+    let mut read_into = |t: &TensorLoc, timings: &mut LoadTimings| -> Result<Vec<f32>, ModelError> {
+        if t.dtype == Dtype::F32 {
+            // Straight into the layer's buffer: one copy, from the page cache (or the disk) into the model. The
+            // file's little-endian bytes are the values on a little-endian target; a big-endian one swaps them.
+            let mut out = vec![0f32; t.elements];
+            file.read_exact_at(out.as_mut_bytes(), t.offset).map_err(io_err)?;
+            lap(&mut timings.read);
+            if cfg!(target_endian = "big") {
+                out.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
+            }
+            lap(&mut timings.convert);
+            return Ok(out);
+        }
+        // F16 / BF16: a chunk at a time through a small buffer that stays in the CPU cache, widened on the way.
+        let mut out = Vec::with_capacity(t.elements);
+        let mut done = 0usize;
+        while done < t.bytes {
+            let n = (t.bytes - done).min(chunk.len());
+            file.read_exact_at(&mut chunk[..n], t.offset + done as u64).map_err(io_err)?;
+            lap(&mut timings.read);
+            append_f32(t.dtype.safetensors(), &chunk[..n], &mut out);
+            lap(&mut timings.convert);
+            done += n;
+        }
+        Ok(out)
+    };
+    let mut layers = Vec::with_capacity(layout.layers.len());
+    for l in &layout.layers {
+        let weight = read_into(&l.weight, &mut timings)?;
+        let bias = l.bias.as_ref().map(|b| read_into(b, &mut timings)).transpose()?;
+        layers.push(DenseLayer { weight, bias, out_dim: l.out_dim, in_dim: l.in_dim });
+    }
+    lap(&mut timings.convert);
+    Ok((DenseModel { layers, activation: layout.activation }, timings))
 }
 
 /// Parses, validates and converts a model from a safetensors buffer held in memory.
 pub fn load_bytes(bytes: &[u8]) -> Result<DenseModel, ModelError> {
-    load_timed(bytes).map(|(model, _, _)| model)
-}
-
-/// A layer's tensors, validated but not yet converted.
-struct PendingLayer<'a> {
-    weight: TensorView<'a>,
-    bias: Option<TensorView<'a>>,
-    out_dim: usize,
-    in_dim: usize,
-}
-
-/// [`load_bytes`], also returning the parse and convert durations.
-fn load_timed(bytes: &[u8]) -> Result<(DenseModel, Duration, Duration), ModelError> {
-    let started = Instant::now();
-    let (activation, pending) = parse(bytes)?;
-    let parse_time = started.elapsed();
-
-    let started = Instant::now();
+    check_framing(bytes)?;
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(ModelError::Safetensors)?;
+    // `read_metadata` checked that the header and the data it describes exactly fill the buffer.
+    let data = bytes.get(HEADER_LEN_BYTES.saturating_add(header_len)..).unwrap_or_default();
+    let (activation, pending) = parse(&metadata, data.len())?;
+    let convert = |t: &TensorRef| {
+        let mut out = Vec::with_capacity(t.elements());
+        append_f32(t.dtype, &data[t.start..t.end], &mut out);
+        out
+    };
     let layers = pending
-        .into_iter()
+        .iter()
         .map(|p| DenseLayer {
-            weight: to_f32(&p.weight),
-            bias: p.bias.as_ref().map(to_f32),
+            weight: convert(&p.weight),
+            bias: p.bias.as_ref().map(convert),
             out_dim: p.out_dim,
             in_dim: p.in_dim,
         })
         .collect();
-    let convert_time = started.elapsed();
-    Ok((DenseModel { layers, activation }, parse_time, convert_time))
+    Ok(DenseModel { layers, activation })
+}
+
+/// Largest safetensors header (the safetensors library's limit).
+const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// Where the data of the last tensor ends (tensors are contiguous from 0: the library checked that).
+fn data_end(metadata: &Metadata) -> usize {
+    metadata.offset_keys().iter().filter_map(|n| metadata.info(n)).map(|i| i.data_offsets.1).max().unwrap_or(0)
+}
+
+/// A validated tensor: its dtype and where its data lies in the data section.
+#[derive(Debug, Clone)]
+pub(crate) struct TensorRef {
+    pub(crate) dtype: StDtype,
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+}
+
+impl TensorRef {
+    /// Elements held.
+    pub(crate) fn elements(&self) -> usize {
+        (self.end - self.start) / self.dtype.bitsize().div_ceil(8).max(1)
+    }
+}
+
+/// A layer's tensors, validated but not yet read.
+pub(crate) struct PendingLayer {
+    pub(crate) weight: TensorRef,
+    pub(crate) bias: Option<TensorRef>,
+    pub(crate) out_dim: usize,
+    pub(crate) in_dim: usize,
 }
 
 /// Checks the framing the safetensors library would otherwise only report vaguely (or, for offsets near
@@ -146,6 +315,11 @@ fn check_framing(bytes: &[u8]) -> Result<(), ModelError> {
         return Err(ModelError::HeaderBeyondEnd { declared, available: rest.len() });
     };
     let (header, data) = rest.split_at(header_len);
+    check_header_framing(header, data.len())
+}
+
+/// The part of [`check_framing`] after the header length: no tensor's data ends past `data_len`.
+fn check_header_framing(header: &[u8], data_len: usize) -> Result<(), ModelError> {
     let Ok(serde_json::Value::Object(entries)) = serde_json::from_slice::<serde_json::Value>(header) else {
         return Ok(());
     };
@@ -155,9 +329,9 @@ fn check_framing(bytes: &[u8]) -> Result<(), ModelError> {
         }
         let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(serde_json::Value::as_u64);
         if let Some(end) = end
-            && usize::try_from(end).ok().is_none_or(|e| e > data.len())
+            && usize::try_from(end).ok().is_none_or(|e| e > data_len)
         {
-            return Err(ModelError::TensorOutOfBounds { tensor: name.clone(), end, available: data.len() });
+            return Err(ModelError::TensorOutOfBounds { tensor: name.clone(), end, available: data_len });
         }
     }
     Ok(())
@@ -184,13 +358,9 @@ fn parse_name(name: &str) -> Option<(usize, Part)> {
     canonical.then(|| (index.parse().unwrap_or(usize::MAX), part))
 }
 
-/// Parses and validates the buffer, returning the activation and the layers' tensor views in order.
-fn parse(bytes: &[u8]) -> Result<(Activation, Vec<PendingLayer<'_>>), ModelError> {
-    check_framing(bytes)?;
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(ModelError::Safetensors)?;
-    // `read_metadata` checked that the header and the data it describes exactly fill the buffer.
-    let data = bytes.get(HEADER_LEN_BYTES.saturating_add(header_len)..).unwrap_or_default();
-
+/// Validates a parsed header against a data section of `data_len` bytes, returning the activation and the layers'
+/// tensors in order.
+pub(crate) fn parse(metadata: &Metadata, data_len: usize) -> Result<(Activation, Vec<PendingLayer>), ModelError> {
     let activation = match metadata.metadata().as_ref().and_then(|m| m.get(ACTIVATION_KEY)) {
         None => Activation::default(),
         Some(value) => {
@@ -221,7 +391,7 @@ fn parse(bytes: &[u8]) -> Result<(Activation, Vec<PendingLayer<'_>>), ModelError
         return Err(ModelError::NoLayers);
     }
 
-    let mut pending: Vec<PendingLayer<'_>> = Vec::with_capacity(slots.len());
+    let mut pending: Vec<PendingLayer> = Vec::with_capacity(slots.len());
     let mut params = 0usize;
     for (expected_index, (index, (weight_name, bias_name))) in slots.into_iter().enumerate() {
         if index != expected_index {
@@ -234,17 +404,17 @@ fn parse(bytes: &[u8]) -> Result<(Activation, Vec<PendingLayer<'_>>), ModelError
                 found: bias_name.unwrap_or_default().to_owned(),
             });
         };
-        let weight = view(&metadata, data, weight_name)?;
-        let &[out_dim, in_dim] = weight.shape() else {
+        let (weight, shape) = view(metadata, data_len, weight_name)?;
+        let &[out_dim, in_dim] = shape.as_slice() else {
             return Err(ModelError::BadRank {
                 tensor: weight_name.to_owned(),
-                shape: weight.shape().to_vec(),
+                shape: shape.clone(),
                 expected: 2,
                 layout: "[out, in]",
             });
         };
         if out_dim == 0 || in_dim == 0 {
-            return Err(ModelError::ZeroDim { tensor: weight_name.to_owned(), shape: weight.shape().to_vec() });
+            return Err(ModelError::ZeroDim { tensor: weight_name.to_owned(), shape: shape.clone() });
         }
         for (what, value) in [("inputs", in_dim), ("outputs", out_dim)] {
             if value > MAX_DIM {
@@ -256,18 +426,18 @@ fn parse(bytes: &[u8]) -> Result<(Activation, Vec<PendingLayer<'_>>), ModelError
         {
             return Err(ModelError::ShapeChain {
                 tensor: weight_name.to_owned(),
-                shape: weight.shape().to_vec(),
+                shape: shape.clone(),
                 previous_out: previous.out_dim,
             });
         }
         let bias = match bias_name {
             None => None,
             Some(bias_name) => {
-                let bias = view(&metadata, data, bias_name)?;
-                let &[len] = bias.shape() else {
+                let (bias, bias_shape) = view(metadata, data_len, bias_name)?;
+                let &[len] = bias_shape.as_slice() else {
                     return Err(ModelError::BadRank {
                         tensor: bias_name.to_owned(),
-                        shape: bias.shape().to_vec(),
+                        shape: bias_shape.clone(),
                         expected: 1,
                         layout: "[out]",
                     });
@@ -296,29 +466,39 @@ fn parse(bytes: &[u8]) -> Result<(Activation, Vec<PendingLayer<'_>>), ModelError
     Ok((activation, pending))
 }
 
-/// The named tensor's view into `data` (the buffer after the header), checked to have a supported dtype.
-fn view<'a>(metadata: &Metadata, data: &'a [u8], name: &str) -> Result<TensorView<'a>, ModelError> {
+/// The named tensor's dtype, place and shape, checked to have a supported dtype, to lie within the `data_len`
+/// bytes of the data section and to hold exactly as many bytes as its shape needs.
+fn view(metadata: &Metadata, data_len: usize, name: &str) -> Result<(TensorRef, Vec<usize>), ModelError> {
     let info =
         metadata.info(name).ok_or_else(|| ModelError::Safetensors(SafeTensorError::TensorNotFound(name.to_owned())))?;
     if !matches!(info.dtype, StDtype::F32 | StDtype::F16 | StDtype::BF16) {
         return Err(ModelError::UnsupportedDtype { tensor: name.to_owned(), dtype: format!("{:?}", info.dtype) });
     }
     let (start, end) = info.data_offsets;
-    let bytes = data.get(start..end).ok_or_else(|| ModelError::TensorOutOfBounds {
-        tensor: name.to_owned(),
-        end: u64::try_from(end).unwrap_or(u64::MAX),
-        available: data.len(),
-    })?;
-    TensorView::new(info.dtype, info.shape.clone(), bytes).map_err(ModelError::Safetensors)
+    if end > data_len || start > end {
+        return Err(ModelError::TensorOutOfBounds {
+            tensor: name.to_owned(),
+            end: u64::try_from(end).unwrap_or(u64::MAX),
+            available: data_len,
+        });
+    }
+    let bytes = info
+        .shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .and_then(|n| n.checked_mul(info.dtype.bitsize() / 8));
+    if bytes != Some(end - start) {
+        return Err(ModelError::Safetensors(SafeTensorError::TensorInvalidInfo));
+    }
+    Ok((TensorRef { dtype: info.dtype, start, end }, info.shape.clone()))
 }
 
-/// Converts a validated F32, F16 or BF16 tensor to f32 values.
-fn to_f32(view: &TensorView<'_>) -> Vec<f32> {
-    let data = view.data();
-    match view.dtype() {
-        StDtype::F16 => data.as_chunks::<2>().0.iter().map(|&b| f16::from_le_bytes(b).to_f32()).collect(),
-        StDtype::BF16 => data.as_chunks::<2>().0.iter().map(|&b| bf16::from_le_bytes(b).to_f32()).collect(),
+/// Converts little-endian F32, F16 or BF16 values (`dtype` was validated by [`view`]) to f32, appending to `out`.
+pub(crate) fn append_f32(dtype: StDtype, data: &[u8], out: &mut Vec<f32>) {
+    match dtype {
+        StDtype::F16 => out.extend(data.as_chunks::<2>().0.iter().map(|&b| f16::from_le_bytes(b).to_f32())),
+        StDtype::BF16 => out.extend(data.as_chunks::<2>().0.iter().map(|&b| bf16::from_le_bytes(b).to_f32())),
         // `view` admits only F32 besides the two above.
-        _ => data.as_chunks::<4>().0.iter().map(|&b| f32::from_le_bytes(b)).collect(),
+        _ => out.extend(data.as_chunks::<4>().0.iter().map(|&b| f32::from_le_bytes(b))),
     }
 }

@@ -11,8 +11,10 @@
 //!   is rejected.
 //! * **Loading.** [`load_file`] and [`load_bytes`] validate everything (header bounds, tensor offsets, names,
 //!   dtypes, shapes that chain, size limits) and return a [`ModelError`] naming the tensor or field at fault,
-//!   never panicking on malformed input. [`load_file`] also reports [`LoadTimings`] per phase; on the CPU the
-//!   f32 conversion stands in for the host-to-device copy.
+//!   never panicking on malformed input. [`load_file`] reads only the header first ([`read_layout`]), then each
+//!   tensor in 1 MiB positioned reads straight into the layer's buffer (no whole-file copy), and reports
+//!   [`LoadTimings`] per phase that add up to its wall-clock time; on the CPU the f32 conversion stands in for the
+//!   host-to-device copy. [`Layout`] tells the GPU loader where each tensor lies, in its file dtype.
 //! * **Inference.** [`DenseModel::forward`] runs a batch of rows through the network, deterministically.
 //! * **Writing.** [`write_model`] serializes layers into a valid file (tests, tooling), and [`example_model`] makes
 //!   the small deterministic random MLP that `kiln up` serves out of the box.
@@ -32,7 +34,9 @@ use std::{fmt, path::PathBuf};
 use safetensors::SafeTensorError;
 
 pub use dense::{DenseLayer, DenseModel};
-pub use format::{Dtype, LoadTimings, load_bytes, load_file};
+pub use format::{
+    Dtype, LayerLoc, Layout, LoadTimings, TensorLoc, layout_of_bytes, load_bytes, load_file, read_layout,
+};
 pub use write::{LayerSpec, example_model, try_write_model, write_model};
 
 /// Most layers a model may have.

@@ -372,3 +372,30 @@ fn dot_handles_every_length() {
         assert_eq!(dot(&a, &b), naive, "n = {n}");
     }
 }
+
+/// `load_file`'s phases account for its whole wall-clock time (within 5%), and it loads every dtype exactly as
+/// `load_bytes` does, tensors larger than one read chunk included.
+#[test]
+fn load_file_phases_add_up_to_its_time_and_every_dtype_matches_load_bytes() {
+    let dir = std::env::temp_dir().join(format!("kiln-model-phases-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // 1100 x 1000 weights: 4.4 MB in F32, past the 1 MiB read chunk, and not a multiple of it.
+    let weight: Vec<f32> = (0..1100 * 1000).map(|i| ((i % 977) as f32 - 488.0) / 1000.0).collect();
+    let layers = [
+        LayerSpec::new(weight, (0..1100).map(|i| i as f32 / 100.0).collect(), 1100, 1000),
+        LayerSpec::new(vec![0.25; 3 * 1100], vec![], 3, 1100),
+    ];
+    for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+        let bytes = write_model(&layers, Activation::Silu, dtype);
+        let path = dir.join(format!("{dtype:?}.safetensors"));
+        std::fs::write(&path, &bytes).unwrap();
+        let started = std::time::Instant::now();
+        let (model, timings) = load_file(&path).unwrap();
+        let wall = started.elapsed();
+        assert_eq!(model, load_bytes(&bytes).unwrap(), "{dtype:?}");
+        let (sum, wall_s) = (timings.total().as_secs_f64(), wall.as_secs_f64());
+        assert!(sum <= wall_s && sum >= 0.95 * wall_s, "{dtype:?}: phases {sum} s of {wall_s} s ({timings:?})");
+        assert!(timings.read > std::time::Duration::ZERO && timings.convert > std::time::Duration::ZERO);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

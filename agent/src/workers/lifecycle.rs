@@ -199,12 +199,13 @@ impl Workers {
             if cut > 0 { format!("{cut} requests cut off after the grace period") } else { String::new() };
         let mut exited = v1::WorkerExited { requested: true, ..Default::default() };
         if stop.keep_weights_resident
-            && let (Some(model), Some(&gpu)) = (&replica.model, replica.gpu_indexes.first())
+            && (replica.model.is_some() || replica.gpu.is_some())
+            && let Some(&gpu) = replica.gpu_indexes.first()
         {
             self.residents().push(Resident {
                 uri: replica.uri.clone(),
                 gpu,
-                model: Arc::clone(model),
+                model: replica.model.clone(),
                 cuda: replica.gpu.clone(),
                 bytes: replica.memory_bytes,
                 since: SystemTime::now(),

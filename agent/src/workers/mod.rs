@@ -1,13 +1,17 @@
 //! Model replicas hosted by this agent, and the `WorkerService` the gateway calls them through.
 //!
-//! Runtimes: `native` on the CPU — a dense safetensors model ([`crate::model`]) loaded from the weight cache
-//! (fetched into it on a miss), timed by phase (fetch, read, convert — the CPU's stand-in for host-to-device —
-//! and init) — and `process` ([`crate::process`]): an external model server the agent launches, waits on, proxies
-//! to and stops. Lifecycle changes go to the controller as worker events. Each replica has a concurrency limit
-//! (`RESOURCE_EXHAUSTED` beyond it) and an in-flight count. A replica whose weights are missing or invalid, or
-//! whose server exits, fails with an event saying why; the other replicas keep serving. Where the CUDA libraries
-//! are present and the replica has a GPU, the native runtime copies the weights to it and runs there
-//! ([`crate::cuda`]); elsewhere it runs on the CPU with the same results.
+//! Runtimes: `native` — a dense safetensors model ([`crate::model`]) found in the weight cache (fetched into it on
+//! a miss) and read from the cached file in chunks straight into the model's buffers, on the CPU; where the CUDA
+//! libraries are present and the replica has a GPU, streamed from the file through pinned buffers onto its first
+//! GPU instead ([`crate::cuda`], no CPU copy of the model) — and `process` ([`crate::process`]): an external model
+//! server the agent launches, waits on, proxies to and stops. A start is timed as consecutive phases that add up
+//! to its total (fetch: the cache lookup or the fetch from the source; read: the file's header and, on the CPU,
+//! its chunks; host-to-device: the conversion on the CPU or the pipeline to the GPU; init: CUDA setup and the
+//! first forward pass), and reports the tier its weights really came from (GPU idle copy, host RAM, disk cache,
+//! or the source). Lifecycle changes go to the controller as worker events. Each replica has a concurrency limit
+//! (`RESOURCE_EXHAUSTED` beyond it) and an in-flight count. A replica whose weights are missing or invalid, whose
+//! GPU cannot be used (no driver, a stub library, out of memory: not retryable), or whose server exits, fails with
+//! an event saying why; the other replicas keep serving.
 //!
 //! This module holds the replica table and its bookkeeping (events, idle resident copies, loads reported to the
 //! controller and to simulated GPUs); `lifecycle` starts and stops replicas (and launches and watches process
@@ -45,7 +49,8 @@ use crate::{cache::WeightCache, gpu::sim::SimHandle, model::DenseModel, process:
 struct Resident {
     uri: String,
     gpu: u32,
-    model: Arc<DenseModel>,
+    /// The CPU model (the CPU path), or `None` where the weights live only on the GPU (`cuda`).
+    model: Option<Arc<DenseModel>>,
     cuda: Option<Arc<crate::cuda::CudaModel>>,
     bytes: u64,
     since: SystemTime,
@@ -210,7 +215,7 @@ impl Workers {
                 replica_id: id.clone(),
                 deployment: r.deployment.clone(),
                 gpu_indexes: r.gpu_indexes.clone(),
-                phase: if r.model.is_some() || r.process.is_some() {
+                phase: if r.model.is_some() || r.gpu.is_some() || r.process.is_some() {
                     v1::WorkerPhase::Ready
                 } else {
                     v1::WorkerPhase::Loading
@@ -230,7 +235,7 @@ impl Workers {
             .map(|(id, r)| ReplicaMetrics {
                 replica: id.clone(),
                 deployment: r.deployment.clone(),
-                ready: r.model.is_some() || r.process.is_some(),
+                ready: r.model.is_some() || r.gpu.is_some() || r.process.is_some(),
                 in_flight: r.in_flight.load(Ordering::Relaxed),
                 completed: r.completed.load(Ordering::Relaxed),
             })

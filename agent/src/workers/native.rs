@@ -16,8 +16,8 @@ use super::{
     lifecycle::{Failure, failed},
 };
 use crate::{
-    cache::{CacheError, Tier},
-    model::{DenseModel, load_bytes},
+    cache::{CacheError, Tier, Weights},
+    model::{DenseModel, LoadTimings, load_bytes, load_file},
 };
 
 impl Workers {
@@ -37,10 +37,11 @@ impl Workers {
         });
         if let Some(copy) = warm {
             timings.total_ms = ms(began.elapsed());
+            timings.init_ms = timings.total_ms;
             let max_concurrency = {
                 let mut replicas = self.write();
                 let Some(r) = replicas.get_mut(&id) else { return };
-                r.model = Some(copy.model);
+                r.model = copy.model;
                 r.gpu = copy.cuda;
                 r.memory_bytes = copy.bytes;
                 r.max_concurrency
@@ -56,26 +57,18 @@ impl Workers {
             return;
         }
         self.make_room(&start.gpu_indexes, start.gpu_memory_bytes.max(source.size_bytes));
-        // Fetch into the disk cache on a miss, then read (verified) from the fastest tier that has it.
+        // Phases are consecutive intervals of one clock from `began`, each rounded as the running total is, so they
+        // add up to `total_ms` exactly: every millisecond of the start is in a named phase.
+        let mut phases = Phases::new(began);
+        // Fetch: find the weights in the cache (a stat and a cheap check on a hit; on a miss, stream the source
+        // into the disk cache, hashing it once).
         self.emit(&id, &command_id, loading(v1::LoadPhase::Fetch));
         let cache = Arc::clone(&self.cache);
         let (uri, digest) = (source.uri.clone(), source.digest.clone());
-        let fetch_began = Instant::now();
-        let fetched = tokio::task::spawn_blocking(move || -> Result<(Tier, Arc<[u8]>, bool), CacheError> {
-            let cached = if digest.is_empty() { None } else { cache.read(&digest).transpose()? };
-            match cached {
-                Some((tier, bytes)) => Ok((tier, bytes, false)),
-                None => {
-                    let entry = cache.prefetch(&uri, (!digest.is_empty()).then_some(digest.as_str()), Tier::Disk)?;
-                    match cache.read(&entry.digest) {
-                        Some(r) => r.map(|(tier, bytes)| (tier, bytes, true)),
-                        None => Err(CacheError::Unsupported { uri }),
-                    }
-                }
-            }
-        })
-        .await;
-        let (tier, bytes, was_fetched) = match fetched {
+        let located =
+            tokio::task::spawn_blocking(move || cache.locate(&uri, (!digest.is_empty()).then_some(digest.as_str())))
+                .await;
+        let located = match located {
             Ok(Ok(found)) => found,
             Ok(Err(e)) => {
                 let (reason, retryable) = match &e {
@@ -84,8 +77,8 @@ impl Workers {
                     CacheError::TooLarge { .. } => ("OutOfMemory", false),
                     CacheError::NotACacheTier { .. } => ("Internal", false),
                 };
-                timings.fetch_ms = ms(fetch_began.elapsed());
-                timings.total_ms = ms(began.elapsed());
+                timings.fetch_ms = phases.next();
+                timings.total_ms = phases.total();
                 self.write().remove(&id);
                 self.emit(&id, &command_id, failed(v1::LoadPhase::Fetch, reason, e.to_string(), retryable, timings));
                 return;
@@ -96,50 +89,32 @@ impl Workers {
                 return;
             }
         };
-        let read = fetch_began.elapsed();
-        if was_fetched {
-            timings.fetch_ms = ms(read);
-        } else {
-            timings.read_ms = ms(read);
-        }
-        // Parse, check and convert the weights (on a GPU: host-to-device).
-        self.emit(&id, &command_id, loading(v1::LoadPhase::HostToDevice));
-        let convert_began = Instant::now();
-        let parsed = tokio::task::spawn_blocking(move || load_bytes(&bytes)).await;
-        timings.host_to_device_ms = ms(convert_began.elapsed());
-        let model = match parsed {
-            Ok(Ok(model)) => Arc::new(model),
-            Ok(Err(e)) => {
-                let failure =
-                    Failure { phase: v1::LoadPhase::HostToDevice, reason: "InvalidWeights", retryable: false, began };
-                self.fail(&id, &command_id, failure, e.to_string(), timings);
-                return;
-            }
-            Err(e) => {
-                let failure =
-                    Failure { phase: v1::LoadPhase::HostToDevice, reason: "Internal", retryable: true, began };
-                self.fail(&id, &command_id, failure, format!("load task failed: {e}"), timings);
-                return;
-            }
-        };
-        // On real GPUs with CUDA present: copy to the first assigned GPU (pinned staging, several streams).
-        let mut gpu = None;
-        if self.sim.is_none() && crate::cuda::available() && !start.gpu_indexes.is_empty() {
+        timings.fetch_ms = phases.next();
+        let tier = located.tier;
+        self.emit(&id, &command_id, loading(v1::LoadPhase::Read));
+        let on_gpu = self.sim.is_none() && crate::cuda::available() && !start.gpu_indexes.is_empty();
+        let (model, gpu, memory) = if on_gpu {
+            // Real GPU: stream the weights from the file (or host RAM) through pinned buffers to the GPU; no CPU
+            // copy of the model is made.
             let streams = match &source.runtime {
                 Some(Runtime::Native(n)) if n.copy_streams > 0 => n.copy_streams as usize,
-                _ => 4,
+                _ => crate::cuda::DEFAULT_COPY_STREAMS,
             };
-            let (cpu_model, ordinal) = (Arc::clone(&model), start.gpu_indexes[0] as usize);
+            let (weights, ordinal) = (located.weights, start.gpu_indexes[0] as usize);
             let loaded =
-                tokio::task::spawn_blocking(move || crate::cuda::CudaModel::load(&cpu_model, ordinal, streams)).await;
+                tokio::task::spawn_blocking(move || crate::cuda::CudaModel::load_weights(&weights, ordinal, streams))
+                    .await;
             match loaded {
-                Ok(Ok((cuda_model, copy))) => {
-                    timings.host_to_device_ms = ms(copy);
-                    gpu = Some(Arc::new(cuda_model));
+                Ok(Ok((cuda_model, t))) => {
+                    timings.read_ms = phases.advance(t.read);
+                    timings.init_ms = phases.advance(t.init);
+                    timings.host_to_device_ms = phases.next();
+                    let memory = cuda_model.device_bytes();
+                    (None, Some(Arc::new(cuda_model)), memory)
                 }
                 Ok(Err(e)) => {
-                    let failure =
-                        Failure { phase: v1::LoadPhase::HostToDevice, reason: "CudaError", retryable: true, began };
+                    let (reason, retryable) = cuda_failure(&e);
+                    let failure = Failure { phase: v1::LoadPhase::HostToDevice, reason, retryable, began };
                     self.fail(&id, &command_id, failure, e.to_string(), timings);
                     return;
                 }
@@ -150,29 +125,119 @@ impl Workers {
                     return;
                 }
             }
-        }
+        } else {
+            // CPU: read the cached file in chunks straight into the model's buffers, converting on the way.
+            let weights = located.weights;
+            let parsed = tokio::task::spawn_blocking(move || match &weights {
+                Weights::File { path, .. } => load_file(path),
+                Weights::Host(bytes) => {
+                    let started = Instant::now();
+                    load_bytes(bytes).map(|m| (m, LoadTimings { convert: started.elapsed(), ..Default::default() }))
+                }
+            })
+            .await;
+            match parsed {
+                Ok(Ok((model, t))) => {
+                    timings.read_ms = phases.advance(t.read + t.parse);
+                    timings.host_to_device_ms = phases.next();
+                    let memory = model.param_bytes() as u64;
+                    (Some(Arc::new(model)), None, memory)
+                }
+                Ok(Err(e)) => {
+                    let failure =
+                        Failure { phase: v1::LoadPhase::Read, reason: "InvalidWeights", retryable: false, began };
+                    self.fail(&id, &command_id, failure, e.to_string(), timings);
+                    return;
+                }
+                Err(e) => {
+                    let failure = Failure { phase: v1::LoadPhase::Read, reason: "Internal", retryable: true, began };
+                    self.fail(&id, &command_id, failure, format!("load task failed: {e}"), timings);
+                    return;
+                }
+            }
+        };
         // Warm up: one forward pass proves the model runs.
-        let init_began = Instant::now();
-        let _ = model.forward_one(&vec![0.0; model.input_dim()]);
-        timings.init_ms = ms(init_began.elapsed());
-        timings.total_ms = ms(began.elapsed());
-        let memory = model.param_bytes() as u64;
+        self.emit(&id, &command_id, loading(v1::LoadPhase::Init));
+        let warm_up = match (&model, &gpu) {
+            (_, Some(g)) => g.forward(&[vec![0.0; g.input_dim()]]).map(drop).map_err(|e| e.to_string()),
+            (Some(m), None) => m.forward_one(&vec![0.0; m.input_dim()]).map(drop).map_err(|e| e.to_string()),
+            (None, None) => Ok(()),
+        };
+        if let Err(e) = warm_up {
+            timings.init_ms += phases.next();
+            let failure = Failure { phase: v1::LoadPhase::Init, reason: "CudaError", retryable: false, began };
+            self.fail(&id, &command_id, failure, format!("the first forward pass failed: {e}"), timings);
+            return;
+        }
         let max_concurrency = {
             let mut replicas = self.write();
             let Some(r) = replicas.get_mut(&id) else { return }; // stopped while loading
-            r.model = Some(model);
+            r.model = model;
             r.gpu = gpu;
             r.memory_bytes = memory;
             r.max_concurrency
         };
         self.sync_sim();
+        timings.init_ms += phases.next();
+        timings.total_ms = phases.total();
         let ready = v1::WorkerReady {
             timings: Some(timings),
-            source_tier: v1::CacheTier::from(if was_fetched { Tier::Remote } else { tier }) as i32,
+            source_tier: v1::CacheTier::from(tier) as i32,
             gpu_memory_bytes: memory,
             max_concurrency,
         };
         self.emit(&id, &command_id, Event::Ready(ready));
+    }
+}
+
+/// The reason and retryability of a CUDA failure at start: a missing or stub driver and an out-of-memory GPU do
+/// not go away by retrying the same start on the same node (the controller backs off instead of looping).
+pub(super) fn cuda_failure(e: &crate::cuda::CudaError) -> (&'static str, bool) {
+    match e.kind() {
+        crate::cuda::CudaErrorKind::Unavailable => ("CudaUnavailable", false),
+        crate::cuda::CudaErrorKind::OutOfMemory => ("OutOfMemory", false),
+        crate::cuda::CudaErrorKind::InvalidWeights => ("InvalidWeights", false),
+        crate::cuda::CudaErrorKind::Other => ("CudaError", true),
+    }
+}
+
+/// Consecutive phases of a start on one clock: each phase's milliseconds are the difference of the running total
+/// rounded at its end and at its start, so the phases add up to the total exactly.
+#[derive(Debug)]
+pub(super) struct Phases {
+    began: Instant,
+    /// The end of the last phase, from `began`.
+    at: Duration,
+}
+
+impl Phases {
+    pub(super) fn new(began: Instant) -> Self {
+        Self { began, at: Duration::ZERO }
+    }
+
+    fn ms(d: Duration) -> u64 {
+        (d.as_micros() as u64 + 500) / 1000
+    }
+
+    /// A phase of length `d` ending now-or-earlier: its milliseconds.
+    pub(super) fn advance(&mut self, d: Duration) -> u64 {
+        let end = (self.at + d).min(self.began.elapsed());
+        let ms = Self::ms(end) - Self::ms(self.at);
+        self.at = end;
+        ms
+    }
+
+    /// The phase from the last one's end until now: its milliseconds.
+    pub(super) fn next(&mut self) -> u64 {
+        let end = self.began.elapsed();
+        let ms = Self::ms(end).saturating_sub(Self::ms(self.at));
+        self.at = end.max(self.at);
+        ms
+    }
+
+    /// All phases so far: the sum of what [`Self::advance`] and [`Self::next`] returned.
+    pub(super) fn total(&self) -> u64 {
+        Self::ms(self.at)
     }
 }
 

@@ -35,10 +35,10 @@ impl Workers {
                 .get(replica_id)
                 .ok_or_else(|| Status::unavailable(format!("replica {replica_id} is not on this node")))?;
             let backend = match (&r.model, &r.gpu, &r.process) {
-                (Some(_), Some(gpu), _) => Backend::Cuda(Arc::clone(gpu)),
+                (_, Some(gpu), _) => Backend::Cuda(Arc::clone(gpu)),
                 (Some(model), None, _) => Backend::Native(Arc::clone(model)),
-                (None, _, Some(process)) => Backend::Process(Arc::clone(process)),
-                (None, _, None) => return Err(Status::unavailable(format!("replica {replica_id} is loading"))),
+                (None, None, Some(process)) => Backend::Process(Arc::clone(process)),
+                (None, None, None) => return Err(Status::unavailable(format!("replica {replica_id} is loading"))),
             };
             (backend, Arc::clone(&r.in_flight), Arc::clone(&r.completed), r.max_concurrency)
         };

@@ -166,3 +166,76 @@ async fn a_process_port_above_65535_is_refused() {
     assert!(workers.running().is_empty());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The cold start's source tier says the truth (the source, then the disk cache, with or without a digest in the
+/// spec), its phases add up to the total, and a start from the disk cache hashes nothing.
+#[tokio::test]
+async fn cold_starts_report_their_tier_truthfully_and_phases_that_add_up() {
+    use crate::model::{Activation, Dtype, LayerSpec, write_model};
+    let (workers, dir) = setup("tiers");
+    // A model big enough (4 MiB of F16) that reading and converting take measurable time.
+    let layers: Vec<LayerSpec> = (0..2)
+        .map(|l| LayerSpec::new(vec![0.001 * (l + 1) as f32; 1024 * 1024], vec![0.5; 1024], 1024, 1024))
+        .collect();
+    let bytes = write_model(&layers, Activation::Relu, Dtype::F16);
+    let path = dir.join("m.safetensors");
+    std::fs::write(&path, &bytes).unwrap();
+    let uri = format!("file://{}", path.display());
+    let mut events = workers.subscribe();
+    let mut tiers = Vec::new();
+    for (i, digest) in ["", "", &digest_of(&bytes)].into_iter().enumerate() {
+        let id = format!("r{i}");
+        workers.start(&format!("c{i}"), start(&id, &uri, digest));
+        let Event::Ready(ready) = until_done(&mut events, &id).await else { panic!("{id} failed") };
+        let t = ready.timings.unwrap();
+        assert_eq!(t.fetch_ms + t.read_ms + t.host_to_device_ms + t.init_ms, t.total_ms, "{t:?}");
+        assert!(t.read_ms + t.host_to_device_ms > 0, "reading and converting 4 MiB takes time: {t:?}");
+        assert_eq!(ready.gpu_memory_bytes, 2 * (1024 * 1024 + 1024) * 4);
+        tiers.push(ready.source_tier);
+        workers.stop(&v1::StopWorker { replica_id: id, ..Default::default() }).await;
+    }
+    let (remote, disk) = (v1::CacheTier::Remote as i32, v1::CacheTier::Disk as i32);
+    assert_eq!(tiers, vec![remote, disk, disk]);
+    assert_eq!(workers.cache.stats().hashed_bytes(), bytes.len() as u64, "only the first start hashed");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn phases_round_so_that_they_add_up_to_the_total() {
+    let began = std::time::Instant::now() - Duration::from_micros(10_700);
+    let mut p = native::Phases::new(began);
+    let a = p.advance(Duration::from_micros(2_600));
+    let b = p.advance(Duration::from_micros(2_600));
+    let c = p.next();
+    assert_eq!((a, b), (3, 2), "2.6 ms rounds to 3, then 5.2 to 5");
+    assert_eq!(a + b + c, p.total());
+    assert!(p.total() >= 11);
+    // A phase can never claim time that has not passed.
+    let mut q = native::Phases::new(std::time::Instant::now());
+    assert_eq!(q.advance(Duration::from_secs(5)), 0);
+}
+
+#[test]
+fn cuda_failures_that_retrying_cannot_fix_are_not_retryable() {
+    use crate::cuda::{CudaError, CudaErrorKind};
+    let stub = CudaError::classify("DriverError(CUDA_ERROR_STUB_LIBRARY, \"CUDA driver is a stub library\")");
+    let oom = CudaError::classify("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")");
+    let blas_oom = CudaError::classify("CublasError(CUBLAS_STATUS_ALLOC_FAILED)");
+    let no_device = CudaError::classify("DriverError(CUDA_ERROR_NO_DEVICE, \"no CUDA-capable device is detected\")");
+    let launch = CudaError::classify("DriverError(CUDA_ERROR_LAUNCH_TIMEOUT, \"launch timed out\")");
+    assert_eq!(
+        [&stub, &oom, &blas_oom, &no_device, &launch].map(CudaError::kind),
+        [
+            CudaErrorKind::Unavailable,
+            CudaErrorKind::OutOfMemory,
+            CudaErrorKind::OutOfMemory,
+            CudaErrorKind::Unavailable,
+            CudaErrorKind::Other
+        ]
+    );
+    assert_eq!(native::cuda_failure(&stub), ("CudaUnavailable", false));
+    assert_eq!(native::cuda_failure(&oom), ("OutOfMemory", false));
+    assert_eq!(native::cuda_failure(&CudaError::new(CudaErrorKind::InvalidWeights, "x")), ("InvalidWeights", false));
+    assert_eq!(native::cuda_failure(&launch), ("CudaError", true));
+    assert!(stub.to_string().contains("CUDA_ERROR_STUB_LIBRARY"), "the message keeps the driver's words");
+}
