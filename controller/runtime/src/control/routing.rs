@@ -9,10 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hyper::client::conn::http2::SendRequest;
 use kiln_core::control::{Action, Route, StopReason};
 use kiln_proto::v1::{self, worker_service_client::WorkerServiceClient};
 use serde_json::Value;
-use hyper::client::conn::http2::SendRequest;
 use tokio::sync::watch;
 
 use super::ControlPlane;
