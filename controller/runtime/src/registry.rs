@@ -277,6 +277,17 @@ impl Registry {
         self.lock().nodes.get(name).map(|n| n.view.clone())
     }
 
+    /// Where the gateway reaches `name`'s `WorkerService` (empty: not reported), without copying the node's view:
+    /// the request path asks it for every prediction.
+    pub fn worker_endpoint(&self, name: &str) -> Option<String> {
+        self.lock().nodes.get(name).map(|n| n.view.worker_endpoint.clone())
+    }
+
+    /// The model of `name`'s first GPU (what a prediction on it is priced by), without copying the node's view.
+    pub fn gpu_model(&self, name: &str) -> Option<String> {
+        self.lock().nodes.get(name)?.view.gpus.first().map(|g| g.model.clone())
+    }
+
     /// Marks nodes silent for longer than the grace period not ready; returns the names that just became so.
     pub fn sweep(&self) -> Vec<String> {
         let now = self.clock.now();

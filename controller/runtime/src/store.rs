@@ -380,7 +380,8 @@ enum Op {
 const MAX_BATCH: usize = 4096;
 /// How long the writer gathers writes after the first before it commits: the created, started and finished
 /// writes of a short prediction then become one, and a busy gateway costs about 100 commits a second, not one per
-/// transition. A flush commits at once.
+/// transition. While it gathers, the writer sleeps and takes the queue whole when it wakes, so a queued write
+/// wakes no thread (only the first of a batch does, and a flush, which commits at once).
 const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// The one writer of a [`PredictionStore`]: a thread taking queued writes in batches (the last version of each
@@ -390,6 +391,8 @@ const LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 pub struct Persister {
     tx: mpsc::Sender<Op>,
     stats: Arc<Stats>,
+    /// The writer thread, unparked by a flush so it commits without waiting out [`LINGER`].
+    writer: std::thread::Thread,
 }
 
 /// What the writer did.
@@ -411,10 +414,12 @@ impl Persister {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(Stats::default());
         let thread_stats = Arc::clone(&stats);
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("kiln-store-writer".into())
-            .spawn(move || write_loop(&*store, &rx, &thread_stats))?;
-        Ok(Self { tx, stats })
+            .spawn(move || write_loop(&*store, &rx, &thread_stats))?
+            .thread()
+            .clone();
+        Ok(Self { tx, stats, writer })
     }
 
     /// Queues a prediction record.
@@ -436,6 +441,7 @@ impl Persister {
     pub async fn flush(&self) -> Result<()> {
         let (reply, done) = tokio::sync::oneshot::channel();
         self.tx.send(Op::Flush(reply)).map_err(|_| StoreError::WriterStopped)?;
+        self.writer.unpark();
         done.await.map_err(|_| StoreError::WriterStopped)?
     }
 
@@ -465,15 +471,21 @@ fn write_loop(store: &dyn PredictionStore, rx: &mpsc::Receiver<Op>, stats: &Stat
         let mut flushing = matches!(first, Op::Flush(_));
         take(first);
         let until = std::time::Instant::now() + LINGER;
-        for _ in 1..MAX_BATCH {
-            let op = if flushing {
-                rx.try_recv().ok()
-            } else {
-                rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())).ok()
-            };
-            let Some(op) = op else { break };
-            flushing |= matches!(op, Op::Flush(_));
-            take(op);
+        let mut taken = 1;
+        // Sleeps (no sender wakes a parked thread; a flush unparks it) and takes what queued meanwhile, until the
+        // linger ends, a flush comes or the batch is full. `park_timeout` may return early: the loop checks.
+        loop {
+            while taken < MAX_BATCH {
+                let Ok(op) = rx.try_recv() else { break };
+                flushing |= matches!(op, Op::Flush(_));
+                take(op);
+                taken += 1;
+            }
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if flushing || taken >= MAX_BATCH || left.is_zero() {
+                break;
+            }
+            std::thread::park_timeout(left);
         }
         let mut batch = Batch::default();
         for (id, r) in predictions {

@@ -352,8 +352,8 @@ fn start_nginx(binary: &Path, upstream: SocketAddr) -> Result<(Party, SocketAddr
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
          fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
-         upstream replica {{ server {upstream}; keepalive 64; }}\n  \
-         server {{\n    listen {port};\n    location / {{\n      proxy_pass http://replica;\n      \
+         upstream replica {{ server {upstream}; keepalive 64; keepalive_requests 1000000; }}\n  \
+         server {{\n    listen {port};\n    keepalive_requests 1000000;\n    location / {{\n      proxy_pass http://replica;\n      \
          proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
     );
     let conf = dir.join("nginx.conf");

@@ -9,11 +9,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use hyper::client::conn::http2::SendRequest;
 use kiln_core::control::{Action, Route, StopReason};
 use kiln_proto::v1::{self, worker_service_client::WorkerServiceClient};
 use serde_json::Value;
 use tokio::sync::watch;
-use tonic::transport::Channel;
 
 use super::ControlPlane;
 use crate::gateway::{Backend, GpuUse, Outcome, PredictError};
@@ -104,26 +104,116 @@ impl HoldQueue {
     }
 }
 
-/// The `WorkerService` clients of the nodes, one per worker endpoint (channels connect lazily: making one does no
-/// I/O, so it is made under the control plane's lock).
+/// The `WorkerService` client of one worker endpoint.
+pub(super) type WorkerClient = WorkerServiceClient<WorkerConnection>;
+
+/// The `WorkerService` clients of the nodes, one per worker endpoint (connections are made lazily, on the first
+/// request: making a client does no I/O, so it is made under the control plane's lock).
 #[derive(Debug, Default)]
-pub(super) struct WorkerClients(HashMap<String, WorkerServiceClient<Channel>>);
+pub(super) struct WorkerClients(HashMap<String, WorkerClient>);
 
 impl WorkerClients {
-    /// The client of `endpoint` (`host:port` or a URL), made on first use.
-    fn get(&mut self, endpoint: &str) -> Result<WorkerServiceClient<Channel>, PredictError> {
+    /// The client of `endpoint` (`host:port`, or an `http://` URL), made on first use.
+    fn get(&mut self, endpoint: &str) -> Result<WorkerClient, PredictError> {
         if let Some(c) = self.0.get(endpoint) {
             return Ok(c.clone());
         }
+        let bad = |why: String| PredictError::Failed(format!("bad worker endpoint {endpoint}: {why}"));
         let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-        let channel = tonic::transport::Endpoint::from_shared(url)
-            .map_err(|e| PredictError::Failed(format!("bad worker endpoint {endpoint}: {e}")))?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let client = WorkerServiceClient::new(channel);
+        let origin: axum::http::Uri = url.parse().map_err(|e: axum::http::uri::InvalidUri| bad(e.to_string()))?;
+        if origin.scheme_str() != Some("http") {
+            return Err(bad("only http:// (plaintext HTTP/2) is supported".into()));
+        }
+        let authority = origin.authority().ok_or_else(|| bad("no host".into()))?;
+        let address = match authority.port_u16() {
+            Some(_) => authority.to_string(),
+            None => format!("{}:80", authority.host()),
+        };
+        let client = WorkerServiceClient::with_origin(WorkerConnection::new(address), origin);
         self.0.insert(endpoint.to_owned(), client.clone());
         Ok(client)
+    }
+}
+
+/// A worker endpoint's HTTP/2 connection, used by the `WorkerService` client without tonic's `Channel`: a
+/// `Channel` queues every request through a buffer task before the connection's task, one more task hop (and
+/// often one more thread wake-up) per prediction. This sends on hyper's HTTP/2 connection directly; its streams are
+/// multiplexed as a `Channel`'s are. The connection is made on first use and again after it closes; a failed
+/// connect is `Unavailable`, as a `Channel`'s is, so the request path gives the replica up and routes again.
+#[derive(Debug, Clone)]
+pub(super) struct WorkerConnection {
+    inner: Arc<ConnectionInner>,
+}
+
+#[derive(Debug)]
+struct ConnectionInner {
+    /// `host:port` to connect to.
+    address: String,
+    /// The open connection, `None` before the first request and after a failed connect.
+    sender: tokio::sync::Mutex<Option<SendRequest<tonic::body::Body>>>,
+}
+
+/// How long a connect may take before the request fails as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl WorkerConnection {
+    fn new(address: String) -> Self {
+        Self { inner: Arc::new(ConnectionInner { address, sender: tokio::sync::Mutex::new(None) }) }
+    }
+
+    /// The open connection, connecting if there is none (one connect at a time; the others wait for it).
+    async fn sender(&self) -> Result<SendRequest<tonic::body::Body>, tonic::Status> {
+        let mut slot = self.inner.sender.lock().await;
+        if let Some(s) = slot.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let unreachable = |e: &dyn std::fmt::Display| {
+            tonic::Status::unavailable(format!("connecting to the worker at {}: {e}", self.inner.address))
+        };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&self.inner.address))
+            .await
+            .map_err(|e| unreachable(&e))?
+            .map_err(|e| unreachable(&e))?;
+        stream.set_nodelay(true).map_err(|e| unreachable(&e))?;
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let address = self.inner.address.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%address, error = %e, "worker connection closed");
+            }
+        });
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+}
+
+impl tower_service::Service<axum::http::Request<tonic::body::Body>> for WorkerConnection {
+    type Response = axum::http::Response<hyper::body::Incoming>;
+    type Error = tonic::Status;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, tonic::Status>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), tonic::Status>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: axum::http::Request<tonic::body::Body>) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let mut sender = this.sender().await?;
+            sender.send_request(request).await.map_err(|e| {
+                let message = format!("the worker at {}: {e}", this.inner.address);
+                // The connection is gone (the next request connects again): unreachable, as a `Channel` says.
+                if e.is_closed() || e.is_canceled() {
+                    tonic::Status::unavailable(message)
+                } else {
+                    tonic::Status::unknown(message)
+                }
+            })
+        })
     }
 }
 
@@ -295,11 +385,10 @@ impl ControlPlane {
     }
 
     /// The `WorkerService` client of `node`'s replicas.
-    fn client(&self, node: &str) -> Result<WorkerServiceClient<Channel>, PredictError> {
+    fn client(&self, node: &str) -> Result<WorkerClient, PredictError> {
         let endpoint = self
             .registry
-            .node(node)
-            .map(|n| n.worker_endpoint)
+            .worker_endpoint(node)
             .filter(|e| !e.is_empty())
             .ok_or_else(|| PredictError::Failed(format!("node {node} has no worker endpoint")))?;
         self.state().clients.get(&endpoint)
@@ -310,7 +399,7 @@ impl ControlPlane {
     /// known here.
     fn gpu_use(&self, replica: &str, node: &str) -> Option<GpuUse> {
         let share_milli = *self.state().shares.get(replica)?;
-        let gpu_model = self.registry.node(node)?.gpus.first()?.model.clone();
+        let gpu_model = self.registry.gpu_model(node)?;
         Some(GpuUse { gpu_model, share_milli })
     }
 
@@ -345,5 +434,109 @@ mod tests {
         assert!(ha.await.unwrap().is_ok() && hb.await.unwrap().is_ok());
         assert!(q.is_empty());
         assert_eq!(q.wait(Duration::from_secs(1)).await, Ok(Duration::ZERO));
+    }
+}
+
+#[cfg(test)]
+mod connection_tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    /// Answers every prediction with its replica id as the output.
+    struct Echo;
+
+    type Chunks = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PredictChunk, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl v1::worker_service_server::WorkerService for Echo {
+        async fn predict(
+            &self,
+            request: tonic::Request<v1::PredictRequest>,
+        ) -> Result<tonic::Response<v1::PredictResponse>, tonic::Status> {
+            let r = request.into_inner();
+            if r.replica_id == "invalid" {
+                return Err(tonic::Status::invalid_argument("bad input"));
+            }
+            Ok(tonic::Response::new(v1::PredictResponse {
+                prediction_id: r.prediction_id,
+                output: serde_json::to_vec(&serde_json::json!({ "output": r.replica_id })).unwrap(),
+                content_type: "application/json".into(),
+                metrics: None,
+            }))
+        }
+
+        type PredictStreamStream = Chunks;
+
+        async fn predict_stream(
+            &self,
+            _request: tonic::Request<v1::PredictRequest>,
+        ) -> Result<tonic::Response<Chunks>, tonic::Status> {
+            Err(tonic::Status::unimplemented("not here"))
+        }
+    }
+
+    /// Serves [`Echo`] on `listener` until the returned sender is dropped.
+    fn serve(listener: tokio::net::TcpListener) -> tokio::sync::oneshot::Sender<()> {
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(v1::worker_service_server::WorkerServiceServer::new(Echo))
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), async {
+                    let _ = stopped.await;
+                }),
+        );
+        stop
+    }
+
+    fn request(replica: &str) -> v1::PredictRequest {
+        v1::PredictRequest { replica_id: replica.into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn a_worker_connection_multiplexes_reconnects_and_says_unreachable() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let mut clients = WorkerClients::default();
+        let client = clients.get(&addr.to_string()).unwrap();
+        let stop = serve(listener);
+        // Concurrent requests share the one connection; each gets its own answer.
+        let answers: Vec<_> = (0..8)
+            .map(|i| {
+                let mut c = client.clone();
+                tokio::spawn(async move { c.predict(request(&format!("r{i}"))).await })
+            })
+            .collect();
+        for (i, a) in answers.into_iter().enumerate() {
+            assert_eq!(a.await.unwrap().unwrap().into_inner().output, format!(r#"{{"output":"r{i}"}}"#).into_bytes());
+        }
+        let status = client.clone().predict(request("invalid")).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "the worker's status comes through: {status:?}");
+        // The worker goes away: unreachable, which the request path routes around.
+        drop(stop);
+        let mut unreachable = false;
+        for _ in 0..100 {
+            match client.clone().predict(request("r")).await {
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    unreachable = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        assert!(unreachable, "requests to a stopped worker fail as unreachable");
+        // It comes back on the same address: the next request connects again.
+        let stop = serve(tokio::net::TcpListener::bind(addr).await.unwrap());
+        let answer = client.clone().predict(request("back")).await.unwrap();
+        assert_eq!(answer.into_inner().output, br#"{"output":"back"}"#.to_vec());
+        drop(stop);
+    }
+
+    #[test]
+    fn only_plaintext_http_endpoints_are_taken() {
+        let mut clients = WorkerClients::default();
+        assert!(clients.get("10.0.0.1:7000").is_ok() && clients.get("http://node-a:7000").is_ok());
+        let Err(PredictError::Failed(e)) = clients.get("https://node-a:7000") else { panic!("https taken") };
+        assert!(e.contains("only http://"), "{e}");
+        assert!(clients.get("http://").is_err());
     }
 }

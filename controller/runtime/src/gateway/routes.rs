@@ -163,7 +163,9 @@ pub(super) async fn create<B: Backend>(
         Ok(v) => v,
         Err(e) => return problem(StatusCode::BAD_REQUEST, format!("the body is not JSON: {e}")),
     };
-    let Some(input) = body.get("input").filter(|i| i.is_object()).cloned() else {
+    let mut body = body;
+    // Taken out of the body, not copied (what is read of the body later is its other fields).
+    let Some(input) = body.as_object_mut().and_then(|o| o.remove("input")).filter(Value::is_object) else {
         return problem(StatusCode::BAD_REQUEST, "the body needs an \"input\" object, e.g. {\"input\": {...}}");
     };
     let webhook = match WebhookSubscription::from_body(&body) {
@@ -259,9 +261,10 @@ pub(super) async fn create<B: Backend>(
             runner.notify_webhook(&p, "completed");
         }
     });
+    // Responses are encoded from the stored prediction under its lock (encoding is synchronous), not from a copy.
     let Some(wait) = wait else {
-        let p = gw.lock().map.get(&id).cloned();
-        return match p {
+        let store = gw.lock();
+        return match store.map.get(&id) {
             Some(p) => (StatusCode::CREATED, Json(p.response(&gw.base_url))).into_response(),
             None => problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost"),
         };
@@ -270,7 +273,8 @@ pub(super) async fn create<B: Backend>(
     if !finished {
         let _ = tokio::time::timeout(wait, notified).await;
     }
-    let Some(p) = gw.lock().map.get(&id).cloned() else {
+    let store = gw.lock();
+    let Some(p) = store.map.get(&id) else {
         return problem(StatusCode::INTERNAL_SERVER_ERROR, "prediction lost");
     };
     // A failure the client should hear about as an HTTP status: its kind says which.
