@@ -147,6 +147,10 @@ pub enum TieBreak {
 pub struct PlacementEngine {
     cluster: Cluster,
     policy: Policy,
+    /// The request mix the caller gave.
+    assumed: Workload,
+    /// The mix the policy's measure uses: `assumed` under the policy's measure (`kiln`: gangs weighed by the
+    /// scarcity of the nodes that hold them, see [`Workload::weigh_gangs_by_scarcity`]).
     workload: Workload,
     cache_weights: CacheWeights,
     rng: Rng,
@@ -178,15 +182,12 @@ impl PlacementEngine {
     /// assumes (its measure is set by the policy: FGD's for all but `kiln`); `seed` drives tie-breaking.
     pub fn new(cluster: Cluster, policy: Policy, workload: Workload, seed: u64) -> Self {
         let n = cluster.len();
-        let workload = if policy == Policy::Kiln {
-            workload.with_measure(frag::Measure::Kiln)
-        } else {
-            workload.with_measure(frag::Measure::Fgd)
-        };
+        let effective = effective_workload(policy, &workload, &cluster);
         let mut engine = Self {
             cluster,
             policy,
-            workload,
+            assumed: workload,
+            workload: effective,
             cache_weights: CacheWeights::default(),
             rng: Rng::new(seed),
             groups: Vec::new(),
@@ -211,8 +212,26 @@ impl PlacementEngine {
     /// Replaces the request mix the fragmentation measure assumes (the deployments changed); scores are
     /// recomputed from the next decision on.
     pub fn set_workload(&mut self, workload: Workload) {
-        let measure = if self.policy == Policy::Kiln { frag::Measure::Kiln } else { frag::Measure::Fgd };
-        self.workload = workload.with_measure(measure);
+        self.assumed = workload;
+        self.refresh_workload();
+    }
+
+    /// Re-derives the measure's mix from the caller's (the cluster or the mix changed), with the expected
+    /// fragmentation of every group under it, and drops the cached scores.
+    fn refresh_workload(&mut self) {
+        self.workload = effective_workload(self.policy, &self.assumed, &self.cluster);
+        if matches!(self.policy, Policy::Fgd | Policy::Kiln) {
+            for g in &mut self.groups {
+                let node_type = self.cluster.node_type(g.sig.type_id);
+                g.frag = self.workload.node_frag(
+                    node_type.model,
+                    node_type.gpu_memory_mib,
+                    g.sig.cpu_free,
+                    g.sig.mem_free,
+                    &g.sig.gpu_free,
+                );
+            }
+        }
         self.cache.clear();
     }
 
@@ -271,6 +290,10 @@ impl PlacementEngine {
         self.node_group.push(None);
         self.node_pos.push(0);
         self.schedulable.push(true);
+        if self.policy == Policy::Kiln {
+            // The capacity that holds each gang kind changed.
+            self.refresh_workload();
+        }
         self.join_group(node);
         Ok(node)
     }
@@ -680,6 +703,17 @@ impl PlacementEngine {
                 self.active_pos[moved as usize] = Some(at as u32);
             }
         }
+    }
+}
+
+/// The mix `policy`'s measure uses for the caller's `workload` on `cluster`.
+fn effective_workload(policy: Policy, workload: &Workload, cluster: &Cluster) -> Workload {
+    if policy == Policy::Kiln {
+        let mut workload = workload.clone().with_measure(frag::Measure::Kiln);
+        workload.weigh_gangs_by_scarcity(cluster);
+        workload
+    } else {
+        workload.clone().with_measure(frag::Measure::Fgd)
     }
 }
 

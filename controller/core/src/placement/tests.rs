@@ -258,3 +258,23 @@ fn node_order_is_a_seeded_permutation_and_covers_added_nodes() {
     e.place(&req(GpuDemand::Whole(1))).unwrap();
     assert_eq!(e.place(&req(GpuDemand::Whole(1))).unwrap().node, added);
 }
+
+#[test]
+fn a_new_workload_rescores_the_nodes_already_grouped() {
+    // Engine built assuming CPU-only work (every free GPU a fragment), then told the mix is 500-milli shares: the
+    // nodes' expected fragmentation must be recomputed, or the 4-GPU node looks like the larger improvement.
+    let nodes = [node("two", 2, "G"), node("four", 4, "G")];
+    let share = Request::new(0, 0, GpuDemand::Share(500));
+    for policy in [Policy::Fgd, Policy::Kiln] {
+        let mut told = engine(policy, &nodes, &[Request::new(1000, 0, GpuDemand::None)]);
+        told.set_workload(Workload::from_requests(&[share]));
+        let mut fresh = engine(policy, &nodes, &[share]);
+        fresh.set_tie_break(TieBreak::NodeOrder);
+        told.set_tie_break(TieBreak::NodeOrder);
+        let (a, b) = (told.place(&share).unwrap(), fresh.place(&share).unwrap());
+        assert_eq!(a, b, "{policy}");
+        if policy == Policy::Kiln {
+            assert_eq!(a.node, 0, "kiln breaks the tie towards the node left fullest");
+        }
+    }
+}

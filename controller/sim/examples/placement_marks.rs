@@ -1,0 +1,101 @@
+//! A quick loop for placement work: the FGD experiment on several pod lists (and generated variants), each policy
+//! over seeds, medians at the reported marks beside the published FGD medians, and `kiln - fgd` at its worst mark
+//! from 90 to 130.
+//!
+//! `cargo run --release -p kiln-sim --example placement_marks -- NODES.csv LIST.csv[:VARIANT] ...`
+//! Environment: `POLICIES` (default `fgd,kiln`), `SEEDS` (first-last, default `42-51`), `THREADS` (default 2),
+//! `EXPECTED` (the artifact's results directory, default `fgd-expected-results` beside the list's directory).
+
+use std::{collections::BTreeMap, env, fs, path::Path, thread};
+
+use kiln_core::placement::{Cluster, Policy, Workload};
+use kiln_sim::{
+    experiment::{REPORTED_MARKS, SeedRun, median_at, run_seed},
+    openb,
+    variant::Variant,
+};
+
+fn published(dir: &Path, workload: &str) -> Option<Vec<f64>> {
+    let text = fs::read_to_string(dir.join("derived_median_gpu_alloc_pct_by_arrival.csv")).ok()?;
+    text.lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .find(|c| c[0] == workload && c[1] == "06-FGD")
+        .map(|c| c[2..].iter().map(|v| v.parse().unwrap_or(f64::NAN)).collect())
+}
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    if args.len() < 2 {
+        eprintln!(
+            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: share-only, gang-heavy, constrained)"
+        );
+        std::process::exit(2);
+    }
+    let policies: Vec<Policy> = env::var("POLICIES")
+        .unwrap_or_else(|_| "fgd,kiln".into())
+        .split(',')
+        .map(|p| p.parse().expect("a policy"))
+        .collect();
+    let seeds = env::var("SEEDS").unwrap_or_else(|_| "42-51".into());
+    let (a, b) = seeds.split_once('-').unwrap_or((&seeds, &seeds));
+    let seeds: Vec<u64> = (a.parse().expect("seed")..=b.parse().expect("seed")).collect();
+    let threads: usize = env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let nodes_text = fs::read_to_string(&args[0]).expect("nodes");
+    let cluster = Cluster::new(&openb::parse_nodes(&args[0], &nodes_text).expect("nodes")).expect("cluster");
+    println!(
+        "{:<28} {:<6} {:>7} {:>7} {:>7} {:>7} {:>7}  worst(kiln-fgd)@mark",
+        "list", "policy", 90, 95, 100, 110, 130
+    );
+    for spec in &args[1..] {
+        let (path, variant) = match spec.split_once(':') {
+            Some((p, v)) => (p, Some(v.parse::<Variant>().expect("a variant"))),
+            None => (spec.as_str(), None),
+        };
+        let text = fs::read_to_string(path).expect("pods");
+        let list = openb::parse_pods(path, &text, &cluster).expect("pods");
+        let pods = match variant {
+            Some(v) => v.apply(&list.pods, 0).expect("variant"),
+            None => list.pods,
+        };
+        let name = match variant {
+            Some(v) => v.artifact_workload().to_owned(),
+            None => Path::new(path).file_stem().expect("a file name").to_string_lossy().into_owned(),
+        };
+        let expected = env::var("EXPECTED").map(Into::into).unwrap_or_else(|_| {
+            Path::new(path).parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("fgd-expected-results")
+        });
+        let workload = Workload::from_requests(&pods);
+        let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+        for &policy in &policies {
+            let chunks: Vec<Vec<u64>> = seeds.chunks(seeds.len().div_ceil(threads)).map(<[u64]>::to_vec).collect();
+            let runs: Vec<SeedRun> = thread::scope(|s| {
+                let handles: Vec<_> = chunks
+                    .iter()
+                    .map(|chunk| {
+                        let (cluster, pods, workload) = (&cluster, &pods, &workload);
+                        s.spawn(move || {
+                            chunk
+                                .iter()
+                                .map(|&seed| run_seed(cluster, pods, workload, policy, seed, 1.3))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().flat_map(|h| h.join().expect("a seed run")).collect()
+            });
+            let series: Vec<f64> = (0..=130).map(|m| median_at(&runs, m, |r| &r.alloc_pct)).collect();
+            let row: Vec<String> = REPORTED_MARKS.iter().map(|&m| format!("{:>7.2}", series[m as usize])).collect();
+            println!("{name:<28} {:<6} {}", policy.name(), row.join(" "));
+            medians.insert(policy.name(), series);
+        }
+        if let Some(p) = published(&expected, &name) {
+            let row: Vec<String> = REPORTED_MARKS.iter().map(|&m| format!("{:>7.2}", p[m as usize])).collect();
+            println!("{name:<28} {:<6} {}", "paper", row.join(" "));
+        }
+        if let (Some(k), Some(f)) = (medians.get("kiln"), medians.get("fgd")) {
+            let (mark, gap) = (90..=130).map(|m| (m, k[m] - f[m])).min_by(|a, b| a.1.total_cmp(&b.1)).expect("marks");
+            println!("{name:<28} worst kiln-fgd {gap:+.3} pp at {mark}");
+        }
+    }
+}
