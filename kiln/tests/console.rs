@@ -130,7 +130,10 @@ impl Browser {
             if got == *want {
                 return;
             }
-            assert!(Instant::now() < deadline, "{expression}: {got} after {within:?}, wanted {want}");
+            if Instant::now() >= deadline {
+                let errors = self.eval("(document.body.dataset.error ?? '') + ' fleet: ' + JSON.stringify(model.fleet) + ' hash ' + location.href");
+                panic!("{expression}: {got} after {within:?}, wanted {want} (page errors: {errors})");
+            }
             std::thread::sleep(Duration::from_millis(200));
         }
     }

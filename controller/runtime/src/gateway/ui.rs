@@ -344,8 +344,22 @@ pub struct Cell {
 }
 
 impl Cell {
-    fn json(&self) -> Value {
-        json!([self.state, self.util, self.mem_mib, self.power_w, self.temp_c, self.xid, self.holder])
+    /// `[state, util, memMiB, powerW, tempC, xid, holder]`, appended to `out`.
+    fn write_json(&self, out: &mut String) {
+        out.push('[');
+        self.write_fields(out);
+        out.push(']');
+    }
+
+    /// The fields of [`Cell::write_json`] without the brackets.
+    fn write_fields(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let holder = serde_json::to_string(&self.holder).unwrap_or_else(|_| "\"\"".into());
+        let _ = write!(
+            out,
+            "{},{},{},{},{},{},{holder}",
+            self.state, self.util, self.mem_mib, self.power_w, self.temp_c, self.xid
+        );
     }
 
     /// Whether `self` differs from `sent` enough to be sent again: another state, holder or Xid, or telemetry
@@ -384,17 +398,34 @@ pub struct NodeRow {
 }
 
 impl NodeRow {
-    fn json(&self) -> Value {
-        json!({
-            "name": self.name,
-            "ready": self.ready,
-            "cordoned": self.cordoned,
-            "simulated": self.simulated,
-            "model": self.model,
-            "memMiB": self.mem_mib,
-            "cache": self.cache,
-            "gpus": self.gpus.iter().map(|(i, c)| { let mut v = c.json(); if let Some(a) = v.as_array_mut() { a.push(json!(i)); } v }).collect::<Vec<_>>(),
-        })
+    /// `{"name", "ready", "model" (index into `models`), "gpus": [cell...]}`, with `"cordoned": true`,
+    /// `"simulated": true`, `"index": [...]` (when the GPUs are not numbered 0..n) and `"cache"` only when they say
+    /// something: a thousand nodes' worth of fields that never change would be most of the fleet's bytes.
+    fn write_json(&self, model: usize, out: &mut String) {
+        use std::fmt::Write as _;
+        let name = serde_json::to_string(&self.name).unwrap_or_default();
+        let _ = write!(out, "{{\"name\":{name},\"ready\":{},\"model\":{model}", self.ready);
+        if self.cordoned {
+            out.push_str(",\"cordoned\":true");
+        }
+        if self.simulated {
+            out.push_str(",\"simulated\":true");
+        }
+        if self.gpus.iter().enumerate().any(|(n, (i, _))| usize::try_from(*i).ok() != Some(n)) {
+            let index: Vec<u32> = self.gpus.iter().map(|(i, _)| *i).collect();
+            let _ = write!(out, ",\"index\":{}", json!(index));
+        }
+        if !self.cache.is_empty() {
+            let _ = write!(out, ",\"cache\":{}", json!(self.cache));
+        }
+        out.push_str(",\"gpus\":[");
+        for (n, (_, cell)) in self.gpus.iter().enumerate() {
+            if n > 0 {
+                out.push(',');
+            }
+            cell.write_json(out);
+        }
+        out.push_str("]}");
     }
 }
 
@@ -411,6 +442,19 @@ impl Console {
         let replicas = self.control.replicas();
         let rentals = self.control.rental_views();
         let mib = |b: u64| u32::try_from(b >> 20).unwrap_or(u32::MAX);
+        // Who holds each GPU, by (node, index): looked up once per GPU, not searched.
+        let mut on_gpu: HashMap<(&str, u32), &crate::control::ReplicaView> = HashMap::new();
+        for r in &replicas {
+            for g in &r.gpus {
+                on_gpu.insert((r.node.as_str(), *g), r);
+            }
+        }
+        let mut rented: HashMap<(&str, u32), &RentalStatusView> = HashMap::new();
+        for v in rentals.iter().filter(|v| v.phase == kiln_core::rental::RentalPhase::Active) {
+            for g in &v.gpus {
+                rented.insert((g.node.as_str(), g.index), v);
+            }
+        }
         let mut rows = Vec::with_capacity(nodes.len());
         for node in nodes {
             let cordoned = self.control.is_cordoned(&node.name);
@@ -418,11 +462,8 @@ impl Console {
             let mut gpus = Vec::with_capacity(node.gpus.len());
             for gpu in &node.gpus {
                 let sample = samples.and_then(|s| s.iter().find(|g| g.index == gpu.index));
-                let replica = replicas.iter().find(|r| r.node == node.name && r.gpus.contains(&gpu.index));
-                let rental = rentals.iter().find(|v| {
-                    v.phase == kiln_core::rental::RentalPhase::Active
-                        && v.gpus.iter().any(|g| g.node == node.name && g.index == gpu.index)
-                });
+                let replica = on_gpu.get(&(node.name.as_str(), gpu.index)).copied();
+                let rental = rented.get(&(node.name.as_str(), gpu.index)).copied();
                 let util = sample.map_or(0, |s| s.sm_util_pct);
                 let (state, holder) = if !node.ready {
                     ("offline", String::new())
@@ -494,17 +535,36 @@ impl Console {
         rows
     }
 
-    /// The fleet's JSON: `states` (the names cells number), `nodes`, and `counts` per state.
-    pub fn fleet_json(&self, rows: &[NodeRow]) -> Value {
+    /// The fleet's JSON text: `states` (the names cells number), `models` (`{"name", "memMiB"}`, which nodes
+    /// point to), `nodes`, and `counts` per state.
+    pub fn fleet_json(rows: &[NodeRow]) -> String {
         let mut counts: BTreeMap<&str, u32> = STATES.iter().map(|s| (*s, 0)).collect();
         for (_, c) in rows.iter().flat_map(|r| &r.gpus) {
             *counts.entry(STATES[usize::from(c.state)]).or_default() += 1;
         }
-        json!({
-            "states": STATES,
-            "nodes": rows.iter().map(NodeRow::json).collect::<Vec<_>>(),
-            "counts": counts,
-        })
+        let mut models: Vec<(&str, u32)> = Vec::new();
+        let per_node = 48 + 28 * rows.first().map_or(0, |r| r.gpus.len());
+        let mut out = String::with_capacity(64 + rows.len() * per_node);
+        out.push_str("{\"nodes\":[");
+        for (n, row) in rows.iter().enumerate() {
+            let key = (row.model.as_str(), row.mem_mib);
+            let model = match models.iter().position(|m| *m == key) {
+                Some(m) => m,
+                None => {
+                    models.push(key);
+                    models.len() - 1
+                }
+            };
+            if n > 0 {
+                out.push(',');
+            }
+            row.write_json(model, &mut out);
+        }
+        let models: Vec<Value> = models.iter().map(|(name, mem)| json!({ "name": name, "memMiB": mem })).collect();
+        let tail = json!({ "models": models, "states": STATES, "counts": counts }).to_string();
+        out.push_str("],");
+        out.push_str(tail.trim_start_matches('{'));
+        out
     }
 
     /// Each visible deployment: replicas, queue, counters, latency percentiles, its last cold start with phases,
@@ -663,7 +723,7 @@ pub fn quantile(buckets: &[(f64, u64)], q: f64) -> Option<f64> {
 async fn fleet(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
     let caller = caller_or_401!(console, headers);
     let rows = console.fleet_rows(&caller);
-    Json(console.fleet_json(&rows)).into_response()
+    ([(header::CONTENT_TYPE, "application/json")], Console::fleet_json(&rows)).into_response()
 }
 
 async fn deployments(State(console): State<Arc<Console>>, headers: HeaderMap) -> Response {
@@ -682,42 +742,43 @@ pub struct Sent {
     nodes: Vec<(String, bool, bool, Vec<u32>)>,
     cells: HashMap<(String, u32), Cell>,
     deployments: String,
+    fleet_sent: bool,
 }
 
 impl Sent {
     /// The events that bring a client from what was sent to `rows` and `deployments`: a full `fleet` when the set
     /// of nodes or GPUs (or a node's readiness or cordon) changed, else a `delta` of the cells that moved
-    /// (`{"g": [[node, gpu, ...cell]]}`, node by its position in the last `fleet`) if any did; `deployments`
+    /// (`{"g": [[node, gpu, ...cell]]}`, node and GPU by their positions in the last `fleet`) if any did; `deployments`
     /// when that changed. Records what it returns as sent.
-    pub fn next(&mut self, console: &Console, rows: &[NodeRow], deployments: String) -> Vec<(&'static str, String)> {
+    pub fn next(&mut self, rows: &[NodeRow], deployments: String) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         let shape: Vec<(String, bool, bool, Vec<u32>)> = rows
             .iter()
             .map(|r| (r.name.clone(), r.ready, r.cordoned, r.gpus.iter().map(|(i, _)| *i).collect()))
             .collect();
-        if shape != self.nodes {
+        if shape != self.nodes || !self.fleet_sent {
+            self.fleet_sent = true;
             self.nodes = shape;
             self.cells =
                 rows.iter().flat_map(|r| r.gpus.iter().map(|(i, c)| ((r.name.clone(), *i), c.clone()))).collect();
-            out.push(("fleet", console.fleet_json(rows).to_string()));
+            out.push(("fleet", Console::fleet_json(rows)));
         } else {
-            let mut changed = Vec::new();
+            let mut changed = String::new();
             for (n, row) in rows.iter().enumerate() {
-                for (i, cell) in &row.gpus {
+                for (g, (i, cell)) in row.gpus.iter().enumerate() {
                     let key = (row.name.clone(), *i);
-                    let moved = self.cells.get(&key).is_none_or(|sent| cell.moved(sent));
-                    if moved {
-                        let mut v = vec![json!(n), json!(i)];
-                        if let Value::Array(c) = cell.json() {
-                            v.extend(c);
-                        }
-                        changed.push(Value::Array(v));
+                    if self.cells.get(&key).is_none_or(|sent| cell.moved(sent)) {
+                        changed.push_str(if changed.is_empty() { "{\"g\":[" } else { "," });
+                        changed.push_str(&format!("[{n},{g},"));
+                        cell.write_fields(&mut changed);
+                        changed.push(']');
                         self.cells.insert(key, cell.clone());
                     }
                 }
             }
             if !changed.is_empty() {
-                out.push(("delta", json!({ "g": changed }).to_string()));
+                changed.push_str("]}");
+                out.push(("delta", changed));
             }
         }
         if deployments != self.deployments {
@@ -745,7 +806,7 @@ async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Resp
             let Some(caller) = console.caller(&headers) else { return };
             let rows = console.fleet_rows(&caller);
             let deployments = console.deployments_json(&caller).to_string();
-            for (name, data) in sent.next(&console, &rows, deployments) {
+            for (name, data) in sent.next(&rows, deployments) {
                 if tx.send(Ok(Event::default().event(name).data(data))).await.is_err() {
                     return;
                 }
@@ -794,6 +855,49 @@ mod tests {
         assert!(a.moved(&Cell { state: 2, ..a.clone() }));
         assert!(a.moved(&Cell { xid: 79, ..a.clone() }));
         assert!(a.moved(&Cell { holder: String::new(), ..a.clone() }));
+    }
+
+    fn row(name: &str, cells: Vec<Cell>) -> NodeRow {
+        NodeRow {
+            name: name.into(),
+            ready: true,
+            cordoned: false,
+            simulated: true,
+            model: "NVIDIA H100 80GB HBM3".into(),
+            mem_mib: 81_559,
+            cache: BTreeMap::new(),
+            gpus: cells.into_iter().enumerate().map(|(i, c)| (i as u32, c)).collect(),
+        }
+    }
+
+    #[test]
+    fn the_event_stream_sends_a_snapshot_then_only_the_cells_that_moved() {
+        let free = Cell { state: 0, util: 0, mem_mib: 0, power_w: 70, temp_c: 30, xid: 0, holder: String::new() };
+        let mut rows = vec![row("a", vec![free.clone(), free.clone()]), row("b", vec![free.clone()])];
+        let mut sent = Sent::default();
+        let first = sent.next(&rows, "[]".into());
+        assert_eq!(first.iter().map(|e| e.0).collect::<Vec<_>>(), ["fleet", "deployments"]);
+        let fleet: Value = serde_json::from_str(&first[0].1).unwrap();
+        assert_eq!(fleet["nodes"][0]["gpus"][1], json!([0, 0, 0, 70, 30, 0, ""]));
+        assert_eq!(fleet["models"], json!([{ "name": "NVIDIA H100 80GB HBM3", "memMiB": 81_559 }]));
+        assert_eq!(fleet["counts"]["free"], 3);
+        assert!(fleet["nodes"][0].get("cordoned").is_none() && fleet["nodes"][0].get("index").is_none());
+        // Nothing moved, or only inside the dead band: nothing to send.
+        assert!(sent.next(&rows, "[]".into()).is_empty());
+        rows[1].gpus[0].1.power_w = 80;
+        assert!(sent.next(&rows, "[]".into()).is_empty());
+        // A state change: one delta naming node 1's GPU 0 by position, with its cell flat after them.
+        rows[1].gpus[0].1 = Cell { state: 2, holder: "ns/d".into(), ..free.clone() };
+        let delta = sent.next(&rows, "[]".into());
+        assert_eq!(delta.len(), 1);
+        assert_eq!(delta[0].0, "delta");
+        let delta: Value = serde_json::from_str(&delta[0].1).unwrap();
+        assert_eq!(delta, json!({ "g": [[1, 0, 2, 0, 0, 70, 30, 0, "ns/d"]] }));
+        // A node gone: a new snapshot.
+        rows.pop();
+        assert_eq!(sent.next(&rows, "[]".into())[0].0, "fleet");
+        // The deployments, whenever their text changes.
+        assert_eq!(sent.next(&rows, "[1]".into()), vec![("deployments", "[1]".to_owned())]);
     }
 
     #[test]
