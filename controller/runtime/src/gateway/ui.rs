@@ -900,6 +900,181 @@ mod tests {
         assert_eq!(sent.next(&rows, "[1]".into()), vec![("deployments", "[1]".to_owned())]);
     }
 
+    use axum::body::Body;
+    use tower::ServiceExt as _;
+
+    use crate::{
+        control::ControlConfig,
+        registry::{MonotonicClock, RegistryConfig},
+    };
+
+    const TENANT_A: &str = "key-a-0123456789abcdef";
+    const TENANT_B: &str = "key-b-0123456789abcdef";
+    const OPS: &str = "key-ops-0123456789abcdef";
+
+    fn served(key: &str) -> crate::spec::ServedSpec {
+        let md: kiln_k8s_api::model_deployment::ModelDeployment = serde_json::from_value(json!({
+            "apiVersion": "kiln.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": { "name": "m" },
+            "spec": {
+                "model": { "uri": "file:///models/m.safetensors" },
+                "gpu": { "count": 1, "memoryPerGpu": "1Gi" },
+                "scaling": { "minReplicas": 0, "maxReplicas": 1 }
+            }
+        }))
+        .unwrap();
+        crate::spec::translate(key.into(), "1".into(), &md.spec).unwrap()
+    }
+
+    /// A console over keys for namespaces `a` and `b` and an operator, serving `a/one` and `b/two`.
+    fn console() -> (Arc<Console>, Arc<Gw>) {
+        let registry = Registry::new(RegistryConfig::default(), MonotonicClock::system());
+        let control = ControlPlane::new(registry.clone(), ControlConfig::default());
+        control.upsert(served("a/one"));
+        control.upsert(served("b/two"));
+        let keys = [(TENANT_A, "a"), (TENANT_B, "b"), (OPS, super::super::OPERATOR)];
+        let gateway = Gateway::new(Arc::clone(&control), keys.map(|(k, n)| (k.to_owned(), n.to_owned())), "http://t");
+        (Console::new(Arc::clone(&gateway), control, registry), gateway)
+    }
+
+    /// One request through the console's router: (status, headers, body).
+    async fn call(
+        console: &Arc<Console>,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (StatusCode, HeaderMap, String) {
+        let mut request = axum::http::Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = console.router().oneshot(request.body(Body::from(body.to_owned())).unwrap()).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap();
+        (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// The `name=value` of a `Set-Cookie`.
+    fn cookie_of(headers: &HeaderMap) -> String {
+        let set = headers.get(header::SET_COOKIE).expect("a cookie").to_str().unwrap();
+        assert!(set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Path=/"), "{set}");
+        set.split(';').next().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn a_login_token_opens_one_session_once_and_the_session_is_the_keys() {
+        let (console, _) = console();
+        assert!(console.login_token("not-a-key-0123456789").is_none(), "no token for an unknown key");
+        let token = console.login_token(TENANT_A).unwrap();
+        let (status, headers, _) = call(&console, "GET", &format!("/ui?token={token}"), &[], "").await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert_eq!(headers[header::LOCATION], "/ui", "the token leaves the address bar");
+        let cookie = cookie_of(&headers);
+        // Used once: a second use is refused, and sets no cookie.
+        let (again, headers, page) = call(&console, "GET", &format!("/ui?token={token}"), &[], "").await;
+        assert_eq!(again, StatusCode::UNAUTHORIZED);
+        assert!(headers.get(header::SET_COOKIE).is_none() && page.contains("Sign in"));
+        // The cookie is namespace a's key.
+        let (status, _, who) = call(&console, "GET", "/kiln/v1/console/whoami", &[("cookie", &cookie)], "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(serde_json::from_str::<Value>(&who).unwrap(), json!({ "operator": false, "namespace": "a" }));
+        // Without it, or with a made-up one: 401.
+        for headers in [vec![], vec![("cookie", "kiln_console=0000")]] {
+            let (status, _, _) = call(&console, "GET", "/kiln/v1/console/fleet", &headers, "").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        // Signing out ends it.
+        let (status, headers, _) = call(&console, "POST", "/ui/logout", &[("cookie", &cookie)], "").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert!(headers[header::SET_COOKIE].to_str().unwrap().contains("Max-Age=0"));
+        let (status, _, _) = call(&console, "GET", "/kiln/v1/console/whoami", &[("cookie", &cookie)], "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn a_key_removed_from_the_gateway_ends_its_sessions_and_tokens() {
+        let (console, gateway) = console();
+        let (status, headers, _) =
+            call(&console, "POST", "/ui/login", &[], &json!({ "key": TENANT_B }).to_string()).await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        let cookie = cookie_of(&headers);
+        let token = console.login_token(TENANT_B).unwrap();
+        assert_eq!(
+            call(&console, "GET", "/kiln/v1/console/whoami", &[("cookie", &cookie)], "").await.0,
+            StatusCode::OK
+        );
+        gateway.set_keys([(TENANT_A.to_owned(), "a".to_owned())]);
+        assert_eq!(
+            call(&console, "GET", "/kiln/v1/console/whoami", &[("cookie", &cookie)], "").await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let (status, headers, _) = call(&console, "GET", &format!("/ui?token={token}"), &[], "").await;
+        assert_eq!(status, StatusCode::SEE_OTHER, "the token itself was valid");
+        let cookie = cookie_of(&headers);
+        assert_eq!(
+            call(&console, "GET", "/kiln/v1/console/whoami", &[("cookie", &cookie)], "").await.0,
+            StatusCode::UNAUTHORIZED,
+            "but its session carries a key that is gone"
+        );
+        // A wrong key typed in: 401; no key: 400.
+        let (status, headers, _) =
+            call(&console, "POST", "/ui/login", &[], &json!({ "key": TENANT_B }).to_string()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.get(header::SET_COOKIE).is_none());
+        assert_eq!(call(&console, "POST", "/ui/login", &[], "{}").await.0, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn a_tenant_sees_its_namespace_only_and_an_operator_everything() {
+        let (console, _) = console();
+        let names = |body: &str| -> Vec<String> {
+            let v: Value = serde_json::from_str(body).unwrap();
+            v["deployments"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_owned()).collect()
+        };
+        let get = |key: &'static str| {
+            let console = Arc::clone(&console);
+            async move {
+                let auth = format!("Bearer {key}");
+                call(&console, "GET", "/kiln/v1/console/deployments", &[("authorization", &auth)], "").await
+            }
+        };
+        assert_eq!(names(&get(TENANT_A).await.2), ["a/one"]);
+        assert_eq!(names(&get(TENANT_B).await.2), ["b/two"]);
+        assert_eq!(names(&get(OPS).await.2), ["a/one", "b/two"]);
+        // A login link minted with a key is that key's.
+        let (status, _, minted) = call(
+            &console,
+            "POST",
+            "/kiln/v1/console/login-tokens",
+            &[("authorization", &format!("Bearer {TENANT_B}"))],
+            "",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let path = serde_json::from_str::<Value>(&minted).unwrap()["path"].as_str().unwrap().to_owned();
+        let (_, headers, _) = call(&console, "GET", &path, &[], "").await;
+        let cookie = cookie_of(&headers);
+        let (_, _, body) = call(&console, "GET", "/kiln/v1/console/deployments", &[("cookie", &cookie)], "").await;
+        assert_eq!(names(&body), ["b/two"]);
+        assert_eq!(
+            call(&console, "POST", "/kiln/v1/console/login-tokens", &[("authorization", "Bearer nope-0123456789")], "")
+                .await
+                .0,
+            StatusCode::UNAUTHORIZED
+        );
+        // The page and its assets need no key; the data does.
+        for (path, kind) in [("/ui", "text/html"), ("/ui/app.js", "text/javascript"), ("/ui/app.css", "text/css")] {
+            let (status, headers, _) = call(&console, "GET", path, &[], "").await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert!(headers[header::CONTENT_TYPE].to_str().unwrap().starts_with(kind), "{path}");
+        }
+        for path in ["/kiln/v1/console/deployments", "/kiln/v1/console/rentals", "/kiln/v1/console/events"] {
+            assert_eq!(call(&console, "GET", path, &[], "").await.0, StatusCode::UNAUTHORIZED, "{path}");
+        }
+    }
+
     #[test]
     fn cookies_and_query_parameters_are_found_by_name() {
         let mut h = HeaderMap::new();
