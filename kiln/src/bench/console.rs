@@ -85,7 +85,8 @@ async fn agent(channel: tonic::transport::Channel, node: u32, gpus: u32) -> Resu
     tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
     let mut noise = Noise(0x9E37_79B9_7F4A_7C15 ^ (u64::from(node) << 17 | 1));
     // Per GPU: busy or idle, and its current figures.
-    let mut state: Vec<(bool, i64, i64, i64)> = (0..gpus).map(|i| ((node + i) % 2 == 0, 80, 500, 65)).collect();
+    let mut state: Vec<(bool, i64, i64, i64)> =
+        (0..gpus).map(|i| ((node + i).is_multiple_of(2), 80, 500, 65)).collect();
     let mut seq = 1;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -342,10 +343,18 @@ fn render_ms(chromium: &Path, url: &str) -> Result<f64> {
         let r = pipe.call(
             Some(&session),
             "Runtime.evaluate",
-            json!({ "expression": "window.kilnReadyMs ?? null", "returnByValue": true }),
+            json!({
+                "expression": "window.kilnReadyMs == null ? null : [window.kilnReadyMs, window.kilnSteps.whoami, window.kilnSteps.fleetReceived, window.kilnSteps.fleetRendered]",
+                "returnByValue": true
+            }),
         )?;
-        if let Some(ms) = r["result"]["value"].as_f64() {
-            break Ok(ms);
+        if let Some(v) = r["result"]["value"].as_array() {
+            let ms: Vec<f64> = v.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
+            println!(
+                "  page: signed in at {:.0} ms, fleet snapshot received at {:.0} ms, rendered at {:.0} ms, ready at {:.0} ms",
+                ms[1], ms[2], ms[3], ms[0]
+            );
+            break Ok(ms[0]);
         }
         if Instant::now() > deadline {
             break Err(anyhow::anyhow!("the page did not render within 60 s"));
