@@ -803,6 +803,10 @@ async fn events(State(console): State<Arc<Console>>, headers: HeaderMap) -> Resp
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tick.tick().await;
+            // A client gone, or a key removed: the stream ends.
+            if tx.is_closed() {
+                return;
+            }
             let Some(caller) = console.caller(&headers) else { return };
             let rows = console.fleet_rows(&caller);
             let deployments = console.deployments_json(&caller).to_string();
