@@ -231,6 +231,8 @@ fn the_console_shows_the_fleet_live_updates_and_keeps_namespaces_apart() {
     let page = b.eval("document.getElementById('page-deployments').innerText").as_str().unwrap().to_owned();
     assert!(page.contains("last cold start") && page.contains("host→GPU"), "{page}");
     assert!(page.contains("keep-alive"), "{page}");
+    // A few seconds of the plots, then the picture.
+    std::thread::sleep(Duration::from_secs(3));
     b.screenshot(&shots.join("2-deployments.png"));
 
     // The fleet now shows the replica's GPU held by the deployment (idle-warm or busy), the rest free.

@@ -41,6 +41,8 @@ pub struct Options {
     pub seconds: u32,
     /// Chromium, for the render time (`None`: not measured).
     pub chromium: Option<std::path::PathBuf>,
+    /// Where to write a PNG of the rendered fleet page (with Chromium).
+    pub screenshot: Option<std::path::PathBuf>,
 }
 
 /// A small xorshift generator: the telemetry's noise (no randomness crate needed for that).
@@ -288,12 +290,13 @@ pub async fn run(options: &Options) -> Result<()> {
 
     if let Some(chromium) = &options.chromium {
         let mut times = Vec::new();
-        for _ in 0..3 {
+        for run in 0..3 {
             let token = console.login_token(KEY).context("a login token")?;
             let url = format!("http://{http}/ui?token={token}");
+            let shot = if run == 2 { options.screenshot.clone() } else { None };
             let ms = tokio::task::spawn_blocking({
                 let chromium = chromium.clone();
-                move || render_ms(&chromium, &url)
+                move || render_ms(&chromium, &url, shot.as_deref())
             })
             .await??;
             times.push(ms);
@@ -315,7 +318,7 @@ pub async fn run(options: &Options) -> Result<()> {
 
 /// Headless Chromium over `--remote-debugging-pipe`: opens `url` and returns the page's own figure for the time
 /// from navigation start to the fleet rendered (`window.kilnReadyMs`).
-fn render_ms(chromium: &Path, url: &str) -> Result<f64> {
+fn render_ms(chromium: &Path, url: &str, screenshot: Option<&Path>) -> Result<f64> {
     let profile = std::env::temp_dir().join(format!("kiln-bench-chromium-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&profile);
     let script = format!(
@@ -361,6 +364,13 @@ fn render_ms(chromium: &Path, url: &str) -> Result<f64> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    if let (Ok(_), Some(path)) = (&result, screenshot) {
+        use base64::Engine as _;
+        let shot = pipe.call(Some(&session), "Page.captureScreenshot", json!({ "format": "png" }))?;
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().context("png data")?)?;
+        std::fs::write(path, png).with_context(|| format!("writing {}", path.display()))?;
+        println!("  screenshot: {}", path.display());
+    }
     drop(pipe);
     let _ = std::fs::remove_dir_all(&profile);
     result

@@ -100,6 +100,9 @@ pub enum Bench {
         /// Chromium's binary, for the render time (skipped when it cannot be run).
         #[arg(long, default_value = "chromium")]
         chromium: std::path::PathBuf,
+        /// Write a PNG of the rendered fleet page here.
+        #[arg(long)]
+        screenshot: Option<std::path::PathBuf>,
     },
     /// Normal traffic beside slow-header connections and a 1 GiB declared body; RSS under large predictions.
     Abuse {
@@ -424,13 +427,14 @@ pub fn run(bench: &Bench) -> Result<()> {
                 return gateway::run(&options).await;
             }
             Bench::Replica => return gateway::replica().await,
-            Bench::Console { nodes, gpus, seconds, chromium } => {
+            Bench::Console { nodes, gpus, seconds, chromium, screenshot } => {
                 let found = Command::new(chromium).arg("--version").output().is_ok_and(|o| o.status.success());
                 let options = console::Options {
                     nodes: *nodes,
                     gpus: *gpus,
                     seconds: *seconds,
                     chromium: found.then(|| chromium.clone()),
+                    screenshot: screenshot.clone(),
                 };
                 return console::run(&options).await;
             }
