@@ -302,7 +302,7 @@ pub async fn run(options: &Options) -> Result<()> {
             times.push(ms);
         }
         println!(
-            "chromium: navigation to the rendered fleet page {:.0} ms median of 3 ({:.0}, {:.0}, {:.0}; goal < 1000)",
+            "chromium: navigation to the rendered fleet page (warm browser) {:.0} ms median of 3 ({:.0}, {:.0}, {:.0}; goal < 1000)",
             median(times.clone()),
             times[0],
             times[1],
@@ -316,8 +316,9 @@ pub async fn run(options: &Options) -> Result<()> {
     Ok(())
 }
 
-/// Headless Chromium over `--remote-debugging-pipe`: opens `url` and returns the page's own figure for the time
-/// from navigation start to the fleet rendered (`window.kilnReadyMs`).
+/// Headless Chromium over `--remote-debugging-pipe`: opens the login link `url`, then `/ui` again in the same
+/// browser, and returns the second load's own figure for the time from navigation start to the fleet rendered
+/// (`window.kilnReadyMs`); both loads' steps are printed.
 fn render_ms(chromium: &Path, url: &str, screenshot: Option<&Path>) -> Result<f64> {
     let profile = std::env::temp_dir().join(format!("kiln-bench-chromium-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&profile);
@@ -340,30 +341,40 @@ fn render_ms(chromium: &Path, url: &str, screenshot: Option<&Path>) -> Result<f6
     let target = target["targetId"].as_str().context("a target id")?.to_owned();
     let attached = pipe.call(None, "Target.attachToTarget", json!({ "targetId": target, "flatten": true }))?;
     let session = attached["sessionId"].as_str().context("a session id")?.to_owned();
-    pipe.call(Some(&session), "Page.navigate", json!({ "url": url }))?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let result = loop {
-        let r = pipe.call(
-            Some(&session),
-            "Runtime.evaluate",
-            json!({
-                "expression": "window.kilnReadyMs == null ? null : [window.kilnReadyMs, window.kilnSteps.whoami, window.kilnSteps.fleetReceived, window.kilnSteps.fleetRendered]",
-                "returnByValue": true
-            }),
-        )?;
-        if let Some(v) = r["result"]["value"].as_array() {
-            let ms: Vec<f64> = v.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
-            println!(
-                "  page: signed in at {:.0} ms, fleet snapshot received at {:.0} ms, rendered at {:.0} ms, ready at {:.0} ms",
-                ms[1], ms[2], ms[3], ms[0]
-            );
-            break Ok(ms[0]);
+    // The login link in a fresh browser (its first page pays for Chromium's own start), then the page again in
+    // the same browser, signed in by its cookie: the second figure is the one reported.
+    let mut result = Err(anyhow::anyhow!("not measured"));
+    for (step, target) in
+        [("cold browser", url.to_owned()), ("warm browser", url.split('?').next().unwrap_or(url).to_owned())]
+    {
+        pipe.call(Some(&session), "Page.navigate", json!({ "url": target }))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        result = loop {
+            let r = pipe.call(
+                Some(&session),
+                "Runtime.evaluate",
+                json!({
+                    "expression": "window.kilnReadyMs == null ? null : [window.kilnReadyMs, window.kilnSteps.whoami, window.kilnSteps.fleetReceived, window.kilnSteps.fleetRendered]",
+                    "returnByValue": true
+                }),
+            )?;
+            if let Some(v) = r["result"]["value"].as_array() {
+                let ms: Vec<f64> = v.iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect();
+                println!(
+                    "  {step}: signed in at {:.0} ms, fleet snapshot received at {:.0} ms, rendered at {:.0} ms, ready at {:.0} ms",
+                    ms[1], ms[2], ms[3], ms[0]
+                );
+                break Ok(ms[0]);
+            }
+            if Instant::now() > deadline {
+                break Err(anyhow::anyhow!("the page did not render within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if result.is_err() {
+            break;
         }
-        if Instant::now() > deadline {
-            break Err(anyhow::anyhow!("the page did not render within 60 s"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    }
     if let (Ok(_), Some(path)) = (&result, screenshot) {
         use base64::Engine as _;
         let shot = pipe.call(Some(&session), "Page.captureScreenshot", json!({ "format": "png" }))?;
