@@ -422,6 +422,13 @@ pub fn up(args: &UpArgs) -> Result<()> {
             banner,
             "  predictions API   http://{http}   (deployments and their replicas: GET http://{http}/kiln/v1/deployments)"
         );
+        // The console's one-time login link: for the operator key (the whole fleet), else the first key.
+        let console_key = keys.iter().find(|k| k.namespace == kiln_controller::gateway::OPERATOR).or(keys.first());
+        match console_key.and_then(|k| server.console.login_token(&k.key)) {
+            Some(token) => writeln!(banner, "  console           http://{http}/ui?token={token} (one-time login link)"),
+            None => writeln!(banner, "  console           http://{http}/ui (sign in with an API key)"),
+        }
+        .ok();
         let _ = writeln!(banner, "  metrics           http://{http}/metrics (controller and gateway; an operator key)");
         if let Some(m) = agent_metrics {
             let _ = writeln!(banner, "                    http://{m}/metrics (GPUs, dcgm-exporter names)");

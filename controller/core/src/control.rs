@@ -1171,6 +1171,19 @@ impl Control {
         })
     }
 
+    /// The keep-alive's current decision for a deployment: `None` while it has requests in flight or waiting (or
+    /// is unknown); else since when it has been idle and the plan made then (unload after `unload_after` idle
+    /// seconds, a pre-warm at `prewarm`), with the policy that made it.
+    pub fn keep_alive(&self, deployment: &str) -> Option<(KeepAlivePolicy, f64, Plan)> {
+        let d = self.deployments.get(deployment)?;
+        d.idle.map(|(since, plan)| (d.spec.keep_alive, since, plan))
+    }
+
+    /// Whether an operator cordoned `node`.
+    pub fn is_cordoned(&self, node: &str) -> bool {
+        self.cordoned.contains(node)
+    }
+
     /// A deployment's spec, as last upserted.
     pub fn spec(&self, deployment: &str) -> Option<&DeploymentSpec> {
         self.deployments.get(deployment).map(|d| &d.spec)

@@ -54,6 +54,7 @@ mod listing;
 mod models;
 mod response;
 mod routes;
+pub mod ui;
 mod usage;
 
 use std::{

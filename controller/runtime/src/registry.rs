@@ -94,9 +94,31 @@ impl NodeView {
     }
 }
 
+/// What a GPU's agent last sampled (the agent's 1 Hz `TelemetryBatch`) and the fault that last changed its health:
+/// kept for the console, never for decisions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuLive {
+    /// NVML index.
+    pub index: u32,
+    /// SM utilisation, percent.
+    pub sm_util_pct: u32,
+    /// Framebuffer memory used, bytes.
+    pub memory_used_bytes: u64,
+    /// Power draw, milliwatts.
+    pub power_mw: u32,
+    /// Core temperature, degrees Celsius.
+    pub temperature_c: u32,
+    /// The Xid of the last health change, 0 if none.
+    pub xid: u32,
+    /// Why its health last changed (e.g. "Xid 79: GPU has fallen off the bus"); empty if it never did.
+    pub reason: String,
+}
+
 #[derive(Debug)]
 struct Node {
     view: NodeView,
+    /// The last sample and health change of each GPU, by index.
+    live: HashMap<u32, GpuLive>,
     /// Commands to the agent's current session (`None` once it ended).
     outbox: Option<mpsc::Sender<ControllerMessage>>,
     session: u64,
@@ -288,6 +310,19 @@ impl Registry {
         self.lock().nodes.get(name)?.view.gpus.first().map(|g| g.model.clone())
     }
 
+    /// Each node's GPUs as last sampled (by node name, GPUs by index): what the console shows.
+    pub fn live(&self) -> HashMap<String, Vec<GpuLive>> {
+        self.lock()
+            .nodes
+            .iter()
+            .map(|(name, n)| {
+                let mut gpus: Vec<GpuLive> = n.live.values().cloned().collect();
+                gpus.sort_by_key(|g| g.index);
+                (name.clone(), gpus)
+            })
+            .collect()
+    }
+
     /// Marks nodes silent for longer than the grace period not ready; returns the names that just became so.
     pub fn sweep(&self) -> Vec<String> {
         let now = self.clock.now();
@@ -379,7 +414,8 @@ impl Registry {
             last_seen: now,
         };
         let running = register.workers.iter().map(|w| w.replica_id.clone()).collect();
-        s.nodes.insert(register.node_name.clone(), Node { view, outbox: Some(tx), session });
+        let live = s.nodes.remove(&register.node_name).map(|n| n.live).unwrap_or_default();
+        s.nodes.insert(register.node_name.clone(), Node { view, live, outbox: Some(tx), session });
         self.push(&mut s, RegistryEvent::Registered { node: register.node_name.clone(), running });
         (session, rx)
     }
@@ -410,6 +446,22 @@ impl Registry {
             Some(agent_message::Body::GpuHealth(h)) => {
                 if let Some(g) = n.view.gpus.iter_mut().find(|g| g.index == h.gpu_index) {
                     g.health = h.health();
+                }
+                let live =
+                    n.live.entry(h.gpu_index).or_insert_with(|| GpuLive { index: h.gpu_index, ..GpuLive::default() });
+                live.xid = h.xid;
+                live.reason = h.reason;
+            }
+            Some(agent_message::Body::Telemetry(batch)) => {
+                for sample in batch.samples {
+                    let live = n
+                        .live
+                        .entry(sample.gpu_index)
+                        .or_insert_with(|| GpuLive { index: sample.gpu_index, ..GpuLive::default() });
+                    live.sm_util_pct = sample.sm_util_pct;
+                    live.memory_used_bytes = sample.memory_used_bytes;
+                    live.power_mw = sample.power_mw;
+                    live.temperature_c = sample.temperature_c;
                 }
             }
             Some(agent_message::Body::WorkerEvent(e)) => match e.event {

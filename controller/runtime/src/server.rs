@@ -142,6 +142,8 @@ pub struct Server {
     pub control: Arc<ControlPlane>,
     /// The gateway (its API keys can be replaced while it serves).
     pub gateway: Arc<Gateway<Arc<ControlPlane>>>,
+    /// The console at `/ui` (`kiln up` asks it for a login link).
+    pub console: Arc<crate::gateway::ui::Console>,
     /// The agent registry.
     pub registry: Registry,
     /// The store's writer.
@@ -230,7 +232,9 @@ impl Server {
                 "predictions restored from the store"
             );
         }
+        let console = crate::gateway::ui::Console::new(Arc::clone(&gateway), Arc::clone(&control), registry.clone());
         Ok(Self {
+            console,
             http_addr,
             agent_addr: agents.local_addr()?,
             metrics_addr,
@@ -284,7 +288,7 @@ impl Server {
             });
         }
         let health = Arc::clone(&self.gateway);
-        let router = self.gateway.router().merge(
+        let router = self.gateway.router().merge(self.console.router()).merge(
             Router::new()
                 .route("/kiln/v1/deployments", get(deployments))
                 .route("/kiln/v1/rentals", get(rentals))

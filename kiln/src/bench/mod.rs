@@ -11,7 +11,10 @@
 //! - `abuse`: normal traffic (open loop) while attackers hold slow-header connections and a request declaring a
 //!   1 GiB body, then the gateway's resident memory while one tenant sends many 1.9 MB predictions: the normal
 //!   traffic's latency and failures, and the growth of the process's RSS.
+//! - `console` ([`console`]): the built-in console on a fleet of stand-in agents (1,000 nodes x 8 GPUs by
+//!   default): page and fleet JSON bytes, the event stream's bytes per second, Chromium's render time.
 
+pub mod console;
 pub mod gateway;
 pub mod ledger;
 
@@ -87,6 +90,24 @@ pub enum Bench {
         /// Deployments, each started once from zero.
         #[arg(long, default_value_t = 200)]
         deployments: u32,
+    },
+    /// The console on a large fleet: page weight, event-stream bytes per second, render time in Chromium.
+    Console {
+        /// Stand-in nodes.
+        #[arg(long, default_value_t = 1000)]
+        nodes: u32,
+        /// GPUs per node.
+        #[arg(long, default_value_t = 8)]
+        gpus: u32,
+        /// Seconds the event stream is read.
+        #[arg(long, default_value_t = 20)]
+        seconds: u32,
+        /// Chromium's binary, for the render time (skipped when it cannot be run).
+        #[arg(long, default_value = "chromium")]
+        chromium: std::path::PathBuf,
+        /// Write a PNG of the rendered fleet page here.
+        #[arg(long)]
+        screenshot: Option<std::path::PathBuf>,
     },
     /// Normal traffic beside slow-header connections and a 1 GiB declared body; RSS under large predictions.
     Abuse {
@@ -412,6 +433,17 @@ pub fn run(bench: &Bench) -> Result<()> {
             }
             Bench::Replica => return gateway::replica().await,
             Bench::Ledger(args) => return ledger::run(args).await,
+            Bench::Console { nodes, gpus, seconds, chromium, screenshot } => {
+                let found = Command::new(chromium).arg("--version").output().is_ok_and(|o| o.status.success());
+                let options = console::Options {
+                    nodes: *nodes,
+                    gpus: *gpus,
+                    seconds: *seconds,
+                    chromium: found.then(|| chromium.clone()),
+                    screenshot: screenshot.clone(),
+                };
+                return console::run(&options).await;
+            }
             Bench::GatewayServer { worker } => return gateway::gateway_server(*worker).await,
             Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
@@ -432,7 +464,11 @@ pub fn run(bench: &Bench) -> Result<()> {
             Bench::Abuse { rps, seconds, slow, big } => {
                 abuse(running.http, &running.control, *rps, *seconds, *slow, *big).await
             }
-            Bench::Gateway { .. } | Bench::Replica | Bench::GatewayServer { .. } | Bench::Ledger(_) => Ok(()),
+            Bench::Gateway { .. }
+            | Bench::Replica
+            | Bench::GatewayServer { .. }
+            | Bench::Ledger(_)
+            | Bench::Console { .. } => Ok(()),
         };
         drop(running);
         let _ = std::fs::remove_dir_all(&dir);

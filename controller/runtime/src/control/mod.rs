@@ -65,7 +65,7 @@ use self::routing::WorkerClients;
 pub use self::{
     rentals::{AssignedGpuView, RentalStatusView, ServedRental, lifecycle_from_json, lifecycle_to_json, phase_name},
     routing::{Held, HoldQueue, HoldState},
-    view::{ColdStartRecord, DeploymentView, ReplicaView},
+    view::{ColdStartRecord, DeploymentView, KeepAliveView, ReplicaView},
 };
 use crate::{
     billing::{Billing, CLOSE_LAG_S},
