@@ -33,6 +33,21 @@ async fn start(dir: &Path, id: u64, peers: &BTreeMap<u64, String>) -> Running {
     Running { replica, server }
 }
 
+/// Three replicas on free loopback ports, each behind its gRPC server.
+async fn start_group(dir: &Path) -> (BTreeMap<u64, String>, BTreeMap<u64, Running>) {
+    let peers: BTreeMap<u64, String> = (1..=3u64)
+        .map(|id| {
+            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            (id, format!("127.0.0.1:{port}"))
+        })
+        .collect();
+    let mut nodes = BTreeMap::new();
+    for id in 1..=3 {
+        nodes.insert(id, start(dir, id, &peers).await);
+    }
+    (peers, nodes)
+}
+
 fn batch(seq: u64, amount: i128) -> Command {
     let records = (0..3)
         .map(|i| {
@@ -79,16 +94,7 @@ fn peers_parse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_applied_followers_redirect_and_a_restarted_replica_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let peers: BTreeMap<u64, String> = (1..=3u64)
-        .map(|id| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            (id, format!("127.0.0.1:{port}"))
-        })
-        .collect();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start(dir.path(), id, &peers).await);
-    }
+    let (peers, mut nodes) = start_group(dir.path()).await;
     let mut client = LedgerClient::new(peers.clone()).unwrap();
     let lead = leader(&mut client, &peers).await;
     let (deadline, retry) = (Duration::from_secs(10), Duration::from_millis(10));
@@ -156,16 +162,7 @@ fn record(i: i64, nanos: i128) -> UsageRecord {
 async fn the_group_ledger_bills_through_whoever_leads() {
     use kiln_core::billing::{Appended, BillingError, Ledger, Query};
     let dir = tempfile::tempdir().unwrap();
-    let peers: BTreeMap<u64, String> = (1..=3u64)
-        .map(|id| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            (id, format!("127.0.0.1:{port}"))
-        })
-        .collect();
-    let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start(dir.path(), id, &peers).await);
-    }
+    let (peers, mut nodes) = start_group(dir.path()).await;
     let mut client = LedgerClient::new(peers.clone()).unwrap();
     let lead = leader(&mut client, &peers).await;
     let timeout = Duration::from_secs(5);

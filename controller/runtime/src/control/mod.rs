@@ -766,11 +766,12 @@ impl ControlPlane {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::registry::{MonotonicClock, RegistryConfig};
 
-    fn spec(key: &str) -> ServedSpec {
+    /// A one-GPU deployment `key` of a 1 Gi model, scaling 0..=1 (also the console's tests' fixture).
+    pub(crate) fn spec(key: &str) -> ServedSpec {
         let md: kiln_k8s_api::model_deployment::ModelDeployment = serde_json::from_value(serde_json::json!({
             "apiVersion": "kiln.dev/v1alpha1",
             "kind": "ModelDeployment",

@@ -916,27 +916,12 @@ mod tests {
     const TENANT_B: &str = "key-b-0123456789abcdef";
     const OPS: &str = "key-ops-0123456789abcdef";
 
-    fn served(key: &str) -> crate::spec::ServedSpec {
-        let md: kiln_k8s_api::model_deployment::ModelDeployment = serde_json::from_value(json!({
-            "apiVersion": "kiln.dev/v1alpha1",
-            "kind": "ModelDeployment",
-            "metadata": { "name": "m" },
-            "spec": {
-                "model": { "uri": "file:///models/m.safetensors" },
-                "gpu": { "count": 1, "memoryPerGpu": "1Gi" },
-                "scaling": { "minReplicas": 0, "maxReplicas": 1 }
-            }
-        }))
-        .unwrap();
-        crate::spec::translate(key.into(), "1".into(), &md.spec).unwrap()
-    }
-
     /// A console over keys for namespaces `a` and `b` and an operator, serving `a/one` and `b/two`.
     fn console() -> (Arc<Console>, Arc<Gw>) {
         let registry = Registry::new(RegistryConfig::default(), MonotonicClock::system());
         let control = ControlPlane::new(registry.clone(), ControlConfig::default());
-        control.upsert(served("a/one"));
-        control.upsert(served("b/two"));
+        control.upsert(crate::control::tests::spec("a/one"));
+        control.upsert(crate::control::tests::spec("b/two"));
         let keys = [(TENANT_A, "a"), (TENANT_B, "b"), (OPS, super::super::OPERATOR)];
         let gateway = Gateway::new(Arc::clone(&control), keys.map(|(k, n)| (k.to_owned(), n.to_owned())), "http://t");
         (Console::new(Arc::clone(&gateway), control, registry), gateway)
