@@ -45,6 +45,8 @@ fn labels(pairs: &[(&str, &str)]) -> Labels {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The latency family alone (the same series as in `registry`), for readers of its buckets.
+    latency_registry: Registry,
     /// Every family registered: (name, kind).
     families: Vec<(&'static str, MetricType)>,
     requests: Family<Labels, Counter>,
@@ -78,6 +80,7 @@ impl Metrics {
         let latency_buckets = || Histogram::new(exponential_buckets(0.0005, 2.0, 20));
         let m = Self {
             registry: Registry::default(),
+            latency_registry: Registry::default(),
             requests: Family::default(),
             latency: Family::new_with_constructor(latency_buckets),
             queue: Family::default(),
@@ -138,6 +141,11 @@ impl Metrics {
             m.ledger.clone()
         );
         m.families = families;
+        m.latency_registry.register(
+            "kiln_gateway_request_duration_seconds",
+            "Prediction latency including holds",
+            m.latency.clone(),
+        );
         m
     }
 
@@ -230,6 +238,14 @@ impl Metrics {
         let _ = encode(&mut out, &self.registry);
         out
     }
+
+    /// The OpenMetrics text of `kiln_gateway_request_duration_seconds` alone (per deployment, its buckets): the
+    /// console reads its percentiles every second without rendering (or gathering the gauges of) every family.
+    pub fn latency_text(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.latency_registry);
+        out
+    }
 }
 
 /// The type a metric is exported as.
@@ -267,4 +283,21 @@ pub struct DeploymentGauges {
     pub waiting: u32,
     /// Requests on replicas.
     pub in_flight: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_latency_text_holds_the_latency_buckets_and_nothing_else() {
+        let m = Metrics::new();
+        m.request("ns/a", "succeeded", 0.003);
+        let text = m.latency_text();
+        assert!(text.contains("kiln_gateway_request_duration_seconds_bucket{"), "{text}");
+        assert!(text.contains("deployment=\"ns/a\""), "{text}");
+        assert!(text.contains("kiln_gateway_request_duration_seconds_count{deployment=\"ns/a\"} 1"), "{text}");
+        assert!(!text.contains("kiln_gateway_requests_total"), "only the latency family: {text}");
+        assert!(m.render().contains("kiln_gateway_requests_total"), "the full page still has every family");
+    }
 }

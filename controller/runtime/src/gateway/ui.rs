@@ -570,8 +570,7 @@ impl Console {
     /// Each visible deployment: replicas, queue, counters, latency percentiles, its last cold start with phases,
     /// the keep-alive's decision and why, GPU-seconds by phase.
     pub fn deployments_json(&self, caller: &Caller) -> Value {
-        let metrics = self.control.metrics_text();
-        let latency = latency_histograms(&metrics);
+        let latency = latency_histograms(&self.control.metrics().latency_text());
         let items: Vec<Value> = self
             .control
             .statuses()
