@@ -76,7 +76,13 @@ pub struct Console {
     control: Arc<ControlPlane>,
     registry: Registry,
     logins: Mutex<Logins>,
+    /// GPU-seconds by phase per deployment, with when they were read: billing closes one-minute windows, so a
+    /// ledger query per deployment per viewer every second would only read the same totals again.
+    gpu_seconds: Mutex<HashMap<String, (Instant, BTreeMap<String, f64>)>>,
 }
+
+/// How long metered GPU-seconds are shown before the ledger is asked again.
+const GPU_SECONDS_FRESH: Duration = Duration::from_secs(15);
 
 #[derive(Debug, Default)]
 struct Logins {
@@ -133,7 +139,7 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
 impl Console {
     /// A console over `gateway`'s keys and `control`'s and `registry`'s state.
     pub fn new(gateway: Arc<Gw>, control: Arc<ControlPlane>, registry: Registry) -> Arc<Self> {
-        Arc::new(Self { gateway, control, registry, logins: Mutex::default() })
+        Arc::new(Self { gateway, control, registry, logins: Mutex::default(), gpu_seconds: Mutex::default() })
     }
 
     fn logins(&self) -> std::sync::MutexGuard<'_, Logins> {
@@ -618,11 +624,27 @@ impl Console {
     fn gpu_seconds(&self, key: &str) -> BTreeMap<String, f64> {
         let Some(billing) = &self.gateway.billing else { return BTreeMap::new() };
         let Some((ns, name)) = key.split_once('/') else { return BTreeMap::new() };
+        let now = Instant::now();
+        let cached = |c: &HashMap<String, (Instant, BTreeMap<String, f64>)>| {
+            c.get(key).filter(|(at, _)| now.duration_since(*at) < GPU_SECONDS_FRESH).map(|(_, v)| v.clone())
+        };
+        if let Some(v) = cached(&self.gpu_seconds.lock().unwrap_or_else(|p| p.into_inner())) {
+            return v;
+        }
         let query = Query::namespace(ns).subject(Subject::Deployment(name.to_owned()));
-        billing.usage(&query, GroupBy::Phase).map_or_else(
-            |_| BTreeMap::new(),
-            |u| u.groups.into_iter().map(|(phase, t)| (phase, t.micro_gpu_seconds as f64 / 1e6)).collect(),
-        )
+        let read = billing
+            .usage(&query, GroupBy::Phase)
+            .map(|u| u.groups.into_iter().map(|(phase, t)| (phase, t.micro_gpu_seconds as f64 / 1e6)).collect());
+        match read {
+            Ok(v) => {
+                let mut cache = self.gpu_seconds.lock().unwrap_or_else(|p| p.into_inner());
+                cache.retain(|_, (at, _)| now.duration_since(*at) < GPU_SECONDS_FRESH);
+                cache.insert(key.to_owned(), (now, BTreeMap::clone(&v)));
+                v
+            }
+            // Unreadable now (a ledger without its leader): shown as nothing metered, asked again next time.
+            Err(_) => BTreeMap::new(),
+        }
     }
 
     /// Rentals (calendar, time to active, expiring, lent) and usage (spend and GPU-hours per tenant, or by phase
@@ -1061,6 +1083,37 @@ mod tests {
         for path in ["/kiln/v1/console/deployments", "/kiln/v1/console/rentals", "/kiln/v1/console/events"] {
             assert_eq!(call(&console, "GET", path, &[], "").await.0, StatusCode::UNAUTHORIZED, "{path}");
         }
+    }
+
+    /// Metered GPU-seconds come from the ledger once per freshness period, not once per viewer and second.
+    #[test]
+    fn gpu_seconds_are_read_from_billing_at_most_once_per_freshness_period() {
+        use kiln_core::billing::{Quantity, ServerlessPhase, UsageKind, UsageRecord};
+        let registry = Registry::new(RegistryConfig::default(), MonotonicClock::system());
+        let control = ControlPlane::new(registry.clone(), ControlConfig::default());
+        let mut gateway = Gateway::new(Arc::clone(&control), Vec::new(), "http://t");
+        let billing = Arc::new(crate::billing::Billing::in_memory(kiln_core::billing::PriceTable::new("USD")));
+        Arc::get_mut(&mut gateway).unwrap().billing = Some(Arc::clone(&billing));
+        let console = Console::new(gateway, control, registry);
+        let busy = |start_ms: i64| {
+            UsageRecord::new(
+                "meter",
+                "a",
+                Subject::Deployment("one".into()),
+                UsageKind::Serverless(ServerlessPhase::Busy),
+                "H100",
+                Quantity::MicroGpuSeconds(2_000_000),
+                kiln_core::money::Money::from_nanos(0),
+                start_ms,
+                start_ms + 60_000,
+            )
+        };
+        billing.append(vec![busy(0)]).unwrap();
+        assert_eq!(console.gpu_seconds("a/one").get("busy"), Some(&2.0));
+        billing.append(vec![busy(60_000)]).unwrap();
+        assert_eq!(console.gpu_seconds("a/one").get("busy"), Some(&2.0), "within the freshness period: the same read");
+        console.gpu_seconds.lock().unwrap().clear();
+        assert_eq!(console.gpu_seconds("a/one").get("busy"), Some(&4.0), "read again once stale");
     }
 
     #[test]
