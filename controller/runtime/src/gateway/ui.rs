@@ -78,8 +78,11 @@ pub struct Console {
     logins: Mutex<Logins>,
     /// GPU-seconds by phase per deployment, with when they were read: billing closes one-minute windows, so a
     /// ledger query per deployment per viewer every second would only read the same totals again.
-    gpu_seconds: Mutex<HashMap<String, (Instant, BTreeMap<String, f64>)>>,
+    gpu_seconds: Mutex<HashMap<String, (Instant, PhaseSeconds)>>,
 }
+
+/// GPU-seconds by phase.
+type PhaseSeconds = BTreeMap<String, f64>;
 
 /// How long metered GPU-seconds are shown before the ledger is asked again.
 const GPU_SECONDS_FRESH: Duration = Duration::from_secs(15);
@@ -625,7 +628,7 @@ impl Console {
         let Some(billing) = &self.gateway.billing else { return BTreeMap::new() };
         let Some((ns, name)) = key.split_once('/') else { return BTreeMap::new() };
         let now = Instant::now();
-        let cached = |c: &HashMap<String, (Instant, BTreeMap<String, f64>)>| {
+        let cached = |c: &HashMap<String, (Instant, PhaseSeconds)>| {
             c.get(key).filter(|(at, _)| now.duration_since(*at) < GPU_SECONDS_FRESH).map(|(_, v)| v.clone())
         };
         if let Some(v) = cached(&self.gpu_seconds.lock().unwrap_or_else(|p| p.into_inner())) {
