@@ -50,9 +50,11 @@ pub mod transport;
 
 pub use group::GroupLedger;
 pub use local::LocalLedger;
-pub use node::{CrashPoint, Event, Handled, Node, NodeConfig, NodeStatus, ProposalError, ProposalId, ReadId};
-pub use state::{Command, LedgerState, Outcome, ReadView, SeqStatus, SourceProgress, TotalsKey};
-pub use storage::{EngineStore, LogStore, MemDisk, MemStore, Persist};
+pub use node::{
+    CrashPoint, Event, Handled, Node, NodeConfig, NodeStatus, ProposalError, ProposalId, ReadId, SnapshotJob,
+};
+pub use state::{Command, Frozen, LedgerState, Outcome, ReadView, SeqStatus, SourceProgress, TotalsKey};
+pub use storage::{EngineStore, LogStore, MemDisk, MemStore, Persist, SnapshotFiles};
 
 /// Errors of the replicated ledger.
 #[derive(Debug, thiserror::Error)]

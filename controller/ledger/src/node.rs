@@ -16,6 +16,16 @@
 //! 5. `advance()`; then the `LightReady`: record its commit index, send its messages, apply its committed entries;
 //! 6. `advance_apply()`; then snapshot and compact when `snapshot_every` entries were applied since the last one.
 //!
+//! # Snapshots off the loop
+//! Encoding a large state and writing it takes time in proportion to the whole ledger; done inside the loop it
+//! would hold every proposal up for as long. With [`NodeConfig::background_snapshots`] the loop only freezes the
+//! state (O(1): [`LedgerState::freeze`]) into a [`SnapshotJob`]; the caller takes it ([`Node::take_snapshot_job`]),
+//! builds it anywhere ([`SnapshotJob::build`]: encode, and write the data where the store keeps it), and hands the
+//! result back ([`Node::finish_snapshot`]), which records it (a small synced write) and compacts. One job is out at
+//! a time; a job overtaken by a snapshot received from the leader is dropped; a job that failed is forgotten and a
+//! new one made at the next threshold ([`Node::snapshot_failed`]). Until a job is finished the log is simply not
+//! compacted: nothing depends on it.
+//!
 //! # Answers are never left hanging
 //! A proposal is matched to its caller by the (term, index) its entry got. It is answered when that index is
 //! applied: with the [`Outcome`] if the entry there has the same term, [`ProposalError::Superseded`] if another
@@ -30,11 +40,11 @@
 
 use std::collections::BTreeMap;
 
-use raft::eraftpb::{Entry, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfState, Entry, EntryType, Message, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 
-use crate::state::{Command, LedgerState, Outcome};
-use crate::storage::{LogStore, Persist};
+use crate::state::{Command, Frozen, LedgerState, Outcome};
+use crate::storage::{LogStore, Persist, SnapshotFiles};
 use crate::{LedgerError, Result};
 
 /// A proposal's handle, unique within one [`Node`] (process lifetime).
@@ -64,6 +74,8 @@ pub struct NodeConfig {
     pub max_size_per_msg: u64,
     /// Append messages in flight per follower.
     pub max_inflight_msgs: usize,
+    /// Hand due snapshots to the caller as [`SnapshotJob`]s instead of building them inside the loop.
+    pub background_snapshots: bool,
 }
 
 impl NodeConfig {
@@ -78,6 +90,7 @@ impl NodeConfig {
             compact_margin: 100,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
+            background_snapshots: false,
         }
     }
 }
@@ -153,6 +166,35 @@ pub enum Handled {
     Crashed,
 }
 
+/// A snapshot that is due: the state frozen at an applied index, to be built off the driver loop.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    frozen: Frozen,
+    conf_state: ConfState,
+    files: Option<SnapshotFiles>,
+}
+
+impl SnapshotJob {
+    /// The applied index the snapshot is taken at.
+    pub fn index(&self) -> u64 {
+        self.frozen.applied_index()
+    }
+
+    /// Encodes the snapshot and, for a store that keeps snapshot data in files, writes it there (synced). The
+    /// expensive part of a snapshot: call it on any thread, then give the result to [`Node::finish_snapshot`].
+    pub fn build(&self) -> Result<Snapshot> {
+        let mut snap = Snapshot { data: self.frozen.encode().into(), ..Snapshot::default() };
+        let meta = snap.mut_metadata();
+        meta.index = self.frozen.applied_index();
+        meta.term = self.frozen.applied_term();
+        meta.set_conf_state(self.conf_state.clone());
+        if let Some(files) = &self.files {
+            files.write(&snap)?;
+        }
+        Ok(snap)
+    }
+}
+
 /// A replica's health, for metrics and status pages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeStatus {
@@ -201,6 +243,12 @@ pub struct Node<S: LogStore> {
     snapshot_index: u64,
     snapshots_made: u64,
     snapshots_installed: u64,
+    /// A due snapshot not yet taken by the caller.
+    snapshot_due: Option<SnapshotJob>,
+    /// The index of the snapshot job taken and not yet finished or failed.
+    snapshot_building: Option<u64>,
+    /// After a failed build, no new job before this applied index (a full disk does not spin).
+    snapshot_not_before: u64,
     was_leader: bool,
 }
 
@@ -260,6 +308,9 @@ impl<S: LogStore> Node<S> {
             snapshot_index,
             snapshots_made: 0,
             snapshots_installed: 0,
+            snapshot_due: None,
+            snapshot_building: None,
+            snapshot_not_before: 0,
             was_leader: false,
         })
     }
@@ -507,6 +558,9 @@ impl<S: LogStore> Node<S> {
         self.state = state;
         self.snapshot_index = index;
         self.snapshots_installed += 1;
+        if self.snapshot_due.as_ref().is_some_and(|j| j.index() <= index) {
+            self.snapshot_due = None; // overtaken before anyone took it
+        }
         let covered: Vec<u64> = self.pending.range(..=index).map(|(i, _)| *i).collect();
         for i in covered {
             if let Some(p) = self.pending.remove(&i) {
@@ -545,21 +599,62 @@ impl<S: LogStore> Node<S> {
 
     fn maybe_snapshot(&mut self) -> Result<()> {
         let applied = self.state.applied_index();
-        if applied < self.snapshot_index + self.cfg.snapshot_every.max(1) {
+        if self.snapshot_due.is_some()
+            || self.snapshot_building.is_some()
+            || applied < self.snapshot_index + self.cfg.snapshot_every.max(1)
+            || applied < self.snapshot_not_before
+        {
             return Ok(());
         }
         let stored = self.raw.store().stored_snapshot();
-        let mut snap = Snapshot { data: self.state.snapshot().into(), ..Snapshot::default() };
-        let meta = snap.mut_metadata();
-        meta.index = applied;
-        meta.term = self.state.applied_term();
-        meta.set_conf_state(stored.get_metadata().get_conf_state().clone());
+        let job = SnapshotJob {
+            frozen: self.state.freeze(),
+            conf_state: stored.get_metadata().get_conf_state().clone(),
+            files: self.raw.store().snapshot_files(),
+        };
+        if self.cfg.background_snapshots {
+            self.snapshot_due = Some(job);
+            return Ok(());
+        }
+        self.snapshot_building = Some(applied);
+        let snap = job.build()?;
+        self.finish_snapshot(snap)?;
+        Ok(())
+    }
+
+    /// A due snapshot to build off the loop ([`NodeConfig::background_snapshots`]); at most one is out at a time.
+    pub fn take_snapshot_job(&mut self) -> Option<SnapshotJob> {
+        let job = self.snapshot_due.take()?;
+        self.snapshot_building = Some(job.index());
+        Some(job)
+    }
+
+    /// Records a snapshot built from a [`SnapshotJob`] and compacts the log before it (keeping
+    /// [`NodeConfig::compact_margin`] entries). Returns false, storing nothing, when the snapshot is stale: a
+    /// snapshot at or past its index was stored meanwhile (one received from the leader).
+    pub fn finish_snapshot(&mut self, snap: Snapshot) -> Result<bool> {
+        let index = snap.get_metadata().index;
+        if self.snapshot_building == Some(index) {
+            self.snapshot_building = None;
+        }
+        if index <= self.snapshot_index {
+            return Ok(false);
+        }
         let store = self.raw.mut_store();
         store.save_snapshot(snap)?;
-        store.compact((applied + 1).saturating_sub(self.cfg.compact_margin))?;
+        store.compact((index + 1).saturating_sub(self.cfg.compact_margin))?;
         store.reclaim()?;
-        self.snapshot_index = applied;
+        self.snapshot_index = index;
         self.snapshots_made += 1;
-        Ok(())
+        Ok(true)
+    }
+
+    /// Building the job at `index` failed: forget it; a new one is made once another `snapshot_every` entries
+    /// are applied.
+    pub fn snapshot_failed(&mut self, index: u64) {
+        if self.snapshot_building == Some(index) {
+            self.snapshot_building = None;
+            self.snapshot_not_before = index + self.cfg.snapshot_every.max(1);
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! Owns [`simulate`]: 3 or 5 replicas ([`Node`] on [`MemStore`]) exchanging raft messages through a simulated
 //! network that drops, duplicates, delays (and so reorders) messages and partitions the group; replicas that crash
 //! at every step of the loop ([`CrashPoint`]) or between loops, lose what they had not synced ([`MemDisk::crash`])
-//! and restart from their disk; clients that propose `Append` batches with record ids, retry what was not
+//! and restart from their disk; on odd seeds, snapshots built off the loop that finish steps later, fail, or die
+//! with their replica; clients that propose `Append` batches with record ids, retry what was not
 //! acknowledged (same ids, same batch number) against whoever leads, issue ReadIndex reads, and keep a model of
 //! what was acknowledged. After the faulty phase the network heals, everyone restarts, and the run continues until
 //! every client's batches are acknowledged and every replica has applied the same log. [`SimReport::violations`]
@@ -28,7 +29,7 @@ use kiln_core::money::Money;
 use kiln_core::rng::Rng;
 use raft::eraftpb::{Message, MessageType};
 
-use crate::node::{CrashPoint, Event, Handled, Node, NodeConfig, ProposalId, ReadId};
+use crate::node::{CrashPoint, Event, Handled, Node, NodeConfig, ProposalId, ReadId, SnapshotJob};
 use crate::state::{Command, Outcome, ReadView};
 use crate::storage::{MemDisk, MemStore};
 
@@ -67,6 +68,10 @@ pub struct SimConfig {
     pub snapshot_every: u64,
     /// Entries kept before a snapshot when compacting.
     pub compact_margin: u64,
+    /// 0: replicas build snapshots inside their loop. Otherwise they hand them out as jobs
+    /// ([`NodeConfig::background_snapshots`]) that finish 1 to this many steps later, fail one time in ten, and
+    /// are lost when their replica crashes meanwhile — as a snapshot thread does.
+    pub snapshot_delay: u64,
     /// Bugs to inject, to check that the checker catches them.
     pub bugs: Bugs,
 }
@@ -100,6 +105,7 @@ impl SimConfig {
             client_timeout: 40,
             snapshot_every: 16,
             compact_margin: 4,
+            snapshot_delay: if seed % 2 == 1 { 20 } else { 0 },
             bugs: Bugs::default(),
         }
     }
@@ -149,6 +155,8 @@ struct Replica {
     incarnation: u64,
     down_until: u64,
     crash_at: Option<Option<CrashPoint>>,
+    /// A snapshot job out of the loop, and the step it finishes at.
+    building: Option<(u64, SnapshotJob)>,
 }
 
 struct Attempt {
@@ -206,6 +214,7 @@ fn node_config(cfg: &SimConfig, id: u64, rng: &mut Rng) -> NodeConfig {
         fixed_election_timeout: Some(10 + rng.below(10) as usize),
         snapshot_every: cfg.snapshot_every,
         compact_margin: cfg.compact_margin,
+        background_snapshots: cfg.snapshot_delay > 0,
         max_size_per_msg: 16 * 1024,
         max_inflight_msgs: 16,
         ..NodeConfig::new(id)
@@ -242,7 +251,7 @@ impl Sim {
                 disk.lock().unwrap_or_else(|p| p.into_inner()).lies_about_sync = cfg.bugs.lying_fsync;
                 let node = Node::open(node_config(&cfg, id, &mut rng), MemStore::open(disk.clone()), &logger)
                     .unwrap_or_else(|e| panic!("a fresh replica opens: {e}"));
-                Replica { id, disk, node: Some(node), incarnation: 0, down_until: 0, crash_at: None }
+                Replica { id, disk, node: Some(node), incarnation: 0, down_until: 0, crash_at: None, building: None }
             })
             .collect();
         let clients = (0..cfg.clients)
@@ -442,7 +451,35 @@ impl Sim {
         }
     }
 
+    /// Finishes a snapshot job whose time has come; hands out a new one the node made.
+    fn snapshots(&mut self, i: usize) {
+        let now = self.now;
+        if self.replicas[i].building.as_ref().is_some_and(|(at, _)| *at <= now)
+            && let Some((_, job)) = self.replicas[i].building.take()
+        {
+            let fails = self.chance(100);
+            let id = self.replicas[i].id;
+            let Some(node) = self.replicas[i].node.as_mut() else { return };
+            let result = if fails { Err(crate::LedgerError::Storage("injected".into())) } else { job.build() };
+            match result {
+                Ok(snap) => {
+                    if let Err(e) = node.finish_snapshot(snap) {
+                        self.violation(format!("replica {id} failed to store its snapshot: {e}"));
+                    }
+                }
+                Err(_) => node.snapshot_failed(job.index()),
+            }
+        }
+        if self.replicas[i].building.is_none()
+            && let Some(job) = self.replicas[i].node.as_mut().and_then(Node::take_snapshot_job)
+        {
+            let at = now + 1 + self.rng.below(self.cfg.snapshot_delay.max(1));
+            self.replicas[i].building = Some((at, job));
+        }
+    }
+
     fn drive(&mut self, i: usize, faulty: bool) {
+        self.snapshots(i);
         for _ in 0..8 {
             let crash = if faulty { self.replicas[i].crash_at.flatten() } else { None };
             let Some(node) = self.replicas[i].node.as_mut() else { return };
@@ -482,6 +519,7 @@ impl Sim {
         }
         r.disk.lock().unwrap_or_else(|p| p.into_inner()).crash();
         r.crash_at = None;
+        r.building = None;
         r.down_until = self.now + 5 + self.rng.below(40);
     }
 

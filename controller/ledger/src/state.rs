@@ -218,10 +218,66 @@ impl TotalsKey {
 pub struct LedgerState {
     applied_index: u64,
     applied_term: u64,
-    records: BTreeMap<RecordId, UsageRecord>,
+    /// A persistent (structurally shared) map: [`LedgerState::freeze`] copies it in O(1), so a snapshot of a large
+    /// ledger is encoded off the driver thread while the live state goes on applying.
+    records: imbl::OrdMap<RecordId, UsageRecord>,
     sources: BTreeMap<String, SourceProgress>,
     totals: BTreeMap<TotalsKey, Totals>,
     values: BTreeMap<String, Vec<u8>>,
+}
+
+/// A frozen copy of a [`LedgerState`] at one applied index, cheap to make (the record map is shared with the live
+/// state, which copies only the nodes it changes afterwards) and `Send`: its [`Frozen::encode`] — the expensive
+/// part of a snapshot — runs on another thread.
+#[derive(Clone, Debug)]
+pub struct Frozen {
+    applied_index: u64,
+    applied_term: u64,
+    records: imbl::OrdMap<RecordId, UsageRecord>,
+    sources: BTreeMap<String, SourceProgress>,
+    values: BTreeMap<String, Vec<u8>>,
+}
+
+impl Frozen {
+    /// Index of the last entry applied to the frozen state.
+    pub fn applied_index(&self) -> u64 {
+        self.applied_index
+    }
+
+    /// Term of that entry.
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term
+    }
+
+    /// The deterministic serialization of the frozen state: exactly [`LedgerState::snapshot`] at its index.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::default();
+        w.buf.reserve(64 + self.records.len() * 128);
+        w.buf.extend_from_slice(SNAPSHOT_MAGIC);
+        w.u64(self.applied_index);
+        w.u64(self.applied_term);
+        w.u64(self.records.len() as u64);
+        for r in self.records.values() {
+            w.record(r);
+        }
+        w.u64(self.sources.len() as u64);
+        for (name, p) in &self.sources {
+            w.str(name);
+            w.u64(p.last_seq);
+            w.u64(p.batches);
+            w.u64(p.missing.len() as u64);
+            for (s, e) in &p.missing {
+                w.u64(*s);
+                w.u64(*e);
+            }
+        }
+        w.u64(self.values.len() as u64);
+        for (k, v) in &self.values {
+            w.str(k);
+            w.bytes(v);
+        }
+        w.buf
+    }
 }
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"KLS1";
@@ -354,31 +410,19 @@ impl LedgerState {
 
     /// The deterministic serialization of the whole state (the snapshot's data).
     pub fn snapshot(&self) -> Vec<u8> {
-        let mut w = Writer::default();
-        w.buf.extend_from_slice(SNAPSHOT_MAGIC);
-        w.u64(self.applied_index);
-        w.u64(self.applied_term);
-        w.u64(self.records.len() as u64);
-        for r in self.records.values() {
-            w.record(r);
+        self.freeze().encode()
+    }
+
+    /// A frozen copy of the state as it is now, for encoding a snapshot elsewhere (O(1) in the number of
+    /// records; the small per-source and key-value maps are copied).
+    pub fn freeze(&self) -> Frozen {
+        Frozen {
+            applied_index: self.applied_index,
+            applied_term: self.applied_term,
+            records: self.records.clone(),
+            sources: self.sources.clone(),
+            values: self.values.clone(),
         }
-        w.u64(self.sources.len() as u64);
-        for (name, p) in &self.sources {
-            w.str(name);
-            w.u64(p.last_seq);
-            w.u64(p.batches);
-            w.u64(p.missing.len() as u64);
-            for (s, e) in &p.missing {
-                w.u64(*s);
-                w.u64(*e);
-            }
-        }
-        w.u64(self.values.len() as u64);
-        for (k, v) in &self.values {
-            w.str(k);
-            w.bytes(v);
-        }
-        w.buf
     }
 
     /// Restores a state from [`LedgerState::snapshot`] bytes; empty bytes are the empty state. Totals are rebuilt

@@ -62,7 +62,7 @@ impl ReplicaConfig {
     /// Replica `id` of `peers` in `dir`: a 100 ms tick, an election after 10 ticks (1–2 s), heartbeats every 3.
     pub fn new(id: u64, dir: impl Into<PathBuf>, peers: BTreeMap<u64, String>) -> Self {
         ReplicaConfig {
-            node: NodeConfig::new(id),
+            node: NodeConfig { background_snapshots: true, ..NodeConfig::new(id) },
             dir: dir.into(),
             peers,
             tick: Duration::from_millis(100),
@@ -126,6 +126,7 @@ pub(crate) enum Input {
     Transfer(oneshot::Sender<Option<u64>>),
     Unreachable { to: u64, snapshot: bool },
     SnapshotSent { to: u64 },
+    SnapshotBuilt { index: u64, result: Result<raft::eraftpb::Snapshot> },
     Stop,
 }
 
@@ -162,8 +163,15 @@ impl Replica {
         let ended = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = ended.clone();
         let (status_tx, status) = tokio::sync::watch::channel(replica_status(&node));
+        let own = inputs.clone();
         let thread = std::thread::Builder::new().name(format!("ledger-replica-{id}")).spawn(move || {
-            let result = drive(node, rx, outbound, tick, &status_tx);
+            let mut builder = None;
+            let result = drive(node, rx, &own, outbound, tick, &status_tx, &mut builder);
+            // A snapshot still being written finishes before the replica counts as stopped (a restart in the
+            // same process then finds its file complete, or not there at all).
+            if let Some(b) = builder.take() {
+                let _ = std::thread::JoinHandle::join(b);
+            }
             notify.notify_one();
             result
         })?;
@@ -258,9 +266,11 @@ fn replica_status(node: &Node<EngineStore>) -> ReplicaStatus {
 fn drive(
     mut node: Node<EngineStore>,
     inputs: std_mpsc::Receiver<Input>,
+    own: &std_mpsc::Sender<Input>,
     outbound: BTreeMap<u64, mpsc::UnboundedSender<Message>>,
     tick: Duration,
     status: &tokio::sync::watch::Sender<ReplicaStatus>,
+    builder: &mut Option<std::thread::JoinHandle<()>>,
 ) -> Result<()> {
     let mut waiting: BTreeMap<ProposalId, Reply> = BTreeMap::new();
     let mut reads: BTreeMap<crate::node::ReadId, (ReadFn, Instant)> = BTreeMap::new();
@@ -307,6 +317,12 @@ fn drive(
                     }
                 }
                 Input::SnapshotSent { to } => node.report_snapshot(to, true),
+                Input::SnapshotBuilt { index, result } => match result {
+                    Ok(snap) => {
+                        node.finish_snapshot(snap)?;
+                    }
+                    Err(_) => node.snapshot_failed(index),
+                },
                 Input::Stop => return Ok(()),
             }
         }
@@ -318,6 +334,23 @@ fn drive(
             }
         }
         while node.handle_ready_sending(&mut send)? == Handled::Done {}
+        if let Some(job) = node.take_snapshot_job() {
+            // Encoding and writing a snapshot of the whole ledger takes time in proportion to it: a thread of its
+            // own, so that proposals go on committing meanwhile (the node allows one job at a time).
+            if let Some(done) = builder.take() {
+                let _ = done.join();
+            }
+            let (tx, index) = (own.clone(), job.index());
+            let spawned =
+                std::thread::Builder::new().name(format!("ledger-snapshot-{}", node.status().id)).spawn(move || {
+                    lower_priority();
+                    let _ = tx.send(Input::SnapshotBuilt { index, result: job.build() });
+                });
+            match spawned {
+                Ok(handle) => *builder = Some(handle),
+                Err(_) => node.snapshot_failed(index),
+            }
+        }
         for event in node.take_events() {
             match event {
                 Event::Proposal { id, result } => {
@@ -344,6 +377,18 @@ fn drive(
             }
             changed
         });
+    }
+}
+
+/// Makes the calling thread yield the CPU to the driver threads (Linux: a per-thread nice of 10), so that encoding a
+/// snapshot on a small machine does not delay the loop's own work. Best effort.
+#[allow(unsafe_code)]
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority on the calling thread take and return plain integers; no memory is touched.
+    unsafe {
+        let tid = nix::libc::gettid();
+        nix::libc::setpriority(nix::libc::PRIO_PROCESS, tid as nix::libc::id_t, 10);
     }
 }
 
@@ -413,6 +458,7 @@ impl std::fmt::Debug for Input {
             Input::Transfer(_) => "Transfer",
             Input::Unreachable { .. } => "Unreachable",
             Input::SnapshotSent { .. } => "SnapshotSent",
+            Input::SnapshotBuilt { .. } => "SnapshotBuilt",
             Input::Stop => "Stop",
         })
     }

@@ -114,3 +114,66 @@ fn log_stays_bounded_under_sustained_appends() {
         assert_eq!(n.state().len(), 750);
     }
 }
+
+/// Snapshots built off the loop: the state goes on applying while a job is out, one job at a time, the job's
+/// snapshot is exactly the state at its index, finishing it compacts the log and leaves one snapshot file, a
+/// replayed (stale) result is refused, and a restart reads the state back from the file.
+#[test]
+fn snapshots_built_off_the_loop_are_exact_and_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let background = |id: u64| {
+        let store = EngineStore::open(&dir.path().join(format!("r{id}")), &[1, 2, 3]).unwrap();
+        let cfg =
+            NodeConfig { snapshot_every: 20, compact_margin: 5, background_snapshots: true, ..NodeConfig::new(id) };
+        Node::open(cfg, store, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
+    };
+    let mut group = LoopbackGroup::new((1..=3).map(background));
+    group.elect(100).unwrap();
+    let mut seq = 0;
+    while group.nodes.values().any(|n| n.state().applied_index() < 20) {
+        seq += 1;
+        append(&mut group, seq);
+    }
+    let mut jobs: Vec<(u64, kiln_ledger::SnapshotJob, Vec<u8>)> = Vec::new();
+    for (id, n) in group.nodes.iter_mut() {
+        let job = n.take_snapshot_job().expect("a snapshot is due after 20 entries");
+        assert!(n.take_snapshot_job().is_none(), "one job at a time");
+        let expected = n.state().snapshot();
+        jobs.push((*id, job, expected));
+    }
+    // The state goes on applying; no new job while one is out, and the log is not compacted yet.
+    for _ in 0..30 {
+        seq += 1;
+        append(&mut group, seq);
+    }
+    for (id, n) in group.nodes.iter_mut() {
+        assert!(n.take_snapshot_job().is_none(), "replica {id}: a job is still out");
+        assert_eq!(n.status().log.0, 1, "replica {id}: nothing compacted before the job finishes");
+    }
+    for (id, job, expected) in jobs {
+        let snap = job.build().unwrap();
+        assert_eq!(&snap.data[..], &expected[..], "replica {id}: the job encodes the state frozen at its index");
+        let n = group.nodes.get_mut(&id).unwrap();
+        assert!(n.finish_snapshot(snap.clone()).unwrap());
+        assert!(!n.finish_snapshot(snap).unwrap(), "a result at or below the stored snapshot is refused");
+        let st = n.status();
+        assert_eq!(st.snapshot_index, job.index());
+        assert_eq!(st.log.0, job.index() + 1 - 5, "compacted up to the margin");
+        let files: Vec<_> = std::fs::read_dir(dir.path().join(format!("r{id}/snapshots"))).unwrap().collect();
+        assert_eq!(files.len(), 1, "replica {id}: one snapshot file");
+    }
+    // The next threshold makes a new job.
+    for _ in 0..25 {
+        seq += 1;
+        append(&mut group, seq);
+    }
+    assert!(group.nodes.values_mut().all(|n| n.take_snapshot_job().is_some()));
+    let before: Vec<Vec<u8>> = group.nodes.values().map(|n| n.state().snapshot()).collect();
+    drop(group);
+    let group = LoopbackGroup::new((1..=3).map(background));
+    for (n, before) in group.nodes.values().zip(before) {
+        let restored = n.state().applied_index();
+        assert!(restored >= 20 && n.status().snapshot_index == restored, "restored from the snapshot file");
+        assert!(before.len() > n.state().snapshot().len(), "entries after the snapshot come back from the log");
+    }
+}

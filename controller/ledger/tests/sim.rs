@@ -35,6 +35,9 @@ fn assert_faults_happened(reports: &[SimReport]) {
     assert!(sum(reports, |r| r.partitions) > 0);
     assert!(sum(reports, |r| r.retries) > 0, "clients had to resend");
     assert!(sum(reports, |r| r.snapshots_made) > 0);
+    let background: u64 =
+        reports.iter().filter(|r| SimConfig::new(r.seed, 3).snapshot_delay > 0).map(|r| r.snapshots_made).sum();
+    assert!(background > 0, "snapshots built off the loop (odd seeds) were finished and stored");
     assert!(sum(reports, |r| r.snapshots_installed) > 0, "some replica caught up from a snapshot");
     assert!(sum(reports, |r| r.reads_checked) > 0);
     assert!(sum(reports, |r| r.conflicts_refused) > 0, "conflicting batches were sent and refused");

@@ -169,7 +169,14 @@ async fn the_group_ledger_bills_through_whoever_leads() {
 
     let mut ledger = nodes[&lead].replica.ledger("controller", timeout);
     let first: Vec<UsageRecord> = (0..4).map(|i| record(i, 10)).collect();
-    let results = tokio::task::block_in_place(|| ledger.append_all(first.clone())).unwrap();
+    // Right after its election the leader may not have committed in its term yet (its first read of the
+    // source's numbering answers Unavailable): the caller retries, as the billing service does.
+    let results = loop {
+        match tokio::task::block_in_place(|| ledger.append_all(first.clone())) {
+            Err(BillingError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => break other.unwrap(),
+        }
+    };
     assert_eq!(results, vec![Appended::New; 4]);
     let again = tokio::task::block_in_place(|| ledger.append_all(first.clone())).unwrap();
     assert_eq!(again, vec![Appended::Duplicate; 4], "a resend counts once");
