@@ -744,6 +744,45 @@ mod tests {
     }
 
     #[test]
+    fn a_keep_plan_never_costs_more_than_90_s_or_600_s_under_its_distribution() {
+        // Expected cost of keeping warm for t under a histogram, as the model counts it (arrivals at the buckets'
+        // midpoints; no idle copies, so every restart is a cold start).
+        let e = edges();
+        let keep_cost = |p: &[f64], c: &Costs, t: f64| -> f64 {
+            (0..e.len())
+                .map(|b| {
+                    let mid = if b + 1 < e.len() { 0.5 * (e[b] + e[b + 1]) } else { 2.0 * e[b] };
+                    let cold = if mid < t { 0.0 } else { c.cold_penalty };
+                    p[b] * (c.idle_per_s * mid.min(t) + cold)
+                })
+                .sum()
+        };
+        let mut rng = crate::rng::Rng::new(11);
+        let mut keeps = 0;
+        for case in 0..200 {
+            // Idle times log-uniform from 1 s to 3 h around a random centre, costs from a cheap share to two GPUs.
+            let centre = 10f64.powf(1.0 + 2.5 * rng.unit());
+            let mut h = IdleHistogram::new(1.0);
+            for _ in 0..30 {
+                h.record(centre * 10f64.powf(2.0 * rng.unit() - 1.0));
+            }
+            let idle = 10f64.powf(-5.0 + 2.5 * rng.unit());
+            let costs = Costs { idle_per_s: idle, cold_penalty: 30.0 * (0.05 + idle), load_cost: 30.0 * idle, ..big() };
+            let plan = h.best_plan(&costs);
+            if plan.prewarm.is_some() {
+                continue;
+            }
+            keeps += 1;
+            let p = h.normalized();
+            let chosen = keep_cost(&p, &costs, plan.unload_after);
+            for t in GUARD_TIMERS_S {
+                assert!(chosen <= keep_cost(&p, &costs, t) + 1e-9, "case {case}: {plan:?} costs more than keep({t})");
+            }
+        }
+        assert!(keeps > 50, "only {keeps} keep plans");
+    }
+
+    #[test]
     fn policies_and_durations_parse() {
         assert_eq!(Policy::parse("fixed:600s"), Ok(Policy::Fixed(600.0)));
         assert_eq!(Policy::parse("fixed:10m"), Ok(Policy::Fixed(600.0)));
