@@ -15,7 +15,9 @@
 //!   the [`KeepAlive`] plan's `unload_after` (a fixed timer, or the adaptive policy's cost-based choice, capped by
 //!   the deployment's `keepAlive.duration`), then all stop; when the plan pre-warms (a deployment whose requests
 //!   come back at a regular interval), one replica is started again a load time before the predicted arrival and
-//!   kept until the end of the predicted window. Above zero, the scaler decides, stopping idle replicas only; while
+//!   kept until the end of the predicted window. Adaptive deployments pool their idle times in a fleet-wide
+//!   [`FleetPrior`] (by cost class and typical idle time), which a deployment with little history plans under,
+//!   shrunk toward its own idle times as they accumulate. Above zero, the scaler decides, stopping idle replicas only; while
 //!   nothing is in flight or waiting it only scales down (its averages lag behind a demand that is gone).
 //!
 //! Where: the placement engine, with the deployment's other replicas as the spread hint and the nodes that cache
@@ -51,7 +53,7 @@ use crate::{
     autoscale::{
         Scaler, ScalingConfig,
         coldstart::{ColdStartModel, Tier},
-        keepalive::{Costs, KeepAlive, Plan, Policy as KeepAlivePolicy},
+        keepalive::{Costs, FleetPrior, KeepAlive, Plan, Policy as KeepAlivePolicy},
     },
     billing::ServerlessPhase,
     placement::{
@@ -485,6 +487,9 @@ pub struct Control {
     connected: std::collections::HashSet<String>,
     cached: HashMap<NodeId, Vec<Cached>>,
     deployments: BTreeMap<String, Deployment>,
+    /// The deployments' idle times pooled by cost class and typical idle time: the keep-alive's prior for deployments
+    /// with little history.
+    fleet_prior: FleetPrior,
     /// A deployment was removed since the last reconcile: its replicas are to be stopped.
     removed: bool,
     replicas: BTreeMap<String, Replica>,
@@ -523,6 +528,7 @@ impl Control {
             connected: std::collections::HashSet::new(),
             cached: HashMap::new(),
             deployments: BTreeMap::new(),
+            fleet_prior: FleetPrior::new(),
             removed: false,
             replicas: BTreeMap::new(),
             cold,
@@ -552,6 +558,7 @@ impl Control {
                     d.scaler = Scaler::new(spec.scaling, now);
                 }
                 if d.spec.keep_alive != spec.keep_alive {
+                    d.keep.leave(&mut self.fleet_prior);
                     d.keep = KeepAlive::new(spec.keep_alive);
                 }
                 // A new spec is a new chance: what failed before may start now.
@@ -587,7 +594,8 @@ impl Control {
 
     /// Removes a deployment; its replicas stop at the next reconcile.
     pub fn remove_deployment(&mut self, key: &str) {
-        if self.deployments.remove(key).is_some() {
+        if let Some(mut d) = self.deployments.remove(key) {
+            d.keep.leave(&mut self.fleet_prior);
             self.removed = true;
             self.refresh_workload();
         }
@@ -882,7 +890,7 @@ impl Control {
         if d.demand() == 0
             && let Some((since, _)) = d.idle.take()
         {
-            d.keep.record_idle(now - since);
+            d.keep.record_idle(now - since, &mut self.fleet_prior);
         }
         d.waiting += 1;
         d.scaler.observe(now, f64::from(d.demand()));
@@ -949,7 +957,7 @@ impl Control {
                 .filter(|s| !s.rental.spec.lend_when_idle)
                 .and_then(|s| s.rental.state.end_ms)
                 .map(|end| (end as f64 / 1000.0 - self.wall_offset - now).max(0.0));
-            let mut plan = d.keep.plan(&costs, paid);
+            let mut plan = d.keep.plan(&costs, paid, &mut self.fleet_prior);
             plan.unload_after = plan.unload_after.min(d.spec.keep_alive_cap_s.max(paid.unwrap_or(0.0)));
             d.idle = Some((now, plan));
         }

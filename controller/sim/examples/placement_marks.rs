@@ -4,7 +4,8 @@
 //!
 //! `cargo run --release -p kiln-sim --example placement_marks -- NODES.csv LIST.csv[:VARIANT] ...`
 //! Environment: `POLICIES` (default `fgd,kiln`), `SEEDS` (first-last, default `42-51`), `THREADS` (default 2),
-//! `EXPECTED` (the artifact's results directory, default `fgd-expected-results` beside the list's directory).
+//! `EXPECTED` (the artifact's results directory, default `fgd-expected-results` beside the list's directory),
+//! `VARIANT_SEED` (the seed a variant is drawn with, default 0, as `kiln simulate placement` draws it).
 
 use std::{collections::BTreeMap, env, fs, path::Path, thread};
 
@@ -41,6 +42,7 @@ fn main() {
     let (a, b) = seeds.split_once('-').unwrap_or((&seeds, &seeds));
     let seeds: Vec<u64> = (a.parse().expect("seed")..=b.parse().expect("seed")).collect();
     let threads: usize = env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
+    let variant_seed: u64 = env::var("VARIANT_SEED").ok().map(|s| s.parse().expect("a variant seed")).unwrap_or(0);
     let nodes_text = fs::read_to_string(&args[0]).expect("nodes");
     let cluster = Cluster::new(&openb::parse_nodes(&args[0], &nodes_text).expect("nodes")).expect("cluster");
     println!(
@@ -55,7 +57,7 @@ fn main() {
         let text = fs::read_to_string(path).expect("pods");
         let list = openb::parse_pods(path, &text, &cluster).expect("pods");
         let pods = match variant {
-            Some(v) => v.apply(&list.pods, 0).expect("variant"),
+            Some(v) => v.apply(&list.pods, variant_seed).expect("variant"),
             None => list.pods,
         };
         let name = match variant {

@@ -13,12 +13,18 @@
 //! (the default list: 7%, `multigpu30`: 30%). Each other GPU pod is replaced, with the one probability that makes
 //! the expected share of gang demand 50%, by a gang pod of the list drawn uniformly.
 //!
-//! `constrained` is the artifact's `gpuspec33`: a third of the GPU pods restricted to some GPU models. Each
-//! unrestricted GPU pod is restricted, with the one probability that makes the expected restricted share a third,
-//! to the model set of a restricted pod of the list asking for the same number of GPUs, drawn uniformly (the
-//! lists' own restrictions, with their popularity: T4, P100, G2, V100, ... on `gpuspec20`); a list with no
-//! restricted pods has nothing to draw from.
-
+//! `constrained` is the artifact's `gpuspec33`: a third of the GPU pods restricted to some GPU models. The artifact's
+//! list (`openb_pod_list_gpuspec33_cpu0` in its repository: the default list's GPU pods, row for row) restricts
+//! GPU pods of each kind at the rate the trace's own restricted lists do, scaled up: on `gpuspec20` 17.8% of the
+//! share pods, 22.7% of the whole-GPU pods and 11% of the gangs are restricted; in a sample of 655 rows of
+//! `gpuspec33`, 27% of the share pods and 38% of the whole-GPU pods (x 1.5 and x 1.66). And the model set a pod
+//! gets depends on its kind: share pods are restricted to T4 (60-64%) or P100 (33-38%), almost never anything
+//! else; whole-GPU pods to T4 (44-48%), G2 (20-24%), V100 (14%), P100 with V100 (6%), G3, ..., almost never P100
+//! alone — on both lists. So each unrestricted GPU pod of a kind (a share of one GPU, one whole GPU, a gang) is
+//! restricted with the one probability that brings the kind's restricted rate to the list's rate x (a third /
+//! the list's overall rate), and gets the model set of a restricted pod of the list of the same kind (gangs: of
+//! the same GPU count where one has it, else any restricted gang, else a whole-GPU pod's), drawn uniformly: the
+//! lists' own restrictions with their popularity. A list with no restricted pods has nothing to draw from.
 use std::{fmt, str::FromStr};
 
 use kiln_core::{
@@ -155,38 +161,112 @@ pub fn gang_heavy(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request
         .collect())
 }
 
-/// `pods` with each unrestricted GPU pod restricted, with one probability, to the model set of a restricted pod of
-/// `pods` with the same GPU count (any restricted pod where none has it), drawn uniformly, so that `share` of the
-/// GPU pods are restricted in expectation.
+/// The kinds of GPU pod [`constrained`] restricts at their own rates and draws model sets for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuKind {
+    /// A fraction of one GPU (a share, or GPU memory below one GPU's).
+    Share,
+    /// One whole GPU.
+    One,
+    /// Several whole GPUs on one node.
+    Gang(u8),
+}
+
+fn gpu_kind(p: &Request) -> Option<GpuKind> {
+    match p.gpu {
+        GpuDemand::None => None,
+        GpuDemand::Share(_) => Some(GpuKind::Share),
+        GpuDemand::Whole(k) if k >= 2 => Some(GpuKind::Gang(k)),
+        GpuDemand::Whole(_) => Some(GpuKind::One),
+        GpuDemand::Memory(_) => match p.gpu.milli() {
+            m if m < u64::from(kiln_core::placement::MILLI_PER_GPU) => Some(GpuKind::Share),
+            m if m == u64::from(kiln_core::placement::MILLI_PER_GPU) => Some(GpuKind::One),
+            m => {
+                Some(GpuKind::Gang(u8::try_from(m / u64::from(kiln_core::placement::MILLI_PER_GPU)).unwrap_or(u8::MAX)))
+            }
+        },
+    }
+}
+
+/// The rate class of a kind: gangs of every size share one rate (they are few).
+fn rate_class(kind: GpuKind) -> usize {
+    match kind {
+        GpuKind::Share => 0,
+        GpuKind::One => 1,
+        GpuKind::Gang(_) => 2,
+    }
+}
+
+/// `pods` with each unrestricted GPU pod restricted, with the probability of its kind, to the model set of a
+/// restricted pod of `pods` of the same kind, drawn uniformly, so that `share` of the GPU pods are restricted in
+/// expectation and each kind's restricted rate keeps its ratio to the others' (see the module's notes).
 pub fn constrained(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
-    let gpu_count = |p: &Request| match p.gpu {
-        GpuDemand::Whole(k) => u32::from(k),
-        _ => 1,
-    };
-    let restricted: Vec<&Request> = pods.iter().filter(|p| is_gpu(p) && p.models != ModelSet::ANY).collect();
-    let gpu_pods = pods.iter().filter(|p| is_gpu(p)).count() as f64;
+    let restricted: Vec<(GpuKind, ModelSet)> =
+        pods.iter().filter(|p| p.models != ModelSet::ANY).filter_map(|p| gpu_kind(p).map(|k| (k, p.models))).collect();
+    let gpu_pods = pods.iter().filter(|p| is_gpu(p)).count();
     if restricted.is_empty() {
-        if gpu_pods == 0.0 {
+        if gpu_pods == 0 {
             return Ok(pods.to_vec());
         }
         return Err(VariantError::NothingToDraw("GPU-model-restricted"));
     }
-    let free = gpu_pods - restricted.len() as f64;
-    let q = if free > 0.0 { ((share * gpu_pods - restricted.len() as f64) / free).clamp(0.0, 1.0) } else { 0.0 };
+    // Per rate class: GPU pods, restricted pods.
+    let mut count = [(0usize, 0usize); 3];
+    for p in pods {
+        if let Some(k) = gpu_kind(p) {
+            let c = &mut count[rate_class(k)];
+            c.0 += 1;
+            c.1 += usize::from(p.models != ModelSet::ANY);
+        }
+    }
+    let overall = restricted.len() as f64 / gpu_pods as f64;
+    // The probability that an unrestricted pod of a class is restricted: the class's rate scaled by share / overall
+    // (capped at every pod), less what is restricted already, over what is not. A class with no restricted pod
+    // keeps the overall target rate (its pods draw another kind's sets).
+    let q: Vec<f64> = count
+        .iter()
+        .map(|&(n, r)| {
+            if n == r {
+                return 0.0;
+            }
+            let rate = r as f64 / n as f64;
+            let target = if r == 0 { share } else { rate * share / overall }.min(1.0);
+            ((target - rate) / (1.0 - rate)).clamp(0.0, 1.0)
+        })
+        .collect();
+    let sets_of = |f: &dyn Fn(GpuKind) -> bool| -> Vec<ModelSet> {
+        restricted.iter().filter(|(k, _)| f(*k)).map(|&(_, m)| m).collect()
+    };
+    let all: Vec<ModelSet> = restricted.iter().map(|&(_, m)| m).collect();
+    let shares = sets_of(&|k| k == GpuKind::Share);
+    let ones = sets_of(&|k| k == GpuKind::One);
+    let gangs = sets_of(&|k| matches!(k, GpuKind::Gang(_)));
+    let pool = |kind: GpuKind| -> Vec<ModelSet> {
+        let candidates = match kind {
+            GpuKind::Share => vec![shares.clone()],
+            GpuKind::One => vec![ones.clone()],
+            GpuKind::Gang(g) => vec![sets_of(&|k| k == GpuKind::Gang(g)), gangs.clone(), ones.clone()],
+        };
+        candidates.into_iter().find(|c| !c.is_empty()).unwrap_or_else(|| all.clone())
+    };
+    let mut pools: Vec<(GpuKind, Vec<ModelSet>)> = Vec::new();
     let mut rng = Rng::new(seed);
     Ok(pods
         .iter()
         .map(|p| {
-            if !is_gpu(p) || p.models != ModelSet::ANY || rng.unit() >= q {
+            let Some(kind) = gpu_kind(p) else { return *p };
+            if p.models != ModelSet::ANY || rng.unit() >= q[rate_class(kind)] {
                 return *p;
             }
-            let same: Vec<&&Request> = restricted.iter().filter(|r| gpu_count(r) == gpu_count(p)).collect();
-            let models = if same.is_empty() {
-                restricted[rng.below(restricted.len() as u64) as usize].models
-            } else {
-                same[rng.below(same.len() as u64) as usize].models
+            let i = match pools.iter().position(|(k, _)| *k == kind) {
+                Some(i) => i,
+                None => {
+                    pools.push((kind, pool(kind)));
+                    pools.len() - 1
+                }
             };
-            Request { models, ..*p }
+            let sets = &pools[i].1;
+            Request { models: sets[rng.below(sets.len() as u64) as usize], ..*p }
         })
         .collect())
 }
@@ -277,5 +357,45 @@ mod tests {
         assert_eq!(err.to_string(), "the pod list has no GPU-model-restricted pod to draw from");
         assert_eq!("constrained".parse::<Variant>().unwrap(), Variant::Constrained);
         assert_eq!("gang-heavy".parse::<Variant>().unwrap(), Variant::GangHeavy);
+    }
+
+    #[test]
+    fn constrained_keeps_each_kinds_rate_ratio_and_draws_sets_of_the_same_kind() {
+        let (t4, p100, g2) = (ModelSet::of([3]), ModelSet::of([2]), ModelSet::of([0]));
+        let mut pods = vec![pod(1000, GpuDemand::None); 200];
+        // Shares: 10% restricted (T4 or P100); whole GPUs: 20% restricted (G2); overall 15%.
+        pods.extend(vec![pod(4000, GpuDemand::Share(500)); 2700]);
+        pods.extend(vec![Request { models: t4, ..pod(4000, GpuDemand::Share(300)) }; 200]);
+        pods.extend(vec![Request { models: p100, ..pod(4000, GpuDemand::Share(300)) }; 100]);
+        pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 2400]);
+        pods.extend(vec![Request { models: g2, ..pod(8000, GpuDemand::Whole(1)) }; 600]);
+        let variant = constrained(&pods, 0.3, 11).unwrap();
+        let rate = |whole: bool| {
+            let kind: Vec<&Request> =
+                variant.iter().filter(|p| is_gpu(p) && matches!(p.gpu, GpuDemand::Whole(_)) == whole).collect();
+            kind.iter().filter(|p| p.models != ModelSet::ANY).count() as f64 / kind.len() as f64
+        };
+        // Doubling the overall rate doubles each kind's: 20% of the shares, 40% of the whole GPUs.
+        let (shares, wholes) = (rate(false), rate(true));
+        assert!((shares - 0.2).abs() < 0.02 && (wholes - 0.4).abs() < 0.025, "shares {shares}, whole {wholes}");
+        for p in &variant {
+            match p.gpu {
+                GpuDemand::Share(_) => assert!(p.models == ModelSet::ANY || p.models == t4 || p.models == p100),
+                GpuDemand::Whole(_) => assert!(p.models == ModelSet::ANY || p.models == g2, "{p:?}"),
+                _ => assert_eq!(p.models, ModelSet::ANY),
+            }
+        }
+        let t4_shares = variant.iter().filter(|p| p.models == t4).count() as f64;
+        let p100_shares = variant.iter().filter(|p| p.models == p100).count() as f64;
+        assert!(
+            (t4_shares / p100_shares - 2.0).abs() < 0.4,
+            "the sets keep their popularity: {t4_shares}/{p100_shares}"
+        );
+        // A gang with no restricted gang to copy draws a whole-GPU pod's set.
+        let mut with_gang = pods.clone();
+        with_gang.extend(vec![pod(64_000, GpuDemand::Whole(8)); 400]);
+        let gangs = constrained(&with_gang, 0.3, 5).unwrap();
+        assert!(gangs.iter().any(|p| p.gpu == GpuDemand::Whole(8) && p.models == g2));
+        assert!(gangs.iter().all(|p| p.gpu != GpuDemand::Whole(8) || p.models == ModelSet::ANY || p.models == g2));
     }
 }

@@ -18,8 +18,23 @@
 //! or when the costs change). The costs come from the caller and make the trade-off explicit: `idle_cost` is
 //! what the idle GPU share costs per second, `cold_penalty` what one cold start costs (the user's wait plus the
 //! GPU time of the load), so a small model stays warm for hours while a 2-GPU model is released within minutes.
-//! With too little history (fewer than `min_samples` idle times) the plan is the ski-rental break-even timer
-//! `T = cold_penalty / idle_cost`, which never costs more than twice the best choice in hindsight.
+//!
+//! # A fleet-wide prior
+//! A deployment with little history borrows the fleet's: a [`FleetPrior`] pools the idle-time distributions of
+//! the deployments of one [`CostClass`] (break-even time `cold_penalty / idle_cost` within a factor of 2: model
+//! size and cold-start cost) and of a similar rate (typical idle time, the geometric mean of the histogram, within
+//! a factor of 4), each deployment weighing the same whatever its rate (the mean of their normalised histograms: a
+//! busy deployment's thousands of short gaps do not drown the others). After `n` idle times of its own, a deployment
+//! plans under the blend `w x own + (1 - w) x pool` with `w = n / (n + prior_samples)` (the pool leaving the
+//! deployment itself out): the pool first, its own distribution as samples accumulate. The fixed timers
+//! [`GUARD_TIMERS_S`] (90 s and 600 s) are candidates beside the bucket edges, so a plan never costs more than the
+//! better of them in expected cost under the blend.
+//!
+//! Before its first idle time nothing says how busy a deployment is, and its class as a whole speaks for its
+//! busiest members (they record the most idle times, and the first): the plan is then the ski-rental break-even
+//! timer `T = cold_penalty / idle_cost` (never more than twice the best choice in hindsight), between 90 s and
+//! `max_fallback_s`. On the ServeGen day (servegen-m-mid, rate 0.0002) planning the first idle time under the
+//! class's pool instead cost 1.5-4% more in total (two variants, against run-to-run differences of about 1.5%).
 //!
 //! On a GPU whose hour is already paid (an hourly rental), keeping warm until the hour boundary costs nothing:
 //! `paid_for` extends `unload_after` to it.
@@ -79,7 +94,7 @@ impl Costs {
 /// Settings of the `adaptive` policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdaptiveConfig {
-    /// Idle times needed before the histogram is trusted.
+    /// Idle times needed before the histogram is trusted on its own (when no pool of the fleet prior applies).
     pub min_samples: u32,
     /// Weight kept by the existing samples each time one is added (forgetting).
     pub decay: f64,
@@ -87,11 +102,119 @@ pub struct AdaptiveConfig {
     pub recompute_every: u32,
     /// Longest keep-alive the break-even fallback may choose, seconds.
     pub max_fallback_s: f64,
+    /// Strength of the fleet prior, in idle times: with `n` of its own, a deployment weighs its own distribution
+    /// `n / (n + prior_samples)`.
+    pub prior_samples: f64,
 }
 
 impl Default for AdaptiveConfig {
     fn default() -> Self {
-        Self { min_samples: 4, decay: 0.97, recompute_every: 4, max_fallback_s: 3600.0 }
+        Self { min_samples: 4, decay: 0.97, recompute_every: 4, max_fallback_s: 3600.0, prior_samples: 8.0 }
+    }
+}
+
+/// The fixed timers, seconds, an adaptive plan is never worse than in expected cost (they are candidates).
+pub const GUARD_TIMERS_S: [f64; 2] = [90.0, 600.0];
+
+/// A deployment's cost class: `floor(log2(break-even seconds))`, where the break-even time is how long an idle
+/// replica may stay warm for the price of one cold start. Deployments of a class pool their idle times in a
+/// [`FleetPrior`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CostClass(pub i32);
+
+impl CostClass {
+    /// The class of a replica with these costs (free replicas: one class past every other).
+    pub fn of(costs: &Costs) -> Self {
+        if costs.idle_per_s > 0.0 && costs.cold_penalty > 0.0 {
+            let break_even = costs.cold_penalty / costs.idle_per_s;
+            CostClass(break_even.log2().floor().clamp(-64.0, 64.0) as i32)
+        } else {
+            CostClass(i32::MAX)
+        }
+    }
+}
+
+/// The fleet's idle times, pooled per [`PoolKey`] (a cost class and a typical idle time): the sum of the
+/// deployments' normalised histograms and how many deployments it holds. Deployments join with their first idle
+/// time and update their part as they record more ([`KeepAlive::record_idle`]), moving when their typical idle time
+/// does; a removed deployment leaves ([`KeepAlive::leave`]).
+#[derive(Debug, Clone, Default)]
+pub struct FleetPrior {
+    pools: std::collections::BTreeMap<PoolKey, Pool>,
+}
+
+/// A pool of the prior: deployments of one cost class whose typical idle time (the geometric mean of their
+/// histogram) is within the same factor of 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolKey {
+    /// The deployments' cost class.
+    pub cost: CostClass,
+    /// `floor(log4(typical idle seconds))`.
+    pub gaps: i32,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Pool {
+    sum: Vec<f64>,
+    members: u32,
+    /// Parts added (the pool's version, for plan caching).
+    records: u64,
+}
+
+impl Pool {
+    fn add(&mut self, part: &[f64], sign: f64) {
+        if self.sum.len() < part.len() {
+            self.sum.resize(part.len(), 0.0);
+        }
+        for (s, p) in self.sum.iter_mut().zip(part) {
+            *s += sign * p;
+        }
+        if sign > 0.0 {
+            self.members += 1;
+            self.records += 1;
+        } else {
+            self.members = self.members.saturating_sub(1);
+        }
+    }
+
+    /// The mean of the members' parts but `own`, and the version; `None` with no other member.
+    fn mean_without(&self, own: Option<&[f64]>) -> Option<(Vec<f64>, u64)> {
+        if self.members <= u32::from(own.is_some()) {
+            return None;
+        }
+        let mut p: Vec<f64> = match own {
+            Some(own) => self.sum.iter().zip(own).map(|(s, o)| (s - o).max(0.0)).collect(),
+            None => self.sum.clone(),
+        };
+        let total: f64 = p.iter().sum();
+        if total <= 0.0 {
+            return None;
+        }
+        p.iter_mut().for_each(|x| *x /= total);
+        Some((p, self.records))
+    }
+}
+
+/// A deployment's part of the [`FleetPrior`].
+#[derive(Debug, Clone)]
+struct Part {
+    key: PoolKey,
+    weights: Vec<f64>,
+}
+
+impl FleetPrior {
+    /// An empty prior.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Deployments pooled under `key`.
+    pub fn members(&self, key: PoolKey) -> u32 {
+        self.pools.get(&key).map_or(0, |p| p.members)
+    }
+
+    fn add(&mut self, part: &Part, sign: f64) {
+        self.pools.entry(part.key).or_default().add(&part.weights, sign);
     }
 }
 
@@ -237,80 +360,124 @@ impl IdleHistogram {
         self.samples
     }
 
-    /// The least-expected-cost plan under this histogram.
-    pub fn best_plan(&self, costs: &Costs) -> Plan {
+    /// The typical idle time, seconds: the geometric mean of the buckets' midpoints under the (faded) weights;
+    /// `None` when empty.
+    pub fn typical(&self) -> Option<f64> {
         let e = edges();
-        let n = e.len();
         let total: f64 = self.weights.iter().sum();
         if total <= 0.0 {
-            return Plan::keep(0.0);
+            return None;
         }
-        // mass_before[k] = P(I < e[k]); mean_before[k] = E[I; I < e[k]] (bucket midpoints);
-        // lost_before[k] = E[1 - exp(-I / lifetime); I < e[k]]: the chance that a copy left at idle start is evicted
-        // by the arrival, for arrivals before e[k].
-        let lifetime = costs.copy_lifetime_s.max(1e-9);
-        let mut mid = [0.0; MAX_EDGES];
-        let mut p = [0.0; MAX_EDGES];
-        let mut mass_before = [0.0; MAX_EDGES + 1];
-        let mut mean_before = [0.0; MAX_EDGES + 1];
-        let mut lost_before = [0.0; MAX_EDGES + 1];
-        for b in 0..n {
-            mid[b] = if b + 1 < n { 0.5 * (e[b] + e[b + 1]) } else { 2.0 * e[b] };
-            p[b] = self.weights[b] / total;
-            mass_before[b + 1] = mass_before[b] + p[b];
-            mean_before[b + 1] = mean_before[b] + p[b] * mid[b];
-            lost_before[b + 1] = lost_before[b] + p[b] * (1.0 - (-mid[b] / lifetime).exp());
-        }
-        let beyond = |k: usize| (1.0 - mass_before[k]).max(0.0);
-        let min_with = |k: usize| mean_before[k] + e[k] * beyond(k);
-        // kept_after[k] = E[exp(-(I - e[k]) / lifetime); I >= e[k]]: for arrivals after a replica unloaded at e[k],
-        // the chance its copy is still in GPU memory. Built from the top bucket down: O(buckets).
-        let mut kept_after = [0.0; MAX_EDGES + 1];
-        for k in (0..n).rev() {
-            let step = if k + 1 < n { (-(e[k + 1] - e[k]) / lifetime).exp() } else { 0.0 };
-            kept_after[k] = p[k] * (-(mid[k] - e[k]).max(0.0) / lifetime).exp() + step * kept_after[k + 1];
-        }
-        // What a restart costs the arrivals after an unload at e[k] (or before a pre-warm ready at e[j]): a cold
-        // start if the copy was evicted by then, a warm hit if not.
-        let extra = (costs.cold_penalty - costs.warm_penalty).max(0.0);
-        let after = |k: usize| costs.warm_penalty * beyond(k) + extra * (beyond(k) - kept_after[k]).max(0.0);
-        let before = |j: usize| costs.warm_penalty * mass_before[j] + extra * lost_before[j];
-        // f(k): the cost of being warm until e[k], counted from idle start; a keep-alive plan costs f(k), a pre-warm
-        // plan warm over [e[j], e[k]] costs f(k) - idle x E[min(I, e[j])] plus its load and the misses before e[j].
-        let mut f = [0.0; MAX_EDGES];
-        for (k, fk) in f.iter_mut().enumerate().take(n) {
-            *fk = costs.idle_per_s * min_with(k) + after(k);
-        }
-        // best_after[j] = the k > j with the least f(k).
-        let mut best_after = [n - 1; MAX_EDGES];
-        for j in (0..n.saturating_sub(1)).rev() {
-            let next = j + 1;
-            best_after[j] = if j + 2 < n && f[best_after[j + 1]] < f[next] - 1e-15 { best_after[j + 1] } else { next };
-        }
-        let mut best = Plan::keep(0.0);
-        let mut best_cost = f64::INFINITY;
-        for (k, &edge) in e.iter().enumerate() {
-            if f[k] < best_cost - 1e-12 {
-                best_cost = f[k];
-                best = Plan::keep(edge);
-            }
-        }
-        for j in 1..n.saturating_sub(1) {
-            // Loading starts `load_s` before the ready time: it happens if nothing arrived by then.
-            let start = e[j] - costs.load_s;
-            if start < MIN_UNLOADED_S {
-                continue;
-            }
-            let started = beyond(e.partition_point(|&edge| edge <= start).saturating_sub(1));
-            let k = best_after[j];
-            let cost = f[k] - costs.idle_per_s * min_with(j) + costs.load_cost * started + before(j);
-            if cost < best_cost - 1e-12 {
-                best_cost = cost;
-                best = Plan { unload_after: 0.0, prewarm: Some((e[j], e[k])) };
-            }
-        }
-        best
+        let n = e.len();
+        let log_mean: f64 = (0..n)
+            .map(|b| {
+                let mid = if b + 1 < n { 0.5 * (e[b] + e[b + 1]) } else { 2.0 * e[b] };
+                self.weights[b] / total * mid.max(0.25).ln()
+            })
+            .sum();
+        Some(log_mean.exp())
     }
+
+    /// The histogram as a distribution (summing to 1; all zero when empty).
+    pub fn normalized(&self) -> Vec<f64> {
+        let total: f64 = self.weights.iter().sum();
+        if total <= 0.0 {
+            return vec![0.0; self.weights.len()];
+        }
+        self.weights.iter().map(|w| w / total).collect()
+    }
+
+    /// The least-expected-cost plan under this histogram.
+    pub fn best_plan(&self, costs: &Costs) -> Plan {
+        best_plan(&self.weights, costs)
+    }
+}
+
+/// The least-expected-cost plan under an idle-time distribution given as weights per bucket of the histogram's
+/// edges (normalised here), with the [`GUARD_TIMERS_S`] among the candidates.
+pub fn best_plan(weights: &[f64], costs: &Costs) -> Plan {
+    let e = edges();
+    let n = e.len().min(weights.len());
+    let total: f64 = weights.iter().take(n).sum();
+    if total <= 0.0 {
+        return Plan::keep(0.0);
+    }
+    // mass_before[k] = P(I < e[k]); mean_before[k] = E[I; I < e[k]] (bucket midpoints);
+    // lost_before[k] = E[1 - exp(-I / lifetime); I < e[k]]: the chance that a copy left at idle start is evicted
+    // by the arrival, for arrivals before e[k].
+    let lifetime = costs.copy_lifetime_s.max(1e-9);
+    let mut mid = [0.0; MAX_EDGES];
+    let mut p = [0.0; MAX_EDGES];
+    let mut mass_before = [0.0; MAX_EDGES + 1];
+    let mut mean_before = [0.0; MAX_EDGES + 1];
+    let mut lost_before = [0.0; MAX_EDGES + 1];
+    for b in 0..n {
+        mid[b] = if b + 1 < n { 0.5 * (e[b] + e[b + 1]) } else { 2.0 * e[b] };
+        p[b] = weights[b] / total;
+        mass_before[b + 1] = mass_before[b] + p[b];
+        mean_before[b + 1] = mean_before[b] + p[b] * mid[b];
+        lost_before[b + 1] = lost_before[b] + p[b] * (1.0 - (-mid[b] / lifetime).exp());
+    }
+    let beyond = |k: usize| (1.0 - mass_before[k]).max(0.0);
+    let min_with = |k: usize| mean_before[k] + e[k] * beyond(k);
+    // kept_after[k] = E[exp(-(I - e[k]) / lifetime); I >= e[k]]: for arrivals after a replica unloaded at e[k],
+    // the chance its copy is still in GPU memory. Built from the top bucket down: O(buckets).
+    let mut kept_after = [0.0; MAX_EDGES + 1];
+    for k in (0..n).rev() {
+        let step = if k + 1 < n { (-(e[k + 1] - e[k]) / lifetime).exp() } else { 0.0 };
+        kept_after[k] = p[k] * (-(mid[k] - e[k]).max(0.0) / lifetime).exp() + step * kept_after[k + 1];
+    }
+    // What a restart costs the arrivals after an unload at e[k] (or before a pre-warm ready at e[j]): a cold
+    // start if the copy was evicted by then, a warm hit if not.
+    let extra = (costs.cold_penalty - costs.warm_penalty).max(0.0);
+    let after = |k: usize| costs.warm_penalty * beyond(k) + extra * (beyond(k) - kept_after[k]).max(0.0);
+    let before = |j: usize| costs.warm_penalty * mass_before[j] + extra * lost_before[j];
+    // f(k): the cost of being warm until e[k], counted from idle start; a keep-alive plan costs f(k), a pre-warm
+    // plan warm over [e[j], e[k]] costs f(k) - idle x E[min(I, e[j])] plus its load and the misses before e[j].
+    let mut f = [0.0; MAX_EDGES];
+    for (k, fk) in f.iter_mut().enumerate().take(n) {
+        *fk = costs.idle_per_s * min_with(k) + after(k);
+    }
+    // best_after[j] = the k > j with the least f(k).
+    let mut best_after = [n - 1; MAX_EDGES];
+    for j in (0..n.saturating_sub(1)).rev() {
+        let next = j + 1;
+        best_after[j] = if j + 2 < n && f[best_after[j + 1]] < f[next] - 1e-15 { best_after[j + 1] } else { next };
+    }
+    let mut best = Plan::keep(0.0);
+    let mut best_cost = f64::INFINITY;
+    for (k, &edge) in e.iter().enumerate() {
+        if f[k] < best_cost - 1e-12 {
+            best_cost = f[k];
+            best = Plan::keep(edge);
+        }
+    }
+    // The guard timers, exactly (between edges, the bucket holding the timer counts as ending after it when
+    // its midpoint does).
+    for t in GUARD_TIMERS_S {
+        // The buckets whose midpoint is below t count as arrivals before it.
+        let k = mid[..n].partition_point(|&m| m < t);
+        let cost = costs.idle_per_s * (mean_before[k] + t * beyond(k)) + after(k);
+        if cost < best_cost - 1e-12 {
+            best_cost = cost;
+            best = Plan::keep(t);
+        }
+    }
+    for j in 1..n.saturating_sub(1) {
+        // Loading starts `load_s` before the ready time: it happens if nothing arrived by then.
+        let start = e[j] - costs.load_s;
+        if start < MIN_UNLOADED_S {
+            continue;
+        }
+        let started = beyond(e.partition_point(|&edge| edge <= start).saturating_sub(1));
+        let k = best_after[j];
+        let cost = f[k] - costs.idle_per_s * min_with(j) + costs.load_cost * started + before(j);
+        if cost < best_cost - 1e-12 {
+            best_cost = cost;
+            best = Plan { unload_after: 0.0, prewarm: Some((e[j], e[k])) };
+        }
+    }
+    best
 }
 
 /// One deployment's keep-alive state.
@@ -318,7 +485,12 @@ impl IdleHistogram {
 pub struct KeepAlive {
     policy: Policy,
     histogram: IdleHistogram,
-    cached: Option<(Costs, u32, Plan)>,
+    /// The plan last computed: for these costs, at this many own samples and this version of the class's pool.
+    cached: Option<(Costs, u32, u64, Plan)>,
+    /// The cost class of the latest plan (the class the deployment's idle times pool in).
+    class: Option<CostClass>,
+    /// What this deployment adds to the fleet prior.
+    part: Option<Part>,
 }
 
 impl KeepAlive {
@@ -328,14 +500,39 @@ impl KeepAlive {
             Policy::Adaptive(c) => c.decay,
             Policy::Fixed(_) => 1.0,
         };
-        Self { policy, histogram: IdleHistogram::new(decay), cached: None }
+        Self { policy, histogram: IdleHistogram::new(decay), cached: None, class: None, part: None }
     }
 
-    /// Records an idle time: a request arrived `idle_s` after the deployment last had nothing in flight.
-    pub fn record_idle(&mut self, idle_s: f64) {
+    /// Records an idle time: a request arrived `idle_s` after the deployment last had nothing in flight. An adaptive
+    /// deployment's histogram takes it, and so does its part of `prior` (in the class of its latest plan).
+    pub fn record_idle(&mut self, idle_s: f64, prior: &mut FleetPrior) {
         if matches!(self.policy, Policy::Adaptive(_)) {
             self.histogram.record(idle_s);
+            self.share(prior);
         }
+    }
+
+    /// Takes this deployment's part out of `prior` (it is removed, or its policy replaced).
+    pub fn leave(&mut self, prior: &mut FleetPrior) {
+        if let Some(part) = self.part.take() {
+            prior.add(&part, -1.0);
+        }
+    }
+
+    /// The pool this deployment belongs to now: its cost class and typical idle time; `None` before both are known.
+    fn pool_key(&self) -> Option<PoolKey> {
+        let cost = self.class?;
+        let typical = self.histogram.typical()?;
+        Some(PoolKey { cost, gaps: (typical.max(1e-3).ln() / 4f64.ln()).floor() as i32 })
+    }
+
+    /// Puts the current histogram in `prior`, in its current pool, in place of the previous part.
+    fn share(&mut self, prior: &mut FleetPrior) {
+        let Some(key) = self.pool_key() else { return };
+        self.leave(prior);
+        let part = Part { key, weights: self.histogram.normalized() };
+        prior.add(&part, 1.0);
+        self.part = Some(part);
     }
 
     /// The histogram of idle times.
@@ -343,33 +540,65 @@ impl KeepAlive {
         &self.histogram
     }
 
-    /// The plan for a replica that just became idle. `paid_for`: seconds until the end of an hour already paid
-    /// for the replica's GPU, if it is rented by the hour.
-    pub fn plan(&mut self, costs: &Costs, paid_for: Option<f64>) -> Plan {
+    /// The plan for a replica that just became idle, under the deployment's idle times shrunk toward its class's in
+    /// `prior`. `paid_for`: seconds until the end of an hour already paid for the replica's GPU, if it is rented by
+    /// the hour.
+    pub fn plan(&mut self, costs: &Costs, paid_for: Option<f64>, prior: &mut FleetPrior) -> Plan {
         let mut plan = match self.policy {
             Policy::Fixed(t) => Plan::keep(t),
             Policy::Adaptive(config) => {
-                if self.histogram.samples() < config.min_samples {
-                    let break_even = if costs.idle_per_s > 0.0 {
-                        costs.cold_penalty / costs.idle_per_s
-                    } else {
-                        config.max_fallback_s
-                    };
-                    Plan::keep(break_even.min(config.max_fallback_s))
-                } else {
-                    let fresh = match &self.cached {
-                        Some((c, at, plan))
-                            if close(c, costs) && self.histogram.samples() < at + config.recompute_every =>
-                        {
-                            Some(*plan)
-                        }
-                        _ => None,
-                    };
-                    fresh.unwrap_or_else(|| {
-                        let plan = self.histogram.best_plan(costs);
-                        self.cached = Some((*costs, self.histogram.samples(), plan));
+                let class = CostClass::of(costs);
+                if self.class != Some(class) {
+                    self.class = Some(class);
+                    self.share(prior);
+                }
+                let own = self.histogram.samples();
+                // The pool of its class and typical idle time, less its own part. None before its first idle time:
+                // nothing tells yet how busy it is (and the class as a whole speaks for its busiest deployments,
+                // which record the most).
+                let pooled = self.pool_key().and_then(|key| {
+                    let part = self.part.as_ref().filter(|p| p.key == key).map(|p| p.weights.as_slice());
+                    prior.pools.get(&key).and_then(|pool| pool.mean_without(part))
+                });
+                let version = pooled.as_ref().map_or(0, |(_, v)| *v);
+                let fresh = match &self.cached {
+                    Some((c, at, seen, plan))
+                        if close(c, costs)
+                            && own < at + config.recompute_every
+                            && version < seen + u64::from(config.recompute_every) =>
+                    {
+                        Some(*plan)
+                    }
+                    _ => None,
+                };
+                match (fresh, pooled) {
+                    (Some(plan), _) => plan,
+                    (None, Some((pool, _))) => {
+                        // Shrink toward the class: w = n / (n + prior_samples).
+                        let n = f64::from(own);
+                        let w = n / (n + config.prior_samples.max(0.0));
+                        let w = if w.is_finite() { w } else { 1.0 };
+                        let own = self.histogram.normalized();
+                        let blend: Vec<f64> = own.iter().zip(&pool).map(|(o, p)| w * o + (1.0 - w) * p).collect();
+                        let plan = best_plan(&blend, costs);
+                        self.cached = Some((*costs, self.histogram.samples(), version, plan));
                         plan
-                    })
+                    }
+                    (None, None) if own >= config.min_samples => {
+                        let plan = self.histogram.best_plan(costs);
+                        self.cached = Some((*costs, own, version, plan));
+                        plan
+                    }
+                    (None, None) => {
+                        // Nothing to go by: the break-even timer, between the guard timers.
+                        let break_even = if costs.idle_per_s > 0.0 {
+                            costs.cold_penalty / costs.idle_per_s
+                        } else {
+                            config.max_fallback_s
+                        };
+                        let low = GUARD_TIMERS_S[0].min(config.max_fallback_s);
+                        Plan::keep(break_even.clamp(low, config.max_fallback_s.max(low)))
+                    }
                 }
             }
         };
@@ -411,11 +640,12 @@ mod tests {
 
     #[test]
     fn a_periodic_client_is_prewarmed_instead_of_kept_warm() {
+        let mut prior = FleetPrior::new();
         let mut k = adaptive();
         for i in 0..30 {
-            k.record_idle(1800.0 + f64::from(i % 5) * 4.0);
+            k.record_idle(1800.0 + f64::from(i % 5) * 4.0, &mut prior);
         }
-        let plan = k.plan(&big(), None);
+        let plan = k.plan(&big(), None, &mut prior);
         let (ready, until) = plan.prewarm.expect("a pre-warm for a client that comes back every 30 minutes");
         assert_eq!(plan.unload_after, 0.0);
         assert!(ready <= 1800.0 && ready > 1500.0, "{plan:?}");
@@ -424,47 +654,132 @@ mod tests {
 
     #[test]
     fn a_one_off_burst_does_not_keep_a_gpu_warm_for_hours() {
+        let mut prior = FleetPrior::new();
         let mut k = adaptive();
         // A burst: requests a fraction of a second apart, then nothing.
         for _ in 0..12 {
-            k.record_idle(0.2);
+            k.record_idle(0.2, &mut prior);
         }
-        let plan = k.plan(&big(), None);
+        let plan = k.plan(&big(), None, &mut prior);
         assert!(plan.unload_after < 60.0 && plan.prewarm.is_none(), "{plan:?}");
         // With no history at all, the break-even timer: cold penalty / idle cost.
-        let plan = adaptive().plan(&big(), None);
+        let plan = adaptive().plan(&big(), None, &mut prior);
         assert!((plan.unload_after - big().cold_penalty / big().idle_per_s).abs() < 1e-6);
         assert!(plan.unload_after < 3600.0);
     }
 
     #[test]
     fn cheap_replicas_stay_warm_longer_than_expensive_ones() {
+        let mut prior = FleetPrior::new();
         let mut small = adaptive();
         let mut large = adaptive();
         // Idle times spread from 10 s to 3 h.
         for i in 0..40 {
             let gap = 10.0 * 1.2f64.powi(i);
-            small.record_idle(gap.min(3.0 * 3600.0));
-            large.record_idle(gap.min(3.0 * 3600.0));
+            small.record_idle(gap.min(3.0 * 3600.0), &mut prior);
+            large.record_idle(gap.min(3.0 * 3600.0), &mut prior);
         }
         let idle = 3.0 / 3600.0 * 0.0125; // a 1 GB share of an 80 GB GPU
         let cheap =
             Costs { idle_per_s: idle, cold_penalty: 2.2 * (0.05 + idle), load_cost: 2.2 * idle, load_s: 2.2, ..big() };
-        let s = small.plan(&cheap, None);
-        let l = large.plan(&big(), None);
+        let s = small.plan(&cheap, None, &mut prior);
+        let l = large.plan(&big(), None, &mut prior);
         assert!(s.prewarm.is_none() && s.unload_after > 10.0 * l.unload_after.max(60.0), "small {s:?}, large {l:?}");
     }
 
     #[test]
     fn an_hour_already_paid_is_kept_warm_to_its_end() {
+        let mut prior = FleetPrior::new();
         let mut k = adaptive();
         for _ in 0..10 {
-            k.record_idle(0.2);
+            k.record_idle(0.2, &mut prior);
         }
-        assert!(k.plan(&big(), None).unload_after < 60.0);
-        assert_eq!(k.plan(&big(), Some(1500.0)).unload_after, 1500.0);
+        assert!(k.plan(&big(), None, &mut prior).unload_after < 60.0);
+        assert_eq!(k.plan(&big(), Some(1500.0), &mut prior).unload_after, 1500.0);
         // Fixed timers are plain timers.
-        assert_eq!(KeepAlive::new(Policy::Fixed(90.0)).plan(&big(), Some(1500.0)).unload_after, 90.0);
+        assert_eq!(KeepAlive::new(Policy::Fixed(90.0)).plan(&big(), Some(1500.0), &mut prior).unload_after, 90.0);
+    }
+
+    #[test]
+    fn a_deployment_with_little_history_plans_under_its_pool_and_with_many_under_its_own() {
+        let mut prior = FleetPrior::new();
+        // Three deployments of the class that come back every 30 minutes: the pool says "pre-warm for 1,800 s".
+        for _ in 0..3 {
+            let mut k = adaptive();
+            k.plan(&big(), None, &mut prior);
+            for i in 0..30 {
+                k.record_idle(1800.0 + f64::from(i % 5) * 4.0, &mut prior);
+            }
+            let (ready, _) = k.plan(&big(), None, &mut prior).prewarm.expect("a pre-warm");
+            assert!(ready > 1500.0 && ready <= 1800.0);
+        }
+        let break_even = big().cold_penalty / big().idle_per_s;
+        // With no idle time of its own, nothing says which pool it belongs to: the break-even timer.
+        let mut newcomer = adaptive();
+        assert_eq!(newcomer.plan(&big(), None, &mut prior), Plan::keep(break_even));
+        // One idle time near theirs: the pool decides (weight 8/9), where alone it would still fall back.
+        newcomer.record_idle(1750.0, &mut prior);
+        let plan = newcomer.plan(&big(), None, &mut prior);
+        let (ready, until) = plan.prewarm.expect("the pool's pre-warm");
+        assert!(ready > 1500.0 && ready <= 1800.0 && until > 1800.0, "{plan:?}");
+        let mut alone_prior = FleetPrior::new();
+        let mut alone = adaptive();
+        alone.plan(&big(), None, &mut alone_prior);
+        alone.record_idle(1750.0, &mut alone_prior);
+        assert_eq!(alone.plan(&big(), None, &mut alone_prior), Plan::keep(break_even));
+        // Many idle times of its own, alternating 10 minutes and 90 (the same typical idle time, 30 minutes, so the
+        // same pool): its own distribution decides, a pre-warm for the 10-minute gaps.
+        for i in 0..400 {
+            newcomer.record_idle(if i % 2 == 0 { 600.0 } else { 5400.0 }, &mut prior);
+        }
+        let key = newcomer.pool_key().expect("a pool");
+        assert_eq!(prior.members(key), 4, "the newcomer joined its neighbours' pool");
+        let plan = newcomer.plan(&big(), None, &mut prior);
+        let own = newcomer.histogram().best_plan(&big());
+        assert_eq!(plan, own, "with 400 idle times its own histogram decides");
+        assert!(plan.prewarm.is_some_and(|(ready, _)| ready < 700.0), "{plan:?}");
+        // A deployment that leaves takes its part with it.
+        newcomer.leave(&mut prior);
+        assert_eq!(prior.members(key), 3);
+    }
+
+    #[test]
+    fn a_keep_plan_never_costs_more_than_90_s_or_600_s_under_its_distribution() {
+        // Expected cost of keeping warm for t under a histogram, as the model counts it (arrivals at the buckets'
+        // midpoints; no idle copies, so every restart is a cold start).
+        let e = edges();
+        let keep_cost = |p: &[f64], c: &Costs, t: f64| -> f64 {
+            (0..e.len())
+                .map(|b| {
+                    let mid = if b + 1 < e.len() { 0.5 * (e[b] + e[b + 1]) } else { 2.0 * e[b] };
+                    let cold = if mid < t { 0.0 } else { c.cold_penalty };
+                    p[b] * (c.idle_per_s * mid.min(t) + cold)
+                })
+                .sum()
+        };
+        let mut rng = crate::rng::Rng::new(11);
+        let mut keeps = 0;
+        for case in 0..200 {
+            // Idle times log-uniform from 1 s to 3 h around a random centre, costs from a cheap share to two GPUs.
+            let centre = 10f64.powf(1.0 + 2.5 * rng.unit());
+            let mut h = IdleHistogram::new(1.0);
+            for _ in 0..30 {
+                h.record(centre * 10f64.powf(2.0 * rng.unit() - 1.0));
+            }
+            let idle = 10f64.powf(-5.0 + 2.5 * rng.unit());
+            let costs = Costs { idle_per_s: idle, cold_penalty: 30.0 * (0.05 + idle), load_cost: 30.0 * idle, ..big() };
+            let plan = h.best_plan(&costs);
+            if plan.prewarm.is_some() {
+                continue;
+            }
+            keeps += 1;
+            let p = h.normalized();
+            let chosen = keep_cost(&p, &costs, plan.unload_after);
+            for t in GUARD_TIMERS_S {
+                assert!(chosen <= keep_cost(&p, &costs, t) + 1e-9, "case {case}: {plan:?} costs more than keep({t})");
+            }
+        }
+        assert!(keeps > 50, "only {keeps} keep plans");
     }
 
     #[test]

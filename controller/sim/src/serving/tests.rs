@@ -227,3 +227,38 @@ fn busy_time_is_the_time_a_replica_serves_so_requests_that_waited_for_the_same_l
     assert_eq!(cold.cold_starts, 3);
     assert!((cold.gpu_seconds.busy - 0.2 * (s + s)).abs() < 1e-6, "{:?}", cold.gpu_seconds);
 }
+
+#[test]
+fn sparse_newcomers_borrow_the_fleets_idle_times_instead_of_keeping_a_gpu_warm_for_an_hour() {
+    // Six 80 GB deployments (a GPU each) called every 30 minutes for two days: the fleet's history. Six more of the
+    // same size start on the second day with four calls each, 30 minutes apart: sparse, and cold. Every restart is
+    // a full load (no idle copies).
+    let config = SimConfig { idle_gpu_copies: false, ..SimConfig::default() };
+    let mut deps = Vec::new();
+    for i in 0..6 {
+        let calls = (0..96).map(move |k| f64::from(i) * 60.0 + f64::from(k) * 1800.0);
+        deps.push(dep(&format!("old-{i}"), 80, requests(calls)));
+    }
+    for i in 0..6 {
+        let calls = (0..4).map(move |k| 86_400.0 + f64::from(i) * 300.0 + f64::from(k) * 1800.0);
+        deps.push(dep(&format!("new-{i}"), 80, requests(calls)));
+    }
+    let adaptive = run_with(config.clone(), &deps, "adaptive");
+    for (i, d) in adaptive.per_deployment[6..].iter().enumerate() {
+        assert_eq!(d.requests, 4);
+        // The first idle time has nothing to go by (the break-even timer, capped at an hour, keeps it warm for the
+        // 30 minutes); from the second on, the neighbours' pool says "back in 30 minutes": a pre-warm, not another
+        // half hour warm (three would be 5,400 GPU-seconds).
+        assert!(d.gpu_seconds.idle_warm < 3_000.0, "newcomer {i}: {:?}", d.gpu_seconds);
+        assert!(d.cold_starts <= 2, "newcomer {i}: {} cold starts", d.cold_starts);
+    }
+    for timer in ["fixed:90s", "fixed:600s"] {
+        let fixed = run_with(config.clone(), &deps, timer);
+        assert!(
+            adaptive.total_cost_usd <= fixed.total_cost_usd,
+            "adaptive ${:.2} vs {timer} ${:.2}",
+            adaptive.total_cost_usd,
+            fixed.total_cost_usd
+        );
+    }
+}
