@@ -30,9 +30,9 @@
 //!   [`WebhookSubscription`]) POSTs the prediction to a URL, retried with backoff and signed with a secret per
 //!   namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`). Every prediction has
 //!   `urls.stream` (as Replicate's now do): server-sent events (`stream`: an `output` per partial output as the model
-//!   produces it for a prediction created with `"stream": true` on a streaming model — [`Backend::predict_streaming`],
-//!   the output so far readable while `processing` —, otherwise one `output` with the whole output; or `error`;
-//!   then `done`).
+//!   produces it for a prediction of a model that streams (a process model server; [`Backend::streams`],
+//!   [`Backend::predict_streaming`]), the output so far readable while `processing`; otherwise one `output` with the
+//!   whole output; or `error`; then `done`).
 //!
 //! - Usage (`usage`): `GET /v1/usage` (sums of the metered records by deployment, rental, phase or day) and
 //!   `GET /v1/usage/statement` (a tenant's monthly statement), JSON or CSV, from the [`crate::billing::Billing`]
@@ -200,7 +200,16 @@ pub trait Backend: Send + Sync + 'static {
         hold: Duration,
     ) -> impl Future<Output = Result<Outcome, PredictError>> + Send;
 
-    /// [`Backend::predict`] for a prediction created with `"stream": true`: each partial output the model produces
+    /// Whether the deployment's model may stream its output (a process model server may; Kiln's native runtime
+    /// answers whole): its predictions are run with [`Backend::predict_streaming`] even without `"stream": true`
+    /// (Replicate's JavaScript client streams from `urls.stream` without asking for it). No by default.
+    fn streams(&self, deployment: &str) -> bool {
+        let _ = deployment;
+        false
+    }
+
+    /// [`Backend::predict`] for a prediction created with `"stream": true` or of a deployment that
+    /// [streams](Backend::streams): each partial output the model produces
     /// goes to `outputs` as it arrives (the gateway appends it to the prediction and sends it to its event stream);
     /// the outcome's output is the whole output. By default the output comes whole, once, as `predict`'s.
     fn predict_streaming(
@@ -240,7 +249,7 @@ struct Prediction {
     stream: bool,
     /// The capability in `urls.stream` ([`crate::webhook::Secret::stream_token`]); `None` without a secret.
     stream_token: Option<String>,
-    /// For a prediction run with `stream: true`: how many partial outputs `output` (then a list) holds so far,
+    /// For a prediction run streaming (`stream: true`, or a model that streams): how many partial outputs `output` (then a list) holds so far,
     /// watched by its event streams (`stream`). `None` for the others, which cost nothing more.
     partials: Option<Arc<watch::Sender<usize>>>,
     /// Sizes of an input and output that were over the store's limits (restored records, and inputs of finished

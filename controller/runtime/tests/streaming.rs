@@ -1,7 +1,8 @@
 //! Streaming predictions through the gateway over a backend whose model produces tokens one at a time, each held
 //! until the test lets it go: the event stream sends each `output` as it is produced (the first before the last
 //! exists), `GET` shows the output so far while `processing`, a stream opened later replays the outputs, a failure
-//! after some outputs ends with `error`, and a prediction not created with `stream: true` sends its output once.
+//! after some outputs ends with `error`, a prediction not created with `stream: true` sends its output once unless
+//! its model streams.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -42,7 +43,12 @@ impl Tokens {
 
 impl Backend for Tokens {
     fn version(&self, deployment: &str) -> Option<String> {
-        (deployment == "demo/tokens").then(|| "v1".to_owned())
+        ["demo/tokens", "demo/live"].contains(&deployment).then(|| "v1".to_owned())
+    }
+
+    /// `demo/live` streams every prediction, asked or not (as a process model server's are).
+    fn streams(&self, deployment: &str) -> bool {
+        deployment == "demo/live"
     }
 
     async fn predict(&self, _: &str, input: Value, _: Duration) -> Result<Outcome, PredictError> {
@@ -165,7 +171,7 @@ async fn a_streaming_prediction_sends_each_output_as_it_is_produced() {
 }
 
 #[tokio::test]
-async fn a_streaming_failure_ends_with_error_and_a_plain_prediction_streams_once() {
+async fn a_streaming_failure_ends_with_error_and_only_a_model_that_streams_streams_unasked() {
     let (addr, permits) = serve().await;
     let created =
         request(&addr, "POST", "/v1/models/demo/tokens/predictions", r#"{"input":{"n":1,"fail":true},"stream":true}"#)
@@ -187,4 +193,13 @@ async fn a_streaming_failure_ends_with_error_and_a_plain_prediction_streams_once
     permits.add_permits(1);
     assert_eq!(events.next().await, ev("output", r#"["t0","t1"]"#, 0));
     assert_eq!(events.next().await, ev("done", "{}", 1));
+
+    // A model that streams streams without being asked (Replicate's JavaScript client does not ask).
+    let created = request(&addr, "POST", "/v1/models/demo/live/predictions", r#"{"input":{"n":2}}"#).await;
+    let mut events = Events::open(&addr, created["id"].as_str().unwrap()).await;
+    permits.add_permits(1);
+    assert_eq!(events.next().await, ev("output", "t0", 0));
+    permits.add_permits(1);
+    assert_eq!(events.next().await, ev("output", "t1", 1));
+    assert_eq!(events.next().await, ev("done", "{}", 2));
 }

@@ -265,6 +265,14 @@ impl Backend for Arc<ControlPlane> {
         self.state().served.get(deployment).map(|s| s.version.clone())
     }
 
+    /// A process model server may stream (Cog's server-sent events); the native runtime answers whole.
+    fn streams(&self, deployment: &str) -> bool {
+        self.state()
+            .served
+            .get(deployment)
+            .is_some_and(|s| matches!(s.source.runtime, Some(v1::model_source::Runtime::Process(_))))
+    }
+
     async fn predict(&self, deployment: &str, input: Value, hold: Duration) -> Result<Outcome, PredictError> {
         self.observed_prediction(deployment, input, hold, None).await
     }

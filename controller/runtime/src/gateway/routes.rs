@@ -190,10 +190,11 @@ pub(super) async fn create<B: Backend>(
         webhook,
         stream,
         stream_token: gw.webhooks.secret.as_ref().map(|s| s.stream_token(&id)),
-        partials: stream.then(|| Arc::new(tokio::sync::watch::channel(0).0)),
+        partials: (stream || gw.backend.streams(&model)).then(|| Arc::new(tokio::sync::watch::channel(0).0)),
         ..Prediction::new(id.clone(), model.clone(), version, input.clone())
     };
     let done = Arc::clone(&prediction.done);
+    let streaming = prediction.partials.is_some();
     gw.persist(&prediction);
     let expired = {
         let mut predictions = gw.lock();
@@ -222,7 +223,7 @@ pub(super) async fn create<B: Backend>(
         if let Some(p) = webhook {
             runner.notify_webhook(&p, "start");
         }
-        let result = if stream {
+        let result = if streaming {
             let outputs = super::stream::output_sink(Arc::clone(&runner), task_id.clone());
             runner.backend.predict_streaming(&model, input, runner.hold, outputs).await
         } else {

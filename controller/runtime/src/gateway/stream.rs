@@ -1,10 +1,11 @@
 //! Streaming: a prediction's server-sent events (`GET /v1/predictions/{id}/stream`, in Replicate's shape) and where
 //! a streaming prediction's partial outputs go while it runs ([`output_sink`]).
 //!
-//! A prediction created with `"stream": true` is run through [`Backend::predict_streaming`]: each partial output is
+//! A prediction created with `"stream": true`, or of a deployment whose model may stream ([`Backend::streams`]: a
+//! process model server), is run through [`Backend::predict_streaming`]: each partial output is
 //! appended to its `output` (a list while it runs, so `GET /v1/predictions/{id}` shows the output so far) and its
 //! watch counter bumped, which wakes its event streams. When it finishes, `output` is the whole output the model
-//! answered. Other predictions are run as before and their stream sends the output once, whole.
+//! answered. Other predictions (a native model's) are run as before and their stream sends the output once, whole.
 
 use std::{convert::Infallible, sync::Arc};
 
@@ -58,8 +59,8 @@ enum Seen {
 }
 
 /// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` events, or `error`, then `done`,
-/// each with an `id` (the Python client drops an event without one). A streaming prediction (`"stream": true` on a
-/// model that streams) sends an `output` per partial output as the model produces it; any other sends its output
+/// each with an `id` (the Python client drops an event without one). A prediction of a model that streams sends an
+/// `output` per partial output as the model produces it; any other sends its output
 /// once, whole (a string as its text, anything else as JSON). A stream opened after partial outputs were produced
 /// sends them all first. Opened with the prediction's `token` (the capability in its `urls.stream`) or with a key
 /// of its namespace.
@@ -103,7 +104,9 @@ pub(super) async fn stream<B: Backend>(
                 match store.map.get(&id) {
                     None => Seen::Finished { outputs: Vec::new(), error: Some("the prediction expired".into()) },
                     Some(p) => {
-                        let streamed = p.partials.is_some();
+                        // Outputs go one by one once the model streamed one; a model that answered whole sends it
+                        // whole.
+                        let streamed = p.partials.as_ref().is_some_and(|w| *w.borrow() > 0);
                         let list = p.output.as_array().filter(|_| streamed);
                         let new = || list.map(|l| l.iter().skip(sent).cloned().collect()).unwrap_or_default();
                         match p.status {
