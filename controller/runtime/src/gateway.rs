@@ -77,7 +77,7 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 pub use self::{
-    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, sku},
+    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, merge_patch, sku},
     changes::SERVED_WITHIN,
     listing::PAGE_SIZE,
     routes::{RequestError, WebhookSubscription},
