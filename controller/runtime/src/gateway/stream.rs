@@ -28,16 +28,13 @@ pub(super) fn output_sink<B: Backend>(gw: Arc<Gateway<B>>, id: String) -> Output
         let mut store = gw.lock();
         let Some(p) = store.map.get_mut(&id).filter(|p| !p.finished()) else { return };
         let Some(partials) = &p.partials else { return };
-        let list = match &mut p.output {
-            Value::Array(list) => list,
-            other => {
-                *other = Value::Array(Vec::new());
-                let Value::Array(list) = other else { unreachable!("just set to a list") };
-                list
-            }
-        };
-        list.push(output);
-        partials.send_replace(list.len());
+        if !p.output.is_array() {
+            p.output = Value::Array(Vec::new());
+        }
+        if let Value::Array(list) = &mut p.output {
+            list.push(output);
+            partials.send_replace(list.len());
+        }
     })
 }
 
