@@ -260,6 +260,7 @@ pub fn controller(args: &ControllerArgs) -> Result<()> {
             shutdown_grace: args.shutdown_grace,
             prices,
             ledger: usage_ledger,
+            kube: Some(kiln_controller::k8s::changes::KubeDeployments::new(client.clone())),
             ..ServerOptions::default()
         })
         .await?;

@@ -29,6 +29,39 @@ fn start(dir: &std::path::Path) -> (Proc, String) {
     spawn_kiln(&all, Some(dir), "/predictions")
 }
 
+/// A `ModelDeployment` of a Cog-style model server that streams (`tests/models/cog_tokens.*`), run by the process
+/// runtime: `{command}` is the command as a JSON list, `{port}` its port.
+const TOKENS_MANIFEST: &str = r#"apiVersion: kiln.dev/v1alpha1
+kind: ModelDeployment
+metadata:
+  name: tokens
+  namespace: default
+spec:
+  model:
+    uri: file:///dev/null
+    runtime: process
+    process:
+      command: {command}
+      port: {port}
+      readinessPath: /health-check
+      startupTimeout: 60s
+  gpu:
+    count: 1
+    memoryPerGpu: 1Gi
+  scaling:
+    minReplicas: 0
+    maxReplicas: 1
+    targetConcurrency: 4
+    keepAlive:
+      policy: fixed
+      duration: 5m
+"#;
+
+/// A loopback port free now (for a model server the agent launches).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 #[test]
 fn kiln_up_serves_the_example_with_the_printed_curl_line() {
     let dir = std::env::temp_dir().join(format!("kiln-up-test-{}", std::process::id()));
@@ -267,8 +300,45 @@ try:
     client.trainings.list()
 except replicate.exceptions.ReplicateError as e:
     print("trainings", e.status, "trainings" in e.detail)
+
+# Streaming that streams: a Cog-style process model server (tests/models/cog_tokens.py) yields 5 tokens 0.3 s apart,
+# each stamped with the time it was produced.
+manifests, server, port = sys.argv[3], sys.argv[4], sys.argv[5]
+with open(f"{manifests}/tokens.yaml", "w") as f:
+    f.write(TOKENS.replace("{command}", json.dumps([sys.executable, server])).replace("{port}", port))
+tokens = {"tokens": 5, "delay": 0.3}
+for attempt in range(50):
+    try:
+        events = [(e.event.value, str(e), time.time()) for e in client.stream("default/tokens", input=tokens)]
+        break
+    except replicate.exceptions.ReplicateError as e:  # the manifest directory is read within a second
+        if attempt == 49:
+            raise
+        time.sleep(0.2)
+outputs = [(data, at) for name, data, at in events if name == "output"]
+last_produced = float(outputs[-1][0].split("@")[1])
+print("stream tokens", len(outputs), events[-1][0], [d.split("@")[0] for d, _ in outputs], outputs[0][1] < last_produced)
+# While it runs, the prediction shows the output so far.
+p = client.models.predictions.create("default/tokens", input=tokens, stream=True)
+partial = False
+while p.status not in ("succeeded", "failed", "canceled"):
+    partial |= p.status == "processing" and 0 < len(p.output or []) < 5
+    time.sleep(0.05)
+    p.reload()
+print("partial", partial, p.status, len(p.output))
 "#;
-    let out = Command::new(&python).arg("-c").arg(script).arg(&key).arg(&base).output().unwrap();
+    let script = format!("TOKENS = '''{TOKENS_MANIFEST}'''\n{script}");
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/models/cog_tokens.py");
+    let out = Command::new(&python)
+        .arg("-c")
+        .arg(script)
+        .arg(&key)
+        .arg(&base)
+        .arg(dir.join("kiln-manifests"))
+        .arg(server)
+        .arg(free_port().to_string())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let expected = "run 2\nstream ['output', 'done'] 2\nmodel default mlp-demo private True None\nlist 2 True True True\nget succeeded 2\n\
@@ -276,7 +346,8 @@ except replicate.exceptions.ReplicateError as e:
                     deployments ['default/mlp-demo'] None\nhardware True\naccount organization default\n\
                     create default mlp-copy True 0 2\nupdate 3\nrun copy 2\ninvalid 422 True\ndelete True\n\
                     deleted 404\n\
-                    versions 501 True\ntrainings 501 True";
+                    versions 501 True\ntrainings 501 True\n\
+                    stream tokens 5 done ['t0', 't1', 't2', 't3', 't4'] True\npartial True succeeded 5";
     assert_eq!(stdout.trim(), expected);
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);
@@ -299,6 +370,7 @@ fn the_official_replicate_javascript_client_runs_lists_describes_and_changes() {
     let key = text.split("Bearer ").nth(1).unwrap().split('\'').next().unwrap().to_owned();
     let script = r#"
 const Replicate = require("replicate");
+const fs = require("fs");
 const { validateWebhook } = Replicate;
 const http = require("http");
 const [key, base] = process.argv.slice(1);
@@ -367,13 +439,36 @@ const status = async (f) => { try { await f(); return "ok"; } catch (e) { return
   console.log("webhook", await validateWebhook({ headers: hook.headers, body: hook.body }, secret), hook.body.includes('"succeeded"'));
   console.log("versions", await status(() => replicate.models.versions.list("default", "mlp-demo")));
   console.log("trainings", await status(() => replicate.trainings.list()));
+
+  // Streaming that streams: a Cog-style process model server (tests/models/cog_tokens.js) yields 5 tokens 0.3 s
+  // apart, each stamped with the time it was produced.
+  const [manifests, server, port] = process.argv.slice(3);
+  const command = JSON.stringify([process.execPath, server]);
+  fs.writeFileSync(`${manifests}/tokens.yaml`, TOKENS.replace("{command}", command).replace("{port}", port));
+  const tokens = { tokens: 5, delay: 0.3 };
+  let streamed;
+  for (let attempt = 0; ; attempt++) {
+    try {
+      streamed = [];
+      for await (const e of replicate.stream("default/tokens", { input: tokens })) streamed.push([e.event, e.data, Date.now() / 1000]);
+      break;
+    } catch (e) { if (attempt === 49) throw e; await new Promise((r) => setTimeout(r, 200)); }
+  }
+  const outs = streamed.filter(([name]) => name === "output");
+  const lastProduced = Number(outs[outs.length - 1][1].split("@")[1]);
+  console.log("stream tokens", outs.length, streamed[streamed.length - 1][0], outs.map(([, d]) => d.split("@")[0]).join(","), outs[0][2] < lastProduced);
 })().catch((e) => { console.error(e); process.exit(1); });
 "#;
+    let script = format!("const TOKENS = `{TOKENS_MANIFEST}`;\n{script}");
+    let server = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/models/cog_tokens.js");
     let out = Command::new("node")
         .arg("-e")
         .arg(script)
         .arg(&key)
         .arg(&base)
+        .arg(dir.join("kiln-manifests"))
+        .arg(server)
+        .arg(free_port().to_string())
         .env("NODE_PATH", std::path::Path::new(&modules).join("node_modules"))
         .output()
         .unwrap();
@@ -382,7 +477,8 @@ const status = async (f) => { try { await f(); return "ok"; } catch (e) { return
     let expected = "run 2\nstream output,done\nmodel default mlp-demo private true\nlist 2 true true true\nget succeeded 2\ncancel true\n\
                     deployment default mlp-demo true 0 4\ndeployments default/mlp-demo null\nhardware true\n\
                     account organization default\ncreate default js-copy true\nupdate 3\ndelete true\n\
-                    deleted 404\nwebhook true true\nversions 501\ntrainings 501";
+                    deleted 404\nwebhook true true\nversions 501\ntrainings 501\n\
+                    stream tokens 5 done t0,t1,t2,t3,t4 true";
     assert_eq!(stdout.trim(), expected);
     drop(up);
     let _ = std::fs::remove_dir_all(&dir);

@@ -239,3 +239,145 @@ fn cuda_failures_that_retrying_cannot_fix_are_not_retryable() {
     assert_eq!(native::cuda_failure(&launch), ("CudaError", true));
     assert!(stub.to_string().contains("CUDA_ERROR_STUB_LIBRARY"), "the message keeps the driver's words");
 }
+
+/// A stand-in Cog model server on a loopback port: `GET /health-check` answers 200; `POST /predictions` with
+/// `Accept: text/event-stream` streams `start`, three `output` events and `completed` in HTTP chunks, holding the
+/// last output until `release` fires (so a test can see the first ones arrive before it is produced); without that
+/// header (or on `/plain`, which refuses to stream with 406) it answers the whole prediction as JSON; `/fails`
+/// streams one output, then a failed `completed`.
+async fn cog_server(release: Arc<tokio::sync::Notify>) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let release = Arc::clone(&release);
+            tokio::spawn(async move {
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).await.unwrap();
+                    if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = n.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).await.unwrap();
+                let mut stream = reader.into_inner();
+                let sse = head.contains("Accept: text/event-stream");
+                let send_chunk = |text: String| format!("{:x}\r\n{text}\r\n", text.len());
+                if head.starts_with("GET /health-check") {
+                    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+                } else if head.starts_with("POST /plain") && sse {
+                    stream.write_all(b"HTTP/1.1 406 Not Acceptable\r\nContent-Length: 0\r\n\r\n").await.unwrap();
+                } else if !sse {
+                    let json = r#"{"status":"succeeded","output":["whole"]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{json}",
+                        json.len()
+                    );
+                    stream.write_all(answer.as_bytes()).await.unwrap();
+                } else {
+                    let fails = head.starts_with("POST /fails");
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let start = "event: start\ndata: {\"status\":\"processing\"}\n\n".to_owned();
+                    stream.write_all(send_chunk(start).as_bytes()).await.unwrap();
+                    let tokens = if fails { 1 } else { 2 };
+                    for i in 0..tokens {
+                        // One event split over two HTTP chunks, with a comment and CRLF line ends.
+                        let event =
+                            format!(": tick\r\nevent: output\r\ndata: {{\"chunk\":\"t{i}\",\"index\":{i}}}\r\n\r\n");
+                        let (a, b) = event.split_at(20);
+                        stream.write_all(send_chunk(a.to_owned()).as_bytes()).await.unwrap();
+                        stream.write_all(send_chunk(b.to_owned()).as_bytes()).await.unwrap();
+                    }
+                    if fails {
+                        let done = "event: completed\ndata: {\"status\":\"failed\",\"error\":\"out of tokens\"}\n\n";
+                        stream.write_all(send_chunk(done.to_owned()).as_bytes()).await.unwrap();
+                    } else {
+                        release.notified().await;
+                        let last = "event: output\ndata: {\"chunk\":\"t2\",\"index\":2}\n\nevent: completed\n\
+                                    data: {\"status\":\"succeeded\",\"output\":[\"t0\",\"t1\",\"t2\"]}\n\n";
+                        stream.write_all(send_chunk(last.to_owned()).as_bytes()).await.unwrap();
+                    }
+                    stream.write_all(b"0\r\n\r\n").await.unwrap();
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// A process replica whose model server streams (Cog's server-sent events) answers `PredictStream` with each
+/// output as it is produced, then the whole prediction; one that does not stream answers in one final chunk; a
+/// failure reported in the stream fails the call; the slot is held until the stream ends.
+#[tokio::test]
+async fn a_streaming_process_replica_sends_each_output_as_it_is_produced() {
+    use tokio_stream::StreamExt;
+    let (workers, dir) = setup("stream");
+    let release = Arc::new(tokio::sync::Notify::new());
+    let port = cog_server(Arc::clone(&release)).await;
+    let mut s = start("p1", "file:///x", "");
+    let process = v1::ProcessRuntime {
+        command: vec!["sleep".into(), "60".into()],
+        port: u32::from(port),
+        readiness_path: "/health-check".into(),
+        ..Default::default()
+    };
+    s.model.as_mut().unwrap().runtime = Some(Runtime::Process(process));
+    s.max_concurrency = 1;
+    let mut events = workers.subscribe();
+    assert_eq!(workers.start("c1", s).0, v1::AckStatus::Accepted);
+    assert!(matches!(until_done(&mut events, "p1").await, Event::Ready(_)));
+
+    let input = br#"{"input":{"prompt":"hi"}}"#;
+    let mut chunks = workers.predict_stream("p1", "pred".into(), input, "application/json", None).await.unwrap();
+    let next = |c: Option<Result<v1::PredictChunk, tonic::Status>>| c.unwrap().unwrap();
+    let first = next(tokio::time::timeout(Duration::from_secs(5), chunks.next()).await.unwrap());
+    let second = next(chunks.next().await);
+    assert_eq!((first.index, first.data.as_slice(), first.r#final), (0, &b"\"t0\""[..], false));
+    assert_eq!((second.index, second.data.as_slice(), second.prediction_id.as_str()), (1, &b"\"t1\""[..], "pred"));
+    // The last output is not produced yet: the replica's one slot is still taken.
+    let busy = workers.predict_with("p1", input, "application/json", None).await.unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::ResourceExhausted);
+    release.notify_one();
+    let third = next(chunks.next().await);
+    assert_eq!((third.index, third.data.as_slice()), (2, &b"\"t2\""[..]));
+    let last = next(chunks.next().await);
+    assert!(last.r#final && last.metrics.is_some());
+    let whole: serde_json::Value = serde_json::from_slice(&last.data).unwrap();
+    assert_eq!(whole["output"], serde_json::json!(["t0", "t1", "t2"]));
+    assert!(chunks.next().await.is_none());
+    assert_eq!(workers.metrics()[0].completed, 1, "counted once, when it completed");
+
+    // A model that does not stream: 406, asked again for JSON, one final chunk.
+    let path = Some("/plain");
+    let mut chunks = workers.predict_stream("p1", "pred".into(), input, "application/json", path).await.unwrap();
+    let only = next(chunks.next().await);
+    assert!(only.r#final);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&only.data).unwrap()["output"][0], "whole");
+    assert!(chunks.next().await.is_none());
+
+    // A failure in the stream: the output so far, then the error.
+    let path = Some("/fails");
+    let mut chunks = workers.predict_stream("p1", "pred".into(), input, "application/json", path).await.unwrap();
+    assert_eq!(next(chunks.next().await).data, b"\"t0\"");
+    let failed = chunks.next().await.unwrap().unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::Internal);
+    assert!(failed.message().contains("out of tokens"), "{}", failed.message());
+    assert!(chunks.next().await.is_none());
+    assert_eq!(workers.metrics()[0].in_flight, 0, "every slot given back");
+    workers.stop(&v1::StopWorker { replica_id: "p1".into(), grace_period_ms: 100, ..Default::default() }).await;
+    std::fs::remove_dir_all(&dir).ok();
+}

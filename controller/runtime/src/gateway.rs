@@ -29,8 +29,10 @@
 //! - `"webhook"` (with `"webhook_events_filter"`: `start`, `output`, `logs`, `completed`; a
 //!   [`WebhookSubscription`]) POSTs the prediction to a URL, retried with backoff and signed with a secret per
 //!   namespace ([`crate::webhook`]; a namespace's key at `GET /v1/webhooks/default/secret`). Every prediction has
-//!   `urls.stream` (as Replicate's now do; `"stream": true` is accepted and kept): server-sent events (`output`, or
-//!   `error`, then `done`; outputs come whole, so there is one `output` event).
+//!   `urls.stream` (as Replicate's now do): server-sent events (`stream`: an `output` per partial output as the model
+//!   produces it for a prediction of a model that streams (a process model server; [`Backend::streams`],
+//!   [`Backend::predict_streaming`]), the output so far readable while `processing`; otherwise one `output` with the
+//!   whole output; or `error`; then `done`).
 //!
 //! - Usage (`usage`): `GET /v1/usage` (sums of the metered records by deployment, rental, phase or day) and
 //!   `GET /v1/usage/statement` (a tenant's monthly statement), JSON or CSV, from the [`crate::billing::Billing`]
@@ -54,6 +56,7 @@ mod listing;
 mod models;
 mod response;
 mod routes;
+mod stream;
 pub mod ui;
 mod usage;
 
@@ -74,14 +77,15 @@ use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 pub use self::{
-    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, sku},
+    catalog::{Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, EmptyCatalog, merge_patch, sku},
     changes::SERVED_WITHIN,
     listing::PAGE_SIZE,
     routes::{RequestError, WebhookSubscription},
 };
 use self::{
     response::PredictionResponse,
-    routes::{cancel, create, fetch, problem, stream, webhook_secret},
+    routes::{cancel, create, fetch, problem, webhook_secret},
+    stream::stream,
 };
 pub use crate::prediction::{FailureKind, PredictionStatus};
 use crate::{
@@ -195,7 +199,33 @@ pub trait Backend: Send + Sync + 'static {
         input: Value,
         hold: Duration,
     ) -> impl Future<Output = Result<Outcome, PredictError>> + Send;
+
+    /// Whether the deployment's model may stream its output (a process model server may; Kiln's native runtime
+    /// answers whole): its predictions are run with [`Backend::predict_streaming`] even without `"stream": true`
+    /// (Replicate's JavaScript client streams from `urls.stream` without asking for it). No by default.
+    fn streams(&self, deployment: &str) -> bool {
+        let _ = deployment;
+        false
+    }
+
+    /// [`Backend::predict`] for a prediction created with `"stream": true` or of a deployment that
+    /// [streams](Backend::streams): each partial output the model produces
+    /// goes to `outputs` as it arrives (the gateway appends it to the prediction and sends it to its event stream);
+    /// the outcome's output is the whole output. By default the output comes whole, once, as `predict`'s.
+    fn predict_streaming(
+        &self,
+        deployment: &str,
+        input: Value,
+        hold: Duration,
+        outputs: OutputSink,
+    ) -> impl Future<Output = Result<Outcome, PredictError>> + Send {
+        drop(outputs);
+        self.predict(deployment, input, hold)
+    }
 }
+
+/// Where a streaming prediction's partial outputs go, one call per output, in order.
+pub type OutputSink = Box<dyn FnMut(Value) + Send>;
 
 /// A prediction the gateway holds: running, or finished and readable until it expires.
 #[derive(Debug, Clone)]
@@ -219,6 +249,9 @@ struct Prediction {
     stream: bool,
     /// The capability in `urls.stream` ([`crate::webhook::Secret::stream_token`]); `None` without a secret.
     stream_token: Option<String>,
+    /// For a prediction run streaming (`stream: true`, or a model that streams): how many partial outputs `output` (then a list) holds so far,
+    /// watched by its event streams (`stream`). `None` for the others, which cost nothing more.
+    partials: Option<Arc<watch::Sender<usize>>>,
     /// Sizes of an input and output that were over the store's limits (restored records, and inputs of finished
     /// predictions).
     dropped: (Option<usize>, Option<usize>),
@@ -263,6 +296,7 @@ impl Prediction {
             webhook: None,
             stream: false,
             stream_token: None,
+            partials: None,
             dropped: (None, None),
             kept_bytes: 0,
         }
@@ -334,6 +368,7 @@ impl Prediction {
             webhook: r.webhook.map(|url| WebhookSubscription { url, events: r.webhook_events_filter }),
             stream: r.stream,
             stream_token: None,
+            partials: None,
             dropped: (r.input_dropped_bytes, r.output_dropped_bytes),
             kept_bytes: 0,
         }

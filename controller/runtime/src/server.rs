@@ -36,7 +36,7 @@ use crate::{
     billing::Billing,
     connections::HttpLimits,
     control::{ControlConfig, ControlPlane, RentalStatusView, ServedRental},
-    gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway, sku},
+    gateway::{Caller, Catalog, ChangeError, ChangeKind, DeploymentChange, DeploymentInfo, Gateway},
     manifests::{DirWatcher, ManifestError, load_dir},
     registry::{AgentServer, MonotonicClock, Registry, RegistryConfig},
     rental_records::{RentalRecord, RentalRecords},
@@ -85,6 +85,9 @@ pub struct ServerOptions {
     pub prices: Option<kiln_core::billing::PriceTable>,
     /// Where usage records are kept.
     pub ledger: UsageLedger,
+    /// In Kubernetes mode (no manifest directory): where the gateway writes deployment changes
+    /// (`POST`/`PATCH`/`DELETE /v1/deployments`) as `ModelDeployment` resources; `None` refuses them (501).
+    pub kube: Option<crate::k8s::changes::KubeDeployments>,
 }
 
 /// Where the billing service keeps usage records.
@@ -122,6 +125,7 @@ impl Default for ServerOptions {
             rental_records: None,
             prices: None,
             ledger: UsageLedger::Memory,
+            kube: None,
         }
     }
 }
@@ -219,6 +223,7 @@ impl Server {
             g.persister = Some(persister.clone());
             let mut catalog = FleetCatalog::new(Arc::clone(&control), registry.clone());
             catalog.manifests = options.manifests.clone();
+            catalog.kube = options.kube.clone();
             g.catalog = Arc::new(catalog);
             g.billing = billing;
         }
@@ -580,13 +585,16 @@ async fn internal_metrics(State(shared): State<Arc<Shared>>) -> impl IntoRespons
 /// The gateway's [`Catalog`] in a controller process: the deployments the control plane serves (their specs,
 /// versions and counters) and the GPU models of the registered nodes. With a manifest directory, deployment changes
 /// are written there as `ModelDeployment` manifests, checked first as `kiln apply` checks them
-/// ([`FleetCatalog::change`]); without one (Kubernetes mode) they are refused as unsupported.
+/// ([`FleetCatalog::change`]); in Kubernetes mode they are written as the resource
+/// ([`crate::k8s::changes::KubeDeployments`]); with neither they are refused as unsupported.
 #[derive(Debug)]
 pub struct FleetCatalog {
     control: Arc<ControlPlane>,
     registry: Registry,
     /// The manifest directory deployment changes are written to, if any.
     pub manifests: Option<PathBuf>,
+    /// The Kubernetes API deployment changes are written to, without a manifest directory.
+    pub kube: Option<crate::k8s::changes::KubeDeployments>,
     /// Per deployment: the version last seen, when it was first seen, and its release number.
     releases: Mutex<std::collections::HashMap<String, (String, std::time::SystemTime, u64)>>,
 }
@@ -594,7 +602,7 @@ pub struct FleetCatalog {
 impl FleetCatalog {
     /// The catalog of `control`'s deployments on `registry`'s nodes.
     pub fn new(control: Arc<ControlPlane>, registry: Registry) -> Self {
-        Self { control, registry, manifests: None, releases: Mutex::default() }
+        Self { control, registry, manifests: None, kube: None, releases: Mutex::default() }
     }
 
     /// The release of `key` at `version`: the spec generation where the version is one (Kubernetes), else counted
@@ -655,7 +663,12 @@ impl Catalog for FleetCatalog {
     /// against its transition rules) before anything is written.
     fn change(&self, namespace: &str, change: &DeploymentChange) -> Result<(), ChangeError> {
         let Some(dir) = &self.manifests else {
-            return Err(ChangeError::Unsupported("Kubernetes mode (use kubectl apply)"));
+            let Some(kube) = &self.kube else {
+                return Err(ChangeError::Unsupported("this controller (no manifest directory, no Kubernetes API)"));
+            };
+            // Called on a blocking thread of the runtime (the gateway's `spawn_blocking`).
+            let fleet = self.gpu_models();
+            return tokio::runtime::Handle::current().block_on(kube.change(namespace, change, &fleet));
         };
         let validator = Validator::default();
         let io = |e: std::io::Error| ChangeError::Io(format!("manifest directory {}: {e}", dir.display()));
@@ -693,15 +706,7 @@ impl Catalog for FleetCatalog {
                     return Err(ChangeError::Conflict(format!("deployment {key} exists already")));
                 }
                 let model = change.model.as_deref().unwrap_or_default();
-                let source = match model.split_once('/') {
-                    Some((ns, _)) if ns != namespace => {
-                        return Err(ChangeError::Invalid(format!(
-                            "model {model}: a deployment copies one of its own namespace ({namespace})"
-                        )));
-                    }
-                    Some(_) => model.to_owned(),
-                    None => crate::spec::key(namespace, model),
-                };
+                let source = change.copied(namespace)?;
                 let d = set.deployments.get(&source).ok_or_else(|| {
                     ChangeError::Invalid(format!(
                         "model {model}: no deployment {source} to copy (a model here is a deployment; write a \
@@ -723,25 +728,7 @@ impl Catalog for FleetCatalog {
         if let Some(fields) = object.as_object_mut() {
             fields.remove("status");
         }
-        if let Some(n) = change.min_instances {
-            object["spec"]["scaling"]["minReplicas"] = n.into();
-        }
-        if let Some(n) = change.max_instances {
-            object["spec"]["scaling"]["maxReplicas"] = n.into();
-        }
-        if let Some(hardware) = &change.hardware {
-            let mut models = self.gpu_models();
-            models.sort();
-            models.dedup();
-            let Some(model) = models.iter().find(|m| sku(m) == *hardware) else {
-                let skus: Vec<String> = models.iter().map(|m| sku(m)).collect();
-                return Err(ChangeError::Invalid(format!(
-                    "hardware {hardware} is not in this fleet (GET /v1/hardware: {})",
-                    skus.join(", ")
-                )));
-            };
-            object["spec"]["gpu"]["models"] = serde_json::json!([model]);
-        }
+        crate::gateway::merge_patch(&mut object, &change.spec_patch(&self.gpu_models())?);
         validator.validate_update(&object, old.as_ref()).map_err(|e| ChangeError::Invalid(e.to_string()))?;
         let text = serde_yaml::to_string(&object).map_err(|e| ChangeError::Io(e.to_string()))?;
         let text = format!("# Written by the gateway (Replicate's deployments API).\n{text}");

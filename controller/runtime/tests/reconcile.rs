@@ -791,3 +791,127 @@ async fn operator_keys_come_only_from_the_controllers_namespace() {
     );
     verifier.await.unwrap();
 }
+
+/// Replicate's deployments API in Kubernetes mode (`k8s::changes`): a create copies the named deployment into a new
+/// `ModelDeployment` (POSTed, checked by the mock against the CRD schema and CEL rules), an update is a merge patch
+/// carrying the live `resourceVersion` (merged and checked the same way), a delete deletes; a change the schema
+/// refuses never reaches the apiserver, and the apiserver's refusals become Replicate-shaped errors.
+#[tokio::test]
+async fn deployment_changes_are_written_as_validated_model_deployments() {
+    use kiln_controller::{
+        gateway::{ChangeError, ChangeKind, DeploymentChange},
+        k8s::changes::KubeDeployments,
+    };
+    const COPY: &str = "/apis/kiln.dev/v1alpha1/namespaces/demo/modeldeployments/copy";
+    let (client, server) = mock();
+    let mut server = server.holding(MLP, &deployment(0, true, false));
+    let kube = KubeDeployments::new(client);
+    let fleet = vec!["NVIDIA H100 80GB HBM3".to_owned()];
+    let change = |kind, min: Option<u32>, max: Option<u32>| DeploymentChange {
+        name: "copy".into(),
+        kind,
+        model: Some("mlp".into()),
+        hardware: None,
+        min_instances: min,
+        max_instances: max,
+    };
+    let run = |change: DeploymentChange| {
+        let (kube, fleet) = (kube.clone(), fleet.clone());
+        tokio::spawn(async move { kube.change("demo", &change, &fleet).await })
+    };
+
+    // Create: the copy's own metadata, no status, the scaling and hardware asked for.
+    let create = DeploymentChange {
+        hardware: Some("gpu-h100-80gb-hbm3".into()),
+        ..change(ChangeKind::Create, Some(1), Some(3))
+    };
+    let task = run(create.clone());
+    let (method, uri, _, send) = server.next().await;
+    assert_eq!((method.as_str(), uri.as_str()), ("GET", MLP));
+    respond(send, StatusCode::OK, &server.objects[MLP].clone());
+    let (method, uri, body, send) = server.next().await;
+    assert_eq!(
+        (method.as_str(), uri.as_str()),
+        ("POST", "/apis/kiln.dev/v1alpha1/namespaces/demo/modeldeployments?&fieldManager=kiln-gateway")
+    );
+    assert_eq!(body["metadata"], json!({ "name": "copy", "namespace": "demo" }), "nothing of mlp's metadata");
+    assert!(body.get("status").is_none());
+    let scaling =
+        |o: &Value| (o["spec"]["scaling"]["minReplicas"].clone(), o["spec"]["scaling"]["maxReplicas"].clone());
+    assert_eq!(scaling(&body), (json!(1), json!(3)));
+    assert_eq!(body["spec"]["gpu"]["models"], json!(["NVIDIA H100 80GB HBM3"]));
+    assert_eq!(body["spec"]["model"], server.objects[MLP]["spec"]["model"], "the model source copied");
+    let mut stored = server.objects[COPY].clone();
+    stored["metadata"]["resourceVersion"] = json!("11");
+    server.objects.insert(COPY.into(), stored.clone());
+    respond(send, StatusCode::CREATED, &stored);
+    task.await.unwrap().unwrap();
+
+    // Update: a merge patch of the fields asked for, conditional on the version read.
+    let task = run(change(ChangeKind::Update, None, Some(5)));
+    let (method, uri, _, send) = server.next().await;
+    assert_eq!((method.as_str(), uri.as_str()), ("GET", COPY));
+    respond(send, StatusCode::OK, &stored);
+    let (method, uri, body, send) = server.next().await;
+    assert_eq!((method.as_str(), uri.as_str()), ("PATCH", format!("{COPY}?&fieldManager=kiln-gateway").as_str()));
+    assert_eq!(body, json!({ "spec": { "scaling": { "maxReplicas": 5 } }, "metadata": { "resourceVersion": "11" } }));
+    assert_eq!(scaling(&server.objects[COPY]), (json!(1), json!(5)), "what the apiserver stores");
+    respond(send, StatusCode::OK, &server.objects[COPY].clone());
+    task.await.unwrap().unwrap();
+
+    // An update the CEL rules refuse (minReplicas above maxReplicas) is not sent.
+    let task = run(change(ChangeKind::Update, Some(9), None));
+    let (_, _, _, send) = server.next().await;
+    respond(send, StatusCode::OK, &server.objects[COPY].clone());
+    server.expect_silence(Duration::from_millis(200)).await;
+    let Err(ChangeError::Invalid(message)) = task.await.unwrap() else { panic!("an invalid update was accepted") };
+    assert!(message.contains("minReplicas"), "{message}");
+
+    // The apiserver's refusals: changed meanwhile (409), exists already (409), not found (404), forbidden (403).
+    let task = run(change(ChangeKind::Update, None, Some(4)));
+    let (_, _, _, send) = server.next().await;
+    respond(send, StatusCode::OK, &server.objects[COPY].clone());
+    let (_, _, _, send) = server.next().await;
+    let conflict = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                           "message": "the object has been modified" });
+    respond(send, StatusCode::CONFLICT, &conflict);
+    let Err(ChangeError::Conflict(message)) = task.await.unwrap() else { panic!("a conflict was not one") };
+    assert!(message.contains("changed meanwhile"), "{message}");
+
+    let task = run(change(ChangeKind::Create, None, None));
+    let (_, _, _, send) = server.next().await;
+    respond(send, StatusCode::OK, &server.objects[MLP].clone());
+    let (_, _, _, send) = server.next().await;
+    let exists = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists",
+                         "code": 409, "message": "modeldeployments.kiln.dev \"copy\" already exists" });
+    respond(send, StatusCode::CONFLICT, &exists);
+    let err = task.await.unwrap().unwrap_err();
+    assert_eq!(err.to_string(), "deployment demo/copy exists already");
+
+    let task = run(DeploymentChange { model: Some("gone".into()), ..change(ChangeKind::Create, None, None) });
+    let (_, uri, _, send) = server.next().await;
+    assert!(uri.ends_with("/modeldeployments/gone"), "{uri}");
+    respond(send, StatusCode::NOT_FOUND, &not_found("gone"));
+    let Err(ChangeError::Invalid(message)) = task.await.unwrap() else { panic!("copied a missing deployment") };
+    assert!(message.contains("no deployment demo/gone to copy"), "{message}");
+
+    // Delete, then delete again: not found.
+    for (status, body) in [(StatusCode::OK, server.objects[COPY].clone()), (StatusCode::NOT_FOUND, not_found("copy"))] {
+        let task = run(change(ChangeKind::Delete, None, None));
+        let (method, uri, _, send) = server.next().await;
+        assert_eq!((method.as_str(), uri.as_str()), ("DELETE", format!("{COPY}?").as_str()));
+        respond(send, status, &body);
+        match task.await.unwrap() {
+            Ok(()) => assert_eq!(status, StatusCode::OK),
+            Err(ChangeError::NotFound(key)) => assert_eq!((status, key.as_str()), (StatusCode::NOT_FOUND, "demo/copy")),
+            Err(other) => panic!("{other}"),
+        }
+    }
+
+    let task = run(change(ChangeKind::Delete, None, None));
+    let (_, _, _, send) = server.next().await;
+    let forbidden = json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                            "code": 403, "message": "cannot delete resource \"modeldeployments\"" });
+    respond(send, StatusCode::FORBIDDEN, &forbidden);
+    assert!(matches!(task.await.unwrap(), Err(ChangeError::Forbidden(m)) if m.contains("cannot delete")));
+}

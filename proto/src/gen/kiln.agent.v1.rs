@@ -553,6 +553,9 @@ pub struct PredictChunk {
     /// Position of this chunk in the stream, from 0.
     #[prost(uint64, tag = "2")]
     pub index: u64,
+    /// A chunk before the last: one partial output, as JSON (a process worker's Cog `output` event's `chunk`). The
+    /// last chunk: the whole answer, as `PredictResponse.output` would carry it (an object with an `output` field, or
+    /// the output itself).
     #[prost(bytes = "vec", tag = "3")]
     pub data: ::prost::alloc::vec::Vec<u8>,
     #[prost(string, tag = "4")]
@@ -1172,7 +1175,8 @@ pub mod worker_service_client {
                 .insert(GrpcMethod::new("kiln.agent.v1.WorkerService", "Predict"));
             self.inner.unary(req, path, codec).await
         }
-        /// One prediction whose output is streamed in chunks (e.g. tokens). The last chunk has `final = true`.
+        /// One prediction whose output is streamed in chunks (e.g. tokens), each sent as the model produces it. The last
+        /// chunk has `final = true`. A model that does not stream answers with that chunk alone.
         pub async fn predict_stream(
             &mut self,
             request: impl tonic::IntoRequest<super::PredictRequest>,
@@ -1225,7 +1229,8 @@ pub mod worker_service_server {
             >
             + std::marker::Send
             + 'static;
-        /// One prediction whose output is streamed in chunks (e.g. tokens). The last chunk has `final = true`.
+        /// One prediction whose output is streamed in chunks (e.g. tokens), each sent as the model produces it. The last
+        /// chunk has `final = true`. A model that does not stream answers with that chunk alone.
         async fn predict_stream(
             &self,
             request: tonic::Request<super::PredictRequest>,

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::sync::watch;
 
 use super::ControlPlane;
-use crate::gateway::{Backend, GpuUse, Outcome, PredictError};
+use crate::gateway::{Backend, GpuUse, Outcome, OutputSink, PredictError};
 
 /// Requests held for one deployment while it has no ready replica: bounded, woken together when a replica is
 /// ready.
@@ -227,14 +227,79 @@ fn output_of(bytes: &[u8]) -> Result<Value, PredictError> {
     })
 }
 
+/// A prediction over the replica's `PredictStream`: each chunk before the last is one partial output (JSON), given
+/// to `outputs` as it arrives; the last chunk is the whole answer, returned as `Predict`'s output is. Once an output
+/// was given, a failure is not one the request may be routed again after (that would repeat the outputs).
+async fn streamed(
+    client: &mut WorkerClient,
+    request: v1::PredictRequest,
+    outputs: &mut OutputSink,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut chunks = client.predict_stream(request).await?.into_inner();
+    let mut given = 0usize;
+    let after = |given: usize, s: tonic::Status| match s.code() {
+        _ if given == 0 => s,
+        tonic::Code::InvalidArgument => s,
+        _ => tonic::Status::internal(format!("{} (after {given} outputs)", s.message())),
+    };
+    loop {
+        let chunk = match chunks.message().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => {
+                return Err(after(given, tonic::Status::internal("the replica's stream ended without its last chunk")));
+            }
+            Err(s) => return Err(after(given, s)),
+        };
+        if chunk.r#final {
+            return Ok(chunk.data);
+        }
+        let output: Value = serde_json::from_slice(&chunk.data)
+            .map_err(|e| tonic::Status::internal(format!("the replica streamed an output that is not JSON: {e}")))?;
+        outputs(output);
+        given += 1;
+    }
+}
+
 impl Backend for Arc<ControlPlane> {
     fn version(&self, deployment: &str) -> Option<String> {
         self.state().served.get(deployment).map(|s| s.version.clone())
     }
 
+    /// A process model server may stream (Cog's server-sent events); the native runtime answers whole.
+    fn streams(&self, deployment: &str) -> bool {
+        self.state()
+            .served
+            .get(deployment)
+            .is_some_and(|s| matches!(s.source.runtime, Some(v1::model_source::Runtime::Process(_))))
+    }
+
     async fn predict(&self, deployment: &str, input: Value, hold: Duration) -> Result<Outcome, PredictError> {
+        self.observed_prediction(deployment, input, hold, None).await
+    }
+
+    /// Runs it over the replica's `PredictStream`, each partial output to `outputs` as the replica sends it.
+    async fn predict_streaming(
+        &self,
+        deployment: &str,
+        input: Value,
+        hold: Duration,
+        mut outputs: OutputSink,
+    ) -> Result<Outcome, PredictError> {
+        self.observed_prediction(deployment, input, hold, Some(&mut outputs)).await
+    }
+}
+
+impl ControlPlane {
+    /// A prediction run, with its metrics and the deployment's counters recorded.
+    async fn observed_prediction(
+        self: &Arc<Self>,
+        deployment: &str,
+        input: Value,
+        hold: Duration,
+        outputs: Option<&mut OutputSink>,
+    ) -> Result<Outcome, PredictError> {
         let arrived = Instant::now();
-        let result = self.run_prediction(deployment, input, hold).await;
+        let result = self.run_prediction(deployment, input, hold, outputs).await;
         let outcome = match &result {
             Ok(_) => "succeeded",
             Err(PredictError::Invalid(_)) => "invalid",
@@ -252,14 +317,13 @@ impl Backend for Arc<ControlPlane> {
         });
         result
     }
-}
 
-impl ControlPlane {
     async fn run_prediction(
         self: &Arc<Self>,
         deployment: &str,
         input: Value,
         hold: Duration,
+        mut outputs: Option<&mut OutputSink>,
     ) -> Result<Outcome, PredictError> {
         let arrived = Instant::now();
         let removed = || PredictError::Failed(format!("deployment {deployment} was removed"));
@@ -337,15 +401,17 @@ impl ControlPlane {
                 metadata: HashMap::new(),
             };
             let sent = Instant::now();
-            let answer = client.predict(request).await;
+            let answer = match outputs.as_deref_mut() {
+                None => client.predict(request).await.map(|r| r.into_inner().output),
+                Some(outputs) => streamed(&mut client, request, outputs).await,
+            };
             // The round trip to the replica: the model's time plus one loopback or LAN hop.
             let predict_time = sent.elapsed().as_secs_f64();
             self.finish(deployment, &replica);
             match answer {
-                Ok(r) => {
-                    let r = r.into_inner();
+                Ok(output) => {
                     return Ok(Outcome {
-                        output: output_of(&r.output)?,
+                        output: output_of(&output)?,
                         predict_time,
                         queue_time,
                         cold_start: cold.then_some(queue_time),
@@ -467,11 +533,30 @@ mod connection_tests {
 
         type PredictStreamStream = Chunks;
 
+        /// Streams the replica id's letters, one output each, then the whole list; `broken` breaks off after one
+        /// with UNAVAILABLE.
         async fn predict_stream(
             &self,
-            _request: tonic::Request<v1::PredictRequest>,
+            request: tonic::Request<v1::PredictRequest>,
         ) -> Result<tonic::Response<Chunks>, tonic::Status> {
-            Err(tonic::Status::unimplemented("not here"))
+            let r = request.into_inner();
+            let letters: Vec<String> = r.replica_id.chars().map(String::from).collect();
+            let chunk = |index: usize, data: Vec<u8>, last: bool| v1::PredictChunk {
+                index: index as u64,
+                data,
+                r#final: last,
+                ..Default::default()
+            };
+            let mut chunks: Vec<Result<v1::PredictChunk, tonic::Status>> =
+                letters.iter().enumerate().map(|(i, l)| Ok(chunk(i, serde_json::to_vec(l).unwrap(), false))).collect();
+            if r.replica_id == "broken" {
+                chunks.truncate(1);
+                chunks.push(Err(tonic::Status::unavailable("the model server went away")));
+            } else {
+                let whole = serde_json::to_vec(&serde_json::json!({ "output": letters })).unwrap();
+                chunks.push(Ok(chunk(letters.len(), whole, true)));
+            }
+            Ok(tonic::Response::new(Box::pin(tokio_stream::iter(chunks))))
         }
     }
 
@@ -529,6 +614,27 @@ mod connection_tests {
         let answer = client.clone().predict(request("back")).await.unwrap();
         assert_eq!(answer.into_inner().output, br#"{"output":"back"}"#.to_vec());
         drop(stop);
+    }
+
+    /// A streamed prediction gives each partial output as it comes and answers the last chunk; one that breaks off
+    /// after an output fails as INTERNAL (not to be routed again, which would repeat the outputs).
+    #[tokio::test]
+    async fn streamed_outputs_are_given_in_order_and_a_broken_stream_is_not_routed_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: SocketAddr = listener.local_addr().unwrap();
+        let mut client = WorkerClients::default().get(&addr.to_string()).unwrap();
+        let _stop = serve(listener);
+        let given = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&given);
+        let mut outputs: OutputSink = Box::new(move |v| sink.lock().unwrap().push(v));
+        let whole = streamed(&mut client, request("abc"), &mut outputs).await.unwrap();
+        assert_eq!(output_of(&whole).unwrap(), serde_json::json!(["a", "b", "c"]));
+        assert_eq!(*given.lock().unwrap(), [serde_json::json!("a"), serde_json::json!("b"), serde_json::json!("c")]);
+        given.lock().unwrap().clear();
+        let broken = streamed(&mut client, request("broken"), &mut outputs).await.unwrap_err();
+        assert_eq!(broken.code(), tonic::Code::Internal, "{broken:?}");
+        assert_eq!(broken.message(), "the model server went away (after 1 outputs)");
+        assert_eq!(given.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -96,9 +96,75 @@ pub enum ChangeError {
     /// The resulting `ModelDeployment` is not valid, or the request is not (422; the apiserver's message).
     #[error("{0}")]
     Invalid(String),
-    /// The manifest could not be read or written (500).
+    /// The caller may not make it, or the controller may not (403; the apiserver's message).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The manifest could not be read or written, or the Kubernetes API failed (500).
     #[error("{0}")]
     Io(String),
+}
+
+impl DeploymentChange {
+    /// The deployment a create copies, `namespace/name`: `model` names one of the caller's namespace (a bare name
+    /// is in it); another namespace's is refused.
+    pub fn copied(&self, namespace: &str) -> Result<String, ChangeError> {
+        let model = self.model.as_deref().unwrap_or_default();
+        match model.split_once('/') {
+            Some((ns, _)) if ns != namespace => Err(ChangeError::Invalid(format!(
+                "model {model}: a deployment copies one of its own namespace ({namespace})"
+            ))),
+            Some(_) => Ok(model.to_owned()),
+            None => Ok(crate::spec::key(namespace, model)),
+        }
+    }
+
+    /// What the change sets in a `ModelDeployment`, as a JSON merge patch: `spec.scaling.minReplicas` and
+    /// `maxReplicas`, and `spec.gpu.models` (the one GPU model of `fleet_models` whose [`sku`] is `hardware`; a SKU
+    /// that is none of them is refused, naming those there are).
+    pub fn spec_patch(&self, fleet_models: &[String]) -> Result<serde_json::Value, ChangeError> {
+        let mut patch = serde_json::json!({ "spec": {} });
+        if let Some(n) = self.min_instances {
+            patch["spec"]["scaling"]["minReplicas"] = n.into();
+        }
+        if let Some(n) = self.max_instances {
+            patch["spec"]["scaling"]["maxReplicas"] = n.into();
+        }
+        if let Some(hardware) = &self.hardware {
+            let mut models: Vec<&String> = fleet_models.iter().collect();
+            models.sort();
+            models.dedup();
+            let Some(model) = models.iter().find(|m| sku(m) == *hardware) else {
+                let skus: Vec<String> = models.iter().map(|m| sku(m)).collect();
+                return Err(ChangeError::Invalid(format!(
+                    "hardware {hardware} is not in this fleet (GET /v1/hardware: {})",
+                    skus.join(", ")
+                )));
+            };
+            patch["spec"]["gpu"]["models"] = serde_json::json!([model]);
+        }
+        Ok(patch)
+    }
+}
+
+/// Merges a JSON merge patch (RFC 7386) into `target`: objects field by field, `null` removes, anything else
+/// replaces.
+pub fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(fields) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(Default::default());
+    }
+    if let serde_json::Value::Object(into) = target {
+        for (name, value) in fields {
+            if value.is_null() {
+                into.remove(name);
+            } else {
+                merge_patch(into.entry(name.clone()).or_insert(serde_json::Value::Null), value);
+            }
+        }
+    }
 }
 
 /// A catalog with no deployments and no GPUs (a gateway not given one).
@@ -128,6 +194,40 @@ pub fn sku(gpu_model: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_becomes_a_merge_patch_and_hardware_must_be_in_the_fleet() {
+        let fleet = ["NVIDIA H100 80GB HBM3".to_owned(), "NVIDIA H200".to_owned(), "NVIDIA H200".to_owned()];
+        let change = DeploymentChange {
+            name: "copy".into(),
+            kind: ChangeKind::Update,
+            model: None,
+            hardware: Some("gpu-h200".into()),
+            min_instances: Some(1),
+            max_instances: None,
+        };
+        let patch = change.spec_patch(&fleet).unwrap();
+        assert_eq!(
+            patch,
+            serde_json::json!({ "spec": { "scaling": { "minReplicas": 1 }, "gpu": { "models": ["NVIDIA H200"] } } })
+        );
+        let mut object = serde_json::json!({ "spec": { "scaling": { "minReplicas": 0, "maxReplicas": 4 }, "x": 1 } });
+        merge_patch(&mut object, &patch);
+        merge_patch(&mut object, &serde_json::json!({ "spec": { "x": null } }));
+        assert_eq!(
+            object,
+            serde_json::json!({ "spec": { "scaling": { "minReplicas": 1, "maxReplicas": 4 },
+                                          "gpu": { "models": ["NVIDIA H200"] } } })
+        );
+        let bad = DeploymentChange { hardware: Some("gpu-a100".into()), ..change.clone() };
+        assert_eq!(
+            bad.spec_patch(&fleet).unwrap_err().to_string(),
+            "hardware gpu-a100 is not in this fleet (GET /v1/hardware: gpu-h100-80gb-hbm3, gpu-h200)"
+        );
+        let copy = |model: &str| DeploymentChange { model: Some(model.into()), ..change.clone() }.copied("ns");
+        assert_eq!((copy("m").unwrap(), copy("ns/m").unwrap()), ("ns/m".to_owned(), "ns/m".to_owned()));
+        assert!(matches!(copy("other/m"), Err(ChangeError::Invalid(_))));
+    }
 
     #[test]
     fn skus_are_the_product_names_words_without_the_vendor() {

@@ -1,6 +1,7 @@
 //! Replicate's deployment changes: `POST /v1/deployments` (create), `PATCH /v1/deployments/{owner}/{name}`
 //! (update) and `DELETE /v1/deployments/{owner}/{name}` (delete), carried out by the [`Catalog`]'s spec source
-//! (`kiln up`: a manifest in its directory; a spec source that cannot: 501). A tenant's key changes its own
+//! (`kiln up`: a manifest in its directory; Kubernetes mode: the `ModelDeployment` resource, `k8s::changes`; a spec
+//! source that cannot: 501). A tenant's key changes its own
 //! namespace's deployments; an operator's key, which belongs to no namespace, changes none. The answer comes
 //! once the control plane serves the change (at most [`SERVED_WITHIN`] later): the deployment in Replicate's shape
 //! (create and update) or 204 (delete).
@@ -113,6 +114,7 @@ impl IntoResponse for ChangeError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         problem(status, self.to_string())

@@ -190,9 +190,11 @@ pub(super) async fn create<B: Backend>(
         webhook,
         stream,
         stream_token: gw.webhooks.secret.as_ref().map(|s| s.stream_token(&id)),
+        partials: (stream || gw.backend.streams(&model)).then(|| Arc::new(tokio::sync::watch::channel(0).0)),
         ..Prediction::new(id.clone(), model.clone(), version, input.clone())
     };
     let done = Arc::clone(&prediction.done);
+    let streaming = prediction.partials.is_some();
     gw.persist(&prediction);
     let expired = {
         let mut predictions = gw.lock();
@@ -221,7 +223,12 @@ pub(super) async fn create<B: Backend>(
         if let Some(p) = webhook {
             runner.notify_webhook(&p, "start");
         }
-        let result = runner.backend.predict(&model, input, runner.hold).await;
+        let result = if streaming {
+            let outputs = super::stream::output_sink(Arc::clone(&runner), task_id.clone());
+            runner.backend.predict_streaming(&model, input, runner.hold, outputs).await
+        } else {
+            runner.backend.predict(&model, input, runner.hold).await
+        };
         // Priced outside the prediction lock (the billing service has its own).
         let billed = match (&result, &runner.billing) {
             (Ok(Outcome { gpu: Some(g), predict_time, .. }), Some(billing)) => {
@@ -316,51 +323,6 @@ pub(super) async fn webhook_secret<B: Backend>(State(gw): State<Arc<Gateway<B>>>
         Some(secret) => Json(json!({ "key": secret.for_namespace(&namespace).as_str() })).into_response(),
         None => problem(StatusCode::NOT_FOUND, "webhooks are not signed by this gateway (no signing secret is set)"),
     }
-}
-
-/// `GET /v1/predictions/{id}/stream`: server-sent events, as Replicate's: `output` with the output (as JSON text),
-/// or `error`, then `done`, each with an `id`. Outputs are produced whole, so there is one `output` event. Opened
-/// with the prediction's `token` (the capability in its `urls.stream`) or with a key of its namespace.
-pub(super) async fn stream<B: Backend>(
-    State(gw): State<Arc<Gateway<B>>>,
-    Path(id): Path<String>,
-    uri: axum::http::Uri,
-    headers: HeaderMap,
-) -> Response {
-    use axum::response::sse::{Event, Sse};
-    let token = uri.query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
-    let by_token = match (token, &gw.webhooks.secret) {
-        (Some(token), Some(secret)) => secret.stream_token_matches(&id, token),
-        _ => false,
-    };
-    let caller = gw.namespace_of(&headers);
-    if !by_token && caller.is_none() {
-        return gw.unauthorized();
-    }
-    let done = match gw.lock().map.get(&id) {
-        Some(p) if by_token || p.model.split('/').next() == caller.as_deref() => Arc::clone(&p.done),
-        _ => return problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
-    };
-    let notified = done.notified();
-    let finished = gw.lock().map.get(&id).is_some_and(Prediction::finished);
-    if !finished {
-        notified.await;
-    }
-    let p = gw.lock().map.get(&id).cloned();
-    // Each event has an id, as Replicate's do (the Python client drops an event without one).
-    let mut events = Vec::new();
-    match p {
-        Some(p) if p.status == PredictionStatus::Succeeded => {
-            events.push(Event::default().event("output").data(p.output.to_string()).id("0"));
-        }
-        Some(p) => {
-            let error = p.error.unwrap_or_else(|| p.status.to_string());
-            events.push(Event::default().event("error").data(error).id("0"));
-        }
-        None => events.push(Event::default().event("error").data("the prediction expired").id("0")),
-    }
-    events.push(Event::default().event("done").data("{}").id("1"));
-    Sse::new(tokio_stream::iter(events.into_iter().map(Ok::<_, std::convert::Infallible>))).into_response()
 }
 
 /// `POST /v1/predictions/{id}/cancel`: marks it canceled unless it has finished; answers with the prediction.

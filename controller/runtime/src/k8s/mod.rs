@@ -3,6 +3,7 @@
 //! from Secrets ([`api_keys`]), and leader election on a Lease ([`lease`]). What they write is computed without I/O
 //! in [`status`].
 
+pub mod changes;
 pub mod lease;
 pub mod reconcile;
 pub mod rentals;
