@@ -472,6 +472,25 @@ mod tests {
         assert_eq!(many.len(), 10_000, "ids made in the same millisecond differ");
     }
 
+    #[tokio::test]
+    async fn a_run_dropped_before_it_is_done_goes_on_by_itself() {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let (finished, ran) = tokio::sync::oneshot::channel();
+        let mut run = Detach(Some(Box::pin(async move {
+            let _ = wait.await;
+            let _ = finished.send(());
+        })));
+        // Polled while it waits, then dropped, as when the waiting client hangs up.
+        assert!(tokio::time::timeout(Duration::from_millis(20), &mut run).await.is_err());
+        drop(run);
+        go.send(()).expect("the rest of the run is alive on a task of its own");
+        tokio::time::timeout(Duration::from_secs(5), ran).await.expect("the rest ran").unwrap();
+        // One that finished while polled leaves nothing behind.
+        let mut done = Detach(Some(Box::pin(async {})));
+        (&mut done).await;
+        assert!(done.0.is_none());
+    }
+
     #[test]
     fn ids_sort_in_the_order_they_were_made() {
         let first = new_id();
