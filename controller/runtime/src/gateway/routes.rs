@@ -133,9 +133,10 @@ fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
-/// `POST /v1/deployments/{namespace}/{name}/predictions`: admits, parses and stores the prediction, runs it on its
-/// own task, and answers at once (201) or, with `Prefer: wait`, when it finishes (200, or 429, 503 or 504 by its
-/// [`FailureKind`]) or the wait ends (201).
+/// `POST /v1/deployments/{namespace}/{name}/predictions`: admits, parses and stores the prediction, and either runs
+/// it on a task of its own and answers at once (201) or, with `Prefer: wait`, runs it on this request's task and
+/// answers when it finishes (200, or 429, 503 or 504 by its [`FailureKind`]) or the wait ends (201; the run goes on,
+/// [`Detach`]).
 pub(super) async fn create<B: Backend>(
     State(gw): State<Arc<Gateway<B>>>,
     Path((namespace, name)): Path<(String, String)>,
