@@ -206,11 +206,13 @@ impl std::fmt::Debug for Party {
 }
 
 /// A process's CPU time: in all (`utime + stime`, including threads that have exited), and by thread name
-/// (`/proc/<pid>/task/*/schedstat`, threads alive at the reading).
+/// (`/proc/<pid>/task/*/schedstat`, threads alive at the reading); and its resident memory.
 #[derive(Debug, Clone, Default)]
 struct Cpu {
     total_s: f64,
     by_thread: BTreeMap<String, f64>,
+    /// Resident memory at the reading (`VmRSS`), KiB.
+    rss_kib: u64,
 }
 
 impl Cpu {
@@ -233,7 +235,13 @@ impl Cpu {
             let ns: u64 = sched.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
             *by_thread.entry(thread_group(comm.trim())).or_insert(0.0) += ns as f64 / 1e9;
         }
-        Ok(Self { total_s, by_thread })
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        Ok(Self { total_s, by_thread, rss_kib })
     }
 
     fn since(&self, before: &Self) -> Self {
@@ -242,7 +250,7 @@ impl Cpu {
             .iter()
             .map(|(k, v)| (k.clone(), (v - before.by_thread.get(k).copied().unwrap_or(0.0)).max(0.0)))
             .collect();
-        Self { total_s: (self.total_s - before.total_s).max(0.0), by_thread }
+        Self { total_s: (self.total_s - before.total_s).max(0.0), by_thread, rss_kib: self.rss_kib }
     }
 }
 
@@ -562,6 +570,15 @@ async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
     let shown: Vec<String> =
         groups.iter().filter(|(_, us)| *us >= 0.05).map(|(name, us)| format!("{name} {us:.1}")).collect();
     println!("kiln gateway CPU-us per request by thread (median over rounds): {}", shown.join(", "));
+    // Resident memory at the end of each run (the gateway's grows with the predictions it keeps for an hour).
+    let rss = |path: Path3| -> Vec<f64> {
+        runs[&path].iter().filter_map(|x| x.proxy_cpu.as_ref().map(|c| c.rss_kib as f64 / 1024.0)).collect()
+    };
+    let mut line = format!("resident memory after each run, MiB: kiln gateway {}", spread(&rss(Path3::Kiln), 1.0, 1));
+    if runs.contains_key(&Path3::Nginx) {
+        line.push_str(&format!(", nginx {}", spread(&rss(Path3::Nginx), 1.0, 1)));
+    }
+    println!("{line}");
     if !options.rates.is_empty() {
         sweep(options, rig, &paths).await?;
     }

@@ -327,6 +327,11 @@ impl ControlPlane {
     ) -> Result<Outcome, PredictError> {
         let arrived = Instant::now();
         let removed = || PredictError::Failed(format!("deployment {deployment} was removed"));
+        // `{"input": ...}`, written straight from the input (not through a JSON object holding it).
+        let mut body = Vec::with_capacity(64);
+        body.extend_from_slice(b"{\"input\":");
+        serde_json::to_writer(&mut body, &input).map_err(|e| PredictError::Invalid(e.to_string()))?;
+        body.push(b'}');
         let queue = {
             let mut state = self.state();
             let Some(queue) = state.served.get(deployment).map(|s| Arc::clone(&s.hold)) else {
@@ -337,7 +342,6 @@ impl ControlPlane {
             }
             queue
         };
-        let body = serde_json::json!({ "input": input }).to_string().into_bytes();
         let mut cold = false;
         let mut attempts = 0;
         loop {
