@@ -389,6 +389,7 @@ mod tests {
                 snapshot_index: 0,
                 snapshots_made: 0,
                 snapshots_installed: 0,
+                snapshots_failed: 0,
                 pending_proposals: 0,
             },
             records: 0,

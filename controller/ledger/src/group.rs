@@ -137,6 +137,7 @@ impl Ledger for GroupLedger {
             log: s.node.log,
             snapshot_index: s.node.snapshot_index,
             snapshots: s.node.snapshots_made + s.node.snapshots_installed,
+            snapshots_failed: s.node.snapshots_failed,
             records: s.records,
             log_bytes: s.log_bytes,
         })

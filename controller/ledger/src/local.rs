@@ -135,6 +135,7 @@ impl Ledger for LocalLedger {
             log: s.log,
             snapshot_index: s.snapshot_index,
             snapshots: s.snapshots_made + s.snapshots_installed,
+            snapshots_failed: s.snapshots_failed,
             records: self.node.state().len() as u64,
             log_bytes: self.disk_usage() as u64,
         })

@@ -218,6 +218,8 @@ pub struct NodeStatus {
     pub snapshots_made: u64,
     /// Snapshots this process received from a leader and installed.
     pub snapshots_installed: u64,
+    /// Snapshot builds that failed in this process ([`Node::snapshot_failed`]).
+    pub snapshots_failed: u64,
     /// Proposals waiting for their entry to be applied.
     pub pending_proposals: usize,
 }
@@ -243,6 +245,7 @@ pub struct Node<S: LogStore> {
     snapshot_index: u64,
     snapshots_made: u64,
     snapshots_installed: u64,
+    snapshots_failed: u64,
     /// A due snapshot not yet taken by the caller.
     snapshot_due: Option<SnapshotJob>,
     /// The index of the snapshot job taken and not yet finished or failed.
@@ -308,6 +311,7 @@ impl<S: LogStore> Node<S> {
             snapshot_index,
             snapshots_made: 0,
             snapshots_installed: 0,
+            snapshots_failed: 0,
             snapshot_due: None,
             snapshot_building: None,
             snapshot_not_before: 0,
@@ -450,6 +454,7 @@ impl<S: LogStore> Node<S> {
             snapshot_index: self.snapshot_index,
             snapshots_made: self.snapshots_made,
             snapshots_installed: self.snapshots_installed,
+            snapshots_failed: self.snapshots_failed,
             pending_proposals: self.pending.len(),
         }
     }
@@ -655,6 +660,7 @@ impl<S: LogStore> Node<S> {
         if self.snapshot_building == Some(index) {
             self.snapshot_building = None;
             self.snapshot_not_before = index + self.cfg.snapshot_every.max(1);
+            self.snapshots_failed += 1;
         }
     }
 }

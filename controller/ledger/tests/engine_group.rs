@@ -177,3 +177,42 @@ fn snapshots_built_off_the_loop_are_exact_and_survive_restart() {
         assert!(before.len() > n.state().snapshot().len(), "entries after the snapshot come back from the log");
     }
 }
+
+/// A snapshot build that failed (a full disk) is counted, and no new job is made until another `snapshot_every`
+/// entries are applied: the node does not spin on a disk that cannot take it.
+#[test]
+fn a_failed_snapshot_build_is_counted_and_retried_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let background = |id: u64| {
+        let store = EngineStore::open(&dir.path().join(format!("r{id}")), &[1, 2, 3]).unwrap();
+        let cfg =
+            NodeConfig { snapshot_every: 20, compact_margin: 5, background_snapshots: true, ..NodeConfig::new(id) };
+        Node::open(cfg, store, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
+    };
+    let mut group = LoopbackGroup::new((1..=3).map(background));
+    let leader = group.elect(100).unwrap();
+    let mut seq = 0;
+    while group.nodes[&leader].state().applied_index() < 20 {
+        seq += 1;
+        append(&mut group, seq);
+    }
+    let node = group.nodes.get_mut(&leader).unwrap();
+    let job = node.take_snapshot_job().expect("due");
+    node.snapshot_failed(job.index());
+    assert_eq!(node.status().snapshots_failed, 1);
+    assert_eq!(node.status().snapshot_index, 0, "nothing stored");
+    let failed_at = job.index();
+    while group.nodes[&leader].state().applied_index() < failed_at + 19 {
+        seq += 1;
+        append(&mut group, seq);
+        assert!(group.nodes.get_mut(&leader).unwrap().take_snapshot_job().is_none(), "no retry before 20 more entries");
+    }
+    while group.nodes[&leader].state().applied_index() < failed_at + 20 {
+        seq += 1;
+        append(&mut group, seq);
+    }
+    let node = group.nodes.get_mut(&leader).unwrap();
+    let job = node.take_snapshot_job().expect("retried after another 20 entries");
+    assert!(node.finish_snapshot(job.build().unwrap()).unwrap());
+    assert_eq!(node.status().snapshots_failed, 1);
+}

@@ -137,7 +137,7 @@ impl Metrics {
         reg!(
             "kiln_ledger_status",
             "The usage ledger's raft group as this replica sees it, by field (term, leader, commit_index, \
-             applied_index, log_first, log_last, snapshot_index, snapshots, records, log_bytes)",
+             applied_index, log_first, log_last, snapshot_index, snapshots, snapshots_failed, records, log_bytes)",
             m.ledger.clone()
         );
         m.families = families;
@@ -222,6 +222,7 @@ impl Metrics {
                 ("log_last", l.log.1),
                 ("snapshot_index", l.snapshot_index),
                 ("snapshots", l.snapshots),
+                ("snapshots_failed", l.snapshots_failed),
                 ("records", l.records),
                 ("log_bytes", l.log_bytes),
             ];

@@ -461,6 +461,7 @@ async fn ledger(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
             "log": { "first": s.log.0, "last": s.log.1, "bytes": s.log_bytes },
             "snapshotIndex": s.snapshot_index,
             "snapshots": s.snapshots,
+            "snapshots_failed": s.snapshots_failed,
             "records": s.records,
         }),
     };

@@ -167,6 +167,9 @@ pub struct LedgerStatus {
     pub snapshot_index: u64,
     /// Snapshots made or installed by this process.
     pub snapshots: u64,
+    /// Snapshot builds that failed in this process (a disk full or unwritable: the log is not compacted until one
+    /// succeeds).
+    pub snapshots_failed: u64,
     /// Records held.
     pub records: u64,
     /// Bytes of log files on disk.
