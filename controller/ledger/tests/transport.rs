@@ -21,10 +21,24 @@ struct Running {
 }
 
 async fn start(dir: &Path, id: u64, peers: &BTreeMap<u64, String>) -> Running {
+    // A restart binds its port again: the stopped server's listener goes with its aborted task, a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match tokio::net::TcpListener::bind(&peers[&id]).await {
+            Ok(l) => break l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("binding {}: {e}", peers[&id]),
+        }
+    };
+    serve(dir, id, peers, listener)
+}
+
+fn serve(dir: &Path, id: u64, peers: &BTreeMap<u64, String>, listener: tokio::net::TcpListener) -> Running {
     let mut cfg = ReplicaConfig::new(id, dir.join(format!("r{id}")), peers.clone());
     cfg.tick = Duration::from_millis(20);
     let replica = Replica::start(cfg).unwrap();
-    let listener = tokio::net::TcpListener::bind(&peers[&id]).await.unwrap();
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let service = replica.service();
     let server = tokio::spawn(async move {
@@ -33,17 +47,18 @@ async fn start(dir: &Path, id: u64, peers: &BTreeMap<u64, String>) -> Running {
     Running { replica, server }
 }
 
-/// Three replicas on free loopback ports, each behind its gRPC server.
+/// Three replicas on loopback ports, each behind its gRPC server. The ports are held from the moment they are
+/// chosen (a port picked free and bound again later can be taken meanwhile by a test running beside this one).
 async fn start_group(dir: &Path) -> (BTreeMap<u64, String>, BTreeMap<u64, Running>) {
-    let peers: BTreeMap<u64, String> = (1..=3u64)
-        .map(|id| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            (id, format!("127.0.0.1:{port}"))
-        })
-        .collect();
+    let mut listeners = BTreeMap::new();
+    for id in 1..=3u64 {
+        listeners.insert(id, tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let peers: BTreeMap<u64, String> =
+        listeners.iter().map(|(id, l)| (*id, l.local_addr().unwrap().to_string())).collect();
     let mut nodes = BTreeMap::new();
-    for id in 1..=3 {
-        nodes.insert(id, start(dir, id, &peers).await);
+    for (id, listener) in listeners {
+        nodes.insert(id, serve(dir, id, &peers, listener));
     }
     (peers, nodes)
 }
