@@ -621,9 +621,7 @@ impl<S: LogStore> Node<S> {
             self.snapshot_due = Some(job);
             return Ok(());
         }
-        self.snapshot_building = Some(applied);
-        let snap = job.build()?;
-        self.finish_snapshot(snap)?;
+        self.finish_snapshot(job.build()?)?;
         Ok(())
     }
 

@@ -11,8 +11,14 @@ use kiln_ledger::loopback::LoopbackGroup;
 use kiln_ledger::{Command, EngineStore, Event, Node, NodeConfig, Outcome};
 
 fn open(dir: &Path, id: u64) -> Node<EngineStore> {
+    open_with(dir, id, false)
+}
+
+/// Replica `id` in `dir`, building its snapshots off the loop when `background`.
+fn open_with(dir: &Path, id: u64, background: bool) -> Node<EngineStore> {
     let store = EngineStore::open(&dir.join(format!("r{id}")), &[1, 2, 3]).unwrap();
-    let cfg = NodeConfig { snapshot_every: 20, compact_margin: 5, ..NodeConfig::new(id) };
+    let cfg =
+        NodeConfig { snapshot_every: 20, compact_margin: 5, background_snapshots: background, ..NodeConfig::new(id) };
     Node::open(cfg, store, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
 }
 
@@ -121,12 +127,7 @@ fn log_stays_bounded_under_sustained_appends() {
 #[test]
 fn snapshots_built_off_the_loop_are_exact_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let background = |id: u64| {
-        let store = EngineStore::open(&dir.path().join(format!("r{id}")), &[1, 2, 3]).unwrap();
-        let cfg =
-            NodeConfig { snapshot_every: 20, compact_margin: 5, background_snapshots: true, ..NodeConfig::new(id) };
-        Node::open(cfg, store, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
-    };
+    let background = |id: u64| open_with(dir.path(), id, true);
     let mut group = LoopbackGroup::new((1..=3).map(background));
     group.elect(100).unwrap();
     let mut seq = 0;
@@ -183,12 +184,7 @@ fn snapshots_built_off_the_loop_are_exact_and_survive_restart() {
 #[test]
 fn a_failed_snapshot_build_is_counted_and_retried_later() {
     let dir = tempfile::tempdir().unwrap();
-    let background = |id: u64| {
-        let store = EngineStore::open(&dir.path().join(format!("r{id}")), &[1, 2, 3]).unwrap();
-        let cfg =
-            NodeConfig { snapshot_every: 20, compact_margin: 5, background_snapshots: true, ..NodeConfig::new(id) };
-        Node::open(cfg, store, &slog::Logger::root(slog::Discard, slog::o!())).unwrap()
-    };
+    let background = |id: u64| open_with(dir.path(), id, true);
     let mut group = LoopbackGroup::new((1..=3).map(background));
     let leader = group.elect(100).unwrap();
     let mut seq = 0;
