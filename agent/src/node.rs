@@ -4,7 +4,6 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use kiln_proto::v1;
 use tokio::sync::watch;
 
 use crate::{
@@ -65,12 +64,9 @@ pub enum NodeError {
     /// A bound listener's address could not be read.
     #[error("reading a bound listener's address")]
     LocalAddr(#[source] std::io::Error),
-    /// The metrics or admin HTTP server failed.
+    /// The metrics, admin or worker server failed.
     #[error("{0} server")]
     Http(&'static str, #[source] std::io::Error),
-    /// The `WorkerService` failed.
-    #[error("worker service")]
-    WorkerService(#[source] tonic::transport::Error),
 }
 
 /// Results of this module.
@@ -244,15 +240,19 @@ impl Node {
             tokio::spawn(session::run(config, self.telemetry, Arc::clone(&self.commands), session_stop, None));
         }
         let workers = Arc::clone(&self.commands.workers);
-        let worker_service = tonic::transport::Server::builder()
-            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(workers)))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true)));
+        // gRPC and the HTTP/1.1 predict route on one port (`Register.worker_http1`).
+        let worker_service = axum::serve(
+            axum::serve::ListenerExt::tap_io(worker, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            }),
+            WorkerApi(workers).router(),
+        );
         let public = axum::serve(metrics, http::public_router(self.state.clone()));
         let admin = axum::serve(admin, http::admin_router(self.state, self.admin_token));
         let result = tokio::select! {
             r = public => r.map_err(|e| NodeError::Http("metrics", e)),
             r = admin => r.map_err(|e| NodeError::Http("admin", e)),
-            r = worker_service => r.map_err(NodeError::WorkerService),
+            r = worker_service => r.map_err(|e| NodeError::Http("worker", e)),
             _ = stop.wait_for(|s| *s) => Ok(()),
         };
         let _ = stop_session.send(true);

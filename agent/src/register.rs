@@ -44,6 +44,8 @@ pub fn registration(snapshot: &Snapshot, agent_version: &str, worker_endpoint: &
             })
             .collect(),
         worker_endpoint: worker_endpoint.to_owned(),
+        // The worker port serves the HTTP/1.1 predict route beside gRPC (`WorkerApi::router`).
+        worker_http1: true,
         cpu_milli: host_cpu_milli(snapshot),
         host_memory_bytes: host_memory(snapshot),
         ..v1::Register::default()

@@ -19,11 +19,10 @@ use kiln_proto::{
     testing::StubController,
     v1::{
         self, Registered, agent_message, command, model_source::Runtime, worker_event::Event,
-        worker_service_client::WorkerServiceClient, worker_service_server::WorkerServiceServer,
+        worker_service_client::WorkerServiceClient,
     },
 };
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Registers the agent, then asks it to start one replica on the GPU it reported first.
 fn controller(model_uri: String, digest: String) -> StubController {
@@ -74,11 +73,8 @@ async fn a_controller_starts_a_native_replica_and_the_gateway_gets_predictions()
     let workers = Workers::new(Arc::clone(&cache), Some(sim.clone()), vec![80 << 30; 2]);
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_addr = worker_listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(WorkerServiceServer::new(WorkerApi(Arc::clone(&workers))))
-            .serve_with_incoming(TcpListenerStream::new(worker_listener)),
-    );
+    let api = WorkerApi(Arc::clone(&workers));
+    tokio::spawn(async move { axum::serve(worker_listener, api.router()).await });
     let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers });
     let config = SessionConfig {
         controller: format!("http://{controller_addr}"),

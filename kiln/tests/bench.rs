@@ -13,24 +13,29 @@ fn figure(text: &str, line_start: &str, column: usize) -> f64 {
 
 #[test]
 fn the_gateway_bench_reports_latency_and_cpu_per_request_for_each_path() {
-    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(["bench", "gateway", "--rps", "100", "--seconds", "1", "--runs", "1", "--no-sweep", "--no-nginx"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    // p50 of each path, then the gateway's CPU: positive, and the replica's too (its own process).
-    assert!(figure(&text, "direct to the replica (HTTP)", 0) > 0.0, "{text}");
-    assert!(figure(&text, "through the kiln gateway (HTTP -> gRPC)", 0) > 0.0, "{text}");
-    let cpu = text.split("CPU per request, microseconds").nth(1).unwrap_or_else(|| panic!("{text}"));
-    let line = cpu.lines().find(|l| l.starts_with("through the kiln gateway")).unwrap_or_else(|| panic!("{text}"));
-    let numbers: Vec<f64> = line
-        .trim_start_matches("through the kiln gateway (HTTP -> gRPC)")
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    assert_eq!(numbers.len(), 2, "proxy and replica CPU per request: {line}");
-    assert!(numbers.iter().all(|us| *us > 0.0 && us.is_finite()), "{line}");
-    assert!(text.contains("reference proxy: none"), "{text}");
-    assert!(text.contains("by thread"), "{text}");
+    // Over either hop to the replica: the worker port's HTTP/1.1 predict route, or gRPC.
+    for (hop, says) in [("http1", "HTTP/1.1 predict route"), ("grpc", "WorkerService.Predict over gRPC")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(["bench", "gateway", "--rps", "100", "--seconds", "1", "--runs", "1", "--no-sweep", "--no-nginx"])
+            .args(["--hop", hop])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains(says), "{text}");
+        // p50 of each path, then the gateway's CPU: positive, and the replica's too (its own process).
+        assert!(figure(&text, "direct to the replica (HTTP)", 0) > 0.0, "{text}");
+        assert!(figure(&text, "through the kiln gateway (HTTP -> worker)", 0) > 0.0, "{text}");
+        let cpu = text.split("CPU per request, microseconds").nth(1).unwrap_or_else(|| panic!("{text}"));
+        let line = cpu.lines().find(|l| l.starts_with("through the kiln gateway")).unwrap_or_else(|| panic!("{text}"));
+        let numbers: Vec<f64> = line
+            .trim_start_matches("through the kiln gateway (HTTP -> worker)")
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        assert_eq!(numbers.len(), 2, "proxy and replica CPU per request: {line}");
+        assert!(numbers.iter().all(|us| *us > 0.0 && us.is_finite()), "{line}");
+        assert!(text.contains("reference proxy: none"), "{text}");
+        assert!(text.contains("by thread"), "{text}");
+    }
 }

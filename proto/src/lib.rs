@@ -1,6 +1,7 @@
 //! The Kiln agent protocol, `kiln.agent.v1`: messages and gRPC clients/servers for
 //! - `AgentService.Connect`, the bidirectional stream between each node agent and the controller, and
-//! - `WorkerService.Predict` / `PredictStream`, the gateway's request path to a model replica;
+//! - `WorkerService.Predict` / `PredictStream`, the gateway's request path to a model replica, and the same
+//!   `Predict` over plain HTTP/1.1 ([`worker_http`]);
 //!
 //! and the ledger protocol, `kiln.ledger.v1` ([`ledger::v1`], `proto/kiln/ledger/v1/ledger.proto`):
 //! `LedgerService.Raft` between the ledger's replicas and `Append` / `Status` for its clients.
@@ -36,6 +37,7 @@ pub mod ledger {
 }
 
 pub mod convert;
+pub mod worker_http;
 
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -273,6 +273,48 @@ fn chunk_of(
 #[derive(Debug, Clone)]
 pub struct WorkerApi(pub Arc<Workers>);
 
+impl WorkerApi {
+    /// What the worker port serves: `WorkerService` over gRPC (HTTP/2) and its `Predict` over plain HTTP/1.1
+    /// ([`kiln_proto::worker_http`]), told apart by the HTTP/2 preface when served with `axum::serve`.
+    pub fn router(self) -> axum::Router {
+        use kiln_proto::worker_http::{MAX_BODY_BYTES, PREDICT_PATH};
+        let http = axum::routing::post(predict_http).with_state(Arc::clone(&self.0));
+        tonic::service::Routes::new(v1::worker_service_server::WorkerServiceServer::new(self))
+            .into_axum_router()
+            .route(PREDICT_PATH, http.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES)))
+    }
+}
+
+/// `POST /v1/predict`: [`Workers::predict_with`] over HTTP/1.1, answered as [`kiln_proto::worker_http`] says.
+async fn predict_http(
+    axum::extract::State(workers): axum::extract::State<Arc<Workers>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::{http::header::CONTENT_TYPE, response::IntoResponse};
+    use kiln_proto::worker_http::{PATH_HEADER, REPLICA_HEADER, STATUS_HEADER, http_status};
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let answer = match header(REPLICA_HEADER) {
+        Some(replica) => {
+            let content_type = header(CONTENT_TYPE.as_str()).unwrap_or("application/json");
+            workers.predict_with(replica, &body, content_type, header(PATH_HEADER)).await
+        }
+        None => Err(Status::invalid_argument(format!("the request names no replica ({REPLICA_HEADER})"))),
+    };
+    match answer {
+        Ok((output, _)) => ([(CONTENT_TYPE, "application/json")], output).into_response(),
+        Err(status) => {
+            let code = axum::http::StatusCode::from_u16(http_status(status.code()))
+                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+            let headers = [
+                (CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+                (axum::http::HeaderName::from_static(STATUS_HEADER), (status.code() as i32).to_string()),
+            ];
+            (code, headers, status.message().to_owned()).into_response()
+        }
+    }
+}
+
 /// The chunks of a streamed prediction.
 pub type ChunkStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PredictChunk, Status>> + Send>>;
 

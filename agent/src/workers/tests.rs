@@ -98,7 +98,6 @@ async fn a_native_replica_loads_answers_and_a_truncated_one_fails_without_distur
 #[tokio::test]
 async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
     use crate::model::{Activation, Dtype, LayerSpec, write_model};
-    use tokio_stream::wrappers::TcpListenerStream;
 
     let (workers, dir) = setup("overflow");
     // outputs: [x0, 3e38·x0 + 3e38·x1]
@@ -130,14 +129,11 @@ async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().starts_with("input index 0 is out of the range of a 32-bit float"), "{}", err.message());
 
-    // Over gRPC, as the gateway calls it.
+    // Over gRPC, as the gateway calls it, on the worker port as the node serves it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(v1::worker_service_server::WorkerServiceServer::new(WorkerApi(Arc::clone(&workers))))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let api = WorkerApi(Arc::clone(&workers));
+    tokio::spawn(async move { axum::serve(listener, api.router()).await });
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut client = v1::worker_service_client::WorkerServiceClient::new(channel);
     let request = |input: &[u8]| v1::PredictRequest {
@@ -151,6 +147,39 @@ async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
     assert!(status.message().contains("non-finite value (inf) at output index 1"), "{}", status.message());
     let ok = client.predict(request(br#"{"input": [1.0, 0.0]}"#)).await.unwrap().into_inner();
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&ok.output).unwrap()["output"][0], 1.0);
+
+    // The same port answers the same call over plain HTTP/1.1, failures with their gRPC code.
+    let http = |replica: Option<&str>, input: &str| {
+        let replica = replica.map(|r| format!("x-kiln-replica: {r}\r\n")).unwrap_or_default();
+        let request = format!(
+            "POST /v1/predict HTTP/1.1\r\nhost: w\r\n{replica}content-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{input}",
+            input.len()
+        );
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).await.unwrap();
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            let status: u16 = head[9..12].parse().unwrap();
+            let code = head.lines().find_map(|l| l.strip_prefix("x-kiln-status: ")).map(str::to_owned);
+            let status = kiln_proto::worker_http::status_of(status, code.as_deref(), body.as_bytes());
+            (head.starts_with("HTTP/1.1 200 "), status, body.to_owned())
+        }
+    };
+    let (ok, _, body) = http(Some("r1"), r#"{"input": [1.0, 0.0]}"#).await;
+    assert!(ok, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["output"][0], 1.0);
+    let (ok, status, _) = http(Some("r1"), r#"{"input": [1.0, 2.0]}"#).await;
+    assert!(!ok);
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(status.message().contains("non-finite value (inf) at output index 1"), "{}", status.message());
+    let (_, status, _) = http(Some("gone"), r#"{"input": [1.0]}"#).await;
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{}", status.message());
+    let (_, status, _) = http(None, r#"{"input": [1.0]}"#).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -69,6 +69,8 @@ pub struct NodeView {
     pub versions: [String; 3],
     /// Where the gateway reaches the node's `WorkerService`.
     pub worker_endpoint: String,
+    /// Whether `worker_endpoint` also serves the HTTP/1.1 predict route (`Register.worker_http1`).
+    pub worker_http1: bool,
     /// Allocatable CPU, millicores (0: not reported).
     pub cpu_milli: u64,
     /// Host memory, bytes (0: not reported).
@@ -299,10 +301,10 @@ impl Registry {
         self.lock().nodes.get(name).map(|n| n.view.clone())
     }
 
-    /// Where the gateway reaches `name`'s `WorkerService` (empty: not reported), without copying the node's view:
-    /// the request path asks it for every prediction.
-    pub fn worker_endpoint(&self, name: &str) -> Option<String> {
-        self.lock().nodes.get(name).map(|n| n.view.worker_endpoint.clone())
+    /// Where the gateway reaches `name`'s `WorkerService` (empty: not reported) and whether it serves the HTTP/1.1
+    /// predict route there, without copying the node's view: the request path asks it for every prediction.
+    pub fn worker_endpoint(&self, name: &str) -> Option<(String, bool)> {
+        self.lock().nodes.get(name).map(|n| (n.view.worker_endpoint.clone(), n.view.worker_http1))
     }
 
     /// The model of `name`'s first GPU (what a prediction on it is priced by), without copying the node's view.
@@ -403,6 +405,7 @@ impl Registry {
             cached: register.cached_models.clone(),
             versions: [register.agent_version.clone(), register.driver_version.clone(), register.cuda_version.clone()],
             worker_endpoint: register.worker_endpoint.clone(),
+            worker_http1: register.worker_http1,
             cpu_milli: register.cpu_milli,
             host_memory_bytes: register.host_memory_bytes,
             labels: {

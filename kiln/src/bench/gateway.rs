@@ -2,14 +2,16 @@
 //! proxy on the same machine.
 //!
 //! Each party runs in a process of its own so its CPU time can be read from `/proc`: the stand-in replica
-//! (`kiln bench replica`: answers every prediction at once, over HTTP/1.1 and over Kiln's `WorkerService` gRPC), the
-//! Kiln gateway (`kiln bench gateway-server`: the real server with a stand-in agent that registered the replica and a
-//! redb prediction store, as `kiln up` runs it), nginx when it is installed (`proxy_pass` to the replica's HTTP port
-//! over keep-alive upstream connections, one worker process), and the load generator (this process: open loop, each
+//! (`kiln bench replica`: answers every prediction at once, over plain HTTP/1.1 on one port, and on a worker port
+//! as an agent serves it: `WorkerService` over gRPC beside the HTTP/1.1 predict route), the Kiln gateway
+//! (`kiln bench gateway-server`: the real server with a stand-in agent that registered the replica and a redb
+//! prediction store, as `kiln up` runs it), nginx when it is installed (`proxy_pass` to the replica's HTTP port over
+//! keep-alive upstream connections, one worker process), and the load generator (this process: open loop, each
 //! request timed from its due time, so a stall is not hidden).
 //!
 //! Three paths are measured with the same schedule: straight to the replica (HTTP), through nginx (HTTP → HTTP) and
-//! through Kiln (HTTP → gRPC, `Prefer: wait`). A round runs each path once; rounds repeat `--runs` times and each
+//! through Kiln (HTTP → the worker port, `Prefer: wait`; its hop is the HTTP/1.1 predict route, or gRPC with
+//! `--hop grpc`). A round runs each path once; rounds repeat `--runs` times and each
 //! figure is printed as the median with the spread (min–max) of the runs. Latency percentiles of different requests
 //! do not subtract, so "added" is stated for what it is: in each round, a path's percentile minus the direct path's
 //! same percentile, then the median over rounds. CPU per request is a process's CPU time (`utime + stime`) over the
@@ -56,6 +58,8 @@ pub struct Options {
     pub sweep_seconds: u32,
     /// The nginx binary, `None`: no reference proxy.
     pub nginx: Option<PathBuf>,
+    /// The gateway's hop to the replica.
+    pub hop: super::Hop,
 }
 
 /// The response the stand-in replica gives over HTTP.
@@ -69,11 +73,7 @@ pub async fn replica() -> Result<()> {
     let http = TcpListener::bind("127.0.0.1:0").await?;
     println!("grpc={} http={}", grpc.local_addr()?, http.local_addr()?);
     std::io::stdout().flush()?;
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(kiln_proto::v1::worker_service_server::WorkerServiceServer::new(super::Instant0))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true))),
-    );
+    tokio::spawn(super::stand_in_worker(grpc));
     tokio::spawn(async move {
         while let Ok((stream, _)) = http.accept().await {
             tokio::spawn(serve_http(stream));
@@ -116,13 +116,13 @@ async fn serve_http(mut stream: TcpStream) -> Result<()> {
     }
 }
 
-/// `kiln bench gateway-server`: Kiln's server with a stand-in agent whose replica is `worker` (gRPC), in a process
+/// `kiln bench gateway-server`: Kiln's server with a stand-in agent whose replica is on `worker`, in a process
 /// of its own. Prints `http=<addr>` once the deployment has a ready replica; when its standard input closes, flushes
 /// the prediction store and prints its figures.
-pub async fn gateway_server(worker: SocketAddr) -> Result<()> {
+pub async fn gateway_server(worker: SocketAddr, hop: super::Hop) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("kiln-bench-gateway-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let running = super::start_server(&dir, &["instant".to_owned()], 1, worker).await?;
+    let running = super::start_server(&dir, &["instant".to_owned()], 1, worker, hop).await?;
     while running.control.status("bench/instant").is_none_or(|s| s.ready == 0) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -272,7 +272,7 @@ impl Path3 {
         match self {
             Self::Direct => "direct to the replica (HTTP)",
             Self::Nginx => "through nginx (HTTP -> HTTP)",
-            Self::Kiln => "through the kiln gateway (HTTP -> gRPC)",
+            Self::Kiln => "through the kiln gateway (HTTP -> worker)",
         }
     }
 }
@@ -337,7 +337,7 @@ fn rig(options: &Options) -> Result<Rig> {
     };
     let (replica_grpc, replica_http) = (field(&line, "grpc=")?, field(&line, "http=")?);
     let mut command = Command::new(&exe);
-    command.args(["bench", "gateway-server", "--worker", &replica_grpc.to_string()]);
+    command.args(["bench", "gateway-server", "--worker", &replica_grpc.to_string(), "--hop", options.hop.as_str()]);
     let (gateway, line) = Party::start("kiln gateway", command)?;
     let gateway_http = field(&line, "http=")?;
     let nginx = match &options.nginx {
@@ -493,6 +493,13 @@ async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
         options.connections,
         options.runs,
         paths.iter().map(|p| p.label()).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "kiln's hop to the replica (the worker port): {}",
+        match options.hop {
+            super::Hop::Http1 => "HTTP/1.1 predict route, keep-alive connections (--hop http1)",
+            super::Hop::Grpc => "WorkerService.Predict over gRPC (--hop grpc)",
+        }
     );
     match &nginx {
         Some(v) => println!("reference proxy: nginx {v}, one process, keep-alive upstream connections"),

@@ -72,6 +72,10 @@ pub enum Bench {
         /// Measure without the reference proxy.
         #[arg(long)]
         no_nginx: bool,
+        /// The gateway's hop to the replica: `http1` (the worker port's HTTP/1.1 predict route, what an agent
+        /// offers) or `grpc` (`WorkerService.Predict`, what an agent that does not offers the route gets).
+        #[arg(long, value_enum, default_value_t = Hop::Http1)]
+        hop: Hop,
     },
     /// The gateway bench's stand-in replica, in a process of its own (started by `kiln bench gateway`).
     #[command(hide = true)]
@@ -79,9 +83,12 @@ pub enum Bench {
     /// The gateway bench's Kiln server, in a process of its own (started by `kiln bench gateway`).
     #[command(hide = true)]
     GatewayServer {
-        /// The stand-in replica's gRPC address.
+        /// The stand-in replica's worker port (gRPC and the HTTP/1.1 predict route).
         #[arg(long)]
         worker: SocketAddr,
+        /// The hop to it.
+        #[arg(long, value_enum, default_value_t = Hop::Http1)]
+        hop: Hop,
     },
     /// The replicated usage ledger on loopback: append throughput and commit latency, three replicas.
     Ledger(ledger::LedgerArgs),
@@ -126,6 +133,42 @@ pub enum Bench {
     },
 }
 
+/// The gateway's hop to a replica, as the stand-in agent registers its worker port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hop {
+    /// The worker port's HTTP/1.1 predict route (`Register.worker_http1`).
+    Http1,
+    /// `WorkerService` over gRPC only.
+    Grpc,
+}
+
+impl Hop {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// The stand-in replica's worker port, as an agent serves it: `WorkerService` over gRPC and the HTTP/1.1 predict
+/// route, both answering every prediction at once.
+fn stand_in_worker(listener: tokio::net::TcpListener) -> impl Future<Output = std::io::Result<()>> {
+    let http = axum::routing::post(|| async {
+        ([(axum::http::header::CONTENT_TYPE, "application/json")], INSTANT_OUTPUT.as_slice())
+    });
+    let router = tonic::service::Routes::new(WorkerServiceServer::new(Instant0))
+        .into_axum_router()
+        .route(kiln_proto::worker_http::PREDICT_PATH, http);
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    std::future::IntoFuture::into_future(axum::serve(listener, router))
+}
+
+/// What the stand-in replica answers.
+const INSTANT_OUTPUT: &[u8; 17] = br#"{"output": [1.0]}"#;
+
 /// The stand-in replica: answers every prediction at once.
 #[derive(Debug, Clone, Copy)]
 struct Instant0;
@@ -141,7 +184,7 @@ impl WorkerService for Instant0 {
         let r = request.into_inner();
         Ok(tonic::Response::new(v1::PredictResponse {
             prediction_id: r.prediction_id,
-            output: br#"{"output": [1.0]}"#.to_vec(),
+            output: INSTANT_OUTPUT.to_vec(),
             content_type: "application/json".into(),
             metrics: None,
         }))
@@ -162,6 +205,7 @@ impl WorkerService for Instant0 {
 async fn stand_in_agent(
     controller: SocketAddr,
     worker: SocketAddr,
+    hop: Hop,
     starts: Arc<Mutex<HashMap<String, Instant>>>,
 ) -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{controller}"))?.connect().await?;
@@ -184,6 +228,7 @@ async fn stand_in_agent(
         simulated: true,
         gpus,
         worker_endpoint: worker.to_string(),
+        worker_http1: hop == Hop::Http1,
         cpu_milli: 256_000,
         host_memory_bytes: 2 << 40,
         ..Default::default()
@@ -369,6 +414,7 @@ async fn start_server(
     names: &[String],
     min_replicas: u32,
     worker: SocketAddr,
+    hop: Hop,
 ) -> Result<Running> {
     manifests(dir, names, min_replicas)?;
     if names.iter().any(|n| n == "instant") {
@@ -401,7 +447,7 @@ async fn start_server(
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     tokio::spawn(server.serve(stop));
     let starts = Arc::new(Mutex::new(HashMap::new()));
-    let agent = tokio::spawn(stand_in_agent(agents, worker, Arc::clone(&starts)));
+    let agent = tokio::spawn(stand_in_agent(agents, worker, hop, Arc::clone(&starts)));
     let deadline = Instant::now() + Duration::from_secs(20);
     let expected = names.len() + usize::from(names.iter().any(|n| n == "instant"));
     while control.statuses().len() < expected || control.gpu_milli().1 == 0 {
@@ -418,7 +464,18 @@ pub fn run(bench: &Bench) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async {
         let names: Vec<String> = match bench {
-            Bench::Gateway { rps, seconds, connections, runs, rates, no_sweep, sweep_seconds, nginx, no_nginx } => {
+            Bench::Gateway {
+                rps,
+                seconds,
+                connections,
+                runs,
+                rates,
+                no_sweep,
+                sweep_seconds,
+                nginx,
+                no_nginx,
+                hop,
+            } => {
                 let found = !no_nginx && Command::new(nginx).arg("-v").output().is_ok();
                 let options = gateway::Options {
                     rps: *rps,
@@ -428,6 +485,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                     rates: if *no_sweep { Vec::new() } else { rates.clone() },
                     sweep_seconds: *sweep_seconds,
                     nginx: found.then(|| nginx.clone()),
+                    hop: *hop,
                 };
                 return gateway::run(&options).await;
             }
@@ -444,7 +502,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                 };
                 return console::run(&options).await;
             }
-            Bench::GatewayServer { worker } => return gateway::gateway_server(*worker).await,
+            Bench::GatewayServer { worker, hop } => return gateway::gateway_server(*worker, *hop).await,
             Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
         };
@@ -452,13 +510,9 @@ pub fn run(bench: &Bench) -> Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let worker_addr = worker.local_addr()?;
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(WorkerServiceServer::new(Instant0))
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(worker).with_nodelay(Some(true))),
-        );
-        let running =
-            start_server(&dir, &names, u32::from(!matches!(bench, Bench::ColdStart { .. })), worker_addr).await?;
+        tokio::spawn(stand_in_worker(worker));
+        let min_replicas = u32::from(!matches!(bench, Bench::ColdStart { .. }));
+        let running = start_server(&dir, &names, min_replicas, worker_addr, Hop::Http1).await?;
         let result = match bench {
             Bench::ColdStart { .. } => cold_start(running.http, &names, &running.starts).await,
             Bench::Abuse { rps, seconds, slow, big } => {

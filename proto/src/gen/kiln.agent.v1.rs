@@ -69,6 +69,12 @@ pub struct Register {
     /// Address (host:port) where this agent serves `WorkerService`.
     #[prost(string, tag = "12")]
     pub worker_endpoint: ::prost::alloc::string::String,
+    /// True when `worker_endpoint` also answers a whole prediction over plain HTTP/1.1 (`POST /v1/predict`, the
+    /// contract in the `kiln-proto` crate's `worker_http` module), on the same port as the gRPC service. The gateway
+    /// prefers it for predictions that are not streamed: it costs less CPU on both sides than HTTP/2. False (an older
+    /// agent): gRPC only.
+    #[prost(bool, tag = "13")]
+    pub worker_http1: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Gpu {

@@ -38,6 +38,7 @@
 //! - commands go out on tasks of their own, which take the lock again only to record a failed start.
 
 mod commands;
+mod http1;
 mod rentals;
 mod routing;
 mod view;

@@ -15,7 +15,7 @@ use kiln_proto::v1::{self, worker_service_client::WorkerServiceClient};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use super::ControlPlane;
+use super::{ControlPlane, http1::WorkerHttp};
 use crate::gateway::{Backend, GpuUse, Outcome, OutputSink, PredictError};
 
 /// Requests held for one deployment while it has no ready replica: bounded, woken together when a replica is
@@ -109,30 +109,59 @@ pub(super) type WorkerClient = WorkerServiceClient<WorkerConnection>;
 
 /// The `WorkerService` clients of the nodes, one per worker endpoint (connections are made lazily, on the first
 /// request: making a client does no I/O, so it is made under the control plane's lock).
+/// Beside them, the HTTP/1.1 connections of the endpoints whose agents serve that route ([`WorkerHttp`]).
 #[derive(Debug, Default)]
-pub(super) struct WorkerClients(HashMap<String, WorkerClient>);
+pub(super) struct WorkerClients {
+    grpc: HashMap<String, WorkerClient>,
+    http: HashMap<String, Arc<WorkerHttp>>,
+}
+
+/// How a prediction reaches its replica.
+enum Hop {
+    /// The HTTP/1.1 predict route (whole answers only).
+    Http(Arc<WorkerHttp>),
+    /// `WorkerService`.
+    Grpc(WorkerClient),
+}
 
 impl WorkerClients {
     /// The client of `endpoint` (`host:port`, or an `http://` URL), made on first use.
     fn get(&mut self, endpoint: &str) -> Result<WorkerClient, PredictError> {
-        if let Some(c) = self.0.get(endpoint) {
+        if let Some(c) = self.grpc.get(endpoint) {
             return Ok(c.clone());
         }
-        let bad = |why: String| PredictError::Failed(format!("bad worker endpoint {endpoint}: {why}"));
-        let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-        let origin: axum::http::Uri = url.parse().map_err(|e: axum::http::uri::InvalidUri| bad(e.to_string()))?;
-        if origin.scheme_str() != Some("http") {
-            return Err(bad("only http:// (plaintext HTTP/2) is supported".into()));
-        }
-        let authority = origin.authority().ok_or_else(|| bad("no host".into()))?;
-        let address = match authority.port_u16() {
-            Some(_) => authority.to_string(),
-            None => format!("{}:80", authority.host()),
-        };
+        let (origin, address) = origin(endpoint)?;
         let client = WorkerServiceClient::with_origin(WorkerConnection::new(address), origin);
-        self.0.insert(endpoint.to_owned(), client.clone());
+        self.grpc.insert(endpoint.to_owned(), client.clone());
         Ok(client)
     }
+
+    /// The HTTP/1.1 connections of `endpoint`, made on first use.
+    fn http(&mut self, endpoint: &str) -> Result<Arc<WorkerHttp>, PredictError> {
+        if let Some(c) = self.http.get(endpoint) {
+            return Ok(Arc::clone(c));
+        }
+        let (_, address) = origin(endpoint)?;
+        let client = Arc::new(WorkerHttp::new(address));
+        self.http.insert(endpoint.to_owned(), Arc::clone(&client));
+        Ok(client)
+    }
+}
+
+/// A worker endpoint (`host:port`, or an `http://` URL) as its origin and its `host:port`.
+fn origin(endpoint: &str) -> Result<(axum::http::Uri, String), PredictError> {
+    let bad = |why: String| PredictError::Failed(format!("bad worker endpoint {endpoint}: {why}"));
+    let url = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+    let origin: axum::http::Uri = url.parse().map_err(|e: axum::http::uri::InvalidUri| bad(e.to_string()))?;
+    if origin.scheme_str() != Some("http") {
+        return Err(bad("only http:// (plaintext) is supported".into()));
+    }
+    let authority = origin.authority().ok_or_else(|| bad("no host".into()))?;
+    let address = match authority.port_u16() {
+        Some(_) => authority.to_string(),
+        None => format!("{}:80", authority.host()),
+    };
+    Ok((origin, address))
 }
 
 /// A worker endpoint's HTTP/2 connection, used by the `WorkerService` client without tonic's `Channel`: a
@@ -390,14 +419,14 @@ impl ControlPlane {
                 }
             };
             let queue_time = arrived.elapsed().as_secs_f64();
-            let mut client = match self.client(&node) {
-                Ok(c) => c,
+            let hop = match self.hop(&node, outputs.is_none()) {
+                Ok(h) => h,
                 Err(e) => {
                     self.finish(deployment, &replica);
                     return Err(e);
                 }
             };
-            let request = v1::PredictRequest {
+            let request = || v1::PredictRequest {
                 prediction_id: String::new(),
                 replica_id: replica.clone(),
                 input: body.clone(),
@@ -405,9 +434,10 @@ impl ControlPlane {
                 metadata: HashMap::new(),
             };
             let sent = Instant::now();
-            let answer = match outputs.as_deref_mut() {
-                None => client.predict(request).await.map(|r| r.into_inner().output),
-                Some(outputs) => streamed(&mut client, request, outputs).await,
+            let answer = match (hop, outputs.as_deref_mut()) {
+                (Hop::Http(http), _) => http.predict(&replica, &body).await,
+                (Hop::Grpc(mut client), None) => client.predict(request()).await.map(|r| r.into_inner().output),
+                (Hop::Grpc(mut client), Some(outputs)) => streamed(&mut client, request(), outputs).await,
             };
             // The round trip to the replica: the model's time plus one loopback or LAN hop.
             let predict_time = sent.elapsed().as_secs_f64();
@@ -454,14 +484,19 @@ impl ControlPlane {
         }
     }
 
-    /// The `WorkerService` client of `node`'s replicas.
-    fn client(&self, node: &str) -> Result<WorkerClient, PredictError> {
-        let endpoint = self
+    /// How to reach `node`'s replicas: over HTTP/1.1 for a prediction answered `whole` when its agent serves that
+    /// route, over its `WorkerService` (gRPC) otherwise.
+    fn hop(&self, node: &str, whole: bool) -> Result<Hop, PredictError> {
+        let (endpoint, http1) = self
             .registry
             .worker_endpoint(node)
-            .filter(|e| !e.is_empty())
+            .filter(|(e, _)| !e.is_empty())
             .ok_or_else(|| PredictError::Failed(format!("node {node} has no worker endpoint")))?;
-        self.state().clients.get(&endpoint)
+        let mut state = self.state();
+        match whole && http1 {
+            true => state.clients.http(&endpoint).map(Hop::Http),
+            false => state.clients.get(&endpoint).map(Hop::Grpc),
+        }
     }
 
     /// The GPU `replica` on `node` holds: its share as its start decided it, the model its node's agent reports.

@@ -223,6 +223,7 @@ mod tests {
             }],
             versions: ["0.1.0".into(), "550.54".into(), "12.4".into()],
             worker_endpoint: String::new(),
+            worker_http1: false,
             cpu_milli: 0,
             host_memory_bytes: 0,
             labels: Vec::new(),

@@ -520,6 +520,7 @@ mod tests {
             cached: Vec::new(),
             versions: Default::default(),
             worker_endpoint: String::new(),
+            worker_http1: false,
             cpu_milli: 0,
             host_memory_bytes: 0,
             labels: Vec::new(),
