@@ -497,6 +497,14 @@ pub struct Gateway<B> {
     drain: Drain,
 }
 
+/// The store's writer reads predictions queued with [`Persister::put_latest`] here, when it commits: one copy per
+/// prediction and commit, however often it changed meanwhile.
+impl<B: Backend> crate::store::RecordSource for Gateway<B> {
+    fn record(&self, id: &str) -> Option<PredictionRecord> {
+        self.lock().map.get(id).map(Prediction::record)
+    }
+}
+
 impl<B: Backend> Gateway<B> {
     /// A gateway over `backend`, accepting `keys` (API key, namespace).
     pub fn new(backend: B, keys: impl IntoIterator<Item = (String, String)>, base_url: &str) -> Arc<Self> {
@@ -524,9 +532,11 @@ impl<B: Backend> Gateway<B> {
         }
     }
 
-    fn persist_record(&self, record: Option<PredictionRecord>) {
-        if let (Some(persister), Some(r)) = (&self.persister, record) {
-            persister.put(r);
+    /// Queues prediction `id` to be stored as it is when the store's writer commits ([`Persister::put_latest`]).
+    fn persist_latest(self: &Arc<Self>, id: &str) {
+        if let Some(persister) = &self.persister {
+            persister
+                .put_latest(id.to_owned(), Arc::downgrade(self) as std::sync::Weak<dyn crate::store::RecordSource>);
         }
     }
 

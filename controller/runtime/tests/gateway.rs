@@ -734,7 +734,9 @@ async fn the_rest_of_replicates_api_models_listings_hardware_account_and_what_is
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canceled_prediction_stays_canceled_whenever_its_run_begins_or_ends() {
-    let addr = serve(Duration::from_secs(5), 64, Duration::from_millis(300)).await;
+    // A cold start longer than the 20 posts and cancels can take on a loaded machine: every run is still held when
+    // its prediction is canceled (after the cold start, runs answer at once and could finish before the cancel).
+    let addr = serve(Duration::from_secs(10), 64, Duration::from_secs(3)).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         let (status, _, p) = post(&addr, None, format!(r#"{{"input": {{"i": {i}}}}}"#)).await;
@@ -747,7 +749,7 @@ async fn a_canceled_prediction_stays_canceled_whenever_its_run_begins_or_ends() 
         ids.push(id);
     }
     // Past the cold start: the runs that began have ended, and none of them changed a canceled prediction.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     for id in ids {
         let (_, _, p) = get(&addr, &id).await;
         assert_eq!((&p["status"], &p["output"]), (&json!("canceled"), &Value::Null), "{p}");

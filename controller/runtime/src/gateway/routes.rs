@@ -205,7 +205,6 @@ pub(super) async fn create<B: Backend>(
     };
     let done = Arc::clone(&prediction.done);
     let streaming = prediction.partials.is_some();
-    gw.persist(&prediction);
     let expired = {
         let mut predictions = gw.lock();
         let expired = predictions.expire();
@@ -213,6 +212,7 @@ pub(super) async fn create<B: Backend>(
         expired
     };
     gw.persist_expired(expired);
+    gw.persist_latest(&id);
     let wait = prefer_wait(&headers);
     let notified = done.notified();
     let run = run(Arc::clone(&gw), id.clone(), model, input, streaming, permit, in_flight);
@@ -268,16 +268,15 @@ async fn run<B: Backend>(
     in_flight: InFlight,
 ) {
     let _held = (permit, in_flight);
-    // Copies only for the store and a webhook, used outside the lock.
-    let persisted = gw.persister.is_some();
-    // One canceled (or cut off by a shutdown) before its run began stays so, and is not run.
+    // One canceled (or cut off by a shutdown) before its run began stays so, and is not run. A copy only for a
+    // webhook, used outside the lock; the store reads the prediction itself when it commits.
     let started = gw.lock().map.get_mut(&id).filter(|p| !p.finished()).map(|p| {
         p.status = PredictionStatus::Processing;
         p.started_at = Some(SystemTime::now());
-        (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()))
+        p.webhook.is_some().then(|| p.clone())
     });
-    let Some((record, webhook)) = started else { return };
-    gw.persist_record(record);
+    let Some(webhook) = started else { return };
+    gw.persist_latest(&id);
     if let Some(p) = webhook {
         gw.notify_webhook(&p, "start");
     }
@@ -318,10 +317,10 @@ async fn run<B: Backend>(
         Err(e) => p.fail(e.kind(), e.to_string(), now),
     }
     p.done.notify_waiters();
-    let (record, webhook) = (persisted.then(|| p.record()), p.webhook.is_some().then(|| p.clone()));
+    let webhook = p.webhook.is_some().then(|| p.clone());
     store.finish(&id);
     drop(store);
-    gw.persist_record(record);
+    gw.persist_latest(&id);
     if let Some(p) = webhook {
         gw.notify_webhook(&p, "completed");
     }
@@ -398,12 +397,13 @@ pub(super) async fn cancel<B: Backend>(
                 p.done.notify_waiters();
             }
             let response = Json(p.response(&gw.base_url)).into_response();
-            let record = (canceled && gw.persister.is_some()).then(|| p.record());
             if canceled {
                 store.finish(&id);
             }
             drop(store);
-            gw.persist_record(record);
+            if canceled {
+                gw.persist_latest(&id);
+            }
             response
         }
         _ => problem(StatusCode::NOT_FOUND, format!("prediction {id} not found")),
