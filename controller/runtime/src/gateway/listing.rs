@@ -158,7 +158,7 @@ pub(super) async fn predictions<B: Backend>(
         .map
         .values()
         .filter(|p| can_see(&caller, p.model.split_once('/').map_or(p.model.as_str(), |(ns, _)| ns)))
-        .map(|p| (Reverse((p.created_at, p.id.as_str())), p))
+        .map(|p| (Reverse((p.created_at, p.id.as_str())), &**p))
         .collect();
     let window = window(visible, key, cursor.as_ref(), PAGE_SIZE);
     let results: Vec<Value> =

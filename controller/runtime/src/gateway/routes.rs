@@ -208,7 +208,7 @@ pub(super) async fn create<B: Backend>(
     let expired = {
         let mut predictions = gw.lock();
         let expired = predictions.expire();
-        predictions.map.insert(id.clone(), prediction);
+        predictions.map.insert(id.clone(), Box::new(prediction));
         expired
     };
     gw.persist_expired(expired);
