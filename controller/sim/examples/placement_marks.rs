@@ -5,11 +5,13 @@
 //! `cargo run --release -p kiln-sim --example placement_marks -- NODES.csv LIST.csv[:VARIANT] ...`
 //! Environment: `POLICIES` (default `fgd,kiln`), `SEEDS` (first-last, default `42-51`), `THREADS` (default 2),
 //! `EXPECTED` (the artifact's results directory, default `fgd-expected-results` beside the list's directory),
-//! `VARIANT_SEED` (the seed a variant is drawn with, default 0, as `kiln simulate placement` draws it).
+//! `VARIANT_SEED` (the seed a variant is drawn with, default 0, as `kiln simulate placement` draws it) or
+//! `VARIANT_SEEDS` (first-last: several draws of each variant, every run seed on each; the medians are then over
+//! all their runs, and a line gives the spread of the draws' own medians).
 
 use std::{collections::BTreeMap, env, fs, path::Path, thread};
 
-use kiln_core::placement::{Cluster, Policy, Workload};
+use kiln_core::placement::{Cluster, Policy, Request, Workload};
 use kiln_sim::{
     experiment::{REPORTED_MARKS, SeedRun, median_at, run_seed},
     openb,
@@ -29,7 +31,8 @@ fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
     if args.len() < 2 {
         eprintln!(
-            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: share-only, gang-heavy, constrained)"
+            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: share-only, gang-heavy, constrained, \
+             constrainedN)"
         );
         std::process::exit(2);
     }
@@ -42,7 +45,14 @@ fn main() {
     let (a, b) = seeds.split_once('-').unwrap_or((&seeds, &seeds));
     let seeds: Vec<u64> = (a.parse().expect("seed")..=b.parse().expect("seed")).collect();
     let threads: usize = env::var("THREADS").ok().and_then(|t| t.parse().ok()).unwrap_or(2);
-    let variant_seed: u64 = env::var("VARIANT_SEED").ok().map(|s| s.parse().expect("a variant seed")).unwrap_or(0);
+    let variant_seeds: Vec<u64> = match (env::var("VARIANT_SEEDS"), env::var("VARIANT_SEED")) {
+        (Ok(range), _) => {
+            let (a, b) = range.split_once('-').unwrap_or((&range, &range));
+            (a.parse().expect("a variant seed")..=b.parse().expect("a variant seed")).collect()
+        }
+        (_, Ok(seed)) => vec![seed.parse().expect("a variant seed")],
+        _ => vec![0],
+    };
     let nodes_text = fs::read_to_string(&args[0]).expect("nodes");
     let cluster = Cluster::new(&openb::parse_nodes(&args[0], &nodes_text).expect("nodes")).expect("cluster");
     println!(
@@ -56,39 +66,55 @@ fn main() {
         };
         let text = fs::read_to_string(path).expect("pods");
         let list = openb::parse_pods(path, &text, &cluster).expect("pods");
-        let pods = match variant {
-            Some(v) => v.apply(&list.pods, variant_seed).expect("variant"),
-            None => list.pods,
+        let draws: Vec<Vec<Request>> = match variant {
+            Some(v) => variant_seeds.iter().map(|&vs| v.apply(&list.pods, vs).expect("variant")).collect(),
+            None => vec![list.pods],
         };
         let name = match variant {
-            Some(v) => v.artifact_workload().to_owned(),
+            Some(v) => v.artifact_workload(),
             None => Path::new(path).file_stem().expect("a file name").to_string_lossy().into_owned(),
         };
         let expected = env::var("EXPECTED").map(Into::into).unwrap_or_else(|_| {
             Path::new(path).parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("fgd-expected-results")
         });
-        let workload = Workload::from_requests(&pods);
         let mut medians: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         for &policy in &policies {
-            let chunks: Vec<Vec<u64>> = seeds.chunks(seeds.len().div_ceil(threads)).map(<[u64]>::to_vec).collect();
-            let runs: Vec<SeedRun> = thread::scope(|s| {
-                let handles: Vec<_> = chunks
-                    .iter()
-                    .map(|chunk| {
-                        let (cluster, pods, workload) = (&cluster, &pods, &workload);
-                        s.spawn(move || {
-                            chunk
-                                .iter()
-                                .map(|&seed| run_seed(cluster, pods, workload, policy, seed, 1.3))
-                                .collect::<Vec<_>>()
+            let mut runs: Vec<SeedRun> = Vec::new();
+            let mut per_draw: Vec<Vec<f64>> = Vec::new();
+            for pods in &draws {
+                let workload = Workload::from_requests(pods);
+                let chunks: Vec<Vec<u64>> = seeds.chunks(seeds.len().div_ceil(threads)).map(<[u64]>::to_vec).collect();
+                let draw_runs: Vec<SeedRun> = thread::scope(|s| {
+                    let handles: Vec<_> = chunks
+                        .iter()
+                        .map(|chunk| {
+                            let (cluster, pods, workload) = (&cluster, pods, &workload);
+                            s.spawn(move || {
+                                chunk
+                                    .iter()
+                                    .map(|&seed| run_seed(cluster, pods, workload, policy, seed, 1.3))
+                                    .collect::<Vec<_>>()
+                            })
                         })
-                    })
-                    .collect();
-                handles.into_iter().flat_map(|h| h.join().expect("a seed run")).collect()
-            });
+                        .collect();
+                    handles.into_iter().flat_map(|h| h.join().expect("a seed run")).collect()
+                });
+                per_draw.push(REPORTED_MARKS.iter().map(|&m| median_at(&draw_runs, m, |r| &r.alloc_pct)).collect());
+                runs.extend(draw_runs);
+            }
             let series: Vec<f64> = (0..=130).map(|m| median_at(&runs, m, |r| &r.alloc_pct)).collect();
             let row: Vec<String> = REPORTED_MARKS.iter().map(|&m| format!("{:>7.2}", series[m as usize])).collect();
             println!("{name:<28} {:<6} {}", policy.name(), row.join(" "));
+            if per_draw.len() > 1 {
+                let spread: Vec<String> = (0..REPORTED_MARKS.len())
+                    .map(|i| {
+                        let (lo, hi) =
+                            per_draw.iter().fold((f64::MAX, f64::MIN), |(lo, hi), d| (lo.min(d[i]), hi.max(d[i])));
+                        format!("{lo:>6.2}-{hi:<6.2}")
+                    })
+                    .collect();
+                println!("{name:<28} {:<6} {} ({} draws' medians)", "", spread.join(" "), per_draw.len());
+            }
             medians.insert(policy.name(), series);
         }
         if let Some(p) = published(&expected, &name) {

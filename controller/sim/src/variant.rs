@@ -13,18 +13,28 @@
 //! (the default list: 7%, `multigpu30`: 30%). Each other GPU pod is replaced, with the one probability that makes
 //! the expected share of gang demand 50%, by a gang pod of the list drawn uniformly.
 //!
-//! `constrained` is the artifact's `gpuspec33`: a third of the GPU pods restricted to some GPU models. The artifact's
-//! list (`openb_pod_list_gpuspec33_cpu0` in its repository: the default list's GPU pods, row for row) restricts
-//! GPU pods of each kind at the rate the trace's own restricted lists do, scaled up: on `gpuspec20` 17.8% of the
-//! share pods, 22.7% of the whole-GPU pods and 11% of the gangs are restricted; in a sample of 655 rows of
-//! `gpuspec33`, 27% of the share pods and 38% of the whole-GPU pods (x 1.5 and x 1.66). And the model set a pod
-//! gets depends on its kind: share pods are restricted to T4 (60-64%) or P100 (33-38%), almost never anything
-//! else; whole-GPU pods to T4 (44-48%), G2 (20-24%), V100 (14%), P100 with V100 (6%), G3, ..., almost never P100
-//! alone — on both lists. So each unrestricted GPU pod of a kind (a share of one GPU, one whole GPU, a gang) is
-//! restricted with the one probability that brings the kind's restricted rate to the list's rate x (a third /
-//! the list's overall rate), and gets the model set of a restricted pod of the list of the same kind (gangs: of
-//! the same GPU count where one has it, else any restricted gang, else a whole-GPU pod's), drawn uniformly: the
-//! lists' own restrictions with their popularity. A list with no restricted pods has nothing to draw from.
+//! `constrained` is the artifact's `gpuspec33` (`constrainedN`: N% of the GPU pods; the artifact publishes figures
+//! for `gpuspec10`, `gpuspec20`, `gpuspec25` and `gpuspec33`): a share of the GPU pods restricted to some GPU models.
+//! What the artifact's lists show about how it drew them (`openb_pod_list_gpuspec20` in full, 656 rows of
+//! `openb_pod_list_gpuspec33_cpu0` in three places):
+//! - each list is the default list's pods, row for row, with restrictions drawn independently per list (pods
+//!   restricted in `gpuspec20` are unrestricted in `gpuspec33` and the other way round; the sets differ too), so
+//!   `gpuspec20` is not a thinned `gpuspec33`;
+//! - a pod's restriction does not depend on its CPU, memory or arrival (every popular pod shape of `gpuspec20`,
+//!   and every tenth of the list in arrival order, has 14-26% restricted) but on its kind: on `gpuspec20` 17.8% of
+//!   the share pods, 22.7% of the whole-GPU pods and 11% of the gangs are restricted; in the `gpuspec33` rows 27%
+//!   of the share pods and 34% of the whole-GPU pods;
+//! - the model set depends on the kind alone: share pods T4 (60% on `gpuspec20`, 70% of the `gpuspec33` rows) or
+//!   P100 (38%, 27%), almost never anything else; whole-GPU pods T4 (44%, 48%), G2 (24%, 19%), V100 (15%, 18%),
+//!   P100 with V100 (6%, 5%), G3, ...
+//!
+//! So the variant draws every restriction afresh: each GPU pod of a kind (a share of one GPU, one whole GPU, a
+//! gang) is restricted with its kind's probability (the list's rate for the kind, scaled by the target share over
+//! the list's overall rate, so the kinds keep their ratios) to the model set of a restricted pod of the list of the
+//! same kind (gangs: of the same GPU count where one has it, else any restricted gang, else a whole-GPU pod's),
+//! drawn uniformly: the list's own restrictions with their popularity. A list with no restricted pods has nothing
+//! to draw from. Drawn from `gpuspec20` at 20%, the variant reproduces the published `gpuspec20` medians (a new
+//! list, not the same one: the restrictions are redrawn); the figures at 10, 25 and 33% are in the README.
 use std::{fmt, str::FromStr};
 
 use kiln_core::{
@@ -39,34 +49,46 @@ pub enum Variant {
     ShareOnly,
     /// Half of the GPU demand from multi-GPU gangs (the artifact's `multigpu50`).
     GangHeavy,
-    /// A third of the GPU pods restricted to GPU models (the artifact's `gpuspec33`).
-    Constrained,
+    /// This percentage (1-100) of the GPU pods restricted to GPU models, drawn afresh (the artifact's
+    /// `gpuspec{10,20,25,33}` at 10, 20, 25 and 33).
+    Constrained(u8),
 }
 
 /// Share of GPU demand from gangs in [`Variant::GangHeavy`].
 pub const GANG_DEMAND_SHARE: f64 = 0.5;
-/// Share of GPU pods restricted to GPU models in [`Variant::Constrained`].
-pub const CONSTRAINED_SHARE: f64 = 0.33;
+/// Percentage of GPU pods restricted to GPU models in `constrained` ([`Variant::Constrained`] without a number).
+pub const CONSTRAINED_PCT: u8 = 33;
+/// The constrained lists the artifact publishes figures for (`openb_pod_list_gpuspec{N}`).
+pub const PUBLISHED_CONSTRAINED_PCTS: [u8; 4] = [10, 20, 25, 33];
 
 impl Variant {
-    /// Every variant.
-    pub const ALL: [Variant; 3] = [Variant::ShareOnly, Variant::GangHeavy, Variant::Constrained];
+    /// The variants with published counterparts.
+    pub const ALL: [Variant; 6] = [
+        Variant::ShareOnly,
+        Variant::GangHeavy,
+        Variant::Constrained(10),
+        Variant::Constrained(20),
+        Variant::Constrained(25),
+        Variant::Constrained(CONSTRAINED_PCT),
+    ];
 
-    /// The variant's name on the command line.
-    pub fn name(self) -> &'static str {
+    /// The variant's name on the command line (`constrained` is `constrained33`).
+    pub fn name(self) -> String {
         match self {
-            Variant::ShareOnly => "share-only",
-            Variant::GangHeavy => "gang-heavy",
-            Variant::Constrained => "constrained",
+            Variant::ShareOnly => "share-only".into(),
+            Variant::GangHeavy => "gang-heavy".into(),
+            Variant::Constrained(CONSTRAINED_PCT) => "constrained".into(),
+            Variant::Constrained(pct) => format!("constrained{pct}"),
         }
     }
 
-    /// The artifact workload this variant stands for (its published medians are the ones to compare with).
-    pub fn artifact_workload(self) -> &'static str {
+    /// The artifact workload this variant stands for (its published medians, where there are some, are the ones to
+    /// compare with).
+    pub fn artifact_workload(self) -> String {
         match self {
-            Variant::ShareOnly => "openb_pod_list_gpushare100",
-            Variant::GangHeavy => "openb_pod_list_multigpu50",
-            Variant::Constrained => "openb_pod_list_gpuspec33",
+            Variant::ShareOnly => "openb_pod_list_gpushare100".into(),
+            Variant::GangHeavy => "openb_pod_list_multigpu50".into(),
+            Variant::Constrained(pct) => format!("openb_pod_list_gpuspec{pct}"),
         }
     }
 
@@ -75,14 +97,14 @@ impl Variant {
         match self {
             Variant::ShareOnly => share_only(pods, seed),
             Variant::GangHeavy => gang_heavy(pods, GANG_DEMAND_SHARE, seed),
-            Variant::Constrained => constrained(pods, CONSTRAINED_SHARE, seed),
+            Variant::Constrained(pct) => constrained(pods, f64::from(pct) / 100.0, seed),
         }
     }
 }
 
 impl fmt::Display for Variant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(&self.name())
     }
 }
 
@@ -90,7 +112,16 @@ impl FromStr for Variant {
     type Err = VariantError;
 
     fn from_str(s: &str) -> Result<Self> {
-        Variant::ALL.into_iter().find(|v| v.name() == s).ok_or_else(|| VariantError::Unknown(s.to_owned()))
+        match s {
+            "share-only" => return Ok(Variant::ShareOnly),
+            "gang-heavy" => return Ok(Variant::GangHeavy),
+            "constrained" => return Ok(Variant::Constrained(CONSTRAINED_PCT)),
+            _ => {}
+        }
+        match s.strip_prefix("constrained").map(str::parse::<u8>) {
+            Some(Ok(pct)) if (1..=100).contains(&pct) => Ok(Variant::Constrained(pct)),
+            _ => Err(VariantError::Unknown(s.to_owned())),
+        }
     }
 }
 
@@ -98,8 +129,11 @@ impl FromStr for Variant {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VariantError {
     /// No variant of that name.
-    #[error("unknown variant {0:?}; expected share-only, gang-heavy or constrained")]
+    #[error("unknown variant {0:?}; expected share-only, gang-heavy, constrained or constrainedN (N: 1-100)")]
     Unknown(String),
+    /// A constrained share outside (0, 1].
+    #[error("the share of GPU pods to restrict must be within (0, 1], not {0}")]
+    Share(String),
     /// The list has none of the pods the variant draws from.
     #[error("the pod list has no {0} pod to draw from")]
     NothingToDraw(&'static str),
@@ -197,15 +231,47 @@ fn rate_class(kind: GpuKind) -> usize {
     }
 }
 
-/// `pods` with each unrestricted GPU pod restricted, with the probability of its kind, to the model set of a
-/// restricted pod of `pods` of the same kind, drawn uniformly, so that `share` of the GPU pods are restricted in
-/// expectation and each kind's restricted rate keeps its ratio to the others' (see the module's notes).
+/// The probability that a GPU pod of each rate class is restricted in a variant with `share` of the GPU pods
+/// restricted: the class's rate in the list times one factor for every class, found so that the expected share is
+/// `share` where a class capped at every pod leaves more to the others; a class with no restricted pod counts as
+/// one at the list's overall rate. `count` holds (GPU pods, restricted pods) per class.
+fn class_rates(count: &[(usize, usize); 3], share: f64) -> [f64; 3] {
+    let (pods, restricted) = count.iter().fold((0, 0), |(n, r), c| (n + c.0, r + c.1));
+    let overall = restricted as f64 / pods.max(1) as f64;
+    let base = count.map(|(n, r)| {
+        if n == 0 {
+            0.0
+        } else if r == 0 {
+            overall
+        } else {
+            r as f64 / n as f64
+        }
+    });
+    let rates = |factor: f64| base.map(|b| (b * factor).min(1.0));
+    let expected = |factor: f64| -> f64 {
+        rates(factor).iter().zip(count).map(|(q, &(n, _))| q * n as f64).sum::<f64>() / pods.max(1) as f64
+    };
+    // `expected` rises with the factor up to 1 (every pod) at 1 / (the least base rate).
+    let (mut lo, mut hi) = (0.0, 1.0 / base.iter().copied().filter(|&b| b > 0.0).fold(1.0, f64::min));
+    for _ in 0..60 {
+        let mid = 0.5 * (lo + hi);
+        if expected(mid) < share { lo = mid } else { hi = mid }
+    }
+    rates(hi)
+}
+
+/// `pods` with the GPU-model restrictions drawn afresh so that `share` of the GPU pods are restricted in
+/// expectation: each GPU pod is restricted with the probability of its kind ([`class_rates`]: the kinds keep their
+/// rates' ratios in the list) to the model set of a restricted pod of `pods` of the same kind, drawn uniformly (see
+/// the module's notes). CPU, memory and GPU demand stay; only the model sets change.
 pub fn constrained(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(VariantError::Share(share.to_string()));
+    }
     let restricted: Vec<(GpuKind, ModelSet)> =
         pods.iter().filter(|p| p.models != ModelSet::ANY).filter_map(|p| gpu_kind(p).map(|k| (k, p.models))).collect();
-    let gpu_pods = pods.iter().filter(|p| is_gpu(p)).count();
     if restricted.is_empty() {
-        if gpu_pods == 0 {
+        if pods.iter().all(|p| !is_gpu(p)) {
             return Ok(pods.to_vec());
         }
         return Err(VariantError::NothingToDraw("GPU-model-restricted"));
@@ -219,21 +285,7 @@ pub fn constrained(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Reques
             c.1 += usize::from(p.models != ModelSet::ANY);
         }
     }
-    let overall = restricted.len() as f64 / gpu_pods as f64;
-    // The probability that an unrestricted pod of a class is restricted: the class's rate scaled by share / overall
-    // (capped at every pod), less what is restricted already, over what is not. A class with no restricted pod
-    // keeps the overall target rate (its pods draw another kind's sets).
-    let q: Vec<f64> = count
-        .iter()
-        .map(|&(n, r)| {
-            if n == r {
-                return 0.0;
-            }
-            let rate = r as f64 / n as f64;
-            let target = if r == 0 { share } else { rate * share / overall }.min(1.0);
-            ((target - rate) / (1.0 - rate)).clamp(0.0, 1.0)
-        })
-        .collect();
+    let q = class_rates(&count, share);
     let sets_of = |f: &dyn Fn(GpuKind) -> bool| -> Vec<ModelSet> {
         restricted.iter().filter(|(k, _)| f(*k)).map(|&(_, m)| m).collect()
     };
@@ -255,8 +307,8 @@ pub fn constrained(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Reques
         .iter()
         .map(|p| {
             let Some(kind) = gpu_kind(p) else { return *p };
-            if p.models != ModelSet::ANY || rng.unit() >= q[rate_class(kind)] {
-                return *p;
+            if rng.unit() >= q[rate_class(kind)] {
+                return Request { models: ModelSet::ANY, ..*p };
             }
             let i = match pools.iter().position(|(k, _)| *k == kind) {
                 Some(i) => i,
@@ -341,22 +393,30 @@ mod tests {
         pods.extend(vec![Request { models: t4, ..pod(4000, GpuDemand::Share(300)) }; 150]);
         pods.extend(vec![pod(16_000, GpuDemand::Whole(2)); 200]);
         pods.extend(vec![Request { models: v100, ..pod(16_000, GpuDemand::Whole(2)) }; 50]);
-        let variant = constrained(&pods, 0.33, 3).unwrap();
-        assert_eq!(variant.len(), pods.len());
-        let restricted: Vec<&Request> = variant.iter().filter(|p| p.models != ModelSet::ANY).collect();
-        let share = restricted.len() as f64 / 2200.0;
-        assert!((share - 0.33).abs() < 0.03, "restricted share {share}");
-        for (before, after) in pods.iter().zip(&variant) {
-            assert_eq!(Request { models: before.models, ..*after }, *before, "only the model set changes");
-            if after.models != before.models {
-                let expected = if matches!(after.gpu, GpuDemand::Whole(2)) { v100 } else { t4 };
-                assert_eq!(after.models, expected, "{after:?} drew a set of a pod with another GPU count");
+        for target in [0.1, 0.2, 0.33, 0.6] {
+            let variant = constrained(&pods, target, 3).unwrap();
+            assert_eq!(variant.len(), pods.len());
+            let restricted = variant.iter().filter(|p| p.models != ModelSet::ANY).count();
+            let share = restricted as f64 / 2200.0;
+            assert!((share - target).abs() < 0.03, "restricted share {share}, wanted {target}");
+            let mut changed = 0;
+            for (before, after) in pods.iter().zip(&variant) {
+                assert_eq!(Request { models: before.models, ..*after }, *before, "only the model set changes");
+                changed += usize::from(after.models != before.models);
+                if after.models != ModelSet::ANY {
+                    let expected = if matches!(after.gpu, GpuDemand::Whole(2)) { v100 } else { t4 };
+                    assert_eq!(after.models, expected, "{after:?} drew a set of a pod with another GPU count");
+                }
             }
+            // Drawn afresh: even at the list's own rate (9%) restrictions move between pods.
+            assert!(changed > 100, "{changed} pods changed at {target}");
         }
         let err = constrained(&[pod(1, GpuDemand::Whole(1))], 0.33, 1).unwrap_err();
         assert_eq!(err.to_string(), "the pod list has no GPU-model-restricted pod to draw from");
-        assert_eq!("constrained".parse::<Variant>().unwrap(), Variant::Constrained);
-        assert_eq!("gang-heavy".parse::<Variant>().unwrap(), Variant::GangHeavy);
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            assert!(matches!(constrained(&pods, bad, 1), Err(VariantError::Share(_))), "{bad}");
+        }
+        assert_eq!(constrained(&pods[..100], 0.5, 1).unwrap(), pods[..100].to_vec(), "no GPU pod, nothing to do");
     }
 
     #[test]
@@ -370,6 +430,7 @@ mod tests {
         pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 2400]);
         pods.extend(vec![Request { models: g2, ..pod(8000, GpuDemand::Whole(1)) }; 600]);
         let variant = constrained(&pods, 0.3, 11).unwrap();
+        assert_eq!(Variant::Constrained(30).apply(&pods, 11).unwrap(), variant);
         let rate = |whole: bool| {
             let kind: Vec<&Request> =
                 variant.iter().filter(|p| is_gpu(p) && matches!(p.gpu, GpuDemand::Whole(_)) == whole).collect();
@@ -397,5 +458,68 @@ mod tests {
         let gangs = constrained(&with_gang, 0.3, 5).unwrap();
         assert!(gangs.iter().any(|p| p.gpu == GpuDemand::Whole(8) && p.models == g2));
         assert!(gangs.iter().all(|p| p.gpu != GpuDemand::Whole(8) || p.models == ModelSet::ANY || p.models == g2));
+    }
+
+    #[test]
+    fn constrained_variants_are_named_by_their_share_and_stand_for_the_artifacts_lists() {
+        assert_eq!("constrained".parse::<Variant>().unwrap(), Variant::Constrained(CONSTRAINED_PCT));
+        assert_eq!("constrained33".parse::<Variant>().unwrap(), Variant::Constrained(33));
+        assert_eq!("constrained10".parse::<Variant>().unwrap(), Variant::Constrained(10));
+        assert_eq!("gang-heavy".parse::<Variant>().unwrap(), Variant::GangHeavy);
+        for bad in ["constrained0", "constrained101", "constrainedx", "constrained-5", "gpuspec20"] {
+            assert_eq!(bad.parse::<Variant>(), Err(VariantError::Unknown(bad.into())), "{bad}");
+        }
+        assert_eq!(Variant::Constrained(33).name(), "constrained");
+        assert_eq!(Variant::Constrained(25).name(), "constrained25");
+        assert_eq!(Variant::Constrained(25).artifact_workload(), "openb_pod_list_gpuspec25");
+        for v in Variant::ALL {
+            assert_eq!(v.name().parse::<Variant>().unwrap(), v, "names round-trip");
+        }
+        let published: Vec<String> =
+            PUBLISHED_CONSTRAINED_PCTS.iter().map(|&p| Variant::Constrained(p).name()).collect();
+        assert_eq!(published, ["constrained10", "constrained20", "constrained25", "constrained"]);
+    }
+
+    #[test]
+    fn a_constrained_pod_is_placed_only_on_its_gpu_models() {
+        use kiln_core::placement::{Cluster, NodeSpec, PlacementEngine, Policy, Workload};
+        let mut specs = Vec::new();
+        for i in 0..6 {
+            specs.push(NodeSpec::new(format!("t4-{i}"), 32_000, 128_000, 2, "T4"));
+            specs.push(NodeSpec::new(format!("p100-{i}"), 16_000, 64_000, 2, "P100"));
+            specs.push(NodeSpec::new(format!("g2-{i}"), 96_000, 393_216, 8, "G2"));
+        }
+        let cluster = Cluster::new(&specs).unwrap();
+        let (t4, p100, g2) =
+            (cluster.model_id("T4").unwrap(), cluster.model_id("P100").unwrap(), cluster.model_id("G2").unwrap());
+        let mut pods = vec![pod(2000, GpuDemand::None); 20];
+        pods.extend(vec![pod(4000, GpuDemand::Share(470)); 60]);
+        pods.extend(vec![Request { models: ModelSet::of([t4]), ..pod(4000, GpuDemand::Share(320)) }; 10]);
+        pods.extend(vec![Request { models: ModelSet::of([p100]), ..pod(4000, GpuDemand::Share(650)) }; 10]);
+        pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 40]);
+        pods.extend(vec![Request { models: ModelSet::of([g2]), ..pod(8000, GpuDemand::Whole(1)) }; 10]);
+        pods.extend(vec![Request { models: ModelSet::of([t4, p100]), ..pod(8000, GpuDemand::Whole(1)) }; 10]);
+        pods.extend(vec![Request { models: ModelSet::of([g2]), ..pod(32_000, GpuDemand::Whole(4)) }; 5]);
+        let variant = constrained(&pods, 0.6, 9).unwrap();
+        let restricted = variant.iter().filter(|p| p.models != ModelSet::ANY).count();
+        assert!(restricted > 60, "{restricted} restricted pods");
+        for policy in [Policy::Fgd, Policy::BestFit, Policy::Kiln] {
+            let mut engine = PlacementEngine::new(cluster.clone(), policy, Workload::from_requests(&variant), 1);
+            let (mut placed, mut refused) = (0, 0);
+            // Twice over, so that the scarce models fill up and restricted pods are refused rather than moved.
+            for p in variant.iter().chain(&variant) {
+                match engine.place(p) {
+                    Ok(placement) => {
+                        placed += 1;
+                        if p.gpu != GpuDemand::None {
+                            let model = cluster.node_type(engine.cluster().node(placement.node).type_id).model;
+                            assert!(p.models.contains(model), "{policy}: {p:?} placed on model {model}");
+                        }
+                    }
+                    Err(_) => refused += 1,
+                }
+            }
+            assert!(placed > 100 && refused > 0, "{policy}: {placed} placed, {refused} refused");
+        }
     }
 }

@@ -42,9 +42,10 @@ pub struct PlacementArgs {
     /// Run on a variant generated from the pod list instead of the list itself, compared with the published
     /// medians of the artifact's matching list: `share-only` (every GPU pod a fractional share: `gpushare100`),
     /// `gang-heavy` (half the GPU demand from multi-GPU gangs: `multigpu50`), `constrained` (a third of the GPU
-    /// pods restricted to GPU models, each kind of pod (share, one GPU, gang) at its own rate and to the model sets of
-    /// the list's restricted pods of the same kind, so use a list that has some, such as `gpuspec20`: `gpuspec33`).
-    /// The variant is drawn once, with seed 0, and shared by every run seed.
+    /// pods restricted to GPU models: `gpuspec33`) or `constrainedN` (N% of them: `gpuspecN`, published for 10, 20
+    /// and 25). A constrained variant draws every restriction afresh, each kind of pod (share, one GPU, gang) at its
+    /// own rate and to the model sets of the list's restricted pods of the same kind, so use a list that has some,
+    /// such as `gpuspec20`. The variant is drawn once, with seed 0, and shared by every run seed.
     #[arg(long)]
     pub variant: Option<Variant>,
     /// Directory of the FGD artifact's results (derived_median_gpu_alloc_pct_by_arrival.csv); by default
@@ -116,7 +117,7 @@ pub fn placement(args: &PlacementArgs) -> Result<()> {
     }
     let workload = Workload::from_requests(&pods);
     let workload_name = match args.variant {
-        Some(variant) => variant.artifact_workload().to_owned(),
+        Some(variant) => variant.artifact_workload(),
         None => args.pods.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     let expected_dir = args.expected.clone().or_else(|| {

@@ -150,7 +150,7 @@ pub struct PlacementEngine {
     /// The request mix the caller gave.
     assumed: Workload,
     /// The mix the policy's measure uses: `assumed` under the policy's measure (`kiln`: gangs weighed by the
-    /// scarcity of the nodes that hold them, see [`Workload::weigh_gangs_by_scarcity`]).
+    /// scarcity of the nodes that hold them, see [`Workload::weigh_by_scarcity`]).
     workload: Workload,
     cache_weights: CacheWeights,
     rng: Rng,
@@ -710,7 +710,7 @@ impl PlacementEngine {
 fn effective_workload(policy: Policy, workload: &Workload, cluster: &Cluster) -> Workload {
     if policy == Policy::Kiln {
         let mut workload = workload.clone().with_measure(frag::Measure::Kiln);
-        workload.weigh_gangs_by_scarcity(cluster);
+        workload.weigh_by_scarcity(cluster);
         workload
     } else {
         workload.clone().with_measure(frag::Measure::Fgd)
