@@ -241,12 +241,7 @@ impl Node {
         }
         let workers = Arc::clone(&self.commands.workers);
         // gRPC and the HTTP/1.1 predict route on one port (`Register.worker_http1`).
-        let worker_service = axum::serve(
-            axum::serve::ListenerExt::tap_io(worker, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            }),
-            WorkerApi(workers).router(),
-        );
+        let worker_service = serve_worker(worker, WorkerApi(workers).router());
         let public = axum::serve(metrics, http::public_router(self.state.clone()));
         let admin = axum::serve(admin, http::admin_router(self.state, self.admin_token));
         let result = tokio::select! {
@@ -257,5 +252,32 @@ impl Node {
         };
         let _ = stop_session.send(true);
         result
+    }
+}
+
+/// Serves the worker port: each connection as HTTP/1.1 or HTTP/2 (gRPC), told apart by its preface. Served here
+/// rather than by `axum::serve` for one setting: an HTTP/2 connection takes any number of concurrent streams, as
+/// tonic's server allowed (hyper's default is 200, and the gateway sends every streamed prediction to a node over
+/// one connection). Accept errors (out of descriptors) are waited out, not fatal.
+pub(crate) async fn serve_worker(listener: tokio::net::TcpListener, router: axum::Router) -> std::io::Result<()> {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a worker connection failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http2().max_concurrent_streams(None);
+            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "a worker connection ended with an error");
+            }
+        });
     }
 }

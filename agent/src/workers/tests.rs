@@ -132,8 +132,7 @@ async fn non_finite_outputs_fail_the_prediction_and_name_the_index() {
     // Over gRPC, as the gateway calls it, on the worker port as the node serves it.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let api = WorkerApi(Arc::clone(&workers));
-    tokio::spawn(async move { axum::serve(listener, api.router()).await });
+    tokio::spawn(crate::node::serve_worker(listener, WorkerApi(Arc::clone(&workers)).router()));
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
     let mut client = v1::worker_service_client::WorkerServiceClient::new(channel);
     let request = |input: &[u8]| v1::PredictRequest {
