@@ -275,7 +275,8 @@ pub struct WorkerApi(pub Arc<Workers>);
 
 impl WorkerApi {
     /// What the worker port serves: `WorkerService` over gRPC (HTTP/2) and its `Predict` over plain HTTP/1.1
-    /// ([`kiln_proto::worker_http`]), told apart by the HTTP/2 preface when served with `axum::serve`.
+    /// ([`kiln_proto::worker_http`]), told apart by the HTTP/2 preface when served by
+    /// the node (`node::serve_worker`).
     pub fn router(self) -> axum::Router {
         use kiln_proto::worker_http::{MAX_BODY_BYTES, PREDICT_PATH};
         let http = axum::routing::post(predict_http).with_state(Arc::clone(&self.0));
