@@ -259,7 +259,7 @@ impl Node {
 /// rather than by `axum::serve` for one setting: an HTTP/2 connection takes any number of concurrent streams, as
 /// tonic's server allowed (hyper's default is 200, and the gateway sends every streamed prediction to a node over
 /// one connection). Accept errors (out of descriptors) are waited out, not fatal.
-pub(crate) async fn serve_worker(listener: tokio::net::TcpListener, router: axum::Router) -> std::io::Result<()> {
+pub async fn serve_worker(listener: tokio::net::TcpListener, router: axum::Router) -> std::io::Result<()> {
     let service = hyper_util::service::TowerToHyperService::new(router);
     loop {
         let stream = match listener.accept().await {

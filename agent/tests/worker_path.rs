@@ -73,8 +73,7 @@ async fn a_controller_starts_a_native_replica_and_the_gateway_gets_predictions()
     let workers = Workers::new(Arc::clone(&cache), Some(sim.clone()), vec![80 << 30; 2]);
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let worker_addr = worker_listener.local_addr().unwrap();
-    let api = WorkerApi(Arc::clone(&workers));
-    tokio::spawn(async move { axum::serve(worker_listener, api.router()).await });
+    tokio::spawn(kiln_agent::node::serve_worker(worker_listener, WorkerApi(Arc::clone(&workers)).router()));
     let commands = Arc::new(NodeCommands { cache, telemetry: telemetry.clone(), workers });
     let config = SessionConfig {
         controller: format!("http://{controller_addr}"),

@@ -160,10 +160,7 @@ fn stand_in_worker(listener: tokio::net::TcpListener) -> impl Future<Output = st
     let router = tonic::service::Routes::new(WorkerServiceServer::new(Instant0))
         .into_axum_router()
         .route(kiln_proto::worker_http::PREDICT_PATH, http);
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    std::future::IntoFuture::into_future(axum::serve(listener, router))
+    kiln_agent::node::serve_worker(listener, router)
 }
 
 /// What the stand-in replica answers.

@@ -6,10 +6,10 @@
 //! [`WorkerHttp`] keeps the idle connections to one worker endpoint. A connection is checked out for one exchange
 //! and put back only when its answer was read whole and the agent did not ask to close it; one dropped in the
 //! middle (the request's future was dropped) is closed with it, never reused half-read. A kept connection the
-//! agent has closed meanwhile fails before any byte of an answer arrives; the request is then sent again on
-//! another connection (the agent never read it), as HTTP clients do for idempotent retries of unanswered requests
-//! on reused connections. A failure on a new connection, or after part of an answer, is the worker's answer:
-//! `Unavailable`, which the router treats as it treats an unreachable gRPC worker.
+//! agent has closed meanwhile fails before any byte of an answer arrives; the kept connections are then dropped
+//! (they are as old, and all closed if the agent restarted) and the request is sent once more on a new one, as HTTP
+//! clients retry an unanswered request on a reused connection. A failure on a new connection, or after part of an
+//! answer, is the worker's answer: `Unavailable`, which the router treats as it treats an unreachable gRPC worker.
 
 use std::{sync::Mutex, time::Duration};
 
@@ -88,36 +88,42 @@ impl WorkerHttp {
         request.extend_from_slice(replica.as_bytes());
         request.extend_from_slice(b"\r\n\r\n");
         request.extend_from_slice(input);
-        loop {
-            let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-            let reused = kept.is_some();
-            let mut connection = match kept {
-                Some(c) => c,
-                None => self.connect().await?,
-            };
-            match exchange(&mut connection, &request).await {
-                Ok(answer) => {
-                    if answer.keep_alive {
-                        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                        if idle.len() < MAX_IDLE {
-                            idle.push(connection);
-                        }
+        let kept = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let answer = match kept {
+            Some(mut connection) => match exchange(&mut connection, &request).await {
+                // The worker closed the kept connection while it was idle (or restarted, closing every one): the
+                // kept ones are dropped and the request is sent once more, on a new connection.
+                Err(Failed::Unanswered(_)) => {
+                    self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    self.exchange_new(&request).await?
+                }
+                other => (connection, other),
+            },
+            None => self.exchange_new(&request).await?,
+        };
+        match answer {
+            (connection, Ok(answer)) => {
+                if answer.keep_alive {
+                    let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+                    if idle.len() < MAX_IDLE {
+                        idle.push(connection);
                     }
-                    return match answer.status {
-                        200 => Ok(answer.body),
-                        status => Err(status_of(status, answer.code.as_deref(), &answer.body)),
-                    };
                 }
-                // A kept connection the worker closed while it was idle: the request never reached it.
-                Err(Failed::Unanswered(_)) if reused => {}
-                Err(Failed::Unanswered(e)) => {
-                    return Err(Status::unavailable(format!("the worker at {}: {e}", self.address)));
-                }
-                Err(Failed::Broken(why)) => {
-                    return Err(Status::unavailable(format!("the worker at {}: {why}", self.address)));
+                match answer.status {
+                    200 => Ok(answer.body),
+                    status => Err(status_of(status, answer.code.as_deref(), &answer.body)),
                 }
             }
+            (_, Err(Failed::Unanswered(e))) => Err(Status::unavailable(format!("the worker at {}: {e}", self.address))),
+            (_, Err(Failed::Broken(why))) => Err(Status::unavailable(format!("the worker at {}: {why}", self.address))),
         }
+    }
+
+    /// One exchange on a new connection.
+    async fn exchange_new(&self, request: &[u8]) -> Result<(TcpStream, Result<Answer, Failed>), Status> {
+        let mut connection = self.connect().await?;
+        let answer = exchange(&mut connection, request).await;
+        Ok((connection, answer))
     }
 
     async fn connect(&self) -> Result<TcpStream, Status> {
@@ -353,6 +359,7 @@ mod tests {
         let http = WorkerHttp::new(address);
         assert!(http.predict("r-1", b"{}").await.is_ok());
         assert_eq!(http.predict("r-1", b"{}").await.unwrap(), b"{\"output\":1}\n", "sent again on a new one");
+        assert_eq!(http.idle.lock().unwrap().len(), 1, "the new connection is kept in the closed one's place");
         assert_eq!(worker.await.unwrap(), 3);
     }
 
