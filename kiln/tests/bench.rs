@@ -18,6 +18,7 @@ fn the_gateway_bench_reports_latency_and_cpu_per_request_for_each_path() {
         let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
             .args(["bench", "gateway", "--rps", "100", "--seconds", "1", "--runs", "1", "--no-sweep", "--no-nginx"])
             .args(["--hop", hop])
+            .args(if hop == "http1" { &[][..] } else { &["--no-floor"][..] })
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
@@ -36,6 +37,14 @@ fn the_gateway_bench_reports_latency_and_cpu_per_request_for_each_path() {
         assert_eq!(numbers.len(), 2, "proxy and replica CPU per request: {line}");
         assert!(numbers.iter().all(|us| *us > 0.0 && us.is_finite()), "{line}");
         assert!(text.contains("reference proxy: none"), "{text}");
+        // The floor (the HTTP stack without the gateway's work) is measured beside it, once per hop is enough.
+        if hop == "http1" {
+            assert!(figure(&text, "through kiln's HTTP stack alone (floor)", 0) > 0.0, "{text}");
+            let own =
+                text.lines().find(|l| l.starts_with("the gateway's own work")).unwrap_or_else(|| panic!("{text}"));
+            let us: f64 = own.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or_else(|| panic!("{own}"));
+            assert!(us.is_finite(), "{own}");
+        }
         assert!(text.contains("by thread"), "{text}");
     }
 }

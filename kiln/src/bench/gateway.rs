@@ -9,9 +9,11 @@
 //! keep-alive upstream connections, one worker process), and the load generator (this process: open loop, each
 //! request timed from its due time, so a stall is not hidden).
 //!
-//! Three paths are measured with the same schedule: straight to the replica (HTTP), through nginx (HTTP → HTTP) and
-//! through Kiln (HTTP → the worker port, `Prefer: wait`; its hop is the HTTP/1.1 predict route, or gRPC with
-//! `--hop grpc`). A round runs each path once; rounds repeat `--runs` times and each
+//! Four paths are measured with the same schedule: straight to the replica (HTTP), through nginx (HTTP → HTTP),
+//! through the floor (`kiln bench floor-server`: the gateway's HTTP server and worker client with none of the
+//! gateway's work, which shows what the stack costs by itself; `--no-floor` skips it) and through Kiln (HTTP → the
+//! worker port, `Prefer: wait`; its hop is the HTTP/1.1 predict route, or gRPC with `--hop grpc`). A round runs each
+//! path once; rounds repeat `--runs` times and each
 //! figure is printed as the median with the spread (min–max) of the runs. Latency percentiles of different requests
 //! do not subtract, so "added" is stated for what it is: in each round, a path's percentile minus the direct path's
 //! same percentile, then the median over rounds. CPU per request is a process's CPU time (`utime + stime`) over the
@@ -60,6 +62,8 @@ pub struct Options {
     pub nginx: Option<PathBuf>,
     /// The gateway's hop to the replica.
     pub hop: super::Hop,
+    /// Whether the floor (Kiln's HTTP server and worker client alone) is measured too.
+    pub floor: bool,
 }
 
 /// The response the stand-in replica gives over HTTP.
@@ -139,6 +143,33 @@ pub async fn gateway_server(worker: SocketAddr, hop: super::Hop) -> Result<()> {
         load(&stats.busy_us)
     );
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// `kiln bench floor-server`: the stack the gateway is built on with none of the gateway, in a process of its own.
+/// The same HTTP/1.1 server (`connections::serve` with its limits: hyper, an axum router on the same route) and the
+/// same client of the worker port's predict route (`WorkerHttp`, keep-alive connections), on the same tokio
+/// runtime; each request's body is sent to the replica as it came and the replica's answer back. No key,
+/// admission, JSON, prediction record or store: its CPU per request is what the gateway cannot go below on this
+/// stack, and the gateway's own work is the rest. Prints `http=<addr>`; serves until its standard input closes.
+pub async fn floor_server(worker: SocketAddr) -> Result<()> {
+    use axum::{http::StatusCode, response::IntoResponse};
+    let client = Arc::new(kiln_controller::control::WorkerHttp::new(worker.to_string()));
+    let forward = axum::routing::post(move |body: axum::body::Bytes| async move {
+        match client.predict("floor", &body).await {
+            Ok(output) => ([(axum::http::header::CONTENT_TYPE, "application/json")], output).into_response(),
+            Err(status) => (StatusCode::BAD_GATEWAY, status.message().to_owned()).into_response(),
+        }
+    });
+    let router = axum::Router::new().route("/v1/deployments/{owner}/{name}/predictions", forward);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    println!("http={}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let limits = kiln_controller::connections::HttpLimits::default();
+    tokio::select! {
+        served = kiln_controller::connections::serve(listener, router, limits, std::future::pending()) => served?,
+        closed = until_stdin_closes() => closed?,
+    }
     Ok(())
 }
 
@@ -264,6 +295,8 @@ fn thread_group(comm: &str) -> String {
 enum Path3 {
     Direct,
     Nginx,
+    /// Kiln's HTTP server and worker client without the gateway.
+    Floor,
     Kiln,
 }
 
@@ -272,7 +305,17 @@ impl Path3 {
         match self {
             Self::Direct => "direct to the replica (HTTP)",
             Self::Nginx => "through nginx (HTTP -> HTTP)",
+            Self::Floor => "through kiln's HTTP stack alone (floor)",
             Self::Kiln => "through the kiln gateway (HTTP -> worker)",
+        }
+    }
+
+    fn short(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Nginx => "nginx",
+            Self::Floor => "floor",
+            Self::Kiln => "kiln gateway",
         }
     }
 }
@@ -294,13 +337,15 @@ struct Rig {
     gateway: Party,
     gateway_http: SocketAddr,
     nginx: Option<(Party, SocketAddr, PathBuf)>,
+    floor: Option<(Party, SocketAddr)>,
 }
 
 /// Runs the whole benchmark and prints its report.
 pub async fn run(options: &Options) -> Result<()> {
     let rig = rig(options)?;
     let result = measure_all(options, &rig).await;
-    let Rig { replica, gateway, nginx, .. } = rig;
+    let Rig { replica, gateway, nginx, floor, .. } = rig;
+    drop(floor);
     let store = gateway.finish();
     drop(replica);
     if let Some((nginx, _, dir)) = nginx {
@@ -344,7 +389,15 @@ fn rig(options: &Options) -> Result<Rig> {
         Some(binary) => Some(start_nginx(binary, replica_http)?),
         None => None,
     };
-    Ok(Rig { replica, replica_http, gateway, gateway_http, nginx })
+    let floor = if options.floor {
+        let mut command = Command::new(&exe);
+        command.args(["bench", "floor-server", "--worker", &replica_grpc.to_string()]);
+        let (floor, line) = Party::start("floor", command)?;
+        Some((floor, field(&line, "http=")?))
+    } else {
+        None
+    };
+    Ok(Rig { replica, replica_http, gateway, gateway_http, nginx, floor })
 }
 
 /// Starts nginx in the foreground as one process (no master, one worker loop), proxying to `upstream` over
@@ -408,7 +461,7 @@ fn request(path: Path3, addr: SocketAddr) -> Vec<u8> {
     let body = r#"{"input": {"x": [1.0]}}"#;
     let head = match path {
         Path3::Direct | Path3::Nginx => format!("POST /predict HTTP/1.1\r\nHost: {addr}\r\n"),
-        Path3::Kiln => format!(
+        Path3::Kiln | Path3::Floor => format!(
             "POST /v1/deployments/bench/instant/predictions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer \
              {}\r\nPrefer: wait\r\n",
             super::BENCH_KEY
@@ -425,6 +478,10 @@ async fn once(rig: &Rig, path: Path3, rps: u32, seconds: u32, connections: u32) 
         Path3::Nginx => {
             let (nginx, addr, _) = rig.nginx.as_ref().context("no nginx")?;
             (*addr, Some(nginx.pid()))
+        }
+        Path3::Floor => {
+            let (floor, addr) = rig.floor.as_ref().context("no floor")?;
+            (*addr, Some(floor.pid()))
         }
         Path3::Kiln => (rig.gateway_http, Some(rig.gateway.pid())),
     };
@@ -478,11 +535,15 @@ fn spread(v: &[f64], scale: f64, decimals: usize) -> String {
 }
 
 async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
-    let paths: Vec<Path3> = if rig.nginx.is_some() {
-        vec![Path3::Direct, Path3::Nginx, Path3::Kiln]
-    } else {
-        vec![Path3::Direct, Path3::Kiln]
-    };
+    let paths: Vec<Path3> = [
+        Some(Path3::Direct),
+        rig.nginx.as_ref().map(|_| Path3::Nginx),
+        rig.floor.as_ref().map(|_| Path3::Floor),
+        Some(Path3::Kiln),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let nginx = options.nginx.as_deref().map(nginx_version);
     println!(
         "kiln bench gateway: {} requests/s open loop, {} s measured per run after {} s of warm-up, {} connections, \
@@ -525,7 +586,7 @@ async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
     };
     println!("added over direct (per round: the path's percentile minus the direct path's, in the same round):");
     for &path in paths.iter().filter(|p| **p != Path3::Direct) {
-        let label = format!("  {}", if path == Path3::Kiln { "kiln gateway" } else { "nginx" });
+        let label = format!("  {}", path.short());
         println!(
             "{:<42} {:>22} {:>22} {:>22}",
             label,
@@ -562,6 +623,17 @@ async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
             median(added(Path3::Nginx, 2)) * 1000.0
         );
     }
+    if runs.contains_key(&Path3::Floor) {
+        let mut line = format!(
+            "the gateway's own work (kiln gateway - floor): {:.1} us per request of {:.1}",
+            cpu_us(Path3::Kiln) - cpu_us(Path3::Floor),
+            cpu_us(Path3::Kiln)
+        );
+        if runs.contains_key(&Path3::Nginx) {
+            line.push_str(&format!("; the floor alone is {:.1}x nginx", cpu_us(Path3::Floor) / cpu_us(Path3::Nginx)));
+        }
+        println!("{line}");
+    }
     // The gateway's CPU by thread group, from the round with the median total.
     let kiln = &runs[&Path3::Kiln];
     let mut groups: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -595,7 +667,8 @@ async fn measure_all(options: &Options, rig: &Rig) -> Result<()> {
 /// The highest rate of `options.rates` (ascending, one run each) at which each proxy's added p99 stays under the
 /// goal; a proxy drops out at its first miss.
 async fn sweep(options: &Options, rig: &Rig, paths: &[Path3]) -> Result<()> {
-    let proxies: Vec<Path3> = paths.iter().copied().filter(|p| *p != Path3::Direct).collect();
+    // The floor is a measuring aid, not a proxy anyone runs: it stays out of the sweep.
+    let proxies: Vec<Path3> = paths.iter().copied().filter(|p| matches!(p, Path3::Nginx | Path3::Kiln)).collect();
     let mut best: BTreeMap<Path3, Option<u32>> = proxies.iter().map(|p| (*p, None)).collect();
     let mut missed: BTreeMap<Path3, Option<(u32, f64)>> = proxies.iter().map(|p| (*p, None)).collect();
     println!();
@@ -621,11 +694,7 @@ async fn sweep(options: &Options, rig: &Rig, paths: &[Path3]) -> Result<()> {
                     f64::INFINITY
                 }
             };
-            line.push_str(&format!(
-                "; {} added p99 {:.3} ms",
-                if path == Path3::Kiln { "kiln" } else { "nginx" },
-                added * 1000.0
-            ));
+            line.push_str(&format!("; {} added p99 {:.3} ms", path.short(), added * 1000.0));
             if added < GOAL_P99_S {
                 best.insert(path, Some(rate));
             } else {
@@ -635,7 +704,7 @@ async fn sweep(options: &Options, rig: &Rig, paths: &[Path3]) -> Result<()> {
         println!("{line}");
     }
     for path in proxies {
-        let name = if path == Path3::Kiln { "kiln gateway" } else { "nginx" };
+        let name = path.short();
         let top = options.rates.iter().max().copied().unwrap_or(0);
         match (best[&path], missed[&path]) {
             (Some(r), None) => {

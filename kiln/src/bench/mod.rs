@@ -64,7 +64,7 @@ pub enum Bench {
         #[arg(long)]
         no_sweep: bool,
         /// Seconds measured per step of the sweep.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 10)]
         sweep_seconds: u32,
         /// The reference proxy's binary.
         #[arg(long, default_value = "nginx")]
@@ -76,6 +76,9 @@ pub enum Bench {
         /// offers) or `grpc` (`WorkerService.Predict`, what an agent that does not offers the route gets).
         #[arg(long, value_enum, default_value_t = Hop::Http1)]
         hop: Hop,
+        /// Skip the floor: Kiln's HTTP server and worker client alone, without the gateway's work.
+        #[arg(long)]
+        no_floor: bool,
     },
     /// The gateway bench's stand-in replica, in a process of its own (started by `kiln bench gateway`).
     #[command(hide = true)]
@@ -89,6 +92,14 @@ pub enum Bench {
         /// The hop to it.
         #[arg(long, value_enum, default_value_t = Hop::Http1)]
         hop: Hop,
+    },
+    /// The gateway bench's floor (Kiln's HTTP server and worker client without the gateway), in a process of its
+    /// own (started by `kiln bench gateway`).
+    #[command(hide = true)]
+    FloorServer {
+        /// The stand-in replica's worker port.
+        #[arg(long)]
+        worker: SocketAddr,
     },
     /// The replicated usage ledger on loopback: append throughput and commit latency, three replicas.
     Ledger(ledger::LedgerArgs),
@@ -472,6 +483,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                 nginx,
                 no_nginx,
                 hop,
+                no_floor,
             } => {
                 let found = !no_nginx && Command::new(nginx).arg("-v").output().is_ok();
                 let options = gateway::Options {
@@ -483,6 +495,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                     sweep_seconds: *sweep_seconds,
                     nginx: found.then(|| nginx.clone()),
                     hop: *hop,
+                    floor: !no_floor,
                 };
                 return gateway::run(&options).await;
             }
@@ -500,6 +513,7 @@ pub fn run(bench: &Bench) -> Result<()> {
                 return console::run(&options).await;
             }
             Bench::GatewayServer { worker, hop } => return gateway::gateway_server(*worker, *hop).await,
+            Bench::FloorServer { worker } => return gateway::floor_server(*worker).await,
             Bench::Abuse { .. } => vec!["instant".into()],
             Bench::ColdStart { deployments } => (0..*deployments).map(|i| format!("d{i}")).collect(),
         };
@@ -518,6 +532,7 @@ pub fn run(bench: &Bench) -> Result<()> {
             Bench::Gateway { .. }
             | Bench::Replica
             | Bench::GatewayServer { .. }
+            | Bench::FloorServer { .. }
             | Bench::Ledger(_)
             | Bench::Console { .. } => Ok(()),
         };

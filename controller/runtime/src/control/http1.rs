@@ -31,7 +31,7 @@ const MAX_HEADERS: usize = 32;
 
 /// The idle HTTP/1.1 connections to one worker endpoint.
 #[derive(Debug)]
-pub(super) struct WorkerHttp {
+pub struct WorkerHttp {
     /// `host:port`.
     address: String,
     idle: Mutex<Vec<TcpStream>>,
@@ -59,13 +59,13 @@ struct Answer {
 
 impl WorkerHttp {
     /// The connections to `address` (`host:port`), none open yet.
-    pub(super) fn new(address: String) -> Self {
+    pub fn new(address: String) -> Self {
         Self { address, idle: Mutex::new(Vec::new()) }
     }
 
     /// Runs one prediction on `replica` with `input` (JSON): the output, or the worker's failure as the gRPC call
     /// would have returned it.
-    pub(super) async fn predict(&self, replica: &str, input: &[u8]) -> Result<Vec<u8>, Status> {
+    pub async fn predict(&self, replica: &str, input: &[u8]) -> Result<Vec<u8>, Status> {
         if replica.bytes().any(|b| b.is_ascii_control()) {
             return Err(Status::invalid_argument(format!("replica id {replica:?} cannot be sent in a header")));
         }

@@ -64,6 +64,7 @@ use tokio::sync::{Notify, watch};
 pub(crate) use self::rentals::wall_now;
 use self::routing::WorkerClients;
 pub use self::{
+    http1::WorkerHttp,
     rentals::{AssignedGpuView, RentalStatusView, ServedRental, lifecycle_from_json, lifecycle_to_json, phase_name},
     routing::{Held, HoldQueue, HoldState},
     view::{ColdStartRecord, DeploymentView, KeepAliveView, ReplicaView},
