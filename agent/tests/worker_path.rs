@@ -1,6 +1,7 @@
 //! The whole worker path in one process: a controller on loopback sends `StartWorker` for a native model over the
 //! agent's session; the agent loads it from a `file://` URI through its weight cache, reports `WorkerReady`, and a
-//! gateway-side client gets predictions from the agent's `WorkerService` over gRPC.
+//! gateway-side client gets predictions from the agent's `WorkerService` over gRPC. And the worker port's serving
+//! (`node::serve_worker`) keeps no cap on the HTTP/2 streams of one connection.
 
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
@@ -138,4 +139,67 @@ async fn a_controller_starts_a_native_replica_and_the_gateway_gets_predictions()
     telemetry.tick(&mut gpus, true);
     assert!(telemetry.read().gpus[0].sample.memory_used_bytes.unwrap() > 0);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A worker that answers `Predict` only once `barrier` has as many predictions waiting as it was made for.
+struct AllAtOnce(Arc<tokio::sync::Barrier>);
+
+type NoChunks =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<v1::PredictChunk, tonic::Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl v1::worker_service_server::WorkerService for AllAtOnce {
+    async fn predict(
+        &self,
+        request: tonic::Request<v1::PredictRequest>,
+    ) -> Result<tonic::Response<v1::PredictResponse>, tonic::Status> {
+        self.0.wait().await;
+        let prediction_id = request.into_inner().prediction_id;
+        Ok(tonic::Response::new(v1::PredictResponse { prediction_id, ..Default::default() }))
+    }
+
+    type PredictStreamStream = NoChunks;
+
+    async fn predict_stream(
+        &self,
+        _request: tonic::Request<v1::PredictRequest>,
+    ) -> Result<tonic::Response<NoChunks>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this test"))
+    }
+}
+
+/// The gateway sends every gRPC prediction to a node over one HTTP/2 connection, so the worker port must not cap the
+/// streams open at once: hyper's default of 200 would hold the 201st prediction until one of the others ended. Here
+/// no prediction ends until 260 are in the worker together, which they only can be on an uncapped connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_connection_carries_more_than_200_predictions_at_once() {
+    const AT_ONCE: usize = 260;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let worker = AllAtOnce(Arc::new(tokio::sync::Barrier::new(AT_ONCE)));
+    let router =
+        tonic::service::Routes::new(v1::worker_service_server::WorkerServiceServer::new(worker)).into_axum_router();
+    tokio::spawn(kiln_agent::node::serve_worker(listener, router));
+    // One channel is one connection.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..AT_ONCE {
+        let mut client = WorkerServiceClient::new(channel.clone());
+        calls.spawn(async move {
+            let request = v1::PredictRequest { prediction_id: format!("p{i}"), ..Default::default() };
+            (i, client.predict(request).await)
+        });
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut answered = 0;
+        while let Some(joined) = calls.join_next().await {
+            let (i, answer) = joined.unwrap();
+            assert_eq!(answer.unwrap().into_inner().prediction_id, format!("p{i}"));
+            answered += 1;
+        }
+        answered
+    })
+    .await
+    .expect("the predictions were not all in the worker at once: the connection caps its streams");
+    assert_eq!(answered, AT_ONCE);
 }
