@@ -14,7 +14,8 @@
 //! and tensor bounds), then renamed into place. A hit hashes nothing: [`WeightCache::stats`] counts every byte
 //! hashed, by purpose, and tests read it. Each disk entry has a sidecar (`<digest>.json`) recording its source's
 //! identity and the cached file's own size and mtime, so the index survives a restart; an entry adopted without a
-//! sidecar (written by an older agent) is hashed once on its first use.
+//! sidecar (written by an older agent) is hashed once on its first use. Starts of one source at the same time fetch
+//! it once: the others wait for that fetch (by the source's canonical path) and take the entry it made.
 //!
 //! **Integrity.** A hit checks the cached file's size and mtime against the sidecar (one `stat`): a file truncated,
 //! rewritten or replaced on disk is evicted and never served. Rot that keeps size and mtime (a flipped bit) is
@@ -25,6 +26,7 @@
 //! reachable from this build; their URIs are refused with an error saying so.
 
 use std::{
+    collections::HashMap,
     fs,
     io::{Read, Write},
     os::unix::fs::{FileExt, MetadataExt},
@@ -305,6 +307,9 @@ pub struct WeightCache {
     host_capacity: u64,
     state: Mutex<State>,
     counters: Counters,
+    /// The sources being fetched now, by canonical path: a second start of one waits for the first's fetch and
+    /// then finds its entry, rather than reading and hashing the same file beside it.
+    fetching: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -428,6 +433,7 @@ impl WeightCache {
             host_capacity,
             state: Mutex::new(state),
             counters: Counters::default(),
+            fetching: Mutex::default(),
         })
     }
 
@@ -522,31 +528,70 @@ impl WeightCache {
             return Err(CacheError::Unsupported { uri: uri.to_owned() });
         }
         let source = if expected.is_none() { Some(Self::source_id(uri)?) } else { None };
-        if let Some(digest) = self.find(expected, source.as_ref())
-            && let Some(entry) = self.lookup(&digest, tier)
-        {
-            return Ok(entry);
-        }
-        if tier == Tier::HostRam
-            && let Some(digest) = self.find(expected, source.as_ref())
-            && let Some(Ok((Tier::Disk, Weights::File { path, size }))) = self.read(&digest)
-        {
-            if size > self.host_capacity {
-                return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
-            }
-            let bytes = fs::read(&path)
-                .map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })?;
-            let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: SystemTime::now() };
-            self.store_host(entry.clone(), bytes.into());
-            return Ok(entry);
+        if let Some(found) = self.cached(uri, expected, source.as_ref(), tier) {
+            return found;
         }
         self.fetch(uri, expected, tier)
     }
 
-    /// Streams `uri` into the disk cache (hashing it on the way: the one time its content is hashed), or, when it
-    /// fits only host RAM and `tier` is host RAM, into memory.
+    /// What is cached of `uri` for `tier`, without fetching: its entry in `tier`, or, for host RAM, its disk copy
+    /// loaded into memory (not hashed). `None` when neither is there.
+    fn cached(
+        &self,
+        uri: &str,
+        expected: Option<&str>,
+        source: Option<&SourceId>,
+        tier: Tier,
+    ) -> Option<Result<Entry, CacheError>> {
+        let digest = self.find(expected, source)?;
+        if let Some(entry) = self.lookup(&digest, tier) {
+            return Some(Ok(entry));
+        }
+        if tier != Tier::HostRam {
+            return None;
+        }
+        let Some(Ok((Tier::Disk, Weights::File { path, size }))) = self.read(&digest) else { return None };
+        if size > self.host_capacity {
+            return Some(Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity }));
+        }
+        let bytes = match fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(source) => return Some(Err(CacheError::Io { what: format!("reading {}", path.display()), source })),
+        };
+        let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: SystemTime::now() };
+        self.store_host(entry.clone(), bytes.into());
+        Some(Ok(entry))
+    }
+
+    /// Fetches `uri` into `tier`, one fetch of a source at a time: a start that finds the same source being fetched
+    /// waits for that fetch, then takes the entry it made (or fetches itself if it failed).
     fn fetch(&self, uri: &str, expected: Option<&str>, tier: Tier) -> Result<Entry, CacheError> {
         let source = Self::source_id(uri)?;
+        let key = source.path.clone();
+        let flight = {
+            let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(fetching.entry(key.clone()).or_default())
+        };
+        let fetched = {
+            let _one_at_a_time = flight.lock().unwrap_or_else(|p| p.into_inner());
+            // Made while this start waited (the source's identity is the same, so is its content).
+            let lookup = if expected.is_some() { None } else { Some(&source) };
+            match self.cached(uri, expected, lookup, tier) {
+                Some(found) => found,
+                None => self.fetch_now(uri, expected, tier, source),
+            }
+        };
+        let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and this start only: nobody waits on it (a waiter clones it under this lock).
+        if Arc::strong_count(&flight) == 2 {
+            fetching.remove(&key);
+        }
+        fetched
+    }
+
+    /// Streams `uri` into the disk cache (hashing it on the way: the one time its content is hashed), or, when it
+    /// fits only host RAM and `tier` is host RAM, into memory.
+    fn fetch_now(&self, uri: &str, expected: Option<&str>, tier: Tier, source: SourceId) -> Result<Entry, CacheError> {
         let io = |source| CacheError::Io { what: format!("reading {uri}"), source };
         let file = fs::File::open(&source.path).map_err(io)?;
         let meta = file.metadata().map_err(io)?;
@@ -982,6 +1027,36 @@ mod tests {
         let again = cache.locate(&format!("file://{}", good.display()), None).unwrap();
         assert_eq!((again.tier, again.digest.as_str()), (Tier::Remote, entry.digest.as_str()));
         assert_eq!(again.weights.to_vec().unwrap(), bytes);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn starts_of_one_new_source_at_once_fetch_and_hash_it_once() {
+        let dir = temp_dir("flight");
+        let bytes = model(1 << 20, 0.5);
+        let src = dir.join("m.safetensors");
+        fs::write(&src, &bytes).unwrap();
+        let uri = format!("file://{}", src.display());
+        let cache = WeightCache::open(&dir.join("cache"), 64 << 20, 64 << 20).unwrap();
+        let together = std::sync::Barrier::new(4);
+        let located: Vec<Located> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        together.wait();
+                        cache.locate(&uri, None).unwrap()
+                    })
+                })
+                .collect();
+            starts.into_iter().map(|s| s.join().unwrap()).collect()
+        });
+        for l in &located {
+            assert_eq!(l.digest, located[0].digest);
+            assert_eq!(l.weights.to_vec().unwrap(), bytes);
+        }
+        assert_eq!(cache.stats().hashed_bytes(), bytes.len() as u64, "read and hashed by one start, not by each");
+        assert_eq!(cache.report().len(), 1);
+        assert!(cache.fetching.lock().unwrap().is_empty(), "no fetch left in flight");
         fs::remove_dir_all(&dir).ok();
     }
 
