@@ -10,7 +10,7 @@ use kiln_core::{
 use super::{RentalOutcome, RentalPlan, RentalPlanError};
 use crate::{
     serving::{DeploymentSpec, FleetSpec, KeepAliveChoice, Outcome, SimConfig, Source, simulate},
-    traces::TraceRequest,
+    traces::{Pattern, TraceRequest, Window},
 };
 
 /// 2026-01-01T00:00:00Z.
@@ -177,4 +177,53 @@ fn a_calendar_is_refused_whole_with_the_rental_that_is_wrong() {
     let twice = plan(&fleet, vec![ok, (spec("a", 1, Some(7200.0), 1, false), 0.0, None)]).unwrap();
     let keys: Vec<&str> = twice.rentals.iter().map(|r| r.key.as_str()).collect();
     assert_eq!(keys, ["team-a/a#1", "team-a/a#2"]);
+}
+
+#[test]
+fn a_crowded_fleet_with_fences_and_lending_runs_the_same_every_time() {
+    // Eight GPUs, twelve deployments of 1-140 GB and rentals holding up to seven GPUs: fences stop replicas, lent
+    // GPUs are borrowed and requests queue for room, the regime where one different placement changes the rest of
+    // the run. Each run builds its maps afresh (every std HashMap with keys of its own, so another iteration
+    // order): the outcome must depend on nothing but the inputs and the seed.
+    let fleet = FleetSpec::parse("h100-80gb:4x2").unwrap();
+    let deps: Vec<DeploymentSpec> = (0..12)
+        .map(|i| {
+            let windows = (0..72)
+                .map(|w| Window {
+                    start_s: f64::from(w) * 600.0,
+                    rate: if w % (3 + i) < 2 { 0.01 } else { 0.0 },
+                    pattern: Pattern::Gamma(0.5),
+                })
+                .collect();
+            let gb = [1, 4, 16, 40, 80, 140][i as usize % 6];
+            DeploymentSpec { name: format!("d{i}"), weights_bytes: gb * GBYTES, source: Source::Windows(windows) }
+        })
+        .collect();
+    let rentals = || {
+        let mut late = spec("late", 3, Some(9.0 * 3600.0), 2, false);
+        late.namespace = "team-b".into();
+        vec![
+            (spec("big", 4, Some(3600.0), 6, true), 0.0, None),
+            (spec("mid", 2, Some(2.0 * 3600.0), 4, false), 0.0, None),
+            (spec("now", 1, None, 3, true), 1800.0, None),
+            (spec("cancelled", 2, Some(8.0 * 3600.0), 2, false), 0.0, Some(9.0 * 3600.0)),
+            (late, 0.0, None),
+        ]
+    };
+    for keep_alive in ["fixed:600s", "adaptive"] {
+        let once = || {
+            let config =
+                SimConfig { days: 0.5, rentals: Some(plan(&fleet, rentals()).unwrap()), ..SimConfig::default() };
+            let choice = KeepAliveChoice::Uniform(KeepAlivePolicy::parse(keep_alive).unwrap());
+            simulate(&config, &fleet, &deps, &choice, &mut |_| {})
+        };
+        let first = once();
+        let r = first.rentals.as_ref().expect("a run with a plan reports rentals");
+        assert_eq!(r.billing_error, None);
+        assert!(r.lent_gpu_s > 0.0 && first.wait_s > 0.0, "{keep_alive}: {r:?}");
+        if keep_alive.starts_with("fixed") {
+            assert!(r.fenced_stops > 0 && r.cold_starts_after_fence > 0, "{r:?}");
+        }
+        assert_eq!(once(), first, "{keep_alive}: the same inputs gave another run");
+    }
 }
