@@ -31,8 +31,8 @@ fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
     if args.len() < 2 {
         eprintln!(
-            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: share-only, gang-heavy, constrained, \
-             constrainedN)"
+            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: cpuN, shareN, gangN, constrainedN, \
+             share-only, gang-heavy, constrained)"
         );
         std::process::exit(2);
     }
