@@ -69,7 +69,9 @@ pub enum Measure {
     /// already fragmented for a 470 share: 8 x 60 milli it cannot use) let shares break the last whole 8-GPU
     /// nodes: on the generated `share60` (the artifact's `gpushare60`, seeds 42-51) kiln dropped 4-6 gangs
     /// before 91% arrived demand and allocated 89.37% at 90% (FGD 90.01%); with the weights following the room,
-    /// 90.01%, and more at 100% and 130% too (91.52% and 91.70% against 91.48% and 91.63%).
+    /// 90.01%, and more at 100% and 130% too (91.57% and 91.75% against 91.48% and 91.63%); on the five shared
+    /// lists it allocates as much as before or more (at 100%: `gpuspec20` 95.22% against 95.09%, `cpu050`
+    /// 95.56% against 95.52%, `default`, `gpushare40` and `multigpu30` within 0.01 pp).
     ///
     /// Kinds restricted to GPU models are weighed so too: a kind that only T4s may hold (842 of the 6,212 GPUs)
     /// counts 7.4 times its popularity. FGD's measure sees a kind that cannot use a node's model as fragment on
