@@ -31,8 +31,8 @@ fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
     if args.len() < 2 {
         eprintln!(
-            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: share-only, gang-heavy, constrained, \
-             constrainedN)"
+            "usage: placement_marks NODES.csv LIST.csv[:VARIANT] ... (VARIANT: cpuN, shareN, gangN, constrainedN, \
+             share-only, gang-heavy, constrained)"
         );
         std::process::exit(2);
     }
@@ -70,9 +70,11 @@ fn main() {
             Some(v) => variant_seeds.iter().map(|&vs| v.apply(&list.pods, vs).expect("variant")).collect(),
             None => vec![list.pods],
         };
-        let name = match variant {
-            Some(v) => v.artifact_workload(),
-            None => Path::new(path).file_stem().expect("a file name").to_string_lossy().into_owned(),
+        let stem = Path::new(path).file_stem().expect("a file name").to_string_lossy().into_owned();
+        // The published list to compare with, and the label of the rows (the list, and the variant drawn from it).
+        let (name, label) = match variant {
+            Some(v) => (v.artifact_workload(), format!("{}:{v}", stem.trim_start_matches("openb_pod_list_"))),
+            None => (stem.clone(), stem.trim_start_matches("openb_pod_list_").to_owned()),
         };
         let expected = env::var("EXPECTED").map(Into::into).unwrap_or_else(|_| {
             Path::new(path).parent().and_then(Path::parent).unwrap_or(Path::new(".")).join("fgd-expected-results")
@@ -104,7 +106,7 @@ fn main() {
             }
             let series: Vec<f64> = (0..=130).map(|m| median_at(&runs, m, |r| &r.alloc_pct)).collect();
             let row: Vec<String> = REPORTED_MARKS.iter().map(|&m| format!("{:>7.2}", series[m as usize])).collect();
-            println!("{name:<28} {:<6} {}", policy.name(), row.join(" "));
+            println!("{label:<28} {:<6} {}", policy.name(), row.join(" "));
             if per_draw.len() > 1 {
                 let spread: Vec<String> = (0..REPORTED_MARKS.len())
                     .map(|i| {
@@ -113,17 +115,38 @@ fn main() {
                         format!("{lo:>6.2}-{hi:<6.2}")
                     })
                     .collect();
-                println!("{name:<28} {:<6} {} ({} draws' medians)", "", spread.join(" "), per_draw.len());
+                println!("{label:<28} {:<6} {} ({} draws' medians)", "", spread.join(" "), per_draw.len());
             }
             medians.insert(policy.name(), series);
         }
-        if let Some(p) = published(&expected, &name) {
+        let paper = published(&expected, &name);
+        if let Some(p) = &paper {
             let row: Vec<String> = REPORTED_MARKS.iter().map(|&m| format!("{:>7.2}", p[m as usize])).collect();
-            println!("{name:<28} {:<6} {}", "paper", row.join(" "));
+            println!("{label:<28} {:<6} {} ({name})", "paper", row.join(" "));
         }
+        // The worst mark from 90 to 130 of `a - b`.
+        let worst = |a: &[f64], b: &[f64]| {
+            (90..=130).map(|m| (m, a[m] - b[m])).min_by(|x, y| x.1.total_cmp(&y.1)).expect("marks")
+        };
+        let marks = |s: &[f64]| format!("{:.2} / {:.2} / {:.2}", s[90], s[100], s[130]);
         if let (Some(k), Some(f)) = (medians.get("kiln"), medians.get("fgd")) {
-            let (mark, gap) = (90..=130).map(|m| (m, k[m] - f[m])).min_by(|a, b| a.1.total_cmp(&b.1)).expect("marks");
-            println!("{name:<28} worst kiln-fgd {gap:+.3} pp at {mark}");
+            let (mark, gap) = worst(k, f);
+            let mut line = format!("{label:<28} worst kiln-fgd {gap:+.3} pp at {mark}");
+            let mut table = format!("| {label} | {} | ", marks(f));
+            match &paper {
+                Some(p) => {
+                    let (pmark, pgap) = worst(k, p);
+                    let (fmark, fgap) = (90..=130)
+                        .map(|m| (m, f[m] - p[m]))
+                        .max_by(|x, y| x.1.abs().total_cmp(&y.1.abs()))
+                        .expect("marks");
+                    line += &format!(", kiln-paper {pgap:+.3} pp at {pmark}, |fgd-paper| {fgap:+.3} pp at {fmark}");
+                    table += &format!("{} | {} | {gap:+.3} ({mark}) | {pgap:+.3} ({pmark}) |", marks(p), marks(k));
+                }
+                None => table += &format!("- | {} | {gap:+.3} ({mark}) | - |", marks(k)),
+            }
+            println!("{line}");
+            println!("{table}");
         }
     }
 }

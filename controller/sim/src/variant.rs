@@ -1,17 +1,25 @@
 //! Pod-list variants generated from a shared list, the way the FGD paper's artifact built its workload families
-//! (`openb_pod_list_gpushare{40,60,80,100}`, ...): the CPU-only pods are kept and GPU pods are re-drawn from the
-//! list's own pods of the emphasised kind, so the variant keeps the trace's CPU, memory and GPU sizes and only the
-//! mix changes. Generated test inputs, seeded: no copied data.
+//! (`openb_pod_list_{cpu050,gpushare40,multigpu30,gpuspec20,...}`): the variant keeps the trace's pods (CPU,
+//! memory and GPU sizes) and changes only the mix, so what moves the results is the mix. Generated test inputs,
+//! seeded: no copied data. What the shared lists show about how the artifact made each family, compared with
+//! `openb_pod_list_default` as multisets of pods:
 //!
-//! `share-only` is the artifact's `gpushare100`: every GPU pod is a fractional share of one GPU. Each pod asking for
-//! whole GPUs is replaced by a share pod of the list drawn uniformly at random (with replacement, CPU and memory
-//! included); the list's share pods stay as they are. The share sizes are therefore the trace's own (810, 470, 650,
-//! 320, ... milli-GPU, with their popularity), as in the artifact's list, whose rows are copies of the default
-//! list's share pods.
-//!
-//! `gang-heavy` is the artifact's `multigpu50`: pods asking for several whole GPUs carry half of the GPU demand
-//! (the default list: 7%, `multigpu30`: 30%). Each other GPU pod is replaced, with the one probability that makes
-//! the expected share of gang demand 50%, by a gang pod of the list drawn uniformly.
+//! - `cpu050` is the default list's GPU pods, all of them, and 375 of its 1,088 CPU-only pods (a subset, with the
+//!   same mix of shapes): CPU-only pods are 5.0% of its pods (13.3% in the default list). So `cpuN` has CPU-only
+//!   pods making N per mille of the list ([`cpu_heavy`]): `cpu050` 5%, `cpu100` 10%, `cpu200` 20%, `cpu250` 25%
+//!   (the last two more than the default list holds: copies of its CPU-only pods drawn uniformly). At 25% the
+//!   CPU asked for by the list (GPU pods 66,211 cores, CPU-only pods about 41,500) is the GPU nodes' CPU (107,018):
+//!   CPU binds, as the published medians show (FGD allocates 93.2% at 100% arrived GPU demand against 94.8-95.2%).
+//! - `gpushare40` keeps 6,342 of the default list's pods and replaces 1,810 GPU pods (910 asking for one GPU, 13
+//!   gangs and 887 shares) by copies of its share pods: share pods carry 40.1% of its GPU demand (28.5% in the
+//!   default list). So `shareN` has share pods carrying N% of the GPU demand ([`share_heavy`]): GPU pods that are
+//!   not shares are replaced, in a random order, by share pods of the list drawn uniformly until shares carry N%.
+//!   `share-only` is `share100`, the artifact's `gpushare100`: every GPU pod a share.
+//! - `multigpu30` is the default list, row for row, with 356 gang pods appended (192 of 8 GPUs, 96 of 2, 68 of 4:
+//!   uniform draws of its 75 gangs) — 2,000 GPUs more, after which gangs carry 30.2% of the GPU demand (7.3% in the
+//!   default list). So `gangN` appends gang pods of the list drawn uniformly until gangs carry N% of the GPU demand
+//!   ([`gang_heavy`]); `gang-heavy` is `gang50`, the artifact's `multigpu50`.
+//! - `gpuspec20` is the default list's pods with GPU-model restrictions added (the default list has none).
 //!
 //! `constrained` is the artifact's `gpuspec33` (`constrainedN`: N% of the GPU pods; the artifact publishes figures
 //! for `gpuspec10`, `gpuspec20`, `gpuspec25` and `gpuspec33`): a share of the GPU pods restricted to some GPU models.
@@ -33,8 +41,9 @@
 //! the list's overall rate, so the kinds keep their ratios) to the model set of a restricted pod of the list of the
 //! same kind (gangs: of the same GPU count where one has it, else any restricted gang, else a whole-GPU pod's),
 //! drawn uniformly: the list's own restrictions with their popularity. A list with no restricted pods has nothing
-//! to draw from. Drawn from `gpuspec20` at 20%, the variant reproduces the published `gpuspec20` medians (a new
-//! list, not the same one: the restrictions are redrawn); the figures at 10, 25 and 33% are in the README.
+//! to draw from, so constrained variants are drawn from `gpuspec20`. Drawn from `gpuspec20` at 20%, the variant
+//! reproduces the published `gpuspec20` medians (a new list, not the same one: the restrictions are redrawn); the
+//! figures at 10, 25 and 33% are in the README.
 use std::{fmt, str::FromStr};
 
 use kiln_core::{
@@ -45,16 +54,20 @@ use kiln_core::{
 /// A generated variant of a pod list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Variant {
-    /// Every GPU pod a fractional share of one GPU (the artifact's `gpushare100`).
-    ShareOnly,
-    /// Half of the GPU demand from multi-GPU gangs (the artifact's `multigpu50`).
-    GangHeavy,
+    /// CPU-only pods make this many per mille (1-999) of the list's pods (the artifact's `cpu{050,100,200,250}`).
+    Cpu(u16),
+    /// GPU-share pods carry this percentage (1-100) of the GPU demand (the artifact's `gpushare{40,60,80,100}`;
+    /// 100: every GPU pod a share, `share-only`).
+    Share(u8),
+    /// Multi-GPU gangs carry this percentage (1-99) of the GPU demand (the artifact's `multigpu{20,30,40,50}`; 50:
+    /// `gang-heavy`).
+    Gang(u8),
     /// This percentage (1-100) of the GPU pods restricted to GPU models, drawn afresh (the artifact's
     /// `gpuspec{10,20,25,33}` at 10, 20, 25 and 33).
     Constrained(u8),
 }
 
-/// Share of GPU demand from gangs in [`Variant::GangHeavy`].
+/// Share of GPU demand from gangs in `gang-heavy`.
 pub const GANG_DEMAND_SHARE: f64 = 0.5;
 /// Percentage of GPU pods restricted to GPU models in `constrained` ([`Variant::Constrained`] without a number).
 pub const CONSTRAINED_PCT: u8 = 33;
@@ -62,21 +75,40 @@ pub const CONSTRAINED_PCT: u8 = 33;
 pub const PUBLISHED_CONSTRAINED_PCTS: [u8; 4] = [10, 20, 25, 33];
 
 impl Variant {
-    /// The variants with published counterparts.
-    pub const ALL: [Variant; 6] = [
-        Variant::ShareOnly,
-        Variant::GangHeavy,
+    /// `share-only`: every GPU pod a share (the artifact's `gpushare100`).
+    pub const SHARE_ONLY: Variant = Variant::Share(100);
+    /// `gang-heavy`: half the GPU demand from gangs (the artifact's `multigpu50`).
+    pub const GANG_HEAVY: Variant = Variant::Gang(50);
+
+    /// Every variant with a published counterpart: the artifact's families less its default list.
+    pub const ALL: [Variant; 16] = [
+        Variant::Cpu(50),
+        Variant::Cpu(100),
+        Variant::Cpu(200),
+        Variant::Cpu(250),
+        Variant::Share(40),
+        Variant::Share(60),
+        Variant::Share(80),
+        Variant::Share(100),
+        Variant::Gang(20),
+        Variant::Gang(30),
+        Variant::Gang(40),
+        Variant::Gang(50),
         Variant::Constrained(10),
         Variant::Constrained(20),
         Variant::Constrained(25),
         Variant::Constrained(CONSTRAINED_PCT),
     ];
 
-    /// The variant's name on the command line (`constrained` is `constrained33`).
+    /// The variant's name on the command line (`share100` is `share-only`, `gang50` `gang-heavy` and
+    /// `constrained33` `constrained`; `cpuN` with three digits, as the artifact names them).
     pub fn name(self) -> String {
         match self {
-            Variant::ShareOnly => "share-only".into(),
-            Variant::GangHeavy => "gang-heavy".into(),
+            Variant::Cpu(n) => format!("cpu{n:03}"),
+            Variant::SHARE_ONLY => "share-only".into(),
+            Variant::Share(pct) => format!("share{pct}"),
+            Variant::GANG_HEAVY => "gang-heavy".into(),
+            Variant::Gang(pct) => format!("gang{pct}"),
             Variant::Constrained(CONSTRAINED_PCT) => "constrained".into(),
             Variant::Constrained(pct) => format!("constrained{pct}"),
         }
@@ -86,8 +118,9 @@ impl Variant {
     /// compare with).
     pub fn artifact_workload(self) -> String {
         match self {
-            Variant::ShareOnly => "openb_pod_list_gpushare100".into(),
-            Variant::GangHeavy => "openb_pod_list_multigpu50".into(),
+            Variant::Cpu(n) => format!("openb_pod_list_cpu{n:03}"),
+            Variant::Share(pct) => format!("openb_pod_list_gpushare{pct}"),
+            Variant::Gang(pct) => format!("openb_pod_list_multigpu{pct}"),
             Variant::Constrained(pct) => format!("openb_pod_list_gpuspec{pct}"),
         }
     }
@@ -95,8 +128,9 @@ impl Variant {
     /// The variant of `pods`, drawn with `seed`.
     pub fn apply(self, pods: &[Request], seed: u64) -> Result<Vec<Request>> {
         match self {
-            Variant::ShareOnly => share_only(pods, seed),
-            Variant::GangHeavy => gang_heavy(pods, GANG_DEMAND_SHARE, seed),
+            Variant::Cpu(n) => cpu_heavy(pods, f64::from(n) / 1000.0, seed),
+            Variant::Share(pct) => share_heavy(pods, f64::from(pct) / 100.0, seed),
+            Variant::Gang(pct) => gang_heavy(pods, f64::from(pct) / 100.0, seed),
             Variant::Constrained(pct) => constrained(pods, f64::from(pct) / 100.0, seed),
         }
     }
@@ -113,14 +147,33 @@ impl FromStr for Variant {
 
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "share-only" => return Ok(Variant::ShareOnly),
-            "gang-heavy" => return Ok(Variant::GangHeavy),
+            "share-only" => return Ok(Variant::SHARE_ONLY),
+            "gang-heavy" => return Ok(Variant::GANG_HEAVY),
             "constrained" => return Ok(Variant::Constrained(CONSTRAINED_PCT)),
             _ => {}
         }
-        match s.strip_prefix("constrained").map(str::parse::<u8>) {
-            Some(Ok(pct)) if (1..=100).contains(&pct) => Ok(Variant::Constrained(pct)),
-            _ => Err(VariantError::Unknown(s.to_owned())),
+        let unknown = || VariantError::Unknown(s.to_owned());
+        // The number: digits only (no sign), in the family's range.
+        let number = |rest: &str, max: u16| -> Result<u16> {
+            if rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(unknown());
+            }
+            match rest.parse::<u16>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(unknown()),
+            }
+        };
+        let narrow = |n: u16| u8::try_from(n).map_err(|_| unknown());
+        if let Some(rest) = s.strip_prefix("constrained") {
+            Ok(Variant::Constrained(narrow(number(rest, 100)?)?))
+        } else if let Some(rest) = s.strip_prefix("share") {
+            Ok(Variant::Share(narrow(number(rest, 100)?)?))
+        } else if let Some(rest) = s.strip_prefix("gang") {
+            Ok(Variant::Gang(narrow(number(rest, 99)?)?))
+        } else if let Some(rest) = s.strip_prefix("cpu") {
+            Ok(Variant::Cpu(number(rest, 999)?))
+        } else {
+            Err(unknown())
         }
     }
 }
@@ -129,11 +182,20 @@ impl FromStr for Variant {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VariantError {
     /// No variant of that name.
-    #[error("unknown variant {0:?}; expected share-only, gang-heavy, constrained or constrainedN (N: 1-100)")]
+    #[error(
+        "unknown variant {0:?}; expected cpuN (N: CPU-only pods per mille of the pods, 1-999), shareN (N: % of the \
+         GPU demand from GPU shares, 1-100), gangN (% from multi-GPU gangs, 1-99), constrainedN (% of the GPU pods \
+         restricted to GPU models, 1-100), share-only, gang-heavy or constrained"
+    )]
     Unknown(String),
-    /// A constrained share outside (0, 1].
-    #[error("the share of GPU pods to restrict must be within (0, 1], not {0}")]
-    Share(String),
+    /// A share outside the variant's range.
+    #[error("the share must be within {range}, not {value}")]
+    Share {
+        /// The share asked for.
+        value: String,
+        /// The range the variant takes.
+        range: &'static str,
+    },
     /// The list has none of the pods the variant draws from.
     #[error("the pod list has no {0} pod to draw from")]
     NothingToDraw(&'static str),
@@ -142,57 +204,106 @@ pub enum VariantError {
 /// The result of making a variant.
 pub type Result<T, E = VariantError> = std::result::Result<T, E>;
 
-/// `pods` with every pod asking for whole GPUs replaced by a share pod of `pods`, drawn uniformly with `seed`.
-pub fn share_only(pods: &[Request], seed: u64) -> Result<Vec<Request>> {
-    let shares: Vec<Request> = pods.iter().filter(|p| matches!(p.gpu, GpuDemand::Share(_))).copied().collect();
-    if shares.is_empty() && pods.iter().any(|p| !matches!(p.gpu, GpuDemand::None | GpuDemand::Share(_))) {
-        return Err(VariantError::NothingToDraw("GPU-share"));
-    }
-    let mut rng = Rng::new(seed);
-    Ok(pods
-        .iter()
-        .map(|p| match p.gpu {
-            GpuDemand::None | GpuDemand::Share(_) => *p,
-            GpuDemand::Whole(_) | GpuDemand::Memory(_) => shares[rng.below(shares.len() as u64) as usize],
-        })
-        .collect())
+fn is_gang(p: &Request) -> bool {
+    matches!(gpu_kind(p), Some(GpuKind::Gang(_)))
 }
 
-fn is_gang(p: &Request) -> bool {
-    matches!(p.gpu, GpuDemand::Whole(k) if k >= 2)
+fn is_share(p: &Request) -> bool {
+    gpu_kind(p) == Some(GpuKind::Share)
 }
 
 fn is_gpu(p: &Request) -> bool {
     p.gpu != GpuDemand::None
 }
 
-/// `pods` with each GPU pod that is not a gang replaced, with one probability, by a gang pod of `pods` drawn
-/// uniformly, so that gangs carry `share` of the expected GPU demand (if they carry more already, `pods` as they
-/// are).
-pub fn gang_heavy(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
-    let gangs: Vec<Request> = pods.iter().filter(|p| is_gang(p)).copied().collect();
-    let others: Vec<&Request> = pods.iter().filter(|p| is_gpu(p) && !is_gang(p)).collect();
-    if gangs.is_empty() {
-        if others.is_empty() {
-            return Ok(pods.to_vec());
+/// `pods` with CPU-only pods making `share` of the pods (within one pod): with fewer wanted than the list has, a
+/// uniformly drawn subset of them is kept; with more, copies of them drawn uniformly are appended. GPU pods stay
+/// as they are, in their order; kept CPU-only pods keep theirs.
+pub fn cpu_heavy(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
+    if !(share > 0.0 && share < 1.0) {
+        return Err(VariantError::Share { value: share.to_string(), range: "(0, 1)" });
+    }
+    let cpu: Vec<usize> = (0..pods.len()).filter(|&i| !is_gpu(&pods[i])).collect();
+    let gpu = pods.len() - cpu.len();
+    // c / (c + gpu) = share.
+    let want = (share * gpu as f64 / (1.0 - share)).round() as usize;
+    let mut rng = Rng::new(seed);
+    if want <= cpu.len() {
+        let mut drop = cpu;
+        rng.shuffle(&mut drop);
+        let mut dropped = vec![false; pods.len()];
+        for &i in &drop[want..] {
+            dropped[i] = true;
         }
+        return Ok(pods.iter().zip(dropped).filter(|(_, d)| !d).map(|(p, _)| *p).collect());
+    }
+    if cpu.is_empty() {
+        return Err(VariantError::NothingToDraw("CPU-only"));
+    }
+    let mut out = pods.to_vec();
+    out.extend((cpu.len()..want).map(|_| pods[cpu[rng.below(cpu.len() as u64) as usize]]));
+    Ok(out)
+}
+
+/// `pods` with GPU pods that are not shares replaced, in a random order, by share pods of `pods` drawn uniformly
+/// (CPU and memory included) until shares carry `share` of the GPU demand (1: every GPU pod a share). A list whose
+/// shares carry that much already is returned as it is.
+pub fn share_heavy(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
+    if !(share > 0.0 && share <= 1.0) {
+        return Err(VariantError::Share { value: share.to_string(), range: "(0, 1]" });
+    }
+    let shares: Vec<Request> = pods.iter().filter(|p| is_share(p)).copied().collect();
+    let mut others: Vec<usize> = (0..pods.len()).filter(|&i| is_gpu(&pods[i]) && !is_share(&pods[i])).collect();
+    if shares.is_empty() && !others.is_empty() {
+        return Err(VariantError::NothingToDraw("GPU-share"));
+    }
+    let mut share_demand: u64 = shares.iter().map(|p| p.gpu.milli()).sum();
+    let mut total: u64 = pods.iter().map(|p| p.gpu.milli()).sum();
+    let mut rng = Rng::new(seed);
+    rng.shuffle(&mut others);
+    let mut out = pods.to_vec();
+    for i in others {
+        if share_demand as f64 >= share * total as f64 {
+            break;
+        }
+        let drawn = shares[rng.below(shares.len() as u64) as usize];
+        share_demand += drawn.gpu.milli();
+        total = total + drawn.gpu.milli() - out[i].gpu.milli();
+        out[i] = drawn;
+    }
+    Ok(out)
+}
+
+/// `pods` with every pod asking for whole GPUs replaced by a share pod of `pods`, drawn uniformly with `seed`:
+/// [`share_heavy`] at 1.
+pub fn share_only(pods: &[Request], seed: u64) -> Result<Vec<Request>> {
+    share_heavy(pods, 1.0, seed)
+}
+
+/// `pods` with gang pods of `pods` drawn uniformly appended until gangs carry `share` of the GPU demand (a list
+/// whose gangs carry that much already is returned as it is).
+pub fn gang_heavy(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
+    if !(share > 0.0 && share < 1.0) {
+        return Err(VariantError::Share { value: share.to_string(), range: "(0, 1)" });
+    }
+    let gangs: Vec<Request> = pods.iter().filter(|p| is_gang(p)).copied().collect();
+    let mut gang_demand: u64 = gangs.iter().map(|p| p.gpu.milli()).sum();
+    let mut total: u64 = pods.iter().map(|p| p.gpu.milli()).sum();
+    if total == 0 {
+        return Ok(pods.to_vec());
+    }
+    if gangs.is_empty() {
         return Err(VariantError::NothingToDraw("multi-GPU"));
     }
-    let gang_demand: f64 = gangs.iter().map(|p| p.gpu.milli() as f64).sum();
-    let other_demand: f64 = others.iter().map(|p| p.gpu.milli() as f64).sum();
-    let mean_gang = gang_demand / gangs.len() as f64;
-    // Replacing each of the n other pods with probability q: (G + q n g) = share (G + q n g + (1 - q) O).
-    let n = others.len() as f64;
-    let q = ((share * (gang_demand + other_demand) - gang_demand)
-        / (n * mean_gang * (1.0 - share) + share * other_demand))
-        .clamp(0.0, 1.0);
     let mut rng = Rng::new(seed);
-    Ok(pods
-        .iter()
-        .map(|p| {
-            if is_gpu(p) && !is_gang(p) && rng.unit() < q { gangs[rng.below(gangs.len() as u64) as usize] } else { *p }
-        })
-        .collect())
+    let mut out = pods.to_vec();
+    while (gang_demand as f64) < share * total as f64 {
+        let drawn = gangs[rng.below(gangs.len() as u64) as usize];
+        gang_demand += drawn.gpu.milli();
+        total += drawn.gpu.milli();
+        out.push(drawn);
+    }
+    Ok(out)
 }
 
 /// The kinds of GPU pod [`constrained`] restricts at their own rates and draws model sets for.
@@ -266,7 +377,7 @@ fn class_rates(count: &[(usize, usize); 3], share: f64) -> [f64; 3] {
 /// the module's notes). CPU, memory and GPU demand stay; only the model sets change.
 pub fn constrained(pods: &[Request], share: f64, seed: u64) -> Result<Vec<Request>> {
     if !(share > 0.0 && share <= 1.0) {
-        return Err(VariantError::Share(share.to_string()));
+        return Err(VariantError::Share { value: share.to_string(), range: "(0, 1]" });
     }
     let restricted: Vec<(GpuKind, ModelSet)> =
         pods.iter().filter(|p| p.models != ModelSet::ANY).filter_map(|p| gpu_kind(p).map(|k| (k, p.models))).collect();
@@ -347,7 +458,7 @@ mod tests {
             assert!(p == pods[1] || p == pods[3], "{p:?} is not one of the list's share pods");
         }
         assert_eq!(share_only(&pods, 42).unwrap(), variant, "same seed, same list");
-        assert_eq!(Variant::ShareOnly.apply(&pods, 42).unwrap(), variant);
+        assert_eq!(Variant::SHARE_ONLY.apply(&pods, 42).unwrap(), variant);
     }
 
     #[test]
@@ -355,7 +466,7 @@ mod tests {
         let err = share_only(&[pod(1, GpuDemand::Whole(1))], 1).unwrap_err();
         assert_eq!(err.to_string(), "the pod list has no GPU-share pod to draw from");
         assert_eq!(share_only(&[pod(1, GpuDemand::None)], 1).unwrap(), vec![pod(1, GpuDemand::None)]);
-        assert_eq!("share-only".parse::<Variant>().unwrap(), Variant::ShareOnly);
+        assert_eq!("share-only".parse::<Variant>().unwrap(), Variant::SHARE_ONLY);
         assert!("x".parse::<Variant>().is_err());
     }
 
@@ -366,22 +477,112 @@ mod tests {
     }
 
     #[test]
-    fn gang_heavy_raises_the_gang_share_of_demand_to_about_half_from_the_lists_gangs() {
+    fn gang_heavy_appends_the_lists_gangs_until_they_carry_the_target_share_of_demand() {
         let mut pods = vec![pod(1000, GpuDemand::None); 100];
         pods.extend(vec![pod(4000, GpuDemand::Share(500)); 1500]);
         pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 1500]);
         pods.extend(vec![pod(32_000, GpuDemand::Whole(4)); 20]);
         pods.extend(vec![pod(64_000, GpuDemand::Whole(8)); 10]);
         assert!(gang_demand_share(&pods) < 0.1);
-        let variant = gang_heavy(&pods, 0.5, 7).unwrap();
-        assert_eq!(variant.len(), pods.len());
-        assert_eq!(variant[..100], pods[..100], "CPU pods stay");
-        let share = gang_demand_share(&variant);
-        assert!((share - 0.5).abs() < 0.05, "gang share of demand {share}");
-        assert!(variant.iter().all(|p| pods.contains(p)), "every pod is one of the list's");
-        assert_eq!(Variant::GangHeavy.apply(&pods, 7).unwrap(), gang_heavy(&pods, GANG_DEMAND_SHARE, 7).unwrap());
+        for target in [0.2, 0.3, 0.4, 0.5] {
+            let variant = gang_heavy(&pods, target, 7).unwrap();
+            assert_eq!(variant[..pods.len()], pods[..], "the list stays, row for row");
+            assert!(variant[pods.len()..].iter().all(is_gang), "only gangs are appended");
+            let share = gang_demand_share(&variant);
+            // Within the last gang appended (8 GPUs of about 2,350).
+            assert!(share >= target && share - target < 0.004, "gang share of demand {share}, wanted {target}");
+            let without_last = {
+                let mut v = variant.clone();
+                v.pop();
+                gang_demand_share(&v)
+            };
+            assert!(without_last < target, "no more gangs than needed: {without_last}");
+            let eights = variant[pods.len()..].iter().filter(|p| p.gpu == GpuDemand::Whole(8)).count() as f64;
+            let fours = variant[pods.len()..].iter().filter(|p| p.gpu == GpuDemand::Whole(4)).count() as f64;
+            if target >= 0.4 {
+                assert!((fours / eights - 2.0).abs() < 0.6, "drawn uniformly: {fours} fours, {eights} eights");
+            }
+            assert_eq!(gang_heavy(&pods, target, 7).unwrap(), variant, "same seed, same list");
+            assert_ne!(gang_heavy(&pods, target, 8).unwrap(), variant, "another seed, another draw");
+        }
+        assert_eq!(Variant::GANG_HEAVY.apply(&pods, 7).unwrap(), gang_heavy(&pods, GANG_DEMAND_SHARE, 7).unwrap());
+        assert_eq!(Variant::Gang(30).apply(&pods, 7).unwrap(), gang_heavy(&pods, 0.3, 7).unwrap());
+        assert_eq!(gang_heavy(&pods, 0.01, 7).unwrap(), pods, "gangs carry more already");
         let no_gangs = vec![pod(1, GpuDemand::Whole(1))];
         assert_eq!(gang_heavy(&no_gangs, 0.5, 1).unwrap_err(), VariantError::NothingToDraw("multi-GPU"));
+        for bad in [0.0, 1.0, -0.5, f64::NAN] {
+            assert!(matches!(gang_heavy(&pods, bad, 1), Err(VariantError::Share { .. })), "{bad}");
+        }
+    }
+
+    fn share_demand_share(pods: &[Request]) -> f64 {
+        let total: u64 = pods.iter().map(|p| p.gpu.milli()).sum();
+        let shares: u64 = pods.iter().filter(|p| is_share(p)).map(|p| p.gpu.milli()).sum();
+        shares as f64 / total as f64
+    }
+
+    #[test]
+    fn share_heavy_replaces_whole_gpu_pods_by_the_lists_shares_until_they_carry_the_target() {
+        let mut pods = vec![pod(1000, GpuDemand::None); 300];
+        pods.extend(vec![pod(4000, GpuDemand::Share(800)); 600]);
+        pods.extend(vec![pod(3000, GpuDemand::Share(300)); 600]);
+        pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 1600]);
+        pods.extend(vec![pod(64_000, GpuDemand::Whole(8)); 20]);
+        let before = share_demand_share(&pods);
+        assert!(before < 0.3, "{before}");
+        for target in [0.4, 0.6, 0.8, 1.0] {
+            let variant = share_heavy(&pods, target, 3).unwrap();
+            assert_eq!(variant.len(), pods.len());
+            let share = share_demand_share(&variant);
+            assert!(share >= target && share - target < 0.01, "share demand {share}, wanted {target}");
+            for (a, b) in pods.iter().zip(&variant) {
+                if a != b {
+                    assert!(!is_share(a) && is_gpu(a), "only whole-GPU pods are replaced: {a:?}");
+                    assert!(is_share(b) && pods.contains(b), "by one of the list's shares: {b:?}");
+                }
+            }
+            assert_eq!(variant[..300], pods[..300], "CPU pods stay");
+            let big = variant.iter().filter(|p| p.gpu == GpuDemand::Share(800)).count() as f64;
+            let small = variant.iter().filter(|p| p.gpu == GpuDemand::Share(300)).count() as f64;
+            assert!((big / small - 1.0).abs() < 0.15, "shares drawn uniformly: {big} / {small}");
+            assert_eq!(share_heavy(&pods, target, 3).unwrap(), variant, "same seed, same list");
+        }
+        assert!(share_heavy(&pods, 1.0, 3).unwrap().iter().all(|p| !is_gpu(p) || is_share(p)));
+        assert_eq!(Variant::Share(60).apply(&pods, 3).unwrap(), share_heavy(&pods, 0.6, 3).unwrap());
+        assert_eq!(share_heavy(&pods, 0.1, 3).unwrap(), pods, "shares carry more already");
+        for bad in [0.0, 1.01, f64::NAN] {
+            assert!(matches!(share_heavy(&pods, bad, 1), Err(VariantError::Share { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cpu_heavy_makes_cpu_only_pods_the_target_share_of_the_pods() {
+        let mut pods = vec![pod(12_500, GpuDemand::None); 700];
+        pods.extend(vec![pod(32_000, GpuDemand::None); 300]);
+        pods.extend(vec![pod(4000, GpuDemand::Share(500)); 3000]);
+        pods.extend(vec![pod(8000, GpuDemand::Whole(1)); 3000]);
+        pods.extend(vec![pod(64_000, GpuDemand::Whole(8)); 60]);
+        let gpu: Vec<Request> = pods.iter().filter(|p| is_gpu(p)).copied().collect();
+        for (target, expect) in [(0.05, 319), (0.1, 673), (0.2, 1515), (0.25, 2020)] {
+            let variant = cpu_heavy(&pods, target, 5).unwrap();
+            let cpu: Vec<&Request> = variant.iter().filter(|p| !is_gpu(p)).collect();
+            assert_eq!(cpu.len(), expect, "{target}");
+            let share = cpu.len() as f64 / variant.len() as f64;
+            assert!((share - target).abs() < 0.0002, "CPU-only share {share}, wanted {target}");
+            let kept_gpu: Vec<Request> = variant.iter().filter(|p| is_gpu(p)).copied().collect();
+            assert_eq!(kept_gpu, gpu, "GPU pods stay, in order");
+            assert!(cpu.iter().all(|p| pods.contains(p)), "CPU-only pods are the list's");
+            let big = cpu.iter().filter(|p| p.cpu_milli == 32_000).count() as f64 / cpu.len() as f64;
+            assert!((big - 0.3).abs() < 0.06, "the mix of CPU-only shapes stays: {big}");
+            assert_eq!(cpu_heavy(&pods, target, 5).unwrap(), variant, "same seed, same list");
+        }
+        assert_eq!(Variant::Cpu(50).apply(&pods, 5).unwrap(), cpu_heavy(&pods, 0.05, 5).unwrap());
+        assert_ne!(cpu_heavy(&pods, 0.05, 5).unwrap(), cpu_heavy(&pods, 0.05, 6).unwrap(), "seeds draw differently");
+        let no_cpu = vec![pod(1, GpuDemand::Whole(1)); 10];
+        assert_eq!(cpu_heavy(&no_cpu, 0.2, 1).unwrap_err(), VariantError::NothingToDraw("CPU-only"));
+        for bad in [0.0, 1.0, 2.0, f64::NAN] {
+            assert!(matches!(cpu_heavy(&pods, bad, 1), Err(VariantError::Share { .. })), "{bad}");
+        }
     }
 
     #[test]
@@ -414,7 +615,7 @@ mod tests {
         let err = constrained(&[pod(1, GpuDemand::Whole(1))], 0.33, 1).unwrap_err();
         assert_eq!(err.to_string(), "the pod list has no GPU-model-restricted pod to draw from");
         for bad in [0.0, -0.1, 1.5, f64::NAN] {
-            assert!(matches!(constrained(&pods, bad, 1), Err(VariantError::Share(_))), "{bad}");
+            assert!(matches!(constrained(&pods, bad, 1), Err(VariantError::Share { .. })), "{bad}");
         }
         assert_eq!(constrained(&pods[..100], 0.5, 1).unwrap(), pods[..100].to_vec(), "no GPU pod, nothing to do");
     }
@@ -465,10 +666,38 @@ mod tests {
         assert_eq!("constrained".parse::<Variant>().unwrap(), Variant::Constrained(CONSTRAINED_PCT));
         assert_eq!("constrained33".parse::<Variant>().unwrap(), Variant::Constrained(33));
         assert_eq!("constrained10".parse::<Variant>().unwrap(), Variant::Constrained(10));
-        assert_eq!("gang-heavy".parse::<Variant>().unwrap(), Variant::GangHeavy);
-        for bad in ["constrained0", "constrained101", "constrainedx", "constrained-5", "gpuspec20"] {
+        assert_eq!("gang-heavy".parse::<Variant>().unwrap(), Variant::GANG_HEAVY);
+        for bad in [
+            "constrained0",
+            "constrained101",
+            "constrainedx",
+            "constrained-5",
+            "gpuspec20",
+            "cpu0",
+            "cpu1000",
+            "cpu",
+            "cpu+50",
+            "share0",
+            "share101",
+            "gang0",
+            "gang100",
+            "gang 50",
+            "multigpu30",
+        ] {
             assert_eq!(bad.parse::<Variant>(), Err(VariantError::Unknown(bad.into())), "{bad}");
         }
+        assert_eq!("cpu050".parse::<Variant>().unwrap(), Variant::Cpu(50));
+        assert_eq!("cpu50".parse::<Variant>().unwrap(), Variant::Cpu(50));
+        assert_eq!("cpu250".parse::<Variant>().unwrap(), Variant::Cpu(250));
+        assert_eq!("share40".parse::<Variant>().unwrap(), Variant::Share(40));
+        assert_eq!("share100".parse::<Variant>().unwrap(), Variant::SHARE_ONLY);
+        assert_eq!("gang30".parse::<Variant>().unwrap(), Variant::Gang(30));
+        assert_eq!("gang50".parse::<Variant>().unwrap(), Variant::GANG_HEAVY);
+        assert_eq!(Variant::Cpu(50).name(), "cpu050");
+        assert_eq!(Variant::Cpu(50).artifact_workload(), "openb_pod_list_cpu050");
+        assert_eq!(Variant::Share(60).artifact_workload(), "openb_pod_list_gpushare60");
+        assert_eq!(Variant::SHARE_ONLY.artifact_workload(), "openb_pod_list_gpushare100");
+        assert_eq!(Variant::Gang(20).artifact_workload(), "openb_pod_list_multigpu20");
         assert_eq!(Variant::Constrained(33).name(), "constrained");
         assert_eq!(Variant::Constrained(25).name(), "constrained25");
         assert_eq!(Variant::Constrained(25).artifact_workload(), "openb_pod_list_gpuspec25");

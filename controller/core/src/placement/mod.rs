@@ -150,7 +150,7 @@ pub struct PlacementEngine {
     /// The request mix the caller gave.
     assumed: Workload,
     /// The mix the policy's measure uses: `assumed` under the policy's measure (`kiln`: gangs weighed by the
-    /// scarcity of the nodes that hold them, see [`Workload::weigh_by_scarcity`]).
+    /// scarcity of the nodes that could hold them now, see [`Workload::weigh_by_room`]).
     workload: Workload,
     cache_weights: CacheWeights,
     rng: Rng,
@@ -168,12 +168,19 @@ pub struct PlacementEngine {
     tie_break: TieBreak,
     /// Each node's place in the tie-break order ([`TieBreak::NodeOrder`] only; empty otherwise).
     rank: Vec<u32>,
+    /// GPUs of schedulable nodes of two GPUs or more with every GPU free (`kiln` with gang kinds only): the room
+    /// for gangs, which its gang weights follow ([`Workload::weigh_by_room`]).
+    room: u64,
+    /// `room` when the weights were last derived.
+    room_at_refresh: u64,
 }
 
 /// Score cache entries kept before the cache is cleared (bounds memory on long runs).
 const CACHE_LIMIT: usize = 4_000_000;
 /// Empty groups tolerated beyond twice the live ones before they are dropped.
 const GROUP_SLACK: usize = 4096;
+/// Relative change in the room for gangs after which `kiln`'s gang weights are derived again.
+const ROOM_STEP: f64 = 0.125;
 /// Mixed into the seed for the tie-break order's own generator.
 const TIE_ORDER_SALT: u64 = 0x7E1E_B4EA_C0DE_0001;
 
@@ -202,10 +209,14 @@ impl PlacementEngine {
             seed,
             tie_break: TieBreak::Random,
             rank: Vec::new(),
+            room: 0,
+            room_at_refresh: 0,
         };
         for node in 0..n as NodeId {
             engine.join_group(node);
         }
+        engine.room = (0..n as NodeId).map(|node| engine.room_of(node)).sum();
+        engine.room_at_refresh = engine.room;
         engine
     }
 
@@ -220,6 +231,8 @@ impl PlacementEngine {
     /// fragmentation of every group under it, and drops the cached scores.
     fn refresh_workload(&mut self) {
         self.workload = effective_workload(self.policy, &self.assumed, &self.cluster);
+        self.room = (0..self.cluster.len() as NodeId).map(|n| self.room_of(n)).sum();
+        self.room_at_refresh = self.room;
         if matches!(self.policy, Policy::Fgd | Policy::Kiln) {
             for g in &mut self.groups {
                 let node_type = self.cluster.node_type(g.sig.type_id);
@@ -304,12 +317,14 @@ impl PlacementEngine {
         if self.schedulable[node as usize] == schedulable {
             return;
         }
+        let room = self.room_of(node);
         self.schedulable[node as usize] = schedulable;
         if schedulable {
             self.join_group(node);
         } else {
             self.leave_group(node);
         }
+        self.track_room(node, room);
     }
 
     /// Whether `node` takes new work.
@@ -319,6 +334,7 @@ impl PlacementEngine {
 
     /// Marks GPU `gpu` of `node` healthy or not; an unhealthy GPU takes no new work.
     pub fn set_gpu_healthy(&mut self, node: NodeId, gpu: usize, healthy: bool) {
+        let room = self.room_of(node);
         self.leave_group(node);
         let state = &mut self.cluster.nodes[node as usize];
         if gpu < state.gpu_free.len() {
@@ -329,6 +345,7 @@ impl PlacementEngine {
             }
         }
         self.join_group(node);
+        self.track_room(node, room);
     }
 
     /// Records that `milli` of GPU `gpu`'s free memory on `node` holds idle copies of model weights: free for
@@ -453,9 +470,11 @@ impl PlacementEngine {
             })
             .unwrap_or(0);
         let placement = self.concrete(node, request, choice, preferred);
+        let room = self.room_of(node);
         self.leave_group(node);
         self.cluster.apply(request, &placement);
         self.join_group(node);
+        self.track_room(node, room);
         Ok(placement)
     }
 
@@ -549,18 +568,48 @@ impl PlacementEngine {
         };
         let placement = Placement { node, gpus: mask, milli_per_gpu: milli };
         self.maybe_compact();
+        let room = self.room_of(node);
         self.leave_group(node);
         self.cluster.apply(request, &placement);
         self.join_group(node);
+        self.track_room(node, room);
         Ok(placement)
     }
 
     /// Returns a placement's resources. `request` must be the one `placement` was made for.
     pub fn release(&mut self, request: &Request, placement: &Placement) {
         self.maybe_compact();
+        let room = self.room_of(placement.node);
         self.leave_group(placement.node);
         self.cluster.unapply(request, placement);
         self.join_group(placement.node);
+        self.track_room(placement.node, room);
+    }
+
+    /// The node's GPUs if it is schedulable, has two or more and all are free (room for gangs), else 0; always 0
+    /// unless `kiln` weighs gang kinds by the room for them.
+    fn room_of(&self, node: NodeId) -> u64 {
+        if self.policy != Policy::Kiln || !self.workload.has_gangs() || !self.schedulable[node as usize] {
+            return 0;
+        }
+        let state = self.cluster.node(node);
+        let n = state.gpu_free.len();
+        if n >= 2 && (0..n).all(|i| state.usable(i) == MILLI_PER_GPU) { n as u64 } else { 0 }
+    }
+
+    /// Follows a change on `node` (whose room was `before`): once the room for gangs has moved by more than
+    /// [`ROOM_STEP`] of what it was when the weights were derived, `kiln` derives them again (a refresh costs
+    /// O(groups x kinds), so about 40 refreshes while a large cluster's room runs from thousands of GPUs to none).
+    fn track_room(&mut self, node: NodeId, before: u64) {
+        let after = self.room_of(node);
+        if after == before {
+            return;
+        }
+        self.room = (self.room + after).saturating_sub(before);
+        let moved = self.room.abs_diff(self.room_at_refresh) as f64;
+        if moved > ROOM_STEP * self.room_at_refresh.max(self.room) as f64 {
+            self.refresh_workload();
+        }
     }
 
     /// Drops the score cache when it grows past [`CACHE_LIMIT`], and groups no node has any more (every
@@ -710,7 +759,7 @@ impl PlacementEngine {
 fn effective_workload(policy: Policy, workload: &Workload, cluster: &Cluster) -> Workload {
     if policy == Policy::Kiln {
         let mut workload = workload.clone().with_measure(frag::Measure::Kiln);
-        workload.weigh_by_scarcity(cluster);
+        workload.weigh_by_room(cluster);
         workload
     } else {
         workload.clone().with_measure(frag::Measure::Fgd)

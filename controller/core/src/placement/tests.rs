@@ -278,3 +278,71 @@ fn a_new_workload_rescores_the_nodes_already_grouped() {
         }
     }
 }
+
+#[test]
+fn gang_weights_follow_the_room_left_for_gangs_once_it_is_scarce() {
+    let mut nodes: Vec<NodeSpec> = (0..20).map(|i| node(&format!("big{i}"), 8, "G")).collect();
+    nodes.extend((0..4).map(|i| node(&format!("small{i}"), 2, "G")));
+    let mut cluster = Cluster::new(&nodes).unwrap();
+    let share = req(GpuDemand::Share(500));
+    let gang = req(GpuDemand::Whole(8));
+    let mut mix = vec![share; 99];
+    mix.push(gang);
+    let assumed = Workload::from_requests(&mix).with_measure(Measure::Kiln);
+    let frag_of = |w: &Workload| w.node_frag(0, 0, 31_000, 127_000, &[500, 1000, 1000, 1000, 1000, 1000, 1000, 1000]);
+    let weighed = |cluster: &Cluster| {
+        let mut w = assumed.clone();
+        w.weigh_by_room(cluster);
+        w
+    };
+    let mut by_scarcity = assumed.clone();
+    by_scarcity.weigh_by_scarcity(&cluster);
+    let empty = frag_of(&weighed(&cluster));
+    assert_eq!(empty, frag_of(&by_scarcity), "on an empty cluster, the weights of weigh_by_scarcity");
+    let break_node = |cluster: &mut Cluster, n: u32| {
+        cluster.apply(&share, &Placement { node: n, gpus: 1, milli_per_gpu: 500 });
+    };
+    // 17 of the 20 8-GPU nodes broken: 3 x 8 GPUs left, more than a tenth of 160; the weights stay.
+    for n in 0..17 {
+        break_node(&mut cluster, n);
+    }
+    assert!((frag_of(&weighed(&cluster)) - empty).abs() < 1e-9);
+    // 19 broken: 8 GPUs left, counted ten times over: the gang's weight grows from 1% x 168/160 to 1% x 168/80.
+    for n in 17..19 {
+        break_node(&mut cluster, n);
+    }
+    let now = frag_of(&weighed(&cluster));
+    assert!((now - empty - (0.021 - 0.0105) * 7500.0).abs() < 1e-6, "{empty} -> {now}");
+    // None left: the weight stays at one node's worth, not without bound.
+    break_node(&mut cluster, 19);
+    assert!((frag_of(&weighed(&cluster)) - now).abs() < 1e-6);
+    assert_eq!(frag_of(&by_scarcity), empty, "weigh_by_scarcity sees the empty cluster only");
+}
+
+#[test]
+fn kiln_keeps_the_last_whole_node_for_gangs_and_refreshes_as_room_runs_out() {
+    // Four 8-GPU nodes; shares arrive that could go anywhere. Once three nodes are broken, breaking the last
+    // whole one costs the (now heavy) gang weight, so shares fill the broken nodes first.
+    let nodes: Vec<NodeSpec> = (0..4).map(|i| node(&format!("big{i}"), 8, "G")).collect();
+    let share = req(GpuDemand::Share(500));
+    let gang = req(GpuDemand::Whole(8));
+    let mut mix = vec![share; 199];
+    mix.push(gang);
+    let mut e = engine(Policy::Kiln, &nodes, &mix);
+    let whole_nodes = |e: &PlacementEngine| {
+        (0..4).filter(|&n| e.cluster().node(n).gpu_free.iter().all(|&f| f == MILLI_PER_GPU)).count()
+    };
+    let mut placed = 0;
+    while placed < 48 && e.place(&share).is_ok() {
+        placed += 1;
+    }
+    assert_eq!(placed, 48, "3 nodes x 8 GPUs x 2 shares");
+    assert!(whole_nodes(&e) >= 1, "a whole node is kept while the broken ones have room");
+    assert_eq!(e.room, 8 * whole_nodes(&e) as u64, "the room for gangs is tracked as nodes break");
+    assert!(e.room_at_refresh < 32, "the weights were derived again as the room ran out");
+    assert!(e.place(&gang).is_ok(), "the gang still fits");
+    // Without gang kinds nothing is tracked.
+    let mut plain = engine(Policy::Kiln, &nodes, &[share]);
+    plain.place(&share).unwrap();
+    assert_eq!((plain.room, plain.room_at_refresh), (0, 0));
+}
