@@ -40,10 +40,12 @@ pub struct PlacementArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Run on a variant generated from the pod list instead of the list itself, compared with the published
-    /// medians of the artifact's matching list: `share-only` (every GPU pod a fractional share: `gpushare100`),
-    /// `gang-heavy` (half the GPU demand from multi-GPU gangs: `multigpu50`), `constrained` (a third of the GPU
-    /// pods restricted to GPU models: `gpuspec33`) or `constrainedN` (N% of them: `gpuspecN`, published for 10, 20
-    /// and 25). A constrained variant draws every restriction afresh, each kind of pod (share, one GPU, gang) at its
+    /// medians of the artifact's matching list: `cpuN` (CPU-only pods N per mille of the pods: `cpu050` to
+    /// `cpu250`), `shareN` (the GPU pods that are not shares replaced by the list's shares until shares carry N% of
+    /// the GPU demand: `gpushare40` to `gpushare100`; `share-only` = `share100`), `gangN` (the list's gangs appended
+    /// until they carry N%: `multigpu20` to `multigpu50`; `gang-heavy` = `gang50`), all made from the default list
+    /// as the artifact made them, `constrained` (a third of the GPU pods restricted to GPU models: `gpuspec33`) or
+    /// `constrainedN` (N% of them: `gpuspecN`, published for 10, 20 and 25). A constrained variant draws every restriction afresh, each kind of pod (share, one GPU, gang) at its
     /// own rate and to the model sets of the list's restricted pods of the same kind, so use a list that has some,
     /// such as `gpuspec20`. The variant is drawn once, with seed 0, and shared by every run seed.
     #[arg(long)]
