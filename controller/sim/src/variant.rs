@@ -470,10 +470,15 @@ mod tests {
         assert!("x".parse::<Variant>().is_err());
     }
 
-    fn gang_demand_share(pods: &[Request]) -> f64 {
+    /// The share of the GPU demand carried by the pods `of` picks.
+    fn demand_share(pods: &[Request], of: fn(&Request) -> bool) -> f64 {
         let total: u64 = pods.iter().map(|p| p.gpu.milli()).sum();
-        let gangs: u64 = pods.iter().filter(|p| is_gang(p)).map(|p| p.gpu.milli()).sum();
-        gangs as f64 / total as f64
+        let picked: u64 = pods.iter().filter(|p| of(p)).map(|p| p.gpu.milli()).sum();
+        picked as f64 / total as f64
+    }
+
+    fn gang_demand_share(pods: &[Request]) -> f64 {
+        demand_share(pods, is_gang)
     }
 
     #[test]
@@ -516,9 +521,7 @@ mod tests {
     }
 
     fn share_demand_share(pods: &[Request]) -> f64 {
-        let total: u64 = pods.iter().map(|p| p.gpu.milli()).sum();
-        let shares: u64 = pods.iter().filter(|p| is_share(p)).map(|p| p.gpu.milli()).sum();
-        shares as f64 / total as f64
+        demand_share(pods, is_share)
     }
 
     #[test]
