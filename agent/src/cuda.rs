@@ -10,7 +10,8 @@
 //! parallelism).
 //!
 //! **Precision.** F16 and BF16 weight matrices stay in their format on the GPU (half the memory of f32, and half
-//! the bytes across PCIe): each layer rounds its input to the weights' format (a kernel) and cuBLAS multiplies
+//! the bytes across PCIe; BF16 from compute capability 8.0 on, below which cuBLAS has no BF16 GEMM and the
+//! weights are widened to f32): each layer rounds its input to the weights' format (a kernel) and cuBLAS multiplies
 //! the two with f32 accumulation into an f32 output (`cublasGemmEx`), to which the bias (widened to f32 when
 //! loaded) and the activation are applied in f32. F32 weights use the f32 GEMM. The CPU path widens every weight
 //! and keeps f32 activations, so the two agree to about 3 significant digits on F16 models and 2 on BF16.
@@ -380,6 +381,8 @@ impl CudaModel {
         }
         let started = Instant::now();
         let ctx = CudaContext::new(ordinal).map_err(err)?;
+        // cuBLAS multiplies BF16 from compute capability 8.0 (Ampere) on; older GPUs get BF16 weights widened.
+        let bf16_gemm = ctx.compute_capability().map_err(err)?.0 >= 8;
         let stream = ctx.default_stream();
         let ptx = compile_ptx(KERNELS).map_err(err)?;
         let module = ctx.load_module(ptx).map_err(err)?;
@@ -418,13 +421,13 @@ impl CudaModel {
         };
         let mut layers = Vec::with_capacity(layout.layers.len());
         for l in &layout.layers {
-            // Half-precision weight matrices stay in their format (the GEMM reads them as they are); biases, a
-            // vector each, are widened for the f32 epilogue.
+            // Half-precision weight matrices stay in their format (the GEMM reads them as they are), BF16 only
+            // where cuBLAS multiplies it; biases, a vector each, are widened for the f32 epilogue.
             let raw = upload(&l.weight)?;
             let weight = match l.weight.dtype {
                 crate::model::Dtype::F16 => Weight::Half { raw, format: Half::F16 },
-                crate::model::Dtype::BF16 => Weight::Half { raw, format: Half::BF16 },
-                crate::model::Dtype::F32 => Weight::F32(widened(&l.weight, raw)?),
+                crate::model::Dtype::BF16 if bf16_gemm => Weight::Half { raw, format: Half::BF16 },
+                crate::model::Dtype::BF16 | crate::model::Dtype::F32 => Weight::F32(widened(&l.weight, raw)?),
             };
             let bias = match &l.bias {
                 Some(b) => Some(widened(b, upload(b)?)?),
@@ -723,6 +726,7 @@ mod tests {
             LayerSpec::new(vec![0.01; 7 * 3000], vec![], 7, 3000),
         ];
         let dir = std::env::temp_dir();
+        let bf16_gemm = CudaContext::new(0).unwrap().compute_capability().unwrap().0 >= 8;
         for dtype in [Dtype::F16, Dtype::BF16, Dtype::F32] {
             let bytes = write_model(&layers, Activation::Gelu, dtype);
             let path = dir.join(format!("kiln-cuda-{dtype:?}-{}.safetensors", std::process::id()));
@@ -734,7 +738,8 @@ mod tests {
             let cpu = load_bytes(&bytes).unwrap();
             // Weight matrices in the file's dtype, biases in f32.
             let (weights, biases) = (3000 * 2000 + 7 * 3000, 3000u64);
-            let size = if dtype == Dtype::F32 { 4 } else { 2 };
+            let widened = dtype == Dtype::F32 || (dtype == Dtype::BF16 && !bf16_gemm);
+            let size = if widened { 4 } else { 2 };
             assert_eq!(gpu_model.device_bytes(), weights * size + biases * 4, "{dtype:?}");
             let batch: Vec<Vec<f32>> =
                 (0..4).map(|r| (0..2000).map(|c| ((r * 7 + c) as f32).cos()).collect()).collect();
