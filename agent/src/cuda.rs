@@ -55,6 +55,30 @@ pub fn available() -> bool {
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
 
+/// The CUDA libraries besides the driver that the GPU path loads (NVRTC compiles its kernels, cuBLAS runs its
+/// GEMMs) and this machine lacks. A node can have the driver without them (the agent's image must bring them);
+/// cudarc would panic on the first call, so a start checks first and fails with a reason instead.
+pub fn missing_libraries() -> Vec<&'static str> {
+    // SAFETY: only tries to load each library and look up its symbols; nothing is called.
+    let present = unsafe { [cudarc::nvrtc::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()] };
+    ["NVRTC (libnvrtc)", "cuBLAS (libcublas)"].into_iter().zip(present).filter(|(_, p)| !p).map(|(n, _)| n).collect()
+}
+
+/// Whether the GPU path can run with the driver library loadable (`driver`) and the libraries `missing`
+/// ([`missing_libraries`]): if not, an [`CudaErrorKind::Unavailable`] error saying what is missing.
+fn usable(driver: bool, missing: &[&str]) -> Result<(), CudaError> {
+    if !driver {
+        return Err(CudaError::new(CudaErrorKind::Unavailable, "the CUDA driver library is not present"));
+    }
+    if !missing.is_empty() {
+        return Err(CudaError::new(
+            CudaErrorKind::Unavailable,
+            format!("the CUDA driver is present but {} not found on the library path", missing.join(" and ")),
+        ));
+    }
+    Ok(())
+}
+
 /// Copy streams the loader uses when the spec names none.
 pub const DEFAULT_COPY_STREAMS: usize = 4;
 
@@ -376,9 +400,8 @@ impl CudaModel {
         ordinal: usize,
         copy_streams: usize,
     ) -> Result<(Self, Duration, Duration), CudaError> {
-        if !available() {
-            return Err(CudaError::new(CudaErrorKind::Unavailable, "the CUDA driver library is not present"));
-        }
+        let driver = available();
+        usable(driver, &if driver { missing_libraries() } else { Vec::new() })?;
         let started = Instant::now();
         let ctx = CudaContext::new(ordinal).map_err(err)?;
         // cuBLAS multiplies BF16 from compute capability 8.0 (Ampere) on; older GPUs get BF16 weights widened.
@@ -628,6 +651,25 @@ mod tests {
 
     fn wanted() -> bool {
         std::env::var("KILN_TEST_CUDA").is_ok_and(|v| v == "1")
+    }
+
+    /// A node with the driver but without NVRTC or cuBLAS fails a GPU start with a reason naming what is missing,
+    /// of the kind the worker reports as not retryable (`workers` tests that mapping; cudarc would panic on the
+    /// first call instead).
+    #[test]
+    fn a_gpu_start_without_the_cuda_libraries_fails_naming_them() {
+        let e = usable(true, &["NVRTC (libnvrtc)", "cuBLAS (libcublas)"]).unwrap_err();
+        assert_eq!(e.kind(), CudaErrorKind::Unavailable);
+        assert!(e.to_string().contains("NVRTC (libnvrtc) and cuBLAS (libcublas) not found"), "{e}");
+        let e = usable(false, &[]).unwrap_err();
+        assert_eq!(e.kind(), CudaErrorKind::Unavailable);
+        assert!(e.to_string().contains("driver library is not present"), "{e}");
+        assert!(usable(true, &[]).is_ok());
+        // Without a driver here, a load says so instead of panicking.
+        if !available() {
+            let err = CudaModel::load_bytes(&crate::model::example_model(1, &[4, 2]), 0, 1).unwrap_err();
+            assert_eq!(err.kind(), CudaErrorKind::Unavailable);
+        }
     }
 
     /// The `narrow` kernel's conversions, compiled for the CPU with the system C compiler, round as the `half`

@@ -174,7 +174,23 @@ impl Node {
                 (Box::new(gpus), Some(handle))
             }
             None => match NvmlGpus::open() {
-                Ok(gpus) => (Box::new(gpus), None),
+                Ok(gpus) => {
+                    // Real GPUs: say now, not at the first start, when the GPU path cannot run here.
+                    if !crate::cuda::available() {
+                        tracing::warn!(
+                            "NVML sees GPUs but the CUDA driver library is not loadable: native replicas will run on the CPU"
+                        );
+                    } else {
+                        let missing = crate::cuda::missing_libraries();
+                        if !missing.is_empty() {
+                            tracing::warn!(
+                                "{} not found: native replicas on GPUs will fail to start",
+                                missing.join(" and ")
+                            );
+                        }
+                    }
+                    (Box::new(gpus), None)
+                }
                 Err(e) => {
                     tracing::warn!("NVML unavailable ({e}); simulating h100-80gb:8");
                     let gpus = SimulatedGpus::new(&node, "h100-80gb:8").map_err(NodeError::SimulatedGpus)?;
