@@ -34,6 +34,13 @@ pub struct LoadBench {
     pub page_cache_dropped: bool,
     /// Host RAM to host RAM (memcpy), GB/s.
     pub host_copy_gbps: f64,
+    /// Fill threads of the parallel figures below (the loader's, capped by this machine's cores).
+    pub fill_threads: usize,
+    /// The loader's staging fill ([`crate::cuda::bench_fill`]) from the file in the page cache, GB/s: one thread,
+    /// then `fill_threads`.
+    pub fill_page_cache_gbps: (f64, f64),
+    /// The same from host RAM (the host-RAM tier), GB/s: one thread, then `fill_threads`.
+    pub fill_host_gbps: (f64, f64),
 }
 
 /// Runs the benchmark with a file of `bytes` in `dir`.
@@ -74,7 +81,25 @@ pub fn run(dir: &Path, bytes: u64) -> std::io::Result<LoadBench> {
         let copy = started.elapsed().as_secs_f64();
         std::hint::black_box(&device);
         let gbps = |seconds: f64| if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { f64::INFINITY };
-        Ok(LoadBench { bytes, disk_gbps: gbps(disk), page_cache_dropped: dropped, host_copy_gbps: gbps(copy) })
+        // The file was just read, so it is in the page cache (as a cached model's file usually is).
+        let threads =
+            crate::cuda::DEFAULT_FILL_THREADS.min(std::thread::available_parallelism().map_or(1, usize::from));
+        let fill = |src: crate::cuda::Source<'_>, t: usize| {
+            crate::cuda::bench_fill(src, bytes, t).map_err(|e| std::io::Error::other(e.to_string()))
+        };
+        let page_cache = crate::cuda::Source::File(&reader);
+        let fill_page_cache_gbps = (fill(page_cache, 1)?, fill(page_cache, threads)?);
+        let fill_host_gbps =
+            (fill(crate::cuda::Source::Bytes(&host), 1)?, fill(crate::cuda::Source::Bytes(&host), threads)?);
+        Ok(LoadBench {
+            bytes,
+            disk_gbps: gbps(disk),
+            page_cache_dropped: dropped,
+            host_copy_gbps: gbps(copy),
+            fill_threads: threads,
+            fill_page_cache_gbps,
+            fill_host_gbps,
+        })
     })();
     let _ = fs::remove_file(&path);
     result
@@ -241,6 +266,10 @@ mod tests {
         let r = run(&dir, 8 << 20).unwrap();
         assert_eq!(r.bytes, 8 << 20);
         assert!(r.disk_gbps > 0.0 && r.host_copy_gbps > 0.0, "{r:?}");
+        assert!(r.fill_threads >= 1, "{r:?}");
+        for gbps in [r.fill_page_cache_gbps.0, r.fill_page_cache_gbps.1, r.fill_host_gbps.0, r.fill_host_gbps.1] {
+            assert!(gbps > 0.0 && gbps.is_finite(), "{r:?}");
+        }
         let leftovers = fs::read_dir(&dir)
             .unwrap()
             .flatten()

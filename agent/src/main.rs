@@ -311,6 +311,9 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
         if r.page_cache_dropped { "" } else { " (page cache not dropped: may be the cache's speed)" }
     );
     println!("host RAM -> host RAM (memcpy): {:.2} GB/s", r.host_copy_gbps);
+    let (t, (pc1, pcn), (h1, hn)) = (r.fill_threads, r.fill_page_cache_gbps, r.fill_host_gbps);
+    println!("the loader's staging fill from the page cache: {pc1:.2} GB/s on 1 thread, {pcn:.2} GB/s on {t}");
+    println!("the loader's staging fill from host RAM: {h1:.2} GB/s on 1 thread, {hn:.2} GB/s on {t}");
     if kiln_agent::cuda::available() {
         match kiln_agent::cuda::bench_host_to_device(0, size as usize, 4) {
             Ok((staged, plain)) => {
