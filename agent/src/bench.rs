@@ -8,7 +8,8 @@
 //! `kiln-agent bench-load --cold-start` ([`cold_start`]) builds a dense model file of about the given size, puts
 //! it in a weight cache, and cold-starts it through the CPU path from the disk cache with the page cache warm
 //! (cache lookup, chunked read straight into the model's buffers, one forward pass), against the raw read
-//! bandwidth of the same cached file: the ratio says how close a cold start is to the speed of reading the file.
+//! bandwidth of the same cached file (on as many threads as the loader reads with): the ratio says how close a cold
+//! start is to the speed of reading the file.
 
 use std::{
     fs::{self, File},
@@ -82,8 +83,7 @@ pub fn run(dir: &Path, bytes: u64) -> std::io::Result<LoadBench> {
         std::hint::black_box(&device);
         let gbps = |seconds: f64| if seconds > 0.0 { bytes as f64 / seconds / 1e9 } else { f64::INFINITY };
         // The file was just read, so it is in the page cache (as a cached model's file usually is).
-        let threads =
-            crate::cuda::DEFAULT_FILL_THREADS.min(std::thread::available_parallelism().map_or(1, usize::from));
+        let threads = crate::parallel::default_threads();
         let fill = |src: crate::cuda::Source<'_>, t: usize| {
             crate::cuda::bench_fill(src, bytes, t).map_err(|e| std::io::Error::other(e.to_string()))
         };
@@ -124,7 +124,8 @@ pub struct ColdStartBench {
     pub cold_start_s: f64,
     /// Its phases (medians of each): cache lookup, read, parse, convert, first forward pass.
     pub phases: [f64; 5],
-    /// Reading the same cached file with 1 MiB positioned reads, nothing else.
+    /// Reading the same cached file with 1 MiB positioned reads on the loader's fill threads
+    /// ([`crate::parallel::default_threads`]), nothing else.
     pub raw_read_s: f64,
     /// Where CUDA is present: the same cold start through the GPU path (median total, with the phases of that run:
     /// header read, CUDA init, streaming to the GPU, first forward pass), or why it failed.
@@ -187,14 +188,17 @@ pub fn cold_start(dir: &Path, bytes: u64, runs: usize) -> anyhow::Result<ColdSta
         anyhow::ensure!(first.tier == Tier::Remote, "the first start should fetch, not hit {:?}", first.tier);
         let miss_hashed_bytes = cache.stats().hashed_bytes();
         let Weights::File { path: cached, .. } = first.weights else { anyhow::bail!("expected a disk entry") };
+        // The page cache's bandwidth at its best: 1 MiB positioned reads on the loader's fill threads, into a
+        // buffer reused (no page faults), nothing else.
+        let pool = crate::parallel::pool(crate::parallel::default_threads())?;
         let raw_read = || -> std::io::Result<f64> {
             let f = File::open(&cached)?;
-            let mut buf = vec![0u8; 1 << 20];
+            let mut buf = vec![0u8; 8 * crate::parallel::PART];
             let started = Instant::now();
             let mut at = 0u64;
             while at < size {
                 let n = (size - at).min(buf.len() as u64) as usize;
-                f.read_exact_at(&mut buf[..n], at)?;
+                crate::parallel::fill(pool.as_ref(), &mut buf[..n], |a, part| f.read_exact_at(part, at + a as u64))?;
                 std::hint::black_box(&buf);
                 at += n as u64;
             }

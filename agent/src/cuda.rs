@@ -6,8 +6,8 @@
 //! read and validated first; then each tensor's bytes, in file dtype, go chunk by chunk with positioned reads from
 //! the file (page cache or disk) into one of `2 x streams` pinned buffers, and from there to the GPU with an async
 //! copy on that buffer's stream; the CPU waits only for the copy that last used the buffer it fills next, so
-//! reading chunk `i + 1` overlaps the DMA of chunk `i`. Each buffer is filled by up to [`DEFAULT_FILL_THREADS`]
-//! threads at once, 1 MiB apiece: one thread copies a tenth to a fifth of what PCIe carries. A multi-GPU replica
+//! reading chunk `i + 1` overlaps the DMA of chunk `i`. Each buffer is filled by several threads at once
+//! ([`crate::parallel`]): one thread copies a tenth to a fifth of what PCIe carries. A multi-GPU replica
 //! loads onto its first GPU only (no tensor parallelism).
 //!
 //! **Precision.** F16 and BF16 weight matrices stay in their format on the GPU (half the memory of f32, and half
@@ -280,40 +280,11 @@ pub enum Source<'a> {
     Bytes(&'a [u8]),
 }
 
-/// Bytes one thread of a parallel fill copies at a time.
-const FILL_PART: usize = 1 << 20;
-
-/// Threads that fill the staging buffers when the spec names none: the plain pinned copy runs at PCIe speed
-/// (55 GB/s measured on an H200), several times what one thread copies from the page cache or host RAM (6-10
-/// GB/s), so the fill is spread over up to this many cores.
-pub const DEFAULT_FILL_THREADS: usize = 8;
-
-/// A pool of `threads` fill threads, or none for one (the caller's thread fills).
-pub fn fill_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, CudaError> {
-    if threads <= 1 {
-        return Ok(None);
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("kiln-fill-{i}"))
-        .build()
-        .map(Some)
-        .map_err(|e| CudaError::new(CudaErrorKind::Other, format!("starting the fill threads: {e}")))
-}
-
 impl Source<'_> {
-    /// Fills `buf` from `offset` as [`Source::fill`] does, split into parts of [`FILL_PART`] bytes copied at once
-    /// by the threads of `pool` (positioned reads of a file are independent; so are copies from memory).
+    /// Fills `buf` from `offset` as [`Source::fill`] does, its parts copied at once by the threads of `pool`
+    /// ([`crate::parallel::fill`]: positioned reads of a file are independent; so are copies from memory).
     pub fn fill_on(&self, pool: Option<&rayon::ThreadPool>, offset: u64, buf: &mut [u8]) -> Result<(), CudaError> {
-        use rayon::prelude::*;
-        match pool {
-            Some(pool) if buf.len() > FILL_PART => pool.install(|| {
-                buf.par_chunks_mut(FILL_PART)
-                    .enumerate()
-                    .try_for_each(|(i, part)| self.fill(offset + (i * FILL_PART) as u64, part))
-            }),
-            _ => self.fill(offset, buf),
-        }
+        crate::parallel::fill(pool, buf, |at, part| self.fill(offset + at as u64, part))
     }
 
     /// Copies `buf.len()` bytes from `offset` into `buf`.
@@ -334,8 +305,8 @@ impl Source<'_> {
 }
 
 /// The streaming host-to-device pipeline: pinned buffers used round robin, buffer `i` copied on stream
-/// `i % streams`; a buffer is refilled only once the event recorded after its last copy has completed, by up to
-/// [`DEFAULT_FILL_THREADS`] threads at once.
+/// `i % streams`; a buffer is refilled only once the event recorded after its last copy has completed, by several
+/// threads at once ([`crate::parallel`]).
 struct Pipeline {
     streams: Vec<Arc<CudaStream>>,
     buffers: Vec<PinnedHostSlice<u8>>,
@@ -354,7 +325,7 @@ impl Pipeline {
         // fills the chunk before the copy of that chunk is enqueued).
         let buffers =
             (0..depth).map(|_| unsafe { ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err)).collect::<Result<_, _>>()?;
-        let fill = fill_pool(DEFAULT_FILL_THREADS.min(std::thread::available_parallelism().map_or(1, usize::from)))?;
+        let fill = fill_pool(crate::parallel::default_threads())?;
         Ok(Self { streams, buffers, done: (0..depth).map(|_| None).collect(), next: 0, fill })
     }
 
@@ -652,6 +623,12 @@ impl CudaModel {
     }
 }
 
+/// A pool of `threads` fill threads ([`crate::parallel::pool`]), or none for one.
+pub fn fill_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, CudaError> {
+    crate::parallel::pool(threads)
+        .map_err(|e| CudaError::new(CudaErrorKind::Other, format!("starting the fill threads: {e}")))
+}
+
 /// The staging side of the loader alone, no GPU needed: GB/s of filling one [`CHUNK`]-sized buffer over and over
 /// from `src` until `len` bytes have been read, as [`Pipeline::upload`] fills its pinned buffers (pageable memory
 /// here), with `threads` fill threads ([`fill_pool`]).
@@ -719,8 +696,9 @@ mod tests {
     /// every size around the part boundaries and at an offset, and a read past the end fails as one would.
     #[test]
     fn a_parallel_fill_reads_what_a_single_thread_reads() {
-        let data: Vec<u8> =
-            (0..3 * FILL_PART + 4099).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3]).collect();
+        let data: Vec<u8> = (0..3 * crate::parallel::PART + 4099)
+            .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3])
+            .collect();
         let path = std::env::temp_dir().join(format!("kiln-fill-{}.bin", std::process::id()));
         std::fs::write(&path, &data).unwrap();
         let file = std::fs::File::open(&path).unwrap();
@@ -730,11 +708,11 @@ mod tests {
             for (offset, len) in [
                 (0, 0),
                 (0, 1),
-                (0, FILL_PART - 1),
-                (0, FILL_PART),
-                (0, FILL_PART + 1),
+                (0, crate::parallel::PART - 1),
+                (0, crate::parallel::PART),
+                (0, crate::parallel::PART + 1),
                 (0, data.len()),
-                (4099, 3 * FILL_PART),
+                (4099, 3 * crate::parallel::PART),
             ] {
                 let mut one = vec![0u8; len];
                 let mut many = vec![7u8; len];
@@ -743,8 +721,8 @@ mod tests {
                 assert!(one == many, "{name} at {offset}, {len} bytes");
                 assert_eq!(&one[..], &data[offset..offset + len]);
             }
-            let mut past = vec![0u8; 2 * FILL_PART];
-            let e = src.fill_on(Some(&pool), (data.len() - FILL_PART) as u64, &mut past).unwrap_err();
+            let mut past = vec![0u8; 2 * crate::parallel::PART];
+            let e = src.fill_on(Some(&pool), (data.len() - crate::parallel::PART) as u64, &mut past).unwrap_err();
             assert_eq!(e.kind(), CudaErrorKind::InvalidWeights, "{name}: {e}");
         }
         std::fs::remove_file(&path).ok();

@@ -20,6 +20,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod node;
+pub mod parallel;
 pub mod process;
 pub mod register;
 pub mod session;

@@ -211,12 +211,22 @@ pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     };
     let largest = layout.layers.iter().map(|l| l.weight.bytes).max().unwrap_or(0);
     let mut chunk = vec![0u8; READ_CHUNK.min(largest.max(1))];
+    // F32 tensors are read on several threads at once (one thread reads the page cache at a fraction of what
+    // memory carries, and the model's fresh pages fault in on the reading threads); small models on one.
+    let pool = if largest > crate::parallel::PART {
+        crate::parallel::pool(crate::parallel::default_threads()).map_err(io_err)?
+    } else {
+        None
+    };
     let mut read_into = |t: &TensorLoc, timings: &mut LoadTimings| -> Result<Vec<f32>, ModelError> {
         if t.dtype == Dtype::F32 {
             // Straight into the layer's buffer: one copy, from the page cache (or the disk) into the model. The
             // file's little-endian bytes are the values on a little-endian target; a big-endian one swaps them.
             let mut out = vec![0f32; t.elements];
-            file.read_exact_at(out.as_mut_bytes(), t.offset).map_err(io_err)?;
+            crate::parallel::fill(pool.as_ref(), out.as_mut_bytes(), |at, part| {
+                file.read_exact_at(part, t.offset + at as u64)
+            })
+            .map_err(io_err)?;
             lap(&mut timings.read);
             if cfg!(target_endian = "big") {
                 out.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
