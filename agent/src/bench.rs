@@ -21,7 +21,7 @@ use std::{
 
 use crate::{
     cache::{Tier, WeightCache, Weights},
-    model::load_file,
+    model::{Dtype, load_file},
 };
 
 /// Figures of one run.
@@ -139,16 +139,17 @@ impl ColdStartBench {
     }
 }
 
-/// Writes a dense model of square `width` F32 layers, about `bytes` in all, into `path` (streamed: no copy of the
-/// model in memory); returns its parameter count.
-pub fn write_dense_model(path: &Path, bytes: u64, width: usize) -> std::io::Result<usize> {
-    let layer_bytes = (width * width * 4) as u64;
+/// Writes a dense model of square `width` layers in `dtype`, about `bytes` in all, into `path` (streamed: no copy
+/// of the model in memory); returns its parameter count.
+pub fn write_dense_model(path: &Path, bytes: u64, width: usize, dtype: Dtype) -> std::io::Result<usize> {
+    let layer_bytes = (width * width * dtype.size()) as u64;
     let layers = (bytes / layer_bytes).max(1) as usize;
     let mut header = String::from(r#"{"__metadata__":{"activation":"identity"}"#);
     for i in 0..layers {
         let (start, end) = (i as u64 * layer_bytes, (i as u64 + 1) * layer_bytes);
         header.push_str(&format!(
-            r#","layers.{i}.weight":{{"dtype":"F32","shape":[{width},{width}],"data_offsets":[{start},{end}]}}"#
+            r#","layers.{i}.weight":{{"dtype":"{}","shape":[{width},{width}],"data_offsets":[{start},{end}]}}"#,
+            dtype.name()
         ));
     }
     header.push('}');
@@ -156,8 +157,8 @@ pub fn write_dense_model(path: &Path, bytes: u64, width: usize) -> std::io::Resu
     f.write_all(&(header.len() as u64).to_le_bytes())?;
     f.write_all(header.as_bytes())?;
     // Small values (|w| < 1/width) keep activations bounded through any number of identity layers.
-    let row: Vec<u8> =
-        (0..width).flat_map(|c| ((((c * 7919) % 255) as f32 - 127.0) / (128.0 * width as f32)).to_le_bytes()).collect();
+    let values: Vec<f32> = (0..width).map(|c| (((c * 7919) % 255) as f32 - 127.0) / (128.0 * width as f32)).collect();
+    let row = dtype.encode(&values);
     for _ in 0..layers * width {
         f.write_all(&row)?;
     }
@@ -170,15 +171,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Builds a model of about `bytes` in `dir`, caches it, and cold-starts it `runs` times from the disk cache
+/// Builds a model of about `bytes` in `dtype` in `dir`, caches it, and cold-starts it `runs` times from the disk cache
 /// through the CPU path (see the module docs). Everything it writes is removed.
-pub fn cold_start(dir: &Path, bytes: u64, runs: usize) -> anyhow::Result<ColdStartBench> {
+pub fn cold_start(dir: &Path, bytes: u64, runs: usize, dtype: Dtype) -> anyhow::Result<ColdStartBench> {
     use anyhow::Context;
     let work = dir.join(format!("kiln-bench-coldstart-{}", std::process::id()));
     fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let result = (|| {
         let src = work.join("model.safetensors");
-        let params = write_dense_model(&src, bytes, 2048).context("writing the model")?;
+        let params = write_dense_model(&src, bytes, 2048, dtype).context("writing the model")?;
         let size = fs::metadata(&src)?.len();
         let cache = WeightCache::open(&work.join("cache"), size * 2, 0)?;
         let uri = format!("file://{}", src.display());
@@ -283,11 +284,17 @@ mod tests {
 
     #[test]
     fn a_cold_start_from_the_disk_cache_hashes_nothing_and_is_compared_with_a_raw_read() {
-        let r = cold_start(&std::env::temp_dir(), 4 << 20, 3).unwrap();
-        assert_eq!((r.hit_tier, r.hit_hashed_bytes), (Tier::Disk, 0));
-        assert_eq!(r.miss_hashed_bytes, r.bytes);
-        assert_eq!(r.params, 2048 * 2048);
-        assert!(r.cold_start_s > 0.0 && r.raw_read_s > 0.0 && r.ratio() > 0.0, "{r:?}");
-        assert!(!std::env::temp_dir().join(format!("kiln-bench-coldstart-{}", std::process::id())).exists());
+        for dtype in [Dtype::F32, Dtype::F16] {
+            // One 2048 x 2048 layer in either dtype (16 MiB in F32, 8 MiB in F16).
+            let r = cold_start(&std::env::temp_dir(), 4 << 20, 3, dtype).unwrap();
+            assert_eq!((r.hit_tier, r.hit_hashed_bytes), (Tier::Disk, 0));
+            assert_eq!(r.miss_hashed_bytes, r.bytes);
+            assert_eq!(r.params, 2048 * 2048);
+            assert!(
+                r.bytes > (2048 * 2048 * dtype.size()) as u64 && r.bytes < (2048 * 2048 * dtype.size() + 4096) as u64
+            );
+            assert!(r.cold_start_s > 0.0 && r.raw_read_s > 0.0 && r.ratio() > 0.0, "{r:?}");
+            assert!(!std::env::temp_dir().join(format!("kiln-bench-coldstart-{}", std::process::id())).exists());
+        }
     }
 }

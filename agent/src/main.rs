@@ -85,6 +85,9 @@ enum Command {
         /// Cold starts to time (the median is printed).
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// The dtype of the model `--cold-start` builds: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: kiln_agent::model::Dtype,
     },
     /// A minimal model server for smoke tests of the process runtime: listens on `$PORT` (loopback), answers
     /// `GET /health` and echoes `POST /predictions` as `{"output": <input>, "gpus": "<CUDA_VISIBLE_DEVICES>"}`.
@@ -176,7 +179,9 @@ fn main() -> ExitCode {
         Some(Command::ResetGpu { gpu, admin, token }) => {
             token.read().and_then(|token| admin_post(*admin, &token, &format!("/admin/gpus/{gpu}/reset"), "{}"))
         }
-        Some(Command::BenchLoad { size, dir, cold_start: true, runs }) => bench_cold_start(dir, *size, *runs),
+        Some(Command::BenchLoad { size, dir, cold_start: true, runs, dtype }) => {
+            bench_cold_start(dir, *size, *runs, *dtype)
+        }
         Some(Command::BenchLoad { size, dir, cold_start: false, .. }) => bench_load(dir, *size),
         Some(Command::EchoServer { exit_after }) => echo_server(*exit_after),
         None => run(&args),
@@ -329,11 +334,16 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
     Ok(())
 }
 
-fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize) -> Result<()> {
+fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize, dtype: kiln_agent::model::Dtype) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let r = kiln_agent::bench::cold_start(dir, size, runs)?;
+    let r = kiln_agent::bench::cold_start(dir, size, runs, dtype)?;
     let gb = r.bytes as f64 / 1e9;
-    println!("model: {:.2} GB, {} parameters (F32), CPU path, page cache warm, median of {runs}", gb, r.params);
+    println!(
+        "model: {:.2} GB, {} parameters ({}), CPU path, page cache warm, median of {runs}",
+        gb,
+        r.params,
+        dtype.name()
+    );
     println!(
         "first start (fetch into the disk cache, hashed once): {:.3} s, {} bytes hashed",
         r.miss_s, r.miss_hashed_bytes
