@@ -30,7 +30,8 @@ pub fn pool(threads: usize) -> std::io::Result<Option<rayon::ThreadPool>> {
 }
 
 /// Fills `buf` by calling `part(at, slice)` for each [`PART`]-sized slice of it (`at`: the slice's offset in
-/// `buf`), on the threads of `pool` at once, or in order on this thread without one. The first error is returned.
+/// `buf`), on the threads of `pool` at once, or in order on this thread without one. On failure, the error of a
+/// failed part is returned (other parts may have run).
 pub fn fill<E: Send>(
     pool: Option<&rayon::ThreadPool>,
     buf: &mut [u8],
