@@ -14,6 +14,10 @@
 //!
 //! With `--check`, nothing is written; the command fails and lists the stale files when any differs from what it
 //! would generate. CI runs the check.
+//!
+//! `cargo xtask gpu-bundle [DIR]`: what the agent's GPU checks need on a machine with a GPU and no Rust toolchain,
+//! in `DIR` (default `.gpu/`, git-ignored): the release `kiln-agent`, the agent's unit-test binary (release, with
+//! the opt-in CUDA and NVML tests) as `agent_tests`, and `agent/gpu-check.sh`, which runs them all.
 
 use std::{
     ffi::OsString,
@@ -34,7 +38,11 @@ fn main() -> Result<ExitCode> {
         ["codegen"] => codegen(Mode::Write).map(|()| ExitCode::SUCCESS),
         ["codegen", "--check"] => codegen(Mode::Check).map(|()| ExitCode::SUCCESS),
         ["test", rest @ ..] => test(rest),
-        _ => bail!("usage: cargo xtask test [NEXTEST ARGS...] | cargo xtask codegen [--check]"),
+        ["gpu-bundle"] => gpu_bundle(&workspace_root().join(".gpu")).map(|()| ExitCode::SUCCESS),
+        ["gpu-bundle", dir] => gpu_bundle(Path::new(dir)).map(|()| ExitCode::SUCCESS),
+        _ => bail!(
+            "usage: cargo xtask test [NEXTEST ARGS...] | cargo xtask codegen [--check] | cargo xtask gpu-bundle [DIR]"
+        ),
     }
 }
 
@@ -69,6 +77,55 @@ fn test(args: &[&str]) -> Result<ExitCode> {
     }
     let status = Command::new(cargo()).args(nextest_args(args)).status().context("running cargo nextest")?;
     Ok(ExitCode::from(status.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1)))
+}
+
+/// The workspace's root (this crate's parent).
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace").to_path_buf()
+}
+
+/// The unit-test executable of the library `lib` among the JSON messages of `cargo test --no-run
+/// --message-format=json`.
+fn test_executable(messages: &str, lib: &str) -> Option<PathBuf> {
+    messages.lines().filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok()).find_map(|m| {
+        let is_test = m["reason"] == "compiler-artifact" && m["profile"]["test"] == true && m["target"]["name"] == lib;
+        let lib_target = m["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "lib"));
+        (is_test && lib_target).then(|| m["executable"].as_str().map(PathBuf::from)).flatten()
+    })
+}
+
+fn gpu_bundle(dir: &Path) -> Result<()> {
+    let root = workspace_root();
+    let run = |args: &[&str]| -> Result<String> {
+        let out = Command::new(cargo())
+            .current_dir(&root)
+            .args(args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .with_context(|| format!("running cargo {}", args.join(" ")))?;
+        if !out.status.success() {
+            bail!("cargo {} failed ({})", args.join(" "), out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    run(&["build", "--release", "--locked", "-p", "kiln-agent", "--bin", "kiln-agent"])?;
+    let messages =
+        run(&["test", "--release", "--locked", "-p", "kiln-agent", "--lib", "--no-run", "--message-format=json"])?;
+    let tests =
+        test_executable(&messages, "kiln_agent").context("cargo test --no-run named no kiln_agent test binary")?;
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (from, to) in [
+        (root.join("target/release/kiln-agent"), "kiln-agent"),
+        (tests, "agent_tests"),
+        (root.join("agent/gpu-check.sh"), "gpu-check.sh"),
+    ] {
+        fs::copy(&from, dir.join(to)).with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
+    }
+    println!(
+        "{}: kiln-agent, agent_tests, gpu-check.sh; on the GPU machine run gpu-check.sh from there",
+        dir.display()
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -164,6 +221,21 @@ fn codegen(mode: Mode) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_gpu_bundle_takes_the_librarys_test_binary_from_cargos_messages() {
+        let messages = [
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"kiln_agent"},"profile":{"test":false},"executable":null}"#,
+            r#"{"reason":"compiler-artifact","target":{"kind":["bin"],"name":"kiln-agent"},"profile":{"test":true},"executable":"/t/release/deps/kiln_agent-bin"}"#,
+            "not json",
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"kiln_core"},"profile":{"test":true},"executable":"/t/release/deps/kiln_core-1"}"#,
+            r#"{"reason":"compiler-artifact","target":{"kind":["lib"],"name":"kiln_agent"},"profile":{"test":true},"executable":"/t/release/deps/kiln_agent-2"}"#,
+            r#"{"reason":"build-finished","success":true}"#,
+        ]
+        .join("\n");
+        assert_eq!(test_executable(&messages, "kiln_agent"), Some(PathBuf::from("/t/release/deps/kiln_agent-2")));
+        assert_eq!(test_executable(&messages, "kiln_sim"), None);
+    }
 
     #[test]
     fn the_test_task_runs_the_workspace_unless_packages_are_named() {
