@@ -124,8 +124,8 @@ pub struct ColdStartBench {
     pub cold_start_s: f64,
     /// Its phases (medians of each): cache lookup, read, parse, convert, first forward pass.
     pub phases: [f64; 5],
-    /// Reading the same cached file with 1 MiB positioned reads on the loader's fill threads
-    /// ([`crate::parallel::default_threads`]), nothing else.
+    /// Reading the same cached file with 1 MiB positioned reads on the loaders' threads
+    /// ([`crate::parallel::loaders`]), nothing else.
     pub raw_read_s: f64,
     /// Where CUDA is present: the same cold start through the GPU path (median total, with the phases of that run:
     /// header read, CUDA init, streaming to the GPU, first forward pass), or why it failed.
@@ -191,7 +191,7 @@ pub fn cold_start(dir: &Path, bytes: u64, runs: usize, dtype: Dtype) -> anyhow::
         let Weights::File { path: cached, .. } = first.weights else { anyhow::bail!("expected a disk entry") };
         // The page cache's bandwidth at its best: 1 MiB positioned reads on the loader's fill threads, into a
         // buffer reused (no page faults), nothing else.
-        let pool = crate::parallel::pool(crate::parallel::default_threads())?;
+        let pool = crate::parallel::loaders();
         let raw_read = || -> std::io::Result<f64> {
             let f = File::open(&cached)?;
             let mut buf = vec![0u8; 8 * crate::parallel::PART];
@@ -199,7 +199,7 @@ pub fn cold_start(dir: &Path, bytes: u64, runs: usize, dtype: Dtype) -> anyhow::
             let mut at = 0u64;
             while at < size {
                 let n = (size - at).min(buf.len() as u64) as usize;
-                crate::parallel::fill(pool.as_ref(), &mut buf[..n], |a, part| f.read_exact_at(part, at + a as u64))?;
+                crate::parallel::fill(pool, &mut buf[..n], |a, part| f.read_exact_at(part, at + a as u64))?;
                 std::hint::black_box(&buf);
                 at += n as u64;
             }

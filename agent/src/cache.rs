@@ -506,7 +506,7 @@ impl WeightCache {
                 None => {}
             }
         }
-        let entry = self.fetch(uri, expected, Tier::Disk)?;
+        let entry = self.fetch(uri, expected, Tier::Disk, source.map_or_else(|| Self::source_id(uri), Ok)?)?;
         self.counters.misses.fetch_add(1, Ordering::Relaxed);
         let weights = match self.read(&entry.digest) {
             Some(Ok((_, weights))) => weights,
@@ -531,7 +531,7 @@ impl WeightCache {
         if let Some(found) = self.cached(uri, expected, source.as_ref(), tier) {
             return found;
         }
-        self.fetch(uri, expected, tier)
+        self.fetch(uri, expected, tier, source.map_or_else(|| Self::source_id(uri), Ok)?)
     }
 
     /// What is cached of `uri` for `tier`, without fetching: its entry in `tier`, or, for host RAM, its disk copy
@@ -563,10 +563,10 @@ impl WeightCache {
         Some(Ok(entry))
     }
 
-    /// Fetches `uri` into `tier`, one fetch of a source at a time: a start that finds the same source being fetched
-    /// waits for that fetch, then takes the entry it made (or fetches itself if it failed).
-    fn fetch(&self, uri: &str, expected: Option<&str>, tier: Tier) -> Result<Entry, CacheError> {
-        let source = Self::source_id(uri)?;
+    /// Fetches `uri` (whose identity is `source`) into `tier`, one fetch of a source at a time: a start that finds
+    /// the same source being fetched waits for that fetch, then takes the entry it made (or fetches itself if it
+    /// failed).
+    fn fetch(&self, uri: &str, expected: Option<&str>, tier: Tier, source: SourceId) -> Result<Entry, CacheError> {
         let key = source.path.clone();
         let flight = {
             let mut fetching = self.fetching.lock().unwrap_or_else(|p| p.into_inner());

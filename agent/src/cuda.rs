@@ -312,8 +312,6 @@ struct Pipeline {
     buffers: Vec<PinnedHostSlice<u8>>,
     done: Vec<Option<CudaEvent>>,
     next: usize,
-    /// The threads that fill a buffer together ([`Source::fill_on`]).
-    fill: Option<rayon::ThreadPool>,
 }
 
 impl Pipeline {
@@ -325,8 +323,7 @@ impl Pipeline {
         // fills the chunk before the copy of that chunk is enqueued).
         let buffers =
             (0..depth).map(|_| unsafe { ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err)).collect::<Result<_, _>>()?;
-        let fill = fill_pool(crate::parallel::default_threads())?;
-        Ok(Self { streams, buffers, done: (0..depth).map(|_| None).collect(), next: 0, fill })
+        Ok(Self { streams, buffers, done: (0..depth).map(|_| None).collect(), next: 0 })
     }
 
     /// Copies `dst.len()` bytes of `src` from `offset` into `dst`, chunk by chunk.
@@ -346,7 +343,7 @@ impl Pipeline {
             // no copy reads it now (its last copy's event completed above), and the slice ends before the next
             // use of the buffer.
             let host = unsafe { std::slice::from_raw_parts_mut(ptr, n) };
-            src.fill_on(self.fill.as_ref(), offset + at as u64, host)?;
+            src.fill_on(crate::parallel::loaders(), offset + at as u64, host)?;
             let mut view = dst.slice_mut(at..at + n);
             let (device, _written) = view.device_ptr_mut(stream);
             // SAFETY: `device` points at `n` writable bytes of `dst` on this context; `host` is pinned memory that
@@ -623,17 +620,12 @@ impl CudaModel {
     }
 }
 
-/// A pool of `threads` fill threads ([`crate::parallel::pool`]), or none for one.
-pub fn fill_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, CudaError> {
-    crate::parallel::pool(threads)
-        .map_err(|e| CudaError::new(CudaErrorKind::Other, format!("starting the fill threads: {e}")))
-}
-
 /// The staging side of the loader alone, no GPU needed: GB/s of filling one [`CHUNK`]-sized buffer over and over
 /// from `src` until `len` bytes have been read, as [`Pipeline::upload`] fills its pinned buffers (pageable memory
-/// here), with `threads` fill threads ([`fill_pool`]).
+/// here), with `threads` fill threads ([`crate::parallel::pool`]).
 pub fn bench_fill(src: Source<'_>, len: u64, threads: usize) -> Result<f64, CudaError> {
-    let pool = fill_pool(threads)?;
+    let pool = crate::parallel::pool(threads)
+        .map_err(|e| CudaError::new(CudaErrorKind::Other, format!("starting the fill threads: {e}")))?;
     let mut buf = vec![0u8; CHUNK];
     // Touch the buffer first: the fill should not time page faults.
     buf.iter_mut().step_by(4096).for_each(|b| *b = 1);
@@ -702,8 +694,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("kiln-fill-{}.bin", std::process::id()));
         std::fs::write(&path, &data).unwrap();
         let file = std::fs::File::open(&path).unwrap();
-        let pool = fill_pool(4).unwrap().expect("a pool of 4");
-        assert!(fill_pool(1).unwrap().is_none(), "one thread fills on the caller's");
+        let pool = crate::parallel::pool(4).unwrap().expect("a pool of 4");
         for (name, src) in [("file", Source::File(&file)), ("memory", Source::Bytes(&data))] {
             for (offset, len) in [
                 (0, 0),

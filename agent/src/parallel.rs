@@ -1,7 +1,8 @@
 //! Filling big buffers on several threads. One thread copies 2-10 GB/s from the page cache or host RAM (measured
 //! 6.2 GB/s on an H200 host, 2.2 and 8 GB/s on the 2-core CI machine), a fraction of what memory and PCIe carry
 //! (55 GB/s for one plain pinned copy to an H200), so the loaders split a buffer into parts of [`PART`] bytes and
-//! fill them at once on a small pool of their own.
+//! fill them at once on one small pool the process shares ([`loaders`]: made on first use; loads at the same time
+//! share its threads rather than each starting its own).
 
 use rayon::prelude::*;
 
@@ -27,6 +28,19 @@ pub fn pool(threads: usize) -> std::io::Result<Option<rayon::ThreadPool>> {
         .build()
         .map(Some)
         .map_err(std::io::Error::other)
+}
+
+/// The loaders' pool: [`default_threads`] threads, made on first use (none on a machine of one core, or if the
+/// threads could not be started: the loaders then fill on their own thread).
+pub fn loaders() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        pool(default_threads()).unwrap_or_else(|e| {
+            tracing::warn!("the loaders' fill threads did not start ({e}); loading on one thread");
+            None
+        })
+    })
+    .as_ref()
 }
 
 /// Fills `buf` by calling `part(at, slice)` for each [`PART`]-sized slice of it (`at`: the slice's offset in

@@ -101,10 +101,6 @@ impl LoadTimings {
     }
 }
 
-/// Bytes read per positioned read in [`load_file`]: small enough to stay in the CPU cache between being read and
-/// converted, large enough that the system call is cheap beside the copy. A multiple of every element size.
-const READ_CHUNK: usize = 1 << 20;
-
 /// Where one validated tensor's data lies in a model file, and its element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TensorLoc {
@@ -226,9 +222,9 @@ pub fn read_layout(file: &std::fs::File, path: &Path) -> Result<(Layout, Duratio
     Ok((layout_of(activation, &pending, data_start), read, started.elapsed() - read))
 }
 
-/// Loads a model file: the header is read and validated first ([`read_layout`]), then each tensor is read in
-/// chunks with positioned reads straight into the layer's f32 buffer (converted on the way), with no copy of the
-/// whole file in memory. Validates exactly what [`load_bytes`] does; errors about the contents name the file.
+/// Loads a model file: the header is read and validated first ([`read_layout`]), then each tensor is read in parts
+/// with positioned reads on the loaders' threads straight into the layer's f32 buffer (converted on the way), with
+/// no copy of the whole file in memory. Validates exactly what [`load_bytes`] does; errors about the contents name the file.
 pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
     let io_err = |source| ModelError::Io { path: path.to_path_buf(), source };
     let started = Instant::now();
@@ -243,25 +239,17 @@ pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
         *into += now - mark;
         mark = now;
     };
-    let largest = layout.layers.iter().map(|l| l.weight.bytes).max().unwrap_or(0);
-    let mut chunk = vec![0u8; READ_CHUNK.min(largest.max(1))];
-    // Tensors are read (and F16/BF16 widened) on several threads at once: one thread reads the page cache at a
-    // fraction of what memory carries, widening is CPU work, and the model's fresh pages fault in on the threads
-    // that fill them. Models whose tensors all fit in one part stay on this thread.
-    let pool = if largest > crate::parallel::PART {
-        crate::parallel::pool(crate::parallel::default_threads()).map_err(io_err)?
-    } else {
-        None
-    };
+    // Tensors are read (and F16/BF16 widened) on the loaders' threads ([`crate::parallel::loaders`]): one thread
+    // reads the page cache at a fraction of what memory carries, widening is CPU work, and the model's fresh pages
+    // fault in on the threads that fill them.
+    let pool = crate::parallel::loaders();
     let mut read_into = |t: &TensorLoc, timings: &mut LoadTimings| -> Result<Vec<f32>, ModelError> {
         if t.dtype == Dtype::F32 {
             // Straight into the layer's buffer: one copy, from the page cache (or the disk) into the model. The
             // file's little-endian bytes are the values on a little-endian target; a big-endian one swaps them.
             let mut out = vec![0f32; t.elements];
-            crate::parallel::fill(pool.as_ref(), out.as_mut_bytes(), |at, part| {
-                file.read_exact_at(part, t.offset + at as u64)
-            })
-            .map_err(io_err)?;
+            crate::parallel::fill(pool, out.as_mut_bytes(), |at, part| file.read_exact_at(part, t.offset + at as u64))
+                .map_err(io_err)?;
             lap(&mut timings.read);
             if cfg!(target_endian = "big") {
                 out.iter_mut().for_each(|v| *v = f32::from_bits(u32::from_le(v.to_bits())));
@@ -269,51 +257,41 @@ pub fn load_file(path: &Path) -> Result<(DenseModel, LoadTimings), ModelError> {
             lap(&mut timings.convert);
             return Ok(out);
         }
-        let dtype = t.dtype.safetensors();
-        if let Some(pool) = &pool {
-            // F16 / BF16 on several threads: each part of the tensor read through a buffer of its thread and widened
-            // into its place. Reading and widening overlap across the threads, so the section's time is split
-            // between the two phases in proportion to the time the threads spent on each.
-            use rayon::prelude::*;
-            let per = READ_CHUNK / 2;
-            let mut out = vec![0f32; t.elements];
-            let (reading, widening) = (AtomicU64::new(0), AtomicU64::new(0));
-            let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-            pool.install(|| {
-                out.par_chunks_mut(per).enumerate().try_for_each_init(
-                    || vec![0u16; per],
-                    |buf, (i, dst)| {
-                        let bits = &mut buf[..dst.len()];
-                        let began = Instant::now();
-                        file.read_exact_at(bits.as_mut_bytes(), t.offset + (i * READ_CHUNK) as u64)?;
-                        let read = began.elapsed();
-                        widen_into(dtype, bits, dst);
-                        reading.fetch_add(nanos(read), Ordering::Relaxed);
-                        widening.fetch_add(nanos(began.elapsed() - read), Ordering::Relaxed);
-                        Ok::<_, std::io::Error>(())
-                    },
-                )
-            })
-            .map_err(io_err)?;
-            let mut section = Duration::ZERO;
-            lap(&mut section);
-            let (r, w) = (reading.into_inner() as f64, widening.into_inner() as f64);
-            let read = section.mul_f64(if r + w > 0.0 { r / (r + w) } else { 1.0 });
-            timings.read += read;
-            timings.convert += section - read;
-            return Ok(out);
+        // F16 / BF16: each part of the tensor read through a buffer of the thread that takes it and widened into
+        // its place. Reading and widening overlap across the threads, so the section's time is split between the
+        // two phases in proportion to the time the threads spent on each.
+        let (dtype, per) = (t.dtype.safetensors(), crate::parallel::PART / 2);
+        let mut out = vec![0f32; t.elements];
+        let (reading, widening) = (AtomicU64::new(0), AtomicU64::new(0));
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let part = |buf: &mut Vec<u16>, (i, dst): (usize, &mut [f32])| {
+            let bits = &mut buf[..dst.len()];
+            let began = Instant::now();
+            file.read_exact_at(bits.as_mut_bytes(), t.offset + (i * crate::parallel::PART) as u64)?;
+            let read = began.elapsed();
+            widen_into(dtype, bits, dst);
+            reading.fetch_add(nanos(read), Ordering::Relaxed);
+            widening.fetch_add(nanos(began.elapsed() - read), Ordering::Relaxed);
+            Ok::<_, std::io::Error>(())
+        };
+        let buffer = || vec![0u16; per.min(t.elements)];
+        match pool {
+            Some(pool) => pool.install(|| {
+                use rayon::prelude::*;
+                out.par_chunks_mut(per).enumerate().try_for_each_init(buffer, part)
+            }),
+            None => {
+                let mut buf = buffer();
+                out.chunks_mut(per).enumerate().try_for_each(|p| part(&mut buf, p))
+            }
         }
-        // F16 / BF16: a chunk at a time through a small buffer that stays in the CPU cache, widened on the way.
-        let mut out = Vec::with_capacity(t.elements);
-        let mut done = 0usize;
-        while done < t.bytes {
-            let n = (t.bytes - done).min(chunk.len());
-            file.read_exact_at(&mut chunk[..n], t.offset + done as u64).map_err(io_err)?;
-            lap(&mut timings.read);
-            append_f32(dtype, &chunk[..n], &mut out);
-            lap(&mut timings.convert);
-            done += n;
-        }
+        .map_err(io_err)?;
+        let mut section = Duration::ZERO;
+        lap(&mut section);
+        let (r, w) = (reading.into_inner() as f64, widening.into_inner() as f64);
+        let read = section.mul_f64(if r + w > 0.0 { r / (r + w) } else { 1.0 });
+        timings.read += read;
+        timings.convert += section - read;
         Ok(out)
     };
     let mut layers = Vec::with_capacity(layout.layers.len());

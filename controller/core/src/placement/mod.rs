@@ -168,8 +168,10 @@ pub struct PlacementEngine {
     tie_break: TieBreak,
     /// Each node's place in the tie-break order ([`TieBreak::NodeOrder`] only; empty otherwise).
     rank: Vec<u32>,
-    /// GPUs of schedulable nodes of two GPUs or more with every GPU free (`kiln` with gang kinds only): the room
-    /// for gangs, which its gang weights follow ([`Workload::weigh_by_room`]).
+    /// Whether the gang weights follow the room for gangs: `kiln` with gang kinds in its workload.
+    follows_room: bool,
+    /// GPUs of schedulable nodes of two GPUs or more with every GPU free (when `follows_room`): the room for gangs,
+    /// which `kiln`'s gang weights follow ([`Workload::weigh_by_room`]).
     room: u64,
     /// `room` when the weights were last derived.
     room_at_refresh: u64,
@@ -209,9 +211,11 @@ impl PlacementEngine {
             seed,
             tie_break: TieBreak::Random,
             rank: Vec::new(),
+            follows_room: false,
             room: 0,
             room_at_refresh: 0,
         };
+        engine.follows_room = follows_room(engine.policy, &engine.workload);
         for node in 0..n as NodeId {
             engine.join_group(node);
         }
@@ -231,6 +235,7 @@ impl PlacementEngine {
     /// fragmentation of every group under it, and drops the cached scores.
     fn refresh_workload(&mut self) {
         self.workload = effective_workload(self.policy, &self.assumed, &self.cluster);
+        self.follows_room = follows_room(self.policy, &self.workload);
         self.room = (0..self.cluster.len() as NodeId).map(|n| self.room_of(n)).sum();
         self.room_at_refresh = self.room;
         if matches!(self.policy, Policy::Fgd | Policy::Kiln) {
@@ -587,9 +592,9 @@ impl PlacementEngine {
     }
 
     /// The node's GPUs if it is schedulable, has two or more and all are free (room for gangs), else 0; always 0
-    /// unless `kiln` weighs gang kinds by the room for them.
+    /// unless `kiln` weighs gang kinds by the room for them (`follows_room`).
     fn room_of(&self, node: NodeId) -> u64 {
-        if self.policy != Policy::Kiln || !self.workload.has_gangs() || !self.schedulable[node as usize] {
+        if !self.follows_room || !self.schedulable[node as usize] {
             return 0;
         }
         let state = self.cluster.node(node);
@@ -753,6 +758,11 @@ impl PlacementEngine {
             }
         }
     }
+}
+
+/// Whether `policy`'s gang weights follow the room for gangs on `workload` ([`Workload::weigh_by_room`]).
+fn follows_room(policy: Policy, workload: &Workload) -> bool {
+    policy == Policy::Kiln && workload.has_gangs()
 }
 
 /// The mix `policy`'s measure uses for the caller's `workload` on `cluster`.
