@@ -20,7 +20,7 @@ use std::{
 };
 
 use crate::{
-    cache::{Tier, WeightCache, Weights},
+    cache::{HostBytes, Pinner, Tier, WeightCache, Weights},
     model::{Dtype, load_file},
 };
 
@@ -127,9 +127,39 @@ pub struct ColdStartBench {
     /// Reading the same cached file with 1 MiB positioned reads on the loaders' threads
     /// ([`crate::parallel::loaders`]), nothing else.
     pub raw_read_s: f64,
-    /// Where CUDA is present: the same cold start through the GPU path (median total, with the phases of that run:
-    /// header read, CUDA init, streaming to the GPU, first forward pass), or why it failed.
-    pub gpu: Option<Result<(f64, crate::cuda::CudaLoadTimings, f64), String>>,
+    /// Where CUDA is present: the same cold start through the GPU path, or why it failed.
+    pub gpu: Option<Result<GpuColdStart, String>>,
+}
+
+/// Cold starts onto GPU 0 ([`cold_start`], where CUDA is present).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuColdStart {
+    /// The once-per-process set-up ([`crate::cuda::prewarm`]), done first as the agent does when it starts.
+    pub prewarm_s: f64,
+    /// From the disk cache, page cache warm (the median run).
+    pub from_disk: GpuStart,
+    /// From the file's bytes in pageable host memory, staged (the median run).
+    pub from_host: GpuStart,
+    /// From the host-RAM tier as the agent keeps it with CUDA: pinned ([`crate::cuda::pin_host`]), copied straight
+    /// (the median run); `None` if pinning failed.
+    pub from_pinned: Option<GpuStart>,
+    /// GPU memory the loaded weights hold ([`crate::cuda::CudaModel::device_bytes`]).
+    pub device_bytes: u64,
+    /// GPU memory in use (`cuMemGetInfo`) with a context alone, and with the model loaded and run once
+    /// ([`crate::cuda::memory_in_use`]).
+    pub memory: (u64, u64),
+}
+
+/// One cold start onto the GPU: its total, the loader's phases (header read, CUDA init, streaming to the GPU) and
+/// the first forward pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GpuStart {
+    /// Seconds, from the cache lookup to the first forward pass's output.
+    pub total_s: f64,
+    /// The loader's phases.
+    pub timings: crate::cuda::CudaLoadTimings,
+    /// Seconds of the first forward pass.
+    pub first_forward_s: f64,
 }
 
 impl ColdStartBench {
@@ -229,20 +259,53 @@ pub fn cold_start(dir: &Path, bytes: u64, runs: usize, dtype: Dtype) -> anyhow::
         }
         let phases: Vec<f64> = phases.into_iter().map(median).collect();
         let gpu = crate::cuda::available().then(|| {
-            let mut runs_gpu = Vec::new();
-            for _ in 0..runs.max(1) {
-                let started = Instant::now();
-                let hit = cache.locate(&uri, None).map_err(|e| e.to_string())?;
-                let (model, t) =
-                    crate::cuda::CudaModel::load_weights(&hit.weights, 0, crate::cuda::DEFAULT_COPY_STREAMS)
-                        .map_err(|e| e.to_string())?;
-                let before = started.elapsed();
-                model.forward(&[vec![1.0; model.input_dim()]]).map_err(|e| e.to_string())?;
-                let total = started.elapsed();
-                runs_gpu.push((total.as_secs_f64(), t, (total - before).as_secs_f64()));
-            }
-            runs_gpu.sort_by(|a, b| a.0.total_cmp(&b.0));
-            Ok(runs_gpu[runs_gpu.len() / 2])
+            // From the disk cache (page cache warm), then from host RAM (the cache's host tier: the file's bytes
+            // in memory), each the median of `runs` starts.
+            // The host tier as the agent keeps it when CUDA is present (pinned), and pageable.
+            // As the agent does when it starts.
+            let prewarm_s = crate::cuda::prewarm().map_err(|e| e.to_string())?.as_secs_f64();
+            let bytes = fs::read(&cached).map_err(|e| e.to_string())?;
+            let pageable = Weights::Host(std::sync::Arc::new(HostBytes::new(bytes.clone())));
+
+            let time_gpu = |weights: Option<&Weights>| -> Result<(GpuStart, u64), String> {
+                let mut runs_gpu = Vec::new();
+                let mut device_bytes = 0;
+                for _ in 0..runs.max(1) {
+                    let started = Instant::now();
+                    let hit;
+                    let weights = match weights {
+                        Some(w) => w,
+                        None => {
+                            hit = cache.locate(&uri, None).map_err(|e| e.to_string())?;
+                            &hit.weights
+                        }
+                    };
+                    let (model, t) =
+                        crate::cuda::CudaModel::load_weights(weights, 0, crate::cuda::DEFAULT_COPY_STREAMS)
+                            .map_err(|e| e.to_string())?;
+                    let before = started.elapsed();
+                    model.forward(&[vec![1.0; model.input_dim()]]).map_err(|e| e.to_string())?;
+                    let total = started.elapsed();
+                    device_bytes = model.device_bytes();
+                    runs_gpu.push(GpuStart {
+                        total_s: total.as_secs_f64(),
+                        timings: t,
+                        first_forward_s: (total - before).as_secs_f64(),
+                    });
+                }
+                runs_gpu.sort_by(|a, b| a.total_s.total_cmp(&b.total_s));
+                Ok((runs_gpu[runs_gpu.len() / 2], device_bytes))
+            };
+            let (from_disk, device_bytes) = time_gpu(None)?;
+            let (from_host, _) = time_gpu(Some(&pageable))?;
+            let memory = crate::cuda::memory_in_use(0, &pageable).map_err(|e| e.to_string())?;
+            // Pinning keeps a context on GPU 0 for the rest of the process (see `pin_host`): after the other runs,
+            // which each made their own.
+            let pinner = Pinner(std::sync::Arc::new(crate::cuda::pin_host));
+            let pinned = std::sync::Arc::new(HostBytes::pinned(bytes, &pinner));
+            let pinned = pinned.is_pinned().then_some(Weights::Host(pinned));
+            let from_pinned = pinned.as_ref().map(|p| time_gpu(Some(p))).transpose()?.map(|(s, _)| s);
+            Ok(GpuColdStart { prewarm_s, from_disk, from_host, from_pinned, device_bytes, memory })
         });
         Ok(ColdStartBench {
             bytes: size,

@@ -188,7 +188,67 @@ struct DiskEntry {
 #[derive(Debug)]
 struct HostEntry {
     entry: Entry,
-    bytes: Arc<[u8]>,
+    bytes: Arc<HostBytes>,
+}
+
+/// What keeps a host-RAM entry's pages locked for DMA; dropping it unlocks them.
+pub type PinGuard = Box<dyn std::any::Any + Send + Sync>;
+
+/// Page-locks (pins) bytes for DMA to a GPU, or says why it could not; the cache keeps an entry it could not pin,
+/// unpinned. Set by the node when the GPU path can run ([`WeightCache::set_pinner`], `crate::cuda::pin_host`).
+#[derive(Clone)]
+pub struct Pinner(pub Arc<PinFn>);
+
+/// The function of a [`Pinner`].
+pub type PinFn = dyn Fn(&[u8]) -> Result<PinGuard, String> + Send + Sync;
+
+impl std::fmt::Debug for Pinner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pinner")
+    }
+}
+
+/// The bytes of a host-RAM entry, pinned for DMA when the node's GPU path pinned them: the GPU loader then copies
+/// them to the GPU straight from where they are, with no staging copy.
+pub struct HostBytes {
+    // Declared (so dropped) before `bytes`: the pages are unpinned before they are freed.
+    pin: Option<PinGuard>,
+    bytes: Box<[u8]>,
+}
+
+impl HostBytes {
+    /// Bytes, not pinned.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self { pin: None, bytes: bytes.into_boxed_slice() }
+    }
+
+    /// Bytes pinned by `pinner` (left unpinned, with a warning, when it fails).
+    pub fn pinned(bytes: Vec<u8>, pinner: &Pinner) -> Self {
+        let mut host = Self::new(bytes);
+        match (pinner.0)(&host.bytes) {
+            Ok(guard) => host.pin = Some(guard),
+            Err(why) => tracing::warn!("a host-RAM cache entry stays pageable ({why}); the GPU loader stages it"),
+        }
+        host
+    }
+
+    /// Whether the pages are locked for DMA.
+    pub fn is_pinned(&self) -> bool {
+        self.pin.is_some()
+    }
+}
+
+impl std::ops::Deref for HostBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for HostBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostBytes").field("len", &self.bytes.len()).field("pinned", &self.is_pinned()).finish()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -209,7 +269,7 @@ pub enum Weights {
         size: u64,
     },
     /// A host-RAM entry.
-    Host(Arc<[u8]>),
+    Host(Arc<HostBytes>),
 }
 
 impl Weights {
@@ -310,6 +370,8 @@ pub struct WeightCache {
     /// The sources being fetched now, by canonical path: a second start of one waits for the first's fetch and
     /// then finds its entry, rather than reading and hashing the same file beside it.
     fetching: Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>,
+    /// Pins host-RAM entries for DMA when the GPU path can run ([`Self::set_pinner`]).
+    pinner: std::sync::OnceLock<Pinner>,
 }
 
 /// `sha256:<hex>` of `bytes`.
@@ -434,6 +496,7 @@ impl WeightCache {
             state: Mutex::new(state),
             counters: Counters::default(),
             fetching: Mutex::default(),
+            pinner: std::sync::OnceLock::new(),
         })
     }
 
@@ -559,7 +622,7 @@ impl WeightCache {
             Err(source) => return Some(Err(CacheError::Io { what: format!("reading {}", path.display()), source })),
         };
         let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: SystemTime::now() };
-        self.store_host(entry.clone(), bytes.into());
+        self.store_host(entry.clone(), bytes);
         Some(Ok(entry))
     }
 
@@ -628,7 +691,7 @@ impl WeightCache {
                 return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
             }
             let entry = Entry { uri: uri.to_owned(), digest, size, tier: Tier::HostRam, last_used: now };
-            self.store_host(entry.clone(), bytes.into());
+            self.store_host(entry.clone(), bytes);
             return Ok(entry);
         }
         // Stream source -> hash -> temporary file; check; rename into place.
@@ -681,7 +744,7 @@ impl WeightCache {
             let bytes = fs::read(&path)
                 .map_err(|source| CacheError::Io { what: format!("reading {}", path.display()), source })?;
             let entry = Entry { tier: Tier::HostRam, ..entry };
-            self.store_host(entry.clone(), bytes.into());
+            self.store_host(entry.clone(), bytes);
             return Ok(entry);
         } else if tier == Tier::HostRam {
             return Err(CacheError::TooLarge { uri: uri.to_owned(), size, tier, capacity: self.host_capacity });
@@ -749,10 +812,27 @@ impl WeightCache {
         Ok(())
     }
 
-    fn store_host(&self, entry: Entry, bytes: Arc<[u8]>) {
+    /// Pins the host-RAM entries made from now on with `pinner` (the node sets it once, when the GPU path can
+    /// run: pinned entries reach a GPU by DMA with no staging copy). Later calls are ignored.
+    pub fn set_pinner(&self, pinner: Pinner) {
+        let _ = self.pinner.set(pinner);
+    }
+
+    fn store_host(&self, entry: Entry, bytes: Vec<u8>) {
+        let touch = |s: &mut State| {
+            let held = s.host.iter_mut().find(|h| h.entry.digest == entry.digest);
+            held.map(|h| h.entry.last_used = entry.last_used).is_some()
+        };
+        if touch(&mut self.lock()) {
+            return;
+        }
+        // Pinning takes time (the kernel locks every page): outside the lock.
+        let bytes = Arc::new(match self.pinner.get() {
+            Some(pinner) => HostBytes::pinned(bytes, pinner),
+            None => HostBytes::new(bytes),
+        });
         let mut s = self.lock();
-        if let Some(h) = s.host.iter_mut().find(|h| h.entry.digest == entry.digest) {
-            h.entry.last_used = entry.last_used;
+        if touch(&mut s) {
             return;
         }
         while s.host.iter().map(|h| h.entry.size).sum::<u64>() + entry.size > self.host_capacity {
@@ -1115,6 +1195,59 @@ mod tests {
         let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
         assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
         assert_eq!(cache.stats().hashed_bytes(), 0);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    /// With a pinner set, host-RAM entries are pinned (the GPU loader then copies them straight); one it fails to
+    /// pin is kept, unpinned; an evicted entry is unpinned before its bytes are freed.
+    #[test]
+    fn host_entries_are_pinned_when_a_pinner_is_set_and_unpinned_on_eviction() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = temp_dir("pin");
+        let paths: Vec<String> = (0..3)
+            .map(|i| {
+                let path = dir.join(format!("m{i}.safetensors"));
+                fs::write(&path, model(100 + i, i as f32)).unwrap();
+                format!("file://{}", path.display())
+            })
+            .collect();
+        let size = fs::metadata(dir.join("m2.safetensors")).unwrap().len();
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, size + 8).unwrap();
+        // Before a pinner: pageable.
+        cache.prefetch(&paths[0], None, Tier::HostRam).unwrap();
+        let Weights::Host(first) = cache.locate(&paths[0], None).unwrap().weights else { panic!("not in host RAM") };
+        assert!(!first.is_pinned());
+        drop(first);
+        // A guard that counts the live pins, and a pinner that refuses the third model.
+        struct Guard(Arc<AtomicUsize>);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let live = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&live);
+        let refuse = fs::read(dir.join("m2.safetensors")).unwrap().len();
+        cache.set_pinner(Pinner(Arc::new(move |bytes: &[u8]| {
+            if bytes.len() == refuse {
+                return Err("no".into());
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok(Box::new(Guard(Arc::clone(&counter))) as PinGuard)
+        })));
+        cache.prefetch(&paths[1], None, Tier::HostRam).unwrap();
+        let Weights::Host(second) = cache.locate(&paths[1], None).unwrap().weights else { panic!("not in host RAM") };
+        assert!(second.is_pinned());
+        assert_eq!(live.load(Ordering::SeqCst), 1);
+        // The third evicts the second from host RAM (room for one); it could not be pinned and is served anyway.
+        cache.prefetch(&paths[2], None, Tier::HostRam).unwrap();
+        let Weights::Host(third) = cache.locate(&paths[2], None).unwrap().weights else { panic!("not in host RAM") };
+        assert!(!third.is_pinned());
+        assert_eq!(third.to_vec(), fs::read(dir.join("m2.safetensors")).unwrap());
+        // The evicted entry stays pinned while a load still holds it, and is unpinned when the last holder lets go.
+        assert_eq!(live.load(Ordering::SeqCst), 1);
+        drop(second);
+        assert_eq!(live.load(Ordering::SeqCst), 0);
         fs::remove_dir_all(&dir).ok();
     }
 

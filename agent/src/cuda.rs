@@ -147,6 +147,90 @@ fn err(e: impl std::fmt::Debug) -> CudaError {
     CudaError::classify(format!("{e:?}"))
 }
 
+/// The kernels, compiled by NVRTC once per process (the first compilation also loads NVRTC: hundreds of
+/// milliseconds a cold start should not pay; [`prewarm`] does it when the agent starts).
+fn kernels() -> Result<cudarc::nvrtc::Ptx, CudaError> {
+    static PTX: std::sync::OnceLock<Result<cudarc::nvrtc::Ptx, String>> = std::sync::OnceLock::new();
+    PTX.get_or_init(|| compile_ptx(KERNELS).map_err(|e| format!("{e:?}"))).clone().map_err(CudaError::classify)
+}
+
+/// The once-per-process part of the GPU path's set-up, done ahead of the first start: the driver initialised
+/// (`cuInit`), NVRTC and cuBLAS loaded, the kernels compiled, a first context made on every GPU. The driver keeps
+/// about half a gigabyte of each GPU for this process from then on, released context or not (measured on an H100:
+/// 529 MiB in nvidia-smi with no replica), as it would after the first replica on that GPU anyway.
+/// Returns how long it took; an error when the GPU path cannot run here.
+pub fn prewarm() -> Result<Duration, CudaError> {
+    let driver = available();
+    usable(driver, &if driver { missing_libraries() } else { Vec::new() })?;
+    let started = Instant::now();
+    cudarc::driver::result::init().map_err(err)?;
+    kernels()?;
+    // A process's first context on a GPU costs hundreds of milliseconds (measured: 0.26 s on an H100); later
+    // ones about a millisecond, even after the first was released.
+    for ordinal in 0..CudaContext::device_count().map_err(err)?.max(0) as usize {
+        let ctx = CudaContext::new(ordinal).map_err(err)?;
+        let module = ctx.load_module(kernels()?).map_err(err)?;
+        let blas = CudaBlas::new(ctx.default_stream()).map_err(err)?;
+        drop((blas, module, ctx));
+    }
+    Ok(started.elapsed())
+}
+
+/// Page-locks `bytes` for DMA to every GPU of this process (`cuMemHostRegister`, portable), for the host-RAM tier
+/// of the weight cache ([`crate::cache::WeightCache::set_pinner`]): a pinned entry is copied to a GPU straight from
+/// where it is, at the bus's speed, with no staging copy. The registration needs a context: GPU 0's primary
+/// context, kept for the life of the process once a first entry was pinned (the registrations belong to it).
+/// Dropping the guard unpins the bytes; it must be dropped before they are freed
+/// ([`crate::cache::HostBytes`] does so).
+pub fn pin_host(bytes: &[u8]) -> Result<crate::cache::PinGuard, String> {
+    static HOLDER: std::sync::OnceLock<Result<Arc<CudaContext>, String>> = std::sync::OnceLock::new();
+    if bytes.is_empty() {
+        return Err("nothing to pin".into());
+    }
+    let ctx = HOLDER.get_or_init(|| CudaContext::new(0).map_err(|e| format!("{e:?}"))).clone()?;
+    ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+    let ptr = bytes.as_ptr() as *mut std::ffi::c_void;
+    // SAFETY: registers the live allocation `bytes` (nothing else registered it: each host entry is its own
+    // allocation); the guard unregisters exactly this pointer before the caller frees it.
+    unsafe {
+        cudarc::driver::sys::cuMemHostRegister_v2(ptr, bytes.len(), cudarc::driver::sys::CU_MEMHOSTREGISTER_PORTABLE)
+    }
+    .result()
+    .map_err(|e| format!("cuMemHostRegister of {} bytes: {e:?}", bytes.len()))?;
+    struct Pinned {
+        ctx: Arc<CudaContext>,
+        ptr: usize,
+    }
+    impl Drop for Pinned {
+        fn drop(&mut self) {
+            let _ = self.ctx.bind_to_thread();
+            // SAFETY: `ptr` was registered by `pin_host` and is unregistered once, here, while still allocated.
+            let unpinned = unsafe { cudarc::driver::sys::cuMemHostUnregister(self.ptr as *mut std::ffi::c_void) };
+            if let Err(e) = unpinned.result() {
+                tracing::warn!("cuMemHostUnregister: {e:?}");
+            }
+        }
+    }
+    Ok(Box::new(Pinned { ctx, ptr: ptr as usize }))
+}
+
+/// GPU memory in use on GPU `ordinal` (`cuMemGetInfo`: total - free, so other processes' too) with a context of
+/// this process alone, and then with `weights` loaded and run once (cuBLAS allocates its workspace at the first
+/// GEMM): what a replica costs beyond its weights.
+pub fn memory_in_use(ordinal: usize, weights: &crate::cache::Weights) -> Result<(u64, u64), CudaError> {
+    let ctx = CudaContext::new(ordinal).map_err(err)?;
+    // Memory freed in stream order by earlier loads goes back to the device at a synchronisation.
+    ctx.synchronize().map_err(err)?;
+    let used = || ctx.mem_get_info().map(|(free, total)| (total - free) as u64).map_err(err);
+    let context_only = used()?;
+    let (model, _) = CudaModel::load_weights(weights, ordinal, DEFAULT_COPY_STREAMS)?;
+    model.forward(&[vec![1.0; model.input_dim()]])?;
+    Ok((context_only, used()?))
+}
+
+/// Bytes per copy when the source is pinned host memory ([`Source::Pinned`]): copied straight, several in flight.
+const PINNED_CHUNK: usize = 64 << 20;
+
 /// Bytes per staging buffer (8 MiB).
 const CHUNK: usize = 8 << 20;
 
@@ -265,6 +349,15 @@ pub struct CudaModel {
     activation: Activation,
 }
 
+impl Drop for CudaModel {
+    fn drop(&mut self) {
+        // The weights are freed in stream order; the memory pool hands memory back to the device only at a
+        // synchronisation. Without one, an unloaded model's memory would stay reserved by this process.
+        self.layers.clear();
+        let _ = self.stream.synchronize();
+    }
+}
+
 impl std::fmt::Debug for CudaModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CudaModel").field("layers", &self.layers.len()).finish()
@@ -278,6 +371,8 @@ pub enum Source<'a> {
     File(&'a std::fs::File),
     /// Memory.
     Bytes(&'a [u8]),
+    /// Page-locked memory ([`pin_host`]): copied to the GPU by DMA straight from where it is.
+    Pinned(&'a [u8]),
 }
 
 impl Source<'_> {
@@ -292,7 +387,7 @@ impl Source<'_> {
         match self {
             Source::File(f) => std::os::unix::fs::FileExt::read_exact_at(*f, buf, offset)
                 .map_err(|e| CudaError::new(CudaErrorKind::InvalidWeights, format!("reading the weights: {e}"))),
-            Source::Bytes(b) => {
+            Source::Bytes(b) | Source::Pinned(b) => {
                 let start = usize::try_from(offset).unwrap_or(usize::MAX);
                 let src = b.get(start..start.saturating_add(buf.len())).ok_or_else(|| {
                     CudaError::new(CudaErrorKind::InvalidWeights, "the weights end before their tensors")
@@ -308,7 +403,9 @@ impl Source<'_> {
 /// `i % streams`; a buffer is refilled only once the event recorded after its last copy has completed, by several
 /// threads at once ([`crate::parallel`]).
 struct Pipeline {
+    ctx: Arc<CudaContext>,
     streams: Vec<Arc<CudaStream>>,
+    /// Made at the first staged copy (a pinned source needs none).
     buffers: Vec<PinnedHostSlice<u8>>,
     done: Vec<Option<CudaEvent>>,
     next: usize,
@@ -319,15 +416,64 @@ impl Pipeline {
         let streams: Vec<Arc<CudaStream>> =
             (0..streams.max(1)).map(|_| ctx.new_stream().map_err(err)).collect::<Result<_, _>>()?;
         let depth = 2 * streams.len();
-        // SAFETY: the buffers' contents are unset; `upload` writes every byte it then copies (`Source::fill`
-        // fills the chunk before the copy of that chunk is enqueued).
-        let buffers =
-            (0..depth).map(|_| unsafe { ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err)).collect::<Result<_, _>>()?;
-        Ok(Self { streams, buffers, done: (0..depth).map(|_| None).collect(), next: 0 })
+        Ok(Self {
+            ctx: Arc::clone(ctx),
+            streams,
+            buffers: Vec::new(),
+            done: (0..depth).map(|_| None).collect(),
+            next: 0,
+        })
+    }
+
+    /// Makes every copy stream wait for the work queued on `stream` so far.
+    fn wait_for(&self, stream: &CudaStream) -> Result<(), CudaError> {
+        let queued = stream.record_event(None).map_err(err)?;
+        self.streams.iter().try_for_each(|s| s.wait(&queued).map_err(err))
+    }
+
+    /// Copies `dst.len()` bytes of pinned `bytes` from `offset` into `dst`: [`PINNED_CHUNK`]s straight from where
+    /// they are, round robin on the streams, no staging. `bytes` must stay unmodified until [`Self::finish`].
+    fn upload_pinned(&mut self, bytes: &[u8], offset: u64, dst: &mut CudaSlice<u8>) -> Result<(), CudaError> {
+        let len = dst.len();
+        let start = usize::try_from(offset).ok().filter(|s| s.checked_add(len).is_some_and(|end| end <= bytes.len()));
+        let start = start
+            .ok_or_else(|| CudaError::new(CudaErrorKind::InvalidWeights, "the weights end before their tensors"))?;
+        let mut at = 0usize;
+        while at < len {
+            let n = (len - at).min(PINNED_CHUNK);
+            let stream = &self.streams[self.next % self.streams.len()];
+            self.next = (self.next + 1) % self.done.len();
+            let mut view = dst.slice_mut(at..at + n);
+            let (device, _written) = view.device_ptr_mut(stream);
+            // SAFETY: `device` points at `n` writable bytes of `dst` on this context; the host range is inside
+            // `bytes` (checked above), page-locked, and the caller keeps it unmodified until `finish` has waited for
+            // every stream.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    device,
+                    &bytes[start + at..start + at + n],
+                    stream.cu_stream(),
+                )
+            }
+            .map_err(err)?;
+            drop(_written);
+            at += n;
+        }
+        Ok(())
     }
 
     /// Copies `dst.len()` bytes of `src` from `offset` into `dst`, chunk by chunk.
     fn upload(&mut self, src: Source<'_>, offset: u64, dst: &mut CudaSlice<u8>) -> Result<(), CudaError> {
+        if let Source::Pinned(bytes) = src {
+            return self.upload_pinned(bytes, offset, dst);
+        }
+        if self.buffers.is_empty() {
+            // SAFETY: the buffers' contents are unset; this function writes every byte it then copies
+            // (`Source::fill_on` fills the chunk before the copy of that chunk is enqueued).
+            self.buffers = (0..self.done.len())
+                .map(|_| unsafe { self.ctx.alloc_pinned::<u8>(CHUNK) }.map_err(err))
+                .collect::<Result<_, _>>()?;
+        }
         let len = dst.len();
         let mut at = 0usize;
         while at < len {
@@ -396,9 +542,10 @@ impl CudaModel {
                 })?;
                 (crate::model::read_layout(&file, path).map_err(invalid)?.0, Source::File(&file))
             }
-            crate::cache::Weights::Host(bytes) => {
-                (crate::model::layout_of_bytes(bytes).map_err(invalid)?, Source::Bytes(bytes))
-            }
+            crate::cache::Weights::Host(bytes) => (
+                crate::model::layout_of_bytes(bytes).map_err(invalid)?,
+                if bytes.is_pinned() { Source::Pinned(bytes) } else { Source::Bytes(bytes) },
+            ),
         };
         let read = started.elapsed();
         let (model, init, host_to_device) = Self::stream(&layout, source, ordinal, copy_streams)?;
@@ -418,7 +565,7 @@ impl CudaModel {
         // cuBLAS multiplies BF16 from compute capability 8.0 (Ampere) on; older GPUs get BF16 weights widened.
         let bf16_gemm = ctx.compute_capability().map_err(err)?.0 >= 8;
         let stream = ctx.default_stream();
-        let ptx = compile_ptx(KERNELS).map_err(err)?;
+        let ptx = kernels()?;
         let module = ctx.load_module(ptx).map_err(err)?;
         let bias_act = module.load_function("bias_act").map_err(err)?;
         let widen = module.load_function("widen").map_err(err)?;
@@ -433,6 +580,10 @@ impl CudaModel {
             // SAFETY: every byte of `raw` is written by the pipeline's copies before anything reads it (same
             // buffer, ordered by cudarc's per-slice events across streams).
             let mut raw = unsafe { stream.alloc::<u8>(t.bytes.max(1)) }.map_err(err)?;
+            // The allocator is stream-ordered: `raw` may be memory just freed on `stream` (a widened tensor's
+            // file bytes) that a kernel queued there still reads. The copies run on other streams, so they wait
+            // for `stream` first. (cudarc's per-slice events do not cover this: a new slice's are unrecorded.)
+            pipeline.wait_for(&stream)?;
             pipeline.upload(source, t.offset, &mut raw)?;
             Ok(raw)
         };
@@ -640,10 +791,22 @@ pub fn bench_fill(src: Source<'_>, len: u64, threads: usize) -> Result<f64, Cuda
     Ok(len as f64 / started.elapsed().as_secs_f64().max(1e-9) / 1e9)
 }
 
-/// Host-to-device bandwidth on GPU `ordinal`, GB/s: `(staged, plain)` where `staged` streams `bytes` from host
-/// memory through the loader's [`Pipeline`] on `streams` streams, and `plain` is one `cudaMemcpyAsync` from a
-/// pinned buffer holding everything (the reference).
-pub fn bench_host_to_device(ordinal: usize, bytes: usize, streams: usize) -> Result<(f64, f64), CudaError> {
+/// Host-to-device bandwidth on GPU `ordinal` (GB/s, the median of three copies of `bytes` each): the loader from
+/// pageable host memory (staged through its pinned buffers on `streams` streams), the loader from pinned host
+/// memory (the host-RAM tier as the agent keeps it with CUDA: copied straight; `None` if pinning failed), and the
+/// reference, one plain `cudaMemcpyAsync` from a pinned buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HostToDevice {
+    /// The loader, from pageable memory.
+    pub staged: f64,
+    /// The loader, from pinned memory.
+    pub pinned: Option<f64>,
+    /// One plain pinned copy.
+    pub plain: f64,
+}
+
+/// Measures [`HostToDevice`].
+pub fn bench_host_to_device(ordinal: usize, bytes: usize, streams: usize) -> Result<HostToDevice, CudaError> {
     if !available() {
         return Err(CudaError::new(CudaErrorKind::Unavailable, "the CUDA driver library is not present"));
     }
@@ -653,26 +816,51 @@ pub fn bench_host_to_device(ordinal: usize, bytes: usize, streams: usize) -> Res
     let stream = ctx.default_stream();
     // SAFETY: the pipeline writes every byte of `dst` before anything reads it (nothing does).
     let mut dst = unsafe { stream.alloc::<u8>(bytes.max(1)) }.map_err(err)?;
+    let gbps = |s: f64| bytes as f64 / s.max(1e-9) / 1e9;
+    let median3 = |f: &mut dyn FnMut() -> Result<f64, CudaError>| -> Result<f64, CudaError> {
+        let mut v = [f()?, f()?, f()?];
+        v.sort_by(f64::total_cmp);
+        Ok(gbps(v[1]))
+    };
     // Warm-up (first-touch costs), then the staged copy.
     // SAFETY: as `dst`.
     let mut warm = unsafe { stream.alloc::<u8>(bytes.clamp(1, CHUNK)) }.map_err(err)?;
     pipeline.upload(Source::Bytes(&host), 0, &mut warm)?;
     pipeline.finish()?;
-    let started = Instant::now();
-    pipeline.upload(Source::Bytes(&host), 0, &mut dst)?;
-    pipeline.finish()?;
-    let staged_s = started.elapsed().as_secs_f64();
+    let staged = median3(&mut || {
+        let started = Instant::now();
+        pipeline.upload(Source::Bytes(&host), 0, &mut dst)?;
+        pipeline.finish()?;
+        Ok(started.elapsed().as_secs_f64())
+    })?;
+    let pinned = match pin_host(&host) {
+        Ok(guard) => {
+            let r = median3(&mut || {
+                let started = Instant::now();
+                pipeline.upload(Source::Pinned(&host), 0, &mut dst)?;
+                pipeline.finish()?;
+                Ok(started.elapsed().as_secs_f64())
+            });
+            drop(guard);
+            Some(r?)
+        }
+        Err(why) => {
+            tracing::warn!("pinning the source failed: {why}");
+            None
+        }
+    };
     // The reference: all of it pinned, one copy.
     // SAFETY: filled whole below before the copy reads it.
     let mut all = unsafe { ctx.alloc_pinned::<u8>(bytes.max(1)) }.map_err(err)?;
     all.as_mut_slice().map_err(err)?[..bytes].copy_from_slice(&host);
     stream.synchronize().map_err(err)?;
-    let started = Instant::now();
-    stream.memcpy_htod(&all, &mut dst).map_err(err)?;
-    stream.synchronize().map_err(err)?;
-    let plain_s = started.elapsed().as_secs_f64();
-    let gbps = |s: f64| bytes as f64 / s.max(1e-9) / 1e9;
-    Ok((gbps(staged_s), gbps(plain_s)))
+    let plain = median3(&mut || {
+        let started = Instant::now();
+        stream.memcpy_htod(&all, &mut dst).map_err(err)?;
+        stream.synchronize().map_err(err)?;
+        Ok(started.elapsed().as_secs_f64())
+    })?;
+    Ok(HostToDevice { staged, pinned, plain })
 }
 
 #[cfg(test)]
@@ -858,6 +1046,19 @@ mod tests {
                 Dtype::F16 => 2e-3,
                 Dtype::BF16 => 1e-2,
             };
+            // The same file from the host-RAM tier, pinned (copied straight, no staging) and pageable (staged):
+            // the same weights on the GPU, so the same answers.
+            let pinner = crate::cache::Pinner(Arc::new(pin_host));
+            for host in
+                [crate::cache::HostBytes::pinned(bytes.clone(), &pinner), crate::cache::HostBytes::new(bytes.clone())]
+            {
+                let pinned = host.is_pinned();
+                let (from_host, _) =
+                    CudaModel::load_weights(&crate::cache::Weights::Host(Arc::new(host)), 0, 4).unwrap();
+                assert_eq!(from_host.forward(&batch).unwrap(), b, "{dtype:?}, pinned: {pinned}");
+            }
+            let worst = a.iter().flatten().zip(b.iter().flatten()).map(|(x, y)| (x - y).abs() / (1.0 + x.abs()));
+            println!("{dtype:?}: worst |cpu - gpu| / (1 + |cpu|) = {:.2e}", worst.fold(0.0f32, f32::max));
             for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
                 assert!((x - y).abs() <= tolerance * (1.0 + x.abs()), "{dtype:?}: {x} vs {y}");
             }
@@ -868,8 +1069,11 @@ mod tests {
     #[ignore = "needs an NVIDIA GPU: KILN_TEST_CUDA=1 cargo nextest run -p kiln-agent --run-ignored only cuda"]
     fn staged_copies_reach_most_of_a_plain_pinned_copy() {
         assert!(wanted() && available(), "set KILN_TEST_CUDA=1 on a machine with CUDA");
-        let (staged, plain) = bench_host_to_device(0, 1 << 30, 4).unwrap();
-        println!("host-to-device: staged {staged:.1} GB/s, plain pinned {plain:.1} GB/s");
-        assert!(staged > 0.0 && plain > 0.0);
+        let r = bench_host_to_device(0, 1 << 30, 4).unwrap();
+        println!("host-to-device: {r:?}");
+        assert!(r.staged > 0.0 && r.plain > 0.0);
+        // Pinned host memory goes straight to the GPU: as fast as the plain copy, give or take the noise.
+        let pinned = r.pinned.expect("pinning works where CUDA does");
+        assert!(pinned >= 0.8 * r.plain, "{r:?}");
     }
 }

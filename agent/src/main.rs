@@ -89,6 +89,22 @@ enum Command {
         #[arg(long, default_value = "f32")]
         dtype: kiln_agent::model::Dtype,
     },
+    /// Write a dense model of about `--size` as a safetensors file the native runtime serves (`--width` x
+    /// `--width` identity layers): for cold-start measurements through `kiln up` or a real cluster.
+    MakeModel {
+        /// Bytes of weights, e.g. `1.34GB`.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// f32, f16 or bf16.
+        #[arg(long, default_value = "f16")]
+        dtype: kiln_agent::model::Dtype,
+        /// Inputs and outputs of every layer.
+        #[arg(long, default_value_t = 2048)]
+        width: usize,
+        /// The file to write.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// A minimal model server for smoke tests of the process runtime: listens on `$PORT` (loopback), answers
     /// `GET /health` and echoes `POST /predictions` as `{"output": <input>, "gpus": "<CUDA_VISIBLE_DEVICES>"}`.
     EchoServer {
@@ -183,6 +199,7 @@ fn main() -> ExitCode {
             bench_cold_start(dir, *size, *runs, *dtype)
         }
         Some(Command::BenchLoad { size, dir, cold_start: false, .. }) => bench_load(dir, *size),
+        Some(Command::MakeModel { size, dtype, width, out }) => make_model(out, *size, *width, *dtype),
         Some(Command::EchoServer { exit_after }) => echo_server(*exit_after),
         None => run(&args),
     };
@@ -321,16 +338,39 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
     println!("the loader's staging fill from host RAM: {h1:.2} GB/s on 1 thread, {hn:.2} GB/s on {t}");
     if kiln_agent::cuda::available() {
         match kiln_agent::cuda::bench_host_to_device(0, size as usize, 4) {
-            Ok((staged, plain)) => {
-                println!("host RAM -> GPU 0, pinned staging on 4 streams (the loader's path): {staged:.2} GB/s");
-                println!("host RAM -> GPU 0, one plain pinned cudaMemcpyAsync (reference): {plain:.2} GB/s");
-                println!("loader / reference: {:.0}%", 100.0 * staged / plain.max(1e-9));
+            Ok(r) => {
+                println!("host RAM -> GPU 0, one plain pinned cudaMemcpyAsync (reference): {:.2} GB/s", r.plain);
+                println!(
+                    "host RAM -> GPU 0, the loader from pageable memory (pinned staging on 4 streams): {:.2} GB/s = {:.0}%",
+                    r.staged,
+                    100.0 * r.staged / r.plain.max(1e-9)
+                );
+                match r.pinned {
+                    Some(p) => println!(
+                        "host RAM -> GPU 0, the loader from the pinned host-RAM tier (straight): {p:.2} GB/s = {:.0}%",
+                        100.0 * p / r.plain.max(1e-9)
+                    ),
+                    None => println!("host RAM -> GPU 0 from pinned memory: not measured (pinning failed)"),
+                }
             }
             Err(e) => println!("host -> GPU: not measured: {e}"),
         }
     } else {
         println!("host -> GPU: not measured (no CUDA driver library on this machine)");
     }
+    Ok(())
+}
+
+fn make_model(out: &std::path::Path, size: u64, width: usize, dtype: kiln_agent::model::Dtype) -> Result<()> {
+    anyhow::ensure!(width > 0, "--width must be positive");
+    let params = kiln_agent::bench::write_dense_model(out, size, width, dtype)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}: {params} parameters ({}), {width} inputs and outputs, {} bytes",
+        out.display(),
+        dtype.name(),
+        std::fs::metadata(out)?.len()
+    );
     Ok(())
 }
 
@@ -364,14 +404,35 @@ fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize, dtype: kiln_a
     match &r.gpu {
         None => println!("GPU path: not measured (no CUDA driver library on this machine)"),
         Some(Err(e)) => println!("GPU path: failed: {e}"),
-        Some(Ok((total, t, first))) => println!(
-            "cold start from the disk cache onto GPU 0: {total:.3} s (header {:.4} s, CUDA init {:.3} s, \
-             streaming to the GPU {:.3} s = {:.2} GB/s, first forward {first:.4} s)",
-            t.read.as_secs_f64(),
-            t.init.as_secs_f64(),
-            t.host_to_device.as_secs_f64(),
-            gb / t.host_to_device.as_secs_f64().max(1e-9)
-        ),
+        Some(Ok(g)) => {
+            println!("CUDA prewarm (as the agent does at start: driver init, kernels compiled): {:.3} s", g.prewarm_s);
+            let mut starts =
+                vec![("the disk cache (page cache warm)", g.from_disk), ("pageable host RAM", g.from_host)];
+            match g.from_pinned {
+                Some(s) => starts.push(("the host-RAM tier (pinned)", s)),
+                None => println!("the host-RAM tier could not be pinned here"),
+            }
+            for (from, s) in starts {
+                let t = s.timings;
+                println!(
+                    "cold start from {from} onto GPU 0: {:.3} s (header {:.4} s, CUDA init {:.3} s, streaming to the \
+                     GPU {:.3} s = {:.2} GB/s, first forward {:.4} s)",
+                    s.total_s,
+                    t.read.as_secs_f64(),
+                    t.init.as_secs_f64(),
+                    t.host_to_device.as_secs_f64(),
+                    gb / t.host_to_device.as_secs_f64().max(1e-9),
+                    s.first_forward_s
+                );
+            }
+            println!(
+                "GPU memory: the weights hold {:.3} GB; in use on GPU 0 with a context alone {:.3} GB, with the model \
+                 loaded and run {:.3} GB",
+                g.device_bytes as f64 / 1e9,
+                g.memory.0 as f64 / 1e9,
+                g.memory.1 as f64 / 1e9
+            );
+        }
     }
     Ok(())
 }

@@ -108,7 +108,7 @@ fn gpu_bundle(dir: &Path) -> Result<()> {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
-    run(&["build", "--release", "--locked", "-p", "kiln-agent", "--bin", "kiln-agent"])?;
+    run(&["build", "--release", "--locked", "-p", "kiln-agent", "--bin", "kiln-agent", "-p", "kiln", "--bin", "kiln"])?;
     let messages =
         run(&["test", "--release", "--locked", "-p", "kiln-agent", "--lib", "--no-run", "--message-format=json"])?;
     let tests =
@@ -116,13 +116,15 @@ fn gpu_bundle(dir: &Path) -> Result<()> {
     fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     for (from, to) in [
         (root.join("target/release/kiln-agent"), "kiln-agent"),
+        (root.join("target/release/kiln"), "kiln"),
         (tests, "agent_tests"),
         (root.join("agent/gpu-check.sh"), "gpu-check.sh"),
+        (root.join("agent/gpu-up-check.py"), "gpu-up-check.py"),
     ] {
         fs::copy(&from, dir.join(to)).with_context(|| format!("copying {} into {}", from.display(), dir.display()))?;
     }
     println!(
-        "{}: kiln-agent, agent_tests, gpu-check.sh; on the GPU machine run gpu-check.sh from there",
+        "{}: kiln-agent, kiln, agent_tests, gpu-check.sh, gpu-up-check.py; on the GPU machine run gpu-check.sh from there",
         dir.display()
     );
     Ok(())
