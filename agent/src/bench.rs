@@ -145,9 +145,9 @@ pub struct GpuColdStart {
     pub from_pinned: Option<GpuStart>,
     /// GPU memory the loaded weights hold ([`crate::cuda::CudaModel::device_bytes`]).
     pub device_bytes: u64,
-    /// GPU memory in use (`cuMemGetInfo`) with a context alone, and with the model loaded and run once
+    /// GPU memory in use with a context alone, with a smaller stack limit, and with the model loaded and run once
     /// ([`crate::cuda::memory_in_use`]).
-    pub memory: (u64, u64),
+    pub memory: crate::cuda::MemoryInUse,
 }
 
 /// One cold start onto the GPU: its total, the loader's phases (header read, CUDA init, streaming to the GPU) and

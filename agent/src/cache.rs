@@ -579,6 +579,18 @@ impl WeightCache {
         Ok(Located { tier: Tier::Remote, digest: entry.digest, weights })
     }
 
+    /// Loads the disk copy of `uri` (found as [`Self::locate`] finds it) into host RAM, without fetching or
+    /// hashing: for weights leaving a GPU. `Ok(None)` when the disk cache does not hold it or it is larger than
+    /// host RAM's capacity.
+    pub fn hold_in_host(&self, uri: &str, expected_digest: Option<&str>) -> Result<Option<Entry>, CacheError> {
+        let expected = expected_digest.filter(|d| !d.is_empty());
+        let source = if expected.is_none() { Some(Self::source_id(uri)?) } else { None };
+        match self.cached(uri, expected, source.as_ref(), Tier::HostRam) {
+            None | Some(Err(CacheError::TooLarge { .. })) => Ok(None),
+            Some(found) => found.map(Some),
+        }
+    }
+
     /// Fetches `uri` into `tier` (host RAM also keeps a disk copy when it fits), checking `expected_digest` when
     /// given; returns the entry. Already cached content is only touched (and, for host RAM, loaded from the disk
     /// copy without hashing).
@@ -1195,6 +1207,33 @@ mod tests {
         let cache = WeightCache::open(&dir.join("cache"), 1 << 20, 1 << 20).unwrap();
         assert_eq!(cache.locate(&uri, Some(&digest)).unwrap().tier, Tier::Disk);
         assert_eq!(cache.stats().hashed_bytes(), 0);
+        fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Weights leaving a GPU go to host RAM from the disk copy, with no fetch and no hash; nothing happens for a
+    /// model the disk cache does not hold or one too large for host RAM.
+    #[test]
+    fn hold_in_host_loads_the_disk_copy_only() {
+        let dir = temp_dir("hold");
+        let (small, big) = (model(100, 1.0), model(1000, 2.0));
+        let uri = |name: &str, bytes: &[u8]| {
+            let path = dir.join(name);
+            fs::write(&path, bytes).unwrap();
+            format!("file://{}", path.display())
+        };
+        let (small_uri, big_uri) = (uri("small.safetensors", &small), uri("big.safetensors", &big));
+        let cache = WeightCache::open(&dir.join("cache"), 1 << 20, small.len() as u64).unwrap();
+        assert_eq!(cache.hold_in_host(&small_uri, None).unwrap(), None, "not cached: nothing fetched");
+        assert!(cache.report().is_empty());
+        cache.locate(&small_uri, None).unwrap();
+        cache.locate(&big_uri, None).unwrap();
+        let hashed = cache.stats().hashed_bytes();
+        let held = cache.hold_in_host(&small_uri, None).unwrap().expect("held in host RAM");
+        assert_eq!((held.tier, held.size), (Tier::HostRam, small.len() as u64));
+        assert_eq!(cache.locate(&small_uri, None).unwrap().tier, Tier::HostRam);
+        assert_eq!(cache.hold_in_host(&big_uri, None).unwrap(), None, "larger than host RAM");
+        assert_eq!(cache.locate(&big_uri, None).unwrap().tier, Tier::Disk);
+        assert_eq!(cache.stats().hashed_bytes(), hashed, "nothing hashed");
         fs::remove_dir_all(&dir).ok();
     }
 

@@ -43,7 +43,8 @@ struct Args {
     /// Size of the local-disk weight cache, e.g. `200GiB`.
     #[arg(long, default_value = "200GiB", value_parser = parse_size)]
     disk_cache_size: u64,
-    /// Size of the host-RAM weight cache, e.g. `64GiB`.
+    /// Size of the host-RAM weight cache, e.g. `64GiB` (page-locked where CUDA runs, so entries reach a GPU at the
+    /// bus's speed; weights leaving the GPUs are kept there; 0: no host tier).
     #[arg(long, default_value = "64GiB", value_parser = parse_size)]
     host_cache_size: u64,
     /// Where the gateway reaches this agent's WorkerService (reported to the controller).
@@ -355,6 +356,23 @@ fn bench_load(dir: &std::path::Path, size: u64) -> Result<()> {
             }
             Err(e) => println!("host -> GPU: not measured: {e}"),
         }
+        match kiln_agent::cuda::bench_staging(0, dir, (size as usize).min(1 << 30), 4) {
+            Ok(variants) => {
+                println!(
+                    "the staged loader by buffer size and fill threads (GB/s: from pageable memory, from the page cache):"
+                );
+                for v in variants {
+                    println!(
+                        "  {:>2} MiB buffers, {:>2} threads: {:.2}, {:.2}",
+                        v.chunk >> 20,
+                        v.threads,
+                        v.from_memory,
+                        v.from_page_cache
+                    );
+                }
+            }
+            Err(e) => println!("staging variants: not measured: {e}"),
+        }
     } else {
         println!("host -> GPU: not measured (no CUDA driver library on this machine)");
     }
@@ -425,12 +443,16 @@ fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize, dtype: kiln_a
                     s.first_forward_s
                 );
             }
+            let m = g.memory;
             println!(
-                "GPU memory: the weights hold {:.3} GB; in use on GPU 0 with a context alone {:.3} GB, with the model \
-                 loaded and run {:.3} GB",
+                "GPU memory: the weights hold {:.3} GB; in use on GPU 0 with a context alone {:.3} GB (stack limit {} \
+                 B), {:.3} GB with the stack limit at {} B, {:.3} GB with the model loaded and run",
                 g.device_bytes as f64 / 1e9,
-                g.memory.0 as f64 / 1e9,
-                g.memory.1 as f64 / 1e9
+                m.context as f64 / 1e9,
+                m.stack_limit,
+                m.small_stack as f64 / 1e9,
+                kiln_agent::cuda::SMALL_STACK,
+                m.with_model as f64 / 1e9
             );
         }
     }

@@ -59,6 +59,7 @@ impl Workers {
                 start.replica_id.clone(),
                 Replica {
                     uri: source.uri.clone(),
+                    digest: source.digest.clone(),
                     deployment: start.deployment.clone(),
                     command_id: command_id.to_owned(),
                     gpu_indexes: start.gpu_indexes.clone(),
@@ -204,6 +205,7 @@ impl Workers {
         {
             self.residents().push(Resident {
                 uri: replica.uri.clone(),
+                digest: replica.digest.clone(),
                 gpu,
                 model: replica.model.clone(),
                 cuda: replica.gpu.clone(),
@@ -212,6 +214,8 @@ impl Workers {
             });
             exited.weights_resident = true;
             self.sync_sim();
+        } else if replica.model.is_some() || replica.gpu.is_some() {
+            self.demote(&replica.uri, &replica.digest);
         }
         if let Some(worker) = &replica.process
             && let Some(status) = worker.stop().await

@@ -48,6 +48,8 @@ use crate::{cache::WeightCache, gpu::sim::SimHandle, model::DenseModel, process:
 #[derive(Debug)]
 struct Resident {
     uri: String,
+    /// The spec's digest of the weights (empty: none given).
+    digest: String,
     gpu: u32,
     /// The CPU model (the CPU path), or `None` where the weights live only on the GPU (`cuda`).
     model: Option<Arc<DenseModel>>,
@@ -59,6 +61,8 @@ struct Resident {
 #[derive(Debug)]
 struct Replica {
     uri: String,
+    /// The spec's digest of the weights (empty: none given).
+    digest: String,
     deployment: String,
     command_id: String,
     gpu_indexes: Vec<u32>,
@@ -164,8 +168,29 @@ impl Workers {
                 if let Some(i) = oldest {
                     let gone = residents.swap_remove(i);
                     tracing::info!(gpu = g, uri = %gone.uri, "evicted an idle resident copy to make room");
+                    self.demote(&gone.uri, &gone.digest);
                 }
             }
+        }
+    }
+
+    /// Keeps the weights of `uri` in the cache's host-RAM tier, in the background, as they leave this node's GPUs
+    /// (an idle copy evicted to make room, a replica stopped without keeping its weights): the model's next start
+    /// then reads memory (pinned where CUDA runs, so copied at the bus's speed) instead of the disk cache. Only
+    /// weights the disk cache holds, loaded without hashing; the host tier's LRU decides what stays.
+    fn demote(&self, uri: &str, digest: &str) {
+        if self.cache.capacities().0 == 0 {
+            return;
+        }
+        let (cache, uri, digest) = (Arc::clone(&self.cache), uri.to_owned(), digest.to_owned());
+        let job = move || match cache.hold_in_host(&uri, (!digest.is_empty()).then_some(digest.as_str())) {
+            Ok(Some(entry)) => tracing::debug!(uri, bytes = entry.size, "weights kept in host RAM"),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(uri, "weights not kept in host RAM: {e}"),
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(job)),
+            Err(_) => drop(std::thread::spawn(job)),
         }
     }
 

@@ -6,13 +6,21 @@ use std::time::Duration;
 use kiln_proto::v1::model_source::Runtime;
 
 use super::*;
-use crate::{cache::digest_of, model::example_model};
+use crate::{
+    cache::{Tier, digest_of},
+    model::example_model,
+};
 
 fn setup(name: &str) -> (Arc<Workers>, std::path::PathBuf) {
+    setup_with_host_ram(name, 1 << 30)
+}
+
+/// Workers on 8 GPUs of 80 GiB, with a weight cache of 1 GiB of disk and `host` bytes of host RAM.
+fn setup_with_host_ram(name: &str, host: u64) -> (Arc<Workers>, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!("kiln-workers-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 30, 1 << 30).unwrap());
+    let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 30, host).unwrap());
     (Workers::new(cache, None, vec![80 << 30; 8]), dir)
 }
 
@@ -89,6 +97,103 @@ async fn a_native_replica_loads_answers_and_a_truncated_one_fails_without_distur
     // Evicting a model's resident copies.
     workers.stop(&v1::StopWorker { replica_id: "r4".into(), keep_weights_resident: true, ..Default::default() }).await;
     assert_eq!(workers.evict_resident(&uri, Some(0)), 1);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Weights leaving the GPU go to the host-RAM tier: a replica stopped without keeping its weights resident, and
+/// an idle copy evicted to make room for another model; the next start of the model then comes from host RAM.
+#[tokio::test]
+async fn weights_leaving_the_gpu_are_kept_in_host_ram() {
+    let dir = std::env::temp_dir().join(format!("kiln-workers-demote-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cache = Arc::new(WeightCache::open(&dir.join("cache"), 1 << 30, 1 << 30).unwrap());
+    let uri = |name: &str, seed: u64| {
+        let path = dir.join(name);
+        std::fs::write(&path, example_model(seed, &[4, 64, 3])).unwrap();
+        format!("file://{}", path.display())
+    };
+    let (a, b) = (uri("a.safetensors", 1), uri("b.safetensors", 2));
+    let in_host = |uri: &str| cache.report().iter().any(|e| e.uri == uri && e.tier == Tier::HostRam);
+    let until_in_host = |uri: String| {
+        let cache = Arc::clone(&cache);
+        async move {
+            for _ in 0..500 {
+                if cache.report().iter().any(|e| e.uri == uri && e.tier == Tier::HostRam) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("{uri} never reached host RAM");
+        }
+    };
+    // GPU 0 holds one model's worth beside nothing else: a second model evicts the first's idle copy.
+    let size = example_model(1, &[4, 64, 3]).len() as u64;
+    let workers = Workers::new(Arc::clone(&cache), None, vec![size + size / 2]);
+    let mut events = workers.subscribe();
+
+    workers.start("c1", start("r1", &a, ""));
+    let Event::Ready(ready) = until_done(&mut events, "r1").await else { panic!("r1 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Remote as i32);
+    assert!(!in_host(&a));
+    workers.stop(&v1::StopWorker { replica_id: "r1".into(), keep_weights_resident: false, ..Default::default() }).await;
+    until_in_host(a.clone()).await;
+    workers.start("c2", start("r2", &a, ""));
+    let Event::Ready(ready) = until_done(&mut events, "r2").await else { panic!("r2 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Host as i32, "the next start reads host RAM");
+
+    // b: kept resident on GPU 0 when stopped, then evicted to make room for a; it goes to host RAM.
+    workers.stop(&v1::StopWorker { replica_id: "r2".into(), keep_weights_resident: false, ..Default::default() }).await;
+    workers.start("c3", start("r3", &b, ""));
+    let Event::Ready(_) = until_done(&mut events, "r3").await else { panic!("r3 failed") };
+    workers.stop(&v1::StopWorker { replica_id: "r3".into(), keep_weights_resident: true, ..Default::default() }).await;
+    assert_eq!(workers.resident_copies().len(), 1);
+    assert!(!in_host(&b), "an idle GPU copy is not also put in host RAM");
+    let mut r4 = start("r4", &a, "");
+    r4.gpu_memory_bytes = size;
+    workers.start("c4", r4);
+    let Event::Ready(_) = until_done(&mut events, "r4").await else { panic!("r4 failed") };
+    assert!(workers.resident_copies().is_empty(), "b's idle copy made room");
+    until_in_host(b.clone()).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// On a GPU: a replica stopped without keeping its weights leaves them in the host-RAM tier, pinned; the next
+/// start copies them straight from there and answers as the first did.
+#[tokio::test]
+#[ignore = "needs an NVIDIA GPU: KILN_TEST_CUDA=1 cargo nextest run -p kiln-agent --run-ignored only cuda"]
+async fn cuda_replicas_come_back_from_pinned_host_ram() {
+    assert!(
+        std::env::var("KILN_TEST_CUDA").is_ok_and(|v| v == "1") && crate::cuda::available(),
+        "set KILN_TEST_CUDA=1 on a machine with CUDA"
+    );
+    let (workers, dir) = setup("cuda-host");
+    workers.cache.set_pinner(crate::cache::Pinner(Arc::new(crate::cuda::pin_host)));
+    let path = dir.join("m.safetensors");
+    std::fs::write(&path, example_model(5, &[4, 256, 3])).unwrap();
+    let uri = format!("file://{}", path.display());
+    let mut events = workers.subscribe();
+    let input = br#"{"input": [0.5, -1.0, 2.0, 0.25]}"#;
+    workers.start("c1", start("r1", &uri, ""));
+    let Event::Ready(ready) = until_done(&mut events, "r1").await else { panic!("r1 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Remote as i32);
+    let (first, _) = workers.predict("r1", input).await.unwrap();
+    workers.stop(&v1::StopWorker { replica_id: "r1".into(), keep_weights_resident: false, ..Default::default() }).await;
+    let mut pinned = None;
+    for _ in 0..500 {
+        if let Ok(found) = workers.cache.locate(&uri, None)
+            && let crate::cache::Weights::Host(bytes) = &found.weights
+        {
+            pinned = Some(bytes.is_pinned());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pinned, Some(true), "the weights reached host RAM, pinned");
+    workers.start("c2", start("r2", &uri, ""));
+    let Event::Ready(ready) = until_done(&mut events, "r2").await else { panic!("r2 failed") };
+    assert_eq!(ready.source_tier, v1::CacheTier::Host as i32);
+    assert_eq!(workers.predict("r2", input).await.unwrap().0, first);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -200,7 +305,8 @@ async fn a_process_port_above_65535_is_refused() {
 #[tokio::test]
 async fn cold_starts_report_their_tier_truthfully_and_phases_that_add_up() {
     use crate::model::{Activation, Dtype, LayerSpec, write_model};
-    let (workers, dir) = setup("tiers");
+    // No host RAM tier: stopped replicas' weights stay on disk only, so every later start reads the disk cache.
+    let (workers, dir) = setup_with_host_ram("tiers", 0);
     // A model big enough (4 MiB of F16) that reading and converting take measurable time.
     let layers: Vec<LayerSpec> = (0..2)
         .map(|l| LayerSpec::new(vec![0.001 * (l + 1) as f32; 1024 * 1024], vec![0.5; 1024], 1024, 1024))
