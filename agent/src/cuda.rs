@@ -167,21 +167,30 @@ pub fn prewarm() -> Result<Duration, CudaError> {
     cudarc::driver::result::init().map_err(err)?;
     kernels()?;
     // A process's first context on a GPU costs hundreds of milliseconds (measured: 0.26 s on an H100); later
-    // ones about a millisecond, even after the first was released.
+    // ones about a millisecond, even after the first was released. A GPU that fails here is left to fail its
+    // starts with their own reasons; the others are still made ready.
     for ordinal in 0..CudaContext::device_count().map_err(err)?.max(0) as usize {
-        let ctx = CudaContext::new(ordinal).map_err(err)?;
-        // The driver reserves the per-thread stack limit for every thread the GPU can hold (1 KiB by default:
-        // 0.28 GB on an H100) and grows it for a kernel that needs more; ours need none. Lowered once here (it
-        // waits for the GPU's work, so not on every load): 0.208 GB less per GPU, measured on an H100.
-        let stack = cudarc::driver::sys::CUlimit::CU_LIMIT_STACK_SIZE;
-        if ctx.get_limit(stack).map_err(err)? > SMALL_STACK {
-            ctx.set_limit(stack, SMALL_STACK).map_err(err)?;
+        if let Err(e) = prewarm_gpu(ordinal) {
+            tracing::warn!(gpu = ordinal, "CUDA set-up of this GPU failed: {e}");
         }
-        let module = ctx.load_module(kernels()?).map_err(err)?;
-        let blas = CudaBlas::new(ctx.default_stream()).map_err(err)?;
-        drop((blas, module, ctx));
     }
     Ok(started.elapsed())
+}
+
+/// [`prewarm`]'s part for GPU `ordinal`.
+fn prewarm_gpu(ordinal: usize) -> Result<(), CudaError> {
+    let ctx = CudaContext::new(ordinal).map_err(err)?;
+    // The driver reserves the per-thread stack limit for every thread the GPU can hold (1 KiB by default:
+    // 0.28 GB on an H100) and grows it for a kernel that needs more; ours need none. Lowered once here (it
+    // waits for the GPU's work, so not on every load): 0.208 GB less per GPU, measured on an H100.
+    let stack = cudarc::driver::sys::CUlimit::CU_LIMIT_STACK_SIZE;
+    if ctx.get_limit(stack).map_err(err)? > SMALL_STACK {
+        ctx.set_limit(stack, SMALL_STACK).map_err(err)?;
+    }
+    let module = ctx.load_module(kernels()?).map_err(err)?;
+    let blas = CudaBlas::new(ctx.default_stream()).map_err(err)?;
+    drop((blas, module, ctx));
+    Ok(())
 }
 
 /// Page-locks `bytes` for DMA to every GPU of this process (`cuMemHostRegister`, portable), for the host-RAM tier
