@@ -39,10 +39,28 @@ impl DenseLayer {
         self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)
     }
 
-    /// Writes `W x + b` into `y` (cleared first). `x` must have `in_dim` values.
+    /// Writes `W x + b` into `y` (cleared first). `x` must have `in_dim` values. A layer of at least
+    /// [`PARALLEL_WEIGHTS`] weights is split by output rows over the loaders' threads
+    /// ([`crate::parallel::loaders`]); each output is still one [`dot`], so the result is the same bits either way.
     fn apply_into(&self, x: &[f32], y: &mut Vec<f32>) {
         y.clear();
-        y.extend(self.weight.chunks_exact(self.in_dim).map(|row| dot(row, x)));
+        y.resize(self.out_dim, 0.0);
+        let rows = |weights: &[f32], out: &mut [f32]| {
+            for (v, row) in out.iter_mut().zip(weights.chunks_exact(self.in_dim)) {
+                *v = dot(row, x);
+            }
+        };
+        match crate::parallel::loaders() {
+            Some(pool) if self.weight.len() >= PARALLEL_WEIGHTS => {
+                use rayon::prelude::*;
+                // A few tasks per thread, so a slow thread does not hold the layer up.
+                let per = self.out_dim.div_ceil(4 * pool.current_num_threads()).max(1);
+                pool.install(|| {
+                    y.par_chunks_mut(per).zip(self.weight.par_chunks(per * self.in_dim)).for_each(|(o, w)| rows(w, o))
+                });
+            }
+            _ => rows(&self.weight, y),
+        }
         if let Some(bias) = &self.bias {
             for (v, b) in y.iter_mut().zip(bias) {
                 *v += b;
@@ -60,6 +78,10 @@ impl fmt::Debug for DenseLayer {
             .finish_non_exhaustive()
     }
 }
+
+/// Layers with at least this many weights (4 MiB of f32) compute their outputs on several threads; smaller ones
+/// on the caller's (a thread hand-off costs more than they do).
+pub const PARALLEL_WEIGHTS: usize = 1 << 20;
 
 /// Dot product over two equally long slices, accumulated in eight fixed lanes (so the compiler can vectorize it)
 /// and summed in a fixed order: the result is deterministic for given inputs.

@@ -399,3 +399,20 @@ fn load_file_phases_add_up_to_its_time_and_every_dtype_matches_load_bytes() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A layer large enough to be split over threads gives the bits of the one-thread computation, row by row.
+#[test]
+fn a_large_layer_on_several_threads_gives_the_bits_of_one() {
+    let (out, inp) = (1100, 1000);
+    assert!(out * inp >= super::dense::PARALLEL_WEIGHTS);
+    let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 1e4).collect();
+    let b: Vec<f32> = (0..out).map(|i| i as f32 / 1e3).collect();
+    let layers = [LayerSpec::new(w.clone(), b.clone(), out, inp), LayerSpec::new(vec![0.5; 3 * out], vec![], 3, out)];
+    let model = load_bytes(&write_model(&layers, Activation::Relu, Dtype::F32)).unwrap();
+    let x: Vec<f32> = (0..inp).map(|i| (i as f32).sin()).collect();
+    let hidden: Vec<f32> =
+        w.chunks_exact(inp).zip(&b).map(|(row, bias)| Activation::Relu.apply(dot(row, &x) + bias)).collect();
+    let want: Vec<f32> = vec![0.5; 3 * out].chunks_exact(out).map(|row| dot(row, &hidden)).collect();
+    assert_eq!(model.forward_one(&x).unwrap(), want);
+    assert_eq!(model.forward(&[x.clone(), x]).unwrap(), vec![want.clone(), want]);
+}
