@@ -712,22 +712,47 @@ impl WeightCache {
             self.dir.join(format!("fetch-{}-{}.partial", std::process::id(), FETCHES.fetch_add(1, Ordering::Relaxed)));
         let write_err = |source| CacheError::Io { what: format!("writing {}", tmp.display()), source };
         let written = (|| -> Result<(String, u64), CacheError> {
-            let mut out =
+            let out =
                 fs::File::options().read(true).write(true).create(true).truncate(true).open(&tmp).map_err(write_err)?;
             let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; CHUNK];
             let mut total = 0u64;
             let mut reader = (&file).take(self.disk_capacity.saturating_add(1));
-            loop {
-                let n = reader.read(&mut buf).map_err(io)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                self.counters.hashed_fetch.fetch_add(n as u64, Ordering::Relaxed);
-                out.write_all(&buf[..n]).map_err(write_err)?;
-                total += n as u64;
-            }
+            // Reading and hashing on this thread, writing on another, two buffers in flight: a fetch costs about
+            // the slower of the two rather than their sum.
+            let (full, to_write) = std::sync::mpsc::sync_channel::<Vec<u8>>(2);
+            let (emptied, to_fill) = std::sync::mpsc::channel::<Vec<u8>>();
+            let (read, out) = std::thread::scope(|scope| {
+                let writer = scope.spawn(move || -> std::io::Result<fs::File> {
+                    let mut out = out;
+                    for buf in to_write {
+                        out.write_all(&buf)?;
+                        let _ = emptied.send(buf);
+                    }
+                    Ok(out)
+                });
+                let read = (|| -> std::io::Result<()> {
+                    loop {
+                        let mut buf = to_fill.try_recv().unwrap_or_default();
+                        buf.resize(CHUNK, 0);
+                        let n = reader.read(&mut buf)?;
+                        if n == 0 {
+                            return Ok(());
+                        }
+                        buf.truncate(n);
+                        hasher.update(&buf);
+                        self.counters.hashed_fetch.fetch_add(n as u64, Ordering::Relaxed);
+                        total += n as u64;
+                        if full.send(buf).is_err() {
+                            return Ok(()); // the writer failed: its error is returned below
+                        }
+                    }
+                })();
+                drop(full);
+                let out = writer.join().unwrap_or_else(|_| Err(std::io::Error::other("the cache writer panicked")));
+                (read, out)
+            });
+            read.map_err(io)?;
+            let out = out.map_err(write_err)?;
             if total > self.disk_capacity {
                 return Err(CacheError::TooLarge {
                     uri: uri.to_owned(),
