@@ -145,7 +145,7 @@ pub struct GpuColdStart {
     pub from_pinned: Option<GpuStart>,
     /// GPU memory the loaded weights hold ([`crate::cuda::CudaModel::device_bytes`]).
     pub device_bytes: u64,
-    /// GPU memory in use with a context alone, with a smaller stack limit, and with the model loaded and run once
+    /// GPU memory in use with a context alone and with the model loaded and run once
     /// ([`crate::cuda::memory_in_use`]).
     pub memory: crate::cuda::MemoryInUse,
 }
@@ -259,10 +259,8 @@ pub fn cold_start(dir: &Path, bytes: u64, runs: usize, dtype: Dtype) -> anyhow::
         }
         let phases: Vec<f64> = phases.into_iter().map(median).collect();
         let gpu = crate::cuda::available().then(|| {
-            // From the disk cache (page cache warm), then from host RAM (the cache's host tier: the file's bytes
-            // in memory), each the median of `runs` starts.
-            // The host tier as the agent keeps it when CUDA is present (pinned), and pageable.
-            // As the agent does when it starts.
+            // Set up as the agent is when it starts; then `runs` starts (the median kept) from the disk cache (page
+            // cache warm), from the file's bytes in pageable memory, and from the pinned host-RAM tier.
             let prewarm_s = crate::cuda::prewarm().map_err(|e| e.to_string())?.as_secs_f64();
             let bytes = fs::read(&cached).map_err(|e| e.to_string())?;
             let pageable = Weights::Host(std::sync::Arc::new(HostBytes::new(bytes.clone())));

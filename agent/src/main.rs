@@ -446,12 +446,10 @@ fn bench_cold_start(dir: &std::path::Path, size: u64, runs: usize, dtype: kiln_a
             let m = g.memory;
             println!(
                 "GPU memory: the weights hold {:.3} GB; in use on GPU 0 with a context alone {:.3} GB (stack limit {} \
-                 B), {:.3} GB with the stack limit at {} B, {:.3} GB with the model loaded and run",
+                 B), with the model loaded and run {:.3} GB",
                 g.device_bytes as f64 / 1e9,
                 m.context as f64 / 1e9,
                 m.stack_limit,
-                m.small_stack as f64 / 1e9,
-                kiln_agent::cuda::SMALL_STACK,
                 m.with_model as f64 / 1e9
             );
         }

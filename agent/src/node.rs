@@ -214,7 +214,7 @@ impl Node {
         let cache = WeightCache::open(&options.cache_dir, options.disk_cache_size, options.host_cache_size)
             .map_err(|source| NodeError::Cache { dir: options.cache_dir.clone(), source })?;
         let cache = Arc::new(cache);
-        if sim.is_none() && crate::cuda::available() && crate::cuda::missing_libraries().is_empty() {
+        if sim.is_none() && crate::cuda::check().is_ok() {
             // Host-RAM entries are pinned, so they reach a GPU by DMA with no staging copy.
             cache.set_pinner(crate::cache::Pinner(Arc::new(crate::cuda::pin_host)));
         }

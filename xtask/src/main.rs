@@ -16,8 +16,9 @@
 //! would generate. CI runs the check.
 //!
 //! `cargo xtask gpu-bundle [DIR]`: what the agent's GPU checks need on a machine with a GPU and no Rust toolchain,
-//! in `DIR` (default `.gpu/`, git-ignored): the release `kiln-agent`, the agent's unit-test binary (release, with
-//! the opt-in CUDA and NVML tests) as `agent_tests`, and `agent/gpu-check.sh`, which runs them all.
+//! in `DIR` (default `.gpu/`, git-ignored): the release `kiln-agent` and `kiln`, the agent's unit-test binary
+//! (release, with the opt-in CUDA and NVML tests) as `agent_tests`, `agent/gpu-up-check.py` (cold starts through
+//! `kiln up`) and `agent/gpu-check.sh`, which runs them all.
 
 use std::{
     ffi::OsString,
